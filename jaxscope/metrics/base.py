@@ -1,0 +1,113 @@
+"""The :class:`Metric` type: a named, pure statistic of one layer's tensors.
+
+A metric is a pair of pure functions, in the optax manner:
+
+* ``init(shapes) -> state``: the per-layer state (an empty tuple for stateless
+  statistics; a warm-start vector for power iteration), from the layer's leaves as
+  ``jax.ShapeDtypeStruct``.
+* ``apply(leaves, state, reference) -> (value, state)``: the statistic of the layer
+  whose tensors are ``leaves``; ``reference`` is the matching leaves of the parameters
+  for metrics that need them (update/weight ratios), else ``None``.
+
+A *layer* may hold several leaves (``depth`` grouping); unless a metric says
+otherwise, its statistic treats the layer as one flat vector made of all its
+elements. Values are ``float32`` scalars, or a dict of fixed-shape arrays (histogram
+``counts`` and ``edges``), which a scope stores under ``{topic}/{name}_{part}/{layer}``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["Metric", "evaluate", "stateless"]
+
+Leaves = Sequence[jax.Array]
+Value = jax.Array | dict[str, jax.Array]
+
+
+class Metric(NamedTuple):
+  """A named per-layer statistic; see the module docstring."""
+
+  name: str
+  """The ``stat`` part of the output key, e.g. ``"norm"``."""
+  init: Callable[[Sequence[jax.ShapeDtypeStruct]], Any]
+  apply: Callable[[Leaves, Any, Leaves | None], tuple[Value, Any]]
+  needs_params: bool = False
+  """Whether ``apply`` needs the parameters' leaves as ``reference``."""
+  min_ndim: int = 0
+  """Leaves of lower rank are left out of this metric (2 for spectral norms)."""
+
+
+def _no_state(shapes: Sequence[jax.ShapeDtypeStruct]) -> tuple[()]:
+  del shapes
+  return ()
+
+
+def stateless(
+  name: str,
+  fn: Callable[..., Value],
+  *,
+  needs_params: bool = False,
+  min_ndim: int = 0,
+) -> Metric:
+  """Builds a :class:`Metric` without state from ``fn(leaves)`` or ``fn(leaves, ref)``.
+
+  Args:
+    name: the ``stat`` part of output keys.
+    fn: the statistic. Called as ``fn(leaves)``, or ``fn(leaves, reference)`` when
+      ``needs_params`` is true.
+    needs_params: whether the statistic needs the parameters' leaves.
+    min_ndim: leaves of lower rank are excluded.
+
+  Returns:
+    A :class:`Metric`.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from jaxscope import metrics
+    >>> m = metrics.stateless("l1", lambda xs: sum(jnp.abs(x).sum() for x in xs))
+    >>> float(metrics.evaluate(m, jnp.array([1.0, -2.0])))
+    3.0
+  """
+
+  def apply(leaves: Leaves, state: Any, reference: Leaves | None) -> tuple[Value, Any]:
+    if needs_params:
+      return fn(leaves, reference), state
+    return fn(leaves), state
+
+  return Metric(name, _no_state, apply, needs_params, min_ndim)
+
+
+def evaluate(metric: Metric, tree: Any, reference: Any = None, state: Any = None) -> Value:
+  """Evaluates ``metric`` on a whole pytree (or array) treated as one layer.
+
+  A convenience for one-off use and tests; inside a train step use a
+  :func:`~jaxscope.metrics.scope`, which evaluates per layer and keeps the state.
+
+  Args:
+    metric: the metric.
+    tree: an array or pytree of arrays.
+    reference: the matching parameters, for metrics with ``needs_params``.
+    state: the metric's state; ``None`` uses ``metric.init``.
+
+  Returns:
+    The metric's value.
+  """
+  leaves = [jnp.asarray(x) for x in jax.tree_util.tree_leaves(tree) if x.ndim >= metric.min_ndim]
+  if not leaves:
+    raise ValueError(f"metric {metric.name!r}: no leaf of rank >= {metric.min_ndim} in the tree.")
+  ref = None
+  if metric.needs_params:
+    if reference is None:
+      raise ValueError(f"metric {metric.name!r} needs reference= (the parameters).")
+    ref = [
+      jnp.asarray(x) for x in jax.tree_util.tree_leaves(reference) if x.ndim >= metric.min_ndim
+    ]
+  if state is None:
+    state = metric.init([jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves])
+  value, _ = metric.apply(leaves, state, ref)
+  return value

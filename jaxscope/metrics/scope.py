@@ -1,0 +1,278 @@
+"""Scopes: bundles of per-layer metrics over the topics of a train step.
+
+A scope is an optax-style pair of pure functions,
+
+* ``init(params) -> ScopeState``
+* ``update(state, *, params, grads, updates, loss, logits, labels) -> (values, state)``
+
+where ``values`` is one flat ``dict[str, jax.Array]`` with keys
+``"{topic}/{stat}/{layer}"`` (e.g. ``"grads/norm/Dense_0/kernel"``), network-level
+keys (``"loss"``, ``"accuracy"``) and the reserved key ``"measured"`` (a bool telling
+whether this step was measured). The state's structure, shapes and dtypes are fixed
+by ``init``, so a scope works inside ``jit``, ``lax.scan`` and ``lax.cond`` without
+retracing and restores with orbax into the structure ``init`` built.
+
+With ``every=n`` only steps ``0, n, 2n, …`` are measured; the others go through a
+``lax.cond`` branch that returns the previous values unchanged, so they cost nothing
+but the predicate.
+
+Example:
+  >>> import jax, jax.numpy as jnp
+  >>> from jaxscope import metrics
+  >>> params = {"Dense_0": {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)}}
+  >>> sc = metrics.scope(params=["norm"], grads=[metrics.variance()], kind="kernel")
+  >>> state = sc.init(params)
+  >>> values, state = jax.jit(sc.update)(state, params=params, grads=params)
+  >>> sorted(values)
+  ['grads/variance/Dense_0/kernel', 'measured', 'params/norm/Dense_0/kernel']
+  >>> round(float(values["params/norm/Dense_0/kernel"]), 4)
+  2.4495
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxscope import tree as jtree
+from jaxscope.metrics import registry
+from jaxscope.metrics.base import Metric
+from jaxscope.metrics.network import NetworkMetric
+
+__all__ = ["MEASURED", "TOPICS", "Scope", "ScopeState", "scope", "scope_values"]
+
+#: Tensor topics a scope can measure (later capabilities add more).
+TOPICS = ("params", "grads", "updates")
+#: The reserved key that tells whether the values belong to this step.
+MEASURED = "measured"
+_NETWORK_INPUTS = ("loss", "logits", "labels")
+
+
+class ScopeState(NamedTuple):
+  """State of a :func:`scope`."""
+
+  count: jax.Array
+  """``int32``: number of ``update`` calls so far."""
+  measured: jax.Array
+  """``bool``: whether the last ``update`` measured (else ``values`` are older)."""
+  values: dict[str, jax.Array]
+  """The latest measured values, keyed ``{topic}/{stat}/{layer}``."""
+  metric_state: dict[str, Any]
+  """Per-metric, per-layer state (e.g. power-iteration warm starts)."""
+
+
+class Scope(NamedTuple):
+  """A bundle of metrics; see the module docstring."""
+
+  init: Callable[[Any], ScopeState]
+  update: Callable[..., tuple[dict[str, jax.Array], ScopeState]]
+  topics: tuple[str, ...]
+  """The tensor topics this scope needs (a subset of :data:`TOPICS`)."""
+  every: int
+
+
+def scope_values(state: ScopeState) -> dict[str, jax.Array]:
+  """The flat values dict of a scope state, with the ``measured`` flag."""
+  return {**state.values, MEASURED: state.measured}
+
+
+MetricSpec = Metric | NetworkMetric | str
+
+
+def _resolve(spec: MetricSpec, where: str) -> Metric | NetworkMetric:
+  if isinstance(spec, Metric | NetworkMetric):
+    return spec
+  if isinstance(spec, str):
+    return registry.get(spec)
+  raise TypeError(f"{where}: expected a Metric or a metric name, got {type(spec).__name__}.")
+
+
+def scope(
+  *,
+  params: Sequence[MetricSpec] = (),
+  grads: Sequence[MetricSpec] = (),
+  updates: Sequence[MetricSpec] = (),
+  network: Sequence[MetricSpec] = (),
+  preset: str | None = None,
+  every: int = 1,
+  include: str | Sequence[str] | None = None,
+  exclude: str | Sequence[str] | None = None,
+  kind: jtree.Kind = "any",
+  depth: int | None = None,
+) -> Scope:
+  """Builds a scope measuring the given metrics per layer and topic.
+
+  Args:
+    params: metrics (or registered names) of the parameters ``θ`` of the step.
+    grads: metrics of the gradients ``∂L/∂θ``.
+    updates: metrics of the optimizer's updates ``Δθ`` (what ``apply_updates`` adds).
+    network: network-level metrics (``"loss"``, ``"accuracy"``).
+    preset: ``"economy"`` or ``"full"`` (see :data:`registry.PRESETS`), added to the
+      explicit lists.
+    every: measure every ``every``-th step (steps ``0, every, 2·every, …``).
+    include: regular expression(s) on layer names (``re.search``); ``None`` = all.
+    exclude: regular expression(s) of layer names to leave out.
+    kind: ``"kernel"``, ``"bias"`` or ``"any"``.
+    depth: layer grouping (see :mod:`jaxscope.tree`): ``None`` per leaf, ``-1`` per
+      module, ``k`` per module-path prefix of length ``k``.
+
+  Returns:
+    A :class:`Scope`.
+  """
+  if not isinstance(every, int) or every < 1:
+    raise ValueError(f"scope: every must be a positive int, got {every!r}.")
+  lists: dict[str, list[MetricSpec]] = {
+    "params": list(params),
+    "grads": list(grads),
+    "updates": list(updates),
+    "network": list(network),
+  }
+  if preset is not None:
+    for topic, specs in registry.preset_metrics(preset).items():
+      lists[topic].extend(specs)
+  topic_metrics: dict[str, tuple[Metric, ...]] = {}
+  for topic in TOPICS:
+    resolved = []
+    for spec in lists[topic]:
+      m = _resolve(spec, f"scope({topic}=...)")
+      if not isinstance(m, Metric):
+        raise TypeError(f"scope: {m.name!r} is a network metric; pass it in network=.")
+      resolved.append(m)
+    names = [m.name for m in resolved]
+    dup = {n for n in names if names.count(n) > 1}
+    if dup:
+      raise ValueError(f"scope: metric(s) {sorted(dup)} given twice for topic {topic!r}.")
+    if resolved:
+      topic_metrics[topic] = tuple(resolved)
+  net: list[NetworkMetric] = []
+  for spec in lists["network"]:
+    m = _resolve(spec, "scope(network=...)")
+    if not isinstance(m, NetworkMetric):
+      raise TypeError(f"scope: {m.name!r} is a per-layer metric, not a network metric.")
+    if m.name in {n.name for n in net}:
+      raise ValueError(f"scope: network metric {m.name!r} given twice.")
+    net.append(m)
+  if not topic_metrics and not net:
+    raise ValueError(
+      "scope: no metric given (pass params=, grads=, updates=, network= or preset=)."
+    )
+  needs_params = "params" in topic_metrics or any(
+    m.needs_params for ms in topic_metrics.values() for m in ms
+  )
+  select = dict(include=include, exclude=exclude, kind=kind, depth=depth)
+
+  def _plan(topic: str, tree: Any) -> list[tuple[str, Metric, tuple[jtree.LeafInfo, ...]]]:
+    lay = jtree.layout(tree, argname=topic, **select)  # type: ignore[arg-type]
+    plan = []
+    for group in lay.groups:
+      for m in topic_metrics[topic]:
+        infos = tuple(i for i in group.leaves if len(i.shape) >= m.min_ndim)
+        if infos:
+          plan.append((f"{topic}/{m.name}/{group.key}", m, infos))
+    return plan
+
+  def _measure_tensors(
+    data: Mapping[str, Any], metric_state: Mapping[str, Any]
+  ) -> tuple[dict[str, jax.Array], dict[str, Any]]:
+    values: dict[str, jax.Array] = {}
+    new_state: dict[str, Any] = {}
+    ref_leaves = (
+      jax.tree_util.tree_leaves(data["params"]) if data.get("params") is not None else None
+    )
+    for topic in topic_metrics:
+      leaves = jax.tree_util.tree_leaves(data[topic])
+      for key, m, infos in _plan(topic, data[topic]):
+        xs = [leaves[i.index] for i in infos]
+        ref = [ref_leaves[i.index] for i in infos] if m.needs_params else None  # type: ignore[index]
+        value, new_state[key] = m.apply(xs, metric_state[key], ref)
+        if isinstance(value, dict):
+          topic_, stat, layer = key.split("/", 2)
+          for part, v in value.items():
+            values[f"{topic_}/{stat}_{part}/{layer}"] = v
+        else:
+          values[key] = value
+    return values, new_state
+
+  def init_fn(params: Any) -> ScopeState:
+    jtree.leaf_infos(params, argname="params")  # Clear errors for non-array leaves.
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), params)
+    metric_state: dict[str, Any] = {}
+    for topic in topic_metrics:
+      for key, m, infos in _plan(topic, shapes):
+        metric_state[key] = m.init([jax.ShapeDtypeStruct(i.shape, i.dtype) for i in infos])
+    data = {topic: shapes for topic in topic_metrics}
+    if needs_params:
+      data["params"] = shapes
+    value_shapes, _ = jax.eval_shape(_measure_tensors, data, metric_state)
+    values = {k: jnp.zeros(s.shape, s.dtype) for k, s in value_shapes.items()}
+    for m in net:
+      values[m.name] = jnp.zeros((), jnp.float32)
+    return ScopeState(jnp.zeros((), jnp.int32), jnp.zeros((), jnp.bool_), values, metric_state)
+
+  def update_fn(
+    state: ScopeState,
+    *,
+    params: Any = None,
+    grads: Any = None,
+    updates: Any = None,
+    loss: jax.Array | None = None,
+    logits: jax.Array | None = None,
+    labels: jax.Array | None = None,
+  ) -> tuple[dict[str, jax.Array], ScopeState]:
+    trees = {"params": params, "grads": grads, "updates": updates}
+    for topic in topic_metrics:
+      if trees[topic] is None:
+        raise ValueError(f"scope measures {topic!r} but update() got {topic}=None.")
+    if needs_params and params is None:
+      raise ValueError(
+        "scope: a metric needs the parameters (ratio), but update() got params=None."
+      )
+    if params is not None:
+      for topic in ("grads", "updates"):
+        if topic in topic_metrics:
+          jtree.check_same_structure(params, trees[topic], ref_name="params", other_name=topic)
+    inputs = {"loss": loss, "logits": logits, "labels": labels}
+    for m in net:
+      missing = [n for n in m.needs if inputs[n] is None]
+      if missing:
+        raise ValueError(
+          f"scope: network metric {m.name!r} needs {', '.join(f'{n}=' for n in missing)} "
+          "(through monitored(): value=, logits=, labels= extra arguments)."
+        )
+    data = {t: trees[t] for t in topic_metrics}
+    if needs_params:
+      data["params"] = params
+    net_inputs = {k: v for k, v in inputs.items() if v is not None}
+
+    def measure(
+      operand: tuple[Mapping[str, Any], Mapping[str, Any], Mapping[str, Any]],
+    ) -> tuple[dict[str, jax.Array], dict[str, Any]]:
+      data_, metric_state, net_in = operand
+      values, new_ms = _measure_tensors(data_, metric_state)
+      for m in net:
+        values[m.name] = m.fn(**net_in).astype(jnp.float32)
+      # Keep dtypes exactly as init built them (a weak-typed value must not flip).
+      values = {k: v.astype(state.values[k].dtype) for k, v in values.items()}
+      return values, new_ms
+
+    def skip(
+      operand: tuple[Mapping[str, Any], Mapping[str, Any], Mapping[str, Any]],
+    ) -> tuple[dict[str, jax.Array], dict[str, Any]]:
+      del operand
+      return dict(state.values), dict(state.metric_state)
+
+    operand = (data, state.metric_state, net_inputs)
+    if every == 1:
+      measured = jnp.ones((), jnp.bool_)
+      values, metric_state = measure(operand)
+    else:
+      measured = state.count % every == 0
+      values, metric_state = jax.lax.cond(measured, measure, skip, operand)
+    new_state = ScopeState(optax.safe_increment(state.count), measured, values, metric_state)
+    return scope_values(new_state), new_state
+
+  return Scope(init_fn, update_fn, tuple(t for t in TOPICS if t in topic_metrics), every)

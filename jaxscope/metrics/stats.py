@@ -1,0 +1,263 @@
+"""Per-layer statistics of tensors: moments, norms, ratios, histograms.
+
+Every factory returns a :class:`~jaxscope.metrics.Metric`. A layer's leaves
+``x⁽¹⁾ … x⁽ᵏ⁾`` are treated as one flat vector ``x`` of ``N = Σ size(x⁽ʲ⁾)``
+elements; sums are accumulated in ``float32`` whatever the input dtype.
+
+Non-finite values are measured, not hidden: a NaN or Inf in a layer's tensor makes that
+layer's moments and norms NaN/Inf (and leaves every other layer's values untouched);
+:func:`nonfinite_fraction` counts them, and :func:`histogram` counts only finite values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+
+from jaxscope.metrics.base import Leaves, Metric, stateless
+
+__all__ = [
+  "elementwise_ratio",
+  "histogram",
+  "max_abs",
+  "mean",
+  "nonfinite_fraction",
+  "norm",
+  "ratio_to_params",
+  "rms",
+  "sum",
+  "variance",
+  "zero_fraction",
+]
+
+_F32 = jnp.float32
+
+
+def _f(x: jax.Array) -> jax.Array:
+  return x.astype(_F32) if x.dtype != _F32 else x
+
+
+def _count(leaves: Leaves) -> int:
+  n = 0
+  for x in leaves:
+    n += x.size
+  return n
+
+
+def _sum(leaves: Leaves) -> jax.Array:
+  return jnp.sum(jnp.stack([jnp.sum(_f(x)) for x in leaves]))
+
+
+def _sumsq(leaves: Leaves) -> jax.Array:
+  return jnp.sum(jnp.stack([jnp.sum(jnp.square(_f(x))) for x in leaves]))
+
+
+def _mean(leaves: Leaves) -> jax.Array:
+  return _sum(leaves) / _count(leaves)
+
+
+def mean() -> Metric:
+  """Mean of the layer's elements: ``mean = (1/N) Σᵢ xᵢ``."""
+  return stateless("mean", _mean)
+
+
+def sum() -> Metric:
+  """Sum of the layer's elements: ``Σᵢ xᵢ``."""
+  return stateless("sum", _sum)
+
+
+def variance(ddof: int = 0) -> Metric:
+  """Variance of the layer's elements, two-pass: ``(1/(N−ddof)) Σᵢ (xᵢ − mean)²``.
+
+  Args:
+    ddof: delta degrees of freedom. The default ``0`` is the population variance (the
+      maximum-likelihood estimate, numpy's default); ``ddof=1`` is the unbiased sample
+      variance that ikkuna's ``torch.var`` computed.
+  """
+  if ddof < 0:
+    raise ValueError(f"variance: ddof must be >= 0, got {ddof}.")
+
+  def fn(leaves: Leaves) -> jax.Array:
+    m = _mean(leaves)
+    ss = jnp.sum(jnp.stack([jnp.sum(jnp.square(_f(x) - m)) for x in leaves]))
+    denom = _count(leaves) - ddof
+    return ss / denom if denom > 0 else jnp.full((), jnp.nan, _F32)
+
+  return stateless("variance", fn)
+
+
+def _norm(leaves: Leaves, ord: int | float) -> jax.Array:
+  if ord == 2:
+    return jnp.sqrt(_sumsq(leaves))
+  if ord == 1:
+    return jnp.sum(jnp.stack([jnp.sum(jnp.abs(_f(x))) for x in leaves]))
+  return jnp.max(jnp.stack([jnp.max(jnp.abs(_f(x))) for x in leaves]))
+
+
+def norm(ord: int | float | str = 2) -> Metric:
+  """p-norm of the flattened layer: ``‖x‖_p = (Σᵢ |xᵢ|ᵖ)^(1/p)``, p ∈ {1, 2, ∞}.
+
+  For p = 2 this is the Frobenius norm of a kernel; p = ∞ is ``maxᵢ |xᵢ|``. The stat
+  is named ``norm`` for p = 2, ``norm1`` and ``norminf`` otherwise.
+
+  Args:
+    ord: ``1``, ``2`` or ``inf`` (``"inf"`` and ``jnp.inf`` are accepted).
+  """
+  if isinstance(ord, str) and ord.lower() == "inf":
+    ord = float("inf")
+  if ord not in (1, 2, float("inf")):
+    raise ValueError(f"norm: ord must be 1, 2 or inf, got {ord!r}.")
+  name = {1: "norm1", 2: "norm"}.get(ord, "norminf")  # type: ignore[call-overload]
+  return stateless(name, lambda leaves: _norm(leaves, ord))
+
+
+def rms() -> Metric:
+  """Root mean square: ``sqrt((1/N) Σᵢ xᵢ²) = ‖x‖₂ / √N``."""
+  return stateless("rms", lambda leaves: jnp.sqrt(_sumsq(leaves) / _count(leaves)))
+
+
+def max_abs() -> Metric:
+  """Largest magnitude: ``maxᵢ |xᵢ|`` (the ∞-norm, under the name ``max_abs``)."""
+  return stateless("max_abs", lambda leaves: _norm(leaves, float("inf")))
+
+
+def zero_fraction() -> Metric:
+  """Fraction of exact zeros: ``(1/N) #{i : xᵢ = 0}`` (dead units, sparsity)."""
+
+  def fn(leaves: Leaves) -> jax.Array:
+    zeros = jnp.sum(jnp.stack([jnp.sum(x == 0, dtype=jnp.int32) for x in leaves]))
+    return zeros.astype(_F32) / _count(leaves)
+
+  return stateless("zero_fraction", fn)
+
+
+def nonfinite_fraction() -> Metric:
+  """Fraction of NaN or ±Inf elements: ``(1/N) #{i : xᵢ ∉ ℝ}``."""
+
+  def fn(leaves: Leaves) -> jax.Array:
+    bad = jnp.sum(jnp.stack([jnp.sum(~jnp.isfinite(x), dtype=jnp.int32) for x in leaves]))
+    return bad.astype(_F32) / _count(leaves)
+
+  return stateless("nonfinite_fraction", fn)
+
+
+def _safe_div(num: jax.Array, den: jax.Array) -> jax.Array:
+  """``num / den``, with ``0/0 = 0`` and ``x/0 = inf`` for ``x > 0``; NaN propagates."""
+  zero_den = den == 0
+  q = num / jnp.where(zero_den, 1.0, den)
+  return jnp.where(zero_den, jnp.where(num == 0, 0.0, jnp.inf), q)
+
+
+def _reference(leaves: Leaves, reference: Leaves | None, denominator: str) -> Sequence[jax.Array]:
+  if reference is None:
+    raise ValueError("this metric needs the parameters (params=) as reference.")
+  if denominator == "new":
+    return [_f(p) + _f(u) for p, u in zip(reference, leaves, strict=True)]
+  return [_f(p) for p in reference]
+
+
+def _check_denominator(denominator: str) -> None:
+  if denominator not in ("old", "new"):
+    raise ValueError(f"denominator must be 'old' or 'new', got {denominator!r}.")
+
+
+def ratio_to_params(denominator: str = "new") -> Metric:
+  """Update/weight ratio of a layer: ``R = ‖Δθ‖₂ / ‖θ‖₂``.
+
+  Meant for the ``updates`` topic, where ``Δθ`` is what the optimizer adds to the
+  parameters this step. The rule of thumb (Karpathy; the live-introspection thesis,
+  eq. 3.6) is ``R ≈ 1e-3``.
+
+  Args:
+    denominator: ``"new"`` divides by the parameters after the update,
+      ``θ_k = θ_{k−1} + Δθ`` (the thesis's ``‖W_k − W_{k−1}‖ / ‖W_k‖``);
+      ``"old"`` divides by ``θ_{k−1}``, as ikkuna's code did after its issue #31.
+
+  A zero denominator gives ``0`` when the update is zero too and ``inf`` otherwise
+  (e.g. the first step of a bias initialised at zero).
+  """
+  _check_denominator(denominator)
+
+  def fn(leaves: Leaves, reference: Leaves | None) -> jax.Array:
+    ref = _reference(leaves, reference, denominator)
+    return _safe_div(jnp.sqrt(_sumsq(leaves)), jnp.sqrt(_sumsq(ref)))
+
+  return stateless("ratio", fn, needs_params=True)
+
+
+def elementwise_ratio(denominator: str = "old") -> Metric:
+  """ikkuna's element-wise ratio: ``mean over {i : θᵢ ≠ 0} of |Δθᵢ / θᵢ|``.
+
+  Elements whose parameter is exactly zero are left out (they would give ``x/0``);
+  if every parameter is zero the value is ``0``. NaN or Inf in either tensor propagate
+  to the value, so they are reported rather than dropped.
+
+  Args:
+    denominator: ``"old"`` (``θ_{k−1}``, default, as ikkuna) or ``"new"`` (``θ_k``).
+  """
+  _check_denominator(denominator)
+
+  def fn(leaves: Leaves, reference: Leaves | None) -> jax.Array:
+    ref = _reference(leaves, reference, denominator)
+    total = jnp.zeros((), _F32)
+    count = jnp.zeros((), jnp.int32)
+    for u, p in zip(leaves, ref, strict=True):
+      valid = p != 0
+      q = jnp.abs(_f(u) / jnp.where(valid, p, 1.0))
+      total = total + jnp.sum(jnp.where(valid, q, 0.0))
+      count = count + jnp.sum(valid, dtype=jnp.int32)
+    return jnp.where(count > 0, total / jnp.maximum(count, 1).astype(_F32), 0.0)
+
+  return stateless("elementwise_ratio", fn, needs_params=True)
+
+
+def histogram(bins: int = 64, range: tuple[float, float] | None = None) -> Metric:
+  """Fixed-bin histogram of the layer's finite elements: ``counts`` and ``edges``.
+
+  ``edges = linspace(lo, hi, bins + 1)``; element ``x`` falls in bin
+  ``⌊(x − lo) · bins / (hi − lo)⌋``, the last bin being closed (``x = hi`` counts),
+  as in ``numpy.histogram``.
+
+  Args:
+    bins: number of bins (static, so the output shape is fixed).
+    range: ``(lo, hi)`` for a fixed range: elements outside it are not counted, as
+      numpy does. ``None`` (default) uses this step's finite min and max; a constant
+      tensor gets the range ``[x − 0.5, x + 0.5]`` (numpy's rule) and a tensor with no
+      finite element the range ``[0, 1]`` with all counts zero.
+
+  Returns:
+    A metric whose value is ``{"counts": int32[bins], "edges": float32[bins + 1]}``,
+    stored as ``{topic}/histogram_counts/{layer}`` and ``{topic}/histogram_edges/{layer}``.
+  """
+  if not isinstance(bins, int) or bins < 1:
+    raise ValueError(f"histogram: bins must be a positive int, got {bins!r}.")
+  if range is not None:
+    lo_f, hi_f = float(range[0]), float(range[1])
+    if not lo_f < hi_f:
+      raise ValueError(f"histogram: range must satisfy lo < hi, got {range!r}.")
+
+  def fn(leaves: Leaves) -> dict[str, jax.Array]:
+    flat = [_f(x).reshape(-1) for x in leaves]
+    if range is None:
+      big = jnp.finfo(_F32).max
+      lo = jnp.min(jnp.stack([jnp.min(jnp.where(jnp.isfinite(x), x, big)) for x in flat]))
+      hi = jnp.max(jnp.stack([jnp.max(jnp.where(jnp.isfinite(x), x, -big)) for x in flat]))
+      empty = lo > hi
+      lo, hi = jnp.where(empty, 0.0, lo), jnp.where(empty, 1.0, hi)
+      same = lo == hi
+      lo, hi = jnp.where(same, lo - 0.5, lo), jnp.where(same, hi + 0.5, hi)
+    else:
+      lo, hi = jnp.asarray(lo_f, _F32), jnp.asarray(hi_f, _F32)
+    scale = bins / (hi - lo)
+    counts = jnp.zeros((bins + 1,), jnp.int32)
+    for x in flat:
+      valid = (x >= lo) & (x <= hi)  # False for NaN and for out-of-range values.
+      idx = jnp.clip(jnp.floor((x - lo) * scale).astype(jnp.int32), 0, bins - 1)
+      idx = jnp.where(valid, idx, bins)  # Invalid elements go to an overflow bin.
+      counts = counts + jnp.bincount(idx, length=bins + 1)
+    edges = jnp.linspace(lo, hi, bins + 1, dtype=_F32)
+    return {"counts": counts[:bins], "edges": edges}
+
+  return stateless("histogram", fn)
