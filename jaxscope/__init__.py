@@ -4,10 +4,23 @@ Layers (imports only point downwards): ``tree`` (base) → ``metrics``, ``transf
 (device side) → ``record``, ``plot`` (host side) → ``data`` and examples (app).
 """
 
-from jaxscope import metrics, transforms, tree
+from jaxscope import metrics, record, transforms, tree
 from jaxscope.metrics import scope
+from jaxscope.record import History, Recorder
 from jaxscope.transforms import monitored
+
+# jaxscope.plot (matplotlib) and jaxscope.data (scikit-learn) are imported on demand.
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "metrics", "monitored", "scope", "transforms", "tree"]
+__all__ = [
+  "History",
+  "Recorder",
+  "__version__",
+  "metrics",
+  "monitored",
+  "record",
+  "scope",
+  "transforms",
+  "tree",
+]
