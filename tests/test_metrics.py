@@ -92,7 +92,13 @@ def test_grouped_layer_is_one_flat_vector():
 def test_update_weight_ratio_both_denominators():
   tree = _tree()
   upd = jax.tree.map(lambda x: (RNG.normal(size=np.shape(x)) * 1e-2).astype(np.float32), tree)
-  sc = metrics.scope(updates=[metrics.ratio_to_params("new"), metrics.elementwise_ratio("old")])
+  sc = metrics.scope(
+    updates=[
+      metrics.ratio_to_params("new"),
+      metrics.elementwise_ratio("old"),
+      metrics.ratio_to_params("old"),
+    ]
+  )
   values, _ = sc.update(sc.init(tree), params=tree, updates=upd)
   for p, u, name in [
     (tree["Dense_0"]["kernel"], upd["Dense_0"]["kernel"], "Dense_0/kernel"),
@@ -100,13 +106,19 @@ def test_update_weight_ratio_both_denominators():
   ]:
     p64, u64 = p.astype(np.float64), u.astype(np.float64)
     np.testing.assert_allclose(
-      values[f"updates/ratio/{name}"], np.linalg.norm(u64) / np.linalg.norm(p64 + u64), rtol=1e-5
+      values[f"updates/ratio_new/{name}"],
+      np.linalg.norm(u64) / np.linalg.norm(p64 + u64),
+      rtol=1e-5,
+    )
+    np.testing.assert_allclose(
+      values[f"updates/ratio/{name}"], np.linalg.norm(u64) / np.linalg.norm(p64), rtol=1e-5
     )
     np.testing.assert_allclose(
       values[f"updates/elementwise_ratio/{name}"], np.mean(np.abs(u64 / p64)), rtol=1e-5
     )
   # Dense_0/bias is all zero: ‖θ_new‖ = ‖Δθ‖ > 0 for "new" → ratio 1 exactly.
-  np.testing.assert_allclose(values["updates/ratio/Dense_0/bias"], 1.0, rtol=1e-6)
+  np.testing.assert_allclose(values["updates/ratio_new/Dense_0/bias"], 1.0, rtol=1e-6)
+  assert float(values["updates/ratio/Dense_0/bias"]) == np.inf  # ‖θ_old‖ = 0 < ‖Δθ‖
   # Element-wise ratio leaves out zero parameters: all zero → 0.
   assert float(values["updates/elementwise_ratio/Dense_0/bias"]) == 0.0
   old = metrics.ratio_to_params("old")
@@ -195,11 +207,11 @@ def test_power_iteration_converges_across_steps():
 
 def test_power_iteration_survives_a_nan_step():
   w = jnp.asarray(RNG.normal(size=(40, 30)).astype(np.float32))
-  v0 = jnp.ones(30) / np.sqrt(30)
+  v0 = jnp.ones(40) / np.sqrt(40)
   s_nan, v_nan = metrics.power_iteration(w.at[0, 0].set(jnp.nan), v0, 3)
   assert np.isnan(s_nan)
   np.testing.assert_array_equal(v_nan, v0)  # warm start kept, not poisoned
-  s_zero, v_zero = metrics.power_iteration(jnp.zeros((4, 3)), jnp.ones(3) / np.sqrt(3), 2)
+  s_zero, v_zero = metrics.power_iteration(jnp.zeros((4, 3)), jnp.ones(4) / 2.0, 2)
   assert float(s_zero) == 0.0 and np.all(np.isfinite(v_zero))
 
 
@@ -271,3 +283,17 @@ def test_registry_names_presets_and_errors():
     metrics.norm(3)
   with pytest.raises(ValueError, match="denominator"):
     metrics.ratio_to_params("mid")
+
+
+def test_variance_accurate_when_mean_dominates():
+  # BatchNorm-scale-like data: mean 1, std 1e-3. The one-pass form would lose every
+  # digit in float32; the cond falls back to two passes.
+  x = (1.0 + 1e-3 * RNG.normal(size=(1000,))).astype(np.float32)
+  np.testing.assert_allclose(
+    metrics.evaluate(metrics.variance(), x), np.var(x.astype(np.float64)), rtol=1e-4
+  )
+  big = (1e4 + RNG.normal(size=(500,))).astype(np.float32)
+  np.testing.assert_allclose(
+    metrics.evaluate(metrics.variance(), big), np.var(big.astype(np.float64)), rtol=1e-3
+  )
+  assert abs(float(metrics.evaluate(metrics.variance(), jnp.full((7,), 3.3)))) < 1e-12

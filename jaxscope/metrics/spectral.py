@@ -31,40 +31,41 @@ def _singular_values(x: jax.Array) -> jax.Array:
   return jnp.linalg.svd(_matrix(x), compute_uv=False)
 
 
-def power_iteration(w: jax.Array, v: jax.Array, iters: int) -> tuple[jax.Array, jax.Array]:
-  """Runs ``iters`` steps of power iteration on ``WᵀW`` from the unit vector ``v``.
+def power_iteration(w: jax.Array, u: jax.Array, iters: int) -> tuple[jax.Array, jax.Array]:
+  """Runs ``iters`` steps of power iteration for ``σ_max(W)`` from the unit vector ``u``.
 
-  Each step is ``u = W v / ‖W v‖``, ``v = Wᵀ u / ‖Wᵀ u‖``; the estimate is
-  ``σ = ‖W v‖``, a lower bound on ``σ_max(W)`` that converges to it geometrically at
-  rate ``(σ₂/σ₁)²`` per step. Warm-starting ``v`` from the previous training step
-  (as ``torch.nn.utils.spectral_norm`` and ikkuna did) makes a few steps per training
-  step enough once the weights change slowly.
+  Each step is ``v = Wᵀu / ‖Wᵀu‖``, ``σ = ‖W v‖``, ``u = W v / σ``: two matrix-vector
+  products. ``σ = ‖W v‖`` with ``‖v‖ = 1`` is a lower bound on ``σ_max(W)`` that
+  converges to it geometrically, at rate ``(σ₂/σ₁)²`` per step. Warm-starting ``u``
+  from the previous training step (as ``torch.nn.utils.spectral_norm`` and ikkuna did)
+  makes one step per training step enough once the weights change slowly.
 
-  A non-finite or zero ``W`` leaves ``v`` unchanged, so one bad step cannot poison
-  the warm start; ``σ`` then shows the NaN (or 0).
+  A non-finite or zero ``W`` leaves ``u`` unchanged, so one bad step cannot poison the
+  warm start; ``σ`` then shows the NaN (or 0).
 
   Args:
     w: a matrix ``[m, n]``.
-    v: the unit start vector ``[n]``.
+    u: the unit start vector ``[m]`` (left singular vector estimate).
     iters: number of steps (static, >= 1).
 
   Returns:
-    ``(sigma, v)``.
+    ``(sigma, u)``.
   """
-  new_v = v
+  new_u = u
+  sigma = jnp.zeros((), w.dtype)
   for _ in range(iters):
-    u = w @ new_v
-    u = u / jnp.maximum(jnp.linalg.norm(u), 1e-30)
-    new_v = w.T @ u
-    new_v = new_v / jnp.maximum(jnp.linalg.norm(new_v), 1e-30)
-  sigma = jnp.linalg.norm(w @ new_v)
-  keep = jnp.all(jnp.isfinite(new_v)) & (jnp.linalg.norm(new_v) > 0.5)
-  return sigma, jnp.where(keep, new_v, v)
+    v = w.T @ new_u
+    v = v / jnp.maximum(jnp.linalg.norm(v), 1e-30)
+    wv = w @ v
+    sigma = jnp.linalg.norm(wv)
+    new_u = wv / jnp.maximum(sigma, 1e-30)
+  keep = jnp.all(jnp.isfinite(new_u)) & (jnp.linalg.norm(new_u) > 0.5)
+  return sigma, jnp.where(keep, new_u, u)
 
 
 def spectral_norm(
   method: str = "auto",
-  iters: int = 2,
+  iters: int = 1,
   svd_max_size: int = 16384,
   seed: int = 0,
 ) -> Metric:
@@ -74,7 +75,7 @@ def spectral_norm(
     method: ``"svd"`` (exact, ``jnp.linalg.svd``), ``"power"`` (power iteration
       warm-started from the state, see :func:`power_iteration`) or ``"auto"``: SVD for
       matrices with at most ``svd_max_size`` elements, power iteration above.
-    iters: power-iteration steps per training step.
+    iters: power-iteration steps per training step (2 matrix-vector products each).
     svd_max_size: the ``"auto"`` threshold, in matrix elements.
     seed: seed of the Gaussian start vectors.
 
@@ -100,8 +101,10 @@ def spectral_norm(
       if use_svd(s.shape):
         vs.append(jnp.zeros((0,), _F32))  # No warm start needed; keeps the structure fixed.
       else:
-        n = s.shape[-1]
-        v = jax.random.normal(jax.random.fold_in(jax.random.PRNGKey(seed), i), (n,), _F32)
+        m = 1
+        for d in s.shape[:-1]:
+          m *= int(d)
+        v = jax.random.normal(jax.random.fold_in(jax.random.PRNGKey(seed), i), (m,), _F32)
         vs.append(v / jnp.linalg.norm(v))
     return tuple(vs)
 

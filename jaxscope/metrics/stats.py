@@ -46,12 +46,16 @@ def _count(leaves: Leaves) -> int:
   return n
 
 
+def _total(parts: list[jax.Array]) -> jax.Array:
+  return parts[0] if len(parts) == 1 else jnp.sum(jnp.stack(parts))
+
+
 def _sum(leaves: Leaves) -> jax.Array:
-  return jnp.sum(jnp.stack([jnp.sum(_f(x)) for x in leaves]))
+  return _total([jnp.sum(_f(x)) for x in leaves])
 
 
 def _sumsq(leaves: Leaves) -> jax.Array:
-  return jnp.sum(jnp.stack([jnp.sum(jnp.square(_f(x))) for x in leaves]))
+  return _total([jnp.sum(jnp.square(_f(x))) for x in leaves])
 
 
 def _mean(leaves: Leaves) -> jax.Array:
@@ -68,8 +72,32 @@ def sum() -> Metric:
   return stateless("sum", _sum)
 
 
+def _variance(leaves: Leaves, ddof: int) -> jax.Array:
+  n = _count(leaves)
+  if n - ddof <= 0:
+    return jnp.full((), jnp.nan, _F32)
+  s1, s2 = _sum(leaves), _sumsq(leaves)
+  m = s1 / n
+  ss_fast = s2 - s1 * m  # Σx² − N·mean², from the sums norm and mean use anyway.
+
+  def two_pass(_: None) -> jax.Array:
+    return _total([jnp.sum(jnp.square(_f(x) - m)) for x in leaves])
+
+  # The one-pass form loses relative accuracy ~ ε·Σx²/ss; when ss < Σx²/64
+  # (|mean| ≳ 8·std, e.g. BatchNorm scales near 1) recompute exactly.
+  ss = jax.lax.cond(ss_fast < s2 * (1.0 / 64.0), two_pass, lambda _: ss_fast, None)
+  return jnp.maximum(ss, 0.0) / (n - ddof)
+
+
 def variance(ddof: int = 0) -> Metric:
-  """Variance of the layer's elements, two-pass: ``(1/(N−ddof)) Σᵢ (xᵢ − mean)²``.
+  """Variance of the layer's elements: ``(1/(N−ddof)) Σᵢ (xᵢ − mean)²``.
+
+  Computed from ``Σx`` and ``Σx²`` (the sums that :func:`mean` and :func:`norm` read,
+  so the three share two passes over the data) as ``(Σx² − N·mean²) / (N − ddof)``.
+  When that form would lose accuracy (``N·mean² > (63/64)·Σx²``, i.e. the mean is
+  large against the spread), a ``lax.cond`` recomputes ``Σ(x − mean)²`` in a second
+  pass, so the result keeps float32 accuracy in every case and costs one pass extra
+  only where needed.
 
   Args:
     ddof: delta degrees of freedom. The default ``0`` is the population variance (the
@@ -78,22 +106,16 @@ def variance(ddof: int = 0) -> Metric:
   """
   if ddof < 0:
     raise ValueError(f"variance: ddof must be >= 0, got {ddof}.")
-
-  def fn(leaves: Leaves) -> jax.Array:
-    m = _mean(leaves)
-    ss = jnp.sum(jnp.stack([jnp.sum(jnp.square(_f(x) - m)) for x in leaves]))
-    denom = _count(leaves) - ddof
-    return ss / denom if denom > 0 else jnp.full((), jnp.nan, _F32)
-
-  return stateless("variance", fn)
+  return stateless("variance", lambda leaves: _variance(leaves, ddof))
 
 
 def _norm(leaves: Leaves, ord: int | float) -> jax.Array:
   if ord == 2:
     return jnp.sqrt(_sumsq(leaves))
   if ord == 1:
-    return jnp.sum(jnp.stack([jnp.sum(jnp.abs(_f(x))) for x in leaves]))
-  return jnp.max(jnp.stack([jnp.max(jnp.abs(_f(x))) for x in leaves]))
+    return _total([jnp.sum(jnp.abs(_f(x))) for x in leaves])
+  parts = [jnp.max(jnp.abs(_f(x))) for x in leaves]
+  return parts[0] if len(parts) == 1 else jnp.max(jnp.stack(parts))
 
 
 def norm(ord: int | float | str = 2) -> Metric:
@@ -163,7 +185,7 @@ def _check_denominator(denominator: str) -> None:
     raise ValueError(f"denominator must be 'old' or 'new', got {denominator!r}.")
 
 
-def ratio_to_params(denominator: str = "new") -> Metric:
+def ratio_to_params(denominator: str = "old") -> Metric:
   """Update/weight ratio of a layer: ``R = ‖Δθ‖₂ / ‖θ‖₂``.
 
   Meant for the ``updates`` topic, where ``Δθ`` is what the optimizer adds to the
@@ -171,11 +193,14 @@ def ratio_to_params(denominator: str = "new") -> Metric:
   eq. 3.6) is ``R ≈ 1e-3``.
 
   Args:
-    denominator: ``"new"`` divides by the parameters after the update,
-      ``θ_k = θ_{k−1} + Δθ`` (the thesis's ``‖W_k − W_{k−1}‖ / ‖W_k‖``);
-      ``"old"`` divides by ``θ_{k−1}``, as ikkuna's code did after its issue #31.
+    denominator: ``"old"`` (default) divides by the parameters the update is applied
+      to, ``θ_{k−1}``, as ikkuna's code did after its issue #31; ``"new"`` divides by
+      ``θ_k = θ_{k−1} + Δθ`` (the thesis's ``‖W_k − W_{k−1}‖ / ‖W_k‖``). The two
+      differ by ``O(R²)``; ``"old"`` reuses ``‖θ_{k−1}‖`` from ``params/norm``, so it
+      costs no extra pass over the data, while ``"new"`` reads ``θ`` and ``Δθ`` again.
 
-  A zero denominator gives ``0`` when the update is zero too and ``inf`` otherwise
+  The stat is named ``ratio`` (``"old"``) or ``ratio_new`` (``"new"``). A zero
+  denominator gives ``0`` when the update is zero too and ``inf`` otherwise
   (e.g. the first step of a bias initialised at zero).
   """
   _check_denominator(denominator)
@@ -184,7 +209,7 @@ def ratio_to_params(denominator: str = "new") -> Metric:
     ref = _reference(leaves, reference, denominator)
     return _safe_div(jnp.sqrt(_sumsq(leaves)), jnp.sqrt(_sumsq(ref)))
 
-  return stateless("ratio", fn, needs_params=True)
+  return stateless("ratio" if denominator == "old" else "ratio_new", fn, needs_params=True)
 
 
 def elementwise_ratio(denominator: str = "old") -> Metric:
