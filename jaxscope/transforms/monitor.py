@@ -53,7 +53,7 @@ def monitored(
     >>> state = tx.init(params)
     >>> updates, state = tx.update({"w": jnp.ones((2, 2))}, state, params)
     >>> round(float(transforms.metrics(state)["updates/ratio/w"]), 4)
-    0.1111
+    0.1
   """
   inner = optax.with_extra_args_support(inner)
 
