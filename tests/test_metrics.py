@@ -297,3 +297,19 @@ def test_variance_accurate_when_mean_dominates():
     metrics.evaluate(metrics.variance(), big), np.var(big.astype(np.float64)), rtol=1e-3
   )
   assert abs(float(metrics.evaluate(metrics.variance(), jnp.full((7,), 3.3)))) < 1e-12
+
+
+def test_histogram_subsample_visits_every_column():
+  x = RNG.normal(size=(784, 1000)).astype(np.float32)
+  k = metrics.stats.sample_stride(x.size, 1000, 65536)
+  assert k >= x.size / 65536 and np.gcd(k, 1000) == 1
+  sample = x.reshape(-1)[::k]
+  cols = np.arange(x.size)[::k] % 1000
+  assert len(np.unique(cols)) == 1000  # every output unit is represented
+  out = metrics.evaluate(metrics.histogram(32, max_elements=65536), x)
+  ref, ref_edges = np.histogram(sample.astype(np.float64), bins=32)
+  np.testing.assert_allclose(out["edges"], ref_edges, rtol=1e-6, atol=1e-6)
+  assert int(np.sum(out["counts"])) == sample.size
+  assert np.abs(np.asarray(out["counts"]) - ref).sum() <= 2
+  small = metrics.evaluate(metrics.histogram(8, max_elements=65536), x[:10])
+  assert int(np.sum(small["counts"])) == 10 * 1000  # small tensors are counted in full

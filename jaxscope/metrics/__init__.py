@@ -4,7 +4,7 @@ Per-layer metrics (:class:`Metric`) are bundled into a :func:`scope`, which prod
 flat ``dict[str, jax.Array]`` per step keyed ``{topic}/{stat}/{layer}``.
 """
 
-from jaxscope.metrics import registry
+from jaxscope.metrics import registry, spectral, stats
 from jaxscope.metrics.base import Metric, evaluate, stateless
 from jaxscope.metrics.network import NetworkMetric, accuracy, batch_accuracy, loss
 from jaxscope.metrics.registry import PRESETS, preset_metrics, register
@@ -51,8 +51,10 @@ __all__ = [
   "rms",
   "scope",
   "scope_values",
+  "spectral",
   "spectral_norm",
   "stateless",
+  "stats",
   "sum",
   "variance",
   "zero_fraction",
