@@ -64,6 +64,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
 import os
@@ -129,13 +130,11 @@ def _check_values(values: Any) -> dict[str, Any]:
 def _to_json_value(key: str, value: Any) -> Any:
   """Converts a host value to a JSON-able float / int / bool or (nested) list of them."""
   a = np.asarray(value)
-  if a.dtype.kind == "b":
-    pass
-  elif a.dtype.kind in "iu":
+  if a.dtype.kind in "iu":
     a = a.astype(np.int64)
   elif a.dtype.kind == "f":
     a = a.astype(np.float64)
-  else:
+  elif a.dtype.kind != "b":
     try:  # bfloat16 and other ml_dtypes floats.
       a = a.astype(np.float64)
     except (TypeError, ValueError) as e:
@@ -292,10 +291,10 @@ class Recorder:
       return
     for value in values.values():
       if isinstance(value, jax.Array):
-        try:
-          value.copy_to_host_async()  # Start the copy; the result is read later.
-        except Exception:  # Deleted arrays are reported at transfer time.
-          pass
+        # Start the copy; the result is read later. A deleted array fails here and is
+        # reported with a clear message at transfer time.
+        with contextlib.suppress(Exception):
+          value.copy_to_host_async()
     self._pending.append((step, values))
     if len(self._pending) > self._transfer_every:
       batch = self._pending[:-1]
