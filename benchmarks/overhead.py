@@ -4,6 +4,7 @@ Run from the repository root::
 
     .venv/bin/python benchmarks/overhead.py
     .venv/bin/python benchmarks/overhead.py --problems mnist_mlp --reps 50 --every 10
+    .venv/bin/python benchmarks/overhead.py --every 10 --skip host   # host-side skipping
 
 For each problem (see ``benchmarks/problems.py``) it jits one SGD train step
 ``(params, opt_state, x, y) -> (params, opt_state, loss[, metrics])`` per variant:
@@ -57,13 +58,18 @@ LEARNING_RATE = 0.01
 Step = Callable[..., tuple[Any, ...]]
 
 
-def make_step(problem: problems.Problem, preset: str | None, every: int) -> tuple[Step, Any]:
+def make_step(
+  problem: problems.Problem, preset: str | None, every: int, skip: str = "cond"
+) -> tuple[Step, Any]:
   """The jitted train step of ``problem`` and its initial optimizer state.
 
   Args:
     problem: the model and batch.
     preset: ``None`` for the bare step, else the scope preset to monitor.
-    every: the scope's ``every``.
+    every: measure every ``every``-th step.
+    skip: ``"cond"``: the scope's ``every`` (``lax.cond`` on device); ``"host"``: the
+      step is jitted with a static ``measure`` flag chosen on the host (two compiled
+      variants; skipped steps run the one without measurement).
 
   Returns:
     ``(step, opt_state)``; ``step(params, opt_state, x, y)`` returns
@@ -72,21 +78,33 @@ def make_step(problem: problems.Problem, preset: str | None, every: int) -> tupl
   if preset is None:
     tx = optax.sgd(LEARNING_RATE)
   else:
-    sc = jaxscope.metrics.scope(preset=preset, every=every)
+    sc = jaxscope.metrics.scope(preset=preset, every=every if skip == "cond" else 1)
     tx = jaxscope.transforms.monitored(optax.sgd(LEARNING_RATE), sc)
 
-  def step(params: Any, opt_state: Any, x: jax.Array, y: jax.Array) -> tuple[Any, ...]:
+  def step(
+    params: Any, opt_state: Any, x: jax.Array, y: jax.Array, measure: bool | None = None
+  ) -> tuple[Any, ...]:
     loss, grads = jax.value_and_grad(problem.loss)(params, x, y)
     if preset is None:
       updates, opt_state = tx.update(grads, opt_state, params)
     else:
-      updates, opt_state = tx.update(grads, opt_state, params, value=loss)
+      updates, opt_state = tx.update(grads, opt_state, params, value=loss, measure=measure)
     params = optax.apply_updates(params, updates)
     if preset is None:
       return params, opt_state, loss
     return params, opt_state, loss, jaxscope.transforms.metrics(opt_state)
 
-  return jax.jit(step, donate_argnums=(0, 1)), tx.init(problem.params)
+  if preset is None or skip == "cond" or every == 1:
+    return jax.jit(step, donate_argnums=(0, 1)), tx.init(problem.params)
+  jitted = jax.jit(step, donate_argnums=(0, 1), static_argnames="measure")
+  calls = [0]
+
+  def host_step(params: Any, opt_state: Any, x: jax.Array, y: jax.Array) -> tuple[Any, ...]:
+    measure = calls[0] % every == 0
+    calls[0] += 1
+    return jitted(params, opt_state, x, y, measure=measure)
+
+  return host_step, tx.init(problem.params)
 
 
 def _copy(tree: Any) -> Any:
@@ -94,7 +112,7 @@ def _copy(tree: Any) -> Any:
 
 
 def time_variants(
-  problem: problems.Problem, presets: Sequence[str], every: int, reps: int
+  problem: problems.Problem, presets: Sequence[str], every: int, reps: int, skip: str = "cond"
 ) -> dict[str, np.ndarray]:
   """Times the bare step and one scoped step per preset, interleaved.
 
@@ -105,7 +123,7 @@ def time_variants(
   steps: dict[str, Step] = {}
   states: dict[str, tuple[Any, Any]] = {}
   for name in names:
-    step, opt_state = make_step(problem, None if name == "bare" else name, every)
+    step, opt_state = make_step(problem, None if name == "bare" else name, every, skip)
     steps[name] = step
     states[name] = (_copy(problem.params), opt_state)
   x, y = problem.x, problem.y
@@ -123,7 +141,7 @@ def time_variants(
     t0 = time.perf_counter()
     call(name)  # The first call compiles.
     compile_s = time.perf_counter() - t0
-    for _ in range(WARMUP - 1):
+    for _ in range(max(WARMUP - 1, every)):  # Host mode: compile both variants.
       call(name)
     print(f"  {problem.name}/{name}: compiled and warmed up ({compile_s:.1f} s first call)")
 
@@ -161,7 +179,11 @@ def _iqr(t: np.ndarray) -> float:
 
 
 def run(
-  problem_names: Sequence[str], presets: Sequence[str], every: int, reps: int | None
+  problem_names: Sequence[str],
+  presets: Sequence[str],
+  every: int,
+  reps: int | None,
+  skip: str = "cond",
 ) -> dict[str, Any]:
   """Runs the benchmark and returns the JSON-ready report."""
   dev = jax.devices()[0]
@@ -170,7 +192,7 @@ def run(
     problem = problems.get(pname)
     n = reps if reps is not None else problem.default_reps
     print(f"{pname}: {n} interleaved repetitions of {', '.join(['bare', *presets])}")
-    times = time_variants(problem, presets, every, n)
+    times = time_variants(problem, presets, every, n, skip)
     bare = float(np.median(times["bare"]))
     for preset in presets:
       scoped = float(np.median(times[preset]))
@@ -179,6 +201,7 @@ def run(
           "problem": pname,
           "preset": preset,
           "every": every,
+          "skip": skip,
           "bare_ms": round(bare, 4),
           "scoped_ms": round(scoped, 4),
           "ratio": round(scoped / bare, 4),
@@ -200,7 +223,7 @@ def run(
 def format_table(report: dict[str, Any]) -> str:
   """A readable table of the report's records."""
   header = (
-    f"{'problem':<14} {'preset':<8} {'every':>5} {'bare ms':>9} {'(IQR)':>8} "
+    f"{'problem':<14} {'preset':<8} {'every':>5} {'skip':>4} {'bare ms':>9} {'(IQR)':>8} "
     f"{'scoped ms':>10} {'(IQR)':>8} {'ratio':>7} {'target':>7}  ok"
   )
   lines = [
@@ -214,7 +237,8 @@ def format_table(report: dict[str, Any]) -> str:
     ok = "" if target is None else ("yes" if r["ratio"] <= target else "NO")
     target_s = "" if target is None else f"{target:.2f}x"
     lines.append(
-      f"{r['problem']:<14} {r['preset']:<8} {r['every']:>5} {r['bare_ms']:>9.2f} "
+      f"{r['problem']:<14} {r['preset']:<8} {r['every']:>5} {r.get('skip', 'cond'):>4} "
+      f"{r['bare_ms']:>9.2f} "
       f"{r['bare_iqr_ms']:>8.2f} {r['scoped_ms']:>10.2f} {r['scoped_iqr_ms']:>8.2f} "
       f"{r['ratio']:>6.3f}x {target_s:>7}  {ok}"
     )
@@ -263,6 +287,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     help="comma-separated scope presets (default: economy,full).",
   )
   ap.add_argument("--every", type=int, default=1, help="measure every N-th step (default 1).")
+  ap.add_argument(
+    "--skip",
+    choices=["cond", "host"],
+    default="cond",
+    help="how unmeasured steps are skipped: the scope's lax.cond (default) or a static "
+    "measure flag chosen on the host (two compiled step variants).",
+  )
   args = ap.parse_args(argv)
   for p in args.problems:
     if p not in problems.PROBLEMS:
@@ -277,7 +308,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   if args.every < 1:
     ap.error("--every must be >= 1.")
 
-  report = run(args.problems, args.presets, args.every, args.reps)
+  report = run(args.problems, args.presets, args.every, args.reps, args.skip)
   print()
   print(format_table(report))
   write_json(report, args.out)

@@ -179,3 +179,13 @@ def test_metrics_errors():
   ratio = transforms.monitored(optax.sgd(0.1), metrics.scope(updates=["ratio"]))
   with pytest.raises(ValueError, match=r"tx.update\(grads, opt_state, params\)"):
     ratio.update(params, ratio.init(params))
+
+
+def test_monitored_forwards_static_measure():
+  params = _params()
+  tx = transforms.monitored(optax.sgd(0.1), metrics.scope(grads=["norm"], every=1))
+  s = tx.init(params)
+  _, s = tx.update(_grads(params), s, params, measure=False)
+  assert not bool(transforms.metrics(s)["measured"])
+  _, s = tx.update(_grads(params), s, params, measure=True)
+  assert bool(transforms.metrics(s)["measured"])

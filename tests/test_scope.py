@@ -223,3 +223,23 @@ def test_optax_tree_get_finds_scope_state():
   mon = transforms.monitored(tx, metrics.scope(grads=["norm"]))
   state = mon.init(params)
   assert isinstance(optax.tree.get(state, "jaxscope_scope"), metrics.ScopeState)
+
+
+def test_static_measure_overrides_every():
+  params = _params()
+  sc = metrics.scope(params=["norm"], every=1)
+  s0 = sc.init(params)
+  v, s1 = sc.update(s0, params=params, measure=False)
+  assert not bool(v["measured"]) and int(s1.count) == 1
+  jax.tree.map(np.testing.assert_array_equal, s1.values, s0.values)
+  v, s2 = sc.update(s1, params=params, measure=True)
+  assert bool(v["measured"])
+  assert _structure(s2) == _structure(s0)
+  # Host-side choice with a static argument: the skipped variant holds no reduction.
+  step = jax.jit(
+    lambda s, p, measure: sc.update(s, params=p, measure=measure), static_argnames="measure"
+  )
+  hlo = step.lower(s0, params, measure=False).compile().as_text()
+  assert " reduce(" not in hlo and "conditional" not in hlo
+  with pytest.raises(TypeError, match="measure must be a Python bool"):
+    sc.update(s0, params=params, measure=jnp.array(True))

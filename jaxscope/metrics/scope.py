@@ -13,8 +13,13 @@ by ``init``, so a scope works inside ``jit``, ``lax.scan`` and ``lax.cond`` with
 retracing and restores with orbax into the structure ``init`` built.
 
 With ``every=n`` only steps ``0, n, 2n, …`` are measured; the others go through a
-``lax.cond`` branch that returns the previous values unchanged, so they cost nothing
-but the predicate.
+``lax.cond`` branch that returns the previous values unchanged. The cond still needs
+its operands materialised (e.g. the updates, which would otherwise fuse into
+``apply_updates``), so a skipped step is cheap but not free. For truly free skipped
+steps decide on the host: pass the static ``measure=True/False`` to ``update`` (through
+:func:`~jaxscope.transforms.monitored`: ``tx.update(..., measure=...)``) from a step
+jitted with ``static_argnames="measure"``; that compiles two variants of the step, one
+without any measurement.
 
 Example:
   >>> import jax, jax.numpy as jnp
@@ -222,7 +227,13 @@ def scope(
     loss: jax.Array | None = None,
     logits: jax.Array | None = None,
     labels: jax.Array | None = None,
+    measure: bool | None = None,
   ) -> tuple[dict[str, jax.Array], ScopeState]:
+    if measure is not None and not isinstance(measure, bool):
+      raise TypeError(
+        "scope.update: measure must be a Python bool or None (static), "
+        f"got {type(measure).__name__}."
+      )
     trees = {"params": params, "grads": grads, "updates": updates}
     for topic in topic_metrics:
       if trees[topic] is None:
@@ -248,7 +259,7 @@ def scope(
       data["params"] = params
     net_inputs = {k: v for k, v in inputs.items() if v is not None}
 
-    def measure(
+    def measure_fn(
       operand: tuple[Mapping[str, Any], Mapping[str, Any], Mapping[str, Any]],
     ) -> tuple[dict[str, jax.Array], dict[str, Any]]:
       data_, metric_state, net_in = operand
@@ -266,12 +277,15 @@ def scope(
       return dict(state.values), dict(state.metric_state)
 
     operand = (data, state.metric_state, net_inputs)
-    if every == 1:
+    if measure is False:
+      measured = jnp.zeros((), jnp.bool_)
+      values, metric_state = skip(operand)
+    elif measure or every == 1:
       measured = jnp.ones((), jnp.bool_)
-      values, metric_state = measure(operand)
+      values, metric_state = measure_fn(operand)
     else:
       measured = state.count % every == 0
-      values, metric_state = jax.lax.cond(measured, measure, skip, operand)
+      values, metric_state = jax.lax.cond(measured, measure_fn, skip, operand)
     new_state = ScopeState(optax.safe_increment(state.count), measured, values, metric_state)
     return scope_values(new_state), new_state
 

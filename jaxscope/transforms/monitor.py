@@ -37,6 +37,10 @@ def monitored(
   ``updates`` = the updates it returns and ``params`` = the parameters passed to
   ``update``. Network metrics read the extra arguments ``value=`` (the loss, optax's
   convention), ``logits=`` and ``labels=``; other extra arguments go to ``inner``.
+  The extra argument ``measure`` (a static Python bool) forces measuring or skipping
+  this step regardless of the scope's ``every``; jit the step with
+  ``static_argnames="measure"`` and choose on the host for skipped steps that cost
+  nothing (the scope's ``every`` uses ``lax.cond``, which costs a little).
 
   Args:
     inner: any optax transformation (an alias such as ``optax.adam(1e-3)``, a chain).
@@ -64,6 +68,7 @@ def monitored(
     updates: optax.Updates,
     state: MonitorState,
     params: optax.Params | None = None,
+    measure: bool | None = None,
     **extra_args: Any,
   ) -> tuple[optax.Updates, MonitorState]:
     new_updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
@@ -76,6 +81,7 @@ def monitored(
         loss=extra_args.get("value"),
         logits=extra_args.get("logits"),
         labels=extra_args.get("labels"),
+        measure=measure,
       )
     except ValueError as e:
       if params is None and "params" in str(e):
