@@ -243,3 +243,12 @@ def test_static_measure_overrides_every():
   assert " reduce(" not in hlo and "conditional" not in hlo
   with pytest.raises(TypeError, match="measure must be a Python bool"):
     sc.update(s0, params=params, measure=jnp.array(True))
+
+
+def test_update_with_trees_other_than_init_is_named():
+  params = _params()
+  sc = metrics.scope(params=["norm"])
+  s = sc.init(params)
+  other = {"Dense_9": {"kernel": jnp.ones((2, 2))}}
+  with pytest.raises(ValueError, match=r"do not match the ones init\(\).*Dense_9/kernel"):
+    sc.update(s, params=other)

@@ -239,8 +239,10 @@ def scope(
       if trees[topic] is None:
         raise ValueError(f"scope measures {topic!r} but update() got {topic}=None.")
     if needs_params and params is None:
+      users = sorted({m.name for ms in topic_metrics.values() for m in ms if m.needs_params})
       raise ValueError(
-        "scope: a metric needs the parameters (ratio), but update() got params=None."
+        f"scope: {', '.join(users or ['params'])} needs the parameters, "
+        "but update() got params=None."
       )
     if params is not None:
       for topic in ("grads", "updates"):
@@ -276,6 +278,14 @@ def scope(
       del operand
       return dict(state.values), dict(state.metric_state)
 
+    planned = {key for topic in topic_metrics for key, _, _ in _plan(topic, trees[topic])}
+    if planned != set(state.metric_state):
+      extra = sorted(planned - set(state.metric_state))[:3]
+      gone = sorted(set(state.metric_state) - planned)[:3]
+      raise ValueError(
+        "scope.update: the trees do not match the ones init() was given "
+        f"(new layers: {extra}; missing layers: {gone}). Call init() with these parameters."
+      )
     operand = (data, state.metric_state, net_inputs)
     if measure is False:
       measured = jnp.zeros((), jnp.bool_)
