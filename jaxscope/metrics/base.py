@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-__all__ = ["Metric", "evaluate", "stateless"]
+__all__ = ["Metric", "evaluate", "group_max", "group_min", "group_sum", "stateless"]
 
 Leaves = Sequence[jax.Array]
 Value = jax.Array | dict[str, jax.Array]
@@ -40,6 +40,21 @@ class Metric(NamedTuple):
   """Whether ``apply`` needs the parameters' leaves as ``reference``."""
   min_ndim: int = 0
   """Leaves of lower rank are left out of this metric (2 for spectral norms)."""
+
+
+def group_sum(parts: Sequence[jax.Array]) -> jax.Array:
+  """Sum of per-leaf partial results of one layer (no extra op for a single leaf)."""
+  return parts[0] if len(parts) == 1 else jnp.sum(jnp.stack(parts))
+
+
+def group_min(parts: Sequence[jax.Array]) -> jax.Array:
+  """Minimum of per-leaf partial results of one layer."""
+  return parts[0] if len(parts) == 1 else jnp.min(jnp.stack(parts))
+
+
+def group_max(parts: Sequence[jax.Array]) -> jax.Array:
+  """Maximum of per-leaf partial results of one layer."""
+  return parts[0] if len(parts) == 1 else jnp.max(jnp.stack(parts))
 
 
 def _no_state(shapes: Sequence[jax.ShapeDtypeStruct]) -> tuple[()]:

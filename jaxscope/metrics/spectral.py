@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from jaxscope.metrics.base import Leaves, Metric, stateless
+from jaxscope.metrics.base import Leaves, Metric, group_max, group_min, stateless
 from jaxscope.tree import as_matrix
 
 __all__ = ["condition_number", "power_iteration", "spectral_norm"]
@@ -121,7 +121,7 @@ def spectral_norm(
         sigma, v = power_iteration(_matrix(x), v, iters)
         sigmas.append(sigma)
         new_state.append(v)
-    return jnp.max(jnp.stack(sigmas)), tuple(new_state)
+    return group_max(sigmas), tuple(new_state)
 
   return Metric("spectral_norm", init, apply, needs_params=False, min_ndim=2)
 
@@ -137,8 +137,8 @@ def condition_number() -> Metric:
 
   def fn(leaves: Leaves) -> jax.Array:
     svs = [_singular_values(x) for x in leaves]
-    smax = jnp.max(jnp.stack([s[0] for s in svs]))
-    smin = jnp.min(jnp.stack([s[-1] for s in svs]))
+    smax = group_max([s[0] for s in svs])
+    smin = group_min([s[-1] for s in svs])
     ratio = smax / jnp.where(smin > 0, smin, 1.0)
     return jnp.where(smin > 0, ratio, jnp.where(smin == 0, jnp.inf, jnp.nan))
 

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from jaxscope.metrics.base import Leaves, Metric, stateless
+from jaxscope.metrics.base import Leaves, Metric, group_max, group_min, group_sum, stateless
 
 __all__ = [
   "elementwise_ratio",
@@ -48,24 +48,12 @@ def _count(leaves: Leaves) -> int:
   return n
 
 
-def _total(parts: list[jax.Array]) -> jax.Array:
-  return parts[0] if len(parts) == 1 else jnp.sum(jnp.stack(parts))
-
-
-def _total_min(parts: list[jax.Array]) -> jax.Array:
-  return parts[0] if len(parts) == 1 else jnp.min(jnp.stack(parts))
-
-
-def _total_max(parts: list[jax.Array]) -> jax.Array:
-  return parts[0] if len(parts) == 1 else jnp.max(jnp.stack(parts))
-
-
 def _sum(leaves: Leaves) -> jax.Array:
-  return _total([jnp.sum(_f(x)) for x in leaves])
+  return group_sum([jnp.sum(_f(x)) for x in leaves])
 
 
 def _sumsq(leaves: Leaves) -> jax.Array:
-  return _total([jnp.sum(jnp.square(_f(x))) for x in leaves])
+  return group_sum([jnp.sum(jnp.square(_f(x))) for x in leaves])
 
 
 def _mean(leaves: Leaves) -> jax.Array:
@@ -91,7 +79,7 @@ def _variance(leaves: Leaves, ddof: int) -> jax.Array:
   ss_fast = s2 - s1 * m  # Σx² − N·mean², from the sums norm and mean use anyway.
 
   def two_pass(_: None) -> jax.Array:
-    return _total([jnp.sum(jnp.square(_f(x) - m)) for x in leaves])
+    return group_sum([jnp.sum(jnp.square(_f(x) - m)) for x in leaves])
 
   # The one-pass form loses relative accuracy ~ ε·Σx²/ss; when ss < Σx²/64
   # (|mean| ≳ 8·std, e.g. BatchNorm scales near 1) recompute exactly.
@@ -123,9 +111,8 @@ def _norm(leaves: Leaves, ord: int | float) -> jax.Array:
   if ord == 2:
     return jnp.sqrt(_sumsq(leaves))
   if ord == 1:
-    return _total([jnp.sum(jnp.abs(_f(x))) for x in leaves])
-  parts = [jnp.max(jnp.abs(_f(x))) for x in leaves]
-  return parts[0] if len(parts) == 1 else jnp.max(jnp.stack(parts))
+    return group_sum([jnp.sum(jnp.abs(_f(x))) for x in leaves])
+  return group_max([jnp.max(jnp.abs(_f(x))) for x in leaves])
 
 
 def norm(ord: int | float | str = 2) -> Metric:
@@ -159,7 +146,7 @@ def zero_fraction() -> Metric:
   """Fraction of exact zeros: ``(1/N) #{i : xᵢ = 0}`` (dead units, sparsity)."""
 
   def fn(leaves: Leaves) -> jax.Array:
-    zeros = jnp.sum(jnp.stack([jnp.sum(x == 0, dtype=jnp.int32) for x in leaves]))
+    zeros = group_sum([jnp.sum(x == 0, dtype=jnp.int32) for x in leaves])
     return zeros.astype(_F32) / _count(leaves)
 
   return stateless("zero_fraction", fn)
@@ -169,7 +156,7 @@ def nonfinite_fraction() -> Metric:
   """Fraction of NaN or ±Inf elements: ``(1/N) #{i : xᵢ ∉ ℝ}``."""
 
   def fn(leaves: Leaves) -> jax.Array:
-    bad = jnp.sum(jnp.stack([jnp.sum(~jnp.isfinite(x), dtype=jnp.int32) for x in leaves]))
+    bad = group_sum([jnp.sum(~jnp.isfinite(x), dtype=jnp.int32) for x in leaves])
     return bad.astype(_F32) / _count(leaves)
 
   return stateless("nonfinite_fraction", fn)
@@ -308,13 +295,13 @@ def histogram(
   def fn(leaves: Leaves) -> dict[str, jax.Array]:
     flat = [_flat(x) for x in leaves]
     if range is None:
-      lo = _total_min([jnp.min(x) for x in flat])
-      hi = _total_max([jnp.max(x) for x in flat])
+      lo = group_min([jnp.min(x) for x in flat])
+      hi = group_max([jnp.max(x) for x in flat])
 
       def finite_range(_: None) -> tuple[jax.Array, jax.Array]:
         big = jnp.finfo(_F32).max
-        f_lo = _total_min([jnp.min(jnp.where(jnp.isfinite(x), x, big)) for x in flat])
-        f_hi = _total_max([jnp.max(jnp.where(jnp.isfinite(x), x, -big)) for x in flat])
+        f_lo = group_min([jnp.min(jnp.where(jnp.isfinite(x), x, big)) for x in flat])
+        f_hi = group_max([jnp.max(jnp.where(jnp.isfinite(x), x, -big)) for x in flat])
         return f_lo, f_hi
 
       # Plain min/max is one cheap pass; only a tensor with NaN/Inf needs the masked one.
