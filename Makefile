@@ -15,8 +15,11 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev,tensorboard]'
 	touch $(STAMP)
 
+# The default run: LeNet-5 on the embedded digits, economy metrics, checkpoints, plots.
 demo: $(STAMP)
-	MPLBACKEND=Agg $(PY) examples/quickstart.py --out runs/demo
+	rm -rf runs/demo
+	MPLBACKEND=Agg $(VENV)/bin/jaxscope train --out runs/demo --no-plots
+	MPLBACKEND=Agg $(VENV)/bin/jaxscope plot runs/demo
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
@@ -29,6 +32,7 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/overhead.py --out benchmarks/results/overhead-cpu.json
+	$(PY) benchmarks/throughput.py --out benchmarks/results/throughput-cpu.json
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -1,5 +1,173 @@
-"""Datasets that need no download (embedded or generated) and a batch iterator."""
+"""Datasets by name, a batch iterator, and the individual loaders.
 
+Embedded sets need nothing on disk (``digits`` ships with scikit-learn; ``mnist1d`` and
+``sine`` are generated); file-based sets read the official files from a local directory and
+never download anything.
+
+>>> from jaxscope.data import load, names
+>>> names()
+['cifar10', 'cifar100', 'digits', 'fashion_mnist', 'mnist', 'mnist1d', 'sine']
+>>> d = load("sine", num_train=8, num_test=4)
+>>> d.train_x.shape, d.train_y.shape, d.task, d.num_classes
+((8, 1), (8, 1), 'regression', 1)
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+from jaxscope.data.cifar import load_cifar10, load_cifar100
 from jaxscope.data.digits import Dataset, batches, load_digits
+from jaxscope.data.mnist import IDX_FILES, load_fashion_mnist, load_mnist, read_idx
+from jaxscope.data.mnist1d import load_mnist1d
+from jaxscope.data.sine import load_sine
 
-__all__ = ["Dataset", "batches", "load_digits"]
+__all__ = [
+  "Dataset",
+  "batches",
+  "describe",
+  "embedded",
+  "load",
+  "load_cifar10",
+  "load_cifar100",
+  "load_digits",
+  "load_fashion_mnist",
+  "load_mnist",
+  "load_mnist1d",
+  "load_sine",
+  "names",
+  "read_idx",
+]
+
+
+class _Entry(NamedTuple):
+  loader: Callable[..., Dataset]
+  embedded: bool
+  description: str
+  files: str = ""
+  """For file-based sets: what must be in the data directory."""
+
+
+_IDX = ", ".join(f"{f}[.gz]" for f in IDX_FILES)
+_REGISTRY: dict[str, _Entry] = {
+  "cifar10": _Entry(
+    load_cifar10,
+    False,
+    "CIFAR-10 colour photos, x [n, 32, 32, 3] in [0, 1], 10 classes, 50000 train / 10000 test",
+    "cifar-10-batches-py/data_batch_1..5 and test_batch (the official python version)",
+  ),
+  "cifar100": _Entry(
+    load_cifar100,
+    False,
+    "CIFAR-100 colour photos, x [n, 32, 32, 3] in [0, 1], 100 fine classes (label_mode="
+    "'coarse': 20), 50000 train / 10000 test",
+    "cifar-100-python/train and test (the official python version)",
+  ),
+  "digits": _Entry(
+    load_digits,
+    True,
+    "scikit-learn's 1797 handwritten digits, x [n, 8, 8, 1] in [0, 1], 10 classes, "
+    "stratified 80/20 split (test_fraction, seed)",
+  ),
+  "fashion_mnist": _Entry(
+    load_fashion_mnist,
+    False,
+    "Fashion-MNIST clothing images, x [n, 28, 28, 1] in [0, 1], 10 classes, "
+    "60000 train / 10000 test",
+    f"{_IDX} (in the directory, fashion_mnist/ or FashionMNIST/raw/)",
+  ),
+  "mnist": _Entry(
+    load_mnist,
+    False,
+    "MNIST handwritten digits, x [n, 28, 28, 1] in [0, 1], 10 classes, 60000 train / 10000 test",
+    f"{_IDX} (in the directory, mnist/ or MNIST/raw/)",
+  ),
+  "mnist1d": _Entry(
+    load_mnist1d,
+    True,
+    "MNIST-1D (Greydanus 2020) 1-D digit signals, x [n, 40, 1] standardised, 10 classes, "
+    "4000 train / 1000 test, generated (benchmark seed 42)",
+  ),
+  "sine": _Entry(
+    load_sine,
+    True,
+    "regression y = sin(x), x uniform on [-2π, 2π], x [n, 1], y [n, 1], "
+    "4000 train / 1000 test, generated (noise_std on train targets)",
+  ),
+}
+
+
+def _key(name: str) -> str:
+  key = str(name).strip().lower().replace("-", "_")
+  if key not in _REGISTRY:
+    raise ValueError(f"Unknown dataset {name!r}; known datasets: {', '.join(names())}.")
+  return key
+
+
+def names() -> list[str]:
+  """The registered dataset names, sorted."""
+  return sorted(_REGISTRY)
+
+
+def embedded(name: str) -> bool:
+  """Whether ``name`` needs no files (shipped with a package or generated)."""
+  return _REGISTRY[_key(name)].embedded
+
+
+def describe(name: str) -> str:
+  """One line (without the name): what the dataset is, its shapes and classes, what it needs."""
+  key = _key(name)
+  e = _REGISTRY[key]
+  need = "embedded, no files needed" if e.embedded else f"needs files in --data-dir: {e.files}"
+  return f"{e.description}; {need}."
+
+
+def load(
+  name: str,
+  data_dir: str | os.PathLike | None = None,
+  *,
+  seed: int | None = None,
+  **kwargs: Any,
+) -> Dataset:
+  """Loads a dataset by name (case-insensitive; ``-`` and ``_`` are the same).
+
+  Args:
+    name: one of :func:`names`.
+    data_dir: directory with the files of a file-based set (ignored by embedded sets).
+    seed: seed of the split or generator of an embedded set; ``None`` keeps the loader's
+      default (``mnist1d``: 42, the published benchmark; ``digits`` and ``sine``: 0).
+      File-based sets use their official split and ignore it.
+    **kwargs: passed to the loader (e.g. ``test_fraction`` for ``digits``, ``noise_std`` for
+      ``sine``, ``num_samples`` for ``mnist1d``, ``label_mode`` for ``cifar100``).
+
+  Returns:
+    The :class:`Dataset`.
+
+  Raises:
+    ValueError: unknown name, or a file-based set without ``data_dir``.
+    TypeError: a keyword argument the loader does not take.
+    FileNotFoundError: the files are not in ``data_dir`` (the message says where to put them).
+  """
+  key = _key(name)
+  entry = _REGISTRY[key]
+  params = inspect.signature(entry.loader).parameters
+  accepted = [p for p in params if p not in ("data_dir", "seed")]
+  unknown = sorted(k for k in kwargs if k not in accepted)
+  if unknown:
+    raise TypeError(
+      f"load({key!r}): unexpected keyword argument(s) {unknown}; "
+      f"it accepts {accepted or 'none'} (and seed, data_dir)."
+    )
+  if entry.embedded:
+    if seed is not None and "seed" in params:
+      kwargs["seed"] = seed
+    return entry.loader(**kwargs)
+  if data_dir is None:
+    raise ValueError(
+      f"load({key!r}): this dataset is read from local files and nothing is downloaded; pass "
+      f"--data-dir (data_dir=) pointing to a directory with {entry.files}."
+    )
+  return entry.loader(data_dir, **kwargs)

@@ -15,16 +15,25 @@ __all__ = ["Dataset", "batches", "load_digits"]
 
 
 class Dataset(NamedTuple):
-  """A train/test split of an image classification dataset (numpy arrays)."""
+  """A train/test split of a dataset as numpy arrays.
+
+  Layouts: images ``float32 [n, H, W, C]`` in ``[0, 1]`` (NHWC, Flax's layout), 1-D signals
+  ``float32 [n, L, C]``, other inputs ``float32 [n, D]``. Targets are ``int32 [n]`` class
+  indices when ``task == "classification"`` and ``float32 [n, 1]`` values (with
+  ``num_classes == 1``) when ``task == "regression"``.
+  """
 
   train_x: np.ndarray
-  """``float32 [n_train, H, W, C]``."""
+  """``float32 [n_train, ...]`` (images: ``[n_train, H, W, C]``)."""
   train_y: np.ndarray
-  """``int32 [n_train]``."""
+  """``int32 [n_train]`` labels, or ``float32 [n_train, 1]`` regression targets."""
   test_x: np.ndarray
   test_y: np.ndarray
   num_classes: int
+  """Number of classes; ``1`` for regression."""
   name: str
+  task: str = "classification"
+  """``"classification"`` or ``"regression"``."""
 
 
 def load_digits(test_fraction: float = 0.2, seed: int = 0) -> Dataset:

@@ -21,19 +21,30 @@ from jaxscope.metrics import network, spectral, stats
 from jaxscope.metrics.base import Metric
 from jaxscope.metrics.network import NetworkMetric
 
-__all__ = ["ENTRY_POINT_GROUP", "PRESETS", "get", "names", "preset_metrics", "register"]
+__all__ = ["ENTRY_POINT_GROUP", "PRESETS", "describe", "get", "names", "preset_metrics", "register"]
 
 ENTRY_POINT_GROUP = "jaxscope.metrics"
 
 Factory = Callable[..., Metric | NetworkMetric]
+
+
+def _norm1() -> Metric:
+  """L1 norm ``‖x‖₁ = Σ|x_i|`` per layer (``norm(1)``)."""
+  return stats.norm(1)
+
+
+def _norminf() -> Metric:
+  """Max norm ``‖x‖_∞ = max|x_i|`` per layer (``norm("inf")``)."""
+  return stats.norm("inf")
+
 
 _BUILTIN: dict[str, Factory] = {
   "mean": stats.mean,
   "sum": stats.sum,
   "variance": stats.variance,
   "norm": stats.norm,
-  "norm1": lambda: stats.norm(1),
-  "norminf": lambda: stats.norm("inf"),
+  "norm1": _norm1,
+  "norminf": _norminf,
   "rms": stats.rms,
   "max_abs": stats.max_abs,
   "zero_fraction": stats.zero_fraction,
@@ -81,6 +92,19 @@ def names() -> list[str]:
   """All metric names: built-ins, registered and plugin metrics."""
   _load_plugins()
   return sorted(_registry)
+
+
+def describe(name: str) -> str:
+  """The first line of the docstring of the metric registered as ``name`` ("" if none)."""
+  _load_plugins()
+  try:
+    factory = _registry[name]
+  except KeyError:
+    raise KeyError(f"unknown metric {name!r}; known metrics: {', '.join(names())}.") from None
+  doc = getattr(factory, "__doc__", None) or ""
+  if getattr(factory, "__name__", "") == "<lambda>":
+    doc = ""
+  return doc.strip().split("\n")[0]
 
 
 def get(name: str, **kwargs: Any) -> Metric | NetworkMetric:

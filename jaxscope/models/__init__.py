@@ -1,0 +1,49 @@
+"""The model zoo: Flax models that adapt to the input shape and class count.
+
+Every model is built by name for one input shape (without the batch axis) and number of
+classes, and is handed out as a :class:`ModelDef` with pure ``init`` and ``apply``
+functions, whether it is written with Flax Linen or Flax NNX:
+
+>>> import jax, jax.numpy as jnp
+>>> from jaxscope import models
+>>> model = models.build('lenet5', (8, 8, 1), num_classes=10)
+>>> x = jnp.zeros((4, 8, 8, 1))
+>>> variables = model.init(jax.random.key(0), x)
+>>> sorted(variables['params'])
+['conv1', 'conv2', 'fc1', 'fc2', 'fc3']
+>>> logits, new_state = model.apply(variables, x, train=False)
+>>> logits.shape
+(4, 10)
+
+Models (see :func:`names` and :func:`describe`): ``mlp``, ``mnist_mlp``, ``2c2d``,
+``3c3d``, ``lenet5``, ``alexnet_mini``, ``resnet`` / ``resnet20`` / ``resnet56``,
+``densenet_bc`` and the NNX ``nnx_cnn``.
+"""
+
+from __future__ import annotations
+
+from jaxscope.models.base import ModelDef, count_params
+from jaxscope.models.conv import AlexNetMini, LeNet5, ThreeC3D, TwoC2D
+from jaxscope.models.densenet import DenseNetBC
+from jaxscope.models.mlp import MLP, MnistMLP
+from jaxscope.models.nnx_models import NNXCNN
+from jaxscope.models.registry import build, describe, names
+from jaxscope.models.resnet import BasicBlock, CifarResNet
+
+__all__ = [
+  "MLP",
+  "NNXCNN",
+  "AlexNetMini",
+  "BasicBlock",
+  "CifarResNet",
+  "DenseNetBC",
+  "LeNet5",
+  "MnistMLP",
+  "ModelDef",
+  "ThreeC3D",
+  "TwoC2D",
+  "build",
+  "count_params",
+  "describe",
+  "names",
+]

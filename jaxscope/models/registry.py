@@ -1,0 +1,334 @@
+"""The model registry: names, one-line descriptions and :func:`build`."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from jaxscope.models.base import (
+  ModelDef,
+  check_input_shape,
+  check_num_classes,
+  linen_model_def,
+)
+from jaxscope.models.conv import AlexNetMini, LeNet5, ThreeC3D, TwoC2D
+from jaxscope.models.densenet import DenseNetBC
+from jaxscope.models.mlp import MLP, MnistMLP
+from jaxscope.models.nnx_models import nnx_model_def
+from jaxscope.models.resnet import CifarResNet
+
+__all__ = ["build", "describe", "names"]
+
+_CONV_RANKS = (2, 3)
+
+
+def _positive_ints(name: str, arg: str, value: Any, *, allow_empty: bool = False) -> tuple:
+  try:
+    out = tuple(value)
+  except TypeError:
+    out = None
+  if (
+    out is None
+    or (not out and not allow_empty)
+    or not all(isinstance(v, int | np.integer) and not isinstance(v, bool) and v > 0 for v in out)
+  ):
+    raise ValueError(
+      f"build({name!r}): {arg} must be a sequence of positive integers, got {value!r}."
+    )
+  return tuple(int(v) for v in out)
+
+
+def _min_side(name: str, input_shape: tuple[int, ...], side: int, hint: str = "") -> None:
+  small = [n for n in input_shape[:-1] if n < side]
+  if small:
+    raise ValueError(
+      f"build({name!r}): input_shape {input_shape} is too small; this model needs every "
+      f"spatial side >= {side}.{hint}"
+    )
+
+
+def _mlp(
+  name: str,
+  input_shape: tuple[int, ...],
+  num_classes: int,
+  *,
+  hidden_sizes: Sequence[int] = (128, 64),
+) -> ModelDef:
+  hidden = _positive_ints(name, "hidden_sizes", hidden_sizes, allow_empty=True)
+  module = MLP(hidden_sizes=hidden, num_outputs=num_classes)
+  return linen_model_def(
+    name, module, input_shape, num_classes, has_batch_stats=False, has_dropout=False
+  )
+
+
+def _mnist_mlp(name: str, input_shape: tuple[int, ...], num_classes: int) -> ModelDef:
+  return linen_model_def(
+    name, MnistMLP(num_classes), input_shape, num_classes, has_batch_stats=False, has_dropout=False
+  )
+
+
+def _2c2d(name: str, input_shape: tuple[int, ...], num_classes: int) -> ModelDef:
+  return linen_model_def(
+    name, TwoC2D(num_classes), input_shape, num_classes, has_batch_stats=False, has_dropout=False
+  )
+
+
+def _3c3d(
+  name: str, input_shape: tuple[int, ...], num_classes: int, *, padding: str = "VALID"
+) -> ModelDef:
+  if padding not in ("VALID", "SAME"):
+    raise ValueError(f"build({name!r}): padding must be 'VALID' or 'SAME', got {padding!r}.")
+  if padding == "VALID":
+    # conv5 VALID -> pool 3/2 SAME -> conv3 VALID must leave at least one pixel.
+    _min_side(
+      name, input_shape, 9, " Pass padding='SAME' to use SAME convolutions on small inputs."
+    )
+  module = ThreeC3D(num_classes, padding=padding)
+  return linen_model_def(
+    name, module, input_shape, num_classes, has_batch_stats=False, has_dropout=False
+  )
+
+
+def _lenet5(name: str, input_shape: tuple[int, ...], num_classes: int) -> ModelDef:
+  return linen_model_def(
+    name, LeNet5(num_classes), input_shape, num_classes, has_batch_stats=False, has_dropout=False
+  )
+
+
+def _alexnet_mini(name: str, input_shape: tuple[int, ...], num_classes: int) -> ModelDef:
+  # Two VALID 3x3 convs then a VALID 2x2 pool: floor((n - 4) / 2) >= 1.
+  _min_side(name, input_shape, 6)
+  return linen_model_def(
+    name,
+    AlexNetMini(num_classes),
+    input_shape,
+    num_classes,
+    has_batch_stats=False,
+    has_dropout=True,
+  )
+
+
+def _resnet(
+  name: str,
+  input_shape: tuple[int, ...],
+  num_classes: int,
+  *,
+  depth: int = 20,
+  widths: Sequence[int] = (16, 32, 64),
+) -> ModelDef:
+  if isinstance(depth, bool) or not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
+    raise ValueError(
+      f"build({name!r}): depth must be 6n + 2 with n >= 1 (8, 14, 20, 32, 44, 56, 110, ...), "
+      f"got {depth!r}."
+    )
+  w = _positive_ints(name, "widths", widths)
+  if len(w) != 3:
+    raise ValueError(f"build({name!r}): widths must have 3 entries, got {widths!r}.")
+  module = CifarResNet(depth=depth, num_classes=num_classes, widths=w)
+  return linen_model_def(
+    name, module, input_shape, num_classes, has_batch_stats=True, has_dropout=False
+  )
+
+
+def _resnet_preset(depth: int) -> Callable[..., ModelDef]:
+  def builder(
+    name: str,
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    *,
+    widths: Sequence[int] = (16, 32, 64),
+  ) -> ModelDef:
+    return _resnet(name, input_shape, num_classes, depth=depth, widths=widths)
+
+  return builder
+
+
+def _densenet_bc(
+  name: str,
+  input_shape: tuple[int, ...],
+  num_classes: int,
+  *,
+  depth: int = 40,
+  growth_rate: int = 12,
+  compression: float = 0.5,
+  block_sizes: Sequence[int] | None = None,
+) -> ModelDef:
+  if block_sizes is None:
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 10 or (depth - 4) % 6:
+      raise ValueError(
+        f"build({name!r}): depth must be 6n + 4 with n >= 1 (10, 40, 100, ...), got {depth!r}."
+      )
+    blocks = ((depth - 4) // 6,) * 3
+  else:
+    blocks = _positive_ints(name, "block_sizes", block_sizes)
+  if isinstance(growth_rate, bool) or not isinstance(growth_rate, int) or growth_rate < 1:
+    raise ValueError(
+      f"build({name!r}): growth_rate must be a positive integer, got {growth_rate!r}."
+    )
+  if not 0.0 < compression <= 1.0:
+    raise ValueError(f"build({name!r}): compression must be in (0, 1], got {compression!r}.")
+  module = DenseNetBC(
+    block_sizes=blocks,
+    growth_rate=growth_rate,
+    compression=float(compression),
+    num_classes=num_classes,
+  )
+  return linen_model_def(
+    name, module, input_shape, num_classes, has_batch_stats=True, has_dropout=False
+  )
+
+
+def _nnx_cnn(
+  name: str,
+  input_shape: tuple[int, ...],
+  num_classes: int,
+  *,
+  features: Sequence[int] = (16, 32),
+  hidden: int = 64,
+  dropout_rate: float = 0.25,
+) -> ModelDef:
+  f = _positive_ints(name, "features", features)
+  if len(f) != 2:
+    raise ValueError(f"build({name!r}): features must have 2 entries, got {features!r}.")
+  (h,) = _positive_ints(name, "hidden", (hidden,))
+  return nnx_model_def(
+    name, input_shape, num_classes, features=f, hidden=h, dropout_rate=dropout_rate
+  )
+
+
+class _Entry(NamedTuple):
+  description: str
+  builder: Callable[..., ModelDef]
+  ranks: tuple[int, ...]
+
+
+_REGISTRY: dict[str, _Entry] = {
+  "mlp": _Entry(
+    "MLP on the flattened input, hidden_sizes=(128, 64), ReLU; num_classes=1 for regression",
+    _mlp,
+    (1, 2, 3),
+  ),
+  "mnist_mlp": _Entry(
+    "DeepOBS mnist_mlp: flatten-1000-500-100-classes, ReLU (Schneider et al. 2019)",
+    _mnist_mlp,
+    (1, 2, 3),
+  ),
+  "2c2d": _Entry(
+    "DeepOBS 2c2d: 2 conv5x5 (32, 64) + maxpool, FC 1024, FC classes (Schneider et al. 2019)",
+    _2c2d,
+    _CONV_RANKS,
+  ),
+  "3c3d": _Entry(
+    "DeepOBS 3c3d: 3 conv (64, 96, 128) + maxpool, FC 512, 256, classes (Schneider et al. 2019)",
+    _3c3d,
+    _CONV_RANKS,
+  ),
+  "lenet5": _Entry(
+    "LeNet-5 (nnvis variant): 2 conv3x3 (6, 16) + maxpool, FC 120, 84, classes",
+    _lenet5,
+    _CONV_RANKS,
+  ),
+  "alexnet_mini": _Entry(
+    "ikkuna AlexNetMini: conv3x3 4, conv3x3 8, maxpool, dropout, FC 16, dropout, FC classes",
+    _alexnet_mini,
+    _CONV_RANKS,
+  ),
+  "resnet": _Entry(
+    "CIFAR ResNet of depth 6n+2 (depth=20), BatchNorm, projection shortcuts (He et al. 2016)",
+    _resnet,
+    _CONV_RANKS,
+  ),
+  "resnet20": _Entry(
+    "CIFAR ResNet-20, BatchNorm, projection shortcuts (He et al. 2016)",
+    _resnet_preset(20),
+    _CONV_RANKS,
+  ),
+  "resnet56": _Entry(
+    "CIFAR ResNet-56, BatchNorm, projection shortcuts (He et al. 2016)",
+    _resnet_preset(56),
+    _CONV_RANKS,
+  ),
+  "densenet_bc": _Entry(
+    "DenseNet-BC, growth 12, depth=40 (block_sizes=(16, 16, 16) for BC-100) (Huang et al. 2017)",
+    _densenet_bc,
+    _CONV_RANKS,
+  ),
+  "nnx_cnn": _Entry(
+    "Flax NNX CNN: 2 conv3x3 (16, 32) + maxpool, Linear 64, dropout, Linear classes",
+    _nnx_cnn,
+    _CONV_RANKS,
+  ),
+}
+
+
+def names() -> list[str]:
+  """Returns the registered model names, in registration order."""
+  return list(_REGISTRY)
+
+
+def _entry(name: Any) -> _Entry:
+  if name not in _REGISTRY:
+    raise ValueError(f"Unknown model name {name!r}; available models: {', '.join(_REGISTRY)}.")
+  return _REGISTRY[name]
+
+
+def describe(name: str) -> str:
+  """Returns a one-line description of a registered model (for ``jaxscope list-models``).
+
+  Raises:
+    ValueError: for an unknown name, listing the available ones.
+  """
+  return _entry(name).description
+
+
+def build(name: str, input_shape: Sequence[int], num_classes: int, **kwargs: Any) -> ModelDef:
+  """Builds a registered model for one input shape and number of classes.
+
+  Args:
+    name: a name from :func:`names`.
+    input_shape: one example's shape without the batch axis: ``(H, W, C)`` for images
+      (``(8, 8, 1)`` digits, ``(28, 28, 1)`` MNIST, ``(32, 32, 3)`` CIFAR), ``(L, C)``
+      for 1-D signals (``(40, 1)`` MNIST-1D), ``(D,)`` feature vectors (``(1,)`` sine
+      regression; ``mlp`` and ``mnist_mlp`` only).
+    num_classes: outputs per example (1 for regression).
+    **kwargs: model options: ``mlp``: ``hidden_sizes``; ``3c3d``: ``padding``;
+      ``resnet``: ``depth``, ``widths``; ``resnet20``/``resnet56``: ``widths``;
+      ``densenet_bc``: ``depth``, ``growth_rate``, ``compression``, ``block_sizes``;
+      ``nnx_cnn``: ``features``, ``hidden``, ``dropout_rate``.
+
+  Returns:
+    A :class:`~jaxscope.models.base.ModelDef`.
+
+  Raises:
+    ValueError: for an unknown name (listing the available ones), a bad
+      ``input_shape`` or ``num_classes``, or a bad option value.
+    TypeError: for an option the model does not take.
+
+  Example:
+
+  >>> import jax, jax.numpy as jnp
+  >>> from jaxscope.models import build, count_params
+  >>> model = build('mlp', (8, 8, 1), 10)
+  >>> x = jnp.zeros((2, 8, 8, 1))
+  >>> variables = model.init(jax.random.key(0), x)
+  >>> logits, new_state = model.apply(variables, x, train=True)
+  >>> logits.shape, new_state
+  ((2, 10), {})
+  >>> count_params(variables['params'])  # 64·128+128 + 128·64+64 + 64·10+10
+  17226
+  """
+  entry = _entry(name)
+  shape = check_input_shape(name, input_shape, ranks=entry.ranks)
+  classes = check_num_classes(name, num_classes)
+  params = inspect.signature(entry.builder).parameters
+  accepted = [p for p, v in params.items() if v.kind is inspect.Parameter.KEYWORD_ONLY]
+  unknown = sorted(set(kwargs) - set(accepted))
+  if unknown:
+    raise TypeError(
+      f"build({name!r}): unexpected option(s) {unknown}; this model takes "
+      f"{accepted if accepted else 'no options'}."
+    )
+  return entry.builder(name, shape, classes, **kwargs)

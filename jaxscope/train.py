@@ -1,0 +1,758 @@
+"""The reference training loop: a jitted step, evaluation, recorder, checkpoints.
+
+:func:`train` runs a :class:`TrainConfig` end to end and writes a run directory::
+
+    run_dir/config.json       the configuration (and library versions)
+    run_dir/metrics.jsonl     per-step values: loss, train/accuracy, lr, the scope's
+                              {topic}/{stat}/{layer} metrics, test/loss, test/accuracy
+    run_dir/checkpoints/      orbax checkpoints (init, every k steps, final) with metadata
+    run_dir/tensorboard/      with ``tensorboard=True``
+
+Steps are counted as optimizer updates: the values recorded at step ``k`` are measured
+on the parameters ``θ_k`` *before* the ``k``-th update (the scope's ``params``, the
+batch loss), and the evaluation and checkpoint at step ``k`` hold ``θ_k`` as well, so
+step 0 is the initialisation and the last step is the trained model.
+
+Reproducibility: the data order of epoch ``e`` is a permutation drawn from
+``(seed, e)``, and dropout keys are ``fold_in(key(seed), step)``, so a run is a pure
+function of its configuration: the same seed gives the same ``metrics.jsonl`` bit for
+bit on the same machine, and a resumed run continues exactly as the uninterrupted one.
+
+The lower-level pieces (:func:`make_optimizer`, :func:`make_schedule`,
+:func:`make_scope`, :func:`make_train_step`, :func:`make_evaluate`) are public, for
+loops of your own and for the benchmarks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import inspect
+import json
+import math
+import re
+import signal
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxscope import transforms
+from jaxscope.metrics import registry
+from jaxscope.metrics.network import NetworkMetric
+from jaxscope.metrics.scope import MEASURED, TOPICS, Scope, scope
+from jaxscope.record import Recorder
+
+__all__ = [
+  "OPTIMIZERS",
+  "TrainConfig",
+  "TrainResult",
+  "TrainState",
+  "make_evaluate",
+  "make_optimizer",
+  "make_schedule",
+  "make_scope",
+  "make_train_step",
+  "train",
+]
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+# --------------------------------------------------------------------------- optimizers
+
+
+def _sgd_momentum(learning_rate: optax.ScalarOrSchedule, **kw: Any) -> optax.GradientTransformation:
+  kw.setdefault("momentum", 0.9)
+  return optax.sgd(learning_rate, **kw)
+
+
+def _nesterov(learning_rate: optax.ScalarOrSchedule, **kw: Any) -> optax.GradientTransformation:
+  kw.setdefault("momentum", 0.9)
+  return optax.sgd(learning_rate, nesterov=True, **kw)
+
+
+#: Optimizers known by a name that is not an optax alias (any optax alias name works too).
+OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
+  "momentum": _sgd_momentum,
+  "nesterov": _nesterov,
+}
+
+
+def make_optimizer(
+  name: str, learning_rate: optax.ScalarOrSchedule, **kwargs: Any
+) -> optax.GradientTransformation:
+  """Builds an optimizer by name: ``OPTIMIZERS`` first, then any optax alias.
+
+  ``"momentum"`` is SGD with heavy-ball momentum 0.9 and ``"nesterov"`` its Nesterov
+  form; every other name is looked up in ``optax`` (``sgd``, ``adam``, ``adamw``,
+  ``rmsprop``, ``lion``, …) and called as ``optax.<name>(learning_rate, **kwargs)``.
+
+  Raises:
+    ValueError: unknown name, or a name that is not an optimizer alias; or keyword
+      arguments the optimizer does not take (named in the message).
+  """
+  factory = OPTIMIZERS.get(name)
+  if factory is None:
+    factory = getattr(optax, name, None)
+    if factory is None or not callable(factory) or name.startswith("_"):
+      raise ValueError(
+        f"unknown optimizer {name!r}: expected one of {sorted(OPTIMIZERS)} or an optax alias "
+        "such as sgd, adam, adamw, rmsprop, lion."
+      )
+    try:
+      first = next(iter(inspect.signature(factory).parameters))
+    except (TypeError, ValueError, StopIteration):
+      first = None
+    if first != "learning_rate":
+      raise ValueError(
+        f"optax.{name} is not an optimizer alias (its first argument is {first!r}, "
+        "not learning_rate)."
+      )
+  try:
+    tx = factory(learning_rate, **kwargs)
+  except TypeError as e:
+    raise ValueError(f"optimizer {name!r} rejected its arguments {kwargs}: {e}") from e
+  if not isinstance(tx, optax.GradientTransformation):
+    raise ValueError(f"optimizer {name!r} did not return an optax GradientTransformation.")
+  return tx
+
+
+def make_schedule(
+  spec: str, learning_rate: float, *, steps_per_epoch: int, total_steps: int
+) -> optax.Schedule:
+  """Builds a learning-rate schedule from its command-line spelling.
+
+  * ``"constant"``: ``η_t = η``.
+  * ``"exponential:γ"``: ``η_t = η · γ^⌊t / steps_per_epoch⌋`` (γ per epoch, as
+    ikkuna's ``--exponential-decay``; ``"exponential"`` alone means γ = 0.98).
+  * ``"cosine"``: ``η_t = η · ½(1 + cos(π t / T))`` over the ``T = total_steps`` steps
+    (Loshchilov & Hutter 2017, without restarts).
+
+  Raises:
+    ValueError: unknown spec or a γ outside ``(0, 1]``.
+  """
+  if learning_rate <= 0 or not math.isfinite(learning_rate):
+    raise ValueError(f"learning rate must be a positive number, got {learning_rate}.")
+  name, _, arg = spec.partition(":")
+  if name == "constant" and not arg:
+    return optax.constant_schedule(learning_rate)
+  if name == "exponential":
+    try:
+      gamma = float(arg) if arg else 0.98
+    except ValueError:
+      raise ValueError(f"schedule {spec!r}: γ must be a number, e.g. exponential:0.98.") from None
+    if not 0.0 < gamma <= 1.0:
+      raise ValueError(f"schedule {spec!r}: γ must be in (0, 1], got {gamma}.")
+    return optax.exponential_decay(
+      learning_rate, transition_steps=max(1, steps_per_epoch), decay_rate=gamma, staircase=True
+    )
+  if name == "cosine" and not arg:
+    return optax.cosine_decay_schedule(learning_rate, decay_steps=max(1, total_steps))
+  raise ValueError(
+    f"unknown schedule {spec!r}: expected constant, exponential:γ (e.g. exponential:0.98) "
+    "or cosine."
+  )
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def make_scope(
+  metrics: str | Sequence[str] | None = "economy",
+  *,
+  topics: Sequence[str] | None = None,
+  layers: str | None = None,
+  exclude: str | None = None,
+  depth: int | None = None,
+  kind: str = "any",
+  every: int = 1,
+) -> Scope | None:
+  """Builds the scope of a run from command-line style arguments.
+
+  Args:
+    metrics: a preset (``"economy"``, ``"full"``), ``"none"``/``None``/``""`` for no
+      per-layer metrics, or metric names (a comma-separated string or a list; built-in,
+      registered or plugin metrics, see ``jaxscope list-metrics``), measured on every
+      topic in ``topics``. Network metrics (``loss``, ``accuracy``) are always recorded
+      by the loop and are ignored here.
+    topics: the topics to measure (default: all of ``params``, ``grads``, ``updates``).
+    layers: regular expression selecting layers by name (``re.search``).
+    exclude: regular expression of layers to leave out.
+    depth: layer grouping (see :func:`jaxscope.tree.layout`).
+    kind: ``"kernel"``, ``"bias"`` or ``"any"``.
+    every: measure every ``every``-th step.
+
+  Returns:
+    The scope, or ``None`` when no per-layer metric is asked for.
+  """
+  if topics is None:
+    topics = TOPICS
+  topics = list(topics)
+  for t in topics:
+    if t not in TOPICS:
+      raise ValueError(f"unknown topic {t!r}; topics: {', '.join(TOPICS)}.")
+  if metrics is None or metrics in ("", "none"):
+    return None
+  if isinstance(metrics, str) and metrics in registry.PRESETS:
+    lists = {t: v for t, v in registry.preset_metrics(metrics).items() if t in topics}
+  else:
+    names = [m.strip() for m in metrics.split(",")] if isinstance(metrics, str) else metrics
+    names = [n for n in names if n]
+    lists = {t: [] for t in topics}
+    for n in names:
+      if n in registry.PRESETS:
+        for t, specs in registry.preset_metrics(n).items():
+          if t in lists:
+            lists[t].extend(s for s in specs if s not in lists[t])
+        continue
+      try:
+        m = registry.get(n)
+      except KeyError as e:
+        raise ValueError(str(e.args[0])) from None
+      if isinstance(m, NetworkMetric):
+        continue  # loss and accuracy are recorded by the loop itself.
+      for t in topics:
+        if n not in lists[t]:
+          lists[t].append(n)
+  lists = {t: v for t, v in lists.items() if v}
+  if not lists:
+    return None
+  return scope(**lists, every=every, include=layers, exclude=exclude, kind=kind, depth=depth)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- the step
+
+
+class TrainState(NamedTuple):
+  """Everything a training run carries from step to step (and checkpoints)."""
+
+  step: jax.Array
+  """``int32`` number of updates applied so far."""
+  params: Any
+  """The model's parameters."""
+  model_state: Any
+  """Non-parameter collections (e.g. ``{"batch_stats": …}``), ``{}`` when none."""
+  opt_state: Any
+  """The optimizer's state (holding the scope's state when metrics are on)."""
+
+
+def _loss_and_metrics(
+  task: str, outputs: jax.Array, y: jax.Array, mask: jax.Array | None = None
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Per-example losses reduced to a (masked) mean, and the batch's accuracy."""
+  if task == "regression":
+    per = jnp.mean((outputs - y) ** 2, axis=tuple(range(1, outputs.ndim)))
+    correct = None
+  else:
+    per = optax.softmax_cross_entropy_with_integer_labels(outputs, y)
+    correct = (jnp.argmax(outputs, -1) == y).astype(jnp.float32)
+  if mask is None:
+    mask = jnp.ones(per.shape, jnp.float32)
+  n = jnp.maximum(mask.sum(), 1.0)
+  out = {"loss_sum": jnp.sum(per * mask), "count": mask.sum()}
+  if correct is not None:
+    out["correct"] = jnp.sum(correct * mask)
+  return jnp.sum(per * mask) / n, out
+
+
+def make_train_step(
+  model: Any,
+  tx: optax.GradientTransformation,
+  *,
+  task: str = "classification",
+  schedule: optax.Schedule | None = None,
+  seed: int = 0,
+  monitored: bool = False,
+) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
+  """Builds the pure train step ``step(state, x, y, measure=True) -> (state, values)``.
+
+  ``values`` holds ``loss`` (mean over the batch), ``train/accuracy`` (classification),
+  ``lr`` (when ``schedule`` is given) and, when ``monitored`` and ``measure``, the
+  scope's per-layer metrics. Jit it with ``static_argnames="measure"``: the ``False``
+  variant compiles without any measurement.
+
+  Args:
+    model: a :class:`jaxscope.models.ModelDef` (``apply(variables, x, train=, rng=)``).
+    tx: the optimizer; with ``monitored=True`` it must be a
+      :func:`jaxscope.transforms.monitored` transformation (or contain one).
+    task: ``"classification"`` (softmax cross-entropy, integer labels) or
+      ``"regression"`` (mean squared error).
+    schedule: the learning-rate schedule, only to record ``lr``.
+    seed: the seed of the dropout keys, ``fold_in(PRNGKey(seed), step)``.
+    monitored: whether ``tx`` measures a scope.
+  """
+  if task not in ("classification", "regression"):
+    raise ValueError(f"task must be 'classification' or 'regression', got {task!r}.")
+  base_key = jax.random.key(seed)
+
+  def step(
+    state: TrainState, x: jax.Array, y: jax.Array, measure: bool = True
+  ) -> tuple[TrainState, dict[str, jax.Array]]:
+    rng = jax.random.fold_in(base_key, state.step)
+
+    def loss_fn(params: Any) -> tuple[jax.Array, tuple[jax.Array, Any]]:
+      variables = {"params": params, **state.model_state}
+      outputs, new_model_state = model.apply(variables, x, train=True, rng=rng)
+      loss, _ = _loss_and_metrics(task, outputs, y)
+      return loss, (outputs, new_model_state)
+
+    (loss, (outputs, new_model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params
+    )
+    extra: dict[str, Any] = {}
+    if monitored:
+      extra["measure"] = measure
+    updates, opt_state = tx.update(grads, state.opt_state, state.params, **extra)
+    params = optax.apply_updates(state.params, updates)
+    values: dict[str, jax.Array] = {"loss": loss}
+    if task == "classification":
+      values["train/accuracy"] = jnp.mean((jnp.argmax(outputs, -1) == y).astype(jnp.float32))
+    if schedule is not None:
+      values["lr"] = jnp.asarray(schedule(state.step), jnp.float32)
+    if monitored and measure:
+      values.update(
+        {k: v for k, v in transforms.metrics(opt_state).items() if k != MEASURED},
+      )
+    model_state = {**state.model_state, **new_model_state}
+    return TrainState(optax.safe_increment(state.step), params, model_state, opt_state), values
+
+  return step
+
+
+def make_evaluate(
+  model: Any,
+  x: np.ndarray,
+  y: np.ndarray,
+  *,
+  task: str = "classification",
+  batch_size: int = 500,
+) -> Callable[[Any, Any], dict[str, jax.Array]]:
+  """Builds ``evaluate(params, model_state) -> {"test/loss", "test/accuracy"}``.
+
+  The whole split is evaluated: it is padded to a multiple of ``batch_size``, kept on
+  the device, and scanned batch by batch; padded examples carry zero weight, so the
+  result is the exact mean over the ``n`` examples,
+  ``L = (1/n) Σ_i ℓ(f(x_i), y_i)`` and ``acc = (1/n) Σ_i [argmax f(x_i) = y_i]``.
+  The model runs in evaluation mode (``train=False``: running BatchNorm statistics,
+  no dropout).
+  """
+  n = len(x)
+  if n == 0:
+    raise ValueError("make_evaluate: the evaluation split is empty.")
+  if len(y) != n:
+    raise ValueError(f"make_evaluate: x has {n} examples but y has {len(y)}.")
+  bs = max(1, min(batch_size, n))
+  nb = -(-n // bs)
+  pad = nb * bs - n
+  xs = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)]).reshape(nb, bs, *x.shape[1:])
+  ys = np.concatenate([y, np.zeros((pad, *y.shape[1:]), y.dtype)]).reshape(nb, bs, *y.shape[1:])
+  mask = (np.arange(nb * bs) < n).astype(np.float32).reshape(nb, bs)
+  xs, ys, mask = jax.device_put(xs), jax.device_put(ys), jax.device_put(mask)
+
+  @jax.jit
+  def evaluate(params: Any, model_state: Any) -> dict[str, jax.Array]:
+    def body(carry: dict[str, jax.Array], batch: tuple[jax.Array, ...]) -> tuple[Any, None]:
+      xb, yb, mb = batch
+      outputs, _ = model.apply({"params": params, **model_state}, xb, train=False)
+      _, sums = _loss_and_metrics(task, outputs, yb, mb)
+      return jax.tree.map(jnp.add, carry, sums), None
+
+    zero = {"loss_sum": jnp.zeros(()), "count": jnp.zeros(())}
+    if task == "classification":
+      zero["correct"] = jnp.zeros(())
+    sums, _ = jax.lax.scan(body, zero, (xs, ys, mask))
+    out = {"test/loss": sums["loss_sum"] / n}
+    if task == "classification":
+      out["test/accuracy"] = sums["correct"] / n
+    return out
+
+  return evaluate
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+@dataclasses.dataclass
+class TrainConfig:
+  """What :func:`train` runs; every field is a ``jaxscope train`` flag."""
+
+  model: str = "lenet5"
+  dataset: str = "digits"
+  data_dir: str | None = None
+  batch_size: int = 64
+  epochs: int | None = 10
+  """Number of epochs (ignored when ``steps`` is given)."""
+  steps: int | None = None
+  """Total number of updates; overrides ``epochs``."""
+  optimizer: str = "momentum"
+  lr: float = 0.05
+  optimizer_args: dict[str, Any] = dataclasses.field(default_factory=dict)
+  """Extra keyword arguments of the optimizer (e.g. ``{"weight_decay": 1e-4}``)."""
+  schedule: str = "constant"
+  metrics: str = "economy"
+  topics: list[str] | None = None
+  layers: str | None = None
+  exclude: str | None = None
+  depth: int | None = None
+  kind: str = "any"
+  every: int = 1
+  eval_every: int | None = None
+  """Steps between evaluations (default: once per epoch); also at step 0 and the end."""
+  eval_batch_size: int = 500
+  checkpoint_every: int | None = None
+  """Steps between checkpoints (default: once per epoch); also at step 0 and the end.
+  ``0`` keeps only the initial and final checkpoints."""
+  max_to_keep: int | None = None
+  """Checkpoints kept (``None``: all, as the checkpoint analyses need the trajectory)."""
+  out: str = "runs/default"
+  tensorboard: bool = False
+  seed: int = 0
+  quiet: bool = False
+  resume: bool = False
+  """Continue from the newest readable checkpoint in ``out`` (if any)."""
+  model_args: dict[str, Any] = dataclasses.field(default_factory=dict)
+  """Extra keyword arguments of the model (e.g. ``{"depth": 56}``)."""
+  data_args: dict[str, Any] = dataclasses.field(default_factory=dict)
+  """Extra keyword arguments of the dataset loader."""
+
+
+class TrainResult(NamedTuple):
+  """What :func:`train` returns."""
+
+  state: TrainState
+  """The final train state (on the device)."""
+  run_dir: Path
+  steps: int
+  """Number of updates applied (the final step)."""
+  final_eval: dict[str, float]
+  """``test/loss`` (and ``test/accuracy``) of the final parameters."""
+  interrupted: bool
+  """Whether the run was stopped by Ctrl-C (logs and a final checkpoint were written)."""
+  wall_time: float
+
+
+# Keys of the config that must agree when resuming (the others may change).
+_RESUME_KEYS = ("model", "dataset", "batch_size", "optimizer", "optimizer_args", "seed")
+
+
+def _check_config(config: TrainConfig) -> None:
+  def positive(name: str, value: Any, allow_none: bool = False, allow_zero: bool = False) -> None:
+    if value is None and allow_none:
+      return
+    ok = isinstance(value, int) and not isinstance(value, bool)
+    if not ok or value < (0 if allow_zero else 1):
+      what = "a non-negative int" if allow_zero else "a positive int"
+      raise ValueError(f"train: {name} must be {what}, got {value!r}.")
+
+  positive("batch_size", config.batch_size)
+  positive("epochs", config.epochs, allow_none=True)
+  positive("steps", config.steps, allow_none=True)
+  positive("every", config.every)
+  positive("eval_every", config.eval_every, allow_none=True)
+  positive("eval_batch_size", config.eval_batch_size)
+  positive("checkpoint_every", config.checkpoint_every, allow_none=True, allow_zero=True)
+  positive("max_to_keep", config.max_to_keep, allow_none=True)
+  if config.epochs is None and config.steps is None:
+    raise ValueError("train: give epochs or steps.")
+  if config.layers is not None:
+    try:
+      re.compile(config.layers)
+    except re.error as e:
+      raise ValueError(f"train: layers {config.layers!r} is not a valid regex: {e}") from None
+
+
+def _versions() -> dict[str, str]:
+  import flax
+  import orbax.checkpoint as ocp
+
+  import jaxscope
+
+  return {
+    "jaxscope": jaxscope.__version__,
+    "jax": jax.__version__,
+    "flax": flax.__version__,
+    "optax": optax.__version__,
+    "orbax-checkpoint": getattr(ocp, "__version__", "?"),
+    "backend": jax.default_backend(),
+  }
+
+
+def _epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+  """The data order of ``epoch``: a permutation drawn from ``(seed, epoch)``."""
+  return np.random.default_rng([seed, epoch]).permutation(n).astype(np.int32)
+
+
+class _Checkpoints:
+  """The run's orbax CheckpointManager: atomic, asynchronous saves with JSON metadata."""
+
+  def __init__(self, directory: Path, max_to_keep: int | None) -> None:
+    import orbax.checkpoint as ocp
+
+    self._ocp = ocp
+    options = ocp.CheckpointManagerOptions(
+      max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True
+    )
+    self.manager = ocp.CheckpointManager(
+      directory.absolute(), options=options, item_names=("state", "meta")
+    )
+    self.saved: set[int] = set(self.manager.all_steps())
+
+  def save(self, step: int, state: TrainState, meta: Mapping[str, Any]) -> None:
+    if step in self.saved:
+      return
+    ocp = self._ocp
+    self.manager.save(
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(dict(meta))
+      ),
+      force=True,
+    )
+    self.saved.add(step)
+
+  def restore_latest(self, abstract: TrainState) -> tuple[TrainState, dict[str, Any]] | None:
+    ocp = self._ocp
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        r = self.manager.restore(
+          step,
+          args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
+          ),
+        )
+      except Exception as e:  # A damaged step: fall back to an older one.
+        warnings.warn(f"checkpoint {step} could not be restored ({e}); trying older.", stacklevel=3)
+        continue
+      return r.state, dict(r.meta)
+    return None
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+class _StopFlag:
+  """Turns the first Ctrl-C into a request to stop after the current step.
+
+  The loop then evaluates, writes a final checkpoint and flushes the logs; a second
+  Ctrl-C interrupts at once (``KeyboardInterrupt``), still closing the recorder and
+  waiting for checkpoints being written.
+  """
+
+  def __init__(self) -> None:
+    self.requested = False
+
+  @contextlib.contextmanager
+  def catch_sigint(self) -> Any:
+    if threading.current_thread() is not threading.main_thread():
+      yield  # Signal handlers can only be installed from the main thread.
+      return
+
+    def handler(signum: int, frame: Any) -> None:
+      if self.requested:
+        raise KeyboardInterrupt
+      self.requested = True
+      print(
+        "\njaxscope: stopping after this step (writing logs and a checkpoint); "
+        "Ctrl-C again to abort.",
+        file=sys.stderr,
+        flush=True,
+      )
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+      yield
+    finally:
+      signal.signal(signal.SIGINT, previous)
+
+
+def train(config: TrainConfig | None = None, **overrides: Any) -> TrainResult:
+  """Trains ``config.model`` on ``config.dataset`` and writes a run directory.
+
+  Args:
+    config: the run's configuration (default :class:`TrainConfig`).
+    **overrides: fields replacing those of ``config``.
+
+  Returns:
+    A :class:`TrainResult`. Ctrl-C stops the run cleanly: pending metrics are flushed,
+    a final checkpoint is written, and the result says ``interrupted=True``.
+
+  Example:
+    >>> import tempfile
+    >>> from jaxscope.train import train
+    >>> r = train(model="mlp", dataset="sine", steps=20, batch_size=32, optimizer="adam",
+    ...           lr=1e-2, out=tempfile.mkdtemp(), quiet=True)
+    >>> r.steps, sorted(r.final_eval)
+    (20, ['test/loss'])
+  """
+  from jaxscope import data as jdata
+  from jaxscope import models as jmodels
+
+  config = dataclasses.replace(config or TrainConfig(), **overrides)
+  _check_config(config)
+  t_start = time.perf_counter()
+
+  # The split is the dataset's own (seed via data_args); the run seed varies init and order.
+  ds = jdata.load(config.dataset, config.data_dir, **config.data_args)
+  task = getattr(ds, "task", "classification")
+  n_train = len(ds.train_x)
+  if n_train < config.batch_size:
+    raise ValueError(
+      f"train: batch_size {config.batch_size} is larger than the {n_train} training examples."
+    )
+  steps_per_epoch = n_train // config.batch_size
+  total = config.steps if config.steps is not None else config.epochs * steps_per_epoch  # type: ignore[operator]
+  eval_every = config.eval_every or steps_per_epoch
+  ckpt_every = steps_per_epoch if config.checkpoint_every is None else config.checkpoint_every
+
+  model = jmodels.build(
+    config.model, tuple(ds.train_x.shape[1:]), ds.num_classes, **config.model_args
+  )
+  schedule = make_schedule(
+    config.schedule, config.lr, steps_per_epoch=steps_per_epoch, total_steps=total
+  )
+  tx = make_optimizer(config.optimizer, schedule, **config.optimizer_args)
+  sc = make_scope(
+    config.metrics,
+    topics=config.topics,
+    layers=config.layers,
+    exclude=config.exclude,
+    depth=config.depth,
+    kind=config.kind,
+    every=config.every,
+  )
+  if sc is not None:
+    tx = transforms.monitored(tx, sc)
+
+  def init_state() -> TrainState:
+    variables = model.init(jax.random.key(config.seed), jnp.asarray(ds.train_x[:1]))
+    params = variables["params"]
+    model_state = {k: v for k, v in variables.items() if k != "params"}
+    return TrainState(jnp.zeros((), jnp.int32), params, model_state, tx.init(params))
+
+  step_fn = jax.jit(
+    make_train_step(
+      model, tx, task=task, schedule=schedule, seed=config.seed, monitored=sc is not None
+    ),
+    static_argnames="measure",
+    donate_argnums=0,
+  )
+  evaluate = make_evaluate(
+    model, ds.test_x, ds.test_y, task=task, batch_size=config.eval_batch_size
+  )
+  train_x = jax.device_put(ds.train_x)
+  train_y = jax.device_put(ds.train_y)
+  gather = jax.jit(lambda idx: (train_x[idx], train_y[idx]))
+
+  run_dir = Path(config.out)
+  config_file = run_dir / "config.json"
+  existing = (run_dir / "metrics.jsonl").exists() or any((run_dir / CHECKPOINT_DIR).glob("*"))
+  if existing and not config.resume:
+    raise ValueError(
+      f"train: {run_dir} already holds a run; pass resume=True (--resume) to continue it, "
+      "or choose another output directory (--out)."
+    )
+  if config.resume and config_file.exists():
+    old = json.loads(config_file.read_text())
+    for key in _RESUME_KEYS:
+      if key in old and old[key] != getattr(config, key):
+        raise ValueError(
+          f"train(resume=True): {key}={getattr(config, key)!r} differs from the run's "
+          f"{old[key]!r} in {config_file}."
+        )
+  ckpt = _Checkpoints(run_dir / CHECKPOINT_DIR, config.max_to_keep)
+  state: TrainState | None = None
+  start = 0
+  if config.resume and ckpt.saved:
+    restored = ckpt.restore_latest(jax.eval_shape(init_state))
+    if restored is None:
+      ckpt.close()
+      raise ValueError(
+        f"train(resume=True): none of the checkpoints {sorted(ckpt.saved)} in "
+        f"{run_dir / CHECKPOINT_DIR} could be restored into this configuration."
+      )
+    state, _ = restored
+    start = int(state.step)
+  if state is None:
+    state = jax.jit(init_state)()
+  record_config = {**dataclasses.asdict(config), "versions": _versions(), "task": task}
+  record_config["steps_per_epoch"] = steps_per_epoch
+  record_config["total_steps"] = total
+  if start and config_file.exists():
+    # Keep the original configuration file; a resumed run only extends the run.
+    record_config = None  # type: ignore[assignment]
+  recorder = Recorder(run_dir, tensorboard=config.tensorboard, config=record_config)
+
+  bar = None
+  if not config.quiet:
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, initial=start, unit="step", desc=f"{config.model}/{config.dataset}")
+
+  last_eval: dict[str, float] = {}
+
+  def run_eval(step: int) -> None:
+    values = evaluate(state.params, state.model_state)
+    recorder.write(step, values)
+    last_eval.clear()
+    last_eval.update({k: float(v) for k, v in values.items()})
+
+  def meta(step: int) -> dict[str, Any]:
+    return {
+      "step": step,
+      "epoch": step / steps_per_epoch,
+      "wall_time": time.perf_counter() - t_start,
+      **{k.replace("test/", "eval_"): v for k, v in last_eval.items()},
+    }
+
+  stop = _StopFlag()
+  step = start
+  try:
+    with stop.catch_sigint():
+      if start == 0:
+        run_eval(0)
+        ckpt.save(0, state, meta(0))
+      order = None
+      order_epoch = -1
+      pending_loss: jax.Array | None = None
+      while step < total and not stop.requested:
+        epoch, i = divmod(step, steps_per_epoch)
+        if epoch != order_epoch:
+          order = _epoch_order(config.seed, epoch, n_train)
+          order_epoch = epoch
+        idx = order[i * config.batch_size : (i + 1) * config.batch_size]  # type: ignore[index]
+        x, y = gather(idx)
+        measure = sc is not None and step % config.every == 0
+        state, values = step_fn(state, x, y, measure=measure)
+        recorder.write(step, values)
+        if bar is not None:
+          if pending_loss is not None and (step % 10 == 0 or step == total - 1):
+            shown = {k.split("/")[-1]: f"{v:.4f}" for k, v in last_eval.items()}
+            bar.set_postfix(loss=f"{float(pending_loss):.4f}", **shown)
+          pending_loss = values["loss"]
+          bar.update(1)
+        step += 1
+        if step % eval_every == 0 or step == total or stop.requested:
+          run_eval(step)
+        if (ckpt_every and step % ckpt_every == 0) or step == total or stop.requested:
+          ckpt.save(step, state, meta(step))
+  finally:
+    if bar is not None:
+      bar.close()
+    recorder.close()
+    ckpt.close()
+  if not last_eval:
+    run_eval_values = evaluate(state.params, state.model_state)
+    last_eval = {k: float(v) for k, v in run_eval_values.items()}
+  return TrainResult(
+    state, run_dir, step, dict(last_eval), stop.requested, time.perf_counter() - t_start
+  )

@@ -1,0 +1,173 @@
+"""The ``jaxscope`` command line end to end, and metric plugins through entry points."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jaxscope.cli import main
+from jaxscope.record import History
+
+
+def test_train_writes_a_complete_run_directory(tmp_path, capsys):
+  out = tmp_path / "run"
+  argv = ["train", "--model", "lenet5", "--steps", "25", "--batch-size", "32", "--out", str(out)]
+  argv += ["--metrics", "economy", "--topics", "params,updates", "--layers", "Conv|conv"]
+  argv += ["--eval-every", "10", "--checkpoint-every", "10", "--opt-args", "momentum=0.5"]
+  argv += ["--optimizer", "sgd", "--schedule", "exponential:0.9", "--quiet"]
+  assert main(argv) == 0
+  assert sorted(p.name for p in out.iterdir()) == [
+    "checkpoints",
+    "config.json",
+    "metrics.jsonl",
+    "plots",
+  ]
+  h = History.load(out)
+  assert h.config["optimizer_args"] == {"momentum": 0.5}
+  assert h.topics() == ["params", "updates"]
+  assert {"loss", "lr", "train/accuracy", "test/loss", "test/accuracy"} <= set(h.keys())
+  layers = h.layers("updates", "ratio")
+  assert layers and all("conv" in lay.lower() for lay in layers)
+  assert h.steps("test/loss").tolist() == [0, 10, 20, 25]
+  assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["0", "10", "20", "25"]
+  plots = sorted(p.name for p in (out / "plots").iterdir())
+  assert "updates_ratio.png" in plots and "loss.png" in plots
+  # The exponential schedule, γ per epoch (1438 // 32 = 44 steps per epoch: one decay so far).
+  np.testing.assert_allclose(h["lr"][:3], 0.05, rtol=1e-6)
+  assert capsys.readouterr().out == ""  # --quiet
+
+
+def test_plot_renders_an_existing_run(tmp_path, capsys):
+  out = tmp_path / "run"
+  assert main(["train", "-m", "mlp", "--steps", "3", "--out", str(out), "-q", "--no-plots"]) == 0
+  assert not (out / "plots").exists()
+  assert main(["plot", str(out), "--out", str(tmp_path / "figs")]) == 0
+  assert "plots to" in capsys.readouterr().out
+  assert (tmp_path / "figs" / "grads_norm.png").stat().st_size > 1000
+
+
+def test_lists(capsys):
+  assert main(["list-metrics"]) == 0
+  text = capsys.readouterr().out
+  assert "spectral_norm" in text and "preset economy" in text and "ratio" in text
+  assert main(["list-models"]) == 0
+  text = capsys.readouterr().out
+  for name in ["mlp", "mnist_mlp", "2c2d", "3c3d", "lenet5", "alexnet_mini", "resnet20"]:
+    assert f"\n{name} " in f"\n{text}"
+  assert main(["list-datasets"]) == 0
+  text = capsys.readouterr().out
+  assert "digits" in text and "needs --data-dir" in text and "embedded" in text
+
+
+@pytest.mark.parametrize(
+  "argv, message",
+  [
+    (["train", "--batch-size", "0"], "--batch-size: expected a positive integer"),
+    (["train", "--optimizer", "adamx", "--steps", "1"], "unknown optimizer 'adamx'"),
+    (["train", "--schedule", "step", "--steps", "1"], "unknown schedule 'step'"),
+    (["train", "--metrics", "nrm", "--steps", "1"], "unknown metric 'nrm'"),
+    (["train", "--model", "vgg99", "--steps", "1"], "vgg99"),
+    (["train", "--dataset", "mnist", "--steps", "1"], "data"),
+    (["train", "--opt-args", "momentum", "--steps", "1"], "key=value"),
+    (["plot", "/nonexistent/run"], "not a run directory"),
+  ],
+)
+def test_bad_arguments_exit_2_with_a_clear_message(tmp_path, capsys, argv, message):
+  if argv[0] == "train":
+    argv = [*argv, "--out", str(tmp_path / "run"), "-q"]
+  with pytest.raises(SystemExit) as e:
+    main(argv)
+  assert e.value.code == 2
+  assert message in capsys.readouterr().err
+
+
+def test_existing_run_directory_needs_resume(tmp_path, capsys):
+  out = str(tmp_path / "run")
+  assert main(["train", "-m", "mlp", "--steps", "2", "--out", out, "-q", "--no-plots"]) == 0
+  with pytest.raises(SystemExit):
+    main(["train", "-m", "mlp", "--steps", "4", "--out", out, "-q", "--no-plots"])
+  assert "--resume" in capsys.readouterr().err
+  argv = ["train", "-m", "mlp", "--steps", "4", "--out", out, "-q", "--no-plots", "--resume"]
+  assert main(argv) == 0
+  assert History.load(out).steps("loss").tolist() == [0, 1, 2, 3]
+
+
+PLUGIN_PYPROJECT = """
+[build-system]
+requires = ["setuptools"]
+build-backend = "setuptools.build_meta"
+
+[project]
+name = "jaxscope-kurtosis-plugin"
+version = "0.0.1"
+
+[project.entry-points."jaxscope.metrics"]
+kurtosis = "kurtosis_plugin:kurtosis"
+"""
+
+PLUGIN_MODULE = '''
+"""A third-party jaxscope metric: excess kurtosis of a layer."""
+import jax.numpy as jnp
+from jaxscope.metrics import stateless
+
+
+def kurtosis():
+  """Excess kurtosis ``E[(x-μ)^4]/σ^4 - 3`` of the layer's elements."""
+
+  def fn(leaves):
+    x = jnp.concatenate([jnp.ravel(v) for v in leaves])
+    c = x - x.mean()
+    return jnp.mean(c**4) / jnp.mean(c**2) ** 2 - 3.0
+
+  return stateless("kurtosis", fn)
+'''
+
+USE_PLUGIN = """
+import sys
+import numpy as np
+from jaxscope import metrics
+from jaxscope.cli import main
+from jaxscope.record import History
+
+assert "kurtosis" in metrics.registry.names(), metrics.registry.names()
+sc = metrics.scope(params=["kurtosis"])           # by name, in a scope
+x = np.random.default_rng(0).normal(size=(64, 32)).astype(np.float32)
+values, _ = sc.update(sc.init({"w": x}), params={"w": x})
+c = x.astype(np.float64) - x.mean()
+print("KURTOSIS", float(values["params/kurtosis/w"]), (c**4).mean() / (c**2).mean() ** 2 - 3)
+assert main(["train", "-m", "mlp", "--steps", "3", "--metrics", "norm,kurtosis",
+             "--topics", "grads", "--out", sys.argv[1], "-q", "--no-plots"]) == 0
+print("KEYS", sorted(k for k in History.load(sys.argv[1]).keys() if "kurtosis" in k))
+"""
+
+
+def test_plugin_metric_is_found_through_its_entry_point(tmp_path):
+  src = tmp_path / "src"
+  (src / "kurtosis_plugin").mkdir(parents=True)
+  (src / "pyproject.toml").write_text(PLUGIN_PYPROJECT)
+  (src / "kurtosis_plugin" / "__init__.py").write_text(textwrap.dedent(PLUGIN_MODULE))
+  site = tmp_path / "site"
+  pip = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index"]
+  pip += ["--no-build-isolation", "--target", str(site), str(src)]
+  subprocess.run(pip, check=True, capture_output=True, text=True)
+  assert list(site.glob("jaxscope_kurtosis_plugin-*.dist-info"))
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+  r = subprocess.run(
+    [sys.executable, "-c", USE_PLUGIN, str(tmp_path / "run")],
+    capture_output=True,
+    text=True,
+    env=env,
+    cwd=Path(__file__).resolve().parents[1],
+  )
+  assert r.returncode == 0, r.stderr
+  line = next(l for l in r.stdout.splitlines() if l.startswith("KURTOSIS"))
+  ours, reference = map(float, line.split()[1:])
+  assert ours == pytest.approx(reference, rel=1e-4)
+  keys = next(l for l in r.stdout.splitlines() if l.startswith("KEYS"))
+  assert "grads/kurtosis/fc1/kernel" in keys

@@ -1,0 +1,272 @@
+"""The reference training loop: schedules, optimizers, scopes, evaluation, runs, resume."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from jaxscope.record import History
+from jaxscope.train import (
+  TrainConfig,
+  make_evaluate,
+  make_optimizer,
+  make_schedule,
+  make_scope,
+  train,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A small, fast configuration: MLP on the embedded digits, 22 steps per epoch.
+FAST = TrainConfig(model="mlp", dataset="digits", batch_size=64, quiet=True)
+
+
+# --------------------------------------------------------------------------- pieces
+
+
+def test_exponential_schedule_is_gamma_per_epoch():
+  s = make_schedule("exponential:0.5", 0.2, steps_per_epoch=10, total_steps=100)
+  for t in [0, 9, 10, 19, 20, 35]:
+    assert float(s(t)) == pytest.approx(0.2 * 0.5 ** (t // 10), rel=1e-6)
+  assert float(make_schedule("exponential", 1.0, steps_per_epoch=1, total_steps=5)(3)) == (
+    pytest.approx(0.98**3, rel=1e-6)
+  )
+
+
+def test_cosine_and_constant_schedules():
+  s = make_schedule("cosine", 0.1, steps_per_epoch=10, total_steps=40)
+  for t in [0, 10, 20, 40]:
+    assert float(s(t)) == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi * t / 40)), abs=1e-8)
+  assert float(make_schedule("constant", 0.3, steps_per_epoch=1, total_steps=1)(1000)) == (
+    pytest.approx(0.3)
+  )
+
+
+@pytest.mark.parametrize(
+  "spec, match",
+  [("linear", "unknown schedule"), ("exponential:2", "γ must be in"), ("exponential:x", "number")],
+)
+def test_bad_schedules(spec, match):
+  with pytest.raises(ValueError, match=match):
+    make_schedule(spec, 0.1, steps_per_epoch=10, total_steps=100)
+
+
+def test_optimizers_by_name():
+  params = {"w": jnp.array([1.0, -2.0])}
+  g = {"w": jnp.array([0.5, 0.25])}
+  # momentum = heavy-ball SGD with μ = 0.9: two steps give -lr·g and -lr·(1.9 g).
+  tx = make_optimizer("momentum", 0.1)
+  state = tx.init(params)
+  u1, state = tx.update(g, state, params)
+  u2, _ = tx.update(g, state, params)
+  np.testing.assert_allclose(u1["w"], -0.1 * np.array([0.5, 0.25]), rtol=1e-6)
+  np.testing.assert_allclose(u2["w"], -0.1 * 1.9 * np.array([0.5, 0.25]), rtol=1e-6)
+  # Any optax alias by name, with its keyword arguments.
+  tx = make_optimizer("adamw", 1e-3, weight_decay=0.0)
+  u, _ = tx.update(g, tx.init(params), params)
+  np.testing.assert_allclose(u["w"], -1e-3 * np.sign([0.5, 0.25]), rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+  "name, kwargs, match",
+  [
+    ("adamx", {}, "unknown optimizer 'adamx'"),
+    ("chain", {}, "not an optimizer alias"),
+    ("adam", {"bogus": 1}, "rejected its arguments"),
+  ],
+)
+def test_bad_optimizers(name, kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    make_optimizer(name, 0.1, **kwargs)
+
+
+def test_make_scope_presets_lists_and_errors():
+  params = {"Dense_0": {"kernel": jnp.ones((3, 2)), "bias": jnp.ones(2)}}
+  assert make_scope("none") is None and make_scope(None) is None
+  sc = make_scope("economy", topics=["updates"], kind="kernel")
+  values, _ = sc.update(sc.init(params), params=params, grads=params, updates=params)
+  assert sorted(values) == [
+    "measured",
+    "updates/mean/Dense_0/kernel",
+    "updates/norm/Dense_0/kernel",
+    "updates/ratio/Dense_0/kernel",
+    "updates/variance/Dense_0/kernel",
+  ]
+  # A comma list on two topics; network metrics are recorded by the loop, not the scope.
+  sc = make_scope("norm, max_abs,loss", topics=["params", "grads"], layers="bias")
+  values, _ = sc.update(sc.init(params), params=params, grads=params)
+  assert sorted(values) == [
+    "grads/max_abs/Dense_0/bias",
+    "grads/norm/Dense_0/bias",
+    "measured",
+    "params/max_abs/Dense_0/bias",
+    "params/norm/Dense_0/bias",
+  ]
+  assert float(values["params/norm/Dense_0/bias"]) == pytest.approx(math.sqrt(2))
+  with pytest.raises(ValueError, match="unknown metric 'nrm'"):
+    make_scope("norm,nrm")
+  with pytest.raises(ValueError, match="unknown topic 'weights'"):
+    make_scope("norm", topics=["weights"])
+
+
+class _Linear:
+  """A ModelDef-like linear classifier, for an evaluation reference."""
+
+  def apply(self, variables, x, *, train, rng=None):
+    del train, rng
+    p = variables["params"]
+    return x.reshape(x.shape[0], -1) @ p["w"] + p["b"], {}
+
+
+@pytest.mark.parametrize("batch_size", [3, 7, 100])
+def test_evaluate_is_the_exact_mean_over_the_split(batch_size):
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(7, 2, 2)).astype(np.float32)
+  y = rng.integers(0, 3, 7).astype(np.int32)
+  params = {"w": rng.normal(size=(4, 3)).astype(np.float32), "b": np.float32([0.1, 0, -0.1])}
+  out = make_evaluate(_Linear(), x, y, batch_size=batch_size)(params, {})
+  logits = x.reshape(7, -1).astype(np.float64) @ params["w"] + params["b"]
+  logp = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+  assert float(out["test/loss"]) == pytest.approx(-logp[np.arange(7), y].mean(), rel=1e-5)
+  assert float(out["test/accuracy"]) == pytest.approx(np.mean(logits.argmax(1) == y))
+  # Regression: mean squared error over the examples (not over the padding).
+  yr = rng.normal(size=(7, 3)).astype(np.float32)
+  out = make_evaluate(_Linear(), x, yr, task="regression", batch_size=batch_size)(params, {})
+  assert float(out["test/loss"]) == pytest.approx(np.mean((logits - yr) ** 2), rel=1e-5)
+  assert "test/accuracy" not in out
+
+
+# --------------------------------------------------------------------------- runs
+
+
+def _run(tmp_path, name, **kw):
+  return train(dataclasses.replace(FAST, out=str(tmp_path / name), **kw))
+
+
+def test_run_directory_is_complete(tmp_path):
+  r = _run(tmp_path, "run", epochs=2, checkpoint_every=10, every=5)
+  spe = 1438 // 64  # digits: 1438 training examples (test fraction 0.2).
+  assert r.steps == 2 * spe and not r.interrupted
+  config = json.loads((r.run_dir / "config.json").read_text())
+  assert config["model"] == "mlp" and config["steps_per_epoch"] == spe
+  assert config["versions"]["jax"] == jax.__version__
+  h = History.load(r.run_dir)
+  # Loss, accuracy and lr every step; scope values on measured steps only.
+  assert h.steps("loss").tolist() == list(range(2 * spe))
+  assert h.steps("lr").tolist() == list(range(2 * spe))
+  assert h.steps("grads/norm/fc1/kernel").tolist() == list(range(0, 2 * spe, 5))
+  assert h.steps("test/accuracy").tolist() == [0, spe, 2 * spe]
+  assert h["test/accuracy"][-1] == pytest.approx(r.final_eval["test/accuracy"])
+  assert h["test/accuracy"][-1] > 0.8  # an MLP learns digits in two epochs.
+  # Checkpoints: init, every 10 steps, final, each with metadata.
+  with ocp.CheckpointManager((r.run_dir / "checkpoints").absolute(), item_names=("meta",)) as m:
+    assert m.all_steps() == [0, 10, 20, 30, 40, 2 * spe]
+    meta = m.restore(2 * spe, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+  assert meta["step"] == 2 * spe and meta["epoch"] == pytest.approx(2.0)
+  assert meta["eval_loss"] == pytest.approx(r.final_eval["test/loss"]) and meta["wall_time"] > 0
+
+
+def test_same_seed_same_metrics_file_bit_for_bit(tmp_path):
+  kw = dict(steps=30, model="alexnet_mini", metrics="full", eval_every=10)
+  a, b = _run(tmp_path, "a", **kw), _run(tmp_path, "b", **kw)
+  text = (a.run_dir / "metrics.jsonl").read_bytes()
+  assert text == (b.run_dir / "metrics.jsonl").read_bytes()
+  c = _run(tmp_path, "c", seed=1, **kw)
+  assert (c.run_dir / "metrics.jsonl").read_bytes() != text
+
+
+def test_resume_continues_at_the_right_step_with_identical_parameters(tmp_path):
+  full = _run(tmp_path, "full", epochs=2, checkpoint_every=0)
+  part = _run(tmp_path, "part", epochs=1, checkpoint_every=0)
+  assert part.steps == full.steps // 2
+  resumed = _run(tmp_path, "part", epochs=2, checkpoint_every=0, resume=True)
+  assert resumed.steps == full.steps and int(resumed.state.step) == full.steps
+  for a, b in zip(jax.tree.leaves(full.state), jax.tree.leaves(resumed.state), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  hf, hr = History.load(full.run_dir), History.load(resumed.run_dir)
+  assert hf.keys() == hr.keys()
+  for key in ["loss", "updates/ratio/fc2/kernel", "test/loss"]:
+    np.testing.assert_array_equal(hf.steps(key), hr.steps(key))
+    np.testing.assert_array_equal(hf[key], hr[key])
+  # Resuming a finished run does nothing; a different optimizer is refused.
+  again = _run(tmp_path, "part", epochs=2, resume=True)
+  assert again.steps == full.steps
+  with pytest.raises(ValueError, match="optimizer='adam' differs"):
+    _run(tmp_path, "part", epochs=3, resume=True, optimizer="adam")
+
+
+def test_regression_dataset_records_loss_only(tmp_path):
+  r = _run(tmp_path, "sine", dataset="sine", steps=5, optimizer="adam", lr=1e-2, metrics="none")
+  h = History.load(r.run_dir)
+  assert "train/accuracy" not in h and "test/accuracy" not in h
+  assert sorted(h.keys()) == ["loss", "lr", "test/loss"]
+
+
+def test_bad_configurations_are_named(tmp_path):
+  with pytest.raises(ValueError, match="batch_size must be a positive int"):
+    _run(tmp_path, "x", batch_size=0)
+  with pytest.raises(ValueError, match="batch_size 5000 is larger than the 1438"):
+    _run(tmp_path, "x", batch_size=5000)
+  with pytest.raises(ValueError, match=r"layers .* is not a valid regex"):
+    _run(tmp_path, "x", layers="(")
+  with pytest.raises(ValueError, match="give epochs or steps"):
+    _run(tmp_path, "x", epochs=None)
+
+
+def test_nan_in_training_is_recorded_not_raised(tmp_path):
+  # A learning rate that overflows: the run finishes and the history shows non-finite values.
+  r = _run(tmp_path, "nan", steps=15, optimizer="sgd", lr=1e30, metrics="economy")
+  h = History.load(r.run_dir)
+  assert not np.all(np.isfinite(h["loss"]))
+  assert not math.isfinite(r.final_eval["test/loss"])
+
+
+_INTERRUPT = """
+import sys
+from jaxscope.train import train
+r = train(model="mlp", dataset="digits", steps=100000, batch_size=64, out=sys.argv[1],
+          quiet=True, checkpoint_every=0, eval_every=100000)
+print("STOPPED", r.steps, r.interrupted, flush=True)
+"""
+
+
+def test_ctrl_c_flushes_logs_and_writes_a_final_checkpoint(tmp_path):
+  out = tmp_path / "run"
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.Popen(
+    [sys.executable, "-c", _INTERRUPT, str(out)],
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+    env=env,
+  )
+  deadline = time.time() + 120
+  metrics = out / "metrics.jsonl"
+  while time.time() < deadline:  # Wait until training is under way.
+    if metrics.exists() and metrics.read_text().count("\n") > 30:
+      break
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGINT)
+  stdout, stderr = proc.communicate(timeout=120)
+  assert proc.returncode == 0, stderr
+  _, steps, interrupted = stdout.split()[-3:]
+  steps = int(steps)
+  assert interrupted == "True" and 0 < steps < 100000
+  h = History.load(out)
+  assert h.steps("loss")[-1] == steps - 1  # every completed step is in the log
+  assert h.steps("test/loss").tolist() == [0, steps]
+  with ocp.CheckpointManager(out.absolute() / "checkpoints", item_names=("meta",)) as m:
+    assert m.all_steps() == [0, steps]
