@@ -736,7 +736,7 @@ def train(config: TrainConfig | None = None, **overrides: Any) -> TrainResult:
         recorder.write(step, values)
         if bar is not None:
           if pending_loss is not None and (step % 10 == 0 or step == total - 1):
-            shown = {k.split("/")[-1]: f"{v:.4f}" for k, v in last_eval.items()}
+            shown = {k.replace("/", "_"): f"{v:.4f}" for k, v in last_eval.items()}
             bar.set_postfix(loss=f"{float(pending_loss):.4f}", **shown)
           pending_loss = values["loss"]
           bar.update(1)

@@ -45,7 +45,9 @@ def test_train_writes_a_complete_run_directory(tmp_path, capsys):
 
 def test_plot_renders_an_existing_run(tmp_path, capsys):
   out = tmp_path / "run"
-  assert main(["train", "-m", "mlp", "--steps", "3", "--out", str(out), "-q", "--no-plots"]) == 0
+  argv = ["train", "-m", "mlp", "--steps", "12", "--eval-every", "5", "--out", str(out)]
+  assert main([*argv, "--no-plots"]) == 0  # not quiet: progress bar and summary
+  assert "finished at step 12" in capsys.readouterr().out
   assert not (out / "plots").exists()
   assert main(["plot", str(out), "--out", str(tmp_path / "figs")]) == 0
   assert "plots to" in capsys.readouterr().out
