@@ -257,11 +257,10 @@ def _loss_and_metrics(
     correct = (jnp.argmax(outputs, -1) == y).astype(jnp.float32)
   if mask is None:
     mask = jnp.ones(per.shape, jnp.float32)
-  n = jnp.maximum(mask.sum(), 1.0)
   out = {"loss_sum": jnp.sum(per * mask), "count": mask.sum()}
   if correct is not None:
     out["correct"] = jnp.sum(correct * mask)
-  return jnp.sum(per * mask) / n, out
+  return out["loss_sum"] / jnp.maximum(out["count"], 1.0), out
 
 
 def make_train_step(
@@ -299,15 +298,13 @@ def make_train_step(
   ) -> tuple[TrainState, dict[str, jax.Array]]:
     rng = jax.random.fold_in(base_key, state.step)
 
-    def loss_fn(params: Any) -> tuple[jax.Array, tuple[jax.Array, Any]]:
+    def loss_fn(params: Any) -> tuple[jax.Array, tuple[dict[str, jax.Array], Any]]:
       variables = {"params": params, **state.model_state}
       outputs, new_model_state = model.apply(variables, x, train=True, rng=rng)
-      loss, _ = _loss_and_metrics(task, outputs, y)
-      return loss, (outputs, new_model_state)
+      loss, sums = _loss_and_metrics(task, outputs, y)
+      return loss, (sums, new_model_state)
 
-    (loss, (outputs, new_model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      state.params
-    )
+    (loss, (sums, new_model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     extra: dict[str, Any] = {}
     if monitored:
       extra["measure"] = measure
@@ -315,7 +312,7 @@ def make_train_step(
     params = optax.apply_updates(state.params, updates)
     values: dict[str, jax.Array] = {"loss": loss}
     if task == "classification":
-      values["train/accuracy"] = jnp.mean((jnp.argmax(outputs, -1) == y).astype(jnp.float32))
+      values["train/accuracy"] = sums["correct"] / sums["count"]
     if schedule is not None:
       values["lr"] = jnp.asarray(schedule(state.step), jnp.float32)
     if monitored and measure:
