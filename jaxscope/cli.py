@@ -56,6 +56,15 @@ def _positive_int(text: str) -> int:
   return value
 
 
+def _optional_float(text: str) -> float | None:
+  if text.strip().lower() == "none":
+    return None
+  try:
+    return float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected a number or 'none', got {text!r}") from None
+
+
 def _non_negative_int(text: str) -> int:
   try:
     value = int(text)
@@ -101,7 +110,37 @@ def _add_train_parser(sub: Any) -> None:
     "--opt-args", type=_kv_pairs, default={}, help="optimizer kwargs, e.g. weight_decay=1e-4"
   )
   g.add_argument(
-    "--schedule", default=d.schedule, help="constant | exponential:GAMMA (per epoch) | cosine"
+    "--schedule",
+    default=d.schedule,
+    help="constant | exponential:GAMMA (per epoch) | cosine | ratio (update/weight-ratio "
+    "adaptive, see --ratio-*)",
+  )
+  g.add_argument(
+    "--ratio-target", type=float, default=d.ratio_target, help="--schedule ratio: target ratio"
+  )
+  g.add_argument(
+    "--ratio-smoothing",
+    type=float,
+    default=d.ratio_smoothing,
+    help="--schedule ratio: weight of the newest ratio in the moving average",
+  )
+  g.add_argument(
+    "--ratio-max-factor",
+    type=_optional_float,
+    default=d.ratio_max_factor,
+    help="--schedule ratio: cap of lr/base lr ('none': no cap)",
+  )
+  g.add_argument(
+    "--ratio-floor",
+    type=_optional_float,
+    default=d.ratio_floor,
+    help="--schedule ratio: floor of lr/base lr (default none)",
+  )
+  g.add_argument(
+    "--ratio-mode",
+    default=d.ratio_mode,
+    choices=["code", "thesis"],
+    help="--schedule ratio: 'code' (original implementation) or 'thesis' (eq. 3.7)",
   )
   g.add_argument("--seed", type=int, default=d.seed)
   g = p.add_argument_group("metrics")
@@ -156,6 +195,11 @@ def _train(args: argparse.Namespace) -> int:
     lr=args.lr,
     optimizer_args=args.opt_args,
     schedule=args.schedule,
+    ratio_target=args.ratio_target,
+    ratio_smoothing=args.ratio_smoothing,
+    ratio_max_factor=args.ratio_max_factor,
+    ratio_floor=args.ratio_floor,
+    ratio_mode=args.ratio_mode,
     metrics=args.metrics,
     topics=topics,
     layers=args.layers,

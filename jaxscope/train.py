@@ -158,8 +158,8 @@ def make_schedule(
   if name == "cosine" and not arg:
     return optax.cosine_decay_schedule(learning_rate, decay_steps=max(1, total_steps))
   raise ValueError(
-    f"unknown schedule {spec!r}: expected constant, exponential:γ (e.g. exponential:0.98) "
-    "or cosine."
+    f"unknown schedule {spec!r}: expected constant, exponential:γ (e.g. exponential:0.98), "
+    "cosine, or (in train) ratio."
   )
 
 
@@ -275,9 +275,11 @@ def make_train_step(
   """Builds the pure train step ``step(state, x, y, measure=True) -> (state, values)``.
 
   ``values`` holds ``loss`` (mean over the batch), ``train/accuracy`` (classification),
-  ``lr`` (when ``schedule`` is given) and, when ``monitored`` and ``measure``, the
-  scope's per-layer metrics. Jit it with ``static_argnames="measure"``: the ``False``
-  variant compiles without any measurement.
+  ``lr`` (when ``schedule`` is given, or read from a
+  :func:`jaxscope.transforms.ratio_adaptive_lr` state in ``tx`` with its
+  ``ratio_lr/…`` values, see :func:`jaxscope.transforms.ratio_lr_values`) and, when
+  ``monitored`` and ``measure``, the scope's per-layer metrics. Jit it with
+  ``static_argnames="measure"``: the ``False`` variant compiles without any measurement.
 
   Args:
     model: a :class:`jaxscope.models.ModelDef` (``apply(variables, x, train=, rng=)``).
@@ -315,6 +317,8 @@ def make_train_step(
       values["train/accuracy"] = sums["correct"] / sums["count"]
     if schedule is not None:
       values["lr"] = jnp.asarray(schedule(state.step), jnp.float32)
+    # A ratio-adaptive rate reports itself: lr, factor, mean and per-layer ratios.
+    values.update(transforms.ratio_lr_values(opt_state))
     if monitored and measure:
       values.update(
         {k: v for k, v in transforms.metrics(opt_state).items() if k != MEASURED},
@@ -395,6 +399,19 @@ class TrainConfig:
   optimizer_args: dict[str, Any] = dataclasses.field(default_factory=dict)
   """Extra keyword arguments of the optimizer (e.g. ``{"weight_decay": 1e-4}``)."""
   schedule: str = "constant"
+  """``constant``, ``exponential:γ``, ``cosine`` (see :func:`make_schedule`) or
+  ``ratio``: the optimizer at the constant ``lr`` followed by
+  :func:`jaxscope.transforms.ratio_adaptive_lr` with the ``ratio_*`` fields."""
+  ratio_target: float = 1e-3
+  """``schedule="ratio"``: the target update/weight ratio."""
+  ratio_smoothing: float = 0.9
+  """``schedule="ratio"``: the weight of the newest ratio in the moving average."""
+  ratio_max_factor: float | None = 500.0
+  """``schedule="ratio"``: the cap of ``lr_effective / lr`` (``None``: none)."""
+  ratio_floor: float | None = None
+  """``schedule="ratio"``: the floor of ``lr_effective / lr`` (``None``: none)."""
+  ratio_mode: str = "code"
+  """``schedule="ratio"``: ``"code"`` (the original implementation) or ``"thesis"``."""
   metrics: str = "economy"
   topics: list[str] | None = None
   layers: str | None = None
@@ -614,10 +631,25 @@ def train(config: TrainConfig | None = None, **overrides: Any) -> TrainResult:
   model = jmodels.build(
     config.model, tuple(ds.train_x.shape[1:]), ds.num_classes, **config.model_args
   )
-  schedule = make_schedule(
-    config.schedule, config.lr, steps_per_epoch=steps_per_epoch, total_steps=total
-  )
-  tx = make_optimizer(config.optimizer, schedule, **config.optimizer_args)
+  if config.schedule == "ratio":
+    # The rate is steered by the update/weight ratio; the state reports it (ratio_lr_values).
+    schedule = None
+    tx = optax.chain(
+      make_optimizer(config.optimizer, config.lr, **config.optimizer_args),
+      transforms.ratio_adaptive_lr(
+        config.ratio_target,
+        config.ratio_smoothing,
+        config.ratio_max_factor,
+        config.ratio_floor,
+        mode=config.ratio_mode,  # type: ignore[arg-type]
+        base_learning_rate=config.lr,
+      ),
+    )
+  else:
+    schedule = make_schedule(
+      config.schedule, config.lr, steps_per_epoch=steps_per_epoch, total_steps=total
+    )
+    tx = make_optimizer(config.optimizer, schedule, **config.optimizer_args)
   sc = make_scope(
     config.metrics,
     topics=config.topics,
