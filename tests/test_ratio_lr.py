@@ -411,3 +411,15 @@ def test_train_and_cli_schedule_ratio(tmp_path):
 def test_state_type_is_exported():
   state = ratio_adaptive_lr().init({"w": jnp.ones((2, 2))})
   assert isinstance(state, RatioAdaptiveState)
+
+
+def test_init_state_can_be_donated():
+  # Every leaf of the initial state is its own buffer (donating a shared one fails).
+  params = {"a": jnp.ones((2, 2)), "b": jnp.ones((3, 2))}
+  tx = ratio_adaptive_sgd(0.1)
+  state = tx.init(params)
+  leaves = jax.tree.leaves(state)
+  assert len({id(x) for x in leaves}) == len(leaves)
+  step = jax.jit(lambda s, p: tx.update(p, s, p), donate_argnums=0)
+  _, state = step(state, params)
+  assert int(optax.tree.get(state, "count")) == 1
