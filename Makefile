@@ -33,6 +33,7 @@ format: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/overhead.py --out benchmarks/results/overhead-cpu.json
 	$(PY) benchmarks/throughput.py --out benchmarks/results/throughput-cpu.json
+	$(PY) benchmarks/ratio_lr.py --out benchmarks/results/ratio-lr-cpu.json
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache
