@@ -1,6 +1,17 @@
 """optax transformations that see and act on what they measure."""
 
 from jaxscope.transforms.monitor import MonitorState, metrics, monitored
+from jaxscope.transforms.probprec import (
+  PHASES,
+  PreconditionerState,
+  adaptive_sgd,
+  only_adaptive_sgd,
+  preconditioned_sgd,
+  preconditioner_log,
+  probabilistic_preconditioner,
+  restart_estimate,
+  value_grad_and_hvp,
+)
 from jaxscope.transforms.ratio_lr import (
   RatioAdaptiveState,
   ratio_adaptive_lr,
@@ -10,12 +21,21 @@ from jaxscope.transforms.ratio_lr import (
 )
 
 __all__ = [
+  "PHASES",
   "MonitorState",
+  "PreconditionerState",
   "RatioAdaptiveState",
+  "adaptive_sgd",
   "metrics",
   "monitored",
+  "only_adaptive_sgd",
+  "preconditioned_sgd",
+  "preconditioner_log",
+  "probabilistic_preconditioner",
   "ratio_adaptive_lr",
   "ratio_adaptive_sgd",
   "ratio_lr_values",
+  "restart_estimate",
   "scale_to_update_ratio",
+  "value_grad_and_hvp",
 ]

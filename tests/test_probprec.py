@@ -1,0 +1,474 @@
+"""Tests of the probabilistic preconditioner against a dense float64 numpy reference."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxscope.transforms import (
+  PHASES,
+  PreconditionerState,
+  adaptive_sgd,
+  only_adaptive_sgd,
+  preconditioned_sgd,
+  preconditioner_log,
+  probabilistic_preconditioner,
+  restart_estimate,
+  value_grad_and_hvp,
+)
+
+# --------------------------------------------------------------------------- problem
+
+SHAPES = {"b": (4,), "w": (3, 2)}  # flattening order: b, w (sorted dict keys)
+N = 10
+
+
+def _unflat(theta):
+  return {"b": theta[:4], "w": theta[4:].reshape(3, 2)}
+
+
+def _flat(tree):
+  return jnp.concatenate([tree["b"].reshape(-1), tree["w"].reshape(-1)])
+
+
+def _hessian(seed=0, eigs=(40.0, 15.0, 3.0, 1.0, 0.8, 0.5, 0.3, 0.2, 0.1, 0.05)):
+  rng = np.random.default_rng(seed)
+  q, _ = np.linalg.qr(rng.normal(size=(N, N)))
+  return (q * np.asarray(eigs)) @ q.T
+
+
+def _noisy_quadratic(A, noise, seed=1):
+  """Minibatch k: L_k(θ) = ½ θᵀAθ + b_kᵀθ, Hessian A exactly."""
+  rng = np.random.default_rng(seed)
+  bs = rng.normal(size=(64, N)) * noise
+  A_j = jnp.asarray(A)
+
+  def loss(params, k):
+    t = _flat(params)
+    return 0.5 * t @ A_j @ t + jnp.asarray(bs)[k] @ t
+
+  return loss, bs
+
+
+# --------------------------------------------------------------------------- reference
+
+
+def _reference(A, theta, grads, P, M, r, wd, faithful, eps=1e-12):
+  """Dense float64 re-derivation of phases A to C (spec §2–6) for one group.
+
+  ``grads[k]`` is the flat minibatch gradient of step k at θ (which does not move).
+  Returns α, w, λ, per-leaf (Ŝ, X, U, σ) and the first update.
+  """
+  slices = {"b": slice(0, 4), "w": slice(4, 10)}
+  hvp = lambda v: A @ v + wd * v  # noqa: E731
+  sum_v = np.zeros(N)
+  sum_h = np.zeros(N)
+  a = dict.fromkeys(slices, 0.0)
+  b = dict.fromkeys(slices, 0.0)
+  c = dict.fromkeys(slices, 0.0)
+  for k in range(P):
+    v = grads[k] + wd * theta
+    h = hvp(v)
+    sum_v += v
+    sum_h += h
+    for n, s in slices.items():
+      a[n] += v[s] @ v[s]
+      b[n] += v[s] @ h[s]
+      c[n] += h[s] @ h[s]
+  Asum, Bsum, Csum = sum(a.values()), sum(b.values()), sum(c.values())
+  Q = sum(sum_v[s] @ sum_v[s] for s in slices.values())
+  alpha = Bsum / Csum
+  w = Bsum / Asum
+  lam = abs(Asum - Q) / P if faithful else max(Asum - Q / P, 0.0) / P
+  S = {n: np.zeros((s.stop - s.start, M)) for n, s in slices.items()}
+  Y = {n: np.zeros_like(S[n]) for n in slices}
+  X = {n: np.zeros_like(S[n]) for n in slices}
+  rho2 = {n: np.zeros(M) for n in slices}
+  for n, s in slices.items():
+    gbar, hbar = sum_v[s] / P, sum_h[s] / P
+    rho = abs(alpha) * np.linalg.norm(gbar)
+    S[n][:, 0] = -alpha * gbar / rho
+    Y[n][:, 0] = -alpha * hbar / rho
+    rho2[n][0] = rho**2
+    if faithful:
+      X[n][:, 0] = (Y[n][:, 0] - S[n][:, 0]) / ((w**2 + lam**2) * rho**2)
+    else:
+      X[n][:, 0] = (Y[n][:, 0] - S[n][:, 0] / alpha) / (w**2 + lam**2)
+
+  def posterior(n, m):
+    Sm, Ym = S[n][:, :m], Y[n][:, :m]
+    if faithful:
+      K = w**2 * (Sm.T @ Sm)
+      K[np.diag_indices(m)] = (w**2 + lam**2) * rho2[n][:m]
+      delta = Ym - alpha * Sm
+    else:
+      K = w**2 * (Sm.T @ Sm) + lam**2 * np.eye(m)
+      delta = Ym - Sm / alpha
+    out = np.zeros_like(S[n])
+    out[:, :m] = delta @ np.linalg.inv(K)
+    return out
+
+  for k in range(P, P + M - 1):
+    m = k - P + 1
+    g = grads[k]
+    d = np.zeros(N)
+    for n, s in slices.items():
+      Bhat = np.eye(s.stop - s.start) / alpha + w**2 * X[n] @ S[n].T
+      if faithful:  # The code's Woodbury with the transposed core XᵀŜ.
+        core = np.eye(M) + alpha * w**2 * X[n].T @ S[n]
+        d[s] = alpha * g[s] - alpha**2 * w**2 * X[n] @ np.linalg.solve(core, S[n].T @ g[s])
+      else:  # The exact inverse of the posterior mean.
+        d[s] = np.linalg.solve(Bhat, g[s])
+    h = hvp(d)
+    for n, s in slices.items():
+      rho = np.linalg.norm(d[s])
+      S[n][:, m] = d[s] / rho
+      Y[n][:, m] = h[s] / rho
+      rho2[n][m] = rho**2
+      X[n] = posterior(n, m + 1)
+  U, sig, upd = {}, {}, np.zeros(N)
+  g = grads[P + M - 1]
+  for n, s in slices.items():
+    Bhat = np.eye(s.stop - s.start) / alpha + w**2 * X[n] @ S[n].T
+    u, sv, _ = np.linalg.svd(Bhat)
+    kp = min(r, s.stop - s.start - 1)
+    U[n], sig[n] = u[:, :kp], sv[:kp]
+    Pm = np.eye(s.stop - s.start) + U[n] @ np.diag(sv[:kp] ** -0.5 - 1) @ U[n].T
+    upd[s] = -alpha * (Pm @ g[s] + wd * theta[s])
+  return {"alpha": alpha, "w": w, "lam": lam, "S": S, "X": X, "U": U, "sigma": sig, "upd": upd}
+
+
+def _drive(tx, loss, theta, steps):
+  params = _unflat(jnp.asarray(theta))
+  state = tx.init(params)
+
+  @jax.jit
+  def step(params, state, k):
+    _, grads, hvp = value_grad_and_hvp(loss, params, k)
+    return tx.update(grads, state, params, hvp_fn=hvp), grads
+
+  out = []
+  for k in range(steps):
+    (updates, state), grads = step(params, state, k)
+    out.append((updates, state, grads))
+  return out
+
+
+@pytest.mark.parametrize("faithful", [True, False])
+@pytest.mark.parametrize("wd", [0.0, 0.01])
+def test_matches_dense_float64_reference(faithful, wd):
+  P, M, r = 4, 3, 2
+  A = _hessian()
+  theta = np.random.default_rng(2).normal(size=N)
+  with jax.enable_x64(True):
+    loss, bs = _noisy_quadratic(A, noise=0.5)
+    tx = probabilistic_preconditioner(r, M, P, wd, faithful=faithful)
+    out = _drive(tx, loss, theta, P + M)
+  grads = [A @ theta + bs[k] for k in range(P + M)]
+  ref = _reference(A, theta, grads, P, M, r, wd, faithful)
+  for k in range(P + M - 1):  # Estimation steps emit exactly zero updates.
+    assert all(np.max(np.abs(np.asarray(u))) == 0.0 for u in jax.tree.leaves(out[k][0]))
+  updates, state, _ = out[-1]
+  assert PHASES[int(state.phase)] == "build"
+  np.testing.assert_allclose(float(state.alpha[0]), ref["alpha"], rtol=1e-9)
+  np.testing.assert_allclose(float(state.w[0]), ref["w"], rtol=1e-9)
+  np.testing.assert_allclose(float(state.lam[0]), ref["lam"], rtol=1e-9, atol=1e-12)
+  for n in SHAPES:
+    np.testing.assert_allclose(np.asarray(state.S[n]), ref["S"][n], rtol=1e-7, atol=1e-9)
+    np.testing.assert_allclose(np.asarray(state.X[n]), ref["X"][n], rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(np.asarray(state.sigma[n]), ref["sigma"][n], rtol=1e-7)
+    # Singular vectors up to sign: compare the projector.
+    Ug = np.asarray(state.U[n])
+    np.testing.assert_allclose(Ug @ Ug.T, ref["U"][n] @ ref["U"][n].T, atol=1e-7)
+  flat_upd = np.concatenate([np.asarray(updates["b"]), np.asarray(updates["w"]).ravel()])
+  np.testing.assert_allclose(flat_upd, ref["upd"], rtol=1e-7, atol=1e-10)
+
+
+def test_float32_agrees_with_reference():
+  P, M, r = 4, 3, 2
+  A = _hessian()
+  loss, bs = _noisy_quadratic(A, noise=0.5)
+  theta = np.random.default_rng(2).normal(size=N)
+  out = _drive(probabilistic_preconditioner(r, M, P, faithful=False), loss, theta, P + M)
+  ref = _reference(A, theta, [A @ theta + bs[k] for k in range(P + M)], P, M, r, 0.0, False)
+  updates, state, _ = out[-1]
+  np.testing.assert_allclose(float(state.alpha[0]), ref["alpha"], rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(_flat(updates)), ref["upd"], rtol=2e-3, atol=1e-6)
+
+
+def test_noise_free_posterior_reproduces_the_hessian_on_the_probed_subspace():
+  """Consistent mode, identical minibatches: λ = 0 and B̂ Ŝ = A Ŝ (per leaf block)."""
+  P, M = 3, 4
+  A = _hessian(eigs=(9.0, 5.0, 3.0, 2.0, 1.5, 1.2, 1.0, 0.9, 0.8, 0.7))
+  theta = np.random.default_rng(5).normal(size=N)
+  with jax.enable_x64(True):
+    loss, _ = _noisy_quadratic(A, noise=0.0)
+    out = _drive(probabilistic_preconditioner(2, M, P, faithful=False), loss, theta, P + M - 1)
+  _, state, _ = out[-1]
+  assert abs(float(state.lam[0])) < 1e-10  # zero up to rounding
+  alpha, w = float(state.alpha[0]), float(state.w[0])
+  for n, s in (("b", slice(0, 4)), ("w", slice(4, 10))):
+    S, X = np.asarray(state.S[n]), np.asarray(state.X[n])
+    Bhat = np.eye(S.shape[0]) / alpha + w**2 * X @ S.T
+    # The observations are of the full Hessian: y = (A d)_leaf, including cross-block
+    # terms, so compare with the observed columns.
+    Y = np.asarray(state.Y[n])
+    np.testing.assert_allclose(Bhat @ S, Y, atol=1e-6 * np.abs(Y).max())
+    del s
+
+
+# --------------------------------------------------------------------------- behaviour
+
+
+def _ill_quadratic():
+  # Condition number 1e3 with the start far out in the flat directions: α = Σ sᵀHs / Σ sᵀHHs
+  # then weights the flat curvature, α·λ_max ≈ 9 > 2, and SGD at α diverges along the steep
+  # direction; the preconditioner scales that direction by σ^{-1/2} ≈ 1/√1000 and the
+  # step becomes stable (1 − 9/31.6), while the flat directions converge at 1 − α.
+  A = np.diag([1000.0] + [1.0] * (N - 1))
+  theta = np.concatenate([[1e-3], np.full(N - 1, 30.0)])
+  return A, theta
+
+
+def _run_quadratic(tx, A, theta, steps, noise=0.0):
+  loss, _ = _noisy_quadratic(A, noise)
+  params = _unflat(jnp.asarray(theta, jnp.float32))
+  state = tx.init(params)
+
+  @jax.jit
+  def step(params, state, k):
+    value, grads, hvp = value_grad_and_hvp(loss, params, k % 64)
+    updates, state = tx.update(grads, state, params, hvp_fn=hvp)
+    return optax.apply_updates(params, updates), state, value
+
+  losses = []
+  for k in range(steps):
+    params, state, value = step(params, state, k)
+    losses.append(float(value))
+  return np.asarray(losses), state
+
+
+@pytest.mark.parametrize("faithful", [True, False])
+def test_preconditioning_beats_sgd_with_the_same_alpha_when_ill_conditioned(faithful):
+  A, theta = _ill_quadratic()
+  P, M = 5, 3
+  pre, state = _run_quadratic(preconditioned_sgd(1, M, P, faithful=faithful), A, theta, 80)
+  alpha = float(state.alpha[0])
+  assert alpha * 1000 > 2  # plain SGD at α is unstable along the steep direction
+  ada, _ = _run_quadratic(adaptive_sgd(1, M, P, faithful=faithful), A, theta, 80)
+  start = P + M - 1
+  # The faithful form also shrinks the flat leaf "w" (its σ is 1/α there), so it is slower.
+  target = (0.75 if faithful else 0.5) * pre[start]
+
+  def first_below(x):
+    hits = np.nonzero(x[start:] < target)[0]
+    return start + hits[0] if hits.size else np.inf
+
+  assert first_below(pre) < 80
+  assert first_below(pre) < first_below(ada)
+  assert np.all(np.isfinite(pre))
+
+
+def test_well_conditioned_preconditioning_does_no_harm():
+  A = _hessian(eigs=(2.0, 1.8, 1.6, 1.5, 1.4, 1.3, 1.2, 1.1, 1.05, 1.0))
+  theta = np.random.default_rng(7).normal(size=N)
+  pre, _ = _run_quadratic(preconditioned_sgd(faithful=False), A, theta, 60, noise=0.1)
+  ada, _ = _run_quadratic(adaptive_sgd(faithful=False), A, theta, 60, noise=0.1)
+  assert pre[-1] <= 1.1 * ada[-1] + 1e-3
+  assert pre[-1] < 0.05 * pre[0]
+
+
+def test_adaptive_sgd_after_estimation_is_plain_sgd_at_alpha():
+  A = _hessian()
+  loss, _ = _noisy_quadratic(A, 0.3)
+  theta = np.random.default_rng(3).normal(size=N)
+  out = _drive(adaptive_sgd(2, 3, 4), loss, theta, 10)
+  for updates, state, grads in out[6:]:
+    alpha = float(state.alpha[0])
+    np.testing.assert_allclose(
+      np.asarray(_flat(updates)), -alpha * np.asarray(_flat(grads)), rtol=1e-6
+    )
+  # only_adaptive_sgd: same α, zero updates until step P + M − 1, no posterior at all.
+  out2 = _drive(only_adaptive_sgd(2, 3, 4), loss, theta, 10)
+  for k in range(6):
+    assert float(jnp.max(jnp.abs(_flat(out2[k][0])))) == 0.0
+  st = out2[-1][1]
+  assert float(st.alpha[0]) == pytest.approx(float(out[-1][1].alpha[0]), rel=1e-6)
+  assert float(jnp.max(jnp.abs(st.S["w"]))) == 0.0
+
+
+def test_reestimation_resets_counters_and_momentum():
+  A = _hessian()
+  loss, _ = _noisy_quadratic(A, 0.3)
+  theta = np.random.default_rng(3).normal(size=N)
+  P, M, every = 2, 2, 6
+  tx = probabilistic_preconditioner(1, M, P, momentum=0.9, reestimate_every=every)
+  out = _drive(tx, loss, theta, 2 * every + 1)
+  phases = [PHASES[int(s.phase)] for _, s, _ in out]
+  cycle = ["prior", "prior_end", "posterior", "build", "apply", "apply"]
+  assert phases == cycle + cycle + ["prior"]
+  assert [int(s.cycle) for _, s, _ in out] == [0] * 6 + [1] * 6 + [2]
+  # The momentum trace restarts at each build: the first applied update is −α·g.
+  for k in (3, 9):
+    updates, state, _ = out[k]
+    np.testing.assert_allclose(
+      float(jnp.linalg.norm(state.trace["w"])),
+      float(jnp.linalg.norm(-_flat(updates)[4:] / state.lr[0])),
+      rtol=1e-5,
+    )
+  # Estimation steps of the second cycle emit zeros even though momentum was running.
+  for k in (6, 7, 8):
+    assert float(jnp.max(jnp.abs(_flat(out[k][0])))) == 0.0
+  # restart_estimate by hand does the same.
+  s = restart_estimate(out[4][1])
+  assert int(s.step) == 0 and float(jnp.max(jnp.abs(s.trace["w"]))) == 0.0
+
+
+def test_initial_and_fixed_lr():
+  A = _hessian()
+  loss, _ = _noisy_quadratic(A, 0.3)
+  theta = np.random.default_rng(3).normal(size=N)
+  out = _drive(probabilistic_preconditioner(initial_lr=0.003, reestimate_every=20), loss, theta, 40)
+  assert float(out[14][1].lr[0]) == pytest.approx(0.003)
+  assert float(out[34][1].lr[0]) == pytest.approx(float(out[34][1].alpha[0]))
+  out = _drive(probabilistic_preconditioner(fixed_lr=0.02), loss, theta, 16)
+  assert float(out[-1][1].lr[0]) == pytest.approx(0.02)
+
+
+def test_parameter_groups():
+  A = _hessian()
+  loss, _ = _noisy_quadratic(A, 0.3)
+  theta = np.random.default_rng(3).normal(size=N)
+  labels = {"b": "bias", "w": "kernel"}
+  out = _drive(probabilistic_preconditioner(2, 3, 4, labels=labels), loss, theta, 8)
+  state = out[-1][1]
+  assert state.alpha.shape == (2,)
+  # Groups are sorted by name: "bias" then "kernel"; each α is its own B/C.
+  log = preconditioner_log(state, ["bias", "kernel"])
+  assert set(log) >= {"probprec/alpha/bias", "probprec/alpha/kernel", "probprec/sigma_0/w"}
+  assert float(state.alpha[0]) != pytest.approx(float(state.alpha[1]))
+  with pytest.raises(ValueError, match="labels"):
+    probabilistic_preconditioner(labels={"w": "kernel"}).update(
+      _unflat(jnp.zeros(N)),
+      probabilistic_preconditioner().init(_unflat(jnp.zeros(N))),
+      _unflat(jnp.zeros(N)),
+      hvp_fn=lambda v: v,
+    )
+
+
+# --------------------------------------------------------------------------- degenerate
+
+
+def _degenerate_run(hvp_fn, grads_fn, faithful=False, steps=20, params=None):
+  params = params if params is not None else _unflat(jnp.linspace(-1.0, 1.0, N))
+  tx = probabilistic_preconditioner(2, 3, 4, faithful=faithful, fallback_lr=0.05)
+  state = tx.init(params)
+  update = jax.jit(lambda g, s, p: tx.update(g, s, p, hvp_fn=hvp_fn))
+  outs = []
+  for k in range(steps):
+    grads = grads_fn(params, k)
+    updates, state = update(grads, state, params)
+    outs.append((updates, state))
+    params = optax.apply_updates(params, updates)
+  return outs
+
+
+def test_negative_curvature_falls_back():
+  outs = _degenerate_run(lambda v: jax.tree.map(lambda x: -2.0 * x, v), lambda p, k: p)
+  for updates, _ in outs:
+    assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
+  assert float(outs[-1][1].lr[0]) == pytest.approx(0.05)  # α ≤ 0: fallback_lr
+  # faithful: the code's negative α becomes a negative learning rate.
+  outs = _degenerate_run(
+    lambda v: jax.tree.map(lambda x: -2.0 * x, v), lambda p, k: p, faithful=True, steps=8
+  )
+  assert float(outs[-1][1].lr[0]) < 0
+
+
+def test_zero_gradients_and_nan_hvp_never_emit_nan():
+  zero = lambda p, k: jax.tree.map(jnp.zeros_like, p)  # noqa: E731
+  for updates, _ in _degenerate_run(lambda v: v, zero):
+    assert all(bool(jnp.all(u == 0)) for u in jax.tree.leaves(updates))
+  nan_hvp = lambda v: jax.tree.map(lambda x: x * jnp.nan, v)  # noqa: E731
+  outs = _degenerate_run(nan_hvp, lambda p, k: p)
+  for updates, _ in outs:
+    assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
+  assert float(outs[-1][1].lr[0]) == pytest.approx(0.05)
+  # NaN only in the posterior HVPs (directions other than the prior probe g = θ): the
+  # columns are dropped, α comes from the prior phase, the updates stay finite.
+  theta = _unflat(jnp.linspace(-1.0, 1.0, N))
+
+  def posterior_nan(v):
+    same = jnp.max(jnp.abs(_flat(v) - _flat(theta))) < 1e-6
+    return jax.tree.map(lambda x: jnp.where(same, 2.0 * x, jnp.nan), v)
+
+  outs = _degenerate_run(posterior_nan, lambda p, k: p, steps=7)
+  updates, state = outs[-1]
+  assert PHASES[int(state.phase)] == "build"
+  assert float(state.alpha[0]) == pytest.approx(0.5)  # H = 2I in the prior phase
+  assert float(jnp.max(jnp.abs(state.S["w"][:, 1:]))) == 0.0  # NaN columns dropped
+  assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
+
+
+def test_leaf_of_size_one():
+  params = {"s": jnp.asarray([0.7]), "w": jnp.ones((2, 2))}
+  outs = _degenerate_run(lambda v: v, lambda p, k: p, params=params, steps=10)
+  _, state = outs[-1]
+  assert state.U["s"].shape == (1, 0) and state.sigma["s"].shape == (0,)
+  assert all(bool(jnp.all(jnp.isfinite(u))) for u, _ in outs for u in jax.tree.leaves(u))
+
+
+@pytest.mark.parametrize(
+  ("kwargs", "match"),
+  [
+    ({"prior_iterations": 0}, "prior_iterations"),
+    ({"num_observations": 0}, "num_observations"),
+    ({"est_rank": 0}, "est_rank"),
+    ({"momentum": 1.0}, "momentum"),
+    ({"weight_decay": -1.0}, "weight_decay"),
+    ({"reestimate_every": 5}, "reestimate_every"),
+    ({"initial_lr": 0.0}, "initial_lr"),
+    ({"fixed_lr": -1.0}, "fixed_lr"),
+  ],
+)
+def test_bad_arguments(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    probabilistic_preconditioner(**kwargs)
+
+
+def test_update_needs_hvp_and_params():
+  params = _unflat(jnp.zeros(N))
+  tx = preconditioned_sgd()
+  state = tx.init(params)
+  with pytest.raises(ValueError, match="hvp_fn"):
+    tx.update(params, state, params)
+  with pytest.raises(ValueError, match="parameters"):
+    tx.update(params, state, hvp_fn=lambda v: v)
+
+
+def test_state_is_fixed_and_scan_matches_loop():
+  A = _hessian()
+  loss, _ = _noisy_quadratic(A, 0.3)
+  params = _unflat(jnp.asarray(np.random.default_rng(3).normal(size=N), jnp.float32))
+  tx = preconditioned_sgd(2, 3, 4, momentum=0.5)
+  s0 = tx.init(params)
+  assert isinstance(s0, PreconditionerState)
+
+  def body(carry, k):
+    p, s = carry
+    _, g, hvp = value_grad_and_hvp(loss, p, k)
+    u, s2 = tx.update(g, s, p, hvp_fn=hvp)
+    assert jax.tree.structure(s2) == jax.tree.structure(s)
+    return (optax.apply_updates(p, u), s2), loss(p, k)
+
+  (p_scan, _), losses = jax.jit(lambda p, s: jax.lax.scan(body, (p, s), jnp.arange(12)))(params, s0)
+  p, s = params, s0
+  for k in range(12):
+    _, g, hvp = value_grad_and_hvp(loss, p, k)
+    u, s = tx.update(g, s, p, hvp_fn=hvp)
+    p = optax.apply_updates(p, u)
+  np.testing.assert_allclose(np.asarray(_flat(p_scan)), np.asarray(_flat(p)), rtol=1e-5)
+  assert losses[-1] < losses[0]
