@@ -103,7 +103,9 @@ def _add_train_parser(sub: Any) -> None:
     "-o",
     "--optimizer",
     default=d.optimizer,
-    help="momentum, nesterov or any optax alias (sgd, adam, adamw, rmsprop, …)",
+    help="momentum, nesterov, any optax alias (sgd, adam, adamw, rmsprop, …), or the "
+    "probabilistic preconditioners preconditioned_sgd, adaptive_sgd, only_adaptive_sgd "
+    "(step size estimated; --opt-args initial_lr=…, fixed_lr=…, est_rank=…)",
   )
   g.add_argument("-l", "--lr", "--learning-rate", type=float, default=d.lr, dest="lr")
   g.add_argument(

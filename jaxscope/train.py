@@ -52,6 +52,7 @@ from jaxscope.metrics.scope import MEASURED, TOPICS, Scope, scope
 from jaxscope.record import Recorder
 
 __all__ = [
+  "HVP_OPTIMIZERS",
   "OPTIMIZERS",
   "TrainConfig",
   "TrainResult",
@@ -87,6 +88,16 @@ OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
 }
 
 
+#: Optimizers that need Hessian-vector products (``update(..., hvp_fn=)``); they estimate
+#: their own learning rate, so ``learning_rate`` is not passed (use ``initial_lr=`` or
+#: ``fixed_lr=`` keyword arguments).
+HVP_OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformationExtraArgs]] = {
+  "preconditioned_sgd": transforms.preconditioned_sgd,
+  "adaptive_sgd": transforms.adaptive_sgd,
+  "only_adaptive_sgd": transforms.only_adaptive_sgd,
+}
+
+
 def make_optimizer(
   name: str, learning_rate: optax.ScalarOrSchedule, **kwargs: Any
 ) -> optax.GradientTransformation:
@@ -95,11 +106,20 @@ def make_optimizer(
   ``"momentum"`` is SGD with heavy-ball momentum 0.9 and ``"nesterov"`` its Nesterov
   form; every other name is looked up in ``optax`` (``sgd``, ``adam``, ``adamw``,
   ``rmsprop``, ``lion``, …) and called as ``optax.<name>(learning_rate, **kwargs)``.
+  The probabilistic preconditioners of :data:`HVP_OPTIMIZERS` (``preconditioned_sgd``,
+  ``adaptive_sgd``, ``only_adaptive_sgd``) estimate their step size; ``learning_rate``
+  is ignored for them (pass ``initial_lr=``/``fixed_lr=``) and their ``update`` needs
+  ``hvp_fn=`` (:func:`make_train_step` with ``hvp=True``).
 
   Raises:
     ValueError: unknown name, or a name that is not an optimizer alias; or keyword
       arguments the optimizer does not take (named in the message).
   """
+  if name in HVP_OPTIMIZERS:
+    try:
+      return HVP_OPTIMIZERS[name](**kwargs)
+    except TypeError as e:
+      raise ValueError(f"optimizer {name!r} rejected its arguments {kwargs}: {e}") from e
   factory = OPTIMIZERS.get(name)
   if factory is None:
     factory = getattr(optax, name, None)
@@ -271,6 +291,7 @@ def make_train_step(
   schedule: optax.Schedule | None = None,
   seed: int = 0,
   monitored: bool = False,
+  hvp: bool = False,
 ) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
   """Builds the pure train step ``step(state, x, y, measure=True) -> (state, values)``.
 
@@ -290,6 +311,9 @@ def make_train_step(
     schedule: the learning-rate schedule, only to record ``lr``.
     seed: the seed of the dropout keys, ``fold_in(PRNGKey(seed), step)``.
     monitored: whether ``tx`` measures a scope.
+    hvp: pass ``hvp_fn=`` (the Hessian-vector product of the same minibatch loss, by
+      :func:`jaxscope.transforms.value_grad_and_hvp`) to ``tx.update``, as the
+      probabilistic preconditioners need; their log joins ``values``.
   """
   if task not in ("classification", "regression"):
     raise ValueError(f"task must be 'classification' or 'regression', got {task!r}.")
@@ -306,8 +330,15 @@ def make_train_step(
       loss, sums = _loss_and_metrics(task, outputs, y)
       return loss, (sums, new_model_state)
 
-    (loss, (sums, new_model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     extra: dict[str, Any] = {}
+    if hvp:
+      (loss, (sums, new_model_state)), grads, extra["hvp_fn"] = transforms.value_grad_and_hvp(
+        loss_fn, state.params, has_aux=True
+      )
+    else:
+      (loss, (sums, new_model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params
+      )
     if monitored:
       extra["measure"] = measure
     updates, opt_state = tx.update(grads, state.opt_state, state.params, **extra)
@@ -317,8 +348,10 @@ def make_train_step(
       values["train/accuracy"] = sums["correct"] / sums["count"]
     if schedule is not None:
       values["lr"] = jnp.asarray(schedule(state.step), jnp.float32)
-    # A ratio-adaptive rate reports itself: lr, factor, mean and per-layer ratios.
+    # A ratio-adaptive rate reports itself: lr, factor, mean and per-layer ratios;
+    # a probabilistic preconditioner its lr, α, w, λ, phase and singular values.
     values.update(transforms.ratio_lr_values(opt_state))
+    values.update(transforms.preconditioner_log(opt_state))
     if monitored and measure:
       values.update(
         {k: v for k, v in transforms.metrics(opt_state).items() if k != MEASURED},
@@ -631,6 +664,11 @@ def train(config: TrainConfig | None = None, **overrides: Any) -> TrainResult:
   model = jmodels.build(
     config.model, tuple(ds.train_x.shape[1:]), ds.num_classes, **config.model_args
   )
+  if config.optimizer in HVP_OPTIMIZERS and config.schedule != "constant":
+    raise ValueError(
+      f"train: optimizer {config.optimizer!r} estimates its own step size; use "
+      f"schedule='constant' (got {config.schedule!r})."
+    )
   if config.schedule == "ratio":
     # The rate is steered by the update/weight ratio; the state reports it (ratio_lr_values).
     schedule = None
@@ -645,6 +683,14 @@ def train(config: TrainConfig | None = None, **overrides: Any) -> TrainResult:
         base_learning_rate=config.lr,
       ),
     )
+  elif config.optimizer in HVP_OPTIMIZERS:
+    # The step size is estimated (α); the original re-estimated at every epoch start.
+    schedule = None
+    kwargs = dict(config.optimizer_args)
+    if "reestimate_every" not in kwargs:
+      cycle = kwargs.get("prior_iterations", 10) + kwargs.get("num_observations", 5)
+      kwargs["reestimate_every"] = steps_per_epoch if steps_per_epoch >= cycle else None
+    tx = make_optimizer(config.optimizer, config.lr, **kwargs)
   else:
     schedule = make_schedule(
       config.schedule, config.lr, steps_per_epoch=steps_per_epoch, total_steps=total
@@ -670,7 +716,13 @@ def train(config: TrainConfig | None = None, **overrides: Any) -> TrainResult:
 
   step_fn = jax.jit(
     make_train_step(
-      model, tx, task=task, schedule=schedule, seed=config.seed, monitored=sc is not None
+      model,
+      tx,
+      task=task,
+      schedule=schedule,
+      seed=config.seed,
+      monitored=sc is not None,
+      hvp=config.optimizer in HVP_OPTIMIZERS,
     ),
     static_argnames="measure",
     donate_argnums=0,

@@ -472,3 +472,32 @@ def test_state_is_fixed_and_scan_matches_loop():
     p = optax.apply_updates(p, u)
   np.testing.assert_allclose(np.asarray(_flat(p_scan)), np.asarray(_flat(p)), rtol=1e-5)
   assert losses[-1] < losses[0]
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def test_train_with_preconditioned_sgd(tmp_path):
+  import json
+
+  from jaxscope import cli
+
+  out = tmp_path / "run"
+  rc = cli.main(
+    ["train", "--model", "mlp", "--dataset", "digits", "--steps", "30", "--batch-size", "64",
+     "--optimizer", "preconditioned_sgd", "--opt-args", "est_rank=1,faithful=false",
+     "--metrics", "none", "--out", str(out), "--no-plots", "-q"]
+  )  # fmt: skip
+  assert rc == 0
+  rows = [json.loads(line)["values"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+  steps = [v for v in rows if "loss" in v]
+  assert len(steps) == 30
+  # 22 steps per epoch ≥ 15: re-estimated every epoch (steps 0–13 and 22–35 estimate).
+  assert [v["lr"] for v in steps[:14]] == [0.0] * 14
+  assert steps[14]["lr"] == pytest.approx(steps[14]["probprec/alpha/all"]) and steps[14]["lr"] > 0
+  assert [v["probprec/phase"] for v in steps[21:24]] == [4, 0, 0]
+  assert {"probprec/w/all", "probprec/sigma_0/fc1/kernel"} <= set(steps[-1])
+  with pytest.raises(ValueError, match="estimates its own step size"):
+    from jaxscope.train import train
+
+    train(optimizer="adaptive_sgd", schedule="cosine", out=str(tmp_path / "x"), steps=2)
