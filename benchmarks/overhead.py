@@ -271,8 +271,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   ap.add_argument(
     "--problems",
     type=_csv,
-    default=list(problems.PROBLEMS),
-    help=f"comma-separated problems (default: {','.join(problems.PROBLEMS)}).",
+    default=["mnist_mlp", "cifar10_3c3d"],
+    help=f"comma-separated problems of {', '.join(problems.PROBLEMS)} "
+    "(default: mnist_mlp,cifar10_3c3d).",
   )
   ap.add_argument(
     "--reps",

@@ -7,6 +7,8 @@ cross-entropy. Only shapes and FLOPs matter for timing, so no data set is downlo
 * ``mnist_mlp``: DeepOBS's MNIST MLP, 784-1000-500-100-10 with ReLU, batch 128.
 * ``cifar10_3c3d``: DeepOBS's CIFAR-10 3c3d (three conv + max-pool blocks, then dense
   512-256-10), batch 128 of 32×32×3 images.
+* ``fmnist_2c2d``: DeepOBS's Fashion-MNIST 2c2d (two conv + max-pool blocks, dense 1024,
+  10 outputs; 3.27 M parameters), batch 128 of 28×28×1 images.
 
 The initializers follow DeepOBS (truncated normal σ = 0.03 for the MLP, Glorot normal for
 3c3d, zero biases); 3c3d's L2 weight decay is left out (the benchmark measures the
@@ -23,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-__all__ = ["PROBLEMS", "Problem", "cifar10_3c3d", "get", "mnist_mlp"]
+__all__ = ["PROBLEMS", "Problem", "cifar10_3c3d", "fmnist_2c2d", "get", "mnist_mlp"]
 
 BATCH = 128
 NUM_CLASSES = 10
@@ -94,9 +96,17 @@ def cifar10_3c3d(seed: int = 0) -> Problem:
   return _make("cifar10_3c3d", Cifar3c3d(), (32, 32, 3), default_reps=10, seed=seed)
 
 
+def fmnist_2c2d(seed: int = 0) -> Problem:
+  """DeepOBS Fashion-MNIST 2c2d (the zoo's ``TwoC2D``) on a random batch ``[128, 28, 28, 1]``."""
+  from jaxscope.models.conv import TwoC2D
+
+  return _make("fmnist_2c2d", TwoC2D(num_classes=NUM_CLASSES), (28, 28, 1), 10, seed)
+
+
 PROBLEMS: dict[str, Callable[..., Problem]] = {
   "mnist_mlp": mnist_mlp,
   "cifar10_3c3d": cifar10_3c3d,
+  "fmnist_2c2d": fmnist_2c2d,
 }
 
 

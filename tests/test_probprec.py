@@ -135,8 +135,13 @@ def _reference(A, theta, grads, P, M, r, wd, faithful, eps=1e-12):
     Bhat = np.eye(s.stop - s.start) / alpha + w**2 * X[n] @ S[n].T
     u, sv, _ = np.linalg.svd(Bhat)
     kp = min(r, s.stop - s.start - 1)
-    U[n], sig[n] = u[:, :kp], sv[:kp]
-    Pm = np.eye(s.stop - s.start) + U[n] @ np.diag(sv[:kp] ** -0.5 - 1) @ U[n].T
+    u, sv = u[:, :kp], sv[:kp]
+    if not faithful:  # Uninformative directions (σ = 1/α) are dropped: left unscaled.
+      keep = np.abs(sv - 1 / alpha) > 1e-6 / alpha
+      u, sv = u * keep, sv * keep
+    U[n], sig[n] = u, sv
+    safe = np.where(sv > 0, sv, 1.0)
+    Pm = np.eye(s.stop - s.start) + u @ np.diag(np.where(sv > 0, safe**-0.5 - 1, 0.0)) @ u.T
     upd[s] = -alpha * (Pm @ g[s] + wd * theta[s])
   return {"alpha": alpha, "w": w, "lam": lam, "S": S, "X": X, "U": U, "sigma": sig, "upd": upd}
 
@@ -157,11 +162,17 @@ def _drive(tx, loss, theta, steps):
   return out
 
 
+# A spectrum whose top curvatures stand clear of 1/α, so the top-2 singular pairs of B̂
+# are well separated in the consistent mode (the faithful posterior is nearly α⁻¹·I, see
+# test_faithful_posterior_is_nearly_isotropic).
+EIGS = (40.0, 30.0) + (5.0,) * 8
+
+
 @pytest.mark.parametrize("faithful", [True, False])
 @pytest.mark.parametrize("wd", [0.0, 0.01])
 def test_matches_dense_float64_reference(faithful, wd):
   P, M, r = 4, 3, 2
-  A = _hessian()
+  A = _hessian(eigs=EIGS)
   theta = np.random.default_rng(2).normal(size=N)
   with jax.enable_x64(True):
     loss, bs = _noisy_quadratic(A, noise=0.5)
@@ -173,30 +184,97 @@ def test_matches_dense_float64_reference(faithful, wd):
     assert all(np.max(np.abs(np.asarray(u))) == 0.0 for u in jax.tree.leaves(out[k][0]))
   updates, state, _ = out[-1]
   assert PHASES[int(state.phase)] == "build"
-  np.testing.assert_allclose(float(state.alpha[0]), ref["alpha"], rtol=1e-9)
+  alpha = float(state.alpha[0])
+  np.testing.assert_allclose(alpha, ref["alpha"], rtol=1e-9)
   np.testing.assert_allclose(float(state.w[0]), ref["w"], rtol=1e-9)
   np.testing.assert_allclose(float(state.lam[0]), ref["lam"], rtol=1e-9, atol=1e-12)
-  for n in SHAPES:
-    np.testing.assert_allclose(np.asarray(state.S[n]), ref["S"][n], rtol=1e-7, atol=1e-9)
-    np.testing.assert_allclose(np.asarray(state.X[n]), ref["X"][n], rtol=1e-6, atol=1e-9)
-    np.testing.assert_allclose(np.asarray(state.sigma[n]), ref["sigma"][n], rtol=1e-7)
-    # Singular vectors up to sign: compare the projector.
-    Ug = np.asarray(state.U[n])
-    np.testing.assert_allclose(Ug @ Ug.T, ref["U"][n] @ ref["U"][n].T, atol=1e-7)
+  g = grads[P + M - 1]
   flat_upd = np.concatenate([np.asarray(updates["b"]), np.asarray(updates["w"]).ravel()])
-  np.testing.assert_allclose(flat_upd, ref["upd"], rtol=1e-7, atol=1e-10)
+  for n, sl in (("b", slice(0, 4)), ("w", slice(4, 10))):
+    # Columns are stored as rows.
+    np.testing.assert_allclose(np.asarray(state.S[n]).T, ref["S"][n], rtol=1e-7, atol=1e-9)
+    np.testing.assert_allclose(np.asarray(state.X[n]).T, ref["X"][n], rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(np.asarray(state.sigma[n]), ref["sigma"][n], rtol=1e-7)
+    U = np.asarray(state.U[n]).T  # stored as rows [k, N]
+    sig = np.asarray(state.sigma[n])
+    # The update is −α (P g + wd θ) with this U and σ …
+    kept = sig > 0
+    np.testing.assert_allclose(U[:, kept].T @ U[:, kept], np.eye(kept.sum()), atol=1e-9)
+    scl = np.where(kept, np.where(kept, sig, 1.0) ** -0.5 - 1, 0.0)
+    Pm = np.eye(U.shape[0]) + U @ np.diag(scl) @ U.T
+    np.testing.assert_allclose(
+      flat_upd[sl], -alpha * (Pm @ g[sl] + wd * theta[sl]), rtol=1e-7, atol=1e-10
+    )
+    if not faithful:
+      # … and U spans the same top-2 space as the dense SVD (projectors agree).
+      np.testing.assert_allclose(U @ U.T, ref["U"][n] @ ref["U"][n].T, atol=1e-7)
+  if not faithful:
+    np.testing.assert_allclose(flat_upd, ref["upd"], rtol=1e-7, atol=1e-10)
+
+
+def test_faithful_posterior_is_nearly_isotropic():
+  """A finding, not a wish: with the reference code's quirks (λ = |A − Q|/n from the
+  un-normalised sum, Δ = Ŷ − αŜ) the low-rank part is tiny, so B̂ ≈ α⁻¹ I and its top
+  singular values sit within 1e-3 of α⁻¹, while the consistent mode resolves the steep
+  curvature (σ₁·α ≥ 1.2 here)."""
+  P, M, r = 4, 3, 2
+  A = _hessian(eigs=EIGS)
+  theta = np.random.default_rng(2).normal(size=N)
+  sig = {}
+  for faithful in (True, False):
+    with jax.enable_x64(True):
+      loss, _ = _noisy_quadratic(A, noise=0.5)
+      out = _drive(probabilistic_preconditioner(r, M, P, faithful=faithful), loss, theta, P + M)
+    st = out[-1][1]
+    sig[faithful] = max(float(np.max(st.sigma[n])) for n in SHAPES) * float(st.alpha[0])
+  assert abs(sig[True] - 1) < 1e-3
+  assert sig[False] > 1.2
+
+
+@pytest.mark.parametrize("x64", [True, False])
+def test_low_rank_matches_dense_svd(x64):
+  """The Gram-based low-rank step against ``np.linalg.svd`` of the dense ``B̂``."""
+  from jaxscope.transforms.probprec import _low_rank
+
+  rng = np.random.default_rng(11)
+  n, m, k = 50, 4, 3
+  X = rng.normal(size=(m, n)) * np.array([[3.0], [2.0], [1.0], [0.5]])
+  S = rng.normal(size=(m, n))
+  a, w = 0.5, 0.8
+  B = np.eye(n) / a + w**2 * X.T @ S
+  u, sv, _ = np.linalg.svd(B)
+  with jax.enable_x64(x64):
+    dt = jnp.float64 if x64 else jnp.float32
+    U, sig = _low_rank(jnp.asarray(X, dt), jnp.asarray(S, dt), jnp.asarray(a, dt),
+                       jnp.asarray(w, dt), k, dt)  # fmt: skip
+    U, sig = np.asarray(U, np.float64).T, np.asarray(sig, np.float64)
+  tol = 1e-10 if x64 else 2e-4
+  np.testing.assert_allclose(sig, sv[:k], rtol=tol)
+  np.testing.assert_allclose(U @ U.T, u[:, :k] @ u[:, :k].T, atol=tol * 10)
+  # N < 2M: a rank-deficient span is handled (the missing directions dropped).
+  with jax.enable_x64(x64):
+    U2, sig2 = _low_rank(jnp.asarray(X[:, :3], dt), jnp.asarray(S[:, :3], dt),
+                         jnp.asarray(a, dt), jnp.asarray(w, dt), 2, dt)  # fmt: skip
+  B2 = np.eye(3) / a + w**2 * X[:, :3].T @ S[:, :3]
+  u2, s2, _ = np.linalg.svd(B2)
+  np.testing.assert_allclose(np.asarray(sig2), s2[:2], rtol=tol)
+  U2 = np.asarray(U2, np.float64).T
+  np.testing.assert_allclose(U2 @ U2.T, u2[:, :2] @ u2[:, :2].T, atol=tol * 10)
 
 
 def test_float32_agrees_with_reference():
   P, M, r = 4, 3, 2
-  A = _hessian()
+  A = _hessian(eigs=EIGS)
   loss, bs = _noisy_quadratic(A, noise=0.5)
   theta = np.random.default_rng(2).normal(size=N)
+  # Rank 1: the second singular value of leaf "w" is within 0.2 % of 1/α, a gap float32
+  # posteriors (relative error ~1e-6) cannot resolve to better than ~1 %.
+  r = 1
   out = _drive(probabilistic_preconditioner(r, M, P, faithful=False), loss, theta, P + M)
   ref = _reference(A, theta, [A @ theta + bs[k] for k in range(P + M)], P, M, r, 0.0, False)
   updates, state, _ = out[-1]
   np.testing.assert_allclose(float(state.alpha[0]), ref["alpha"], rtol=1e-5)
-  np.testing.assert_allclose(np.asarray(_flat(updates)), ref["upd"], rtol=2e-3, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(_flat(updates)), ref["upd"], rtol=1e-3, atol=1e-6)
 
 
 def test_noise_free_posterior_reproduces_the_hessian_on_the_probed_subspace():
@@ -211,11 +289,11 @@ def test_noise_free_posterior_reproduces_the_hessian_on_the_probed_subspace():
   assert abs(float(state.lam[0])) < 1e-10  # zero up to rounding
   alpha, w = float(state.alpha[0]), float(state.w[0])
   for n, s in (("b", slice(0, 4)), ("w", slice(4, 10))):
-    S, X = np.asarray(state.S[n]), np.asarray(state.X[n])
+    S, X = np.asarray(state.S[n]).T, np.asarray(state.X[n]).T
     Bhat = np.eye(S.shape[0]) / alpha + w**2 * X @ S.T
     # The observations are of the full Hessian: y = (A d)_leaf, including cross-block
     # terms, so compare with the observed columns.
-    Y = np.asarray(state.Y[n])
+    Y = np.asarray(state.Y[n]).T
     np.testing.assert_allclose(Bhat @ S, Y, atol=1e-6 * np.abs(Y).max())
     del s
 
@@ -251,8 +329,11 @@ def _run_quadratic(tx, A, theta, steps, noise=0.0):
   return np.asarray(losses), state
 
 
-@pytest.mark.parametrize("faithful", [True, False])
-def test_preconditioning_beats_sgd_with_the_same_alpha_when_ill_conditioned(faithful):
+def test_preconditioning_beats_sgd_with_the_same_alpha_when_ill_conditioned():
+  # The consistent mode: the faithful posterior is nearly α⁻¹·I (see
+  # test_faithful_posterior_is_nearly_isotropic), so its top directions are arbitrary
+  # within a degenerate spectrum and whether they hit the steep direction is chance.
+  faithful = False
   A, theta = _ill_quadratic()
   P, M = 5, 3
   pre, state = _run_quadratic(preconditioned_sgd(1, M, P, faithful=faithful), A, theta, 80)
@@ -260,8 +341,7 @@ def test_preconditioning_beats_sgd_with_the_same_alpha_when_ill_conditioned(fait
   assert alpha * 1000 > 2  # plain SGD at α is unstable along the steep direction
   ada, _ = _run_quadratic(adaptive_sgd(1, M, P, faithful=faithful), A, theta, 80)
   start = P + M - 1
-  # The faithful form also shrinks the flat leaf "w" (its σ is 1/α there), so it is slower.
-  target = (0.75 if faithful else 0.5) * pre[start]
+  target = 0.5 * pre[start]
 
   def first_below(x):
     hits = np.nonzero(x[start:] < target)[0]
@@ -409,7 +489,7 @@ def test_zero_gradients_and_nan_hvp_never_emit_nan():
   updates, state = outs[-1]
   assert PHASES[int(state.phase)] == "build"
   assert float(state.alpha[0]) == pytest.approx(0.5)  # H = 2I in the prior phase
-  assert float(jnp.max(jnp.abs(state.S["w"][:, 1:]))) == 0.0  # NaN columns dropped
+  assert float(jnp.max(jnp.abs(state.S["w"][1:]))) == 0.0  # NaN columns dropped
   assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
 
 
@@ -417,7 +497,7 @@ def test_leaf_of_size_one():
   params = {"s": jnp.asarray([0.7]), "w": jnp.ones((2, 2))}
   outs = _degenerate_run(lambda v: v, lambda p, k: p, params=params, steps=10)
   _, state = outs[-1]
-  assert state.U["s"].shape == (1, 0) and state.sigma["s"].shape == (0,)
+  assert state.U["s"].shape == (0, 1) and state.sigma["s"].shape == (0,)
   assert all(bool(jnp.all(jnp.isfinite(u))) for u, _ in outs for u in jax.tree.leaves(u))
 
 

@@ -1,0 +1,242 @@
+"""What the probabilistic preconditioner costs per step and per epoch, against SGD and Adam.
+
+Run from the repository root::
+
+    .venv/bin/python benchmarks/preconditioner.py
+    .venv/bin/python benchmarks/preconditioner.py --problems mnist_mlp --reps 20 --epoch 469
+
+For each problem (``benchmarks/problems.py``: DeepOBS's ``mnist_mlp`` and ``fmnist_2c2d``
+shapes, batch 128, random data) it jits one train step per optimizer:
+
+* ``sgd`` (``optax.sgd(0.01)``) and ``adam`` (``optax.adam(1e-3)``): ``value_and_grad``
+  and the update;
+* ``preconditioned``, ``adaptive``, ``only_adaptive``: one step per *static* phase
+  (``tx.update(..., phase=preconditioner_phase(count))``, as the training loop does):
+  the estimating phases compute the gradient and the HVP map with
+  :func:`jaxscope.transforms.value_grad_and_hvp` (``jax.linearize``), the build and apply
+  phases only ``value_and_grad``. ``D (switch)`` is the apply step with the phase chosen
+  on the device by ``lax.switch`` instead, for comparison.
+
+To time each phase, the optimizer state is captured at the start of every phase of a
+real cycle (prior ``A``, its last step ``A'``, posterior ``B``, build ``C``, apply ``D``)
+and the step is timed from that state. All variants and phases are timed interleaved in
+one process (order rotated every repetition); every call donates fresh copies of its
+inputs (copied before the clock starts), as a training loop donates its state. The
+per-epoch cost of a preconditioner for an epoch of ``E`` steps (469 = 60 000 / 128, as
+the thesis) with re-estimation every epoch is
+
+    (P−1)·t_A + t_A' + (M−1)·t_B + t_C + (E − P − M)·t_D      (P = 10, M = 5)
+
+(``only_adaptive`` takes its zero-update posterior steps at ``t_B`` too), divided by
+``E · t_sgd``. The thesis measured 2.39× (preconditioned), 1.87× (adaptive), 1.00×
+(only adaptive) on fmnist_2c2d; the targets here are ≤ 1.3×, ≤ 1.15×, ≤ 1.05×.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+_ROOT = Path(__file__).resolve().parents[1]
+if str(_ROOT) not in sys.path:
+  sys.path.insert(0, str(_ROOT))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+from benchmarks import problems  # noqa: E402
+from benchmarks.overhead import _git_version, _iqr, write_json  # noqa: E402
+from jaxscope import transforms  # noqa: E402
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "preconditioner-cpu.json"
+TARGETS = {"preconditioned": 1.3, "adaptive": 1.15, "only_adaptive": 1.05}
+P, M = 10, 5
+WARMUP = 2
+PHASE_STEPS = {"A": 0, "A'": P - 1, "B": P, "C": P + M - 1, "D": P + M}
+
+PRECONDITIONERS: dict[str, Callable[[], optax.GradientTransformationExtraArgs]] = {
+  "preconditioned": lambda: transforms.preconditioned_sgd(2, M, P),
+  "adaptive": lambda: transforms.adaptive_sgd(2, M, P),
+  "only_adaptive": lambda: transforms.only_adaptive_sgd(2, M, P),
+}
+
+
+def _baseline_step(problem: problems.Problem, tx: optax.GradientTransformation) -> Callable:
+  def step(params: Any, opt_state: Any, x: jax.Array, y: jax.Array) -> tuple[Any, Any, Any]:
+    loss, grads = jax.value_and_grad(problem.loss)(params, x, y)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  return jax.jit(step, donate_argnums=(0, 1))
+
+
+def _phase_step(
+  problem: problems.Problem, tx: optax.GradientTransformationExtraArgs, phase: int | None
+) -> Callable:
+  """The donated step for a static ``phase`` (``None``: ``lax.switch`` on the device)."""
+  needs_hvp = phase is None or phase < 3
+
+  def step(params: Any, opt_state: Any, x: jax.Array, y: jax.Array) -> tuple[Any, Any, Any]:
+    if needs_hvp:
+      loss, grads, hvp = transforms.value_grad_and_hvp(problem.loss, params, x, y)
+      updates, opt_state = tx.update(grads, opt_state, params, hvp_fn=hvp, phase=phase)
+    else:
+      loss, grads = jax.value_and_grad(problem.loss)(params, x, y)
+      updates, opt_state = tx.update(grads, opt_state, params, phase=phase)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  return jax.jit(step, donate_argnums=(0, 1))
+
+
+def _copy(tree: Any) -> Any:
+  return jax.tree.map(lambda a: a.copy(), tree)
+
+
+def _phase_states(problem: problems.Problem, tx: Any) -> dict[str, tuple]:
+  """Runs one cycle and keeps (params, state) at the first step of every phase."""
+  step = _phase_step(problem, tx, None)
+  params, state = _copy(problem.params), tx.init(problem.params)
+  wanted = {v: k for k, v in PHASE_STEPS.items()}
+  out = {}
+  for k in range(P + M + 1):
+    if k in wanted:
+      out[wanted[k]] = _copy((params, state))  # The step donates its inputs.
+    params, state, _ = step(params, state, problem.x, problem.y)
+  if transforms.PHASES[int(state.phase)] != "apply":
+    raise RuntimeError(f"{problem.name}: the cycle did not reach the apply phase.")
+  return out
+
+
+def time_all(problem: problems.Problem, reps: int) -> dict[str, np.ndarray]:
+  """Per-call wall times in ms of every (variant, phase), interleaved.
+
+  Every call gets fresh copies of its inputs (made before the clock starts), so the
+  donated step can reuse them in place as in a training loop.
+  """
+  calls: dict[str, tuple[Callable, tuple]] = {}
+  for name, tx in (("sgd", optax.sgd(0.01)), ("adam", optax.adam(1e-3))):
+    calls[name] = (_baseline_step(problem, tx), (_copy(problem.params), tx.init(problem.params)))
+  for name, factory in PRECONDITIONERS.items():
+    tx = factory()
+    states = _phase_states(problem, tx)
+    for i, (phase, inputs) in enumerate(states.items()):
+      calls[f"{name}/{phase}"] = (_phase_step(problem, tx, i), inputs)
+    # The same apply step through lax.switch (phase chosen on the device).
+    calls[f"{name}/D (switch)"] = (_phase_step(problem, tx, None), states["D"])
+
+  def call(key: str) -> float:
+    fn, inputs = calls[key]
+    params, state = _copy(inputs)
+    jax.block_until_ready((params, state))
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(params, state, problem.x, problem.y))
+    return (time.perf_counter() - t0) * 1e3
+
+  keys = list(calls)
+  for key in keys:
+    for _ in range(WARMUP):
+      call(key)
+  times: dict[str, list[float]] = {k: [] for k in keys}
+  for rep in range(reps):
+    shift = rep % len(keys)
+    for key in keys[shift:] + keys[:shift]:
+      times[key].append(call(key))
+  return {k: np.asarray(v) for k, v in times.items()}
+
+
+def epoch_cost(med: dict[str, float], name: str, epoch: int) -> float:
+  """Milliseconds of one epoch of ``epoch`` steps with one estimation cycle."""
+  t = {ph: med[f"{name}/{ph}"] for ph in PHASE_STEPS}
+  return (P - 1) * t["A"] + t["A'"] + (M - 1) * t["B"] + t["C"] + (epoch - P - M) * t["D"]
+
+
+def run(problem_names: Sequence[str], reps: int, epoch: int) -> dict[str, Any]:
+  """Runs the benchmark and returns the JSON-ready report."""
+  dev = jax.devices()[0]
+  records = []
+  for pname in problem_names:
+    problem = problems.get(pname)
+    print(f"{pname}: {reps} interleaved repetitions")
+    times = time_all(problem, reps)
+    med = {k: float(np.median(v)) for k, v in times.items()}
+    sgd = med["sgd"]
+    rec: dict[str, Any] = {
+      "problem": pname,
+      "reps": reps,
+      "epoch_steps": epoch,
+      "step_ms": {k: round(v, 3) for k, v in med.items()},
+      "step_iqr_ms": {k: round(_iqr(v), 3) for k, v in times.items()},
+      "step_ratio_to_sgd": {k: round(v / sgd, 3) for k, v in med.items()},
+      "epoch_ratio_to_sgd": {"sgd": 1.0, "adam": round(med["adam"] / sgd, 3)},
+    }
+    for name in PRECONDITIONERS:
+      rec["epoch_ratio_to_sgd"][name] = round(epoch_cost(med, name, epoch) / (epoch * sgd), 3)
+    records.append(rec)
+  return {
+    "device": f"{dev.device_kind}/{dev.platform}",
+    "jax": jax.__version__,
+    "cpu_count": os.cpu_count(),
+    "jaxscope_git": _git_version(),
+    "prior_iterations": P,
+    "num_observations": M,
+    "records": records,
+    "targets": dict(TARGETS),
+    "thesis": {"preconditioned": 2.39, "adaptive": 1.87, "only_adaptive": 1.00, "adam": 0.99},
+  }
+
+
+def format_table(report: dict[str, Any]) -> str:
+  """Readable tables: per-phase step times and per-epoch ratios."""
+  lines = [
+    f"device {report['device']}, jax {report['jax']}, {report['cpu_count']} CPUs, "
+    f"jaxscope {report.get('jaxscope_git')}"
+  ]
+  for r in report["records"]:
+    lines.append(f"\n{r['problem']}: median ms per step (ratio to sgd)")
+    for k, v in r["step_ms"].items():
+      lines.append(f"  {k:<22} {v:>10.2f}  {r['step_ratio_to_sgd'][k]:>6.2f}x")
+    lines.append(f"{r['problem']}: per epoch of {r['epoch_steps']} steps, ratio to sgd")
+    for k, v in r["epoch_ratio_to_sgd"].items():
+      target = report["targets"].get(k)
+      ok = "" if target is None else ("  yes" if v <= target else "  NO")
+      t = "" if target is None else f"(target ≤ {target:.2f}x)"
+      lines.append(f"  {k:<22} {v:>6.3f}x {t}{ok}")
+  return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+  """Command-line entry point; returns the report."""
+  ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON output path.")
+  ap.add_argument(
+    "--problems",
+    type=lambda v: [p.strip() for p in v.split(",") if p.strip()],
+    default=["mnist_mlp", "fmnist_2c2d"],
+    help="comma-separated problems (default: mnist_mlp,fmnist_2c2d).",
+  )
+  ap.add_argument("--reps", type=int, default=15, help="timed calls per variant and phase.")
+  ap.add_argument("--epoch", type=int, default=469, help="steps per epoch (default 469).")
+  args = ap.parse_args(argv)
+  for p in args.problems:
+    if p not in problems.PROBLEMS:
+      ap.error(f"unknown problem {p!r}; problems: {', '.join(problems.PROBLEMS)}.")
+  if args.reps < 1:
+    ap.error("--reps must be >= 1.")
+  if args.epoch < P + M:
+    ap.error(f"--epoch must be >= {P + M} (one estimation cycle).")
+  report = run(args.problems, args.reps, args.epoch)
+  print()
+  print(format_table(report))
+  write_json(report, args.out)
+  print(f"\nwrote {args.out}")
+  return report
+
+
+if __name__ == "__main__":
+  main()
