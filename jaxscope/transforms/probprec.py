@@ -483,7 +483,9 @@ def probabilistic_preconditioner(
       K = jnp.where(m2, K, jnp.eye(M, dtype=small))
       delta = jnp.where(mask[:, None], delta, 0.0)
       if faithful:
-        Xd = jnp.linalg.solve(K, delta)
+        # K⁻¹ (M × M) then one matrix product: a LAPACK solve with N right-hand sides
+        # would transpose the [M, N] buffer twice.
+        Xd = jnp.linalg.solve(K, jnp.eye(M, dtype=small)) @ delta
       else:
         # Noise-free observations (λ = 0) along nearly parallel directions make K
         # singular: the pseudo-inverse gives the minimum-norm posterior factor.
