@@ -15,6 +15,7 @@ import jax
 import optax
 
 from jaxscope.metrics.scope import Scope, ScopeState, scope_values
+from jaxscope.transforms.state import find_state
 
 __all__ = ["MonitorState", "metrics", "monitored"]
 
@@ -119,19 +120,16 @@ def metrics(opt_state: Any) -> dict[str, jax.Array]:
   Raises:
     ValueError: if the state holds no or several monitors.
   """
-  found = [
-    x
-    for x in jax.tree_util.tree_leaves(opt_state, is_leaf=lambda x: isinstance(x, ScopeState))
-    if isinstance(x, ScopeState)
-  ]
-  if not found:
+  found = find_state(
+    opt_state,
+    ScopeState,
+    caller="metrics",
+    what="monitored scopes (use one monitored() with a single scope, or read each state's "
+    "jaxscope_scope)",
+  )
+  if found is None:
     raise ValueError(
       "metrics: the optimizer state holds no jaxscope scope; wrap the optimizer with "
       "jaxscope.transforms.monitored(optimizer, scope)."
     )
-  if len(found) > 1:
-    raise ValueError(
-      f"metrics: the optimizer state holds {len(found)} monitored scopes; use one "
-      "monitored() with a single scope, or read each state's jaxscope_scope."
-    )
-  return _unwrap(scope_values(found[0]))
+  return _unwrap(scope_values(found))

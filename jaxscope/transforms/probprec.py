@@ -58,6 +58,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxscope import tree as jtree
+from jaxscope.transforms.state import find_state
 
 __all__ = [
   "PHASES",
@@ -830,18 +831,9 @@ def preconditioner_log(opt_state: Any, group_names: list[str] | None = None) -> 
     group_names: the names of the groups in order (default ``"0"``, ``"1"``, …; with
       one group, ``"all"``).
   """
-  found = [
-    x
-    for x in jax.tree_util.tree_leaves(
-      opt_state, is_leaf=lambda x: isinstance(x, PreconditionerState)
-    )
-    if isinstance(x, PreconditionerState)
-  ]
-  if not found:
+  s = find_state(opt_state, PreconditionerState, caller="preconditioner_log")
+  if s is None:
     return {}
-  if len(found) > 1:
-    raise ValueError(f"preconditioner_log: the state holds {len(found)} preconditioners.")
-  s = found[0]
   G = s.alpha.shape[0]
   names = group_names or (["all"] if G == 1 else [str(i) for i in range(G)])
   out: dict[str, Any] = {"probprec/grad_norm": s.grad_norm, "probprec/phase": s.phase}

@@ -76,6 +76,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxscope import tree as jtree
+from jaxscope.transforms.state import find_state
 
 __all__ = [
   "MIN_MEAN_RATIO",
@@ -467,18 +468,9 @@ def ratio_lr_values(opt_state: Any) -> dict[str, jax.Array]:
   Raises:
     ValueError: if the state holds several ratio-adaptive states.
   """
-  found = [
-    x
-    for x in jax.tree_util.tree_leaves(
-      opt_state, is_leaf=lambda x: isinstance(x, RatioAdaptiveState)
-    )
-    if isinstance(x, RatioAdaptiveState)
-  ]
-  if not found:
+  s = find_state(opt_state, RatioAdaptiveState, caller="ratio_lr_values")
+  if s is None:
     return {}
-  if len(found) > 1:
-    raise ValueError(f"ratio_lr_values: the optimizer state holds {len(found)} ratio states.")
-  s = found[0]
   out = {
     "lr": s.learning_rate,
     "ratio_lr/factor": s.factor,
