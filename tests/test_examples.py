@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -37,3 +38,40 @@ def test_quickstart_writes_a_run_directory(tmp_path, capsys):
   assert history.steps("test/accuracy").tolist() == [21, 43]
   assert (out / "plots" / "updates_ratio.png").stat().st_size > 1000
   assert "Dense_0/kernel" in capsys.readouterr().out
+
+
+def test_ratio_lr_schedules_quick(tmp_path):
+  # A subprocess, as a user runs it: the script sets XLA_FLAGS before importing JAX.
+  script = ROOT / "examples" / "ratio_lr_schedules.py"
+  proc = subprocess.run(
+    [sys.executable, str(script), "--quick", "--out", str(tmp_path)],
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "| lenet5 | digits | 0.1 |" in proc.stdout  # the markdown table
+  report = json.loads((tmp_path / "results" / "ratio_lr_schedules.json").read_text())
+  config = report["config"]
+  assert config["models"] == ["lenet5"] and config["datasets"] == ["digits"]
+  assert config["lrs"] == [0.1, 0.5] and config["seeds"] == 2
+  schedules = ["constant", "exponential", "ratio", "ratio_thesis", "fixed_ratio"]
+  assert list(config["schedules"]) == schedules
+  by_sched = report["results"]["lenet5"]["digits"]
+  for schedule in schedules:
+    for lr in ("0.1", "0.5"):
+      res = by_sched[schedule]["by_lr"][lr]
+      accs = res["final_test_accuracy"]
+      assert len(accs) == 2 and all(0.0 <= a <= 1.0 for a in accs)
+      assert np.isclose(res["mean"], np.mean(accs), atol=1e-5)
+      assert len(res["curves"]["test_accuracy"]) == config["epochs"]["digits"]
+  assert min(by_sched["constant"]["by_lr"]["0.1"]["final_test_accuracy"]) > 0.2  # chance 0.1
+  # The trace run (lr 0.5, seed 0): one value per step; the constant rate is the base rate.
+  traces = report["traces"]["schedules"]
+  steps = config["epochs"]["digits"] * config["dataset_sizes"]["digits"]["steps_per_epoch"]
+  assert len(traces["ratio"]["lr"]) == steps
+  assert np.allclose(traces["constant"]["lr"], 0.5, rtol=1e-4)
+  assert traces["ratio"]["lr"][0] == 0.5 and traces["ratio"]["lr"][5] != 0.5
+  for name in ("boxplots", "traces", "curves"):
+    assert (tmp_path / "figures" / f"ratio_lr_{name}.png").stat().st_size > 10_000
