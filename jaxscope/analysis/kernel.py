@@ -1,0 +1,286 @@
+"""The one compiled evaluation kernel every checkpoint analysis runs on.
+
+A *point* in parameter space is a coefficient array over a small *basis* of parameter
+trees ``B_0 … B_{r−1}`` (checkpoints, or a centre and directions). Leaves are split into
+``G`` *groups* (one per layer, or one for the whole model), and the coefficients may differ
+per group:
+
+    θ(c)_leaf = Σ_j c[j, g(leaf)] · B_j,leaf          c ∈ R^{r × G}
+
+which covers, with one kernel:
+
+* model-level paths: ``G = 1``; the linear path ``θ(α) = (1−α)θ_a + αθ_b`` is
+  ``c = [1−α, α]``, the quadratic (Lagrange) path through three checkpoints has the three
+  Lagrange weights as ``c``; a 2-D landscape ``θ* + aδ + bη`` is ``c = [1, a, b]``;
+* layer-level paths and re-initialisation: ``G`` = number of layers + 1; only the moving
+  layer's group gets the path weights, all others ``[0, …, 0, 1]`` (the final model);
+* checkpoint × layer heat-maps (Zhang et al.'s re-initialisation to step τ): the basis is
+  the checkpoints, and the group of layer ℓ gets the one-hot of τ.
+
+Every point of a chunk is evaluated at once (``vmap``) over a fixed evaluation set kept on
+the device, padded to whole batches with a validity mask and scanned batch by batch, so the
+loss is the exact mean ``L = (1/n) Σ_i ℓ(f(x_i; θ), y_i)`` over the ``n`` examples and the
+accuracy the exact fraction. The coefficients enter as arrays, so one analysis compiles once
+(plus once for a smaller last chunk, which is padded instead). Chunk sizes come from a
+memory budget (:func:`chunk_size`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxscope import tree as jtree
+
+__all__ = [
+  "ApplyFn",
+  "EvalSet",
+  "PointEvaluator",
+  "chunk_size",
+  "make_batch_evaluator",
+  "make_eval_set",
+  "make_point_evaluator",
+]
+
+#: ``apply_fn(params, model_state, x) -> outputs`` in evaluation mode.
+ApplyFn = Callable[[Any, Any, jax.Array], jax.Array]
+
+
+class EvalSet(NamedTuple):
+  """A fixed evaluation set on the device, padded into whole batches."""
+
+  x: jax.Array
+  """``[batches, batch_size, ...]`` inputs."""
+  y: jax.Array
+  """``[batches, batch_size, ...]`` targets (integer labels for classification)."""
+  mask: jax.Array
+  """``[batches, batch_size]`` 1 for real examples, 0 for padding."""
+  n: int
+  """Number of real examples."""
+  digest: str
+  """SHA-256 (first 16 hex digits) of the examples and labels, to identify the set."""
+
+
+def make_eval_set(x: Any, y: Any, *, batch_size: int = 500) -> EvalSet:
+  """Pads ``(x, y)`` to whole batches, puts them on the device and hashes them.
+
+  Raises:
+    ValueError: empty set, ``x`` and ``y`` of different lengths, or a bad batch size.
+  """
+  x, y = np.asarray(x), np.asarray(y)
+  n = len(x)
+  if n == 0:
+    raise ValueError("make_eval_set: the evaluation set is empty.")
+  if len(y) != n:
+    raise ValueError(f"make_eval_set: x has {n} examples but y has {len(y)}.")
+  if not isinstance(batch_size, int) or batch_size < 1:
+    raise ValueError(f"make_eval_set: batch_size must be a positive int, got {batch_size!r}.")
+  bs = min(batch_size, n)
+  nb = -(-n // bs)
+  pad = nb * bs - n
+  digest = hashlib.sha256(np.ascontiguousarray(x).tobytes() + np.ascontiguousarray(y).tobytes())
+  xs = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)]).reshape(nb, bs, *x.shape[1:])
+  ys = np.concatenate([y, np.zeros((pad, *y.shape[1:]), y.dtype)]).reshape(nb, bs, *y.shape[1:])
+  mask = (np.arange(nb * bs) < n).astype(np.float32).reshape(nb, bs)
+  return EvalSet(
+    jax.device_put(xs), jax.device_put(ys), jax.device_put(mask), n, digest.hexdigest()[:16]
+  )
+
+
+def _per_example(task: str, outputs: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Per-example loss and correctness (0 for regression)."""
+  if task == "regression":
+    per = jnp.mean((outputs - y) ** 2, axis=tuple(range(1, outputs.ndim)))
+    return per, jnp.zeros_like(per)
+  per = optax.softmax_cross_entropy_with_integer_labels(outputs, y)
+  return per, (jnp.argmax(outputs, -1) == y).astype(jnp.float32)
+
+
+def make_batch_evaluator(
+  apply_fn: ApplyFn, eval_set: EvalSet, *, task: str = "classification"
+) -> Callable[[Any, Any], tuple[jax.Array, jax.Array]]:
+  """``f(params [K, ...], states [K, ...]) -> (loss [K], accuracy [K])`` over ``eval_set``.
+
+  The ``K`` parameter trees (leading axis) are evaluated together (``vmap``) while the
+  padded batches are scanned (``lax.scan``); padded examples carry weight 0, so the results
+  are exact means over the ``n`` examples. Trace it inside ``jit``.
+  """
+
+  def evaluate(params: Any, states: Any) -> tuple[jax.Array, jax.Array]:
+    def body(carry: tuple[jax.Array, jax.Array], batch: tuple[jax.Array, ...]) -> Any:
+      xb, yb, mb = batch
+
+      def one(p: Any, s: Any) -> tuple[jax.Array, jax.Array]:
+        per, hit = _per_example(task, apply_fn(p, s, xb), yb)
+        return jnp.sum(per * mb), jnp.sum(hit * mb)
+
+      loss, hits = jax.vmap(one)(params, states)
+      return (carry[0] + loss, carry[1] + hits), None
+
+    k = jax.tree.leaves(params)[0].shape[0]
+    zero = (jnp.zeros((k,), jnp.float32), jnp.zeros((k,), jnp.float32))
+    (loss, hits), _ = jax.lax.scan(body, zero, (eval_set.x, eval_set.y, eval_set.mask))
+    return loss / eval_set.n, hits / eval_set.n
+
+  return evaluate
+
+
+def chunk_size(basis: Sequence[Any], eval_set: EvalSet, *, budget_bytes: float = 2**30) -> int:
+  """Points evaluated at once within ``budget_bytes``.
+
+  Each point holds its own parameters (``|θ|`` bytes) and the activations of one batch;
+  the activations are estimated as 64 floats per input element of the batch (generous
+  for the small convolutional and dense models of the zoo). The result is clipped to
+  ``[1, 256]``.
+  """
+  p_bytes = sum(
+    int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(basis[0])
+  )
+  act = 64 * 4 * int(np.prod(eval_set.x.shape[1:]))
+  return int(max(1, min(256, budget_bytes // max(1, p_bytes + act))))
+
+
+class PointEvaluator(NamedTuple):
+  """What :func:`make_point_evaluator` returns."""
+
+  evaluate: Callable[[Any], dict[str, np.ndarray]]
+  """``evaluate(coeffs [K, r, G]) -> {"loss": [K], "accuracy": [K]}`` (numpy)."""
+  groups: tuple[str, ...]
+  """The group names in order (``("all",)`` for one group)."""
+  leaf_group: tuple[int, ...]
+  """Each leaf's group index, in flattening order."""
+  chunk: int
+  """Points per compiled call."""
+  timings: dict[str, float]
+  """Cumulative seconds: ``compile`` (first call) and ``run``; ``points`` evaluated."""
+
+
+def make_point_evaluator(
+  apply_fn: ApplyFn,
+  basis: Sequence[Any],
+  eval_set: EvalSet,
+  *,
+  groups: Sequence[str] | None = None,
+  leaf_groups: Sequence[int] | None = None,
+  model_state: Any = None,
+  state_basis: Sequence[Any] | None = None,
+  task: str = "classification",
+  chunk: int | None = None,
+) -> PointEvaluator:
+  """Builds the compiled evaluator of points ``θ(c) = Σ_j c[j, g] B_j`` (module docstring).
+
+  Args:
+    apply_fn: ``apply_fn(params, model_state, x) -> outputs`` in evaluation mode (for a
+      :class:`jaxscope.models.ModelDef` ``m``: ``lambda p, s, x: m.apply({"params": p,
+      **s}, x, train=False)[0]``).
+    basis: ``r`` parameter trees of one structure (leaves of equal shapes and dtypes).
+    eval_set: from :func:`make_eval_set`.
+    groups: names of the ``G`` leaf groups (default one group ``"all"``).
+    leaf_groups: the group index of each leaf in flattening order (default all 0).
+    model_state: non-parameter collections (BatchNorm statistics) used at every point
+      ("keep" policy; e.g. the final model's), ``{}``/``None`` when the model has none.
+    state_basis: instead of ``model_state``, one state tree per basis element: the state
+      is interpolated with the same coefficients as the parameters of group 0
+      ("interpolate" policy, Li et al.'s ``states`` directions).
+    task: ``"classification"`` (softmax cross-entropy, integer labels) or
+      ``"regression"`` (mean squared error; accuracy is 0).
+    chunk: points per call (default :func:`chunk_size`).
+
+  Returns:
+    A :class:`PointEvaluator`. ``evaluate`` accepts ``[K, r]`` (one group) or
+    ``[K, r, G]`` coefficients and any ``K``; NaN/Inf losses are returned as they are.
+
+  Raises:
+    ValueError: an empty basis, trees of different structure or shapes, bad groups,
+      coefficients of the wrong shape, an unknown task.
+  """
+  if task not in ("classification", "regression"):
+    raise ValueError(
+      f"make_point_evaluator: task must be classification or regression, not {task!r}."
+    )
+  basis = list(basis)
+  if not basis:
+    raise ValueError("make_point_evaluator: the basis is empty.")
+  for i, b in enumerate(basis[1:], 1):
+    jtree.check_same_structure(basis[0], b, ref_name="basis[0]", other_name=f"basis[{i}]")
+  n_leaves = len(jax.tree.leaves(basis[0]))
+  groups = tuple(groups) if groups is not None else ("all",)
+  leaf_groups = tuple(int(g) for g in (leaf_groups if leaf_groups is not None else [0] * n_leaves))
+  if len(leaf_groups) != n_leaves:
+    raise ValueError(
+      f"make_point_evaluator: leaf_groups has {len(leaf_groups)} entries for {n_leaves} leaves."
+    )
+  if any(not 0 <= g < len(groups) for g in leaf_groups):
+    raise ValueError(f"make_point_evaluator: leaf_groups must index the {len(groups)} groups.")
+  r, G = len(basis), len(groups)
+  if state_basis is not None:
+    state_basis = list(state_basis)
+    if len(state_basis) != r:
+      raise ValueError(f"make_point_evaluator: state_basis has {len(state_basis)} trees for {r}.")
+  model_state = {} if model_state is None else model_state
+  chunk = int(chunk) if chunk else chunk_size(basis, eval_set)
+  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *basis)  # leaves [r, ...]
+  stacked_state = (
+    jax.tree.map(lambda *xs: jnp.stack(xs), *state_basis) if state_basis is not None else None
+  )
+  lg = jnp.asarray(leaf_groups, jnp.int32)
+  treedef = jax.tree.structure(basis[0])
+
+  def point_params(c: jax.Array) -> Any:  # c: [r, G]
+    leaves = jax.tree.leaves(stacked)
+    out = []
+    for i, leaf in enumerate(leaves):
+      w = c[:, lg[i]].astype(leaf.dtype)  # [r]
+      out.append(jnp.tensordot(w, leaf, axes=1))
+    return jax.tree.unflatten(treedef, out)
+
+  def point_state(c: jax.Array) -> Any:
+    if stacked_state is None:
+      return model_state
+    return jax.tree.map(lambda s: jnp.tensordot(c[:, 0].astype(s.dtype), s, axes=1), stacked_state)
+
+  batch_eval = make_batch_evaluator(apply_fn, eval_set, task=task)
+
+  @jax.jit
+  def run_chunk(coeffs: jax.Array) -> tuple[jax.Array, jax.Array]:  # coeffs [K, r, G]
+    return batch_eval(jax.vmap(point_params)(coeffs), jax.vmap(point_state)(coeffs))
+
+  timings = {"compile": 0.0, "run": 0.0, "points": 0.0}
+
+  def evaluate(coeffs: Any) -> dict[str, np.ndarray]:
+    c = np.asarray(coeffs, np.float32)
+    if c.ndim == 2:
+      c = c[:, :, None] * np.ones((1, 1, G), np.float32)
+    if c.ndim != 3 or c.shape[1:] != (r, G):
+      raise ValueError(
+        f"evaluate: coefficients must be [K, {r}] or [K, {r}, {G}], got {np.shape(coeffs)}."
+      )
+    K = len(c)
+    size = min(chunk, K)  # Few points: a smaller compiled shape, not a padded full chunk.
+    losses, accs = [], []
+    for start in range(0, K, size):
+      part = c[start : start + size]
+      pad = size - len(part)
+      if pad:  # One compiled shape: pad the last chunk with copies of its first point.
+        part = np.concatenate([part, np.repeat(part[:1], pad, axis=0)])
+      t0 = time.perf_counter()
+      loss, acc = jax.block_until_ready(run_chunk(jnp.asarray(part)))
+      dt = time.perf_counter() - t0
+      key = "compile" if timings["points"] == 0 and start == 0 else "run"
+      timings[key] += dt
+      losses.append(np.asarray(loss)[: size - pad])
+      accs.append(np.asarray(acc)[: size - pad])
+    timings["points"] += K
+    return {
+      "loss": np.concatenate(losses) if losses else np.zeros(0, np.float32),
+      "accuracy": np.concatenate(accs) if accs else np.zeros(0, np.float32),
+    }
+
+  return PointEvaluator(evaluate, groups, leaf_groups, chunk, timings)
