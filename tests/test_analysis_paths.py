@@ -151,7 +151,7 @@ def test_parameter_paths_match_manual_replacement(setup):
 
 
 def test_projection_and_path_error(setup):
-  _, es, (t0, tm, tf), _, apply_fn = setup
+  _, es, (t0, _, tf), _, apply_fn = setup
   on_line = [jax.tree.map(lambda a, b, s=s: (1 - s) * a + s * b, t0, tf) for s in (0.0, 0.25, 1.0)]
   np.testing.assert_allclose(analysis.project_on_path(t0, tf, on_line), [0, 0.25, 1], atol=1e-6)
   lin = analysis.model_path(apply_fn, es, t0, tf, alphas=np.linspace(0, 1, 5))
