@@ -3,7 +3,9 @@
 * :mod:`~jaxscope.analysis.kernel`: the fixed evaluation set and the point evaluator
   (``θ(c) = Σ_j c[j, g] B_j``, ``vmap`` over points, ``scan`` over batches);
 * :mod:`~jaxscope.analysis.paths`: linear and quadratic paths at model, layer and
-  parameter level, checkpoints projected on the path, trajectory distances.
+  parameter level, checkpoints projected on the path, trajectory distances;
+* :mod:`~jaxscope.analysis.robustness`: re-initialisation heat-maps, re-randomisation and
+  the critical / ambient classification of layers (Zhang, Bengio & Singer).
 """
 
 from jaxscope.analysis.kernel import (
@@ -27,15 +29,19 @@ from jaxscope.analysis.paths import (
   select_parameters,
   trajectory_stats,
 )
+from jaxscope.analysis.robustness import RobustnessResult, classify_layers, layer_robustness
 
 __all__ = [
   "EvalSet",
   "PathResult",
   "PointEvaluator",
+  "RobustnessResult",
   "TrajectoryStats",
   "chunk_size",
+  "classify_layers",
   "lagrange_weights",
   "layer_paths",
+  "layer_robustness",
   "linear_weights",
   "make_batch_evaluator",
   "make_eval_set",
