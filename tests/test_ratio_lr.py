@@ -110,15 +110,18 @@ def test_factor_matches_numpy_reference(mode, base_lr, target, gamma, max_factor
   )
   got = _run(tx, params, grads, steps)
   factors = []
-  for k, ((f_ref, m_ref, r_ref), (updates, f, state)) in enumerate(zip(ref, got, strict=True)):
+  for k, ((f_ref, _, r_ref), (updates, f, state)) in enumerate(zip(ref, got, strict=True)):
     np.testing.assert_allclose(float(f), f_ref, rtol=2e-4, err_msg=f"step {k} factor")
     np.testing.assert_allclose(
       float(optax.tree.get(state, "learning_rate")), base_lr * f_ref, rtol=2e-4
     )
-    np.testing.assert_allclose(float(optax.tree.get(state, "mean_ratio")), m_ref, rtol=2e-4)
+    # The ratios after update k are those up to update k − 1 (measured on the weights
+    # each update produced, when the next update arrives).
+    _, m_prev, r_prev = ref[k - 1] if k else (None, 0.0, dict.fromkeys(r_ref, 0.0))
+    np.testing.assert_allclose(float(optax.tree.get(state, "mean_ratio")), m_prev, rtol=2e-4)
     ratios = optax.tree.get(state, "ratios")
     assert set(ratios) == {"a/kernel", "b/kernel"}  # biases do not count
-    for name, v in r_ref.items():
+    for name, v in r_prev.items():
       np.testing.assert_allclose(float(ratios[name]), v, rtol=2e-4, err_msg=name)
     # Every leaf (biases too) is scaled by the applied factor.
     np.testing.assert_allclose(
@@ -170,6 +173,7 @@ def test_thesis_mode_hits_target_in_closed_form():
     if k >= 1:
       lr = float(optax.tree.get(state, "learning_rate"))
       assert lr == pytest.approx(t * np.linalg.norm(w) / np.linalg.norm(g), rel=1e-5)
+    if k >= 2:  # the ratio of update k − 1, the first made at the steered rate
       assert float(optax.tree.get(state, "mean_ratio")) == pytest.approx(t / (1 - t), rel=1e-5)
     w = w + np.asarray(updates["w"], np.float64)
 
@@ -197,13 +201,15 @@ def test_nan_gradient_does_not_poison_the_factor():
   state = tx.init(params)
   ok = {"w": jnp.ones((2, 2)), "v": jnp.ones((2, 2))}
   _, state = tx.update(ok, state, params)
-  good = float(optax.tree.get(state, "ratios")["w"])
   bad = {"w": jnp.full((2, 2), jnp.nan), "v": jnp.ones((2, 2))}
-  updates, state = tx.update(bad, state, params)
+  updates, state = tx.update(bad, state, params)  # folds in the first (good) ratio
+  good = float(optax.tree.get(state, "ratios")["w"])
+  assert good > 0
   assert np.isnan(np.asarray(updates["w"])).all()  # divergence is not hidden
-  assert float(optax.tree.get(state, "ratios")["w"]) == good  # … but not learnt from
-  nf = float(optax.tree.get(state, "next_factor"))
-  assert np.isfinite(nf) and nf > 0
+  _, state = tx.update(ok, state, params)  # the NaN update's ratio: not learnt from
+  assert float(optax.tree.get(state, "ratios")["w"]) == good
+  f = float(optax.tree.get(state, "factor"))
+  assert np.isfinite(f) and f > 0
 
 
 def test_state_structure_is_fixed_and_works_in_scan():
@@ -229,7 +235,7 @@ def test_state_structure_is_fixed_and_works_in_scan():
     p = optax.apply_updates(p, u)
     loop.append(float(optax.tree.get(s, "learning_rate")))
   np.testing.assert_allclose(np.asarray(lrs), loop, rtol=1e-5)
-  np.testing.assert_allclose(float(s_scan[1].next_factor), float(s[1].next_factor), rtol=1e-5)
+  np.testing.assert_allclose(float(s_scan[1].factor), float(s[1].factor), rtol=1e-5)
 
 
 def test_inject_hyperparams_and_monitor():
@@ -240,13 +246,13 @@ def test_inject_hyperparams_and_monitor():
   for _ in range(3):
     _, state = jax.jit(tx.update)(grads, state, params)
   assert float(state.hyperparams["learning_rate"]) == pytest.approx(0.1)
-  # In code mode the next factor is target / mean ratio: doubling the injected target
-  # doubles it.
+  # In code mode the factor is target / mean ratio: doubling the injected target
+  # doubles the factor of that very update.
   doubled = state._replace(hyperparams={**state.hyperparams, "target": jnp.asarray(2e-3)})
   _, a = tx.update(grads, state, params)
   _, b = tx.update(grads, doubled, params)
-  fa = float(optax.tree.get(a, "next_factor"))
-  assert float(optax.tree.get(b, "next_factor")) == pytest.approx(2 * fa, rel=1e-6)
+  fa = float(optax.tree.get(a, "factor"))
+  assert float(optax.tree.get(b, "factor")) == pytest.approx(2 * fa, rel=1e-6)
   # Inside a monitored chain the monitor sees the scaled updates and both states coexist.
   from jaxscope.metrics import scope
 
@@ -367,12 +373,12 @@ def test_mean_ratio_converges_toward_target_on_digits():
 
   # Thesis mode: the mean ratio settles at the target.
   ratios, _ = _digits_run(ratio_adaptive_sgd(0.5, target, mode="thesis"))
-  assert ratios[0] > 5 * target  # lr 0.5 starts far above the target
+  assert ratios[1] > 5 * target  # lr 0.5 starts far above the target (ratios lag a step)
   assert abs(np.log(gm(ratios) / target)) < np.log(1.2)
   # Code mode: f = t / r̄ where r̄ already carries f, so the fixed point is
   # R* = sqrt(t · R_base), R_base = R / f the ratio the base rate would give.
   ratios, factors = _digits_run(ratio_adaptive_sgd(0.5, target, mode="code"))
-  base = ratios / factors
+  base = ratios[1:] / factors[:-1]  # the ratios after update k are those of update k − 1
   assert gm(ratios) == pytest.approx(np.sqrt(target * gm(base)), rel=0.05)
   assert target < gm(ratios) < 0.5 * gm(base)
 

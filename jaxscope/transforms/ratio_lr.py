@@ -96,9 +96,11 @@ Mode = Literal["code", "thesis"]
 class RatioAdaptiveState(NamedTuple):
   """State of :func:`ratio_adaptive_lr`; its structure is fixed by ``init``.
 
-  After an update, ``factor`` and ``learning_rate`` are those *applied* in it (as
+  After update ``k``, ``factor`` and ``learning_rate`` are those *applied* in it (as
   ``optax.inject_hyperparams`` holds the rate of its latest update), so
-  ``optax.tree.get(opt_state, "learning_rate")`` reads the rate of the last step.
+  ``optax.tree.get(opt_state, "learning_rate")`` reads the rate of the last step; the
+  ratios are those up to update ``k − 1`` (a ratio needs the weights its update produced,
+  which arrive with the next update).
   """
 
   count: jax.Array
@@ -114,8 +116,9 @@ class RatioAdaptiveState(NamedTuple):
   """The factor ``η / η_base`` applied in the latest update (1 before the first)."""
   learning_rate: jax.Array
   """``base_learning_rate · factor``: the effective rate of the latest update."""
-  next_factor: jax.Array
-  """The factor the next update will be scaled by."""
+  update_norms: dict[str, jax.Array]
+  """``‖Δ‖`` of the latest update per counted layer; its ratio is taken at the next
+  update, on the weights it produced."""
 
 
 def _is_number(x: Any) -> bool:
@@ -246,7 +249,7 @@ def ratio_adaptive_lr(
       mean_ratio=jnp.zeros((), jnp.float32),
       factor=jnp.ones((), jnp.float32),
       learning_rate=jnp.full((), base_learning_rate, jnp.float32),
-      next_factor=jnp.ones((), jnp.float32),
+      update_norms={i.name: jnp.zeros((), jnp.float32) for i in infos},
     )
 
   def update_fn(
@@ -258,10 +261,7 @@ def ratio_adaptive_lr(
         "ratio; call tx.update(grads, opt_state, params)."
       )
     jtree.check_same_structure(params, updates, ref_name="params", other_name="updates")
-    f = state.next_factor
-    scaled = jax.tree.map(lambda u: u * f.astype(u.dtype), updates)
-
-    flat_u = jax.tree_util.tree_leaves(scaled)
+    flat_u = jax.tree_util.tree_leaves(updates)
     flat_p = jax.tree_util.tree_leaves(params)
     infos = _selected(updates, layers, exclude, kind, "ratio_adaptive_lr(updates)")
     if set(state.ratios) != {i.name for i in infos}:
@@ -269,42 +269,44 @@ def ratio_adaptive_lr(
         "ratio_adaptive_lr: the counted layers changed since init "
         f"({sorted(state.ratios)} vs {sorted(i.name for i in infos)})."
       )
+    # The previous update's ratio R_{k−1} = ‖Δ_{k−1}‖ / ‖W_k‖ is measured now, on the
+    # weights it produced (the ``params`` given to this update): one reduction over the
+    # parameters, none over ``p + Δ``, and exactly the weights the next step starts from.
+    has_prev = state.count > 0
     raw, valid = {}, {}
     for info in infos:
-      # Two reductions; ‖p + u‖ repeats apply_updates' sum, which XLA may fuse with it.
-      # (The expansion ‖p‖² + 2f⟨p, u⟩ + f²‖u‖² on the unscaled update needs three
-      # reductions and measured slower on the CPU.)
-      u, p = flat_u[info.index], flat_p[info.index]
-      un = _norm(u)
-      wn = _norm(p.astype(u.dtype) + u)
+      wn = _norm(flat_p[info.index])
+      un = state.update_norms[info.name]
       r = un / jnp.where(wn > 0, wn, 1.0)
       raw[info.name] = r
-      valid[info.name] = (wn > 0) & jnp.isfinite(r)
+      valid[info.name] = has_prev & (wn > 0) & jnp.isfinite(r)
 
     def mean(d: dict[str, jax.Array]) -> jax.Array:
       return jnp.mean(jnp.stack(list(d.values())))
 
     gamma = jnp.asarray(smoothing, jnp.float32)
     tgt = jnp.asarray(target, jnp.float32)
-    first = state.count == 0
     if mode == "code":
-      # The factor for the next update comes from the ratios *before* this step's
-      # (one step of lag, as the original's LambdaLR stepping).
+      # This update's factor comes from the ratios up to step k − 2, before R_{k−1} is
+      # folded in (one step of lag, as the original's LambdaLR stepping).
       m_prev = state.mean_ratio
       ok = (m_prev > MIN_MEAN_RATIO) & jnp.isfinite(m_prev)
-      next_factor = clip(jnp.where(ok, tgt / jnp.where(ok, m_prev, 1.0), 1.0))
+      f = clip(jnp.where(ok, tgt / jnp.where(ok, m_prev, 1.0), 1.0))
       ratios = {
         k: jnp.where(valid[k], gamma * raw[k] + (1 - gamma) * state.ratios[k], state.ratios[k])
         for k in raw
       }
     else:
+      first = state.count == 1  # R_0 is the first ratio: its predecessor is itself.
       prev = {k: jnp.where(first, raw[k], state.last_ratios[k]) for k in raw}
       ratios = {
         k: jnp.where(valid[k], gamma * raw[k] + (1 - gamma) * prev[k], state.ratios[k]) for k in raw
       }
       m = mean(ratios)
-      ok = (m > MIN_MEAN_RATIO) & jnp.isfinite(m)
-      next_factor = clip(jnp.where(ok, f * tgt / jnp.where(ok, m, 1.0), f))
+      ok = has_prev & (m > MIN_MEAN_RATIO) & jnp.isfinite(m)
+      f = clip(jnp.where(ok, state.factor * tgt / jnp.where(ok, m, 1.0), state.factor))
+    f = f.astype(jnp.float32)
+    scaled = jax.tree.map(lambda u: u * f.astype(u.dtype), updates)
     last = {k: jnp.where(valid[k], raw[k], state.last_ratios[k]) for k in raw}
     new_state = RatioAdaptiveState(
       count=optax.safe_increment(state.count),
@@ -313,7 +315,7 @@ def ratio_adaptive_lr(
       mean_ratio=mean(ratios),
       factor=f,
       learning_rate=jnp.asarray(base_learning_rate, jnp.float32) * f,
-      next_factor=next_factor.astype(jnp.float32),
+      update_norms={i.name: f * _norm(flat_u[i.index]) for i in infos},
     )
     return scaled, new_state
 
