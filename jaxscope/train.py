@@ -46,6 +46,7 @@ import numpy as np
 import optax
 
 from jaxscope import transforms
+from jaxscope.checkpoint import CHECKPOINT_DIR
 from jaxscope.metrics import registry
 from jaxscope.metrics.network import NetworkMetric
 from jaxscope.metrics.scope import MEASURED, TOPICS, Scope, scope
@@ -64,8 +65,6 @@ __all__ = [
   "make_train_step",
   "train",
 ]
-
-CHECKPOINT_DIR = "checkpoints"
 
 
 # --------------------------------------------------------------------------- optimizers
@@ -780,19 +779,23 @@ def train(config: TrainConfig | None = None, **overrides: Any) -> TrainResult:
     bar = tqdm(total=total, initial=start, unit="step", desc=f"{config.model}/{config.dataset}")
 
   last_eval: dict[str, float] = {}
+  last_eval_step = [-1]
 
   def run_eval(step: int) -> None:
     values = evaluate(state.params, state.model_state)
     recorder.write(step, values)
     last_eval.clear()
     last_eval.update({k: float(v) for k, v in values.items()})
+    last_eval_step[0] = step
 
   def meta(step: int) -> dict[str, Any]:
+    # eval_* are the latest evaluation's, taken at eval_step (≤ step).
     return {
       "step": step,
       "epoch": step / steps_per_epoch,
       "wall_time": time.perf_counter() - t_start,
       **{k.replace("test/", "eval_"): v for k, v in last_eval.items()},
+      **({"eval_step": last_eval_step[0]} if last_eval else {}),
     }
 
   stop = _StopFlag()
