@@ -4,6 +4,7 @@
   (``θ(c) = Σ_j c[j, g] B_j``, ``vmap`` over points, ``scan`` over batches);
 * :mod:`~jaxscope.analysis.paths`: linear and quadratic paths at model, layer and
   parameter level, checkpoints projected on the path, trajectory distances;
+* :mod:`~jaxscope.analysis.landscape`: 1-D and 2-D loss landscapes, saved as npz + json;
 * :mod:`~jaxscope.analysis.robustness`: re-initialisation heat-maps, re-randomisation and
   the critical / ambient classification of layers (Zhang, Bengio & Singer).
 """
@@ -15,6 +16,13 @@ from jaxscope.analysis.kernel import (
   make_batch_evaluator,
   make_eval_set,
   make_point_evaluator,
+)
+from jaxscope.analysis.landscape import (
+  Landscape,
+  landscape_1d,
+  landscape_2d,
+  load_landscape,
+  save_landscape,
 )
 from jaxscope.analysis.paths import (
   PathResult,
@@ -33,6 +41,7 @@ from jaxscope.analysis.robustness import RobustnessResult, classify_layers, laye
 
 __all__ = [
   "EvalSet",
+  "Landscape",
   "PathResult",
   "PointEvaluator",
   "RobustnessResult",
@@ -40,9 +49,12 @@ __all__ = [
   "chunk_size",
   "classify_layers",
   "lagrange_weights",
+  "landscape_1d",
+  "landscape_2d",
   "layer_paths",
   "layer_robustness",
   "linear_weights",
+  "load_landscape",
   "make_batch_evaluator",
   "make_eval_set",
   "make_point_evaluator",
@@ -50,6 +62,7 @@ __all__ = [
   "parameter_paths",
   "path_error",
   "project_on_path",
+  "save_landscape",
   "select_parameters",
   "trajectory_stats",
 ]
