@@ -1,5 +1,7 @@
 """Checkpoint-fed analyses on one compiled evaluation kernel.
 
+* :mod:`~jaxscope.analysis.directions`: filter-normalised random directions, streamed PCA
+  of the trajectory and projection onto its plane;
 * :mod:`~jaxscope.analysis.kernel`: the fixed evaluation set and the point evaluator
   (``θ(c) = Σ_j c[j, g] B_j``, ``vmap`` over points, ``scan`` over batches);
 * :mod:`~jaxscope.analysis.paths`: linear and quadratic paths at model, layer and
@@ -9,6 +11,15 @@
   the critical / ambient classification of layers (Zhang, Bengio & Singer).
 """
 
+from jaxscope.analysis.directions import (
+  LazyCheckpoints,
+  PCAResult,
+  cosine,
+  filter_normalize,
+  pca_directions,
+  project,
+  random_directions,
+)
 from jaxscope.analysis.kernel import (
   EvalSet,
   PointEvaluator,
@@ -42,12 +53,16 @@ from jaxscope.analysis.robustness import RobustnessResult, classify_layers, laye
 __all__ = [
   "EvalSet",
   "Landscape",
+  "LazyCheckpoints",
+  "PCAResult",
   "PathResult",
   "PointEvaluator",
   "RobustnessResult",
   "TrajectoryStats",
   "chunk_size",
   "classify_layers",
+  "cosine",
+  "filter_normalize",
   "lagrange_weights",
   "landscape_1d",
   "landscape_2d",
@@ -61,7 +76,10 @@ __all__ = [
   "model_path",
   "parameter_paths",
   "path_error",
+  "pca_directions",
+  "project",
   "project_on_path",
+  "random_directions",
   "save_landscape",
   "select_parameters",
   "trajectory_stats",

@@ -324,13 +324,16 @@ def random_directions(
 
   Direction ``k`` draws leaf ``ℓ`` from ``N(0, I)`` with the key
   ``fold_in(fold_in(key, k), leaf_seed(name_ℓ))`` (:func:`leaf_seed` is ``zlib.crc32`` of
-  the leaf's path name), so every leaf's draw depends only on the key, ``k`` and its own
-  name: reordering the tree, or adding or removing other leaves, leaves it unchanged, and
-  the first directions of ``n = 3`` equal those of ``n = 2``. (The original seeds torch
-  once and draws leaf after leaf, so its directions depend on the architecture and on the
-  draws the model's initialisation consumed first: loss-landscape issue #36.) Draws are
-  made in ``float32`` (or the leaf's dtype if wider) and then normalised with
-  :func:`filter_normalize` (``norm``, ``ignore_1d``, ``eps``, ``output_axes``).
+  the leaf's path name), in chunks of 1024 values, chunk ``c`` folding in ``c`` once more
+  (all draws then share one shape and compile once). Every leaf's draw thus depends only
+  on the key, ``k``, its own name, shape and dtype: reordering the tree, or adding or
+  removing other leaves, leaves it unchanged, and the first directions of ``n = 3`` equal
+  those of ``n = 2``. (The original seeds torch once and draws leaf after leaf, so its
+  directions depend on the architecture and on the draws the model's initialisation
+  consumed first: loss-landscape issue #36.) Draws are made in ``float32`` (or the leaf's
+  dtype if wider) and then normalised as in :func:`filter_normalize` (``norm``,
+  ``ignore_1d``, ``eps``, ``output_axes``); the whole construction is one compiled
+  function per tree structure.
 
   ``orthogonalize=True`` applies Gram–Schmidt to direction ``k`` against directions
   ``0 … k−1`` *per normalisation unit* (per filter for ``norm="filter"``, per leaf for
@@ -380,6 +383,47 @@ def random_directions(
   )
 
 
+# Every leaf is drawn in chunks of this many values, chunk c of leaf ℓ of direction k with
+# the key fold_in(fold_in(fold_in(key, k), leaf_seed(ℓ)), c): all draws share one shape, so
+# the whole tree costs one vmapped threefry instead of one compiled sampler per leaf shape.
+_CHUNK = 1024
+
+
+def _draw_chunks(keys: jax.Array, seeds: jax.Array, chunks: jax.Array, dtype: Any) -> jax.Array:
+  """``[n, N, _CHUNK]`` normals, row ``(k, r)`` from ``fold_in(fold_in(keys[k], seeds[r]),
+  chunks[r])``."""
+
+  def one(key_k: jax.Array, seed: jax.Array, chunk: jax.Array) -> jax.Array:
+    kk = jax.random.fold_in(jax.random.fold_in(key_k, seed), chunk)
+    return jax.random.normal(kk, (_CHUNK,), dtype)
+
+  return jax.vmap(jax.vmap(one, in_axes=(None, 0, 0)), in_axes=(0, None, None))(keys, seeds, chunks)
+
+
+def _gaussian_leaves(
+  key: jax.Array, n: int, infos: Sequence[jtree.LeafInfo], dtypes: Sequence[Any]
+) -> list[list[jax.Array]]:
+  """``[k][leaf]`` N(0, I) draws; each depends only on ``key``, ``k``, the leaf's name and
+  shape, and its dtype."""
+  out: list[list[Any]] = [[None] * len(infos) for _ in range(n)]
+  for dt in sorted({np.dtype(d) for d in dtypes}, key=str):
+    idx = [i for i, d in enumerate(dtypes) if np.dtype(d) == dt]
+    sizes = [int(np.prod(infos[i].shape)) for i in idx]
+    counts = [max(1, -(-s // _CHUNK)) for s in sizes]
+    seeds = np.repeat(np.array([leaf_seed(infos[i].name) for i in idx], np.uint32), counts)
+    chunks = np.concatenate([np.arange(c, dtype=np.uint32) for c in counts])
+
+    keys = jax.vmap(lambda k: jax.random.fold_in(key, k))(jnp.arange(n, dtype=jnp.uint32))
+    z = _draw_chunks(keys, jnp.asarray(seeds), jnp.asarray(chunks), dt)
+    start = 0
+    for i, size, count in zip(idx, sizes, counts, strict=True):
+      for k in range(n):
+        flat = z[k, start : start + count].reshape(-1)[:size]
+        out[k][i] = flat.reshape(infos[i].shape)
+      start += count
+  return out
+
+
 @functools.partial(
   jax.jit, static_argnames=("n", "norm", "ignore_1d", "orthogonalize", "eps", "output_axes")
 )
@@ -394,21 +438,19 @@ def _random_directions(
   eps: float,
   output_axes: AxesFn | None,
 ) -> list[Any]:
-  """:func:`random_directions` as one compiled function (one dispatch for all leaves)."""
+  """:func:`random_directions` as one compiled function."""
   infos = jtree.leaf_infos(params, argname="params")
   leaves, treedef = jax.tree.flatten(params)
   units = [_unit(info, norm, ignore_1d, output_axes) for info in infos]
   thetas = [_up(x) for x in leaves]
+  drawn = [i for i, u in enumerate(units) if u.tag not in ("zero", "copy")]
+  raws = _gaussian_leaves(key, n, [infos[i] for i in drawn], [thetas[i].dtype for i in drawn])
   dirs: list[list[jax.Array]] = []
   for k in range(n):
-    key_k = jax.random.fold_in(key, k)
+    raw = dict(zip(drawn, raws[k], strict=True))
     out = []
-    for info, theta, unit in zip(infos, thetas, units, strict=True):
-      if unit.tag in ("zero", "copy"):
-        d = jnp.zeros(info.shape, theta.dtype)
-      else:
-        leaf_key = jax.random.fold_in(key_k, leaf_seed(info.name))
-        d = jax.random.normal(leaf_key, info.shape, theta.dtype)
+    for i, (info, theta, unit) in enumerate(zip(infos, thetas, units, strict=True)):
+      d = raw[i] if i in raw else jnp.zeros(info.shape, theta.dtype)
       out.append(_normalize_leaf(d, theta, unit, eps))
     dirs.append(out)
   if orthogonalize:
