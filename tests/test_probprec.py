@@ -226,7 +226,7 @@ def test_faithful_posterior_is_nearly_isotropic():
       loss, _ = _noisy_quadratic(A, noise=0.5)
       out = _drive(probabilistic_preconditioner(r, M, P, faithful=faithful), loss, theta, P + M)
     st = out[-1][1]
-    sig[faithful] = max(float(np.max(st.sigma[n])) for n in SHAPES) * float(st.alpha[0])
+    sig[faithful] = max(float(np.max(np.asarray(st.sigma[n]))) for n in SHAPES) * float(st.alpha[0])
   assert abs(sig[True] - 1) < 1e-3
   assert sig[False] > 1.2
 
