@@ -75,3 +75,54 @@ def test_ratio_lr_schedules_quick(tmp_path):
   assert traces["ratio"]["lr"][0] == 0.5 and traces["ratio"]["lr"][5] != 0.5
   for name in ("boxplots", "traces", "curves"):
     assert (tmp_path / "figures" / f"ratio_lr_{name}.png").stat().st_size > 10_000
+
+
+def test_preconditioner_comparison_quick(tmp_path):
+  # A subprocess, as a user runs it: --quick asks XLA for less optimisation before JAX loads.
+  script = ROOT / "examples" / "preconditioner_comparison.py"
+  proc = subprocess.run(
+    [sys.executable, str(script), "--quick", "--out", str(tmp_path)],
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "| PreconditionedSGD |" in proc.stdout  # the markdown tables
+  report = json.loads((tmp_path / "results" / "preconditioner_comparison.json").read_text())
+  config = report["config"]
+  assert config["setups"] == ["lenet5/digits"] and config["seeds"] == 1
+  assert list(config["methods"]) == ["sgd", "psgd"] and config["lrs"] == [0.1, 0.3]
+  res = report["results"]["lenet5/digits"]
+  epochs, spe = res["epochs"], res["steps_per_epoch"]
+  assert (epochs, spe, res["batch_size"]) == (2, 22, 64)
+  assert res["reestimate_every"] == spe  # --quick re-estimates every epoch
+  assert res["sgd_tuning"]["tuned_lr"] in (0.1, 0.3)
+  for name, method in res["methods"].items():
+    for key in ("train_loss", "test_loss", "test_accuracy"):
+      curve = method["curves"][key]["mean"]
+      assert len(curve) == epochs + 1 and all(np.isfinite(v) for v in curve), (name, key)
+      assert len(method["per_seed"][key]) == 1
+    assert 0.0 <= method["final"]["test_accuracy"]["mean"] <= 1.0
+  sgd = res["methods"]["sgd"]
+  assert sgd["lr"] == res["sgd_tuning"]["tuned_lr"]
+  assert sgd["final"]["test_accuracy"]["mean"] > res["chance_accuracy"] + 0.1
+  # PreconditionedSGD: a cycle per epoch (α set after its 10 prior steps), each with 14
+  # steps without updates, then steps at lr α.
+  psgd = res["methods"]["psgd"]
+  assert psgd["frozen_steps"] == 2 * 14
+  cycles = psgd["alpha_cycles"][0]
+  assert [c["step"] for c in cycles] == [9, spe + 9]
+  for c in cycles:
+    assert np.isfinite(c["alpha"]) and c["lr"] == c["alpha"]
+    assert c["sigma_max"] >= c["sigma_min"] > 0  # the low-rank estimate's singular values
+  sens = res["sensitivity"]
+  for variant in ("sgd", "psgd_initial_lr"):
+    assert list(sens[variant]) == ["0.1", "0.3"]
+    for r in sens[variant].values():
+      assert np.isfinite(r["final"]["train_loss"]["mean"])
+  # With initial_lr the first cycle steps with it instead of α, the second with α.
+  first, second = sens["psgd_initial_lr"]["0.3"]["alpha_cycles"][0]
+  assert np.isclose(first["lr"], 0.3) and second["lr"] == second["alpha"]
+  for name in ("curves", "sensitivity", "alpha"):
+    assert (tmp_path / "figures" / f"probprec_{name}.png").stat().st_size > 10_000
