@@ -173,3 +173,49 @@ def test_trajectory_stats(setup):
                                "out/kernel", "out/bias"}  # fmt: skip
   with pytest.raises(ValueError, match="two checkpoints"):
     analysis.trajectory_stats(cps[:1])
+
+
+def test_batchnorm_statistics_recomputed_exactly():
+  import flax.linen as nn
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x, train=False):
+      h = nn.Dense(4, name="d1")(x)
+      h = nn.BatchNorm(use_running_average=not train, momentum=0.9, name="bn")(h)
+      return nn.Dense(3, name="d2")(nn.relu(h))
+
+  net = Net()
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(96, 5)).astype(np.float32)
+  y = rng.integers(0, 3, 96)
+  v = net.init(jax.random.key(0), jnp.asarray(x[:2]))
+  params, state = v["params"], {"batch_stats": v["batch_stats"]}
+
+  def apply_fn(p, s, xb):
+    return net.apply({"params": p, **s}, xb, train=False)
+
+  def apply_train(p, s, xb):
+    _, upd = net.apply({"params": p, **s}, xb, train=True, mutable=["batch_stats"])
+    return {"batch_stats": upd["batch_stats"]}
+
+  xs = jnp.asarray(x.reshape(3, 32, 5))
+  got = jax.jit(lambda p: analysis.recompute_statistics(apply_train, p, state, xs))(params)
+  W, b = np.asarray(params["d1"]["kernel"], np.float64), np.asarray(params["d1"]["bias"])
+  h = x.reshape(3, 32, 5).astype(np.float64) @ W + b
+  np.testing.assert_allclose(got["batch_stats"]["bn"]["mean"], h.mean(1).mean(0), rtol=1e-5)
+  np.testing.assert_allclose(got["batch_stats"]["bn"]["var"], h.var(1).mean(0), rtol=1e-4)
+  # Through the kernel: the recompute policy at α = 0 and 1 equals evaluating each endpoint
+  # with its own recomputed statistics.
+  theta_b = jax.tree.map(lambda a: a * 1.5, params)
+  es = analysis.make_eval_set(x, y, batch_size=40)
+  ev = analysis.make_point_evaluator(
+    apply_fn, [params, theta_b], es, model_state=state, recompute=(apply_train, xs)
+  )
+  out = ev.evaluate(analysis.linear_weights([0.0, 1.0]))
+  for j, th in enumerate((params, theta_b)):
+    st = analysis.recompute_statistics(apply_train, th, state, xs)
+    logits = np.asarray(apply_fn(th, st, jnp.asarray(x)), np.float64)
+    logits -= logits.max(-1, keepdims=True)
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    assert out["loss"][j] == pytest.approx(-logp[np.arange(96), y].mean(), rel=1e-5)

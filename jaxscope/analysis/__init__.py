@@ -27,6 +27,7 @@ from jaxscope.analysis.kernel import (
   make_batch_evaluator,
   make_eval_set,
   make_point_evaluator,
+  recompute_statistics,
 )
 from jaxscope.analysis.landscape import (
   Landscape,
@@ -80,6 +81,7 @@ __all__ = [
   "project",
   "project_on_path",
   "random_directions",
+  "recompute_statistics",
   "save_landscape",
   "select_parameters",
   "trajectory_stats",

@@ -47,6 +47,7 @@ __all__ = [
   "make_batch_evaluator",
   "make_eval_set",
   "make_point_evaluator",
+  "recompute_statistics",
 ]
 
 #: ``apply_fn(params, model_state, x) -> outputs`` in evaluation mode.
@@ -132,6 +133,39 @@ def make_batch_evaluator(
   return evaluate
 
 
+def recompute_statistics(
+  apply_train: Callable[[Any, Any, jax.Array], Any], params: Any, state: Any, xs: jax.Array
+) -> Any:
+  """BatchNorm statistics of ``params`` averaged exactly over the batches ``xs``.
+
+  A train-mode pass updates each statistic as an exponential moving average
+  ``s' = m·s + (1 − m)·b`` with the batch's value ``b`` and the layer's momentum ``m``.
+  Two passes from ``s = 0`` and ``s = 1`` give ``s'₀ = (1 − m)·b`` and ``s'₁ = m + s'₀``,
+  hence ``m = s'₁ − s'₀`` and ``b = s'₀ / (1 − m)``, whatever the momentum; the result is
+  the plain mean of ``b`` over the batches (not an EMA). A statistic with ``m = 1`` (never
+  updated) keeps its value in ``state``. Trace it inside ``jit``.
+  """
+  zeros = jax.tree.map(jnp.zeros_like, state)
+  ones = jax.tree.map(jnp.ones_like, state)
+
+  def one(x: jax.Array) -> Any:
+    s0, s1 = apply_train(params, zeros, x), apply_train(params, ones, x)
+    return jax.tree.map(lambda a, b: (a, b - a), s0, s1)
+
+  def batch_value(pair: Any, old: jax.Array) -> jax.Array:
+    s0, m = pair
+    keep = jnp.abs(1 - m) < 1e-12
+    return jnp.where(keep, old, s0 / jnp.where(keep, 1.0, 1 - m))
+
+  def body(total: Any, x: jax.Array) -> tuple[Any, None]:
+    pairs = one(x)
+    vals = jax.tree.map(batch_value, pairs, state, is_leaf=lambda p: isinstance(p, tuple))
+    return jax.tree.map(jnp.add, total, vals), None
+
+  total, _ = jax.lax.scan(body, zeros, xs)
+  return jax.tree.map(lambda t: t / xs.shape[0], total)
+
+
 def chunk_size(basis: Sequence[Any], eval_set: EvalSet, *, budget_bytes: float = 2**30) -> int:
   """Points evaluated at once within ``budget_bytes``.
 
@@ -171,6 +205,7 @@ def make_point_evaluator(
   leaf_groups: Sequence[int] | None = None,
   model_state: Any = None,
   state_basis: Sequence[Any] | None = None,
+  recompute: tuple[Callable[[Any, Any, jax.Array], Any], Any] | None = None,
   task: str = "classification",
   chunk: int | None = None,
 ) -> PointEvaluator:
@@ -189,6 +224,11 @@ def make_point_evaluator(
     state_basis: instead of ``model_state``, one state tree per basis element: the state
       is interpolated with the same coefficients as the parameters of group 0
       ("interpolate" policy, Li et al.'s ``states`` directions).
+    recompute: ``(apply_train, xs)``: recompute the BatchNorm statistics at every point
+      ("recompute" policy, the only correct one far from the checkpoints) from the
+      training batches ``xs`` (``[batches, batch_size, ...]``) with
+      ``apply_train(params, model_state, x) -> new_model_state`` (train mode, mutable
+      statistics); see :func:`recompute_statistics`. ``model_state`` gives the structure.
     task: ``"classification"`` (softmax cross-entropy, integer labels) or
       ``"regression"`` (mean squared error; accuracy is 0).
     chunk: points per call (default :func:`chunk_size`).
@@ -242,6 +282,8 @@ def make_point_evaluator(
     return jax.tree.unflatten(treedef, out)
 
   def point_state(c: jax.Array) -> Any:
+    if recompute is not None:
+      return recompute_statistics(recompute[0], point_params(c), model_state, recompute[1])
     if stacked_state is None:
       return model_state
     return jax.tree.map(lambda s: jnp.tensordot(c[:, 0].astype(s.dtype), s, axes=1), stacked_state)
