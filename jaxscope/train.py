@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import inspect
 import json
 import math
@@ -312,14 +313,21 @@ def make_train_step(
     monitored: whether ``tx`` measures a scope.
     hvp: pass ``hvp_fn=`` (the Hessian-vector product of the same minibatch loss, by
       :func:`jaxscope.transforms.value_grad_and_hvp`) to ``tx.update``, as the
-      probabilistic preconditioners need; their log joins ``values``.
+      probabilistic preconditioners need; their log joins ``values``. The step then also
+      takes a static ``phase`` (:func:`jaxscope.transforms.preconditioner_phase` of the
+      step count; jit with ``static_argnames=("measure", "phase")``): the preconditioner
+      traces only that phase, and the build and apply phases skip the HVP.
   """
   if task not in ("classification", "regression"):
     raise ValueError(f"task must be 'classification' or 'regression', got {task!r}.")
   base_key = jax.random.key(seed)
 
   def step(
-    state: TrainState, x: jax.Array, y: jax.Array, measure: bool = True
+    state: TrainState,
+    x: jax.Array,
+    y: jax.Array,
+    measure: bool = True,
+    phase: int | None = None,
   ) -> tuple[TrainState, dict[str, jax.Array]]:
     rng = jax.random.fold_in(base_key, state.step)
 
@@ -330,7 +338,9 @@ def make_train_step(
       return loss, (sums, new_model_state)
 
     extra: dict[str, Any] = {}
-    if hvp:
+    if hvp and phase is not None:
+      extra["phase"] = phase
+    if hvp and (phase is None or phase < 3):  # the build and apply phases need no HVP
       (loss, (sums, new_model_state)), grads, extra["hvp_fn"] = transforms.value_grad_and_hvp(
         loss_fn, state.params, has_aux=True
       )
@@ -668,6 +678,7 @@ def train(config: TrainConfig | None = None, **overrides: Any) -> TrainResult:
       f"train: optimizer {config.optimizer!r} estimates its own step size; use "
       f"schedule='constant' (got {config.schedule!r})."
     )
+  phase_of: Callable[[int], int] | None = None
   if config.schedule == "ratio":
     # The rate is steered by the update/weight ratio; the state reports it (ratio_lr_values).
     schedule = None
@@ -686,10 +697,16 @@ def train(config: TrainConfig | None = None, **overrides: Any) -> TrainResult:
     # The step size is estimated (α); the original re-estimated at every epoch start.
     schedule = None
     kwargs = dict(config.optimizer_args)
+    cycle_p, cycle_m = kwargs.get("prior_iterations", 10), kwargs.get("num_observations", 5)
     if "reestimate_every" not in kwargs:
-      cycle = kwargs.get("prior_iterations", 10) + kwargs.get("num_observations", 5)
-      kwargs["reestimate_every"] = steps_per_epoch if steps_per_epoch >= cycle else None
+      kwargs["reestimate_every"] = steps_per_epoch if steps_per_epoch >= cycle_p + cycle_m else None
     tx = make_optimizer(config.optimizer, config.lr, **kwargs)
+    phase_of = functools.partial(
+      transforms.preconditioner_phase,
+      prior_iterations=cycle_p,
+      num_observations=cycle_m,
+      reestimate_every=kwargs["reestimate_every"],
+    )
   else:
     schedule = make_schedule(
       config.schedule, config.lr, steps_per_epoch=steps_per_epoch, total_steps=total
@@ -723,7 +740,7 @@ def train(config: TrainConfig | None = None, **overrides: Any) -> TrainResult:
       monitored=sc is not None,
       hvp=config.optimizer in HVP_OPTIMIZERS,
     ),
-    static_argnames="measure",
+    static_argnames=("measure", "phase"),
     donate_argnums=0,
   )
   evaluate = make_evaluate(
@@ -816,7 +833,8 @@ def train(config: TrainConfig | None = None, **overrides: Any) -> TrainResult:
         idx = order[i * config.batch_size : (i + 1) * config.batch_size]  # type: ignore[index]
         x, y = gather(idx)
         measure = sc is not None and step % config.every == 0
-        state, values = step_fn(state, x, y, measure=measure)
+        phase = phase_of(step) if phase_of is not None else None
+        state, values = step_fn(state, x, y, measure=measure, phase=phase)
         recorder.write(step, values)
         if bar is not None:
           if pending_loss is not None and (step % 10 == 0 or step == total - 1):
