@@ -15,11 +15,13 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev,tensorboard]'
 	touch $(STAMP)
 
-# The default run: LeNet-5 on the embedded digits, economy metrics, checkpoints, plots.
+# The default run: LeNet-5 on the embedded digits, economy metrics, checkpoints, plots,
+# then the checkpoint analyses (paths, landscape, trajectory, robustness) in runs/demo/analysis.
 demo: $(STAMP)
 	rm -rf runs/demo
 	MPLBACKEND=Agg $(VENV)/bin/jaxscope train --out runs/demo --no-plots
 	MPLBACKEND=Agg $(VENV)/bin/jaxscope plot runs/demo
+	MPLBACKEND=Agg $(VENV)/bin/jaxscope analyze runs/demo all --grid -1:1:11 --eval-examples 300
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .

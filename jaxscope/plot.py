@@ -8,6 +8,13 @@ notebook by evaluating it, or save it with ``fig.savefig(path)``.
 Non-finite values (NaN, ±Inf) are drawn as gaps in the lines and marked with a red
 ``x`` at the top of the axes at their steps, so a divergence is not hidden.
 
+The checkpoint analyses of :mod:`jaxscope.analysis` have their own figures:
+:func:`path_figure` (loss and accuracy along interpolation paths with the real training
+curve), :func:`layer_paths_figure` and :func:`parameter_paths_figure` (overlays with
+distance-coded opacity), :func:`landscape_figure` and :func:`surface_figure` (contours with
+data-derived levels and the trajectory, 3-D surface, 1-D loss/accuracy) and
+:func:`robustness_figure` (the re-initialisation heat-map with the layer classes).
+
 Example:
   >>> import tempfile
   >>> from jaxscope.plot import metric_figure, save_run_plots
@@ -25,8 +32,9 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from matplotlib.colors import LogNorm, Normalize
@@ -35,7 +43,18 @@ from matplotlib.transforms import blended_transform_factory
 
 from jaxscope.record import History
 
-__all__ = ["histogram_figure", "metric_figure", "save_run_plots", "scalar_figure"]
+__all__ = [
+  "histogram_figure",
+  "landscape_figure",
+  "layer_paths_figure",
+  "metric_figure",
+  "parameter_paths_figure",
+  "path_figure",
+  "robustness_figure",
+  "save_run_plots",
+  "scalar_figure",
+  "surface_figure",
+]
 
 _FIGSIZE = (8.0, 4.5)
 _MANY_LAYERS = 12
@@ -297,3 +316,651 @@ def save_run_plots(
   for topic, stat, layer in histograms:
     save(histogram_figure(history, topic, layer, stat=stat), _file_name(topic, stat, layer))
   return paths
+
+
+# ------------------------------------------------------------------- checkpoint analyses
+#
+# Figures of :mod:`jaxscope.analysis` results. They take the result objects by their
+# attributes (``PathResult``: ``alpha``, ``loss``, ``accuracy``, ``kind``, ``name``,
+# ``distance``; ``Landscape``: ``x``, ``y``, ``loss``, ``accuracy``, ``settings``;
+# ``RobustnessResult``), so this module does not import jax.
+
+_PATH_COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:pink")
+_CLASS_COLOURS = {"critical": "tab:red", "ambient": "tab:green", "intermediate": "tab:orange"}
+
+
+def _masked(values: Any, *, positive: bool = False) -> np.ndarray:
+  """``values`` as float64 with non-finite entries (and, with ``positive``, entries ≤ 0)
+  replaced by NaN, which matplotlib leaves out of lines and masked meshes."""
+  v = np.asarray(values, np.float64)
+  bad = ~np.isfinite(v)
+  if positive:
+    bad |= v <= 0
+  return np.where(bad, np.nan, v)
+
+
+def _log_worthy(values: Sequence[Any], ratio: float) -> bool:
+  """Whether all finite values are > 0 and span more than ``ratio``."""
+  finite = [np.asarray(v, np.float64) for v in values]
+  finite = [v[np.isfinite(v)] for v in finite]
+  finite = [v for v in finite if v.size]
+  if not finite:
+    return False
+  allv = np.concatenate(finite)
+  return float(allv.min()) > 0 and float(allv.max()) > ratio * float(allv.min())
+
+
+def _mark_nonfinite(ax: Any, xs: np.ndarray, label: str = "non-finite") -> None:
+  """Red ``x`` at the top of the axes at the x positions ``xs`` (a divergence is shown,
+  not hidden)."""
+  xs = np.unique(np.asarray(xs, np.float64))
+  if not xs.size:
+    return
+  trans = blended_transform_factory(ax.transData, ax.transAxes)
+  ax.scatter(
+    xs,
+    np.ones_like(xs),
+    transform=trans,
+    marker="x",
+    color="red",
+    clip_on=False,
+    zorder=5,
+    label=f"{label} ({xs.size})",
+  )
+
+
+def _opacities(distances: Sequence[float], floor: float = 0.1) -> np.ndarray:
+  """Min–max-normalised distances, floored at ``floor`` (nnvis's line opacity); 1 for
+  all when they are equal or not finite."""
+  d = np.asarray(distances, np.float64)
+  ok = np.isfinite(d)
+  out = np.ones_like(d)
+  if ok.sum() >= 2:
+    lo, hi = float(d[ok].min()), float(d[ok].max())
+    if hi > lo:
+      out[ok] = np.maximum(floor, (d[ok] - lo) / (hi - lo))
+  return out
+
+
+def _endpoints(ax: Any) -> None:
+  for a in (0.0, 1.0):
+    ax.axvline(a, color="0.6", lw=0.8, ls=":", zorder=0)
+
+
+def _has_accuracy(results: Sequence[Any]) -> bool:
+  """Whether any result carries a finite, non-zero accuracy (regression stores 0)."""
+  for r in results:
+    a = np.asarray(r.accuracy, np.float64)
+    if np.any(np.isfinite(a) & (a != 0)):
+      return True
+  return False
+
+
+def _real_points(real: Any) -> tuple[np.ndarray, np.ndarray, list[str]] | None:
+  if real is None:
+    return None
+  items = list(real.values()) if isinstance(real, dict) else list(real)
+  if len(items) not in (2, 3):
+    raise ValueError(
+      f"path_figure: real must be (alpha_t, loss_t) or (alpha_t, loss_t, labels), "
+      f"got {len(items)} items."
+    )
+  a = np.asarray(items[0], np.float64).reshape(-1)
+  lt = np.asarray(items[1], np.float64).reshape(-1)
+  if len(a) != len(lt):
+    raise ValueError(f"path_figure: {len(a)} real alphas but {len(lt)} real losses.")
+  labels = [str(s) for s in items[2]] if len(items) == 3 and items[2] is not None else []
+  if labels and len(labels) != len(a):
+    raise ValueError(f"path_figure: {len(labels)} labels for {len(a)} real checkpoints.")
+  return a, lt, labels
+
+
+def _path_mae(path: Any, alpha_t: np.ndarray, loss_t: np.ndarray) -> float:
+  """As :func:`jaxscope.analysis.path_error`, on finite values only: the mean absolute
+  error of the path's loss (interpolated at ``alpha_t``) against ``loss_t``."""
+  a = np.asarray(path.alpha, np.float64)
+  lo = np.asarray(path.loss, np.float64)
+  good = np.isfinite(a) & np.isfinite(lo)
+  if good.sum() < 1:
+    return float("nan")
+  a, lo = a[good], lo[good]
+  order = np.argsort(a)
+  a, lo = a[order], lo[order]
+  inside = (alpha_t >= a[0]) & (alpha_t <= a[-1]) & np.isfinite(loss_t)
+  if not inside.any():
+    return float("nan")
+  return float(np.mean(np.abs(np.interp(alpha_t[inside], a, lo) - loss_t[inside])))
+
+
+def path_figure(
+  paths: Sequence[Any],
+  real: Any = None,
+  *,
+  logy: bool | None = None,
+  accuracy: bool | None = None,
+  title: str | None = None,
+) -> Figure:
+  """Loss (left axis) and accuracy (right axis, dashed) along interpolation paths.
+
+  Draws each path's loss against α (e.g. the linear and the quadratic path of
+  :func:`jaxscope.analysis.model_path`), the checkpoints themselves as black points at
+  their projected coordinate ``α_t`` with their true loss (the "real" training curve,
+  labelled with their steps), and dotted lines at α = 0 and 1. With ``real`` given, each
+  path's legend entry shows its mean absolute error against the real points inside its α
+  range (:func:`jaxscope.analysis.path_error`): the smaller, the more faithful the path.
+  Non-finite losses are left out and marked with a red ``x`` at the top of the axes.
+
+  Args:
+    paths: :class:`jaxscope.analysis.PathResult` objects.
+    real: ``(alpha_t, loss_t)`` or ``(alpha_t, loss_t, labels)`` of the checkpoints, or
+      ``None``.
+    logy: log scale for the loss; ``None`` picks it when all finite losses are positive
+      and span more than a decade (the loss along a path often stays high until α ≈ 1).
+    accuracy: draw the accuracy on a twin axis; ``None``: when any path has a non-zero
+      accuracy (not for regression).
+    title: the figure title (default: the paths' level).
+
+  Returns:
+    The figure; ``fig.axes[0]`` is the loss axis, ``fig.axes[1]`` the accuracy axis.
+  """
+  paths = list(paths)
+  pts = _real_points(real)
+  fig = Figure(figsize=_FIGSIZE, layout="constrained")
+  ax = fig.add_subplot()
+  losses = [np.asarray(p.loss, np.float64) for p in paths]
+  if pts is not None:
+    losses.append(pts[1])
+  if logy is None:
+    logy = _log_worthy(losses, 10.0)
+  if accuracy is None:
+    accuracy = _has_accuracy(paths)
+  ax2 = ax.twinx() if accuracy else None
+  bad: list[np.ndarray] = []
+  for i, p in enumerate(paths):
+    colour = _PATH_COLOURS[i % len(_PATH_COLOURS)]
+    alpha = np.asarray(p.alpha, np.float64)
+    loss = np.asarray(p.loss, np.float64)
+    bad.append(alpha[~np.isfinite(loss)])
+    label = p.kind if p.name == "model" else f"{p.kind} {p.name}"
+    if pts is not None:
+      label += f" (MAE {_path_mae(p, pts[0], pts[1]):.3g})"
+    ax.plot(alpha, _masked(loss, positive=logy), color=colour, label=label)
+    if ax2 is not None:
+      ax2.plot(alpha, _masked(p.accuracy), color=colour, ls="--", alpha=0.7)
+  if pts is not None:
+    a, lt, labels = pts
+    ok = np.isfinite(a) & np.isfinite(lt) & ((lt > 0) if logy else True)
+    ax.scatter(a[ok], lt[ok], color="black", zorder=6, s=18, label="checkpoints (true loss)")
+    for j in np.flatnonzero(ok):
+      if labels:
+        ax.annotate(
+          labels[j], (a[j], lt[j]), textcoords="offset points", xytext=(3, 4), fontsize="x-small"
+        )
+    bad.append(a[np.isfinite(a) & ~np.isfinite(lt)])
+  if logy:
+    ax.set_yscale("log")
+  _endpoints(ax)
+  _mark_nonfinite(ax, np.concatenate(bad) if bad else np.zeros(0), "non-finite loss")
+  level = paths[0].level if paths else "model"
+  ax.set_title(title or f"{level}-level interpolation paths")
+  ax.set_xlabel("α (0: first checkpoint, 1: final checkpoint)")
+  ax.set_ylabel("loss")
+  ax.grid(True, alpha=0.3)
+  if ax2 is not None:
+    ax2.set_ylabel("accuracy (dashed)")
+    ax2.set_ylim(-0.02, 1.02)
+  if paths or pts is not None:
+    ax.legend(fontsize="small", loc="best")
+  return fig
+
+
+def layer_paths_figure(
+  layer_results: Mapping[str, Any] | Sequence[Any],
+  model_result: Any = None,
+  *,
+  logy: bool | None = None,
+  title: str | None = None,
+) -> Figure:
+  """All layers' path curves in one plot, each line's opacity coded by how far that layer
+  moved (min–max-normalised ``‖θ_f − θ_0‖``, floored at 0.1, as nnvis), with the
+  model-level curve in bold black.
+
+  At α = 0 a layer's value is the re-initialisation test of Zhang et al.: a flat curve is
+  an ambient layer, one that climbs towards α = 0 a critical one.
+
+  Args:
+    layer_results: ``{layer: PathResult}`` (:func:`jaxscope.analysis.layer_paths`) or a
+      sequence of them.
+    model_result: the model-level path (or several, e.g. linear and quadratic), or ``None``.
+    logy: log scale for the loss (``None``: when all finite losses are positive and span
+      more than a decade).
+    title: the figure title.
+
+  Returns:
+    The figure.
+  """
+  results = list(layer_results.values() if isinstance(layer_results, Mapping) else layer_results)
+  if model_result is None:
+    models = []
+  elif hasattr(model_result, "alpha"):
+    models = [model_result]
+  else:
+    models = list(model_result)
+  fig = Figure(figsize=_FIGSIZE, layout="constrained")
+  ax = fig.add_subplot()
+  if logy is None:
+    logy = _log_worthy([r.loss for r in results + models], 10.0)
+  opac = _opacities([r.distance for r in results])
+  palette = "tab10" if len(results) <= 10 else "tab20"
+  from matplotlib import colormaps
+
+  cmap = colormaps[palette]
+  bad: list[np.ndarray] = []
+  for i, (r, o) in enumerate(zip(results, opac, strict=True)):
+    alpha = np.asarray(r.alpha, np.float64)
+    loss = np.asarray(r.loss, np.float64)
+    bad.append(alpha[~np.isfinite(loss)])
+    ax.plot(
+      alpha,
+      _masked(loss, positive=logy),
+      color=cmap(i % cmap.N),
+      alpha=float(o),
+      label=f"{r.name} (‖Δθ‖ {r.distance:.3g})",
+    )
+  for j, m in enumerate(models):
+    alpha = np.asarray(m.alpha, np.float64)
+    loss = np.asarray(m.loss, np.float64)
+    bad.append(alpha[~np.isfinite(loss)])
+    ax.plot(
+      alpha,
+      _masked(loss, positive=logy),
+      color="black",
+      lw=2.5,
+      ls="-" if j == 0 else "--",
+      label=f"model ({m.kind})",
+      zorder=4,
+    )
+  if logy:
+    ax.set_yscale("log")
+  _endpoints(ax)
+  _mark_nonfinite(ax, np.concatenate(bad) if bad else np.zeros(0), "non-finite loss")
+  kind = results[0].kind if results else (models[0].kind if models else "")
+  ax.set_title(title or f"layer-level {kind} paths (opacity: distance moved)")
+  ax.set_xlabel("α (the layer moves from the first to the final checkpoint)")
+  ax.set_ylabel("loss")
+  ax.grid(True, alpha=0.3)
+  if results or models:
+    if len(results) + len(models) > _MANY_LAYERS:
+      ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="x-small")
+    else:
+      ax.legend(fontsize="small")
+  return fig
+
+
+def _param_layer(name: str) -> tuple[str, str]:
+  """``"conv1/kernel[0,1]"`` → ``("conv1", "kernel[0,1]")``."""
+  leaf, _, idx = name.partition("[")
+  layer, _, tail = leaf.rpartition("/")
+  tail = tail + (f"[{idx}" if idx else "")
+  return (layer or leaf), tail
+
+
+def parameter_paths_figure(
+  results: Sequence[Any],
+  *,
+  logy: bool | None = None,
+  max_cols: int = 3,
+  title: str | None = None,
+) -> Figure:
+  """Individual-parameter paths, one panel per layer (nnvis's ``plot_params_by_layer``).
+
+  Each line is one scalar following the path while everything else stays at the final
+  model; its opacity is the scalar's displacement ``|θ_f[i] − θ_0[i]|``, min–max
+  normalised within the panel and floored at 0.1.
+
+  Args:
+    results: parameter-level :class:`jaxscope.analysis.PathResult` objects (names
+      ``"{leaf}[{index}]"``, :func:`jaxscope.analysis.parameter_paths`).
+    logy: log scale (``None``: when all finite losses are positive and span more than a
+      decade).
+    max_cols: panels per row.
+    title: the figure title.
+
+  Returns:
+    The figure, one axes per layer (one empty axes when ``results`` is empty).
+  """
+  results = list(results)
+  groups: dict[str, list[Any]] = {}
+  for r in results:
+    groups.setdefault(_param_layer(r.name)[0], []).append(r)
+  n = max(1, len(groups))
+  cols = max(1, min(max_cols, n))
+  rows = -(-n // cols)
+  fig = Figure(figsize=(4.2 * cols + 0.6, 3.2 * rows + 0.6), layout="constrained")
+  axes = fig.subplots(rows, cols, squeeze=False)
+  if logy is None:
+    logy = _log_worthy([r.loss for r in results], 10.0)
+  kind = results[0].kind if results else ""
+  fig.suptitle(title or f"parameter-level {kind} paths (opacity: |Δθ|)")
+  if not results:
+    axes[0, 0].text(0.5, 0.5, "no parameters", ha="center", va="center")
+  for gi, (layer, rs) in enumerate(groups.items()):
+    ax = axes[gi // cols, gi % cols]
+    colour = _PATH_COLOURS[gi % len(_PATH_COLOURS)]
+    bad: list[np.ndarray] = []
+    for r, o in zip(rs, _opacities([r.distance for r in rs]), strict=True):
+      alpha = np.asarray(r.alpha, np.float64)
+      loss = np.asarray(r.loss, np.float64)
+      bad.append(alpha[~np.isfinite(loss)])
+      ax.plot(
+        alpha,
+        _masked(loss, positive=logy),
+        color=colour,
+        alpha=float(o),
+        label=f"{_param_layer(r.name)[1]} |Δ| {r.distance:.2g}",
+      )
+    if logy:
+      ax.set_yscale("log")
+    _endpoints(ax)
+    _mark_nonfinite(ax, np.concatenate(bad), "non-finite")
+    ax.set_title(layer, fontsize="medium")
+    ax.set_xlabel("α")
+    ax.set_ylabel("loss")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="xx-small")
+  for gi in range(len(groups), rows * cols):
+    if gi:
+      axes[gi // cols, gi % cols].set_visible(False)
+  return fig
+
+
+def _levels(z: np.ndarray, n: int, log: bool | None) -> tuple[np.ndarray, Normalize, bool] | None:
+  """Contour levels from the data: log-spaced when all finite values are positive and span
+  more than a decade (or ``log=True``), else at quantiles (so every band holds values,
+  unlike the original's fixed ``[0.1, 10)``). ``None`` when nothing is finite."""
+  from matplotlib.colors import BoundaryNorm
+
+  v = z[np.isfinite(z)]
+  if not v.size:
+    return None
+  lo, hi = float(v.min()), float(v.max())
+  if log is None:
+    log = lo > 0 and hi > 10 * lo
+  if log and lo > 0 and hi > lo:
+    lv = np.geomspace(lo, hi, max(2, n))
+    return lv, LogNorm(vmin=lv[0], vmax=lv[-1]), True
+  lv = np.unique(np.quantile(v, np.linspace(0.0, 1.0, max(2, n))))
+  if len(lv) < 2:
+    d = max(abs(lo) * 1e-3, 1e-12)
+    lv = np.array([lo - d, lo + d])
+  return lv, BoundaryNorm(lv, 256), False
+
+
+def _trajectory_points(trajectory: Any) -> tuple[np.ndarray, list[str]]:
+  if isinstance(trajectory, Mapping):
+    coords, labels = trajectory.get("coords"), trajectory.get("labels")
+  else:
+    items = list(trajectory)
+    coords, labels = items[0], (items[1] if len(items) > 1 else None)
+  c = np.asarray(coords, np.float64)
+  if c.ndim == 1:
+    c = c[:, None]
+  labs = [str(s) for s in labels] if labels is not None else []
+  if labs and len(labs) != len(c):
+    raise ValueError(f"landscape_figure: {len(labs)} trajectory labels for {len(c)} points.")
+  return c, labs
+
+
+def _axis_labels(landscape: Any, explained_variance: Any) -> list[str]:
+  ev = explained_variance
+  if ev is None:
+    ev = (landscape.settings or {}).get("explained_variance_ratio")
+  if ev is not None:
+    ev = np.asarray(ev, np.float64).reshape(-1)
+    names = ("1st PC", "2nd PC", "3rd PC")
+    return [f"{names[k]}: {100 * ev[k]:.2f} %" for k in range(min(len(ev), 3))] + [
+      "direction 2"
+    ] * max(0, 2 - len(ev))
+  return ["direction 1 (δ)", "direction 2 (η)"]
+
+
+def _landscape_1d(
+  fig: Figure, landscape: Any, trajectory: Any, labels: list[str], logy: bool | None
+) -> None:
+  ax = fig.add_subplot()
+  x = np.asarray(landscape.x, np.float64)
+  loss = np.asarray(landscape.loss, np.float64)
+  if logy is None:
+    logy = _log_worthy([loss], 10.0)
+  ax.plot(x, _masked(loss, positive=logy), color="tab:blue", label="loss")
+  ax.plot(
+    [0.0], [landscape.center_loss], marker="*", color="black", ms=10, ls="", label="centre θ*"
+  )
+  if trajectory is not None:
+    c, labs = _trajectory_points(trajectory)
+    tl = (
+      np.asarray(trajectory.get("loss"), np.float64)
+      if isinstance(trajectory, Mapping) and trajectory.get("loss") is not None
+      else np.interp(c[:, 0], x, _masked(loss))
+    )
+    ax.scatter(c[:, 0], tl, color="black", s=14, zorder=6, label="checkpoints")
+    for j, lab in enumerate(labs):
+      ax.annotate(lab, (c[j, 0], tl[j]), textcoords="offset points", xytext=(3, 4), fontsize=6)
+  if logy:
+    ax.set_yscale("log")
+  _mark_nonfinite(ax, x[~np.isfinite(loss)], "non-finite loss")
+  ax.set_xlabel(labels[0])
+  ax.set_ylabel("loss")
+  ax.grid(True, alpha=0.3)
+  acc = np.asarray(landscape.accuracy, np.float64)
+  if np.any(np.isfinite(acc) & (acc != 0)):
+    ax2 = ax.twinx()
+    ax2.plot(x, _masked(acc), color="tab:orange", ls="--", label="accuracy")
+    ax2.set_ylabel("accuracy (dashed)")
+    ax2.set_ylim(-0.02, 1.02)
+  ax.legend(fontsize="small")
+
+
+def landscape_figure(
+  landscape: Any,
+  trajectory: Any = None,
+  *,
+  explained_variance: Any = None,
+  levels: int = 20,
+  logz: bool | None = None,
+  title: str | None = None,
+) -> Figure:
+  """A loss landscape: filled contours of a 2-D grid, or loss and accuracy of a 1-D line.
+
+  2-D: ``loss[iy, ix]`` over ``x × y`` (any shape; grids with one row or column are drawn
+  as a mesh), contour levels from the data (log-spaced when all values are positive and
+  span more than a decade, else at quantiles; never the original's fixed ``[0.1, 10)``
+  that left most plots empty), the centre ``θ*`` as a star, non-finite points blank, and
+  optionally the trajectory's projected checkpoints joined in training order. The axes
+  are labelled with the explained variance of the PCA directions when known.
+
+  1-D: loss on the left axis and accuracy (dashed) on a twin right axis.
+
+  Args:
+    landscape: a :class:`jaxscope.analysis.Landscape`.
+    trajectory: ``(coords [T, 2], labels)`` or ``{"coords": …, "labels": …}`` (for 1-D
+      also ``"loss"``: the checkpoints' loss to draw them at), or ``None``.
+    explained_variance: per-axis explained-variance ratios (default:
+      ``landscape.settings["explained_variance_ratio"]`` when present).
+    levels: the number of contour levels.
+    logz: log-spaced levels (``None``: automatic, above).
+    title: the figure title.
+
+  Returns:
+    The figure (``fig.axes[0]`` is the plot).
+  """
+  labels = _axis_labels(landscape, explained_variance)
+  fig = Figure(figsize=(7.0, 5.5) if landscape.y is not None else _FIGSIZE, layout="constrained")
+  if landscape.y is None:
+    _landscape_1d(fig, landscape, trajectory, labels, logz)
+    fig.axes[0].set_title(title or "1-D loss landscape")
+    return fig
+  ax = fig.add_subplot()
+  x = np.asarray(landscape.x, np.float64)
+  y = np.asarray(landscape.y, np.float64)
+  z = _masked(landscape.loss)
+  if z.shape != (len(y), len(x)):
+    raise ValueError(
+      f"landscape_figure: loss has shape {z.shape}, not (ny, nx) = {len(y), len(x)}."
+    )
+  lv = _levels(z, levels, logz)
+  if lv is None:
+    ax.text(0.5, 0.5, "no finite loss values", ha="center", va="center", transform=ax.transAxes)
+  else:
+    lev, norm, is_log = lv
+    zz = np.ma.masked_invalid(np.where(z <= 0, np.nan, z) if is_log else z)
+    if min(z.shape) >= 2:
+      cs = ax.contourf(x, y, zz, levels=lev, norm=norm, cmap="viridis", extend="neither")
+      ax.contour(x, y, zz, levels=lev, colors="k", linewidths=0.3, alpha=0.5)
+    else:
+      cs = ax.pcolormesh(x, y, zz, norm=norm, cmap="viridis", shading="nearest")
+    cb = fig.colorbar(cs, ax=ax, label="loss")
+    if not is_log and len(lev) > 9:
+      cb.set_ticks(lev[:: max(1, len(lev) // 8)])
+    cb.ax.yaxis.set_major_formatter("{x:.4g}")
+  ax.plot([0.0], [0.0], marker="*", color="white", mec="black", ms=12, ls="", label="centre θ*")
+  if trajectory is not None:
+    c, labs = _trajectory_points(trajectory)
+    if c.shape[1] < 2:
+      c = np.concatenate([c, np.zeros((len(c), 1))], axis=1)
+    ax.plot(c[:, 0], c[:, 1], "-", color="white", lw=1.0, zorder=4)
+    ax.scatter(
+      c[:, 0], c[:, 1], color="red", edgecolors="white", s=22, zorder=5, label="checkpoints"
+    )
+    from matplotlib.patheffects import withStroke
+
+    halo = [withStroke(linewidth=2, foreground="white")]
+    for j, lab in enumerate(labs):
+      ax.annotate(
+        lab,
+        (c[j, 0], c[j, 1]),
+        textcoords="offset points",
+        xytext=(3, 3),
+        fontsize=6,
+        path_effects=halo,
+      )
+  ax.set_xlabel(labels[0])
+  ax.set_ylabel(labels[1])
+  ax.set_title(title or "loss landscape")
+  ax.legend(fontsize="small", loc="upper right")
+  return fig
+
+
+def surface_figure(landscape: Any, *, logz: bool = False, title: str | None = None) -> Figure:
+  """A 3-D surface of a 2-D loss landscape (non-finite points left out).
+
+  Args:
+    landscape: a 2-D :class:`jaxscope.analysis.Landscape`.
+    logz: plot ``log10(loss)`` (non-positive values left out).
+    title: the figure title.
+
+  Returns:
+    The figure, with one 3-D axes.
+
+  Raises:
+    ValueError: a 1-D landscape, or a loss that is not ``[len(y), len(x)]``.
+  """
+  if landscape.y is None:
+    raise ValueError("surface_figure: needs a 2-D landscape (use landscape_figure for 1-D).")
+  x = np.asarray(landscape.x, np.float64)
+  y = np.asarray(landscape.y, np.float64)
+  z = _masked(landscape.loss, positive=logz)
+  if z.shape != (len(y), len(x)):
+    raise ValueError(
+      f"surface_figure: loss has shape {z.shape}, not (ny, nx) = {(len(y), len(x))}."
+    )
+  if logz:
+    z = np.log10(z)
+  fig = Figure(figsize=(7.0, 5.5), layout="constrained")
+  ax = fig.add_subplot(projection="3d")
+  xx, yy = np.meshgrid(x, y)
+  finite = z[np.isfinite(z)]
+  if finite.size:
+    norm = Normalize(vmin=float(finite.min()), vmax=float(finite.max()))
+    ax.plot_surface(xx, yy, z, cmap="viridis", norm=norm, linewidth=0, antialiased=True)
+  else:
+    ax.text2D(0.5, 0.5, "no finite loss values", ha="center", transform=ax.transAxes)
+  labels = _axis_labels(landscape, None)
+  ax.set_xlabel(labels[0])
+  ax.set_ylabel(labels[1])
+  ax.set_zlabel("log10 loss" if logz else "loss")
+  ax.set_title(title or "loss surface")
+  return fig
+
+
+def robustness_figure(
+  result: Any, *, annotate: bool | None = None, title: str | None = None
+) -> Figure:
+  """The layer-robustness heat-map of Zhang, Bengio & Singer.
+
+  Rows are the checkpoint steps ``τ`` each layer is reset to (``τ = 0``: the
+  re-initialisation test), columns the layers, colour the test error; the re-randomisation
+  rows (a fresh draw of the layer per seed) sit below in their own panel. Each layer's
+  label carries its class (critical in red, ambient in green, intermediate in orange) and
+  the title the thresholds used (:func:`jaxscope.analysis.classify_layers`). Non-finite
+  errors are drawn grey.
+
+  Args:
+    result: a :class:`jaxscope.analysis.RobustnessResult`.
+    annotate: write the values in the cells (``None``: when there are at most 200).
+    title: the figure title.
+
+  Returns:
+    The figure (``fig.axes[0]`` is the re-initialisation heat-map).
+  """
+  from matplotlib import colormaps
+
+  layers = list(result.layers)
+  steps = list(result.steps)
+  err = _masked(result.error)
+  rer = _masked(result.rerandomized_error).reshape(-1, len(layers))
+  th = dict(result.thresholds)
+  chance = float(th.get("chance_error", 1.0))
+  finite = np.concatenate([err[np.isfinite(err)], rer[np.isfinite(rer)]])
+  vmax = max(chance, float(finite.max()) if finite.size else chance, 1e-6)
+  norm = Normalize(vmin=0.0, vmax=vmax)
+  cmap = colormaps["magma_r"].with_extremes(bad="0.75")
+  if annotate is None:
+    annotate = err.size + rer.size <= 200
+  n_rows = len(steps) + len(rer)
+  fig = Figure(
+    figsize=(max(5.0, 1.1 * len(layers) + 2.5), max(3.0, 0.38 * n_rows + 2.2)),
+    layout="constrained",
+  )
+  ratios = [max(1, len(steps))] + ([len(rer)] if len(rer) else [])
+  axes = fig.subplots(len(ratios), 1, squeeze=False, gridspec_kw={"height_ratios": ratios})[:, 0]
+
+  def heat(ax: Any, values: np.ndarray, row_labels: list[str]) -> Any:
+    im = ax.imshow(np.ma.masked_invalid(values), aspect="auto", cmap=cmap, norm=norm)
+    ax.set_yticks(range(len(row_labels)), row_labels, fontsize="small")
+    ax.set_xticks(range(len(layers)), [""] * len(layers))
+    if annotate:
+      for (i, j), v in np.ndenumerate(values):
+        text = "nan" if not np.isfinite(v) else f"{v:.2f}"
+        dark = np.isfinite(v) and norm(v) > 0.55
+        ax.text(j, i, text, ha="center", va="center", fontsize=7, color="w" if dark else "k")
+    return im
+
+  im = heat(axes[0], err, [f"τ = {s}" for s in steps])
+  axes[0].set_ylabel("layer reset to step τ")
+  if len(rer):
+    heat(axes[1], rer, [f"re-rand. {k + 1}" for k in range(len(rer))])
+  bottom = axes[-1]
+  names = [f"{lay}\n({result.labels.get(lay, '?')})" for lay in layers]
+  bottom.set_xticks(range(len(layers)), names, fontsize="small", rotation=30, ha="right")
+  for tick, lay in zip(bottom.get_xticklabels(), layers, strict=True):
+    tick.set_color(_CLASS_COLOURS.get(result.labels.get(lay, ""), "black"))
+  fig.colorbar(im, ax=list(axes), label="test error")
+  amb, crit = th.get("ambient_tol"), th.get("critical_tol")
+  rule = ""
+  if amb is not None and crit is not None:
+    rule = f"\nambient: Δerr ≤ {amb:g}, critical: err ≥ {chance - crit:.2f}"
+  fig.suptitle(
+    title or f"layer robustness (base error {result.base_error:.3f}){rule}", fontsize="medium"
+  )
+  return fig

@@ -47,7 +47,7 @@ def test_non_square_grid_keeps_orientation_and_centre(problem, tmp_path):
       assert land.loss[iy, ix] == pytest.approx(direct(a, b), rel=2e-5), (a, b)
   assert land.loss[1, 1] == pytest.approx(land.center_loss, rel=1e-6)
   assert land.center_loss == pytest.approx(direct(0.0, 0.0), rel=1e-5)
-  assert land.settings["seed"] == 5 and land.settings["eval_set"] == es.digest
+  assert land.settings["seed"] == 5 and land.settings["eval_set_digest"] == es.digest
   npz, js = save_landscape(tmp_path / "land", land, traj_x=np.arange(3.0))
   back, extra = load_landscape(tmp_path / "land")
   np.testing.assert_array_equal(back.loss, land.loss)
