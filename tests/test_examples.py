@@ -126,3 +126,49 @@ def test_preconditioner_comparison_quick(tmp_path):
   assert np.isclose(first["lr"], 0.3) and second["lr"] == second["alpha"]
   for name in ("curves", "sensitivity", "alpha"):
     assert (tmp_path / "figures" / f"probprec_{name}.png").stat().st_size > 10_000
+
+
+def test_training_progress_quick(tmp_path):
+  # A subprocess, as a user runs it: --quick asks XLA for less optimisation before JAX loads.
+  script = ROOT / "examples" / "training_progress.py"
+  run_dir = tmp_path / "run"
+  proc = subprocess.run(
+    [sys.executable, str(script), "--quick", "--out", str(tmp_path), "--run-dir", str(run_dir)],
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "| linear |" in proc.stdout and "| quadratic |" in proc.stdout  # the markdown tables
+  report = json.loads((tmp_path / "results" / "training_progress.json").read_text())
+  assert report["config"]["epochs"] == 2 and report["config"]["quick"]
+  cps = report["checkpoints"]
+  assert cps["steps"] == [0, 22, 44] and cps["epochs"] == [0.0, 1.0, 2.0]
+  assert cps["max_abs_diff_logged_vs_kernel"] < 1e-4  # the kernel reproduces train's eval
+  paths = report["paths"]
+  alpha = np.asarray(paths["alpha"])
+  i0, i1 = int(np.argmin(np.abs(alpha))), int(np.argmin(np.abs(alpha - 1)))
+  for key in ("linear", "quadratic"):  # every path passes through both endpoints
+    loss = paths[key]["loss"]
+    assert np.isclose(loss[i0], cps["true_loss"][0], rtol=1e-4)
+    assert np.isclose(loss[i1], cps["true_loss"][-1], rtol=1e-4)
+  assert paths["checkpoint_alpha"][0] == 0 and np.isclose(paths["checkpoint_alpha"][-1], 1)
+  assert paths["closer"] in ("linear", "quadratic")
+  assert set(paths["mae"]["at_projected_alpha"]) >= {"linear", "quadratic"}
+  rob = report["layers"]["robustness"]
+  assert set(rob["labels"]) == {"conv1", "conv2", "fc1", "fc2", "fc3"}
+  assert len(rob["reinit_error"]) == 3 and len(rob["rerandomized_error"]) == 1
+  par = report["parameters"]
+  assert par["selected_by"][:4] == ["top-k overall"] * 4  # --quick: k = 4
+  assert {name.split("/")[0] for name in par["selection"]} == set(rob["labels"])  # every layer
+  assert len(par["linear"]) == len(par["quadratic"]) == len(par["selection"])
+  surf = report["surface"]
+  assert np.isclose(surf["grid_center_loss"], surf["center_loss"], rtol=1e-5)
+  assert np.isclose(surf["center_loss"], cps["true_loss"][-1], rtol=1e-5)
+  pca = report["pca"]
+  assert 0.0 < pca["explained_variance_ratio_sum"] <= 1.0 + 1e-6
+  assert np.allclose(pca["coords"][-1], 0.0, atol=1e-6)  # θ_f is the plane's origin
+  assert (run_dir / "analysis" / "surface_random.npz").exists()
+  for name in ("paths", "layers", "robustness", "parameters", "surface", "pca"):
+    assert (tmp_path / "figures" / f"progress_{name}.png").stat().st_size > 10_000

@@ -169,11 +169,16 @@ def recompute_statistics(
 def chunk_size(basis: Sequence[Any], eval_set: EvalSet, *, budget_bytes: float = 2**30) -> int:
   """Points evaluated at once within ``budget_bytes``.
 
-  Each point holds its own parameters (``|θ|`` bytes) and the activations of one batch;
-  the activations are estimated as 64 floats per input element of the batch (generous
-  for the small convolutional and dense models of the zoo). The result is clipped to
+  On the CPU the answer is 1: ``vmap`` over points turns convolutions into grouped
+  convolutions, which XLA:CPU runs slower per point than one point at a time
+  (``benchmarks/landscape.py``: 1.7 ms against 3.0 ms per LeNet-5 point). Elsewhere each
+  point holds its own parameters (``|θ|`` bytes) and the activations of one batch; the
+  activations are estimated as 64 floats per input element of the batch (generous for
+  the small convolutional and dense models of the zoo), and the result is clipped to
   ``[1, 256]``.
   """
+  if jax.default_backend() == "cpu":
+    return 1
   p_bytes = sum(
     int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(basis[0])
   )
