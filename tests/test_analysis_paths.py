@@ -219,3 +219,24 @@ def test_batchnorm_statistics_recomputed_exactly():
     logits -= logits.max(-1, keepdims=True)
     logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
     assert out["loss"][j] == pytest.approx(-logp[np.arange(96), y].mean(), rel=1e-5)
+
+
+def test_paths_work_with_an_nnx_model():
+  ds = data.load("digits")
+  m = models.build("nnx_cnn", ds.train_x.shape[1:], ds.num_classes)
+  x1 = jnp.asarray(ds.train_x[:1])
+  v0, v1 = m.init(jax.random.key(0), x1), m.init(jax.random.key(1), x1)
+  state = {k: v for k, v in v1.items() if k != "params"}
+  es = analysis.make_eval_set(ds.test_x[:64], ds.test_y[:64], batch_size=32)
+
+  def apply_fn(p, s, x):
+    return m.apply({"params": p, **s}, x, train=False)[0]
+
+  res = analysis.model_path(
+    apply_fn, es, v0["params"], v1["params"], alphas=[0.0, 1.0], model_state=state
+  )
+  for j, v in enumerate((v0, v1)):
+    out = np.asarray(apply_fn(v["params"], state, jnp.asarray(ds.test_x[:64])), np.float64)
+    out -= out.max(-1, keepdims=True)
+    logp = out - np.log(np.exp(out).sum(-1, keepdims=True))
+    assert res.loss[j] == pytest.approx(-logp[np.arange(64), ds.test_y[:64]].mean(), rel=1e-5)
