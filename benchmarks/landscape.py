@@ -61,7 +61,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from benchmarks.overhead import _git_version, _iqr, write_json  # noqa: E402
+from benchmarks.common import environment, iqr, write_json  # noqa: E402
 from jaxscope import analysis, data, models  # noqa: E402
 from jaxscope.checkpoint import RunCheckpoints  # noqa: E402
 from jaxscope.train import train  # noqa: E402
@@ -172,7 +172,6 @@ class Loop:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
   """Runs the benchmark; returns the JSON-ready report."""
-  dev = jax.devices()[0]
   quiet = (
     wait_for_quiet(args.max_load, args.wait)
     if args.wait > 0
@@ -281,7 +280,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
   def stat(v: list[float]) -> dict[str, float]:
     arr = np.asarray(v)
-    return {"median_s": float(np.median(arr)), "iqr_s": _iqr(arr), "n": len(arr)}
+    return {"median_s": float(np.median(arr)), "iqr_s": iqr(arr), "n": len(arr)}
 
   loop_pp = float(np.median(times["loop"]))
   kernels = {}
@@ -300,10 +299,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
   report = {
     "benchmark": "landscape",
-    "device": f"{dev.device_kind}/{dev.platform}",
-    "jax": jax.__version__,
-    "cpu_count": os.cpu_count(),
-    "jaxscope_git": _git_version(),
+    **environment(),
     "setting": {
       "model": "lenet5 (8, 8, 1) -> 10",
       "parameters": n_params,

@@ -28,11 +28,7 @@ The targets are ``economy <= 1.10×`` and ``full <= 1.5×`` the bare step.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -49,6 +45,13 @@ import optax  # noqa: E402
 
 import jaxscope  # noqa: E402
 from benchmarks import problems  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+  copy_tree,
+  environment,
+  iqr,
+  problem_list,
+  write_json,
+)
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "overhead-cpu.json"
 TARGETS = {"economy": 1.10, "full": 1.5}
@@ -107,10 +110,6 @@ def make_step(
   return host_step, tx.init(problem.params)
 
 
-def _copy(tree: Any) -> Any:
-  return jax.tree.map(lambda a: a.copy(), tree)
-
-
 def time_variants(
   problem: problems.Problem, presets: Sequence[str], every: int, reps: int, skip: str = "cond"
 ) -> dict[str, np.ndarray]:
@@ -125,7 +124,7 @@ def time_variants(
   for name in names:
     step, opt_state = make_step(problem, None if name == "bare" else name, every, skip)
     steps[name] = step
-    states[name] = (_copy(problem.params), opt_state)
+    states[name] = (copy_tree(problem.params), opt_state)
   x, y = problem.x, problem.y
 
   def call(name: str) -> float:
@@ -157,27 +156,6 @@ def time_variants(
   return {name: np.asarray(t) for name, t in times.items()}
 
 
-def _git_version() -> str | None:
-  """``git describe --always --dirty`` of the checkout, or ``None`` outside git."""
-  try:
-    out = subprocess.run(
-      ["git", "describe", "--always", "--dirty"],
-      cwd=_ROOT,
-      capture_output=True,
-      text=True,
-      timeout=10,
-      check=True,
-    )
-  except (OSError, subprocess.SubprocessError):
-    return None
-  return out.stdout.strip() or None
-
-
-def _iqr(t: np.ndarray) -> float:
-  q1, q3 = np.percentile(t, [25, 75])
-  return float(q3 - q1)
-
-
 def run(
   problem_names: Sequence[str],
   presets: Sequence[str],
@@ -186,7 +164,6 @@ def run(
   skip: str = "cond",
 ) -> dict[str, Any]:
   """Runs the benchmark and returns the JSON-ready report."""
-  dev = jax.devices()[0]
   records = []
   for pname in problem_names:
     problem = problems.get(pname)
@@ -205,16 +182,13 @@ def run(
           "bare_ms": round(bare, 4),
           "scoped_ms": round(scoped, 4),
           "ratio": round(scoped / bare, 4),
-          "bare_iqr_ms": round(_iqr(times["bare"]), 4),
-          "scoped_iqr_ms": round(_iqr(times[preset]), 4),
+          "bare_iqr_ms": round(iqr(times["bare"]), 4),
+          "scoped_iqr_ms": round(iqr(times[preset]), 4),
           "reps": n,
         }
       )
   return {
-    "device": f"{dev.device_kind}/{dev.platform}",
-    "jax": jax.__version__,
-    "cpu_count": os.cpu_count(),
-    "jaxscope_git": _git_version(),
+    **environment(),
     "records": records,
     "targets": dict(TARGETS),
   }
@@ -245,32 +219,13 @@ def format_table(report: dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
-def write_json(report: dict[str, Any], path: Path) -> None:
-  """Writes ``report`` to ``path`` atomically (a temporary file, then ``os.replace``)."""
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "w") as f:
-      json.dump(report, f, indent=2)
-      f.write("\n")
-    os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be shared.
-    os.replace(tmp, path)
-  except BaseException:
-    Path(tmp).unlink(missing_ok=True)
-    raise
-
-
-def _csv(value: str) -> list[str]:
-  return [v.strip() for v in value.split(",") if v.strip()]
-
-
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   """Command-line entry point; returns the report."""
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON output path.")
   ap.add_argument(
     "--problems",
-    type=_csv,
+    type=problem_list,
     default=["mnist_mlp", "cifar10_3c3d"],
     help=f"comma-separated problems of {', '.join(problems.PROBLEMS)} "
     "(default: mnist_mlp,cifar10_3c3d).",
@@ -283,7 +238,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   )
   ap.add_argument(
     "--presets",
-    type=_csv,
+    type=lambda v: [x.strip() for x in v.split(",") if x.strip()],
     default=["economy", "full"],
     help="comma-separated scope presets (default: economy,full).",
   )
@@ -296,9 +251,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     "measure flag chosen on the host (two compiled step variants).",
   )
   args = ap.parse_args(argv)
-  for p in args.problems:
-    if p not in problems.PROBLEMS:
-      ap.error(f"unknown problem {p!r}; problems: {', '.join(problems.PROBLEMS)}.")
   if not args.presets:
     ap.error("--presets: give at least one preset.")
   for p in args.presets:

@@ -35,7 +35,6 @@ the thesis) with re-estimation every epoch is
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -51,7 +50,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from benchmarks import problems  # noqa: E402
-from benchmarks.overhead import _git_version, _iqr, write_json  # noqa: E402
+from benchmarks.common import copy_tree, environment, iqr, problem_list, write_json  # noqa: E402
 from jaxscope import transforms  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "preconditioner-cpu.json"
@@ -94,19 +93,15 @@ def _phase_step(
   return jax.jit(step, donate_argnums=(0, 1))
 
 
-def _copy(tree: Any) -> Any:
-  return jax.tree.map(lambda a: a.copy(), tree)
-
-
 def _phase_states(problem: problems.Problem, tx: Any) -> dict[str, tuple]:
   """Runs one cycle and keeps (params, state) at the first step of every phase."""
   step = _phase_step(problem, tx, None)
-  params, state = _copy(problem.params), tx.init(problem.params)
+  params, state = copy_tree(problem.params), tx.init(problem.params)
   wanted = {v: k for k, v in PHASE_STEPS.items()}
   out = {}
   for k in range(P + M + 1):
     if k in wanted:
-      out[wanted[k]] = _copy((params, state))  # The step donates its inputs.
+      out[wanted[k]] = copy_tree((params, state))  # The step donates its inputs.
     params, state, _ = step(params, state, problem.x, problem.y)
   if transforms.PHASES[int(state.phase)] != "apply":
     raise RuntimeError(f"{problem.name}: the cycle did not reach the apply phase.")
@@ -121,7 +116,10 @@ def time_all(problem: problems.Problem, reps: int) -> dict[str, np.ndarray]:
   """
   calls: dict[str, tuple[Callable, tuple]] = {}
   for name, tx in (("sgd", optax.sgd(0.01)), ("adam", optax.adam(1e-3))):
-    calls[name] = (_baseline_step(problem, tx), (_copy(problem.params), tx.init(problem.params)))
+    calls[name] = (
+      _baseline_step(problem, tx),
+      (copy_tree(problem.params), tx.init(problem.params)),
+    )
   for name, factory in PRECONDITIONERS.items():
     tx = factory()
     states = _phase_states(problem, tx)
@@ -132,7 +130,7 @@ def time_all(problem: problems.Problem, reps: int) -> dict[str, np.ndarray]:
 
   def call(key: str) -> float:
     fn, inputs = calls[key]
-    params, state = _copy(inputs)
+    params, state = copy_tree(inputs)
     jax.block_until_ready((params, state))
     t0 = time.perf_counter()
     jax.block_until_ready(fn(params, state, problem.x, problem.y))
@@ -158,7 +156,6 @@ def epoch_cost(med: dict[str, float], name: str, epoch: int) -> float:
 
 def run(problem_names: Sequence[str], reps: int, epoch: int) -> dict[str, Any]:
   """Runs the benchmark and returns the JSON-ready report."""
-  dev = jax.devices()[0]
   records = []
   for pname in problem_names:
     problem = problems.get(pname)
@@ -171,7 +168,7 @@ def run(problem_names: Sequence[str], reps: int, epoch: int) -> dict[str, Any]:
       "reps": reps,
       "epoch_steps": epoch,
       "step_ms": {k: round(v, 3) for k, v in med.items()},
-      "step_iqr_ms": {k: round(_iqr(v), 3) for k, v in times.items()},
+      "step_iqr_ms": {k: round(iqr(v), 3) for k, v in times.items()},
       "step_ratio_to_sgd": {k: round(v / sgd, 3) for k, v in med.items()},
       "epoch_ratio_to_sgd": {"sgd": 1.0, "adam": round(med["adam"] / sgd, 3)},
     }
@@ -179,10 +176,7 @@ def run(problem_names: Sequence[str], reps: int, epoch: int) -> dict[str, Any]:
       rec["epoch_ratio_to_sgd"][name] = round(epoch_cost(med, name, epoch) / (epoch * sgd), 3)
     records.append(rec)
   return {
-    "device": f"{dev.device_kind}/{dev.platform}",
-    "jax": jax.__version__,
-    "cpu_count": os.cpu_count(),
-    "jaxscope_git": _git_version(),
+    **environment(),
     "prior_iterations": P,
     "num_observations": M,
     "records": records,
@@ -216,16 +210,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON output path.")
   ap.add_argument(
     "--problems",
-    type=lambda v: [p.strip() for p in v.split(",") if p.strip()],
+    type=problem_list,
     default=["mnist_mlp", "fmnist_2c2d"],
     help="comma-separated problems (default: mnist_mlp,fmnist_2c2d).",
   )
   ap.add_argument("--reps", type=int, default=15, help="timed calls per variant and phase.")
   ap.add_argument("--epoch", type=int, default=469, help="steps per epoch (default 469).")
   args = ap.parse_args(argv)
-  for p in args.problems:
-    if p not in problems.PROBLEMS:
-      ap.error(f"unknown problem {p!r}; problems: {', '.join(problems.PROBLEMS)}.")
   if args.reps < 1:
     ap.error("--reps must be >= 1.")
   if args.epoch < P + M:

@@ -24,7 +24,6 @@ printed and written as JSON to ``--out``. The target is ``ratio_code`` and
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -40,7 +39,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from benchmarks import problems  # noqa: E402
-from benchmarks.overhead import _copy, _git_version, _iqr, write_json  # noqa: E402
+from benchmarks.common import copy_tree, environment, iqr, problem_list, write_json  # noqa: E402
 from jaxscope.transforms import ratio_adaptive_lr, scale_to_update_ratio  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "ratio-lr-cpu.json"
@@ -76,7 +75,7 @@ def time_variants(
   steps, states = {}, {}
   for name in variants:
     steps[name], opt_state = make_step(problem, name)
-    states[name] = (_copy(problem.params), opt_state)
+    states[name] = (copy_tree(problem.params), opt_state)
 
   def call(name: str) -> float:
     params, opt_state = states[name]
@@ -104,7 +103,6 @@ def time_variants(
 
 def run(problem_names: Sequence[str], reps: int | None) -> dict[str, Any]:
   """Runs the benchmark and returns the JSON-ready report."""
-  dev = jax.devices()[0]
   variants = list(VARIANTS)
   records = []
   for pname in problem_names:
@@ -120,16 +118,13 @@ def run(problem_names: Sequence[str], reps: int | None) -> dict[str, Any]:
           "problem": pname,
           "variant": name,
           "median_ms": round(med, 4),
-          "iqr_ms": round(_iqr(times[name]), 4),
+          "iqr_ms": round(iqr(times[name]), 4),
           "ratio": round(med / base, 4),
           "reps": n,
         }
       )
   return {
-    "device": f"{dev.device_kind}/{dev.platform}",
-    "jax": jax.__version__,
-    "cpu_count": os.cpu_count(),
-    "jaxscope_git": _git_version(),
+    **environment(),
     "records": records,
     "targets": dict(TARGETS),
   }
@@ -163,7 +158,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON output path.")
   ap.add_argument(
     "--problems",
-    type=lambda v: [p.strip() for p in v.split(",") if p.strip()],
+    type=problem_list,
     default=["mnist_mlp", "cifar10_3c3d"],
     help=f"comma-separated problems of {', '.join(problems.PROBLEMS)} "
     "(default: mnist_mlp,cifar10_3c3d).",
@@ -175,9 +170,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     help="timed calls per variant (default: 3× the problem's default, 90 / 30).",
   )
   args = ap.parse_args(argv)
-  for p in args.problems:
-    if p not in problems.PROBLEMS:
-      ap.error(f"unknown problem {p!r}; problems: {', '.join(problems.PROBLEMS)}.")
   if args.reps is not None and args.reps < 1:
     ap.error("--reps must be >= 1.")
   report = run(args.problems, args.reps)

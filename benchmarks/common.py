@@ -1,0 +1,85 @@
+"""What every benchmark script shares: the environment record, timing statistics, the
+problem-list argument, input copies and atomic JSON output."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from benchmarks import problems
+
+__all__ = ["copy_tree", "environment", "git_version", "iqr", "problem_list", "write_json"]
+
+_ROOT = Path(__file__).resolve().parents[1]
+
+
+def copy_tree(tree: Any) -> Any:
+  """Fresh device copies of every leaf (a donated step consumes its inputs)."""
+  return jax.tree.map(lambda a: a.copy(), tree)
+
+
+def git_version() -> str | None:
+  """``git describe --always --dirty`` of the checkout, or ``None`` outside git."""
+  try:
+    out = subprocess.run(
+      ["git", "describe", "--always", "--dirty"],
+      cwd=_ROOT,
+      capture_output=True,
+      text=True,
+      timeout=10,
+      check=True,
+    )
+  except (OSError, subprocess.SubprocessError):
+    return None
+  return out.stdout.strip() or None
+
+
+def environment() -> dict[str, Any]:
+  """Where a report was measured: device, jax version, CPU count, jaxscope commit."""
+  dev = jax.devices()[0]
+  return {
+    "device": f"{dev.device_kind}/{dev.platform}",
+    "jax": jax.__version__,
+    "cpu_count": os.cpu_count(),
+    "jaxscope_git": git_version(),
+  }
+
+
+def iqr(t: np.ndarray) -> float:
+  """Interquartile range of timings."""
+  q1, q3 = np.percentile(t, [25, 75])
+  return float(q3 - q1)
+
+
+def problem_list(value: str) -> list[str]:
+  """``argparse`` type of ``--problems``: comma-separated names of :data:`problems.PROBLEMS`."""
+  names = [v.strip() for v in value.split(",") if v.strip()]
+  for p in names:
+    if p not in problems.PROBLEMS:
+      raise argparse.ArgumentTypeError(
+        f"unknown problem {p!r}; problems: {', '.join(problems.PROBLEMS)}."
+      )
+  return names
+
+
+def write_json(report: dict[str, Any], path: Path) -> None:
+  """Writes ``report`` to ``path`` atomically (a temporary file, then ``os.replace``)."""
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+  try:
+    with os.fdopen(fd, "w") as f:
+      json.dump(report, f, indent=2)
+      f.write("\n")
+    os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be shared.
+    os.replace(tmp, path)
+  except BaseException:
+    Path(tmp).unlink(missing_ok=True)
+    raise
