@@ -40,17 +40,22 @@ def test_quickstart_writes_a_run_directory(tmp_path, capsys):
   assert "Dense_0/kernel" in capsys.readouterr().out
 
 
-def test_ratio_lr_schedules_quick(tmp_path):
-  # A subprocess, as a user runs it: the script sets XLA_FLAGS before importing JAX.
-  script = ROOT / "examples" / "ratio_lr_schedules.py"
+def _run_quick(script: str, tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
+  """Runs ``examples/<script> --quick --out tmp_path`` as a user does: in a subprocess,
+  since the scripts set XLA flags before JAX is imported. Fails with the stderr tail."""
   proc = subprocess.run(
-    [sys.executable, str(script), "--quick", "--out", str(tmp_path)],
+    [sys.executable, str(ROOT / "examples" / script), "--quick", "--out", str(tmp_path), *extra],
     capture_output=True,
     text=True,
     timeout=300,
     check=False,
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc
+
+
+def test_ratio_lr_schedules_quick(tmp_path):
+  proc = _run_quick("ratio_lr_schedules.py", tmp_path)
   assert "| lenet5 | digits | 0.1 |" in proc.stdout  # the markdown table
   report = json.loads((tmp_path / "results" / "ratio_lr_schedules.json").read_text())
   config = report["config"]
@@ -78,16 +83,7 @@ def test_ratio_lr_schedules_quick(tmp_path):
 
 
 def test_preconditioner_comparison_quick(tmp_path):
-  # A subprocess, as a user runs it: --quick asks XLA for less optimisation before JAX loads.
-  script = ROOT / "examples" / "preconditioner_comparison.py"
-  proc = subprocess.run(
-    [sys.executable, str(script), "--quick", "--out", str(tmp_path)],
-    capture_output=True,
-    text=True,
-    timeout=300,
-    check=False,
-  )
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  proc = _run_quick("preconditioner_comparison.py", tmp_path)
   assert "| PreconditionedSGD |" in proc.stdout  # the markdown tables
   report = json.loads((tmp_path / "results" / "preconditioner_comparison.json").read_text())
   config = report["config"]
@@ -129,17 +125,8 @@ def test_preconditioner_comparison_quick(tmp_path):
 
 
 def test_training_progress_quick(tmp_path):
-  # A subprocess, as a user runs it: --quick asks XLA for less optimisation before JAX loads.
-  script = ROOT / "examples" / "training_progress.py"
   run_dir = tmp_path / "run"
-  proc = subprocess.run(
-    [sys.executable, str(script), "--quick", "--out", str(tmp_path), "--run-dir", str(run_dir)],
-    capture_output=True,
-    text=True,
-    timeout=300,
-    check=False,
-  )
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  proc = _run_quick("training_progress.py", tmp_path, "--run-dir", str(run_dir))
   assert "| linear |" in proc.stdout and "| quadratic |" in proc.stdout  # the markdown tables
   report = json.loads((tmp_path / "results" / "training_progress.json").read_text())
   assert report["config"]["epochs"] == 2 and report["config"]["quick"]
