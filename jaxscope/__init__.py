@@ -1,10 +1,10 @@
 """jaxscope: live introspection of neural-network training in JAX.
 
-Layers (imports only point downwards): ``tree`` (base) → ``metrics``, ``transforms``
-(device side) → ``record``, ``plot`` (host side) → ``data`` and examples (app).
+Layers (imports only point downwards): ``tree`` (base) → ``metrics``, ``transforms``,
+``capture`` (device side) → ``record``, ``plot`` (host side) → ``data`` and examples (app).
 """
 
-from jaxscope import metrics, record, transforms, tree
+from jaxscope import capture, metrics, record, transforms, tree
 from jaxscope.metrics import scope
 from jaxscope.record import History, Recorder
 from jaxscope.transforms import monitored
@@ -17,6 +17,7 @@ __all__ = [
   "History",
   "Recorder",
   "__version__",
+  "capture",
   "metrics",
   "monitored",
   "record",

@@ -50,7 +50,7 @@ from jaxscope import transforms
 from jaxscope.checkpoint import CHECKPOINT_DIR
 from jaxscope.metrics import registry
 from jaxscope.metrics.network import NetworkMetric
-from jaxscope.metrics.scope import MEASURED, TOPICS, Scope, scope
+from jaxscope.metrics.scope import MEASURED, PARAM_TOPICS, Scope, scope
 from jaxscope.record import Recorder
 
 __all__ = [
@@ -215,11 +215,11 @@ def make_scope(
     The scope, or ``None`` when no per-layer metric is asked for.
   """
   if topics is None:
-    topics = TOPICS
+    topics = PARAM_TOPICS
   topics = list(topics)
   for t in topics:
-    if t not in TOPICS:
-      raise ValueError(f"unknown topic {t!r}; topics: {', '.join(TOPICS)}.")
+    if t not in PARAM_TOPICS:
+      raise ValueError(f"unknown topic {t!r}; topics: {', '.join(PARAM_TOPICS)}.")
   if metrics is None or metrics in ("", "none"):
     return None
   if isinstance(metrics, str) and metrics in registry.PRESETS:

@@ -1,11 +1,15 @@
 """Pure, jit-able statistics of parameter, gradient and update pytrees.
 
 Per-layer metrics (:class:`Metric`) are bundled into a :func:`scope`, which produces one
-flat ``dict[str, jax.Array]`` per step keyed ``{topic}/{stat}/{layer}``.
+flat ``dict[str, jax.Array]`` per step keyed ``{topic}/{stat}/{layer}``. Cockpit's
+gradient-noise, curvature and step-length instruments come from :func:`instruments`
+(built on :mod:`.noise` and :mod:`.curvature`).
 """
 
-from jaxscope.metrics import registry, spectral, stats
+from jaxscope.metrics import activations, curvature, noise, registry, spectral, stats
+from jaxscope.metrics.activations import activation_std, dead_fraction, saturation_fraction
 from jaxscope.metrics.base import Metric, evaluate, stateless
+from jaxscope.metrics.instruments import Instruments, InstrumentsState, Probe, instruments
 from jaxscope.metrics.network import NetworkMetric, accuracy, batch_accuracy, loss
 from jaxscope.metrics.registry import PRESETS, preset_metrics, register
 from jaxscope.metrics.scope import MEASURED, TOPICS, Scope, ScopeState, scope, scope_values
@@ -28,19 +32,28 @@ __all__ = [
   "MEASURED",
   "PRESETS",
   "TOPICS",
+  "Instruments",
+  "InstrumentsState",
   "Metric",
   "NetworkMetric",
+  "Probe",
   "Scope",
   "ScopeState",
   "accuracy",
+  "activation_std",
+  "activations",
   "batch_accuracy",
   "condition_number",
+  "curvature",
+  "dead_fraction",
   "elementwise_ratio",
   "evaluate",
   "histogram",
+  "instruments",
   "loss",
   "max_abs",
   "mean",
+  "noise",
   "nonfinite_fraction",
   "norm",
   "power_iteration",
@@ -49,6 +62,7 @@ __all__ = [
   "register",
   "registry",
   "rms",
+  "saturation_fraction",
   "scope",
   "scope_values",
   "spectral",

@@ -50,6 +50,7 @@ __all__ = [
   "PerExampleMoments",
   "cabs",
   "dense_layers",
+  "dense_projections",
   "early_stopping",
   "gradient_variance",
   "histogram_sample",
@@ -212,6 +213,32 @@ def projections(
     return jax.jvp(fn, (params,), (t,))[1]
 
   return jax.vmap(one)(tangents)
+
+
+def dense_projections(
+  dense: Sequence[DenseLayer], tangent_leaves: Sequence[jax.Array]
+) -> jax.Array:
+  """Per-example ``gᵢᵀv`` restricted to the Dense layers' leaves, for ``k`` directions: ``[k, B]``.
+
+  ``gᵢ(W)ᵀV = xᵢᵀ V δᵢ`` and ``gᵢ(b)ᵀv_b = δᵢᵀ v_b`` (``δᵢ = B·∂L/∂yᵢ``): one ``[B, in] ×
+  [in, out]`` product per layer and direction, no forward pass.
+
+  Args:
+    dense: the captured Dense layers.
+    tangent_leaves: ``jax.tree.leaves`` of the directions, each with a leading axis ``k``.
+  """
+  total = None
+  for layer in dense:
+    x = layer.inputs.astype(_F32)
+    d = layer.output_grads.astype(_F32) * x.shape[0]
+    v = tangent_leaves[layer.kernel].astype(_F32)  # [k, in, out]
+    part = jnp.einsum("bi,kio,bo->kb", x, v, d)
+    if layer.bias is not None:
+      part = part + jnp.einsum("ko,bo->kb", tangent_leaves[layer.bias].astype(_F32), d)
+    total = part if total is None else total + part
+  if total is None:
+    raise ValueError("dense_projections: no Dense layer given.")
+  return total
 
 
 # --------------------------------------------------------------------------- histograms

@@ -17,7 +17,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
-from jaxscope.metrics import network, spectral, stats
+from jaxscope.metrics import activations, network, spectral, stats
 from jaxscope.metrics.base import Metric
 from jaxscope.metrics.network import NetworkMetric
 
@@ -54,6 +54,9 @@ _BUILTIN: dict[str, Factory] = {
   "histogram": stats.histogram,
   "spectral_norm": spectral.spectral_norm,
   "condition_number": spectral.condition_number,
+  "std": activations.activation_std,
+  "dead_fraction": activations.dead_fraction,
+  "saturation_fraction": activations.saturation_fraction,
   "loss": network.loss,
   "accuracy": network.accuracy,
 }

@@ -2,8 +2,9 @@
 
 A scope is an optax-style pair of pure functions,
 
-* ``init(params) -> ScopeState``
-* ``update(state, *, params, grads, updates, loss, logits, labels) -> (values, state)``
+* ``init(params, *, activations=None, layer_grads=None) -> ScopeState``
+* ``update(state, *, params, grads, updates, activations, layer_grads, loss, logits,
+  labels) -> (values, state)``
 
 where ``values`` is one flat ``dict[str, jax.Array]`` with keys
 ``"{topic}/{stat}/{layer}"`` (e.g. ``"grads/norm/Dense_0/kernel"``), network-level
@@ -11,6 +12,16 @@ keys (``"loss"``, ``"accuracy"``) and the reserved key ``"measured"`` (a bool te
 whether this step was measured). The state's structure, shapes and dtypes are fixed
 by ``init``, so a scope works inside ``jit``, ``lax.scan`` and ``lax.cond`` without
 retracing and restores with orbax into the structure ``init`` built.
+
+The topics ``activations`` and ``layer_grads`` measure the dicts ``{layer_key: array}``
+of :class:`jaxscope.capture.Captured` (``captured.outputs`` and ``captured.grads``, the
+layer outputs ``y_l`` and ``∂L/∂y_l``). Each entry is one layer whose key is the dict key
+(``"activations/std/Block_0/Conv_1"``); the key plays the role of the module path for
+``include``/``exclude`` (``re.search`` on the key) and ``depth`` (``-1``/``None``: per
+layer, ``k``: first ``k`` components of the key). ``kind`` selects parameter leaves only
+and never drops an activation layer. These trees do not exist when the scope is built, so
+``init`` takes them (arrays or ``jax.ShapeDtypeStruct``, e.g. from ``jax.eval_shape``) as
+``init(params, activations=..., layer_grads=...)``.
 
 With ``every=n`` only steps ``0, n, 2n, …`` are measured; the others go through a
 ``lax.cond`` branch that returns the previous values unchanged. The cond still needs
@@ -48,10 +59,23 @@ from jaxscope.metrics import registry
 from jaxscope.metrics.base import Metric
 from jaxscope.metrics.network import NetworkMetric
 
-__all__ = ["MEASURED", "TOPICS", "Scope", "ScopeState", "scope", "scope_values"]
+__all__ = [
+  "CAPTURE_TOPICS",
+  "MEASURED",
+  "PARAM_TOPICS",
+  "TOPICS",
+  "Scope",
+  "ScopeState",
+  "scope",
+  "scope_values",
+]
 
-#: Tensor topics a scope can measure (later capabilities add more).
-TOPICS = ("params", "grads", "updates")
+#: Topics whose trees have the structure of the parameters.
+PARAM_TOPICS = ("params", "grads", "updates")
+#: Topics measured on :mod:`jaxscope.capture` dicts ``{layer_key: array}``.
+CAPTURE_TOPICS = ("activations", "layer_grads")
+#: Tensor topics a scope can measure.
+TOPICS = PARAM_TOPICS + CAPTURE_TOPICS
 #: The reserved key that tells whether the values belong to this step.
 MEASURED = "measured"
 _NETWORK_INPUTS = ("loss", "logits", "labels")
@@ -73,7 +97,7 @@ class ScopeState(NamedTuple):
 class Scope(NamedTuple):
   """A bundle of metrics; see the module docstring."""
 
-  init: Callable[[Any], ScopeState]
+  init: Callable[..., ScopeState]
   update: Callable[..., tuple[dict[str, jax.Array], ScopeState]]
   topics: tuple[str, ...]
   """The tensor topics this scope needs (a subset of :data:`TOPICS`)."""
@@ -96,11 +120,81 @@ def _resolve(spec: MetricSpec, where: str) -> Metric | NetworkMetric:
   raise TypeError(f"{where}: expected a Metric or a metric name, got {type(spec).__name__}.")
 
 
+def _shapes(tree: Any) -> Any:
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), tree)
+
+
+def _check_layer_dict(tree: Any, topic: str) -> dict[str, Any]:
+  """Checks that ``tree`` is a flat ``{layer_key: array}`` mapping; returns it as a dict."""
+  if not isinstance(tree, Mapping):
+    raise TypeError(
+      f"{topic}: expected a dict {{layer_key: array}} (capture.Captured.outputs / .grads), "
+      f"got {type(tree).__name__}."
+    )
+  if not tree:
+    raise ValueError(f"{topic}: the dict of layers is empty.")
+  for k, v in tree.items():
+    if not isinstance(k, str):
+      raise TypeError(f"{topic}: layer keys must be str, got {k!r}.")
+    if not jtree._is_array_like(v):
+      raise TypeError(
+        f"{topic}: layer {k!r} is a {type(v).__name__}, expected an array "
+        "(jax.Array, numpy array or ShapeDtypeStruct)."
+      )
+  return dict(tree)
+
+
+def _layer_layout(
+  tree: Mapping[str, Any],
+  topic: str,
+  *,
+  include: str | Sequence[str] | None,
+  exclude: str | Sequence[str] | None,
+  depth: int | None,
+) -> jtree.Layout:
+  """Layout of a ``{layer_key: array}`` dict: one leaf per key, the key is its module path.
+
+  ``kind`` is not applied (it selects parameter leaves). Leaf indices follow
+  ``jax.tree_util.tree_leaves`` order (sorted keys).
+  """
+  if depth is not None and (not isinstance(depth, int) or (depth < 1 and depth != -1)):
+    raise ValueError(f"depth must be None, -1 or a positive integer, got {depth!r}.")
+  inc = jtree._compile(include, "include")
+  exc = jtree._compile(exclude, "exclude")
+  keys = sorted(tree)  # The flattening order of a dict.
+  infos = []
+  for i, k in enumerate(keys):
+    shape = tuple(int(d) for d in tree[k].shape)
+    infos.append(jtree.LeafInfo(i, k, k, "other", shape, tree[k].dtype))
+  selected = [
+    info
+    for info in infos
+    if (inc is None or any(p.search(info.name) for p in inc))
+    and not (exc is not None and any(p.search(info.name) for p in exc))
+  ]
+  if not selected:
+    shown = ", ".join(keys[:12]) + (", ..." if len(keys) > 12 else "")
+    raise ValueError(
+      f"{topic}: the selection include={include!r}, exclude={exclude!r} matches no layer. "
+      f"Layers are: {shown}."
+    )
+  groups: dict[str, list[jtree.LeafInfo]] = {}
+  for info in selected:
+    if depth is None or depth == -1:
+      gkey = info.name
+    else:
+      gkey = "/".join(info.name.split("/")[:depth])
+    groups.setdefault(gkey, []).append(info)
+  return jtree.Layout(tuple(jtree.Group(k, tuple(v)) for k, v in groups.items()), tuple(infos))
+
+
 def scope(
   *,
   params: Sequence[MetricSpec] = (),
   grads: Sequence[MetricSpec] = (),
   updates: Sequence[MetricSpec] = (),
+  activations: Sequence[MetricSpec] = (),
+  layer_grads: Sequence[MetricSpec] = (),
   network: Sequence[MetricSpec] = (),
   preset: str | None = None,
   every: int = 1,
@@ -115,15 +209,19 @@ def scope(
     params: metrics (or registered names) of the parameters ``θ`` of the step.
     grads: metrics of the gradients ``∂L/∂θ``.
     updates: metrics of the optimizer's updates ``Δθ`` (what ``apply_updates`` adds).
+    activations: metrics of the layer outputs ``y_l`` (``Captured.outputs`` of
+      :func:`jaxscope.capture.value_and_grad`), e.g. ``"std"``, ``"dead_fraction"``.
+    layer_grads: metrics of ``∂L/∂y_l`` (``Captured.grads``).
     network: network-level metrics (``"loss"``, ``"accuracy"``).
     preset: ``"economy"`` or ``"full"`` (see :data:`registry.PRESETS`), added to the
       explicit lists.
     every: measure every ``every``-th step (steps ``0, every, 2·every, …``).
     include: regular expression(s) on layer names (``re.search``); ``None`` = all.
     exclude: regular expression(s) of layer names to leave out.
-    kind: ``"kernel"``, ``"bias"`` or ``"any"``.
+    kind: ``"kernel"``, ``"bias"`` or ``"any"``; applies to the parameter topics only.
     depth: layer grouping (see :mod:`jaxscope.tree`): ``None`` per leaf, ``-1`` per
-      module, ``k`` per module-path prefix of length ``k``.
+      module, ``k`` per module-path prefix of length ``k``. For ``activations`` and
+      ``layer_grads`` a layer key is a module path.
 
   Returns:
     A :class:`Scope`.
@@ -134,6 +232,8 @@ def scope(
     "params": list(params),
     "grads": list(grads),
     "updates": list(updates),
+    "activations": list(activations),
+    "layer_grads": list(layer_grads),
     "network": list(network),
   }
   if preset is not None:
@@ -147,6 +247,13 @@ def scope(
       if not isinstance(m, Metric):
         raise TypeError(f"scope: {m.name!r} is a network metric; pass it in network=.")
       resolved.append(m)
+    if topic in CAPTURE_TOPICS:
+      bad = [m.name for m in resolved if m.needs_params]
+      if bad:
+        raise ValueError(
+          f"scope: metric(s) {bad} compare with the parameters and cannot measure {topic!r} "
+          "(layer outputs have no matching parameter); use them on params/grads/updates."
+        )
     names = [m.name for m in resolved]
     dup = {n for n in names if names.count(n) > 1}
     if dup:
@@ -163,7 +270,8 @@ def scope(
     net.append(m)
   if not topic_metrics and not net:
     raise ValueError(
-      "scope: no metric given (pass params=, grads=, updates=, network= or preset=)."
+      "scope: no metric given (pass params=, grads=, updates=, activations=, layer_grads=, "
+      "network= or preset=)."
     )
   needs_params = "params" in topic_metrics or any(
     m.needs_params for ms in topic_metrics.values() for m in ms
@@ -171,7 +279,10 @@ def scope(
   select = dict(include=include, exclude=exclude, kind=kind, depth=depth)
 
   def _plan(topic: str, tree: Any) -> list[tuple[str, Metric, tuple[jtree.LeafInfo, ...]]]:
-    lay = jtree.layout(tree, argname=topic, **select)  # type: ignore[arg-type]
+    if topic in CAPTURE_TOPICS:
+      lay = _layer_layout(tree, topic, include=include, exclude=exclude, depth=depth)
+    else:
+      lay = jtree.layout(tree, argname=topic, **select)  # type: ignore[arg-type]
     plan = []
     for group in lay.groups:
       for m in topic_metrics[topic]:
@@ -202,16 +313,37 @@ def scope(
           values[key] = value
     return values, new_state
 
-  def init_fn(params: Any) -> ScopeState:
-    jtree.leaf_infos(params, argname="params")  # Clear errors for non-array leaves.
-    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), params)
+  def init_fn(
+    params: Any = None, *, activations: Any = None, layer_grads: Any = None
+  ) -> ScopeState:
+    given = {"activations": activations, "layer_grads": layer_grads}
+    trees: dict[str, Any] = {}
+    if params is not None:
+      jtree.leaf_infos(params, argname="params")  # Clear errors for non-array leaves.
+      shapes = _shapes(params)
+      trees.update({t: shapes for t in PARAM_TOPICS})
+    for topic in CAPTURE_TOPICS:
+      if given[topic] is not None:
+        trees[topic] = _shapes(_check_layer_dict(given[topic], topic))
+    for topic in topic_metrics:
+      if topic not in trees:
+        how = (
+          f"init({topic}=...): the {{layer_key: array}} dict of capture.value_and_grad "
+          f"(Captured.{'outputs' if topic == 'activations' else 'grads'}) or its "
+          "ShapeDtypeStructs"
+          if topic in CAPTURE_TOPICS
+          else "init(params)"
+        )
+        raise ValueError(f"scope measures {topic!r}, so it needs its shapes: call {how}.")
+    if needs_params and params is None:
+      raise ValueError("scope: init() needs params (the scope measures or compares with them).")
     metric_state: dict[str, Any] = {}
     for topic in topic_metrics:
-      for key, m, infos in _plan(topic, shapes):
+      for key, m, infos in _plan(topic, trees[topic]):
         metric_state[key] = m.init([jax.ShapeDtypeStruct(i.shape, i.dtype) for i in infos])
-    data = {topic: shapes for topic in topic_metrics}
+    data = {topic: trees[topic] for topic in topic_metrics}
     if needs_params:
-      data["params"] = shapes
+      data["params"] = trees["params"]
     value_shapes, _ = jax.eval_shape(_measure_tensors, data, metric_state)
     values = {k: jnp.zeros(s.shape, s.dtype) for k, s in value_shapes.items()}
     for m in net:
@@ -224,6 +356,8 @@ def scope(
     params: Any = None,
     grads: Any = None,
     updates: Any = None,
+    activations: Mapping[str, jax.Array] | None = None,
+    layer_grads: Mapping[str, jax.Array] | None = None,
     loss: jax.Array | None = None,
     logits: jax.Array | None = None,
     labels: jax.Array | None = None,
@@ -234,10 +368,18 @@ def scope(
         "scope.update: measure must be a Python bool or None (static), "
         f"got {type(measure).__name__}."
       )
-    trees = {"params": params, "grads": grads, "updates": updates}
+    trees = {
+      "params": params,
+      "grads": grads,
+      "updates": updates,
+      "activations": activations,
+      "layer_grads": layer_grads,
+    }
     for topic in topic_metrics:
       if trees[topic] is None:
         raise ValueError(f"scope measures {topic!r} but update() got {topic}=None.")
+      if topic in CAPTURE_TOPICS:
+        trees[topic] = _check_layer_dict(trees[topic], topic)
     if needs_params and params is None:
       users = sorted({m.name for ms in topic_metrics.values() for m in ms if m.needs_params})
       raise ValueError(
@@ -284,7 +426,8 @@ def scope(
       gone = sorted(set(state.metric_state) - planned)[:3]
       raise ValueError(
         "scope.update: the trees do not match the ones init() was given "
-        f"(new layers: {extra}; missing layers: {gone}). Call init() with these parameters."
+        f"(new layers: {extra}; missing layers: {gone}). Call init() with these parameters "
+        "(and activations/layer_grads)."
       )
     operand = (data, state.metric_state, net_inputs)
     if measure is False:

@@ -1,0 +1,450 @@
+"""Layer outputs, inputs and ``∂L/∂(layer output)`` from Flax models, model code untouched.
+
+Two entry points:
+
+* :func:`intercept`: a context manager, used *inside* the traced function, that observes
+  every ``__call__`` of a Flax Linen module (through ``flax.linen.intercept_methods``) and
+  of a Flax NNX module (through a temporary patch of the NNX module classes), records the
+  outputs ``y_l`` (and optionally the first positional inputs) of the recorded layers, and
+  returns ``y_l + ε_l`` to the model when a perturbation ``ε_l`` is given for layer ``l``.
+* :func:`value_and_grad`: ``jax.value_and_grad`` that also returns the captured outputs
+  and, per layer, ``∂L/∂y_l = ∂L(θ, ε)/∂ε_l |_{ε=0}`` (the gradient w.r.t. a zero
+  perturbation added to the layer's output, the recipe of jax-notes §2).
+
+Which calls are recorded: the modules that directly own parameters (Linen: the module's
+own ``params`` collection has array leaves of its own, e.g. ``Dense``, ``Conv``,
+``BatchNorm``; NNX: the module has ``nnx.Param`` attributes), except the root module,
+then filtered by ``include`` / ``exclude`` regular expressions (``re.search`` on the
+layer key, as :func:`jaxscope.tree.layout`). Only ``__call__`` is recorded, and only
+calls whose output is a single array.
+
+Layer keys are ``'/'``-joined module paths and match the parameter names' prefixes:
+Linen ``"Dense_0"``, ``"Block_0/Conv_1"`` (``module.path``); NNX the attribute path from
+the root, ``"linear1"``, ``"blocks/0/conv"``, the prefixes of
+``nnx.to_pure_dict(nnx.state(model, nnx.Param))`` joined with ``'/'``.
+
+Pitfalls:
+
+* Interception acts at **trace time**. The ``with intercept(...)`` block (or the call of
+  :func:`value_and_grad`) must sit *inside* the function you ``jit`` / ``grad``; a jitted
+  ``model.apply`` that JAX has already compiled does not see an interceptor set up
+  outside it (jax-notes §2).
+* The NNX patch replaces ``__call__`` on every ``nnx.Module`` subclass that defines it
+  (its own ``__dict__``) while a context is active, and restores the original functions
+  in a ``finally``. It is process-global: do not trace two intercepted functions
+  concurrently from several threads. Classes defined while a context is active are not
+  patched. For NNX the key of a module is found from the *outermost* NNX call (the root:
+  its ``nnx.iter_modules`` paths), so a layer called directly, outside its model, is
+  its own root and is not recorded.
+* "Output" is what the module's ``__call__`` returns. ``Dense`` / ``Conv`` followed by a
+  functional activation (``x = nn.relu(nn.Dense(8)(x))``) is captured **before** the
+  activation (the pre-activation). Activation *modules* own no parameters, so they are
+  not recorded either. Outputs that are not a single array (tuples, dicts) are skipped.
+* The root module is never a layer: a bare ``nn.Dense`` used as the whole model records
+  nothing (wrap it in a module).
+* A layer called twice in one traced call (a shared layer, or ``fn`` running the model
+  twice) raises ``ValueError``: one output and one perturbation per layer is all that
+  the key scheme can express. Run each forward pass in its own function.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+from flax import nnx
+
+from jaxscope.tree import _compile
+
+__all__ = ["Captured", "LayerCall", "Recording", "intercept", "value_and_grad"]
+
+
+class LayerCall(NamedTuple):
+  """One recorded layer."""
+
+  key: str
+  """The layer name: ``'/'``-joined module path (``"Dense_0"``, ``"blocks/0/conv"``)."""
+  kind: str
+  """``"dense"`` (``linen.Dense``, ``nnx.Linear``), ``"conv"`` (``linen.Conv``,
+  ``nnx.Conv``) or ``"other"``."""
+  module: Any
+  """The module object (Linen bound module or NNX module), for introspection only."""
+
+
+class Captured(NamedTuple):
+  """What :func:`value_and_grad` captured, keyed by layer key."""
+
+  outputs: dict[str, jax.Array]
+  """Each layer's output ``y_l`` (its activations)."""
+  inputs: dict[str, jax.Array]
+  """Each layer's first positional input (only with ``inputs=True``, else ``{}``)."""
+  grads: dict[str, jax.Array]
+  """``∂L/∂y_l`` of the differentiated scalar (only with ``layer_grads=True``, else ``{}``)."""
+  kinds: dict[str, str]
+  """Each layer's kind (see :class:`LayerCall`). Static: a dict that is a pytree node
+  without leaves, so ``Captured`` can be returned from ``jit``."""
+
+
+Pattern = str | Sequence[str] | None
+
+
+class _Kinds(dict):
+  """A ``dict[str, str]`` that is a pytree *without leaves* (the items are static).
+
+  So a :class:`Captured` can be returned from ``jit`` and pass through ``jax.tree.map``
+  with its kinds intact.
+  """
+
+
+jax.tree_util.register_pytree_node(
+  _Kinds, lambda d: ((), tuple(d.items())), lambda items, _: _Kinds(items)
+)
+
+
+def _kind(module: Any) -> str:
+  if isinstance(module, nn.Dense | nnx.Linear):
+    return "dense"
+  if isinstance(module, nn.Conv | nnx.Conv):
+    return "conv"
+  return "other"
+
+
+def _linen_owns_params(module: nn.Module) -> bool:
+  try:
+    params = module.variables.get("params", {})
+  except Exception:  # An unbound module or a scope without variables.
+    return False
+  return any(not isinstance(v, Mapping) for v in params.values())
+
+
+def _nnx_owns_params(module: nnx.Module) -> bool:
+  return any(isinstance(v, nnx.Param) for v in vars(module).values())
+
+
+class Recording:
+  """Host-side recorder of one :func:`intercept` context (used only while tracing).
+
+  Attributes:
+    outputs: layer key -> the output returned to the model (``y_l + ε_l`` when a
+      perturbation is given), in call order.
+    inputs: layer key -> the first positional input (only with ``record_inputs``).
+    kinds: layer key -> ``"dense"``, ``"conv"`` or ``"other"``.
+    layers: layer key -> :class:`LayerCall`.
+  """
+
+  def __init__(
+    self,
+    perturbations: Mapping[str, jax.Array] | None,
+    include: Pattern,
+    exclude: Pattern,
+    record_inputs: bool,
+  ) -> None:
+    self.outputs: dict[str, jax.Array] = {}
+    self.inputs: dict[str, jax.Array] = {}
+    self.kinds: dict[str, str] = {}
+    self.layers: dict[str, LayerCall] = {}
+    self.include = include
+    self.exclude = exclude
+    self._perturbations = dict(perturbations) if perturbations is not None else {}
+    self._inc = _compile(include, "include")
+    self._exc = _compile(exclude, "exclude")
+    self._record_inputs = record_inputs
+    # NNX: ids of the modules whose __call__ is running, and the paths of the current root.
+    self._nnx_running: set[int] = set()
+    self._nnx_paths: dict[int, str] | None = None
+
+  def _selected(self, key: str) -> bool:
+    if not key:
+      return False  # The root module.
+    if self._inc is not None and not any(p.search(key) for p in self._inc):
+      return False
+    return not (self._exc is not None and any(p.search(key) for p in self._exc))
+
+  def _record(self, key: str, module: Any, args: tuple, output: Any) -> Any:
+    if not isinstance(output, jax.Array):
+      return output  # Tuples, dicts, None: not a single activation tensor.
+    if key in self.outputs:
+      raise ValueError(
+        f"capture: layer {key!r} was called more than once in one traced call (a shared "
+        "layer, or a function that runs the model twice); capture records one output and "
+        "one perturbation per layer. Exclude the layer (exclude=...) or run each forward "
+        "pass in its own function."
+      )
+    if key in self._perturbations:
+      eps = self._perturbations[key]
+      if tuple(jnp.shape(eps)) != tuple(output.shape):
+        raise ValueError(
+          f"capture: perturbations[{key!r}] has shape {tuple(jnp.shape(eps))}, expected the "
+          f"layer output's shape {tuple(output.shape)}."
+        )
+      output = output + eps.astype(output.dtype)
+    self.outputs[key] = output
+    kind = _kind(module)
+    self.kinds[key] = kind
+    self.layers[key] = LayerCall(key, kind, module)
+    if self._record_inputs and args:
+      self.inputs[key] = args[0]
+    return output
+
+  # ------------------------------------------------------------------ Linen
+  def _linen_interceptor(
+    self, next_fun: Callable[..., Any], args: tuple, kwargs: dict, context: Any
+  ) -> Any:
+    out = next_fun(*args, **kwargs)
+    if not _ACTIVE or _ACTIVE[-1] is not self or context.method_name != "__call__":
+      return out
+    module = context.module
+    key = "/".join(str(p) for p in module.path)
+    if not self._selected(key) or not _linen_owns_params(module):
+      return out
+    return self._record(key, module, args, out)
+
+  # ------------------------------------------------------------------ NNX
+  def _nnx_call(self, original: Callable[..., Any], module: Any, args: tuple, kwargs: dict) -> Any:
+    mid = id(module)
+    if mid in self._nnx_running:  # super().__call__ of an overriding __call__.
+      return original(module, *args, **kwargs)
+    is_root = not self._nnx_running
+    if is_root:
+      self._nnx_paths = {
+        id(m): "/".join(str(p) for p in path) for path, m in nnx.iter_modules(module)
+      }
+    paths = self._nnx_paths or {}
+    key = paths.get(mid)
+    self._nnx_running.add(mid)
+    try:
+      out = original(module, *args, **kwargs)
+    finally:
+      self._nnx_running.discard(mid)
+      if is_root:
+        self._nnx_paths = None
+    if key is None or not self._selected(key) or not _nnx_owns_params(module):
+      return out
+    return self._record(key, module, args, out)
+
+  def _check_perturbations_used(self) -> None:
+    unused = sorted(set(self._perturbations) - set(self.outputs))
+    if unused:
+      raise ValueError(
+        f"capture: perturbations given for layer(s) {unused} that were not recorded "
+        f"(recorded: {list(self.outputs)}; include={self.include!r}, "
+        f"exclude={self.exclude!r})."
+      )
+
+
+# The active recordings, innermost last. Only the innermost one records.
+_ACTIVE: list[Recording] = []
+# NNX classes patched while any context is active: class -> original __call__.
+_PATCHED: dict[type, Callable[..., Any]] = {}
+
+
+def _nnx_classes() -> list[type]:
+  out, seen, stack = [], set(), [nnx.Module]
+  while stack:
+    cls = stack.pop()
+    for sub in cls.__subclasses__():
+      if sub not in seen:
+        seen.add(sub)
+        stack.append(sub)
+        if inspect.isfunction(sub.__dict__.get("__call__")):
+          out.append(sub)
+  return out
+
+
+def _make_wrapper(original: Callable[..., Any]) -> Callable[..., Any]:
+  @functools.wraps(original)
+  def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
+    if not _ACTIVE:
+      return original(self, *args, **kwargs)
+    return _ACTIVE[-1]._nnx_call(original, self, args, kwargs)
+
+  __call__._jaxscope_original = original  # type: ignore[attr-defined]
+  return __call__
+
+
+def _patch_nnx() -> None:
+  for cls in _nnx_classes():
+    if cls in _PATCHED:
+      continue
+    original = cls.__dict__["__call__"]
+    _PATCHED[cls] = original
+    cls.__call__ = _make_wrapper(original)  # type: ignore[method-assign]
+
+
+def _unpatch_nnx() -> None:
+  while _PATCHED:
+    cls, original = _PATCHED.popitem()
+    cls.__call__ = original  # type: ignore[method-assign]
+
+
+@contextlib.contextmanager
+def intercept(
+  *,
+  perturbations: Mapping[str, jax.Array] | None = None,
+  include: Pattern = None,
+  exclude: Pattern = None,
+  record_inputs: bool = False,
+) -> Iterator[Recording]:
+  """Records Flax layer calls made inside the block; optionally perturbs their outputs.
+
+  Inside the block each recorded layer ``l`` (see the module docstring) returns
+  ``y_l + perturbations[l]`` to the model when ``perturbations`` has its key, else
+  ``y_l``; the :class:`Recording` collects the returned outputs (and, with
+  ``record_inputs``, the first positional inputs) in call order. With zero
+  perturbations ``ε``, ``∂L/∂ε_l = ∂L/∂y_l``.
+
+  Must be used inside the traced (jitted / differentiated) function. Nested contexts
+  are allowed; only the innermost records. Not thread-safe (the NNX patch is global).
+
+  Args:
+    perturbations: layer key -> array of the layer output's shape, added to the output.
+    include: regular expression(s) on layer keys (``re.search``); ``None`` = all.
+    exclude: regular expression(s) of layer keys to leave out.
+    record_inputs: also record each layer's first positional input.
+
+  Yields:
+    The :class:`Recording`, filled while the model runs.
+
+  Raises:
+    ValueError: a recorded layer is called twice; a perturbation has the wrong shape;
+      (on normal exit) a perturbation names a layer that was not recorded.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from flax import linen as nn
+    >>> from jaxscope import capture
+    >>> model = nn.Sequential([nn.Dense(3), nn.relu, nn.Dense(2)])
+    >>> x = jnp.ones((4, 5))
+    >>> params = model.init(jax.random.key(0), x)["params"]
+    >>> with capture.intercept() as rec:
+    ...   y = model.apply({"params": params}, x)
+    >>> {k: v.shape for k, v in rec.outputs.items()}
+    {'layers_0': (4, 3), 'layers_2': (4, 2)}
+  """
+  if perturbations is not None and not isinstance(perturbations, Mapping):
+    raise TypeError(
+      "intercept: perturbations must be a mapping {layer key: array}, "
+      f"got {type(perturbations).__name__}."
+    )
+  rec = Recording(perturbations, include, exclude, record_inputs)
+  first = not _ACTIVE
+  _ACTIVE.append(rec)
+  try:
+    if first:
+      _patch_nnx()
+    with nn.intercept_methods(rec._linen_interceptor):
+      yield rec
+  finally:
+    _ACTIVE.remove(rec)
+    if not _ACTIVE:
+      _unpatch_nnx()
+  rec._check_perturbations_used()
+
+
+def _no_layer_error(include: Pattern, exclude: Pattern) -> ValueError:
+  return ValueError(
+    "capture.value_and_grad: no layer was recorded (include="
+    f"{include!r}, exclude={exclude!r}). fn must call a Flax Linen module (model.apply) "
+    "or an NNX module inside it, the recorded layers are the non-root modules that own "
+    "parameters, and include/exclude must leave at least one of them."
+  )
+
+
+def value_and_grad(
+  fn: Callable[..., Any],
+  *,
+  has_aux: bool = False,
+  include: Pattern = None,
+  exclude: Pattern = None,
+  layer_grads: bool = True,
+  inputs: bool = False,
+) -> Callable[..., tuple[Any, Any, Captured]]:
+  """``jax.value_and_grad(fn)`` that also captures layer outputs and ``∂L/∂(output)``.
+
+  ``value_and_grad(fn)(params, *args, **kwargs)`` returns ``(value, grads, captured)``:
+  ``value = fn(params, *args, **kwargs)`` (``(loss, aux)`` with ``has_aux``),
+  ``grads = ∂loss/∂params`` exactly as ``jax.value_and_grad(fn, has_aux=has_aux)``, and
+  a :class:`Captured` with each recorded layer's output ``y_l``, optionally its input,
+  and with ``layer_grads`` ``∂loss/∂y_l = ∂loss(θ, ε)/∂ε_l`` at ``ε = 0``, where
+  ``y_l + ε_l`` replaces the layer's output.
+
+  Cost: ``fn`` is traced twice (a ``jax.eval_shape`` pass learns the layers and their
+  output shapes) when ``layer_grads``; the compiled program is one forward and one
+  backward pass that also returns the activations, as plain ``jax.value_and_grad``.
+  Use it inside the jitted step; ``fn`` calls the model normally (``model.apply(...)``,
+  an NNX module held by closure, or ``nnx.merge`` inside ``fn``).
+
+  Args:
+    fn: ``fn(params, *args, **kwargs) -> loss`` (or ``(loss, aux)`` with ``has_aux``),
+      ``loss`` a real scalar.
+    has_aux: whether ``fn`` returns ``(loss, aux)``.
+    include: regular expression(s) on layer keys (``re.search``); ``None`` = all.
+    exclude: regular expression(s) of layer keys to leave out.
+    layer_grads: also compute ``∂loss/∂y_l`` per layer.
+    inputs: also record each layer's first positional input.
+
+  Returns:
+    A function of ``(params, *args, **kwargs)`` returning ``(value, grads, captured)``.
+
+  Raises:
+    TypeError: if ``fn`` is not callable.
+    ValueError: (when called) if no layer was recorded, naming include/exclude; see
+      also :func:`intercept`.
+  """
+  if not callable(fn):
+    raise TypeError(f"capture.value_and_grad: fn must be callable, got {type(fn).__name__}.")
+  _compile(include, "include")  # Fail early on an invalid pattern.
+  _compile(exclude, "exclude")
+
+  def split(out: Any) -> tuple[Any, Any]:
+    if not has_aux:
+      return out, None
+    if not (isinstance(out, tuple) and len(out) == 2):
+      raise TypeError(
+        "capture.value_and_grad: with has_aux=True, fn must return a pair (loss, aux), "
+        f"got {type(out).__name__}."
+      )
+    return out
+
+  def wrapped(params: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any, Captured]:
+    kinds: dict[str, str] = {}
+
+    def inner(p: Any, eps: dict[str, jax.Array] | None) -> tuple[Any, Any]:
+      with intercept(
+        perturbations=eps, include=include, exclude=exclude, record_inputs=inputs
+      ) as rec:
+        out = fn(p, *args, **kwargs)
+      if not rec.outputs:
+        raise _no_layer_error(include, exclude)
+      kinds.clear()
+      kinds.update(rec.kinds)
+      loss, aux = split(out)
+      return loss, (aux, dict(rec.outputs), dict(rec.inputs))
+
+    if layer_grads:
+
+      def discover(p: Any) -> dict[str, jax.Array]:
+        with intercept(include=include, exclude=exclude) as rec:
+          fn(p, *args, **kwargs)
+        return dict(rec.outputs)
+
+      shapes = jax.eval_shape(discover, params)
+      if not shapes:
+        raise _no_layer_error(include, exclude)
+      eps0 = {k: jnp.zeros(s.shape, s.dtype) for k, s in shapes.items()}
+      (loss, (aux, outs, ins)), (grads, lgrads) = jax.value_and_grad(
+        inner, argnums=(0, 1), has_aux=True
+      )(params, eps0)
+    else:
+      (loss, (aux, outs, ins)), grads = jax.value_and_grad(inner, has_aux=True)(params, None)
+      lgrads = {}
+    value = (loss, aux) if has_aux else loss
+    return value, grads, Captured(outs, ins, dict(lgrads), _Kinds(kinds))
+
+  return wrapped

@@ -1,0 +1,573 @@
+"""Curvature of the mini-batch loss from Hessian-vector products, on the device.
+
+Everything here is a pure function of pytrees with fixed shapes, safe inside ``jit``,
+``lax.scan`` and ``lax.cond``. The Hessian ``H = ∇²L(θ)`` of the mini-batch loss is never
+formed: it is reached through a callable ``hvp(v) = H v`` (a pytree like the parameters in,
+the same out), which :func:`hvp_fn` builds by forward-over-reverse differentiation.
+
+The quantities are those of Cockpit (Schneider, Dangel & Hennig, "Cockpit: A Practical
+Debugging Tool for the Training of Deep Neural Networks", NeurIPS 2021):
+
+* ``HessMaxEV``: :func:`max_eigenvalue_update` (power iteration or Lanczos, warm-started
+  across training steps) and the one-shot :func:`max_eigenvalue`;
+* ``HessTrace``: :func:`hutchinson` (Rademacher probes) or, for small models, the exact
+  diagonal :func:`exact_hessian_diagonal`; per-layer traces by :func:`leaf_traces`;
+* ``TICDiag`` / ``TICTrace``: :func:`tic` and :func:`tic_trace`;
+* ``Alpha``: :func:`alpha`, the normalised step length of a noise-aware quadratic fit.
+
+Cockpit gets the Hessian diagonal from BackPACK's second-order backpropagation; here it is
+estimated (Hutchinson) or computed column by column (exact), both from HVPs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+from jax.flatten_util import ravel_pytree
+
+__all__ = [
+  "MaxEigState",
+  "alpha",
+  "batched_hvp",
+  "exact_hessian_diagonal",
+  "hutchinson",
+  "hvp_fn",
+  "leaf_traces",
+  "max_eigenvalue",
+  "max_eigenvalue_init",
+  "max_eigenvalue_update",
+  "tic",
+  "tic_trace",
+]
+
+PyTree = Any
+Hvp = Callable[[PyTree], PyTree]
+
+_F32 = jnp.float32
+
+
+# --------------------------------------------------------------------------- HVPs
+
+
+def hvp_fn(
+  loss_fn: Callable[..., Any], params: PyTree, *args: Any, has_aux: bool = False, **kwargs: Any
+) -> tuple[Any, PyTree, Hvp]:
+  """The loss, its gradient and the Hessian-vector product ``v ↦ H v`` at ``params``.
+
+  Forward-over-reverse: ``jax.linearize`` of ``jax.value_and_grad(loss_fn)`` runs the
+  forward and backward pass once and returns, with the value and gradient ``g = ∇L(θ)``,
+  the linear map ``v ↦ (∇L·v, H v)`` (the JVP of the gradient, ``H v = ∂/∂ε ∇L(θ + εv)``).
+  Each ``hvp(v)`` then costs about one extra forward+backward pass, and the gradient is not
+  recomputed. To apply ``H`` to ``k`` vectors use :func:`batched_hvp` (``jax.vmap`` of the
+  linear map): one linearisation, ``k`` tangents pushed through it as a batch, which is
+  cheaper than ``k`` separate ``jax.jvp`` calls (those each redo the forward pass and run
+  ``k`` sequential small kernels instead of one batched one). The linearisation keeps the
+  residuals of the forward and backward pass alive (about the memory of one backward pass).
+
+  Args:
+    loss_fn: ``loss_fn(params, *args, **kwargs)`` returning a scalar (or ``(scalar, aux)``
+      with ``has_aux``).
+    params: the point ``θ``, a pytree.
+    *args: further arguments of ``loss_fn`` (the mini-batch), held fixed.
+    has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+    **kwargs: keyword arguments of ``loss_fn``, held fixed.
+
+  Returns:
+    ``(value, grads, hvp)``: ``value`` is the loss (``(loss, aux)`` with ``has_aux``),
+    ``grads`` the gradient pytree and ``hvp(v) = H v`` for ``v`` a pytree like ``params``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from jaxscope.metrics.curvature import hvp_fn
+    >>> value, grads, hvp = hvp_fn(lambda p: jnp.sum(p**3), jnp.array([1.0, 2.0]))
+    >>> [float(x) for x in hvp(jnp.array([1.0, 1.0]))]   # H = diag(6θ)
+    [6.0, 12.0]
+  """
+
+  def value_and_grad(p: PyTree) -> Any:
+    return jax.value_and_grad(loss_fn, has_aux=has_aux)(p, *args, **kwargs)
+
+  (value, grads), lin = jax.linearize(value_and_grad, params)
+
+  def hvp(v: PyTree) -> PyTree:
+    return lin(v)[1]
+
+  return value, grads, hvp
+
+
+def batched_hvp(hvp: Hvp, vs: PyTree) -> PyTree:
+  """``H vₖ`` for a stack of ``k`` vectors: ``jax.vmap(hvp)(vs)``.
+
+  Args:
+    hvp: ``v ↦ H v``, e.g. from :func:`hvp_fn`.
+    vs: a pytree like the parameters whose leaves carry a leading axis of length ``k``.
+
+  Returns:
+    The pytree of products, with the same leading axis.
+  """
+  return jax.vmap(hvp)(vs)
+
+
+def _num_params(tree: PyTree) -> int:
+  return sum(int(x.size) for x in jax.tree.leaves(tree))
+
+
+def _finite(tree: PyTree) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def _normalise(v: PyTree) -> tuple[PyTree, jax.Array]:
+  n = optax.tree.norm(v).astype(_F32)
+  return optax.tree.scale(1.0 / jnp.maximum(n, 1e-30), v), n
+
+
+def _vdot(a: PyTree, b: PyTree) -> jax.Array:
+  return optax.tree.vdot(a, b).astype(_F32)
+
+
+# --------------------------------------------------------------------------- top eigenvalue
+
+
+class MaxEigState(NamedTuple):
+  """Warm-start state of :func:`max_eigenvalue_update`; its structure is fixed by init."""
+
+  vector: PyTree
+  """The current eigenvector estimate, a unit-norm pytree like the parameters."""
+  value: jax.Array
+  """``float32`` latest eigenvalue estimate (0 before the first update; NaN after a bad one)."""
+  count: jax.Array
+  """``int32`` number of updates made."""
+
+
+def max_eigenvalue_init(params: PyTree, key: jax.Array) -> MaxEigState:
+  """A random unit start vector (standard normal entries, normalised), value 0, count 0.
+
+  Args:
+    params: the parameters (only their structure, shapes and dtypes are used).
+    key: a PRNG key.
+
+  Returns:
+    The initial :class:`MaxEigState`.
+  """
+  v = optax.tree.random_like(key, params, jax.random.normal)
+  v, _ = _normalise(v)
+  return MaxEigState(vector=v, value=jnp.zeros((), _F32), count=jnp.zeros((), jnp.int32))
+
+
+def _power(hvp: Hvp, v: PyTree, iters: int) -> tuple[jax.Array, PyTree]:
+  def body(_: Any, carry: tuple[PyTree, jax.Array]) -> tuple[PyTree, jax.Array]:
+    v, _ = carry
+    hv = hvp(v)
+    lam = _vdot(v, hv)  # Rayleigh quotient vᵀHv, ‖v‖ = 1.
+    new_v, n = _normalise(hv)
+    ok = jnp.isfinite(n) & (n > 0)
+    v = optax.tree.where(ok, new_v, v)
+    return v, lam
+
+  v, lam = lax.fori_loop(0, iters, body, (v, jnp.zeros((), _F32)))
+  return lam, v
+
+
+def _lanczos(hvp: Hvp, v: PyTree, iters: int) -> tuple[jax.Array, PyTree]:
+  """``iters`` Lanczos steps with full reorthogonalisation; the largest-magnitude Ritz pair."""
+  k = iters
+  leaves, treedef = jax.tree.flatten(v)
+  dtypes = [x.dtype for x in leaves]
+  eps = max(float(jnp.finfo(dt).eps) for dt in dtypes)
+
+  def stacked_dot(q: list[jax.Array], w: list[jax.Array]) -> jax.Array:
+    # [k+1] coefficients Qᵀw, summed over leaves.
+    return sum(
+      jnp.tensordot(qi, wi, axes=wi.ndim).astype(_F32) for qi, wi in zip(q, w, strict=True)
+    )
+
+  def project_out(q: list[jax.Array], w: list[jax.Array]) -> list[jax.Array]:
+    c = stacked_dot(q, w)
+    return [wi - jnp.tensordot(c.astype(qi.dtype), qi, axes=1) for qi, wi in zip(q, w, strict=True)]
+
+  q0 = [jnp.zeros((k + 1, *x.shape), x.dtype).at[0].set(x) for x in leaves]
+  alphas0 = jnp.zeros((k,), _F32)
+  betas0 = jnp.zeros((k,), _F32)
+
+  def body(
+    j: jax.Array, carry: tuple[list[jax.Array], jax.Array, jax.Array]
+  ) -> tuple[list[jax.Array], jax.Array, jax.Array]:
+    q, alphas, betas = carry
+    qj = [lax.dynamic_index_in_dim(qi, j, keepdims=False) for qi in q]
+    w = jax.tree.leaves(hvp(jax.tree.unflatten(treedef, qj)))
+    w = [wi.astype(dt) for wi, dt in zip(w, dtypes, strict=True)]
+    a = sum(jnp.vdot(x, y).astype(_F32) for x, y in zip(qj, w, strict=True))
+    ref = jnp.sqrt(sum(jnp.vdot(y, y).real.astype(_F32) for y in w))
+    # Full reorthogonalisation against every stored vector (rows > j are zero), twice
+    # (classical Gram-Schmidt twice is orthogonal to working precision).
+    w = project_out(q, project_out(q, w))
+    b = jnp.sqrt(sum(jnp.vdot(y, y).real.astype(_F32) for y in w))
+    # Breakdown: the Krylov space is (numerically) invariant. Stop adding directions; the
+    # remaining steps see q = 0, which only adds exact zeros to T.
+    ok = jnp.isfinite(b) & (b > 64.0 * eps * ref)
+    b = jnp.where(ok, b, jnp.where(jnp.isfinite(b), 0.0, b))
+    scale = jnp.where(ok, 1.0 / jnp.where(ok, b, 1.0), 0.0)
+    q = [
+      lax.dynamic_update_index_in_dim(qi, (wi * scale.astype(wi.dtype)), j + 1, 0)
+      for qi, wi in zip(q, w, strict=True)
+    ]
+    return q, alphas.at[j].set(a), betas.at[j].set(b)
+
+  q, alphas, betas = lax.fori_loop(0, k, body, (q0, alphas0, betas0))
+  finite = jnp.all(jnp.isfinite(alphas)) & jnp.all(jnp.isfinite(betas))
+  alphas = jnp.where(finite, alphas, 0.0)
+  off = jnp.where(finite, betas[: k - 1], 0.0)
+  t = jnp.diag(alphas) + jnp.diag(off, 1) + jnp.diag(off, -1)
+  evals, evecs = jnp.linalg.eigh(t)
+  i = jnp.argmax(jnp.abs(evals))
+  lam = jnp.where(finite, evals[i], jnp.nan)
+  y = evecs[:, i]
+  x = [jnp.tensordot(y.astype(qi.dtype), qi[:k], axes=1) for qi in q]
+  return lam, jax.tree.unflatten(treedef, x)
+
+
+def max_eigenvalue_update(
+  hvp: Hvp, state: MaxEigState, *, iters: int = 1, method: str = "power"
+) -> MaxEigState:
+  """Refines the largest-magnitude Hessian eigenvalue from the stored (warm-start) vector.
+
+  ``method="power"``: ``iters`` steps of power iteration, each one HVP:
+  ``λ = vᵀHv`` (Rayleigh quotient, ``‖v‖ = 1``), then ``v ← Hv/‖Hv‖``. The stored value is
+  the Rayleigh quotient of the last vector fed in, the stored vector the one after it.
+  Power iteration converges to the eigenvalue of largest **magnitude** ``|λ|``, at rate
+  ``|λ₂/λ₁|`` per step; it returns the negative eigenvalue if that one dominates
+  (Cockpit's ``HessMaxEV`` behaves the same way: it runs up to 100 power iterations from a
+  random vector each step, rtol 1e-3). Carried across training steps, the vector makes one
+  or a few iterations per step enough while the Hessian drifts slowly.
+
+  ``method="lanczos"``: ``iters`` Lanczos steps (``iters`` HVPs) from the stored vector,
+  with full reorthogonalisation (Gram-Schmidt twice against all previous Lanczos vectors),
+  so ``(iters + 1) × P`` extra memory: meant for ``iters ≲ 30``. The tridiagonal
+  ``T = QᵀHQ`` is diagonalised and its Ritz value of largest magnitude (and its Ritz
+  vector ``Q y``, the new warm start) kept. From the same start vector the Krylov space
+  contains the power-iteration vector, so ``k`` Lanczos steps are at least as accurate as
+  ``k`` power steps and usually much better (error falling like a Chebyshev polynomial,
+  ``~exp(−2k √gap)``, rather than ``~(1 − gap)^k``). Restarting from the Ritz vector every
+  training step discards the rest of the Krylov space, though, so with very few steps per
+  call (2–3) the warm-started power iteration, which keeps accumulating powers of ``H``,
+  can converge faster; use Lanczos with ``iters ≳ 5`` (it needs ``iters ≥ 2``: one step
+  only evaluates the Rayleigh quotient and never moves the vector). ``iters`` is capped at
+  the number of parameters ``P``; an invariant subspace (breakdown, ``β ≤ 64 ε ‖Hq‖``)
+  ends the recurrence early with exact zeros in ``T``.
+
+  Non-finite products: a NaN (or Inf) in ``H v`` gives ``value = NaN``, never an
+  exception, and the stored vector is kept (not re-randomised: it is the best estimate so
+  far, and keeping it needs no key in the state). A product of zero norm (``v`` in the
+  null space, e.g. ``H = 0``) also keeps the vector, with value 0. The next finite step
+  resumes from the kept vector.
+
+  Args:
+    hvp: ``v ↦ H v`` of the current mini-batch loss (e.g. from :func:`hvp_fn`).
+    state: the previous state (from :func:`max_eigenvalue_init` or an update).
+    iters: HVPs in this update (static, ≥ 1).
+    method: ``"power"`` or ``"lanczos"``.
+
+  Returns:
+    The new :class:`MaxEigState` (``value`` is ``float32``).
+  """
+  if method not in ("power", "lanczos"):
+    raise ValueError(f"max_eigenvalue_update: method must be 'power' or 'lanczos', got {method!r}.")
+  if not isinstance(iters, int) or iters < 1:
+    raise ValueError(f"max_eigenvalue_update: iters must be a positive int, got {iters!r}.")
+  if method == "lanczos" and iters < 2:
+    raise ValueError("max_eigenvalue_update: method='lanczos' needs iters >= 2, got 1.")
+  v, n0 = _normalise(state.vector)
+  v = optax.tree.where(jnp.isfinite(n0) & (n0 > 0), v, state.vector)
+  if method == "power":
+    lam, new_v = _power(hvp, v, iters)
+  else:
+    lam, new_v = _lanczos(hvp, v, min(iters, max(_num_params(v), 1)))
+  new_v, n = _normalise(new_v)
+  keep = jnp.isfinite(lam) & jnp.isfinite(n) & (n > 0.5) & _finite(new_v)
+  new_v = optax.tree.where(keep, new_v, state.vector)
+  return MaxEigState(
+    vector=new_v, value=lam.astype(_F32), count=state.count + jnp.ones((), jnp.int32)
+  )
+
+
+def max_eigenvalue(
+  hvp: Hvp, params: PyTree, key: jax.Array, iters: int = 100, method: str = "lanczos"
+) -> tuple[jax.Array, PyTree]:
+  """One-shot largest-magnitude Hessian eigenvalue from a random start.
+
+  :func:`max_eigenvalue_init` followed by one :func:`max_eigenvalue_update` with ``iters``
+  HVPs. Lanczos (the default) keeps ``iters + 1`` vectors (capped at ``P + 1``); use
+  ``method="power"`` where memory is short.
+
+  Args:
+    hvp: ``v ↦ H v``.
+    params: the parameters (structure, shapes and dtypes).
+    key: PRNG key of the start vector.
+    iters: number of HVPs (static).
+    method: ``"lanczos"`` or ``"power"``.
+
+  Returns:
+    ``(value, vector)``: the ``float32`` eigenvalue estimate and its unit eigenvector.
+  """
+  state = max_eigenvalue_update(hvp, max_eigenvalue_init(params, key), iters=iters, method=method)
+  return state.value, state.vector
+
+
+# --------------------------------------------------------------------------- trace, diagonal
+
+
+def hutchinson(
+  hvp: Hvp, params: PyTree, key: jax.Array, num_probes: int = 1, *, batch_size: int | None = None
+) -> tuple[jax.Array, PyTree]:
+  """Hutchinson estimates of the Hessian trace and diagonal.
+
+  With ``K`` Rademacher probes ``zₖ`` (entries ±1 with probability ½, independent):
+
+  * ``tr(H) ≈ (1/K) Σₖ zₖᵀ H zₖ`` (Hutchinson 1990),
+  * ``diag(H) ≈ (1/K) Σₖ zₖ ⊙ H zₖ`` (Bekas, Kokiopoulou & Saad 2007),
+
+  both unbiased. Variances, per probe (divide by ``K`` for the mean):
+  ``Var[zᵀHz] = 2 (‖H‖_F² − Σᵢ Hᵢᵢ²) = 2 Σ_{i≠j} Hᵢⱼ²`` and
+  ``Var[(z ⊙ Hz)ᵢ] = Σ_{j≠i} Hᵢⱼ²`` (Rademacher probes have the smallest variance of all
+  i.i.d. zero-mean unit-variance probes; an exactly diagonal ``H`` is recovered from one
+  probe). The trace is the sum of the diagonal estimate, and summing it per leaf
+  (:func:`leaf_traces`) gives unbiased per-layer traces ``tr(H_ll)`` of the diagonal
+  blocks, Cockpit's per-layer ``HessTrace``. The probes are pushed through ``hvp`` with
+  ``jax.vmap`` (``batch_size`` at a time with ``lax.map``, to bound memory).
+
+  Args:
+    hvp: ``v ↦ H v``.
+    params: the parameters (structure, shapes and dtypes of the probes).
+    key: PRNG key of the probes.
+    num_probes: ``K`` (static, ≥ 1).
+    batch_size: probes per ``vmap`` batch; ``None``: all ``K`` at once.
+
+  Returns:
+    ``(trace, diag)``: the ``float32`` trace estimate and the diagonal estimate, a pytree
+    like ``params``.
+  """
+  if not isinstance(num_probes, int) or num_probes < 1:
+    raise ValueError(f"hutchinson: num_probes must be a positive int, got {num_probes!r}.")
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(key, max(len(leaves), 1))
+  probes = jax.tree.unflatten(
+    treedef,
+    [
+      jax.random.rademacher(k, (num_probes, *x.shape), x.dtype)
+      for k, x in zip(keys, leaves, strict=False)
+    ],
+  )
+
+  def one(z: PyTree) -> PyTree:
+    return jax.tree.map(lambda zi, hzi: zi * hzi.astype(zi.dtype), z, hvp(z))
+
+  if batch_size is None or batch_size >= num_probes:
+    prods = jax.vmap(one)(probes)
+  else:
+    prods = lax.map(one, probes, batch_size=batch_size)
+  diag = jax.tree.map(lambda p: jnp.mean(p.astype(_F32), axis=0).astype(p.dtype), prods)
+  trace = optax.tree.sum(jax.tree.map(lambda p: jnp.sum(p.astype(_F32)) / num_probes, prods))
+  return jnp.asarray(trace, _F32), diag
+
+
+def leaf_traces(diag: PyTree) -> PyTree:
+  """Per-leaf (per-layer) traces ``tr(H_ll) = Σ_{i ∈ l} Hᵢᵢ`` from a Hessian diagonal.
+
+  Args:
+    diag: a (possibly estimated) Hessian diagonal, a pytree like the parameters, from
+      :func:`hutchinson` or :func:`exact_hessian_diagonal`.
+
+  Returns:
+    A pytree of ``float32`` scalars with the same structure.
+  """
+  return jax.tree.map(lambda d: jnp.sum(d.astype(_F32)), diag)
+
+
+def exact_hessian_diagonal(
+  hvp: Hvp, params: PyTree, *, chunk: int = 64, max_params: int = 100_000
+) -> PyTree:
+  """The exact Hessian diagonal ``Hᵢᵢ = eᵢᵀ H eᵢ``, from ``P`` one-hot HVPs.
+
+  The ``P`` unit vectors are pushed through ``hvp`` ``chunk`` at a time (``jax.vmap``
+  inside ``lax.map``), so the cost is ``P`` HVPs and the memory ``chunk × P``: only for
+  small models (a reference for :func:`hutchinson`, or Cockpit's exact ``HessTrace`` on a
+  toy problem).
+
+  Args:
+    hvp: ``v ↦ H v``.
+    params: the parameters (structure, shapes and dtypes).
+    chunk: one-hot vectors per ``vmap`` batch (static, ≥ 1).
+    max_params: refuse models with more parameters than this.
+
+  Returns:
+    The diagonal, a pytree like ``params``.
+
+  Raises:
+    ValueError: when the model has more than ``max_params`` parameters.
+  """
+  p = _num_params(params)
+  if p > max_params:
+    raise ValueError(
+      f"exact_hessian_diagonal: the model has {p} parameters, more than max_params="
+      f"{max_params}; it needs one HVP per parameter. Use hutchinson() instead, or raise "
+      "max_params."
+    )
+  if not isinstance(chunk, int) or chunk < 1:
+    raise ValueError(f"exact_hessian_diagonal: chunk must be a positive int, got {chunk!r}.")
+  flat, unravel = ravel_pytree(params)
+  chunk = min(chunk, max(p, 1))
+  n_chunks = -(-p // chunk)
+  idx = jnp.arange(n_chunks * chunk, dtype=jnp.int32).reshape(n_chunks, chunk)
+
+  def entry(i: jax.Array) -> jax.Array:
+    e = jax.nn.one_hot(i, p, dtype=flat.dtype)  # Zero vector for the padding i >= P.
+    he, _ = ravel_pytree(hvp(unravel(e)))
+    return jnp.take(he, jnp.minimum(i, p - 1))
+
+  diag = lax.map(jax.vmap(entry), idx).reshape(-1)[:p]
+  return unravel(diag.astype(flat.dtype))
+
+
+# --------------------------------------------------------------------------- TIC
+
+
+def tic(second_moment: PyTree, curvature: PyTree, eps: float = 1e-7) -> jax.Array:
+  """Takeuchi information criterion with diagonal curvature (Cockpit's ``TICDiag``).
+
+  ``TIC_diag = Σ_j M_j / (c_j + ε)``, summed over all parameters ``j``, where
+  ``M = (1/B) Σᵢ gᵢ ⊙ gᵢ`` is the uncentred second moment of the ``B`` per-example
+  gradients ``gᵢ`` and ``c`` the Hessian diagonal. It approximates ``tr(H⁻¹ C)``, the
+  generalisation-gap term of Thomas, Pedregosa, van Merriënboer, Manzagol, Bengio & Le Roux,
+  "On the interplay between noise and curvature and its effect on optimization and
+  generalization", AISTATS 2020 (arXiv:1906.07774). As in Cockpit, ``ε`` is added without
+  guarding negative curvature (a negative ``c_j`` gives a negative term).
+
+  Args:
+    second_moment: ``M``, a pytree like the parameters.
+    curvature: ``c``, the Hessian diagonal (exact or estimated), the same structure.
+    eps: ``ε`` added to the denominator.
+
+  Returns:
+    The ``float32`` scalar.
+  """
+  terms = jax.tree.map(
+    lambda m, c: jnp.sum(m.astype(_F32) / (c.astype(_F32) + eps)), second_moment, curvature
+  )
+  return jnp.asarray(optax.tree.sum(terms), _F32)
+
+
+def tic_trace(second_moment: PyTree, trace: PyTree, eps: float = 1e-7) -> jax.Array:
+  """Takeuchi information criterion from traces (Cockpit's ``TICTrace``).
+
+  ``TIC_trace = Σ_j M_j / (Σ_j c_j + ε) = tr(M) / (tr(H) + ε)``, with ``M`` the uncentred
+  second moment of the per-example gradients (see :func:`tic`; Thomas et al. 2020).
+
+  Args:
+    second_moment: ``M``, a pytree like the parameters.
+    trace: ``tr(H)`` as a scalar, or the Hessian diagonal (any pytree; all entries are
+      summed).
+    eps: ``ε`` added to the denominator.
+
+  Returns:
+    The ``float32`` scalar.
+  """
+  tr = optax.tree.sum(jax.tree.map(lambda c: jnp.sum(c.astype(_F32)), trace))
+  m = optax.tree.sum(jax.tree.map(lambda x: jnp.sum(x.astype(_F32)), second_moment))
+  return jnp.asarray(m / (tr + eps), _F32)
+
+
+# --------------------------------------------------------------------------- alpha
+
+
+def alpha(
+  t: jax.Array,
+  f0: jax.Array,
+  f1: jax.Array,
+  df0: jax.Array,
+  df1: jax.Array,
+  var_f0: jax.Array,
+  var_f1: jax.Array,
+  var_df0: jax.Array,
+  var_df1: jax.Array,
+  eps: float = 1e-10,
+) -> jax.Array:
+  """Normalised step length ``α`` of a noise-aware quadratic fit along the step (Cockpit's Alpha).
+
+  Along the update direction ``d = (θ₁ − θ₀)/t``, ``t = ‖θ₁ − θ₀‖``, the loss is observed at
+  ``s = 0`` and ``s = t``: values ``f0, f1`` (mini-batch mean losses) and directional
+  derivatives ``df0, df1`` (means over examples of ``gᵢᵀd``), with variances ``var_*``, the
+  sample variances (``ddof=1``) of the individual losses and individual projections. As
+  in Cockpit they are **not** divided by the batch size ``B`` (they are the noise of one
+  example, not of the mean); only their ratios matter for the fit, so this is a choice of
+  relative weighting, not of scale. Variances ``≤ 0`` are replaced by ``eps``.
+
+  The quadratic ``q(s) = μ₀ + μ₁ s + μ₂ s²`` is fitted to the four observations
+  ``q(0) = f0, q(t) = f1, q'(0) = df0, q'(t) = df1`` by weighted least squares (weights
+  ``1/var``); its minimum is ``s* = −μ₁/(2μ₂)`` and
+
+      α = t / s* − 1 = −2 μ₂ t / μ₁ − 1,
+
+  so ``α = 0``: the step lands on the fitted minimum; ``α = 1``: on the far side at the
+  starting height; ``α < 0``: short of the minimum (``−1``: no progress). This is the
+  line-search model of Mahsereci & Hennig, "Probabilistic line searches for stochastic
+  optimization", JMLR 2017, as used by Cockpit (Schneider et al. 2021).
+
+  Computation (float32-safe): in the coordinate ``u = s/t`` the observations become
+  ``y = (f0, f1, t·df0, t·df1)`` with variances ``σ² = (var_f0, var_f1, t²var_df0,
+  t²var_df1)`` and the design rows ``(1,0,0), (1,1,1), (0,1,0), (0,1,2)`` for
+  ``ν = (μ₀, μ₁t, μ₂t²)``; this is the same weighted least-squares problem. Its 4×3
+  design has the one-dimensional left null space ``n = (−2, 2, −1, −1)`` (the trapezoid
+  rule), so the weighted residual is ``r = δ σ² ⊙ n / Σ nⱼ²σⱼ²`` with ``δ = nᵀy`` and
+  ``ν`` solves ``y − r`` exactly: ``ν₁ = ŷ₃``, ``ν₂ = (ŷ₄ − ŷ₃)/2``. No matrix is inverted
+  and weights spanning many orders of magnitude stay exact; ``α = −2ν₂/ν₁ − 1``.
+
+  Special cases: a concave or linear fit (``μ₂ ≤ 0``, no minimum ahead) gives ``−1`` as in
+  Cockpit; ``t = 0`` (no step) gives ``−1`` (``t/s* − 1`` with ``t = 0``; Cockpit also
+  returns −1 there); ``μ₁ = 0 < μ₂`` (the start is the fitted minimum) gives ``+inf``;
+  ``μ₁ > 0 < μ₂`` (the fit rises from the start) gives ``α < −1``. NaN inputs give NaN
+  (except ``t = 0``). Pure ``jnp``: usable under ``jit`` and ``vmap``.
+
+  Args:
+    t: step length ``‖θ₁ − θ₀‖``.
+    f0: mean loss at the start.
+    f1: mean loss at the end.
+    df0: mean directional derivative at the start.
+    df1: mean directional derivative at the end.
+    var_f0: variance of the individual losses at the start.
+    var_f1: variance of the individual losses at the end.
+    var_df0: variance of the individual directional derivatives at the start.
+    var_df1: variance of the individual directional derivatives at the end.
+    eps: the variance used where one is 0.
+
+  Returns:
+    ``α``, a ``float32`` scalar (or array, broadcasting the inputs).
+  """
+  t, f0, f1, df0, df1 = (jnp.asarray(x, _F32) for x in (t, f0, f1, df0, df1))
+
+  def var(v: jax.Array) -> jax.Array:
+    v = jnp.asarray(v, _F32)
+    return jnp.where(v > 0, v, jnp.asarray(eps, _F32))
+
+  v1, v2 = var(var_f0), var(var_f1)
+  v3, v4 = t * t * var(var_df0), t * t * var(var_df1)
+  y1, y2, y3, y4 = f0, f1, t * df0, t * df1
+  delta = -2.0 * y1 + 2.0 * y2 - y3 - y4  # nᵀy, 0 for consistent observations.
+  s = 4.0 * v1 + 4.0 * v2 + v3 + v4  # Σ nⱼ² σⱼ² > 0.
+  c = delta / s
+  # ŷ = y − c σ² ⊙ n, with n₃ = n₄ = −1.
+  h3 = y3 + c * v3
+  h4 = y4 + c * v4
+  nu1 = h3
+  nu2 = 0.5 * (h4 - h3)
+  safe_nu1 = jnp.where(nu1 == 0, 1.0, nu1)
+  a = -2.0 * nu2 / safe_nu1 - 1.0
+  a = jnp.where(nu1 == 0, jnp.inf, a)
+  a = jnp.where(nu2 <= 0, -1.0, a)
+  a = jnp.where(jnp.isnan(nu1) | jnp.isnan(nu2), jnp.nan, a)
+  return jnp.where(t == 0, -1.0, a).astype(_F32)
