@@ -62,7 +62,63 @@ from flax import nnx
 
 from jaxscope.tree import _compile
 
-__all__ = ["Captured", "LayerCall", "Recording", "intercept", "value_and_grad"]
+__all__ = ["Captured", "ConvSpec", "LayerCall", "Recording", "intercept", "value_and_grad"]
+
+
+class ConvSpec(NamedTuple):
+  """A captured convolution's hyperparameters (static), for per-example gradients."""
+
+  kernel_size: tuple[int, ...]
+  strides: tuple[int, ...]
+  padding: str | tuple[tuple[int, int], ...]
+  """``"SAME"``, ``"VALID"`` or explicit ``(low, high)`` pairs per spatial axis."""
+  input_dilation: tuple[int, ...]
+  kernel_dilation: tuple[int, ...]
+  feature_group_count: int
+
+
+def _tuple(v: Any, nd: int) -> tuple[int, ...] | None:
+  if v is None:
+    return (1,) * nd
+  if isinstance(v, int):
+    return (v,) * nd
+  try:
+    out = tuple(int(a) for a in v)
+  except TypeError:
+    return None
+  return out if len(out) == nd else None
+
+
+def _conv_spec(module: Any) -> ConvSpec | None:
+  """The hyperparameters of a Linen/NNX ``Conv``; ``None`` for unsupported settings."""
+  try:
+    ks = tuple(int(k) for k in module.kernel_size)
+  except (AttributeError, TypeError):
+    return None
+  nd = len(ks)
+  strides = _tuple(getattr(module, "strides", None), nd)
+  in_dil = _tuple(getattr(module, "input_dilation", None), nd)
+  k_dil = _tuple(getattr(module, "kernel_dilation", None), nd)
+  groups = int(getattr(module, "feature_group_count", 1) or 1)
+  pad = getattr(module, "padding", "SAME")
+  if isinstance(pad, str):
+    padding: Any = pad.upper() if pad.upper() in ("SAME", "VALID") else None
+  elif isinstance(pad, int):
+    padding = ((pad, pad),) * nd
+  else:
+    try:
+      items = list(pad)
+      if all(isinstance(a, int) for a in items):
+        padding = tuple((int(a), int(a)) for a in items)
+      else:
+        padding = tuple((int(a), int(b)) for a, b in items)
+    except (TypeError, ValueError):
+      padding = None
+    if padding is not None and len(padding) != nd:
+      padding = None
+  if None in (strides, in_dil, k_dil, padding):
+    return None
+  return ConvSpec(ks, strides, padding, in_dil, k_dil, groups)  # type: ignore[arg-type]
 
 
 class LayerCall(NamedTuple):
@@ -89,6 +145,8 @@ class Captured(NamedTuple):
   kinds: dict[str, str]
   """Each layer's kind (see :class:`LayerCall`). Static: a dict that is a pytree node
   without leaves, so ``Captured`` can be returned from ``jit``."""
+  convs: dict[str, ConvSpec] = {}  # noqa: RUF012 (a NamedTuple default, never mutated)
+  """The :class:`ConvSpec` of each ``"conv"`` layer with supported settings (static)."""
 
 
 Pattern = str | Sequence[str] | None
@@ -148,6 +206,7 @@ class Recording:
     self.outputs: dict[str, jax.Array] = {}
     self.inputs: dict[str, jax.Array] = {}
     self.kinds: dict[str, str] = {}
+    self.convs: dict[str, ConvSpec] = {}
     self.layers: dict[str, LayerCall] = {}
     self.include = include
     self.exclude = exclude
@@ -187,6 +246,10 @@ class Recording:
     self.outputs[key] = output
     kind = _kind(module)
     self.kinds[key] = kind
+    if kind == "conv":
+      spec = _conv_spec(module)
+      if spec is not None:
+        self.convs[key] = spec
     self.layers[key] = LayerCall(key, kind, module)
     if self._record_inputs and args:
       self.inputs[key] = args[0]
@@ -414,6 +477,7 @@ def value_and_grad(
 
   def wrapped(params: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any, Captured]:
     kinds: dict[str, str] = {}
+    convs: dict[str, ConvSpec] = {}
 
     def inner(p: Any, eps: dict[str, jax.Array] | None) -> tuple[Any, Any]:
       with intercept(
@@ -424,6 +488,8 @@ def value_and_grad(
         raise _no_layer_error(include, exclude)
       kinds.clear()
       kinds.update(rec.kinds)
+      convs.clear()
+      convs.update(rec.convs)
       loss, aux = split(out)
       return loss, (aux, dict(rec.outputs), dict(rec.inputs))
 
@@ -445,6 +511,6 @@ def value_and_grad(
       (loss, (aux, outs, ins)), grads = jax.value_and_grad(inner, has_aux=True)(params, None)
       lgrads = {}
     value = (loss, aux) if has_aux else loss
-    return value, grads, Captured(outs, ins, dict(lgrads), _Kinds(kinds))
+    return value, grads, Captured(outs, ins, dict(lgrads), _Kinds(kinds), _Kinds(convs))
 
   return wrapped

@@ -21,6 +21,7 @@ from jaxscope.metrics.curvature import (
   max_eigenvalue,
   max_eigenvalue_init,
   max_eigenvalue_update,
+  rademacher,
   tic,
   tic_trace,
 )
@@ -403,3 +404,14 @@ def test_alpha_special_cases():
   np.testing.assert_allclose(
     np.asarray(out), [-1.0, _wls_alpha(0.5, 1.0, 0.75, -1.0, 0.0, 0, 0, 0, 0)], atol=1e-5
   )
+
+
+def test_rademacher_signs_are_fair_and_independent() -> None:
+  z = np.asarray(rademacher((4, 25_000), jax.random.key(3)))
+  assert set(np.unique(z)) == {-1.0, 1.0}
+  # Mean 0 (sd 1/√N), and neighbouring entries (same 32-bit word) uncorrelated.
+  assert abs(z.mean()) < 4 / np.sqrt(z.size)
+  flat = z.reshape(-1)
+  assert abs(np.mean(flat[:-1] * flat[1:])) < 4 / np.sqrt(flat.size)
+  other = np.asarray(rademacher((4, 25_000), jax.random.key(4)))
+  assert abs(np.mean(z * other)) < 4 / np.sqrt(z.size)

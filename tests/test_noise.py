@@ -245,3 +245,66 @@ def test_bad_input() -> None:
     noise.per_example_moments(losses_fn, params, (x[:1], y[:1]))
   with pytest.raises(ValueError, match="chunk"):
     noise.per_example_moments(losses_fn, params, (x, y), chunk=0)
+
+
+@pytest.mark.parametrize(
+  "conv_args",
+  [
+    {},
+    {"padding": "VALID", "strides": 2},
+    {"padding": ((1, 2), (0, 1)), "strides": (2, 1), "kernel_dilation": (1, 2)},
+    {"padding": 1},
+  ],
+)
+def test_conv_patch_route_equals_vmap_grad(conv_args: dict) -> None:
+  import flax.linen as nn
+  import optax
+
+  from jaxscope import capture
+
+  class CNN(nn.Module):
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+      x = nn.relu(nn.Conv(5, (3, 2), **conv_args)(x))
+      x = nn.Conv(4, (2, 2), padding="VALID", use_bias=False)(x)
+      return nn.Dense(3)(x.reshape(x.shape[0], -1))
+
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(6, 7, 8, 2)), jnp.float32)
+  y = jnp.arange(6) % 3
+  model = CNN()
+  params = model.init(jax.random.key(0), x)["params"]
+
+  def lf(p: dict, xb: jax.Array, yb: jax.Array) -> jax.Array:
+    return optax.softmax_cross_entropy_with_integer_labels(model.apply({"params": p}, xb), yb)
+
+  _, _, cap = capture.value_and_grad(lambda p: jnp.mean(lf(p, x, y)), inputs=True)(params)
+  convs = noise.conv_layers(params, cap)
+  assert len(convs) == 2
+  # Materialised per-example gradients (vmap of grad), the independent reference.
+  per = jax.vmap(jax.grad(lambda p, xi, yi: lf(p, xi[None], yi[None])[0]), in_axes=(None, 0, 0))(
+    params, x, y
+  )
+  gi = np.concatenate([np.asarray(a, np.float64).reshape(6, -1) for a in jax.tree.leaves(per)], 1)
+  size = gi.shape[1]
+  sample = noise.histogram_sample(params, 10 * size)
+  mom = noise.per_example_moments(
+    lf, params, (x, y), dense=noise.dense_layers(params, cap), convs=convs, sample=sample
+  )
+  np.testing.assert_allclose(mom.sq_norms, (gi**2).sum(1), rtol=1e-5)
+  m = np.concatenate([np.asarray(a).reshape(-1) for a in jax.tree.leaves(mom.second_moment)])
+  np.testing.assert_allclose(m, (gi**2).mean(0), rtol=1e-4, atol=1e-9)
+  np.testing.assert_allclose(mom.samples, gi, rtol=1e-4, atol=1e-6)
+  v = rng.normal(size=(2, size))
+  tangents = [jnp.asarray(t, jnp.float32) for t in _split_like(params, v)]
+  proj = noise.layer_projections(noise.dense_layers(params, cap), convs, tangents)
+  np.testing.assert_allclose(proj, v @ gi.T, rtol=1e-4, atol=1e-5)
+
+
+def _split_like(params: dict, v: np.ndarray) -> list[np.ndarray]:
+  """Splits ``[k, P]`` rows into per-leaf ``[k, *shape]`` arrays in leaf order."""
+  out, start = [], 0
+  for leaf in jax.tree.leaves(params):
+    out.append(v[:, start : start + leaf.size].reshape((v.shape[0], *leaf.shape)))
+    start += leaf.size
+  return out

@@ -21,6 +21,7 @@ estimated (Hutchinson) or computed column by column (exact), both from HVPs.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -41,6 +42,7 @@ __all__ = [
   "max_eigenvalue",
   "max_eigenvalue_init",
   "max_eigenvalue_update",
+  "rademacher",
   "tic",
   "tic_trace",
 ]
@@ -170,7 +172,15 @@ def _power(hvp: Hvp, v: PyTree, iters: int) -> tuple[jax.Array, PyTree]:
     v = optax.tree.where(ok, new_v, v)
     return v, lam
 
-  v, lam = lax.fori_loop(0, iters, body, (v, jnp.zeros((), _F32)))
+  carry = (v, jnp.zeros((), _F32))
+  if iters <= 4:
+    # Unrolled: XLA:CPU runs a convolution's HVP inside a while loop ~40x slower than the
+    # same HVP outside one (measured on CIFAR-10 3c3d), and warm starts use 1-2 iterations.
+    for i in range(iters):
+      carry = body(i, carry)
+  else:
+    carry = lax.fori_loop(0, iters, body, carry)
+  v, lam = carry
   return lam, v
 
 
@@ -322,6 +332,19 @@ def max_eigenvalue(
 # --------------------------------------------------------------------------- trace, diagonal
 
 
+def rademacher(shape: tuple[int, ...], key: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
+  """Independent ±1 entries with probability ½ each, from 32 random bits per word.
+
+  Same distribution as ``jax.random.rademacher``, but one 32-bit draw gives 32 signs: on
+  CPU, drawing a probe for a 1.3 M-parameter model this way takes about 1/30 of the time
+  (the threefry generator dominates the cost of a Hutchinson probe otherwise).
+  """
+  n = math.prod(shape)
+  words = jax.random.bits(key, (max(-(-n // 32), 1),), jnp.uint32)
+  bits = (words[:, None] >> jnp.arange(32, dtype=jnp.uint32)) & jnp.uint32(1)
+  return (2 * bits.reshape(-1)[:n].astype(dtype) - 1).reshape(shape)
+
+
 def hutchinson(
   hvp: Hvp, params: PyTree, key: jax.Array, num_probes: int = 1, *, batch_size: int | None = None
 ) -> tuple[jax.Array, PyTree]:
@@ -358,10 +381,7 @@ def hutchinson(
   keys = jax.random.split(key, max(len(leaves), 1))
   probes = jax.tree.unflatten(
     treedef,
-    [
-      jax.random.rademacher(k, (num_probes, *x.shape), x.dtype)
-      for k, x in zip(keys, leaves, strict=False)
-    ],
+    [rademacher((num_probes, *x.shape), k, x.dtype) for k, x in zip(keys, leaves, strict=False)],
   )
 
   def one(z: PyTree) -> PyTree:

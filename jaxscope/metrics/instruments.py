@@ -175,6 +175,8 @@ class Probe(NamedTuple):
   diag_steps: jax.Array
   dense: tuple[noise.DenseLayer, ...]
   """The captured Dense layers (empty when none or not measured)."""
+  convs: tuple[noise.ConvLayer, ...]
+  """The captured convolutions with their per-example gradients."""
   sq_norms: jax.Array
   """``[B]`` per-example squared gradient norms (zeros when not measured)."""
   params: Any
@@ -517,11 +519,21 @@ def instruments(
           vals["hess_max_ev"] = max_ev.value.astype(_F32)
       if need_per_example:
         dense = noise.dense_layers(params, captured) if captured is not None else []
+        convs = noise.conv_layers(params, captured) if captured is not None else []
         if every == 1:  # Reused by update() for the projections (no cond in between).
           dense_box.extend(dense)
+          conv_box.extend(convs)
         sample = noise.histogram_sample(params, hist_sample, seed) if need_hist else None
         mom = noise.per_example_moments(
-          losses_fn, params, args, dense=dense, has_aux=has_aux, chunk=chunk, sample=sample
+          losses_fn,
+          params,
+          args,
+          dense=dense,
+          convs=convs,
+          has_aux=has_aux,
+          chunk=chunk,
+          sample=sample,
+          second_moment=need_second,
         )
         gsq = optax.tree.norm(grads, squared=True)
         sq_norms = mom.sq_norms
@@ -582,6 +594,7 @@ def instruments(
       )
 
     dense_box: list[noise.DenseLayer] = []
+    conv_box: list[noise.ConvLayer] = []
     specs = value_specs(params)
     grad_values_template = {
       k: jnp.zeros(v.shape, v.dtype) for k, v in specs.items() if not _update_side(k)
@@ -607,6 +620,7 @@ def instruments(
       diag_ema=carried[1],
       diag_steps=carried[2],
       dense=tuple(dense_box),
+      convs=tuple(conv_box),
       sq_norms=sq_norms,
       params=params,
       args=tuple(args),
@@ -672,18 +686,18 @@ def instruments(
 
     def project(tangents: list[Any]) -> jax.Array:
       stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *tangents)
-      dense = probe.dense
-      if not dense:
+      dense, convs = probe.dense, probe.convs
+      if not dense and not convs:
         return noise.projections(
           probe.losses_fn, params, probe.args, stacked, has_aux=probe.has_aux
         ).astype(_F32)
-      # Dense leaves by outer products; a forward-mode pass only for the other leaves.
+      # Dense and Conv leaves from their per-example gradients; forward mode for the rest.
       t_leaves, treedef = jax.tree.flatten(stacked)
       p_leaves = jax.tree.leaves(params)
-      covered = {layer.kernel for layer in dense} | {
-        layer.bias for layer in dense if layer.bias is not None
+      covered = {layer.kernel for layer in (*dense, *convs)} | {
+        layer.bias for layer in (*dense, *convs) if layer.bias is not None
       }
-      out = noise.dense_projections(dense, t_leaves)
+      out = noise.layer_projections(dense, convs, t_leaves)
       rest = [i for i in range(len(p_leaves)) if i not in covered]
       if rest:
 

@@ -18,7 +18,9 @@ and ``g = (1/B) Σᵢ gᵢ`` the mini-batch gradient. Everything below is comput
   is an outer product, ``gᵢ(W) = xᵢ δᵢᵀ`` and ``gᵢ(b) = δᵢ``, with ``δᵢ = ∂ℓᵢ/∂yᵢ = B·∂L/∂yᵢ``
   (captured by :mod:`jaxscope.capture`). Hence ``‖gᵢ(W)‖² = ‖xᵢ‖²‖δᵢ‖²`` and
   ``Σᵢ gᵢ(W)⊙gᵢ(W) = (X⊙X)ᵀ(Δ⊙Δ)``: one matrix product, no ``B × P`` tensor.
-* **Every other parameter** (convolutions, normalisation scales, embeddings): per-example
+* **Convolutions** (SAME/VALID/explicit padding, one feature group): ``gᵢ(W) = Pᵢᵀδᵢ``
+  from the input's patches ``Pᵢ``, one layer at a time (:class:`ConvLayer`).
+* **Every other parameter** (normalisation scales, embeddings, unusual convolutions): per-example
   gradients by ``vmap(grad)`` of the single-example loss, ``chunk`` examples at a time
   (a ``lax.scan``), reduced to the statistics before the next chunk, so at most
   ``chunk × P_rest`` floats exist at once.
@@ -45,16 +47,19 @@ import numpy as np
 from jaxscope import tree as jtree
 
 __all__ = [
+  "ConvLayer",
   "DenseLayer",
   "HistogramSample",
   "PerExampleMoments",
   "cabs",
+  "conv_layers",
   "dense_layers",
   "dense_projections",
   "early_stopping",
   "gradient_variance",
   "histogram_sample",
   "inner_test",
+  "layer_projections",
   "mean_gsnr",
   "norm_test",
   "ortho_test",
@@ -215,6 +220,27 @@ def projections(
   return jax.vmap(one)(tangents)
 
 
+def layer_projections(
+  dense: Sequence[DenseLayer], convs: Sequence[Any], tangent_leaves: Sequence[jax.Array]
+) -> jax.Array:
+  """Per-example ``gᵢᵀv`` restricted to captured Dense and Conv leaves: ``[k, B]``.
+
+  Dense layers as in :func:`dense_projections`; a convolution contracts its per-example
+  gradients ``Gᵢ`` (:class:`ConvLayer`) with the direction: ``Σ_kc Gᵢ[k, c] V[k, c]``.
+  """
+  total = dense_projections(dense, tangent_leaves) if dense else None
+  for conv in convs:
+    _, k, c = conv.kernel_grads.shape
+    v = tangent_leaves[conv.kernel].astype(_F32)
+    part = jnp.einsum("bkc,nkc->nb", conv.kernel_grads, v.reshape(v.shape[0], k, c))
+    if conv.bias is not None:
+      part = part + jnp.einsum("bc,nc->nb", conv.bias_grads, tangent_leaves[conv.bias])
+    total = part if total is None else total + part
+  if total is None:
+    raise ValueError("layer_projections: no Dense or Conv layer given.")
+  return total
+
+
 def dense_projections(
   dense: Sequence[DenseLayer], tangent_leaves: Sequence[jax.Array]
 ) -> jax.Array:
@@ -345,6 +371,23 @@ class DenseLayer(NamedTuple):
   """Index of the bias ``[out]``, or ``None``."""
 
 
+class ConvLayer(NamedTuple):
+  """A convolution's per-example gradients, formed from its captured input and output grads.
+
+  ``Gᵢ = Pᵢᵀ δᵢ``: the patches ``Pᵢ`` (``[T, K]``, ``T`` output positions, ``K = kh·kw·c_in``)
+  of example ``i``'s input times its output gradients ``δᵢ = B·∂L/∂yᵢ`` (``[T, c_out]``),
+  one batched matrix product with the FLOPs of the layer's weight gradient. It exists for
+  one layer at a time (``B × K × c_out`` floats), never for the whole network.
+  """
+
+  kernel_grads: jax.Array
+  """``[B, K, c_out]``, ``K`` in the kernel's ``(kh, kw, c_in)`` order."""
+  bias_grads: jax.Array | None
+  """``[B, c_out]``: ``Σ_t δᵢₜ``, or ``None``."""
+  kernel: int
+  bias: int | None
+
+
 class PerExampleMoments(NamedTuple):
   """Sufficient statistics of the per-example gradients (see the module docstring)."""
 
@@ -363,9 +406,11 @@ def per_example_moments(
   args: Sequence[Any],
   *,
   dense: Sequence[DenseLayer] = (),
+  convs: Sequence[ConvLayer] = (),
   has_aux: bool = False,
   chunk: int = 32,
   sample: HistogramSample | None = None,
+  second_moment: bool = True,
 ) -> PerExampleMoments:
   """``‖gᵢ‖²``, ``M = (1/B)Σᵢ gᵢ⊙gᵢ`` and sampled entries of the per-example gradients.
 
@@ -379,9 +424,11 @@ def per_example_moments(
     params: the parameters.
     args: batch arrays with a leading axis ``B``.
     dense: captured Dense layers (see :class:`DenseLayer`).
+    convs: convolutions with their per-example gradients (see :class:`ConvLayer`).
     has_aux: whether ``losses_fn`` returns ``(losses, aux)``.
     chunk: examples per ``vmap(grad)`` chunk (memory ``chunk × P_rest`` floats).
     sample: coordinates to return per-example entries of (for histograms).
+    second_moment: whether to form ``M`` (``False``: ``second_moment`` is ``None``).
 
   Returns:
     :class:`PerExampleMoments`.
@@ -418,17 +465,31 @@ def per_example_moments(
     x2, d2 = x * x, d * d
     dsq = jnp.sum(d2, axis=1)
     sq_norms = sq_norms + jnp.sum(x2, axis=1) * dsq
-    second[layer.kernel] = (x2.T @ d2 / b).astype(kernel.dtype)
+    if second_moment:
+      second[layer.kernel] = (x2.T @ d2 / b).astype(kernel.dtype)
     covered.add(layer.kernel)
     if sample is not None:
       rows, cols = np.divmod(sample.indices[layer.kernel], kernel.shape[1])
       samples[layer.kernel] = x[:, rows] * d[:, cols]
     if layer.bias is not None:
       sq_norms = sq_norms + dsq
-      second[layer.bias] = jnp.mean(d2, axis=0).astype(leaves[layer.bias].dtype)
+      if second_moment:
+        second[layer.bias] = jnp.mean(d2, axis=0).astype(leaves[layer.bias].dtype)
       covered.add(layer.bias)
       if sample is not None:
         samples[layer.bias] = d[:, sample.indices[layer.bias]]
+  for conv in convs:
+    parts = [(conv.kernel, conv.kernel_grads)]
+    if conv.bias is not None:
+      parts.append((conv.bias, conv.bias_grads))
+    for index, g in parts:
+      flat = g.reshape(b, -1)
+      sq_norms = sq_norms + jnp.sum(flat * flat, axis=1)
+      if second_moment:
+        second[index] = jnp.mean(g * g, axis=0).reshape(leaves[index].shape)
+      if sample is not None:
+        samples[index] = flat[:, sample.indices[index]]
+      covered.add(index)
 
   rest = [i for i in range(len(leaves)) if i not in covered]
   if rest:
@@ -456,17 +517,19 @@ def per_example_moments(
       g = jax.vmap(grad_one, in_axes=(None, 0))(rest_leaves, ex)  # list of [c, *shape]
       g = [gi.astype(_F32) * m.reshape((-1,) + (1,) * (gi.ndim - 1)) for gi in g]
       sq = sum(jnp.sum(gi.reshape(c, -1) ** 2, axis=1) for gi in g)
-      carry = [acc + jnp.sum(gi * gi, axis=0) for acc, gi in zip(carry, g, strict=True)]
+      if second_moment:
+        carry = [acc + jnp.sum(gi * gi, axis=0) for acc, gi in zip(carry, g, strict=True)]
       out = [sq]
       if sample is not None:
         out.append([gi.reshape(c, -1)[:, sample.indices[i]] for i, gi in zip(rest, g, strict=True)])
       return carry, out
 
-    init = [jnp.zeros(leaves[i].shape, _F32) for i in rest]
+    init = [jnp.zeros(leaves[i].shape if second_moment else (), _F32) for i in rest]
     sums, outs = jax.lax.scan(body, init, (chunked, mask))
     sq_norms = sq_norms + outs[0].reshape(pad)[:b]
-    for i, s in zip(rest, sums, strict=True):
-      second[i] = (s / b).astype(leaves[i].dtype)
+    if second_moment:
+      for i, s in zip(rest, sums, strict=True):
+        second[i] = (s / b).astype(leaves[i].dtype)
     if sample is not None:
       for i, v in zip(rest, outs[1], strict=True):
         samples[i] = v.reshape(pad, -1)[:b]
@@ -474,7 +537,72 @@ def per_example_moments(
   sampled = None
   if sample is not None:
     sampled = jnp.concatenate([s for s in samples if s is not None], axis=1)
-  return PerExampleMoments(sq_norms, jax.tree.unflatten(treedef, second), sampled)
+  moment = jax.tree.unflatten(treedef, second) if second_moment else None
+  return PerExampleMoments(sq_norms, moment, sampled)
+
+
+def _conv_per_example(x: jax.Array, d: jax.Array, spec: Any) -> jax.Array:
+  """``[B, K, c_out]`` per-example kernel gradients of one convolution (see :class:`ConvLayer`)."""
+  b, c_in = x.shape[0], x.shape[-1]
+  nd = len(spec.kernel_size)
+  lhs = jnp.moveaxis(x.astype(_F32), -1, 1)  # [B, C_in, *spatial]
+  patches = jax.lax.conv_general_dilated_patches(
+    lhs,
+    filter_shape=spec.kernel_size,
+    window_strides=spec.strides,
+    padding=spec.padding,
+    lhs_dilation=spec.input_dilation,
+    rhs_dilation=spec.kernel_dilation,
+  )  # [B, C_in·prod(k), *out], features ordered (c_in, *k)
+  t = math.prod(patches.shape[2:])
+  patches = patches.reshape(b, c_in, *spec.kernel_size, t)
+  patches = jnp.moveaxis(patches, 1, 1 + nd).reshape(b, -1, t)  # (*k, c_in) order
+  delta = d.astype(_F32).reshape(b, t, d.shape[-1]) * b
+  return jnp.einsum("bkt,btc->bkc", patches, delta)
+
+
+def conv_layers(params: Any, captured: Any) -> list[ConvLayer]:
+  """The :class:`ConvLayer` of every captured ``"conv"`` layer the patch route supports.
+
+  A layer qualifies when :mod:`jaxscope.capture` recorded its :class:`~jaxscope.capture.ConvSpec`
+  (``SAME``/``VALID``/explicit padding), it has one feature group, its parameters are
+  exactly ``{key}/kernel`` ``[*k, c_in, c_out]`` (and optionally ``{key}/bias``), and its
+  input is ``[B, *spatial, c_in]``; the others take the ``vmap(grad)`` route.
+  """
+  convs = getattr(captured, "convs", {})
+  by_module = _leaves_by_module(params)
+  out = []
+  for key, spec in convs.items():
+    if key not in captured.inputs or key not in captured.grads or spec.feature_group_count != 1:
+      continue
+    x, d = captured.inputs[key], captured.grads[key]
+    own = {i.name.rpartition("/")[2]: i for i in by_module.get(key, [])}
+    if "kernel" not in own or set(own) - {"kernel", "bias"}:
+      continue
+    k = own["kernel"]
+    nd = len(spec.kernel_size)
+    if (
+      x.ndim != nd + 2
+      or d.ndim != nd + 2
+      or k.shape != (*spec.kernel_size, x.shape[-1], d.shape[-1])
+    ):
+      continue
+    bias = own.get("bias")
+    if bias is not None and bias.shape != (d.shape[-1],):
+      continue
+    g = _conv_per_example(x, d, spec)
+    bg = None
+    if bias is not None:
+      bg = jnp.sum(d.astype(_F32).reshape(d.shape[0], -1, d.shape[-1]), axis=1) * d.shape[0]
+    out.append(ConvLayer(g, bg, k.index, None if bias is None else bias.index))
+  return out
+
+
+def _leaves_by_module(params: Any) -> dict[str, list[jtree.LeafInfo]]:
+  by_module: dict[str, list[jtree.LeafInfo]] = {}
+  for info in jtree.leaf_infos(params, argname="params"):
+    by_module.setdefault(info.module, []).append(info)
+  return by_module
 
 
 def dense_layers(params: Any, captured: Any) -> list[DenseLayer]:
@@ -484,10 +612,7 @@ def dense_layers(params: Any, captured: Any) -> list[DenseLayer]:
   layer gradients; a layer qualifies when its parameters are exactly ``{key}/kernel``
   ``[in, out]`` (and optionally ``{key}/bias`` ``[out]``) and its input is ``[B, in]``.
   """
-  infos = jtree.leaf_infos(params, argname="params")
-  by_module: dict[str, list[jtree.LeafInfo]] = {}
-  for info in infos:
-    by_module.setdefault(info.module, []).append(info)
+  by_module = _leaves_by_module(params)
   out = []
   for key, kind in captured.kinds.items():
     if kind != "dense" or key not in captured.inputs or key not in captured.grads:
