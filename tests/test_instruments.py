@@ -248,9 +248,12 @@ def test_curvature_matches_dense_hessian(dense_hessian: dict) -> None:
   assert abs(traces.mean() - np.trace(h)) < 4 * sd / np.sqrt(len(traces))
   gi = _per_example(params, x, y)
   m = (gi**2).mean(0)
-  np.testing.assert_allclose(
-    np.mean([float(v["tic_trace"]) for v in vals]), m.sum() / np.trace(h), rtol=0.1
-  )
+  # TICTrace = Σ M / tr(H) with this step's trace estimate (the ratio of a noisy estimate
+  # is not unbiased, so compare step by step).
+  for v in vals[:5]:
+    np.testing.assert_allclose(
+      float(v["tic_trace"]), m.sum() / (float(v["hess_trace"]) + 1e-7), rtol=1e-4
+    )
 
 
 def test_tic_diag_with_exact_curvature(dense_hessian: dict) -> None:
