@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -416,3 +417,48 @@ def test_eight_cpu_devices_match_one() -> None:
   )
   assert out.returncode == 0, out.stderr[-3000:]
   assert "worst" in out.stdout
+
+
+@pytest.mark.parametrize(
+  "opt",
+  [optax.sgd(0.3), optax.sgd(0.2, momentum=0.9), optax.adam(0.01)],
+  ids=["sgd", "momentum", "adam"],
+)
+def test_alpha_and_inner_test_for_any_optimizer(opt: optax.GradientTransformation) -> None:
+  # SGD and momentum updates lie in span{g, d_prev} (their projections are combined from
+  # those); Adam's do not (projected directly). All must equal the definition.
+  from jaxscope.metrics import curvature
+
+  params = _params()
+  batches = [_data(i) for i in range(3)]
+  inst = instruments(["alpha", "inner_test"])
+
+  @jax.jit
+  def step(p: dict, o: Any, s: InstrumentsState, x: jax.Array, y: jax.Array):
+    probe = inst.grad(s, losses_fn, p, x, y)
+    upd, o = opt.update(probe.grads, o, p)
+    vals, s = inst.update(s, probe, upd)
+    return optax.apply_updates(p, upd), o, s, vals
+
+  p, o, s = params, opt.init(params), inst.init(params)
+  thetas, vals = [p], []
+  for x, y in batches:
+    p, o, s, v = step(p, o, s, x, y)
+    thetas.append(p)
+    vals.append(v)
+  for t in (1, 2):  # α of the update made at step t − 1, reported at step t
+    d = _flat(thetas[t]) - _flat(thetas[t - 1])
+    tlen = np.linalg.norm(d)
+    g0 = _per_example(thetas[t - 1], *batches[t - 1]) @ d / tlen
+    g1 = _per_example(thetas[t], *batches[t]) @ d / tlen
+    l0 = np.asarray(losses_fn(thetas[t - 1], *batches[t - 1]), np.float64)
+    l1 = np.asarray(losses_fn(thetas[t], *batches[t]), np.float64)
+    expected = curvature.alpha(
+      tlen, l0.mean(), l1.mean(), g0.mean(), g1.mean(),
+      l0.var(ddof=1), l1.var(ddof=1), g0.var(ddof=1), g1.var(ddof=1),
+    )  # fmt: skip
+    np.testing.assert_allclose(float(vals[t]["alpha"]), float(expected), rtol=2e-3, atol=2e-4)
+    gi = _per_example(thetas[t], *batches[t])
+    g = gi.mean(0)
+    ref = np.sqrt(np.var(gi @ g, ddof=1) / (B * np.sum(g**2) ** 2))
+    np.testing.assert_allclose(float(vals[t]["inner_test"]), ref, rtol=1e-4)

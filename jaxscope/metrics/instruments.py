@@ -321,6 +321,11 @@ def instruments(
   if not 0.0 <= curvature_decay < 1.0:
     raise ValueError(f"instruments: curvature_decay must be in [0, 1), got {curvature_decay!r}.")
   use_ema = "tic_diag" in want and tic_curvature == "hutchinson"
+  # One batched jvp pass serves Hutchinson and a 1-step power iteration; Lanczos, more
+  # power steps or the exact diagonal apply a linearisation repeatedly instead.
+  fast_hvp = not ("tic_diag" in want and tic_curvature == "exact") and (
+    "hess_max_ev" not in want or (max_ev_method == "power" and max_ev_iters == 1)
+  )
 
   def value_specs(params: Any) -> dict[str, jax.ShapeDtypeStruct]:
     leaf_names = _leaf_names(params)
@@ -480,7 +485,39 @@ def instruments(
       return grads_and_capture(p)[1][3]
 
     def measure(_: Any) -> tuple[Any, ...]:
-      if need_hvp:
+      hvp_batch = None
+      if need_hvp and fast_hvp:
+        # One forward-over-reverse pass for every probe and the power vector: the primal
+        # (gradient and captures) once, the tangents batched by vmap.
+        leaves, treedef = jax.tree.flatten(params)
+        keys = jax.random.split(probe_key, max(len(leaves), 1))
+        probes = (
+          [
+            curvature.rademacher((hutchinson_probes, *x.shape), k, x.dtype)
+            for k, x in zip(keys, leaves, strict=False)
+          ]
+          if need_hutchinson
+          else None
+        )
+        parts = [] if probes is None else [probes]
+        if "hess_max_ev" in want:
+          vec = state.max_ev.vector
+          vnorm = optax.tree.norm(vec)
+          ok = jnp.isfinite(vnorm) & (vnorm > 0)
+          unit = jax.tree.map(lambda a: jnp.where(ok, a / jnp.where(ok, vnorm, 1.0), a), vec)
+          parts.append([a[None] for a in jax.tree.leaves(unit)])
+        stacked = jax.tree.unflatten(
+          treedef, [jnp.concatenate(ls, axis=0) for ls in zip(*parts, strict=True)]
+        )
+
+        def one(t: Any) -> tuple[Any, Any, Any]:
+          return jax.jvp(grads_and_capture, (params,), (t,), has_aux=True)
+
+        grads, hvp_batch, (loss, losses, aux, captured) = jax.vmap(one, out_axes=(None, 0, None))(
+          stacked
+        )
+        hvp_lin = None
+      elif need_hvp:
         grads, hvp_lin, (loss, losses, aux, captured) = jax.linearize(
           grads_and_capture, params, has_aux=True
         )
@@ -497,8 +534,18 @@ def instruments(
       diag_ema, diag_steps = state.diag_ema, state.diag_steps
       sq_norms = jnp.zeros_like(losses)
       if need_hvp:
-        if need_hutchinson:
+        if need_hutchinson and hvp_batch is not None:
+          k = hutchinson_probes
+          prods = jax.tree.map(
+            lambda z, hz: z.astype(_F32) * hz[:k].astype(_F32),
+            jax.tree.unflatten(treedef, probes),
+            hvp_batch,
+          )
+          diag = jax.tree.map(lambda a: jnp.mean(a, axis=0), prods)
+          trace = optax.tree.sum(diag)
+        elif need_hutchinson:
           trace, diag = curvature.hutchinson(hvp_lin, params, probe_key, hutchinson_probes)
+        if need_hutchinson:
           if "hess_trace" in want:
             vals["hess_trace"] = trace.astype(_F32)
             for n, d in zip(leaf_names, jax.tree.leaves(diag), strict=True):
@@ -513,8 +560,13 @@ def instruments(
           elif "tic_diag" in want:
             tic_diag_curv = curvature.exact_hessian_diagonal(hvp_lin, params)
         if "hess_max_ev" in want:
+          if hvp_batch is not None:
+            hv = jax.tree.map(lambda a: a[-1], hvp_batch)
+            hvp_ev = lambda _: hv  # noqa: E731 (the product of the unit vector, computed above)
+          else:
+            hvp_ev = hvp_lin
           max_ev = curvature.max_eigenvalue_update(
-            hvp_lin, state.max_ev, iters=max_ev_iters, method=max_ev_method
+            hvp_ev, state.max_ev, iters=max_ev_iters, method=max_ev_method
           )
           vals["hess_max_ev"] = max_ev.value.astype(_F32)
       if need_per_example:
@@ -716,6 +768,36 @@ def instruments(
         )
       return out.astype(_F32)
 
+    def project_with_span(tangents: list[Any]) -> jax.Array:
+      """Projections on ``tangents``; the last (the update) from the others if in their span.
+
+      SGD's update is ``−ηg`` and heavy-ball momentum's ``−ηg + μ·d_{t−1}`` (constant η):
+      both lie in the span of the other directions, so their per-example projections are
+      the same combination of the others' and one pass over the layers is saved. The
+      combination comes from the 2×2 (or 1×1) Gram system; it is used only when it
+      reproduces the update to a relative squared residual below 1e-10, else the update
+      is projected directly (Adam and other per-coordinate scalings).
+      """
+      basis, d = tangents[:-1], tangents[-1]
+      gram = jnp.stack([jnp.stack([optax.tree.vdot(a, b) for b in basis]) for a in basis])
+      rhs = jnp.stack([optax.tree.vdot(a, d) for a in basis])
+      scale = jnp.maximum(jnp.max(jnp.abs(jnp.diag(gram))), 1e-30)
+      coef = jnp.linalg.lstsq(gram / scale, rhs / scale)[0]
+      approx = jax.tree.map(lambda *xs: sum(c * x for c, x in zip(coef, xs, strict=True)), *basis)
+      resid = optax.tree.norm(optax.tree.sub(d, approx), squared=True)
+      dsq = optax.tree.norm(d, squared=True)
+      in_span = resid <= 1e-10 * dsq
+      proj_basis = project(basis)
+
+      def combine(_: Any) -> jax.Array:
+        return coef.astype(_F32) @ proj_basis
+
+      def direct(_: Any) -> jax.Array:
+        return project([d])[0]
+
+      last = jax.lax.cond(in_span, combine, direct, None)
+      return jnp.concatenate([proj_basis, last[None]], axis=0)
+
     def measure_update(_: Any) -> tuple[dict[str, jax.Array], Any, jax.Array]:
       vals = {**state.values, **probe.values}
       if "distance" in want:
@@ -738,7 +820,10 @@ def instruments(
       alpha_start = state.alpha_start
       prev_update = state.prev_update
       if tangents:
-        proj = project(tangents)
+        if need_alpha and len(tangents) > 1:
+          proj = project_with_span(tangents)
+        else:
+          proj = project(tangents)
         gsq = optax.tree.norm(grads, squared=True)
         if "inner_test" in want:
           vals["inner_test"] = noise.inner_test(proj[slots["g"]], gsq)
