@@ -54,6 +54,49 @@ def _kv_pairs(text: str) -> dict[str, Any]:
   return out
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+  """Shows defaults and keeps the line breaks of a help text (each line is wrapped)."""
+
+  def _split_lines(self, text: str, width: int) -> list[str]:
+    lines: list[str] = []
+    for line in text.splitlines():
+      lines.extend(super()._split_lines(line, width) or [""])
+    return lines
+
+
+def _cockpit_names(quantities: Sequence[str]) -> str:
+  """Cockpit's names of instrument quantities (the bracketed part of their description)."""
+  from jaxscope.metrics.instruments import QUANTITIES
+
+  names = []
+  for q in quantities:
+    desc = QUANTITIES[q]
+    names.append(desc[desc.rindex("[") + 1 : -1] if desc.endswith("]") else q)
+  return ", ".join(names)
+
+
+def _instrument_presets() -> dict[str, str]:
+  """One line per instrument preset of ``--metrics``: what it measures."""
+  from jaxscope.metrics.instruments import PRESETS
+
+  def extra(name: str, base: str) -> list[str]:
+    return [q for q in PRESETS[name] if q not in PRESETS[base]]
+
+  return {
+    "economy": "per-layer scope economy + Cockpit's economy: "
+    f"{_cockpit_names(PRESETS['economy'])} + activation health",
+    "business": f"economy + {_cockpit_names(extra('business', 'economy'))}",
+    "full": f"business + {_cockpit_names(extra('full', 'business'))} + per-layer scope full "
+    "(histograms, spectral norms)",
+  }
+
+
+_ACTIVATION_HEALTH = (
+  "activation health: activations/{std,dead_fraction,saturation_fraction}/LAYER and "
+  "layer_grads/norm/LAYER of the captured Flax layers"
+)
+
+
 def _positive_int(text: str) -> int:
   try:
     value = int(text)
@@ -92,7 +135,7 @@ def _add_train_parser(sub: Any) -> None:
     help="train a model and record its metrics",
     description="Train a zoo model on a dataset with an optax optimizer, recording per-layer "
     "metrics, evaluations and checkpoints into a run directory.",
-    formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    formatter_class=_HelpFormatter,
   )
   g = p.add_argument_group("model and data")
   g.add_argument("-m", "--model", default=d.model, help="model name (jaxscope list-models)")
@@ -154,12 +197,23 @@ def _add_train_parser(sub: Any) -> None:
   )
   g.add_argument("--seed", type=int, default=d.seed)
   g = p.add_argument_group("metrics")
+  presets = "\n".join(f"{k}: {v}" for k, v in _instrument_presets().items())
   g.add_argument(
     "--metrics",
     default=d.metrics,
-    help="economy | full | none | comma list of metric names (jaxscope list-metrics)",
+    help="economy | business | full | none | comma list of metric names (jaxscope "
+    "list-metrics; no instruments). The presets are Cockpit's configurations:\n"
+    f"{presets}\n{_ACTIVATION_HEALTH}.\n"
+    "Per-example statistics (NormTest, InnerTest, OrthoTest, GradHist, TIC) are ill-defined "
+    "for BatchNorm in training mode, and dropout draws other masks in the per-example pass "
+    "(as in Cockpit); the step's loss and gradient are unchanged.",
   )
-  g.add_argument("--topics", default=None, help="comma list of params,grads,updates (all)")
+  g.add_argument(
+    "--topics",
+    default=None,
+    help="comma list of params,grads,updates (all); --topics, --layers, --exclude, --depth "
+    "and --kind select the per-layer scope only",
+  )
   g.add_argument("--layers", default=None, help="regex selecting layers by name")
   g.add_argument("--exclude", default=None, help="regex of layers to leave out")
   g.add_argument("--depth", type=int, default=None, help="layer grouping depth (-1: per module)")
@@ -267,6 +321,11 @@ def _list_metrics(args: argparse.Namespace) -> int:
       f"{t}: {', '.join(getattr(s, 'name', str(s)) for s in specs)}" for t, specs in lists.items()
     )
     print(f"preset {preset:13s} {desc}")
+  print()
+  print("jaxscope train --metrics PRESET (Cockpit's configurations, with instruments):")
+  for preset, desc in _instrument_presets().items():
+    print(f"preset {preset:13s} {desc}")
+  print(f"{'':20s} {_ACTIVATION_HEALTH}")
   return 0
 
 

@@ -4,7 +4,10 @@
 
     run_dir/config.json       the configuration (and library versions)
     run_dir/metrics.jsonl     per-step values: loss, train/accuracy, lr, the scope's
-                              {topic}/{stat}/{layer} metrics, test/loss, test/accuracy
+                              {topic}/{stat}/{layer} metrics, test/loss, test/accuracy;
+                              with the presets economy/business/full also Cockpit's
+                              instruments (alpha, norm_test, hess_trace, …) and the
+                              activation health (activations/std/{layer}, …)
     run_dir/checkpoints/      orbax checkpoints (init, every k steps, final) with metadata
     run_dir/tensorboard/      with ``tensorboard=True``
 
@@ -49,17 +52,23 @@ import optax
 from jaxscope import transforms
 from jaxscope.checkpoint import CHECKPOINT_DIR
 from jaxscope.metrics import registry
+from jaxscope.metrics.instruments import Instruments, InstrumentsState, instruments
 from jaxscope.metrics.network import NetworkMetric
 from jaxscope.metrics.scope import MEASURED, PARAM_TOPICS, Scope, scope
 from jaxscope.record import Recorder
 
 __all__ = [
+  "ACTIVATION_METRICS",
   "HVP_OPTIMIZERS",
+  "INSTRUMENT_PRESETS",
   "OPTIMIZERS",
   "TrainConfig",
   "TrainResult",
   "TrainState",
+  "init_instruments",
+  "make_activation_scope",
   "make_evaluate",
+  "make_instruments",
   "make_optimizer",
   "make_schedule",
   "make_scope",
@@ -185,6 +194,44 @@ def make_schedule(
 
 # --------------------------------------------------------------------------- metrics
 
+#: The ``metrics`` presets that also run Cockpit's instruments (:func:`make_instruments`),
+#: each with the per-layer scope preset it uses (:data:`jaxscope.metrics.registry.PRESETS`).
+INSTRUMENT_PRESETS: dict[str, str] = {"economy": "economy", "business": "economy", "full": "full"}
+
+#: The activation-health metrics of the instrument presets (:func:`make_activation_scope`).
+ACTIVATION_METRICS: dict[str, tuple[str, ...]] = {
+  "activations": ("std", "dead_fraction", "saturation_fraction"),
+  "layer_grads": ("norm",),
+}
+
+
+def make_instruments(
+  metrics: str | Sequence[str] | None, *, every: int = 1, seed: int = 0
+) -> Instruments | None:
+  """Cockpit's instruments for a run's ``metrics`` (``None`` unless it names a preset).
+
+  ``"economy"``, ``"business"`` and ``"full"`` give
+  ``jaxscope.metrics.instruments(preset=metrics, every=every, seed=seed)`` (Cockpit's
+  configurations of the same names, see :mod:`jaxscope.metrics.instruments`); metric-name
+  lists and ``"none"`` run no instrument.
+  """
+  if isinstance(metrics, str) and metrics in INSTRUMENT_PRESETS:
+    return instruments(preset=metrics, every=every, seed=seed)
+  return None
+
+
+def make_activation_scope(every: int = 1) -> Scope:
+  """The activation-health scope of the instrument presets.
+
+  Measures, per captured Flax layer ``l`` (:mod:`jaxscope.capture`, the ``probe.captured``
+  of :meth:`~jaxscope.metrics.Instruments.grad`), the standard deviation of the layer's
+  output ``y_l`` (``activations/std/{l}``), the fraction of dead units, ``≤ 0`` for the
+  whole batch (``activations/dead_fraction/{l}``), the fraction of entries with
+  ``|y| > 3`` (``activations/saturation_fraction/{l}``) and the norm ``‖∂L/∂y_l‖`` of
+  the gradient w.r.t. the output (``layer_grads/norm/{l}``).
+  """
+  return scope(**{t: list(v) for t, v in ACTIVATION_METRICS.items()}, every=every)  # type: ignore[arg-type]
+
 
 def make_scope(
   metrics: str | Sequence[str] | None = "economy",
@@ -199,7 +246,8 @@ def make_scope(
   """Builds the scope of a run from command-line style arguments.
 
   Args:
-    metrics: a preset (``"economy"``, ``"full"``), ``"none"``/``None``/``""`` for no
+    metrics: a preset (``"economy"``, ``"full"``; ``"business"`` is the ``economy``
+      scope, see :data:`INSTRUMENT_PRESETS`), ``"none"``/``None``/``""`` for no
       per-layer metrics, or metric names (a comma-separated string or a list; built-in,
       registered or plugin metrics, see ``jaxscope list-metrics``), measured on every
       topic in ``topics``. Network metrics (``loss``, ``accuracy``) are always recorded
@@ -222,6 +270,8 @@ def make_scope(
       raise ValueError(f"unknown topic {t!r}; topics: {', '.join(PARAM_TOPICS)}.")
   if metrics is None or metrics in ("", "none"):
     return None
+  if isinstance(metrics, str) and metrics in INSTRUMENT_PRESETS:
+    metrics = INSTRUMENT_PRESETS[metrics]
   if isinstance(metrics, str) and metrics in registry.PRESETS:
     lists = {t: v for t, v in registry.preset_metrics(metrics).items() if t in topics}
   else:
@@ -229,6 +279,7 @@ def make_scope(
     names = [n for n in names if n]
     lists = {t: [] for t in topics}
     for n in names:
+      n = INSTRUMENT_PRESETS.get(n, n)
       if n in registry.PRESETS:
         for t, specs in registry.preset_metrics(n).items():
           if t in lists:
@@ -263,24 +314,110 @@ class TrainState(NamedTuple):
   """Non-parameter collections (e.g. ``{"batch_stats": …}``), ``{}`` when none."""
   opt_state: Any
   """The optimizer's state (holding the scope's state when metrics are on)."""
+  instruments: Any = ()
+  """The instruments' states, ``()`` without instruments; with them (the ``metrics``
+  presets, see :func:`init_instruments`) ``{"cockpit": InstrumentsState}`` (its PRNG key
+  stored as raw ``uint32`` data) and, when the model's layers are captured,
+  ``"activations"``: the activation scope's state."""
+
+
+def _pack(state: InstrumentsState) -> InstrumentsState:
+  """The instruments' state with its PRNG key as raw ``uint32`` data (a plain array)."""
+  return state._replace(key=jax.random.key_data(state.key))
+
+
+def _unpack(state: InstrumentsState) -> InstrumentsState:
+  """Inverse of :func:`_pack`."""
+  return state._replace(key=jax.random.wrap_key_data(state.key))
+
+
+def _per_example_losses(task: str, outputs: jax.Array, y: jax.Array) -> jax.Array:
+  """``ℓᵢ``, shape ``[B]``: softmax cross-entropy with integer labels (classification) or
+  the mean squared error of example ``i`` over its output entries (regression)."""
+  if task == "regression":
+    return jnp.mean((outputs - y) ** 2, axis=tuple(range(1, outputs.ndim)))
+  return optax.softmax_cross_entropy_with_integer_labels(outputs, y)
 
 
 def _loss_and_metrics(
   task: str, outputs: jax.Array, y: jax.Array, mask: jax.Array | None = None
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Per-example losses reduced to a (masked) mean, and the batch's accuracy."""
-  if task == "regression":
-    per = jnp.mean((outputs - y) ** 2, axis=tuple(range(1, outputs.ndim)))
-    correct = None
-  else:
-    per = optax.softmax_cross_entropy_with_integer_labels(outputs, y)
-    correct = (jnp.argmax(outputs, -1) == y).astype(jnp.float32)
+  per = _per_example_losses(task, outputs, y)
   if mask is None:
     mask = jnp.ones(per.shape, jnp.float32)
   out = {"loss_sum": jnp.sum(per * mask), "count": mask.sum()}
-  if correct is not None:
+  if task != "regression":
+    correct = (jnp.argmax(outputs, -1) == y).astype(jnp.float32)
     out["correct"] = jnp.sum(correct * mask)
   return out["loss_sum"] / jnp.maximum(out["count"], 1.0), out
+
+
+def _losses_fn(
+  model: Any, task: str, model_state: Any, rng: jax.Array | None
+) -> Callable[[Any, jax.Array, jax.Array], tuple[jax.Array, tuple[dict[str, jax.Array], Any]]]:
+  """``losses_fn(params, x, y) -> (ℓ [B], ({"accuracy"}, new_model_state))`` in training mode.
+
+  The step's loss is ``mean(ℓ)``; the new model state (BatchNorm statistics) travels as
+  auxiliary output, so the loss and its gradient are those of one training-mode pass.
+  """
+
+  def losses_fn(params: Any, x: jax.Array, y: jax.Array) -> Any:
+    variables = {"params": params, **model_state}
+    outputs, new_model_state = model.apply(variables, x, train=True, rng=rng)
+    losses = _per_example_losses(task, outputs, y)
+    aux: dict[str, jax.Array] = {}
+    if task != "regression":
+      aux["accuracy"] = jnp.mean((jnp.argmax(outputs, -1) == y).astype(jnp.float32))
+    return losses, (aux, new_model_state)
+
+  return losses_fn
+
+
+def init_instruments(
+  model: Any,
+  inst: Instruments,
+  params: Any,
+  model_state: Any,
+  x: Any,
+  y: Any,
+  *,
+  task: str = "classification",
+  activation_scope: Scope | None = None,
+) -> dict[str, Any]:
+  """The initial :attr:`TrainState.instruments` of a step built with ``instruments=inst``.
+
+  Args:
+    model: the :class:`jaxscope.models.ModelDef`.
+    inst: the instruments (:func:`make_instruments`).
+    params: the initial parameters (``distance`` is measured from them).
+    model_state: the initial non-parameter collections.
+    x: a training batch (arrays or ``jax.ShapeDtypeStruct``; only the shapes are used),
+      to size the captured layers of the activation scope.
+    y: its labels.
+    task: ``"classification"`` or ``"regression"``.
+    activation_scope: :func:`make_activation_scope`, or ``None``.
+
+  Returns:
+    ``{"cockpit": inst.init(params)}``, the PRNG key stored as its raw ``uint32`` data so
+    that every leaf is a plain array, and ``"activations"``: the activation scope's
+    initial state, when ``activation_scope`` is given and the model's loss calls Flax
+    layers (else the entry is left out and the step measures no activation).
+  """
+  istate = inst.init(params)
+  out: dict[str, Any] = {"cockpit": _pack(istate)}
+  if activation_scope is not None:
+    losses_fn = _losses_fn(model, task, model_state, jax.random.key(0))
+
+    def captured(state: InstrumentsState, p: Any, xb: Any, yb: Any) -> Any:
+      return inst.grad(state, losses_fn, p, xb, yb, has_aux=True).captured
+
+    cap = jax.eval_shape(captured, istate, params, x, y)
+    if cap is not None and cap.outputs:
+      out["activations"] = activation_scope.init(
+        activations=dict(cap.outputs), layer_grads=dict(cap.grads)
+      )
+  return out
 
 
 def make_train_step(
@@ -292,6 +429,9 @@ def make_train_step(
   seed: int = 0,
   monitored: bool = False,
   hvp: bool = False,
+  instruments: Instruments | None = None,
+  activation_scope: Scope | None = None,
+  learning_rate: float | None = None,
 ) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
   """Builds the pure train step ``step(state, x, y, measure=True) -> (state, values)``.
 
@@ -301,6 +441,24 @@ def make_train_step(
   ``ratio_lr/…`` values, see :func:`jaxscope.transforms.ratio_lr_values`) and, when
   ``monitored`` and ``measure``, the scope's per-layer metrics. Jit it with
   ``static_argnames="measure"``: the ``False`` variant compiles without any measurement.
+
+  With ``instruments`` (:func:`make_instruments`; ``state.instruments`` from
+  :func:`init_instruments`) the loss and gradient come from
+  :meth:`~jaxscope.metrics.Instruments.grad` on the per-example losses ``ℓᵢ`` (the same
+  mean loss and gradient), and ``measure=True`` adds Cockpit's values (``alpha``,
+  ``norm_test``, ``hess_trace``, … without their ``loss``) and, with ``activation_scope``,
+  the activation health of the captured layers (``activations/{stat}/{layer}``,
+  ``layer_grads/norm/{layer}``). The instruments decide by their own count which steps
+  they measure (``0, every, 2·every, …``), so pass ``measure = step % every == 0``;
+  ``alpha`` (the α of the previous update) is in ``values`` on every step but is fresh
+  only at steps ``t ≥ 1`` with ``(t − 1) % every == 0``.
+
+  Per-example statistics (norm, inner-product and orthogonality tests, histograms, TIC)
+  need the loss of each example on its own; as in Cockpit they are ill-defined for
+  BatchNorm in training mode (an example's loss depends on the batch), and the
+  per-example pass draws dropout masks other than the batch pass's (each example is
+  evaluated alone with the step's key). The step's loss, gradient and update are
+  unchanged by the instruments.
 
   Args:
     model: a :class:`jaxscope.models.ModelDef` (``apply(variables, x, train=, rng=)``).
@@ -317,6 +475,11 @@ def make_train_step(
       takes a static ``phase`` (:func:`jaxscope.transforms.preconditioner_phase` of the
       step count; jit with ``static_argnames=("measure", "phase")``): the preconditioner
       traces only that phase, and the build and apply phases skip the HVP.
+    instruments: Cockpit's instruments, or ``None``.
+    activation_scope: the scope of the captured layers (:func:`make_activation_scope`);
+      used with ``instruments`` when ``state.instruments`` holds its state.
+    learning_rate: the learning rate given to the instruments (``cabs``) when ``values``
+      holds no ``lr`` (the recorded ``lr`` is used first).
   """
   if task not in ("classification", "regression"):
     raise ValueError(f"task must be 'classification' or 'regression', got {task!r}.")
@@ -330,22 +493,31 @@ def make_train_step(
     phase: int | None = None,
   ) -> tuple[TrainState, dict[str, jax.Array]]:
     rng = jax.random.fold_in(base_key, state.step)
+    losses_fn = _losses_fn(model, task, state.model_state, rng)
 
     def loss_fn(params: Any) -> tuple[jax.Array, tuple[dict[str, jax.Array], Any]]:
-      variables = {"params": params, **state.model_state}
-      outputs, new_model_state = model.apply(variables, x, train=True, rng=rng)
-      loss, sums = _loss_and_metrics(task, outputs, y)
-      return loss, (sums, new_model_state)
+      losses, aux = losses_fn(params, x, y)
+      return jnp.mean(losses), aux
 
     extra: dict[str, Any] = {}
     if hvp and phase is not None:
       extra["phase"] = phase
-    if hvp and (phase is None or phase < 3):  # the build and apply phases need no HVP
-      (loss, (sums, new_model_state)), grads, extra["hvp_fn"] = transforms.value_grad_and_hvp(
+    need_hvp = hvp and (phase is None or phase < 3)  # the build and apply phases need no HVP
+    probe = None
+    if instruments is not None:
+      istate = _unpack(state.instruments["cockpit"])
+      probe = instruments.grad(istate, losses_fn, state.params, x, y, has_aux=True)
+      loss, (aux, new_model_state), grads = probe.loss, probe.aux, probe.grads
+      if need_hvp:
+        _, extra["hvp_fn"] = jax.linearize(
+          lambda p: jax.grad(loss_fn, has_aux=True)(p)[0], state.params
+        )
+    elif need_hvp:
+      (loss, (aux, new_model_state)), grads, extra["hvp_fn"] = transforms.value_grad_and_hvp(
         loss_fn, state.params, has_aux=True
       )
     else:
-      (loss, (sums, new_model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      (loss, (aux, new_model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params
       )
     if monitored:
@@ -354,19 +526,44 @@ def make_train_step(
     params = optax.apply_updates(state.params, updates)
     values: dict[str, jax.Array] = {"loss": loss}
     if task == "classification":
-      values["train/accuracy"] = sums["correct"] / sums["count"]
+      values["train/accuracy"] = aux["accuracy"]
     if schedule is not None:
       values["lr"] = jnp.asarray(schedule(state.step), jnp.float32)
     # A ratio-adaptive rate reports itself: lr, factor, mean and per-layer ratios;
     # a probabilistic preconditioner its lr, α, w, λ, phase and singular values.
     values.update(transforms.ratio_lr_values(opt_state))
     values.update(transforms.preconditioner_log(opt_state))
+    inst_state = state.instruments
+    if instruments is not None and probe is not None:
+      lr = values.get("lr", learning_rate)
+      ivals, istate = instruments.update(istate, probe, updates, learning_rate=lr)
+      inst_state = {**state.instruments, "cockpit": _pack(istate)}
+      if measure:
+        values.update({k: v for k, v in ivals.items() if k not in ("loss", MEASURED)})
+      elif "alpha" in ivals:
+        values["alpha"] = ivals["alpha"]
+      if (
+        activation_scope is not None
+        and "activations" in state.instruments
+        and probe.captured is not None
+      ):
+        avals, inst_state["activations"] = activation_scope.update(
+          state.instruments["activations"],
+          activations=dict(probe.captured.outputs),
+          layer_grads=dict(probe.captured.grads),
+          measure=bool(measure),
+        )
+        if measure:
+          values.update({k: v for k, v in avals.items() if k != MEASURED})
     if monitored and measure:
       values.update(
         {k: v for k, v in transforms.metrics(opt_state).items() if k != MEASURED},
       )
     model_state = {**state.model_state, **new_model_state}
-    return TrainState(optax.safe_increment(state.step), params, model_state, opt_state), values
+    new_state = TrainState(
+      optax.safe_increment(state.step), params, model_state, opt_state, inst_state
+    )
+    return new_state, values
 
   return step
 
@@ -455,6 +652,13 @@ class TrainConfig:
   ratio_mode: str = "code"
   """``schedule="ratio"``: ``"code"`` (the original implementation) or ``"thesis"``."""
   metrics: str = "economy"
+  """A preset, ``none``, or a comma list of metric names (:func:`make_scope`). The presets
+  ``economy``, ``business`` and ``full`` are Cockpit's configurations: the per-layer scope
+  (``economy``; ``full`` for ``full``) plus :func:`make_instruments` of the same name and
+  the activation health of the captured layers (:func:`make_activation_scope`); see
+  :func:`make_train_step` for what per-example statistics mean with BatchNorm and
+  dropout. ``topics``, ``layers``, ``exclude``, ``depth`` and ``kind`` select the
+  per-layer scope only."""
   topics: list[str] | None = None
   layers: str | None = None
   exclude: str | None = None
@@ -575,20 +779,33 @@ class _Checkpoints:
     )
     self.saved.add(step)
 
-  def restore_latest(self, abstract: TrainState) -> tuple[TrainState, dict[str, Any]] | None:
+  def restore_latest(self, abstract: TrainState) -> tuple[TrainState, dict[str, Any], bool] | None:
+    """The newest step that restores into ``abstract``: ``(state, meta, legacy)``.
+
+    A checkpoint written before :attr:`TrainState.instruments` existed (four fields) is
+    restored with ``legacy=True`` and ``instruments=()``.
+    """
     ocp = self._ocp
+    legacy_target = {f: getattr(abstract, f) for f in TrainState._fields if f != "instruments"}
     for step in sorted(self.manager.all_steps(), reverse=True):
-      try:
-        r = self.manager.restore(
-          step,
-          args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
-          ),
-        )
-      except Exception as e:  # A damaged step: fall back to an older one.
-        warnings.warn(f"checkpoint {step} could not be restored ({e}); trying older.", stacklevel=3)
-        continue
-      return r.state, dict(r.meta)
+      error = None
+      for target in (abstract, legacy_target):
+        try:
+          r = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+              state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()
+            ),
+          )
+        except Exception as e:  # A damaged step: fall back to an older one.
+          error = error or e
+          continue
+        if target is abstract:
+          return r.state, dict(r.meta), False
+        return TrainState(**r.state), dict(r.meta), True
+      warnings.warn(
+        f"checkpoint {step} could not be restored ({error}); trying older.", stacklevel=3
+      )
     return None
 
   def close(self) -> None:
@@ -723,12 +940,23 @@ def train(config: TrainConfig | None = None, **overrides: Any) -> TrainResult:
   )
   if sc is not None:
     tx = transforms.monitored(tx, sc)
+  inst = make_instruments(config.metrics, every=config.every, seed=config.seed)
+  act_scope = make_activation_scope(config.every) if inst is not None else None
+  batch_shapes = tuple(  # A training batch's shapes, to size the captured layers.
+    jax.ShapeDtypeStruct((config.batch_size, *a.shape[1:]), jax.dtypes.canonicalize_dtype(a.dtype))
+    for a in (ds.train_x, ds.train_y)
+  )
 
   def init_state() -> TrainState:
     variables = model.init(jax.random.key(config.seed), jnp.asarray(ds.train_x[:1]))
     params = variables["params"]
     model_state = {k: v for k, v in variables.items() if k != "params"}
-    return TrainState(jnp.zeros((), jnp.int32), params, model_state, tx.init(params))
+    inst_state: Any = ()
+    if inst is not None:
+      inst_state = init_instruments(
+        model, inst, params, model_state, *batch_shapes, task=task, activation_scope=act_scope
+      )
+    return TrainState(jnp.zeros((), jnp.int32), params, model_state, tx.init(params), inst_state)
 
   step_fn = jax.jit(
     make_train_step(
@@ -739,6 +967,9 @@ def train(config: TrainConfig | None = None, **overrides: Any) -> TrainResult:
       seed=config.seed,
       monitored=sc is not None,
       hvp=config.optimizer in HVP_OPTIMIZERS,
+      instruments=inst,
+      activation_scope=act_scope,
+      learning_rate=config.lr,
     ),
     static_argnames=("measure", "phase"),
     donate_argnums=0,
@@ -769,16 +1000,30 @@ def train(config: TrainConfig | None = None, **overrides: Any) -> TrainResult:
   ckpt = _Checkpoints(run_dir / CHECKPOINT_DIR, config.max_to_keep)
   state: TrainState | None = None
   start = 0
+  alpha_from = 1  # The first step whose "alpha" is recorded (the α of the update before).
   if config.resume and ckpt.saved:
     restored = ckpt.restore_latest(jax.eval_shape(init_state))
     if restored is None:
       ckpt.close()
       raise ValueError(
         f"train(resume=True): none of the checkpoints {sorted(ckpt.saved)} in "
-        f"{run_dir / CHECKPOINT_DIR} could be restored into this configuration."
+        f"{run_dir / CHECKPOINT_DIR} could be restored into this configuration (the saved "
+        "state depends on the model, the optimizer and the metrics)."
       )
-    state, _ = restored
+    state, _, legacy = restored
     start = int(state.step)
+    if legacy and inst is not None:
+      # A run written before the instruments' state was checkpointed: they start afresh
+      # (their count set to the step, so that they measure the same steps).
+      warnings.warn(
+        f"train(resume=True): the checkpoint of step {start} holds no instrument state; "
+        "the instruments start afresh (alpha from the next update on).",
+        stacklevel=2,
+      )
+      fresh = jax.jit(init_state)().instruments
+      fresh["cockpit"] = fresh["cockpit"]._replace(count=jnp.asarray(start, jnp.int32))
+      state = state._replace(instruments=fresh)
+      alpha_from = start + 1
   if state is None:
     state = jax.jit(init_state)()
   record_config = {**dataclasses.asdict(config), "versions": _versions(), "task": task}
@@ -832,9 +1077,12 @@ def train(config: TrainConfig | None = None, **overrides: Any) -> TrainResult:
           order_epoch = epoch
         idx = order[i * config.batch_size : (i + 1) * config.batch_size]  # type: ignore[index]
         x, y = gather(idx)
-        measure = sc is not None and step % config.every == 0
+        measure = (sc is not None or inst is not None) and step % config.every == 0
         phase = phase_of(step) if phase_of is not None else None
         state, values = step_fn(state, x, y, measure=measure, phase=phase)
+        if "alpha" in values and not (step >= alpha_from and (step - 1) % config.every == 0):
+          # α of the update of step t - 1 is known at step t; other steps repeat an old one.
+          values = {k: v for k, v in values.items() if k != "alpha"}
         recorder.write(step, values)
         if bar is not None:
           if pending_loss is not None and (step % 10 == 0 or step == total - 1):

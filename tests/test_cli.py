@@ -30,10 +30,15 @@ def test_train_writes_a_complete_run_directory(tmp_path, capsys):
   ]
   h = History.load(out)
   assert h.config["optimizer_args"] == {"momentum": 0.5}
-  assert h.topics() == ["params", "updates"]
-  assert {"loss", "lr", "train/accuracy", "test/loss", "test/accuracy"} <= set(h.keys())
-  layers = h.layers("updates", "ratio")
-  assert layers and all("conv" in lay.lower() for lay in layers)
+  # --topics and --layers select the per-layer scope; the economy preset's instruments add
+  # per-leaf grads/norm, params/distance and updates/norm, and every layer's activations.
+  assert set(h.topics()) == {"params", "updates", "grads", "activations", "layer_grads"}
+  assert h.stats("grads") == ["norm"] and "distance" in h.stats("params")
+  assert {"loss", "lr", "train/accuracy", "test/loss", "test/accuracy", "alpha"} <= set(h.keys())
+  for stat in ["ratio", "mean"]:
+    layers = h.layers("updates", stat)
+    assert layers and all("conv" in lay.lower() for lay in layers)
+  assert len(h.layers("activations", "std")) > len(h.layers("updates", "mean"))
   assert h.steps("test/loss").tolist() == [0, 10, 20, 25]
   assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["0", "10", "20", "25"]
   plots = sorted(p.name for p in (out / "plots").iterdir())
@@ -41,6 +46,19 @@ def test_train_writes_a_complete_run_directory(tmp_path, capsys):
   # The exponential schedule, γ per epoch (1438 // 32 = 44 steps per epoch: one decay so far).
   np.testing.assert_allclose(h["lr"][:3], 0.05, rtol=1e-6)
   assert capsys.readouterr().out == ""  # --quiet
+
+
+def test_train_business_preset_end_to_end(tmp_path):
+  out = tmp_path / "run"
+  argv = ["train", "-m", "mlp", "--steps", "3", "-b", "32", "--metrics", "business"]
+  assert main([*argv, "--out", str(out), "-q", "--no-plots", "--checkpoint-every", "0"]) == 0
+  h = History.load(out)
+  assert h.config["metrics"] == "business"
+  for key in ["alpha", "norm_test", "inner_test", "ortho_test", "hess_trace", "tic_diag"]:
+    assert np.all(np.isfinite(h[key])), key
+  assert "hess_max_ev" not in h.keys()  # full only
+  assert h.steps("activations/dead_fraction/fc1").tolist() == [0, 1, 2]
+  assert "params/mean/fc1/kernel" in h.keys()  # the economy per-layer scope
 
 
 def test_plot_renders_an_existing_run(tmp_path, capsys):
@@ -58,6 +76,7 @@ def test_lists(capsys):
   assert main(["list-metrics"]) == 0
   text = capsys.readouterr().out
   assert "spectral_norm" in text and "preset economy" in text and "ratio" in text
+  assert "preset business" in text and "HessTrace" in text and "HessMaxEV" in text
   assert main(["list-models"]) == 0
   text = capsys.readouterr().out
   for name in ["mlp", "mnist_mlp", "2c2d", "3c3d", "lenet5", "alexnet_mini", "resnet20"]:

@@ -18,10 +18,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from jaxscope.checkpoint import RunCheckpoints
 from jaxscope.record import History
 from jaxscope.train import (
   TrainConfig,
   make_evaluate,
+  make_instruments,
   make_optimizer,
   make_schedule,
   make_scope,
@@ -180,7 +182,8 @@ def test_run_directory_is_complete(tmp_path):
 
 
 def test_same_seed_same_metrics_file_bit_for_bit(tmp_path):
-  kw = dict(steps=30, model="alexnet_mini", metrics="full", eval_every=10)
+  # Dropout, the per-layer scope and Cockpit's instruments (per-example pass, α, histograms).
+  kw = dict(steps=30, model="alexnet_mini", metrics="economy", eval_every=10)
   a, b = _run(tmp_path, "a", **kw), _run(tmp_path, "b", **kw)
   text = (a.run_dir / "metrics.jsonl").read_bytes()
   assert text == (b.run_dir / "metrics.jsonl").read_bytes()
@@ -270,3 +273,126 @@ def test_ctrl_c_flushes_logs_and_writes_a_final_checkpoint(tmp_path):
   assert h.steps("test/loss").tolist() == [0, steps]
   with ocp.CheckpointManager(out.absolute() / "checkpoints", item_names=("meta",)) as m:
     assert m.all_steps() == [0, steps]
+
+
+# --------------------------------------------------------------------------- instruments
+
+_COCKPIT_ECONOMY = [
+  "alpha",
+  "norm_test",
+  "inner_test",
+  "ortho_test",
+  "per_example_grads/hist_counts",
+]
+
+
+def _finite(h, key):
+  return all(np.all(np.isfinite(np.asarray(v, np.float64))) for v in h[key])
+
+
+def test_full_preset_records_cockpit_and_activation_health(tmp_path):
+  r = _run(tmp_path, "full", steps=4, batch_size=32, metrics="full", checkpoint_every=2)
+  h = History.load(r.run_dir)
+  keys = set(h.keys())
+  # Cockpit's full configuration: economy + business (TIC, trace) + λ_max and the 2-D histogram.
+  for key in [*_COCKPIT_ECONOMY, "tic_diag", "hess_trace", "hess_max_ev"]:
+    assert key in keys, key
+    assert _finite(h, key), key
+  assert "per_example_grads/hist2d_counts" in keys and "params/distance/fc1/kernel" in keys
+  assert h.steps("norm_test").tolist() == [0, 1, 2, 3]
+  assert h.steps("alpha").tolist() == [1, 2, 3]  # α of the update of the step before.
+  # Activation health of every captured layer, and the full per-layer scope.
+  for stat in ["std", "dead_fraction", "saturation_fraction"]:
+    assert h.layers("activations", stat) == ["fc1", "fc2", "out"]
+    assert all(_finite(h, f"activations/{stat}/{lay}") for lay in ["fc1", "fc2", "out"])
+  assert h.layers("layer_grads", "norm") == ["fc1", "fc2", "out"]
+  assert "params/spectral_norm/fc1/kernel" in keys
+  np.testing.assert_array_less(0.0, h["activations/std/fc1"])
+  assert "loss" in keys and h.steps("loss").tolist() == [0, 1, 2, 3]
+  # The instruments' state lives in the TrainState (plain arrays) and in the checkpoints,
+  # which the read-only reader still opens for their params.
+  assert int(r.state.instruments["cockpit"].count) == 4
+  assert r.state.instruments["cockpit"].key.dtype == jnp.uint32
+  with RunCheckpoints(r.run_dir) as ckpts:
+    assert ckpts.steps == [0, 2, 4]
+    last = ckpts.restore(4)
+    for a, b in zip(jax.tree.leaves(last.params), jax.tree.leaves(r.state.params), strict=True):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_instruments_resume_every_2_and_leave_training_unchanged(tmp_path):
+  kw = dict(batch_size=32, metrics="economy", every=2, checkpoint_every=0)
+  full = _run(tmp_path, "full", steps=7, **kw)
+  h = History.load(full.run_dir)
+  assert h.steps("norm_test").tolist() == [0, 2, 4, 6]
+  assert h.steps("activations/std/fc1").tolist() == [0, 2, 4, 6]
+  assert h.steps("alpha").tolist() == [1, 3, 5]  # α of the measured steps' updates
+  assert h.steps("loss").tolist() == list(range(7))
+  assert _finite(h, "alpha") and _finite(h, "ortho_test")
+  # Stopped at an odd step (its α comes from the checkpointed state) and resumed.
+  _run(tmp_path, "part", steps=3, **kw)
+  resumed = _run(tmp_path, "part", steps=7, resume=True, **kw)
+  assert resumed.steps == 7
+  for a, b in zip(jax.tree.leaves(full.state), jax.tree.leaves(resumed.state), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  hr = History.load(resumed.run_dir)
+  assert h.keys() == hr.keys()
+  for key in ["loss", "alpha", "norm_test", "inner_test", "activations/dead_fraction/fc2"]:
+    np.testing.assert_array_equal(h.steps(key), hr.steps(key))
+    np.testing.assert_array_equal(h[key], hr[key])
+  # The instruments do not change training: same losses and parameters as without metrics.
+  plain = _run(tmp_path, "plain", steps=7, batch_size=32, metrics="none", checkpoint_every=0)
+  np.testing.assert_allclose(History.load(plain.run_dir)["loss"], h["loss"], rtol=1e-5)
+  for a, b in zip(
+    jax.tree.leaves(plain.state.params), jax.tree.leaves(full.state.params), strict=True
+  ):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+  assert plain.state.instruments == ()
+
+
+def test_instruments_with_a_hessian_vector_product_optimizer(tmp_path):
+  kw = dict(steps=4, batch_size=32, optimizer="preconditioned_sgd", checkpoint_every=0)
+  r = _run(tmp_path, "pre", metrics="economy", **kw)
+  plain = _run(tmp_path, "plain", metrics="none", **kw)
+  h = History.load(r.run_dir)
+  assert "probprec/phase" in h.keys() and _finite(h, "norm_test") and _finite(h, "alpha")
+  for a, b in zip(
+    jax.tree.leaves(plain.state.params), jax.tree.leaves(r.state.params), strict=True
+  ):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+
+
+def test_metric_lists_run_no_instruments():
+  assert make_instruments("norm,mean") is None and make_instruments("none") is None
+  inst = make_instruments("business", every=3)
+  assert (
+    inst.every == 3 and "hess_trace" in inst.quantities and "hess_max_ev" not in inst.quantities
+  )
+  # "business" is the economy per-layer scope.
+  params = {"Dense_0": {"kernel": jnp.ones((3, 2))}}
+  a, b = make_scope("business"), make_scope("economy")
+  va, _ = a.update(a.init(params), params=params, grads=params, updates=params)
+  vb, _ = b.update(b.init(params), params=params, grads=params, updates=params)
+  assert sorted(va) == sorted(vb)
+
+
+def test_resume_from_a_checkpoint_without_instrument_state(tmp_path, monkeypatch):
+  # Checkpoints written before TrainState.instruments existed hold four fields.
+  import jaxscope.train as jtrain
+
+  save = jtrain._Checkpoints.save
+
+  def legacy_save(self, step, state, meta):
+    save(self, step, {f: getattr(state, f) for f in state._fields[:4]}, meta)
+
+  kw = dict(batch_size=32, checkpoint_every=0)
+  with monkeypatch.context() as m:
+    m.setattr(jtrain._Checkpoints, "save", legacy_save)
+    _run(tmp_path, "old", steps=2, **kw)
+  with pytest.warns(UserWarning, match="instruments start afresh"):
+    r = _run(tmp_path, "old", steps=4, resume=True, **kw)
+  assert r.steps == 4 and int(r.state.instruments["cockpit"].count) == 4
+  h = History.load(r.run_dir)
+  assert h.steps("norm_test").tolist() == [0, 1, 2, 3]
+  assert h.steps("alpha").tolist() == [1, 3]  # none at step 2: its start point was not saved
+  assert _finite(h, "alpha") and _finite(h, "activations/std/fc1")
