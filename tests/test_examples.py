@@ -159,3 +159,18 @@ def test_training_progress_quick(tmp_path):
   assert (run_dir / "analysis" / "surface_random.npz").exists()
   for name in ("paths", "layers", "robustness", "parameters", "surface", "pca"):
     assert (tmp_path / "figures" / f"progress_{name}.png").stat().st_size > 10_000
+
+
+def test_cockpit_instruments_quick(tmp_path):
+  proc = _run_quick("cockpit_instruments.py", tmp_path)
+  assert "| lr0.2 | 0.2 |" in proc.stdout and "| lr2 | 2 |" in proc.stdout  # the markdown table
+  for name, lr in (("lr0.2", 0.2), ("lr2", 2.0)):
+    history = History.load(tmp_path / name)
+    assert history.config["lr"] == lr and history.config["preset"] == "full"
+    steps = history.config["steps"]
+    assert history.steps("alpha").tolist() == list(range(steps))  # every step measured
+    for key in ("loss", "norm_test", "inner_test", "ortho_test", "hess_max_ev", "tic_diag"):
+      assert np.isfinite(history[key]).all(), key
+    assert history["per_example_grads/hist2d_counts"].shape == (steps, 40, 50)
+    assert history.steps("test/accuracy")[-1] == steps - 1
+    assert (tmp_path / "figures" / f"cockpit_{name}.png").stat().st_size > 10_000

@@ -13,7 +13,13 @@ import numpy as np
 import pytest
 from matplotlib.figure import Figure
 
-from jaxscope.plot import histogram_figure, metric_figure, save_run_plots, scalar_figure
+from jaxscope.plot import (
+  cockpit,
+  histogram_figure,
+  metric_figure,
+  save_run_plots,
+  scalar_figure,
+)
 from jaxscope.record import History, Recorder
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -142,3 +148,98 @@ def test_save_run_plots_from_run_dir(tmp_path: Path) -> None:
   paths = save_run_plots(tmp_path / "run", tmp_path / "plots")
   assert sorted(p.name for p in paths) == ["loss.png", "updates_ratio.png"]
   assert all(p.read_bytes()[:8] == PNG_MAGIC for p in paths)
+
+
+def _instrument_history(*, preset: str = "full", steps: int = 20) -> History:
+  """Made-up instrument values (:func:`jaxscope.metrics.instruments`) with a NaN."""
+  rng = np.random.default_rng(0)
+  leaves = ("Dense_0/kernel", "Dense_0/bias")
+  records = []
+  for s in range(steps):
+    v: dict[str, object] = {
+      "loss": 2.0 / (s + 1),
+      "alpha": float(rng.normal(0.2, 0.5)),
+      "norm_test": 0.5 + 0.05 * s,
+      "inner_test": 0.2 + 0.01 * s,
+      "ortho_test": 0.4 + 0.04 * s,
+      "per_example_grads/hist_counts": rng.integers(0, 50, 10).astype(float),
+      "per_example_grads/hist_edges": np.linspace(-1.0 - s, 1.0 + s, 11),
+    }
+    for i, leaf in enumerate(leaves):
+      v[f"grads/norm/{leaf}"] = 1.0 / (s + 1) + i
+      v[f"params/distance/{leaf}"] = 0.1 * s * (i + 1)
+      v[f"updates/norm/{leaf}"] = 0.01 * (i + 1)
+    if preset == "full":
+      v["hess_max_ev"] = 5.0 + s
+      v["hess_trace"] = 50.0 + s
+      v[f"hessian/trace/{leaves[0]}"] = 40.0 + s
+      v["tic_diag"] = 10.0 - s if s != 7 else 1e6  # a spike: the axis keeps the rest
+      v["per_example_grads/hist2d_counts"] = rng.integers(0, 9, (4, 5)).astype(float)
+      v["per_example_grads/hist2d_param_edges"] = np.linspace(-0.5, 0.5, 5)
+      v["per_example_grads/hist2d_grad_edges"] = np.linspace(-0.1 - s, 0.1 + s, 6)
+    if s % 5 == 4:
+      v["test/loss"] = 2.5 / (s + 1)
+    records.append((s, v))
+  records[3][1]["alpha"] = float("nan")
+  records[5][1]["norm_test"] = float("inf")
+  return History(records, config={"lr": 0.1})
+
+
+def _titles(fig: Figure) -> list[str]:
+  return [ax.get_title() for ax in fig.axes]
+
+
+def test_cockpit_full() -> None:
+  fig = cockpit(_instrument_history())
+  assert isinstance(fig, Figure)
+  titles = _titles(fig)
+  assert len(fig.axes) == 11
+  assert titles[:4] == ["loss", "α (step length)", "α distribution", "gradient tests"]
+  assert "steps 0–19" in fig.get_suptitle()
+  loss_ax, alpha_ax = fig.axes[0], fig.axes[1]
+  assert [ln.get_label() for ln in loss_ax.get_lines()] == ["loss", "test/loss"]
+  # The NaN α is a gap, marked at its step.
+  (alpha_line,) = [ln for ln in alpha_ax.get_lines() if ln.get_label() == "α"]
+  assert np.isnan(alpha_line.get_ydata()[3])
+  marks = [c for c in alpha_ax.collections if "non-finite" in str(c.get_label())]
+  np.testing.assert_array_equal(marks[0].get_offsets()[:, 0], [3])
+  tests_ax = fig.axes[3]
+  assert tests_ax.get_yscale() == "log"
+  assert 1.0 in [ln.get_ydata()[0] for ln in tests_ax.get_lines()]  # the θ = 1 line
+  # Sums over the leaves, the gradient norm in quadrature.
+  dist = next(ln for ln in fig.axes[4].get_lines() if ln.get_label() == "distance")
+  np.testing.assert_allclose(dist.get_ydata(), [0.3 * s for s in range(20)])
+  (gnorm,) = fig.axes[5].get_lines()
+  np.testing.assert_allclose(
+    gnorm.get_ydata(), [np.hypot(1.0 / (s + 1), 1.0 / (s + 1) + 1) for s in range(20)]
+  )
+  ev_ax = fig.axes[6]
+  assert ev_ax.get_title() == "largest Hessian eigenvalue"
+  assert any("2/η = 20" in str(ln.get_label()) for ln in ev_ax.get_lines())  # lr from config
+  tic_ax = fig.axes[8]
+  assert tic_ax.get_title() == "TIC" and tic_ax.get_ylim()[1] < 1e5  # the spike is off-scale
+  hist_ax, hist2d_ax = fig.axes[9], fig.axes[10]
+  assert hist_ax.get_title() == "per-example gradients, step 19"
+  assert len(hist_ax.patches) == 10
+  (im,) = hist2d_ax.get_images()
+  assert im.get_array().shape == (5, 4)  # [grad bins, param bins]
+  np.testing.assert_allclose(im.get_extent(), [-0.5, 0.5, -19.1, 19.1])
+  # An earlier step for the histograms.
+  assert cockpit(_instrument_history(), step=6).axes[9].get_title().endswith("step 6")
+
+
+def test_cockpit_economy_and_extras(tmp_path: Path) -> None:
+  fig = cockpit(_instrument_history(preset="economy"))
+  assert len(fig.axes) == 7
+  assert _titles(fig)[-1] == "per-example gradients, step 19"
+  # Cockpit's optional quantities get a panel each; a run directory works too.
+  with Recorder(tmp_path / "run") as rec:
+    for s in range(5):
+      rec.write(s, {"loss": 1.0, "mean_gsnr": 0.1, "cabs": 64.0, "early_stopping": -0.5})
+  fig = cockpit(tmp_path / "run")
+  assert _titles(fig) == ["loss", "mean GSNR", "CABS batch size", "early stopping"]
+  assert "run: steps 0–4" in fig.get_suptitle()
+  fig.savefig(tmp_path / "cockpit.png")
+  assert (tmp_path / "cockpit.png").read_bytes()[:8] == PNG_MAGIC
+  with pytest.raises(KeyError, match="no instrument values"):
+    cockpit(History([(0, {"accuracy": 1.0})]))
