@@ -18,7 +18,7 @@ rotated each repetition), each training its own parameters with donated buffers.
 report holds medians, IQRs and ratios to the bare step.
 
 Peak memory: each variant runs again in a fresh process (``--peak-rss``) for a few steps,
-and the process's peak resident set size (``ru_maxrss``) is reported, as in Cockpit's
+and the process's peak resident set size (``VmHWM``) is reported, as in Cockpit's
 measurement (``../shared/specs/cockpit.md`` §3).
 
 Accuracy of ``hess_max_ev``: after 100 SGD steps measuring it (warm-started power
@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -49,6 +48,8 @@ if str(_ROOT) not in sys.path:
   sys.path.insert(0, str(_ROOT))
 
 import jax  # noqa: E402
+import jax.flatten_util  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
@@ -169,11 +170,7 @@ def max_ev_error(problem: problems.Problem, warmup: int) -> dict[str, float]:
   for _ in range(warmup):
     params, opt_state, istate, values = step(params, opt_state, istate)
     history.append(float(values["hess_max_ev"]))
-  _, _, hvp = curvature.hvp_fn(problem.loss, params, problem.x, problem.y)
-  ref, _ = jax.jit(
-    lambda key: curvature.max_eigenvalue(hvp, params, key, iters=60, method="lanczos")
-  )(jax.random.key(1))
-  ref = float(ref)
+  ref = lanczos_reference(problem, params)
   return {
     "warmup_steps": warmup,
     "estimate": history[-1],
@@ -181,6 +178,35 @@ def max_ev_error(problem: problems.Problem, warmup: int) -> dict[str, float]:
     "rel_error": abs(history[-1] - ref) / abs(ref),
     "estimates_every_25": history[24::25],
   }
+
+
+def lanczos_reference(problem: problems.Problem, params: Any, iters: int = 60) -> float:
+  """Largest-magnitude Hessian eigenvalue by Lanczos in float64 on the host.
+
+  Full reorthogonalisation; each Hessian-vector product is one jitted call (a device-side
+  ``fori_loop`` around a convolution's HVP runs ~40× slower on XLA:CPU).
+  """
+  flat, unravel = jax.flatten_util.ravel_pytree(params)
+  _, _, hvp = curvature.hvp_fn(problem.loss, params, problem.x, problem.y)
+  hvp_flat = jax.jit(lambda v: jax.flatten_util.ravel_pytree(hvp(unravel(v)))[0])
+  rng = np.random.default_rng(1)
+  q = rng.normal(size=flat.size)
+  qs = [q / np.linalg.norm(q)]
+  alphas, betas = [], []
+  for k in range(iters):
+    w = np.asarray(hvp_flat(jnp.asarray(qs[-1], flat.dtype)), np.float64)
+    alphas.append(float(qs[-1] @ w))
+    basis = np.stack(qs)
+    w -= basis.T @ (basis @ w)
+    w -= basis.T @ (basis @ w)  # twice is enough
+    beta = float(np.linalg.norm(w))
+    if beta < 1e-10 or k == iters - 1:
+      break
+    betas.append(beta)
+    qs.append(w / beta)
+  t = np.diag(alphas) + np.diag(betas[: len(alphas) - 1], 1) + np.diag(betas[: len(alphas) - 1], -1)
+  ev = np.linalg.eigvalsh(t)
+  return float(ev[np.argmax(np.abs(ev))])
 
 
 def peak_rss_mb(problem: str, variant: str, steps: int = 4) -> float:
@@ -204,8 +230,11 @@ def _peak_rss_child(spec: str) -> None:
     out = step(*state, problem.x, problem.y)
     jax.block_until_ready(out)
     state = out[:3]
-  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux.
-  print(json.dumps({"peak_rss_mb": round(peak, 1)}))
+  # VmHWM, not ru_maxrss: the latter survives exec(), so a child forked from a large
+  # parent reports the parent's peak.
+  status = Path("/proc/self/status").read_text()
+  hwm_kib = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:"))
+  print(json.dumps({"peak_rss_mb": round(hwm_kib / 1024, 1)}))
 
 
 def run(problem_names: Sequence[str], reps: int | None, memory: bool) -> dict[str, Any]:
