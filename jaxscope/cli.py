@@ -196,6 +196,14 @@ def _add_train_parser(sub: Any) -> None:
     help="--schedule ratio: 'code' (original implementation) or 'thesis' (eq. 3.7)",
   )
   g.add_argument("--seed", type=int, default=d.seed)
+  g.add_argument(
+    "--capacity",
+    default=None,
+    help="dynamic capacity for capacity_mlp / capacity_cnn: chunks=5,patience=10,"
+    "policy=all|activation-std (also cooldown, min_delta, smoothing). On a plateau of the "
+    "moving-average training loss the next chunk of a layer is activated and the trained "
+    "chunks are frozen; events are logged as capacity/expanded.",
+  )
   g = p.add_argument_group("metrics")
   presets = "\n".join(f"{k}: {v}" for k, v in _instrument_presets().items())
   g.add_argument(
@@ -281,6 +289,7 @@ def _train(args: argparse.Namespace) -> int:
     resume=args.resume,
     model_args=args.model_args,
     data_args=args.data_args,
+    capacity=args.capacity,
   )
   result = train(config)
   if not args.no_plots:

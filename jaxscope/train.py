@@ -49,16 +49,18 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxscope import transforms
+from jaxscope import capture, transforms
 from jaxscope.checkpoint import CHECKPOINT_DIR
 from jaxscope.metrics import registry
 from jaxscope.metrics.instruments import Instruments, InstrumentsState, instruments
 from jaxscope.metrics.network import NetworkMetric
 from jaxscope.metrics.scope import MEASURED, PARAM_TOPICS, Scope, scope
+from jaxscope.models import growth
 from jaxscope.record import Recorder
 
 __all__ = [
   "ACTIVATION_METRICS",
+  "CAPACITY_DEFAULTS",
   "HVP_OPTIMIZERS",
   "INSTRUMENT_PRESETS",
   "OPTIMIZERS",
@@ -73,6 +75,7 @@ __all__ = [
   "make_schedule",
   "make_scope",
   "make_train_step",
+  "parse_capacity",
   "train",
 ]
 
@@ -190,6 +193,62 @@ def make_schedule(
     f"unknown schedule {spec!r}: expected constant, exponential:γ (e.g. exponential:0.98), "
     "cosine, or (in train) ratio."
   )
+
+
+# --------------------------------------------------------------------------- capacity
+
+#: Defaults of ``--capacity`` (the thesis: chunks of a fifth or a tenth, patience 10).
+CAPACITY_DEFAULTS: dict[str, Any] = {
+  "chunks": 5,
+  "patience": 10,
+  "policy": "all",
+  "cooldown": 0,
+  "min_delta": 0.0,
+  "smoothing": 0.1,
+}
+
+
+def parse_capacity(spec: str | Mapping[str, Any]) -> dict[str, Any]:
+  """Parses ``--capacity`` (``"chunks=5,patience=10,policy=all|activation-std"``).
+
+  Keys: ``chunks`` (chunks per capacity layer, ≥ 2), ``patience`` (steps without
+  improvement of the moving average of the training loss that make a plateau, ≥ 1),
+  ``policy`` (``all``: every layer with room grows on a plateau, as the thesis did;
+  ``activation-std``: the layer whose active units' outputs have the highest standard
+  deviation), ``cooldown`` (≥ 0), ``min_delta`` (relative improvement, ≥ 0) and
+  ``smoothing`` (weight of the newest loss in the moving average, in (0, 1]). Missing keys
+  take :data:`CAPACITY_DEFAULTS`.
+  """
+  out = dict(CAPACITY_DEFAULTS)
+  if isinstance(spec, str):
+    items = {}
+    for part in (p.strip() for p in spec.split(",")):
+      if not part:
+        continue
+      if "=" not in part:
+        raise ValueError(f"--capacity: expected key=value, got {part!r} (in {spec!r}).")
+      k, v = (t.strip() for t in part.split("=", 1))
+      items[k] = v
+  else:
+    items = dict(spec)
+  unknown = sorted(set(items) - set(CAPACITY_DEFAULTS))
+  if unknown:
+    raise ValueError(f"--capacity: unknown key(s) {unknown}; keys: {', '.join(CAPACITY_DEFAULTS)}.")
+  for k, v in items.items():
+    kind = type(CAPACITY_DEFAULTS[k])
+    try:
+      out[k] = kind(v) if kind is not str else str(v)
+    except (TypeError, ValueError):
+      raise ValueError(f"--capacity: {k} must be a {kind.__name__}, got {v!r}.") from None
+  if out["chunks"] < 2:
+    raise ValueError(f"--capacity: chunks must be >= 2, got {out['chunks']}.")
+  if out["patience"] < 1 or out["cooldown"] < 0 or out["min_delta"] < 0:
+    raise ValueError(f"--capacity: patience >= 1, cooldown >= 0, min_delta >= 0; got {out}.")
+  if not 0.0 < out["smoothing"] <= 1.0:
+    raise ValueError(f"--capacity: smoothing must be in (0, 1], got {out['smoothing']}.")
+  if out["policy"] not in growth.POLICIES:
+    raise ValueError(f"--capacity: policy must be one of {growth.POLICIES}, got {out['policy']!r}.")
+  return out
 
 
 # --------------------------------------------------------------------------- metrics
@@ -432,6 +491,7 @@ def make_train_step(
   instruments: Instruments | None = None,
   activation_scope: Scope | None = None,
   learning_rate: float | None = None,
+  capacity: Mapping[str, Any] | None = None,
 ) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
   """Builds the pure train step ``step(state, x, y, measure=True) -> (state, values)``.
 
@@ -480,6 +540,13 @@ def make_train_step(
       used with ``instruments`` when ``state.instruments`` holds its state.
     learning_rate: the learning rate given to the instruments (``cabs``) when ``values``
       holds no ``lr`` (the recorded ``lr`` is used first).
+    capacity: :func:`parse_capacity`'s dict for a capacity model (``model_state`` holds
+      its ``capacity`` collection, ``state.instruments["growth"]`` the
+      :class:`~jaxscope.models.growth.GrowthState`, ``tx`` is wrapped in
+      :func:`jaxscope.transforms.masked_freeze`): the step passes the trainable mask,
+      then folds the loss into the plateau rule and grows, freezes and re-initialises on a
+      plateau (:func:`jaxscope.models.growth.growth_update`); ``values`` gets
+      ``capacity/active/{layer}``, ``capacity/frozen/{layer}``, ``capacity/expanded``.
   """
   if task not in ("classification", "regression"):
     raise ValueError(f"task must be 'classification' or 'regression', got {task!r}.")
@@ -522,6 +589,10 @@ def make_train_step(
       )
     if monitored:
       extra["measure"] = measure
+    if capacity is not None:
+      extra["trainable"] = growth.trainable(
+        state.params, state.model_state["capacity"], state.instruments["growth"]
+      )
     updates, opt_state = tx.update(grads, state.opt_state, state.params, **extra)
     params = optax.apply_updates(state.params, updates)
     values: dict[str, jax.Array] = {"loss": loss}
@@ -560,6 +631,33 @@ def make_train_step(
         {k: v for k, v in transforms.metrics(opt_state).items() if k != MEASURED},
       )
     model_state = {**state.model_state, **new_model_state}
+    if capacity is not None:
+      cap_vars = state.model_state["capacity"]
+      act_std = None
+      if capacity["policy"] == "activation-std":
+        if probe is not None and probe.captured is not None:
+          outputs = dict(probe.captured.outputs)
+        else:  # One extra forward pass records the layers' outputs.
+          with capture.intercept() as rec:
+            model.apply({"params": state.params, **state.model_state}, x, train=True, rng=rng)
+          outputs = dict(rec.outputs)
+        act_std = growth.activation_std(outputs, state.params, cap_vars)
+      params, cap_vars, gstate = growth.growth_update(
+        state.instruments["growth"],
+        value=loss,
+        params=params,
+        capacity=cap_vars,
+        key=jax.random.fold_in(rng, 1),
+        policy=capacity["policy"],
+        activation_std=act_std,
+        patience=capacity["patience"],
+        cooldown=capacity["cooldown"],
+        min_delta=capacity["min_delta"],
+        smoothing=capacity["smoothing"],
+      )
+      model_state = {**model_state, "capacity": cap_vars}
+      inst_state = {**(inst_state or {}), "growth": gstate}
+      values.update(growth.growth_values(gstate, cap_vars))
     new_state = TrainState(
       optax.safe_increment(state.step), params, model_state, opt_state, inst_state
     )
@@ -679,6 +777,10 @@ class TrainConfig:
   quiet: bool = False
   resume: bool = False
   """Continue from the newest readable checkpoint in ``out`` (if any)."""
+  capacity: str | None = None
+  """Dynamic capacity (:mod:`jaxscope.models.growth`) for the ``capacity_mlp`` /
+  ``capacity_cnn`` models: ``"chunks=5,patience=10,policy=all"`` (also ``cooldown``,
+  ``min_delta``, ``smoothing``; see :func:`parse_capacity`). ``None``: static network."""
   model_args: dict[str, Any] = dataclasses.field(default_factory=dict)
   """Extra keyword arguments of the model (e.g. ``{"depth": 56}``)."""
   data_args: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -701,7 +803,15 @@ class TrainResult(NamedTuple):
 
 
 # Keys of the config that must agree when resuming (the others may change).
-_RESUME_KEYS = ("model", "dataset", "batch_size", "optimizer", "optimizer_args", "seed")
+_RESUME_KEYS = (
+  "model",
+  "dataset",
+  "batch_size",
+  "optimizer",
+  "optimizer_args",
+  "seed",
+  "capacity",
+)
 
 
 def _check_config(config: TrainConfig) -> None:
@@ -887,9 +997,18 @@ def train(config: TrainConfig | None = None, **overrides: Any) -> TrainResult:
   eval_every = config.eval_every or steps_per_epoch
   ckpt_every = steps_per_epoch if config.checkpoint_every is None else config.checkpoint_every
 
-  model = jmodels.build(
-    config.model, tuple(ds.train_x.shape[1:]), ds.num_classes, **config.model_args
-  )
+  capacity_cfg = parse_capacity(config.capacity) if config.capacity else None
+  model_args = dict(config.model_args)
+  if capacity_cfg is not None:
+    if not config.model.startswith("capacity_"):
+      raise ValueError(
+        f"train: --capacity needs a model with capacity layers (capacity_mlp, capacity_cnn), "
+        f"got {config.model!r}."
+      )
+    if config.optimizer in HVP_OPTIMIZERS:
+      raise ValueError(f"train: --capacity cannot be combined with {config.optimizer!r}.")
+    model_args.setdefault("chunks", capacity_cfg["chunks"])
+  model = jmodels.build(config.model, tuple(ds.train_x.shape[1:]), ds.num_classes, **model_args)
   if config.optimizer in HVP_OPTIMIZERS and config.schedule != "constant":
     raise ValueError(
       f"train: optimizer {config.optimizer!r} estimates its own step size; use "
@@ -929,6 +1048,8 @@ def train(config: TrainConfig | None = None, **overrides: Any) -> TrainResult:
       config.schedule, config.lr, steps_per_epoch=steps_per_epoch, total_steps=total
     )
     tx = make_optimizer(config.optimizer, schedule, **config.optimizer_args)
+  if capacity_cfg is not None:  # Frozen chunks: zero update, optimizer state kept.
+    tx = transforms.masked_freeze(tx)
   sc = make_scope(
     config.metrics,
     topics=config.topics,
@@ -956,6 +1077,11 @@ def train(config: TrainConfig | None = None, **overrides: Any) -> TrainResult:
       inst_state = init_instruments(
         model, inst, params, model_state, *batch_shapes, task=task, activation_scope=act_scope
       )
+    if capacity_cfg is not None:
+      inst_state = {
+        **(inst_state or {}),
+        "growth": growth.growth_init(params, model_state["capacity"]),
+      }
     return TrainState(jnp.zeros((), jnp.int32), params, model_state, tx.init(params), inst_state)
 
   step_fn = jax.jit(
@@ -970,6 +1096,7 @@ def train(config: TrainConfig | None = None, **overrides: Any) -> TrainResult:
       instruments=inst,
       activation_scope=act_scope,
       learning_rate=config.lr,
+      capacity=capacity_cfg,
     ),
     static_argnames=("measure", "phase"),
     donate_argnums=0,

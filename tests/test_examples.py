@@ -174,3 +174,17 @@ def test_cockpit_instruments_quick(tmp_path):
     assert history["per_example_grads/hist2d_counts"].shape == (steps, 40, 50)
     assert history.steps("test/accuracy")[-1] == steps - 1
     assert (tmp_path / "figures" / f"cockpit_{name}.png").stat().st_size > 10_000
+
+
+def test_dynamic_capacity_quick(tmp_path):
+  proc = _run_quick("dynamic_capacity.py", tmp_path)
+  for name in (
+    "static 100",
+    "static 500",
+    "adaptive 500 (fifths)",
+    "standard",
+    "adaptive (tenths)",
+  ):
+    assert name in proc.stdout
+  # The masked network's step time is measured at one chunk and at full capacity.
+  assert "capacity 500, 1/5 active" in proc.stdout

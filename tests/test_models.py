@@ -114,7 +114,10 @@ def _run(case_id):
 
 
 def test_every_registered_model_is_exercised():
-  assert set(models.names()) == {c[0] for c in TRAIN_CASES + TRACE_CASES}
+  # The dynamic-capacity models (a "capacity" collection) are exercised in
+  # tests/test_capacity_models.py.
+  capacity = {"capacity_mlp", "capacity_cnn"}
+  assert set(models.names()) - capacity == {c[0] for c in TRAIN_CASES + TRACE_CASES}
 
 
 @pytest.mark.parametrize("case", TRAIN_CASES, ids=_case_id)

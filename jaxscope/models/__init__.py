@@ -17,12 +17,26 @@ functions, whether it is written with Flax Linen or Flax NNX:
 
 Models (see :func:`names` and :func:`describe`): ``mlp``, ``mnist_mlp``, ``2c2d``,
 ``3c3d``, ``lenet5``, ``alexnet_mini``, ``resnet`` / ``resnet20`` / ``resnet56``,
-``densenet_bc`` and the NNX ``nnx_cnn``.
+``densenet_bc``, the NNX ``nnx_cnn``, and the dynamic-capacity ``capacity_mlp`` and
+``capacity_cnn`` (:mod:`jaxscope.models.capacity`).
 """
 
 from __future__ import annotations
 
 from jaxscope.models.base import ModelDef, count_params
+from jaxscope.models.capacity import (
+  CAPACITY,
+  CapacityCNN,
+  CapacityConv,
+  CapacityDense,
+  CapacityInfo,
+  CapacityMLP,
+  CapacityResidualBlock,
+  capacity_layers,
+  reinit_chunk,
+  trainable_mask,
+  unit_mask,
+)
 from jaxscope.models.conv import AlexNetMini, LeNet5, ThreeC3D, TwoC2D
 from jaxscope.models.densenet import DenseNetBC
 from jaxscope.models.mlp import MLP, MnistMLP
@@ -31,10 +45,17 @@ from jaxscope.models.registry import build, describe, names
 from jaxscope.models.resnet import BasicBlock, CifarResNet
 
 __all__ = [
+  "CAPACITY",
   "MLP",
   "NNXCNN",
   "AlexNetMini",
   "BasicBlock",
+  "CapacityCNN",
+  "CapacityConv",
+  "CapacityDense",
+  "CapacityInfo",
+  "CapacityMLP",
+  "CapacityResidualBlock",
   "CifarResNet",
   "DenseNetBC",
   "LeNet5",
@@ -43,7 +64,11 @@ __all__ = [
   "ThreeC3D",
   "TwoC2D",
   "build",
+  "capacity_layers",
   "count_params",
   "describe",
   "names",
+  "reinit_chunk",
+  "trainable_mask",
+  "unit_mask",
 ]

@@ -14,6 +14,7 @@ from jaxscope.models.base import (
   check_num_classes,
   linen_model_def,
 )
+from jaxscope.models.capacity import CapacityCNN, CapacityMLP
 from jaxscope.models.conv import AlexNetMini, LeNet5, ThreeC3D, TwoC2D
 from jaxscope.models.densenet import DenseNetBC
 from jaxscope.models.mlp import MLP, MnistMLP
@@ -199,6 +200,74 @@ def _nnx_cnn(
   )
 
 
+def _capacity_chunks(name: str, widths: tuple[int, ...], chunks: Any, initial_chunks: Any) -> None:
+  (c,) = _positive_ints(name, "chunks", (chunks,))
+  bad = [w for w in widths if w % c]
+  if bad:
+    raise ValueError(
+      f"build({name!r}): every width must be divisible by chunks={c}, got width(s) {bad}."
+    )
+  if (
+    isinstance(initial_chunks, bool)
+    or not isinstance(initial_chunks, int | np.integer)
+    or not 0 <= initial_chunks <= c
+  ):
+    raise ValueError(
+      f"build({name!r}): initial_chunks must be an integer in [0, {c}], got {initial_chunks!r}."
+    )
+
+
+def _capacity_mlp(
+  name: str,
+  input_shape: tuple[int, ...],
+  num_classes: int,
+  *,
+  widths: Sequence[int] = (500,),
+  chunks: int = 5,
+  activation: str = "tanh",
+  initial_chunks: int = 1,
+) -> ModelDef:
+  w = _positive_ints(name, "widths", widths)
+  _capacity_chunks(name, w, chunks, initial_chunks)
+  if activation not in ("tanh", "relu"):
+    raise ValueError(f"build({name!r}): activation must be 'tanh' or 'relu', got {activation!r}.")
+  module = CapacityMLP(
+    widths=w,
+    chunks=int(chunks),
+    activation=activation,
+    num_outputs=num_classes,
+    initial_chunks=int(initial_chunks),
+  )
+  return linen_model_def(
+    name, module, input_shape, num_classes, has_batch_stats=False, has_dropout=False
+  )
+
+
+def _capacity_cnn(
+  name: str,
+  input_shape: tuple[int, ...],
+  num_classes: int,
+  *,
+  features: Sequence[int] = (30, 60),
+  hidden: int = 120,
+  chunks: int = 10,
+  initial_chunks: int = 1,
+) -> ModelDef:
+  f = _positive_ints(name, "features", features)
+  (h,) = _positive_ints(name, "hidden", (hidden,))
+  _capacity_chunks(name, (*f, h), chunks, initial_chunks)
+  module = CapacityCNN(
+    features=f,
+    hidden=h,
+    chunks=int(chunks),
+    num_classes=num_classes,
+    initial_chunks=int(initial_chunks),
+  )
+  return linen_model_def(
+    name, module, input_shape, num_classes, has_batch_stats=False, has_dropout=False
+  )
+
+
 class _Entry(NamedTuple):
   description: str
   builder: Callable[..., ModelDef]
@@ -261,6 +330,16 @@ _REGISTRY: dict[str, _Entry] = {
     _nnx_cnn,
     _CONV_RANKS,
   ),
+  "capacity_mlp": _Entry(
+    "Dynamic-capacity MLP: CapacityDense widths=(500,) in chunks=5, tanh; sine network",
+    _capacity_mlp,
+    (1, 2, 3),
+  ),
+  "capacity_cnn": _Entry(
+    "Dynamic-capacity CNN: 2 CapacityConv3x3 (30, 60) + maxpool, CapacityDense 120, in tenths",
+    _capacity_cnn,
+    _CONV_RANKS,
+  ),
 }
 
 
@@ -297,7 +376,10 @@ def build(name: str, input_shape: Sequence[int], num_classes: int, **kwargs: Any
     **kwargs: model options: ``mlp``: ``hidden_sizes``; ``3c3d``: ``padding``;
       ``resnet``: ``depth``, ``widths``; ``resnet20``/``resnet56``: ``widths``;
       ``densenet_bc``: ``depth``, ``growth_rate``, ``compression``, ``block_sizes``;
-      ``nnx_cnn``: ``features``, ``hidden``, ``dropout_rate``.
+      ``nnx_cnn``: ``features``, ``hidden``, ``dropout_rate``; ``capacity_mlp``:
+      ``widths``, ``chunks``, ``activation``, ``initial_chunks``; ``capacity_cnn``:
+      ``features``, ``hidden``, ``chunks``, ``initial_chunks`` (their variables hold a
+      ``'capacity'`` collection next to ``'params'``, see :mod:`jaxscope.models.capacity`).
 
   Returns:
     A :class:`~jaxscope.models.base.ModelDef`.

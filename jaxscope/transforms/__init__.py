@@ -1,5 +1,12 @@
 """optax transformations that see and act on what they measure."""
 
+from jaxscope.transforms.capacity import (
+  PlateauState,
+  masked_freeze,
+  plateau_detector,
+  plateau_init,
+  plateau_update,
+)
 from jaxscope.transforms.monitor import MonitorState, metrics, monitored
 from jaxscope.transforms.probprec import (
   PHASES,
@@ -24,12 +31,17 @@ from jaxscope.transforms.ratio_lr import (
 __all__ = [
   "PHASES",
   "MonitorState",
+  "PlateauState",
   "PreconditionerState",
   "RatioAdaptiveState",
   "adaptive_sgd",
+  "masked_freeze",
   "metrics",
   "monitored",
   "only_adaptive_sgd",
+  "plateau_detector",
+  "plateau_init",
+  "plateau_update",
   "preconditioned_sgd",
   "preconditioner_log",
   "preconditioner_phase",

@@ -1,0 +1,173 @@
+"""The growth controller: plateau → expansion → freezing, inside a jitted train step."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+
+from jaxscope import transforms
+from jaxscope.models import capacity as cap
+from jaxscope.models import growth
+
+
+def _model(widths: tuple[int, ...] = (8, 6), chunks: int = 2) -> tuple:
+  model = cap.CapacityMLP(widths=widths, chunks=chunks, num_outputs=1)
+  variables = model.init(jax.random.key(0), jnp.zeros((4, 3)))
+  return model, variables["params"], variables["capacity"]
+
+
+def _plateau_steps(values: list[float], patience: int, smoothing: float) -> list[int]:
+  """The steps at which the plateau rule fires, re-implemented in plain Python."""
+  avg, best, since, fired = None, float("inf"), 0, []
+  for i, v in enumerate(values):
+    avg = v if avg is None else smoothing * v + (1 - smoothing) * avg
+    if avg < best:
+      best, since = avg, 0
+    else:
+      since += 1
+    if since >= patience:
+      fired.append(i)
+      since, best = 0, avg
+  return fired
+
+
+def test_policy_all_grows_every_layer_on_the_plateau_and_freezes_the_old_chunks() -> None:
+  _, params, capacity = _model()
+  state = growth.growth_init(params, capacity)
+  values = [5.0 - 0.5 * i for i in range(6)] + [2.0] * 10
+  expected = _plateau_steps(values, patience=3, smoothing=1.0)
+  assert expected  # the curve has a plateau
+  fired = []
+  step = jax.jit(
+    lambda s, v, p, c, k: growth.growth_update(
+      s, value=v, params=p, capacity=c, key=k, patience=3, smoothing=1.0
+    )
+  )
+  for i, v in enumerate(values):
+    before = params
+    params, capacity, state = step(state, v, params, capacity, jax.random.key(i))
+    if bool(state.expanded):
+      fired.append(i)
+      # Only the new chunk's columns changed (re-initialised), the rest is untouched.
+      k_new = np.asarray(params["CapacityDense_0"]["kernel"])
+      k_old = np.asarray(before["CapacityDense_0"]["kernel"])
+      np.testing.assert_array_equal(k_new[:, :4], k_old[:, :4])
+      assert not np.array_equal(k_new[:, 4:], k_old[:, 4:])
+  # Two chunks per layer: the first plateau grows both layers to full, later ones do nothing.
+  assert fired == expected[:1]
+  vals = growth.growth_values(state, capacity)
+  assert int(vals["capacity/active/CapacityDense_0"]) == 2
+  assert int(vals["capacity/active/CapacityDense_1"]) == 2
+  assert int(vals["capacity/frozen/CapacityDense_0"]) == 1
+  assert int(vals["capacity/expansions"]) == 1
+
+
+def test_activation_std_policy_grows_the_layer_with_the_highest_std() -> None:
+  _, params, capacity = _model(chunks=2)
+  state = growth.growth_init(params, capacity)
+  stds = {"CapacityDense_0": jnp.float32(0.3), "CapacityDense_1": jnp.float32(0.9)}
+  for i in range(5):
+    params, capacity, state = growth.growth_update(
+      state,
+      value=1.0,
+      params=params,
+      capacity=capacity,
+      key=jax.random.key(i),
+      policy="activation-std",
+      activation_std=stds,
+      patience=2,
+      smoothing=1.0,
+    )
+  vals = growth.growth_values(state, capacity)
+  # First plateau: layer 1 (highest std); it is then full, so the next plateau grows layer 0.
+  assert int(vals["capacity/active/CapacityDense_1"]) == 2
+  assert int(vals["capacity/active/CapacityDense_0"]) == 2
+  assert int(vals["capacity/expansions"]) == 2
+  with pytest.raises(ValueError, match="activation_std"):
+    growth.growth_update(
+      state, value=1.0, params=params, capacity=capacity, key=jax.random.key(0),
+      policy="activation-std",
+    )  # fmt: skip
+  with pytest.raises(ValueError, match="policy"):
+    growth.growth_update(
+      state, value=1.0, params=params, capacity=capacity, key=jax.random.key(0), policy="x"
+    )
+
+
+def test_training_with_growth_freezes_old_chunks_and_never_retraces() -> None:
+  model, params, capacity = _model(widths=(12,), chunks=3)
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.uniform(-2, 2, size=(64, 3)), jnp.float32)
+  y = jnp.sin(x.sum(1, keepdims=True))
+  tx = transforms.masked_freeze(optax.adam(0.05))
+  opt_state = tx.init(params)
+  gstate = growth.growth_init(params, capacity)
+  traces = [0]
+
+  @jax.jit
+  def step(params, opt_state, capacity, gstate, key):
+    traces[0] += 1
+
+    def loss_fn(p):
+      out = model.apply({"params": p, "capacity": capacity}, x)
+      return jnp.mean((out - y) ** 2)
+
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    mask = growth.trainable(params, capacity, gstate)
+    updates, opt_state = tx.update(grads, opt_state, params, trainable=mask)
+    params = optax.apply_updates(params, updates)
+    params, capacity, gstate = growth.growth_update(
+      gstate,
+      value=loss,
+      params=params,
+      capacity=capacity,
+      key=key,
+      patience=5,
+      smoothing=0.5,
+      min_delta=0.05,
+    )
+    return params, opt_state, capacity, gstate, loss
+
+  snapshots = []
+  for i in range(120):
+    prev = params
+    params, opt_state, capacity, gstate, _ = step(
+      params, opt_state, capacity, gstate, jax.random.key(i)
+    )
+    active = int(growth.growth_values(gstate, capacity)["capacity/active/CapacityDense_0"])
+    frozen = int(gstate.frozen["CapacityDense_0"])
+    k_prev = np.asarray(prev["CapacityDense_0"]["kernel"])
+    k_now = np.asarray(params["CapacityDense_0"]["kernel"])
+    if not bool(gstate.expanded):
+      # Frozen chunks and inactive chunks do not move; the trainable chunk does.
+      np.testing.assert_array_equal(k_now[:, : 4 * frozen], k_prev[:, : 4 * frozen])
+      np.testing.assert_array_equal(k_now[:, 4 * active :], k_prev[:, 4 * active :])
+      snapshots.append((frozen, active))
+  assert traces[0] == 1  # expansions change arrays, not shapes: one compilation
+  assert int(gstate.expansions) >= 1  # the run reached a plateau and grew
+  assert (1, 2) in snapshots or (2, 3) in snapshots
+
+
+def test_capacity_and_growth_state_survive_a_checkpoint(tmp_path) -> None:
+  _, params, capacity = _model()
+  state = growth.growth_init(params, capacity)
+  for i in range(8):
+    params, capacity, state = growth.growth_update(
+      state, value=1.0, params=params, capacity=capacity, key=jax.random.key(i), patience=2,
+      smoothing=1.0,
+    )  # fmt: skip
+  tree = {"params": params, "capacity": capacity, "growth": state}
+  with ocp.StandardCheckpointer() as ckpt:
+    ckpt.save(tmp_path / "c", tree)
+  with ocp.StandardCheckpointer() as ckpt:
+    restored = ckpt.restore(tmp_path / "c", jax.tree.map(ocp.utils.to_shape_dtype_struct, tree))
+  for a, b in zip(jax.tree.leaves(tree), jax.tree.leaves(restored), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  mask_a = growth.trainable(params, capacity, state)
+  mask_b = growth.trainable(restored["params"], restored["capacity"], restored["growth"])
+  for a, b in zip(jax.tree.leaves(mask_a), jax.tree.leaves(mask_b), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
