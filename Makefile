@@ -16,17 +16,19 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 # The default run: LeNet-5 on the embedded digits, economy metrics, checkpoints, plots,
-# then the checkpoint analyses (paths, landscape, trajectory, robustness) in runs/demo/analysis.
+# then the checkpoint analyses (paths, landscape, trajectory, robustness) in runs/demo/analysis,
+# then the diagnosis of the run (runs/demo/diagnosis.json, diagnosis.png).
 demo: $(STAMP)
 	rm -rf runs/demo
 	MPLBACKEND=Agg $(VENV)/bin/jaxscope train --out runs/demo --no-plots
 	MPLBACKEND=Agg $(VENV)/bin/jaxscope plot runs/demo
 	MPLBACKEND=Agg $(VENV)/bin/jaxscope analyze runs/demo all --grid -1:1:11 --eval-examples 300
+	MPLBACKEND=Agg $(VENV)/bin/jaxscope diagnose runs/demo
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	MPLBACKEND=Agg $(PY) -m pytest -q
+	MPLBACKEND=Agg $(PY) -m pytest -q -n 2
 
 format: $(STAMP)
 	$(VENV)/bin/ruff format .

@@ -9,7 +9,9 @@ from jaxscope.metrics import scope
 from jaxscope.record import History, Recorder
 from jaxscope.transforms import monitored
 
-# jaxscope.plot (matplotlib) and jaxscope.data (scikit-learn) are imported on demand.
+# jaxscope.plot (matplotlib) and jaxscope.data (scikit-learn) are imported on demand;
+# diagnoses: `from jaxscope.diagnose import diagnose` (not re-exported: the function
+# would shadow the module `jaxscope.diagnose`).
 
 __version__ = "0.1.0"
 

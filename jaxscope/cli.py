@@ -197,6 +197,11 @@ def _add_train_parser(sub: Any) -> None:
   )
   g.add_argument("--seed", type=int, default=d.seed)
   g.add_argument(
+    "--no-live-diagnosis",
+    action="store_true",
+    help="do not run the diagnosis rules at each evaluation (they print new warnings)",
+  )
+  g.add_argument(
     "--capacity",
     default=None,
     help="dynamic capacity for capacity_mlp / capacity_cnn: chunks=5,patience=10,"
@@ -290,6 +295,7 @@ def _train(args: argparse.Namespace) -> int:
     model_args=args.model_args,
     data_args=args.data_args,
     capacity=args.capacity,
+    live_diagnosis=not args.no_live_diagnosis,
   )
   result = train(config)
   if not args.no_plots:
@@ -315,6 +321,50 @@ def _plot(args: argparse.Namespace) -> int:
   out = Path(args.out) if args.out else run / "plots"
   paths = save_run_plots(run, out, dpi=args.dpi)
   print(f"wrote {len(paths)} plots to {out}")
+  return 0
+
+
+def _parse_overrides(spec: str | None) -> dict[str, float]:
+  """``--set k=v,…`` of ``jaxscope diagnose``: threshold overrides as numbers."""
+  out: dict[str, float] = {}
+  for part in (p.strip() for p in (spec or "").split(",")):
+    if not part:
+      continue
+    if "=" not in part:
+      raise ValueError(f"diagnose --set: expected name=value, got {part!r}.")
+    k, v = (t.strip() for t in part.split("=", 1))
+    try:
+      out[k] = float(v) if any(c in v for c in ".eE") else int(v)
+    except ValueError:
+      raise ValueError(f"diagnose --set: {k} must be a number, got {v!r}.") from None
+  return out
+
+
+def _diagnose(args: argparse.Namespace) -> int:
+  import json
+  import os
+  import tempfile
+
+  from jaxscope.diagnose import diagnose, findings_to_json, report
+  from jaxscope.plot import diagnosis_figure
+
+  run = Path(args.run)
+  if not (run / "metrics.jsonl").exists():
+    raise ValueError(f"diagnose: {run} is not a run directory (no metrics.jsonl in it).")
+  try:
+    findings = diagnose(run, **_parse_overrides(args.set))
+  except TypeError as e:  # An unknown threshold name.
+    raise ValueError(str(e)) from None
+  print(report(findings))
+  out = Path(args.out) if args.out else run
+  out.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=out, prefix=".diagnosis.", suffix=".json")
+  with os.fdopen(fd, "w") as f:  # Atomic: a reader never sees half a file.
+    json.dump({"run": str(run), "findings": findings_to_json(findings)}, f, indent=2)
+  os.replace(tmp, out / "diagnosis.json")
+  fig = diagnosis_figure(run, findings)
+  fig.savefig(out / "diagnosis.png", dpi=args.dpi)
+  print(f"wrote {out / 'diagnosis.json'} and {out / 'diagnosis.png'}")
   return 0
 
 
@@ -1224,6 +1274,22 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--out", default=None, help="output directory (default: RUN/plots)")
   p.add_argument("--dpi", type=_positive_int, default=100)
   _add_analyze_parser(sub)
+  p = sub.add_parser(
+    "diagnose",
+    help="name what is going wrong in a run, with the evidence and what to try",
+    description="Runs jaxscope.diagnose's rules over a run's metrics.jsonl, prints the "
+    "findings (most severe first), and writes diagnosis.json and diagnosis.png (the metrics "
+    "behind each finding, its steps marked).",
+  )
+  p.add_argument("run", help="run directory (holding metrics.jsonl)")
+  p.add_argument("--out", default=None, help="output directory (default: RUN)")
+  p.add_argument(
+    "--set",
+    default=None,
+    help="threshold overrides, e.g. dead_fraction=0.3,ratio_high=0.05 "
+    "(see jaxscope.diagnose.Thresholds)",
+  )
+  p.add_argument("--dpi", type=_positive_int, default=100)
   sub.add_parser("list-metrics", help="metric names and presets")
   sub.add_parser("list-models", help="the model zoo")
   sub.add_parser("list-datasets", help="the datasets")
@@ -1234,6 +1300,7 @@ _COMMANDS = {
   "train": _train,
   "plot": _plot,
   "analyze": _analyze,
+  "diagnose": _diagnose,
   "list-metrics": _list_metrics,
   "list-models": _list_models,
   "list-datasets": _list_datasets,

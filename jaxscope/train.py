@@ -777,6 +777,9 @@ class TrainConfig:
   quiet: bool = False
   resume: bool = False
   """Continue from the newest readable checkpoint in ``out`` (if any)."""
+  live_diagnosis: bool = True
+  """At every evaluation, run :func:`jaxscope.diagnose.diagnose` on the metrics so far and
+  print each new warning or critical finding once (to stderr)."""
   capacity: str | None = None
   """Dynamic capacity (:mod:`jaxscope.models.growth`) for the ``capacity_mlp`` /
   ``capacity_cnn`` models: ``"chunks=5,patience=10,policy=all"`` (also ``cooldown``,
@@ -1170,12 +1173,37 @@ def train(config: TrainConfig | None = None, **overrides: Any) -> TrainResult:
   last_eval: dict[str, float] = {}
   last_eval_step = [-1]
 
+  reported: set[str] = set()
+
+  def live_diagnosis() -> None:
+    # At an evaluation (the loop waits for the device there anyway): the rules over the
+    # history so far; each finding's name is printed once, warnings and worse only.
+    from jaxscope.diagnose import diagnose
+    from jaxscope.record import History
+
+    recorder.flush()
+    try:
+      findings = diagnose(History.load(run_dir))
+    except Exception as e:  # A diagnosis must never stop training.
+      warnings.warn(f"jaxscope: live diagnosis failed: {e}", stacklevel=2)
+      return
+    for f in findings:
+      if f.name not in reported and f.severity in ("critical", "warning"):
+        reported.add(f.name)
+        msg = f"jaxscope [{f.severity}] {f.name}: {f.summary} (jaxscope diagnose {run_dir})"
+        if bar is not None:
+          bar.write(msg, file=sys.stderr)
+        else:
+          print(msg, file=sys.stderr)
+
   def run_eval(step: int) -> None:
     values = evaluate(state.params, state.model_state)
     recorder.write(step, values)
     last_eval.clear()
     last_eval.update({k: float(v) for k, v in values.items()})
     last_eval_step[0] = step
+    if config.live_diagnosis and step > 0:
+      live_diagnosis()
 
   def meta(step: int) -> dict[str, Any]:
     # eval_* are the latest evaluation's, taken at eval_step (≤ step).

@@ -1,0 +1,461 @@
+"""Tests of jaxscope.diagnose: each rule on synthetic histories, healthy runs, ordering, JSON."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from jaxscope.diagnose import (
+  RULES,
+  Finding,
+  Thresholds,
+  diagnose,
+  findings_to_json,
+  report,
+)
+from jaxscope.record import History
+
+N = 1000
+LAYERS = ("Dense_0", "Dense_1", "Dense_2")
+
+
+def _base(seed: int = 0, n: int = N) -> dict[str, np.ndarray]:
+  """Arrays of a healthy run: exponentially decaying loss with multiplicative noise."""
+  rng = np.random.default_rng(seed)
+  t = np.arange(n, dtype=np.float64)
+  out: dict[str, np.ndarray] = {
+    "loss": (2.3 * np.exp(-t / 250) + 0.05) * np.exp(0.1 * rng.standard_normal(n)),
+    "train/accuracy": np.clip(1 - 0.9 * np.exp(-t / 200) + 0.01 * rng.standard_normal(n), 0, 1),
+    "lr": np.full(n, 0.05),
+    "hess_max_ev": 10.0 * np.exp(0.1 * rng.standard_normal(n)),
+  }
+  for lay in LAYERS:
+    out[f"grads/norm/{lay}/kernel"] = np.exp(0.2 * rng.standard_normal(n))
+    out[f"grads/norm/{lay}/bias"] = 0.1 * np.exp(0.2 * rng.standard_normal(n))
+    out[f"params/norm/{lay}/kernel"] = np.full(n, 10.0)
+    out[f"updates/ratio/{lay}/kernel"] = 1e-3 * np.exp(0.3 * rng.standard_normal(n))
+    out[f"updates/ratio/{lay}/bias"] = 3e-2 * np.exp(0.3 * rng.standard_normal(n))
+    out[f"activations/dead_fraction/{lay}"] = np.clip(0.05 + 0.01 * rng.standard_normal(n), 0, 1)
+    out[f"activations/saturation_fraction/{lay}"] = np.full(n, 0.02)
+    out[f"activations/std/{lay}"] = np.exp(0.05 * rng.standard_normal(n))
+  return out
+
+
+def _test_loss(n: int = N, every: int = 50, best: int | None = None) -> dict[int, float]:
+  steps = range(0, n, every)
+  if best is None:
+    return {s: 2.3 * np.exp(-s / 250) + 0.1 for s in steps}
+  return {s: 0.5 + ((s - best) / 500) ** 2 for s in steps}
+
+
+def _history(
+  arrays: dict[str, np.ndarray],
+  sparse: dict[str, dict[int, float]] | None = None,
+  config: dict | None = None,
+) -> History:
+  n = max(len(v) for v in arrays.values()) if arrays else 0
+  records = []
+  for s in range(n):
+    values = {k: float(v[s]) for k, v in arrays.items() if s < len(v)}
+    for k, by_step in (sparse or {}).items():
+      if s in by_step:
+        values[k] = float(by_step[s])
+    records.append((s, values))
+  return History(records, config=config or {"lr": 0.05, "optimizer": "sgd"})
+
+
+def _healthy(seed: int = 0) -> History:
+  return _history(_base(seed), {"test/loss": _test_loss()})
+
+
+def _names(findings: list[Finding]) -> list[str]:
+  return [f.name for f in findings]
+
+
+def _one(findings: list[Finding], name: str) -> Finding:
+  found = [f for f in findings if f.name == name]
+  assert len(found) == 1, _names(findings)
+  return found[0]
+
+
+# --------------------------------------------------------------------------- healthy runs
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_healthy_run_has_no_finding(seed):
+  findings = diagnose(_healthy(seed))
+  assert findings == [], report(findings)
+
+
+def test_empty_and_missing_keys_do_not_crash():
+  assert diagnose(History([])) == []
+  assert diagnose(History([(0, {"loss": 1.0})])) == []
+  assert diagnose(History([(s, {"grads/norm/a": 1.0}) for s in range(3)])) == []
+  # Histogram arrays and strings of other shapes are ignored.
+  h = History([(s, {"params/histogram_counts/a": [1, 2, 3], "loss": 1.0}) for s in range(5)])
+  assert diagnose(h) == []
+  for rule in RULES.values():
+    assert rule(History([]), Thresholds()) == []
+
+
+def test_inputs_mapping_and_run_dir(tmp_path):
+  base = _base(0)
+  base["loss"][600:] = np.nan
+  mapping = {k: (np.arange(N), v) for k, v in base.items()}
+  assert _names(diagnose(mapping)) == ["divergence"]
+  with open(tmp_path / "metrics.jsonl", "w") as f:
+    for s in range(N):
+      f.write(json.dumps({"step": s, "values": {"loss": float(base["loss"][s])}}) + "\n")
+  assert _names(diagnose(tmp_path)) == ["divergence"]
+  assert _names(diagnose(str(tmp_path))) == ["divergence"]
+  with pytest.raises(TypeError, match="History"):
+    diagnose(42)
+
+
+# --------------------------------------------------------------------------- divergence
+
+
+def test_divergence_nan_names_first_step_and_layer():
+  base = _base(1)
+  base["loss"][600:] = np.nan
+  base["params/norm/Dense_1/kernel"][598:] = np.inf
+  base["grads/norm/Dense_0/kernel"][599:] = np.nan
+  base["grads/norm/Dense_2/kernel"][700:] = np.nan  # After the divergence: not the first.
+  f = _one(diagnose(_history(base)), "divergence")
+  assert f.severity == "critical"
+  assert f.evidence["steps"] == [600]
+  assert f.evidence["values"]["first_nonfinite_step"] == 598
+  assert f.evidence["values"]["first_nonfinite_key"] == "params/norm/Dense_1/kernel"
+  assert f.evidence["values"]["first_nonfinite_layer"] == "Dense_1/kernel"
+  assert f.evidence["layers"] == ["Dense_1/kernel"]
+  assert f.evidence["values"]["loss_at_step"] == "nan"
+  assert "598" in f.summary and "600" in f.summary and "Dense_1/kernel" in f.summary
+
+
+def test_divergence_by_factor_and_nonfinite_fraction():
+  base = _base(2)
+  initial = base["loss"][0]
+  base["loss"][700:] = initial * 20
+  f = _one(diagnose(_history(base)), "divergence")
+  assert f.evidence["steps"] == [700]
+  assert f.evidence["values"]["initial_loss"] == pytest.approx(initial)
+  assert diagnose(_history(base), divergence_factor=30) == []
+  # A finite loss with non-finite parameters is still reported.
+  base = _base(2)
+  base["params/nonfinite_fraction/Dense_2/kernel"] = np.where(np.arange(N) >= 300, 0.1, 0.0)
+  f = _one(diagnose(_history(base)), "divergence")
+  assert f.evidence["steps"] == [300]
+  assert f.evidence["layers"] == ["Dense_2/kernel"]
+
+
+# --------------------------------------------------------------------------- oscillation
+
+
+@pytest.mark.parametrize(("period", "factor"), [(25, 3.0), (37, 3.0), (50, 3.0), (120, 10.0)])
+def test_periodic_spikes_report_the_period(period, factor):
+  base = _base(3)
+  t = np.arange(N)
+  base["loss"] = base["loss"] * np.where(t % period == 7, factor, 1.0)
+  findings = diagnose(_history(base))
+  f = _one(findings, "oscillation")
+  assert f.severity == "warning"
+  assert f.evidence["values"]["period_steps"] == pytest.approx(period, rel=0.1)
+  assert "instability" not in _names(findings)
+
+
+def test_sinusoidal_oscillation_with_recording_interval():
+  rng = np.random.default_rng(4)
+  steps = np.arange(0, 5000, 5)  # Recorded every 5 steps.
+  loss = (2 * np.exp(-steps / 1500) + 0.1) * np.exp(
+    0.3 * np.sin(2 * np.pi * steps / 400) + 0.05 * rng.standard_normal(steps.size)
+  )
+  h = History([(int(s), {"loss": float(v)}) for s, v in zip(steps, loss, strict=True)])
+  f = _one(diagnose(h), "oscillation")
+  assert f.evidence["values"]["period_steps"] == pytest.approx(400, rel=0.1)
+
+
+def test_periodic_spikes_in_a_long_run():
+  rng = np.random.default_rng(19)
+  n = 12_000  # Longer than max_points: reduced to block maxima.
+  t = np.arange(n)
+  clean = (2 * np.exp(-t / 3000) + 0.1) * np.exp(0.1 * rng.standard_normal(n))
+  loss = clean * np.where(t % 600 == 100, 5.0, 1.0)
+  h = History([(int(s), {"loss": float(v)}) for s, v in zip(t, loss, strict=True)])
+  f = _one(diagnose(h), "oscillation")
+  assert f.evidence["values"]["period_steps"] == pytest.approx(600, rel=0.1)
+  clean = History([(int(s), {"loss": float(v)}) for s, v in zip(t, clean, strict=True)])
+  assert diagnose(clean) == []
+
+
+def test_random_spikes_are_instability_not_oscillation():
+  rng = np.random.default_rng(5)
+  base = _base(5)
+  spikes = rng.random(N) < 0.06
+  spikes[:3] = False
+  base["loss"] = base["loss"] * np.where(spikes, 4.0, 1.0)
+  findings = diagnose(_history(base))
+  assert "oscillation" not in _names(findings)
+  f = _one(findings, "instability")
+  assert f.evidence["values"]["spike_fraction"] == pytest.approx(spikes.mean(), abs=0.01)
+  assert f.evidence["steps"][0] == int(np.flatnonzero(spikes)[0])
+  assert diagnose(_history(base), instability_fraction=0.2) == []
+
+
+# --------------------------------------------------------------------------- plateaus
+
+
+def test_early_plateau():
+  rng = np.random.default_rng(6)
+  t = np.arange(N, dtype=np.float64)
+  base = _base(6)
+  base["loss"] = np.where(t < 200, 2.3, 2.3 * np.exp(-(t - 200) / 150) + 0.05) * np.exp(
+    0.05 * rng.standard_normal(N)
+  )
+  f = _one(diagnose(_history(base)), "early_plateau")
+  assert f.evidence["values"]["relative_drop"] < 0.05
+  assert f.evidence["steps"] == [0, 99]
+  assert diagnose(_history(base), early_fraction=0.3) == []
+
+
+@pytest.mark.parametrize(("accuracy", "found"), [(None, True), (0.5, True), (0.95, False)])
+def test_late_plateau(accuracy, found):
+  rng = np.random.default_rng(7)
+  t = np.arange(N, dtype=np.float64)
+  base = _base(7)
+  base["loss"] = (0.5 * np.exp(-t / 100) + 1.8) * np.exp(0.05 * rng.standard_normal(N))
+  if accuracy is None:
+    del base["train/accuracy"]
+  else:
+    base["train/accuracy"] = np.full(N, accuracy)
+  findings = diagnose(_history(base))
+  assert ("late_plateau" in _names(findings)) == found
+  if found:
+    f = _one(findings, "late_plateau")
+    assert f.evidence["steps"] == [800, 999]
+    if accuracy is not None:
+      assert f.evidence["values"]["train_accuracy"] == pytest.approx(accuracy)
+    else:
+      assert f.evidence["values"]["initial_loss"] > 2
+
+
+# --------------------------------------------------------------------------- overfitting
+
+
+def test_overfitting_suggests_the_step_of_the_minimum_test_loss():
+  test = _test_loss(best=500)
+  best = min(test, key=test.get)
+  f = _one(diagnose(_history(_base(8), {"test/loss": test})), "overfitting")
+  assert f.evidence["steps"] == [best] == [500]
+  assert f.evidence["values"]["best_step"] == 500
+  assert f.evidence["values"]["best_test_loss"] == pytest.approx(0.5)
+  assert "step 500" in f.summary
+  assert diagnose(_history(_base(8), {"test/loss": test}), overfit_rel=10.0) == []
+
+
+def test_no_overfitting_when_both_losses_rise_or_test_falls():
+  base = _base(9)
+  base["loss"] = np.linspace(0.2, 1.0, N)  # Training loss rising as well.
+  findings = diagnose(_history(base, {"test/loss": _test_loss(best=500)}))
+  assert "overfitting" not in _names(findings)
+  assert "overfitting" not in _names(diagnose(_history(_base(9), {"test/loss": _test_loss()})))
+
+
+# --------------------------------------------------------------------------- gradients
+
+
+def test_vanishing_gradients_uses_natural_depth_order():
+  base = _base(10)
+  for lay in LAYERS:
+    del base[f"grads/norm/{lay}/kernel"]
+  # Lexicographic order would put Dense_10 before Dense_2.
+  base["grads/norm/Dense_0/kernel"] = np.full(N, 1e-5)
+  base["grads/norm/Dense_2/kernel"] = np.full(N, 1e-3)
+  base["grads/norm/Dense_10/kernel"] = np.full(N, 1.0)
+  f = _one(diagnose(_history(base)), "vanishing_gradients")
+  assert f.evidence["layers"] == ["Dense_0/kernel", "Dense_10/kernel"]
+  assert f.evidence["values"]["median_ratio"] == pytest.approx(1e-5)
+  assert f.evidence["steps"] == [500]
+  assert diagnose(_history(base), vanishing_ratio=1e-6) == []
+
+
+def test_exploding_gradients_by_ratio_and_by_growth():
+  base = _base(11)
+  base["grads/norm/Dense_0/kernel"] = np.full(N, 1e4)
+  f = _one(diagnose(_history(base)), "exploding_gradients")
+  assert f.evidence["values"]["median_ratio"] == pytest.approx(1e4, rel=0.2)
+  base = _base(11)
+  base["grads/norm/Dense_1/kernel"] = np.exp(np.linspace(0, np.log(1e4), N))
+  f = _one(diagnose(_history(base)), "exploding_gradients")
+  assert f.evidence["layers"] == ["Dense_1/kernel"]
+  growth = np.median(base["grads/norm/Dense_1/kernel"][900:]) / np.median(
+    base["grads/norm/Dense_1/kernel"][:100]
+  )
+  assert f.evidence["values"]["growth/Dense_1/kernel"] == pytest.approx(growth, rel=0.05)
+
+
+# --------------------------------------------------------------------------- update ratio
+
+
+def test_update_ratio_high_and_low_per_layer():
+  base = _base(12)
+  base["updates/ratio/Dense_1/kernel"] = np.full(N, 0.1)
+  base["updates/ratio/Dense_2/kernel"] = np.full(N, 1e-6)
+  findings = diagnose(_history(base))
+  high = _one(findings, "update_ratio_high")
+  low = _one(findings, "update_ratio_low")
+  assert high.evidence["layers"] == ["Dense_1/kernel"]
+  assert low.evidence["layers"] == ["Dense_2/kernel"]
+  assert high.evidence["values"]["median/Dense_1/kernel"] == pytest.approx(0.1)
+  medians = np.median(base["updates/ratio/Dense_0/kernel"][500:])
+  assert high.evidence["values"]["median/Dense_0/kernel"] == pytest.approx(medians)
+  assert "bias" not in json.dumps(high.to_dict())  # Biases (ratio 3e-2) are left out.
+  assert "update_ratio_high" not in _names(diagnose(_history(base), ratio_high=0.5))
+
+
+def test_stalled_layers_and_all_stalled():
+  base = _base(13)
+  base["updates/ratio/Dense_1/kernel"][600:] = 0.0
+  findings = diagnose(_history(base))
+  f = _one(findings, "stalled_layers")
+  assert f.evidence["layers"] == ["Dense_1/kernel"]
+  assert f.evidence["steps"] == [750]
+  assert "update_ratio_low" not in _names(findings)
+  # Every layer stalled: no "while other layers move"; the ratio is reported as too low.
+  for lay in LAYERS:
+    base[f"updates/ratio/{lay}/kernel"][:] = 0.0
+  findings = diagnose(_history(base))
+  assert "stalled_layers" not in _names(findings)
+  assert _one(findings, "update_ratio_low").evidence["layers"] == [f"{x}/kernel" for x in LAYERS]
+
+
+# --------------------------------------------------------------------------- activations
+
+
+def test_dead_units_and_threshold_override():
+  base = _base(14)
+  base["activations/dead_fraction/Dense_0"] = np.full(N, 0.8)
+  base["activations/dead_fraction/Dense_1"] = np.full(N, 0.2)
+  base["activations/dead_fraction/Dense_2"] = np.full(N, 0.9)  # Output layer: left out.
+  f = _one(diagnose(_history(base)), "dead_units")
+  assert f.evidence["layers"] == ["Dense_0"]
+  assert f.evidence["values"]["median/Dense_0"] == pytest.approx(0.8)
+  f = _one(diagnose(_history(base), dead_fraction=0.1), "dead_units")
+  assert f.evidence["layers"] == ["Dense_0", "Dense_1"]
+  f = _one(diagnose(_history(base), Thresholds(exclude_output_layer=False)), "dead_units")
+  assert f.evidence["layers"] == ["Dense_0", "Dense_2"]
+  assert diagnose(_history(base), dead_fraction=0.95) == []
+
+
+def test_saturation():
+  base = _base(15)
+  base["activations/saturation_fraction/Dense_1"] = np.linspace(0, 1, N)
+  f = _one(diagnose(_history(base)), "saturation")
+  assert f.evidence["layers"] == ["Dense_1"]
+  assert f.evidence["values"]["median/Dense_1"] == pytest.approx(0.75, abs=0.01)
+  assert diagnose(_history(base), saturation_fraction=0.8) == []
+
+
+# --------------------------------------------------------------------------- curvature
+
+
+@pytest.mark.parametrize(
+  ("config", "lr", "found"),
+  [
+    ({"optimizer": "sgd", "lr": 0.05}, None, True),  # 5 > 2
+    ({"optimizer": "momentum", "lr": 0.05}, None, True),  # 5 > 2 · 1.9
+    ({"optimizer": "momentum", "lr": 0.03}, None, False),  # 3 < 3.8
+    ({"optimizer": "nesterov", "lr": 0.03}, None, True),  # 3 > 3.8 / 2.8
+    ({"optimizer": "sgd", "lr": 0.03}, None, True),  # 3 > 2
+    ({"optimizer": "adam", "lr": 0.05}, None, False),  # Adaptive: skipped.
+    ({}, 0.05, True),  # The lr key, no config.
+    ({"optimizer": "sgd", "lr": 1.0}, 0.01, False),  # The lr key wins over the config.
+  ],
+)
+def test_lr_above_curvature_limit(config, lr, found):
+  base = _base(16)
+  base["hess_max_ev"] = np.full(N, 100.0)
+  if lr is None:
+    del base["lr"]
+  else:
+    base["lr"] = np.full(N, lr)
+  findings = diagnose(_history(base, config=config or {"unused": 1}))
+  assert ("lr_above_curvature_limit" in _names(findings)) == found
+  if found:
+    f = _one(findings, "lr_above_curvature_limit")
+    assert f.evidence["values"]["fraction"] == 1.0
+    assert f.evidence["steps"][:3] == [0, 1, 2]
+
+
+def test_lr_curvature_fraction_with_decaying_lr():
+  base = _base(17)
+  base["hess_max_ev"] = np.full(N, 100.0)
+  base["lr"] = np.where(np.arange(N) < 300, 0.05, 0.01)  # Above 2/λ on 30 % of the steps.
+  h = _history(base)
+  assert "lr_above_curvature_limit" not in _names(diagnose(h))
+  f = _one(diagnose(h, curvature_fraction=0.2), "lr_above_curvature_limit")
+  assert f.evidence["values"]["fraction"] == pytest.approx(0.3)
+  assert f.evidence["values"]["max_product"] == pytest.approx(5.0)
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _problem_run() -> History:
+  base = _base(18)
+  base["loss"][900:] = np.nan
+  base["activations/dead_fraction/Dense_0"] = np.full(N, 0.8)
+  base["updates/ratio/Dense_1/kernel"] = np.full(N, 0.1)
+  return _history(base, {"test/loss": _test_loss(best=400)})
+
+
+def test_ordering_by_severity_then_step():
+  findings = diagnose(_problem_run())
+  assert findings[0].name == "divergence"
+  ranks = [("critical", "warning", "info").index(f.severity) for f in findings]
+  assert ranks == sorted(ranks)
+  warnings = [f for f in findings if f.severity == "warning"]
+  firsts = [min(f.evidence["steps"]) for f in warnings]
+  assert firsts == sorted(firsts)
+  assert {"dead_units", "update_ratio_high", "overfitting"} <= set(_names(findings))
+
+
+def test_json_round_trip_and_report():
+  findings = diagnose(_problem_run())
+  data = findings_to_json(findings)
+  text = json.dumps(data, allow_nan=False)
+  back = [Finding.from_dict(d) for d in json.loads(text)]
+  assert back == findings
+  assert findings_to_json(back) == data
+  for d in data:
+    assert set(d) == {"name", "severity", "summary", "evidence", "advice"}
+    assert set(d["evidence"]) == {"metric", "layers", "steps", "values"}
+    assert d["advice"]
+  text = report(findings)
+  assert text.splitlines()[0].startswith(f"{len(findings)} finding")
+  assert text.index("[CRITICAL] divergence") < text.index("[WARNING]")
+  assert "Dense_0" in text and "try:" in text
+  assert report([]).startswith("No problem found")
+
+
+def test_report_sorts_unsorted_findings():
+  info = Finding("x", "info", "an info", {"steps": [0]}, [])
+  crit = Finding("y", "critical", "a critical", {"steps": [5]}, ["do"])
+  text = report([info, crit])
+  assert text.index("[CRITICAL] y") < text.index("[INFO] x")
+  with pytest.raises(ValueError, match="severity"):
+    Finding("x", "fatal", "", {}, [])
+
+
+def test_threshold_overrides():
+  with pytest.raises(TypeError, match="unknown thresholds"):
+    diagnose(_healthy(), dead_fraction_typo=0.3)
+  th = Thresholds(dead_fraction=0.3)
+  assert diagnose(_healthy(), th, dead_fraction=0.01)  # Overrides apply on top of `th`.
+  assert diagnose(_healthy(), th) == []
+  # Integer thresholds may come as floats (command line): overfit_window=5.0 works.
+  test = _test_loss(best=500)
+  assert "overfitting" in _names(
+    diagnose(_history(_base(8), {"test/loss": test}), overfit_window=5.0)
+  )
