@@ -286,6 +286,11 @@ _ADVICE: dict[str, list[str]] = {
 # --------------------------------------------------------------------------- helpers
 
 
+#: Ratios whose denominator is a weight's norm: infinite for zero weights (a freshly
+#: initialised bias), so their non-finite values are not evidence of a divergence.
+_RATIO_STATS = ("ratio", "ratio_new", "elementwise_ratio")
+
+
 def _jsonable(x: Any) -> Any:
   """Converts numpy values, tuples and non-finite floats into strict-JSON values."""
   if isinstance(x, Mapping):
@@ -498,6 +503,8 @@ def _rule_divergence(h: History, th: Thresholds) -> list[Finding]:
     if s is None:
       continue
     steps, values = s
+    if parts[1] in _RATIO_STATS:
+      continue  # ‖Δθ‖/‖θ‖ is +inf for a zero-initialised bias: not a NaN in the network.
     bad = ~np.isfinite(values)
     if parts[1] == "nonfinite_fraction":
       bad |= np.isfinite(values) & (values > 0)

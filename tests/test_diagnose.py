@@ -459,3 +459,15 @@ def test_threshold_overrides():
   assert "overfitting" in _names(
     diagnose(_history(_base(8), {"test/loss": test}), overfit_window=5.0)
   )
+
+
+def test_infinite_update_ratio_of_a_zero_bias_is_not_a_divergence() -> None:
+  # ‖Δb‖/‖b‖ = inf at step 0 for a zero-initialised bias: a healthy run, not a NaN.
+  from jaxscope.record import History
+
+  recs = [
+    (s, {"loss": 2.0 * 0.99**s, "updates/ratio/Dense_0/bias": np.inf if s == 0 else 1e-3})
+    for s in range(50)
+  ]
+  names = [f.name for f in diagnose(History(recs))]
+  assert "divergence" not in names
