@@ -780,14 +780,20 @@ def _rule_overfitting(h: History, th: Thresholds) -> list[Finding]:
   than ``overfit_rel`` (relative, fitted), and the final test loss (median of the last
   three evaluations) exceeds the minimum test loss by more than ``overfit_rel``
   (relative). Suggests early stopping at the step of the minimum test loss. Warning.
-  Source: the lecture's "training loss falls, validation loss rises".
+  Source: the lecture's "training loss falls, validation loss rises". In a diverged run
+  only the evaluations before the divergence step count.
   """
+  div = _divergence_step(h, th)
   test = _series(h, "test/loss")
   train = _series(h, "loss")
   if test is None or train is None:
     return []
   t_steps, t_loss = _finite(*test)
   tr_steps, tr_loss = _finite(*train)
+  if div is not None:  # Only the part before a divergence can show overfitting.
+    keep, keep_tr = t_steps < div, tr_steps < div
+    t_steps, t_loss = t_steps[keep], t_loss[keep]
+    tr_steps, tr_loss = tr_steps[keep_tr], tr_loss[keep_tr]
   w = th.overfit_window
   if t_steps.size < max(w, 3) or tr_steps.size == 0:
     return []

@@ -471,3 +471,12 @@ def test_infinite_update_ratio_of_a_zero_bias_is_not_a_divergence() -> None:
   ]
   names = [f.name for f in diagnose(History(recs))]
   assert "divergence" not in names
+
+
+def test_a_diverged_run_is_not_called_overfitting() -> None:
+  from jaxscope.record import History
+
+  recs = [(s, {"loss": 2.0 if s < 5 else 1e6}) for s in range(40)]
+  recs += [(s, {"test/loss": 2.0 + s}) for s in range(0, 40, 5)]
+  names = [f.name for f in diagnose(History(recs))]
+  assert "divergence" in names and "overfitting" not in names

@@ -188,3 +188,42 @@ def test_dynamic_capacity_quick(tmp_path):
     assert name in proc.stdout
   # The masked network's step time is measured at one chunk and at full capacity.
   assert "capacity 500, 1/5 active" in proc.stdout
+
+
+def test_diagnose_runs_quick(tmp_path):
+  proc = _run_quick("diagnose_runs.py", tmp_path)
+  cases = [
+    "lr_too_high",
+    "lr_too_low",
+    "unshuffled",
+    "unshuffled_momentum",
+    "bad_init",
+    "overfitting",
+    "healthy",
+    "healthy_lenet5",
+  ]
+  for name in cases:
+    assert f"| {name} |" in proc.stdout  # the markdown table
+  report = json.loads((tmp_path / "results" / "diagnoses.json").read_text())
+  assert report["config"]["quick"] and report["config"]["cases"] == cases
+  results = report["results"]
+  assert list(results) == cases
+  for name, r in results.items():
+    assert r["status"] in ("found", "partly found", "missed", "healthy", "false alarm"), name
+    names = [f["name"] for f in r["findings"]]
+    assert r["found"] == [n for n in r["expected"] if n in names]
+    for f in r["findings"]:
+      assert f["severity"] in ("critical", "warning", "info") and f["summary"]
+    assert (tmp_path / "runs" / name / "metrics.jsonl").exists()
+  # Even the tiny runs show the blatant problems: lr 50 diverges at once, -2 biases kill ReLUs.
+  assert results["lr_too_high"]["status"] == "found"
+  assert results["lr_too_high"]["findings"][0]["name"] == "divergence"
+  assert "dead_units" in results["bad_init"]["found"]
+  # The custom loop: label-sorted, unshuffled data, the train loop's keys.
+  history = History.load(tmp_path / "runs" / "unshuffled")
+  spe = history.config["steps_per_epoch"]
+  assert history.config["shuffle"] is False and results["unshuffled"]["steps"] == 2 * spe
+  assert history.steps("loss").tolist() == list(range(2 * spe))
+  assert "updates/ratio/fc1/kernel" in history and "test/loss" in history
+  bad = History.load(tmp_path / "runs" / "bad_init")
+  assert "activations/dead_fraction/fc1" in bad
