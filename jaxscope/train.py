@@ -779,7 +779,8 @@ class TrainConfig:
   """Continue from the newest readable checkpoint in ``out`` (if any)."""
   live_diagnosis: bool = True
   """At every evaluation, run :func:`jaxscope.diagnose.diagnose` on the metrics so far and
-  print each new warning or critical finding once (to stderr)."""
+  print each new critical finding once (to stderr); warnings (trends over the whole run,
+  which a prefix does not show reliably) at the final evaluation."""
   capacity: str | None = None
   """Dynamic capacity (:mod:`jaxscope.models.growth`) for the ``capacity_mlp`` /
   ``capacity_cnn`` models: ``"chunks=5,patience=10,policy=all"`` (also ``cooldown``,
@@ -1187,8 +1188,11 @@ def train(config: TrainConfig | None = None, **overrides: Any) -> TrainResult:
     except Exception as e:  # A diagnosis must never stop training.
       warnings.warn(f"jaxscope: live diagnosis failed: {e}", stacklevel=2)
       return
+    # Warnings judge trends (plateaus, ratios, spikes) over the whole run, which a prefix
+    # does not show reliably: they wait for the final evaluation; critical ones never wait.
+    severities = ("critical", "warning") if last_eval_step[0] >= total else ("critical",)
     for f in findings:
-      if f.name not in reported and f.severity in ("critical", "warning"):
+      if f.name not in reported and f.severity in severities:
         reported.add(f.name)
         msg = f"jaxscope [{f.severity}] {f.name}: {f.summary} (jaxscope diagnose {run_dir})"
         if bar is not None:
@@ -1203,7 +1207,7 @@ def train(config: TrainConfig | None = None, **overrides: Any) -> TrainResult:
     last_eval.update({k: float(v) for k, v in values.items()})
     last_eval_step[0] = step
     if config.live_diagnosis and step > 0:
-      live_diagnosis()
+      live_diagnosis()  # after last_eval_step is set
 
   def meta(step: int) -> dict[str, Any]:
     # eval_* are the latest evaluation's, taken at eval_step (≤ step).
