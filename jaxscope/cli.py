@@ -342,8 +342,6 @@ def _parse_overrides(spec: str | None) -> dict[str, float]:
 
 def _diagnose(args: argparse.Namespace) -> int:
   import json
-  import os
-  import tempfile
 
   from jaxscope.diagnose import diagnose, findings_to_json, report
   from jaxscope.plot import diagnosis_figure
@@ -358,10 +356,8 @@ def _diagnose(args: argparse.Namespace) -> int:
   print(report(findings))
   out = Path(args.out) if args.out else run
   out.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=out, prefix=".diagnosis.", suffix=".json")
-  with os.fdopen(fd, "w") as f:  # Atomic: a reader never sees half a file.
-    json.dump({"run": str(run), "findings": findings_to_json(findings)}, f, indent=2)
-  os.replace(tmp, out / "diagnosis.json")
+  text = json.dumps({"run": str(run), "findings": findings_to_json(findings)}, indent=2)
+  _write_atomic(out / "diagnosis.json", lambda f: f.write(text.encode()))
   fig = diagnosis_figure(run, findings)
   fig.savefig(out / "diagnosis.png", dpi=args.dpi)
   print(f"wrote {out / 'diagnosis.json'} and {out / 'diagnosis.png'}")
