@@ -387,6 +387,23 @@ def _finite(steps: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarr
   return steps[ok], values[ok]
 
 
+def _layer_tail_medians(
+  h: History, prefix: str, layers: Sequence[str]
+) -> tuple[dict[str, float], dict[str, int]]:
+  """Per layer, the median of ``{prefix}/{layer}`` over the last half of its finite
+  values and the first step of that half (layers without a finite value are left out)."""
+  med: dict[str, float] = {}
+  first: dict[str, int] = {}
+  for lay in layers:
+    steps, values = _finite(*_series(h, f"{prefix}/{lay}"))  # type: ignore[misc]
+    if steps.size == 0:
+      continue
+    t_steps, tail = _tail(steps, values, 0.5)
+    med[lay] = float(np.median(tail))
+    first[lay] = int(t_steps[0])
+  return med, first
+
+
 def _moving_median(y: np.ndarray, window: int, *, edge: bool = True) -> np.ndarray:
   """Centred moving median; pads with the median of the 5 edge values (a trend), or by
   reflection (``edge=False``: a stationary scale)."""
@@ -969,15 +986,7 @@ def _rule_update_ratio(h: History, th: Thresholds) -> list[Finding]:
   """
   layers = _layers(h, "updates", "ratio", weights=True)
   stalled = set(_stalled(h, th)[0])
-  med: dict[str, float] = {}
-  first: dict[str, int] = {}
-  for lay in layers:
-    steps, values = _finite(*_series(h, f"updates/ratio/{lay}"))  # type: ignore[misc]
-    if steps.size == 0:
-      continue
-    t_steps, tail = _tail(steps, values, 0.5)
-    med[lay] = float(np.median(tail))
-    first[lay] = int(t_steps[0])
+  med, first = _layer_tail_medians(h, "updates/ratio", layers)
   findings: list[Finding] = []
   for name, pick, word, bound in (
     ("update_ratio_high", lambda m: m > th.ratio_high, "above", th.ratio_high),
@@ -1011,15 +1020,7 @@ def _activation_rule(
   layers = _layers(h, "activations", stat)
   if th.exclude_output_layer and len(layers) > 1:
     layers = layers[:-1]
-  med: dict[str, float] = {}
-  first: dict[str, int] = {}
-  for lay in layers:
-    steps, values = _finite(*_series(h, f"activations/{stat}/{lay}"))  # type: ignore[misc]
-    if steps.size == 0:
-      continue
-    t_steps, tail = _tail(steps, values, 0.5)
-    med[lay] = float(np.median(tail))
-    first[lay] = int(t_steps[0])
+  med, first = _layer_tail_medians(h, f"activations/{stat}", layers)
   bad = [lay for lay, m in med.items() if m > bound]
   if not bad:
     return []
