@@ -26,7 +26,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -345,6 +344,7 @@ def _diagnose(args: argparse.Namespace) -> int:
 
   from jaxscope.diagnose import diagnose, findings_to_json, report
   from jaxscope.plot import diagnosis_figure
+  from jaxscope.record import write_atomic
 
   run = Path(args.run)
   if not (run / "metrics.jsonl").exists():
@@ -357,7 +357,7 @@ def _diagnose(args: argparse.Namespace) -> int:
   out = Path(args.out) if args.out else run
   out.mkdir(parents=True, exist_ok=True)
   text = json.dumps({"run": str(run), "findings": findings_to_json(findings)}, indent=2)
-  _write_atomic(out / "diagnosis.json", lambda f: f.write(text.encode()))
+  write_atomic(out / "diagnosis.json", lambda f: f.write(text.encode()))
   fig = diagnosis_figure(run, findings)
   fig.savefig(out / "diagnosis.png", dpi=args.dpi)
   print(f"wrote {out / 'diagnosis.json'} and {out / 'diagnosis.png'}")
@@ -561,27 +561,17 @@ def _jsonable(obj: Any) -> Any:
   return obj
 
 
-def _write_atomic(target: Path, write: Any) -> None:
-  """Writes ``target`` through a temporary file in its directory and ``os.replace``."""
-  fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      write(f)
-    os.replace(tmp, target)
-  except BaseException:
-    Path(tmp).unlink(missing_ok=True)
-    raise
-
-
 def _save_result(out: Path, name: str, arrays: dict[str, Any], meta: dict[str, Any]) -> list[Path]:
   """``out/name.npz`` (the arrays, exact) and ``out/name.json`` (strict JSON)."""
   import numpy as np
 
+  from jaxscope.record import write_atomic
+
   npz, js = out / f"{name}.npz", out / f"{name}.json"
   data = {k: np.asarray(v) for k, v in arrays.items()}
-  _write_atomic(npz, lambda f: np.savez(f, **data))
+  write_atomic(npz, lambda f: np.savez(f, **data))
   text = json.dumps(_jsonable({**meta, "arrays": sorted(data)}), indent=2, allow_nan=False)
-  _write_atomic(js, lambda f: f.write(text.encode()))
+  write_atomic(js, lambda f: f.write(text.encode()))
   return [npz, js]
 
 

@@ -70,15 +70,22 @@ import json
 import os
 import tempfile
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, BinaryIO
 
 import jax
 import numpy as np
 
-__all__ = ["CONFIG_FILE", "METRICS_FILE", "TENSORBOARD_DIR", "History", "Recorder"]
+__all__ = [
+  "CONFIG_FILE",
+  "METRICS_FILE",
+  "TENSORBOARD_DIR",
+  "History",
+  "Recorder",
+  "write_atomic",
+]
 
 #: File of a run directory holding one JSON record per written step.
 METRICS_FILE = "metrics.jsonl"
@@ -164,15 +171,24 @@ def _json_default(x: Any) -> Any:
   return str(x)
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, write: Callable[[BinaryIO], Any]) -> None:
+  """Writes ``path`` atomically: ``write(f)`` fills a temporary file (binary) in the same
+  directory, which then replaces ``path`` with ``os.replace``; on any error the temporary
+  file is removed and ``path`` is left as it was. Used for every file jaxscope writes whole
+  (configs, analyses, landscapes, diagnoses)."""
+  path = Path(path)
   fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
   try:
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      f.write(text)
+    with os.fdopen(fd, "wb") as f:
+      write(f)
     os.replace(tmp, path)
   except BaseException:
     Path(tmp).unlink(missing_ok=True)
     raise
+
+
+def _write_atomic(path: Path, text: str) -> None:
+  write_atomic(path, lambda f: f.write(text.encode("utf-8")))
 
 
 class Recorder:

@@ -16,14 +16,13 @@ hash, timings) pair, written atomically.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 
 from jaxscope.analysis.kernel import ApplyFn, EvalSet, make_point_evaluator
+from jaxscope.record import write_atomic
 
 #: The original's default axis: 51 points on [−1, 1] (contains 0).
 DEFAULT_AXIS = np.linspace(-1.0, 1.0, 51)
@@ -152,14 +151,7 @@ def save_landscape(path: str | Path, landscape: Landscape, **arrays: Any) -> tup
     (npz, lambda f: np.savez(f, **data)),
     (js, lambda f: f.write(json.dumps(meta, indent=2, default=float).encode())),
   ):
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-      with os.fdopen(fd, "wb") as f:
-        write(f)
-      os.replace(tmp, target)
-    except BaseException:
-      Path(tmp).unlink(missing_ok=True)
-      raise
+    write_atomic(target, write)
   return npz, js
 
 
