@@ -114,7 +114,7 @@ def test_nan_and_inf_round_trip(tmp_path: Path) -> None:
   steps, loss = h.series("x/y/z")
   assert steps.tolist() == [0, 1]
   assert loss[0] == np.inf and loss[1] == -np.inf
-  lines = [json.loads(line) for line in text.splitlines()]
+  lines = [record.loads(line) for line in text.splitlines()]
   assert math.isnan(lines[0]["values"]["loss"])
   v = lines[2]["values"]["loss"]
   assert math.isnan(v[0]) and v[1] == math.inf and v[2] == 1.0
@@ -354,3 +354,49 @@ def test_deleted_array_gives_clear_error(tmp_path: Path) -> None:
   with pytest.raises(RuntimeError, match="donated"):
     rec.write(1, {"loss": y})
   rec.close()
+
+
+def _strict(text: str):
+  def reject(token):
+    raise ValueError(f"non-strict JSON token {token}")
+
+  return json.loads(text, parse_constant=reject)
+
+
+def test_json_convention_is_strict_and_round_trips(tmp_path: Path) -> None:
+  obj = {
+    "a": float("nan"),
+    "b": [1.5, float("inf"), -np.inf],
+    "c": np.float32(np.nan),
+    "d": np.array([[1.0, np.nan]]),
+    "e": (1, None, "x"),
+    "f": tmp_path,
+  }
+  text = record.dumps(obj)
+  plain = _strict(text)  # any strict parser reads it
+  assert plain["a"] == "NaN" and plain["b"] == [1.5, "Infinity", "-Infinity"]
+  assert (
+    plain["d"] == [[1.0, "NaN"]] and plain["e"] == [1, None, "x"] and plain["f"] == str(tmp_path)
+  )
+  back = record.loads(text)
+  assert math.isnan(back["a"]) and math.isnan(back["c"]) and back["e"] == [1, None, "x"]
+  assert back["b"] == [1.5, math.inf, -math.inf] and math.isnan(back["d"][0][1])
+  record.write_json(tmp_path / "x.json", obj)
+  assert (tmp_path / "x.json").read_text().endswith("\n")
+  assert record.read_json(tmp_path / "x.json")["b"] == [1.5, math.inf, -math.inf]
+  # The metrics log is strict JSON Lines too.
+  with Recorder(tmp_path / "run") as rec:
+    rec.write(0, {"loss": jnp.float32(jnp.nan), "h": jnp.array([jnp.inf, 1.0])})
+  (line,) = (tmp_path / "run" / record.METRICS_FILE).read_text().splitlines()
+  assert _strict(line) == {"step": 0, "values": {"loss": "NaN", "h": ["Infinity", 1.0]}}
+
+
+def test_json_reads_what_earlier_versions_wrote(tmp_path: Path) -> None:
+  # metrics.jsonl with bare tokens, diagnoses with "nan"/"inf", analyses with null.
+  old = '{"step": 3, "values": {"loss": NaN, "g": [Infinity, -Infinity, 2.0]}}\n'
+  (tmp_path / record.METRICS_FILE).write_text(old)
+  h = History.load(tmp_path)
+  assert math.isnan(h["loss"][0]) and h["g"][0].tolist() == [math.inf, -math.inf, 2.0]
+  back = record.loads('{"v": ["nan", "inf", "-inf"], "w": null, "s": "nanny"}')
+  assert math.isnan(back["v"][0]) and back["v"][1:] == [math.inf, -math.inf]
+  assert back["w"] is None and back["s"] == "nanny"

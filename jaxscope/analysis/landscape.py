@@ -15,14 +15,13 @@ hash, timings) pair, written atomically.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 
 from jaxscope.analysis.kernel import ApplyFn, EvalSet, make_point_evaluator
-from jaxscope.record import write_atomic
+from jaxscope.record import read_json, write_atomic, write_json
 
 #: The original's default axis: 51 points on [−1, 1] (contains 0).
 DEFAULT_AXIS = np.linspace(-1.0, 1.0, 51)
@@ -147,11 +146,8 @@ def save_landscape(path: str | Path, landscape: Landscape, **arrays: Any) -> tup
     "settings": landscape.settings,
     "arrays": sorted(data),
   }
-  for target, write in (
-    (npz, lambda f: np.savez(f, **data)),
-    (js, lambda f: f.write(json.dumps(meta, indent=2, default=float).encode())),
-  ):
-    write_atomic(target, write)
+  write_atomic(npz, lambda f: np.savez(f, **data))
+  write_json(js, meta)
   return npz, js
 
 
@@ -160,7 +156,7 @@ def load_landscape(path: str | Path) -> tuple[Landscape, dict[str, np.ndarray]]:
   path = Path(path)
   with np.load(path.with_suffix(".npz")) as z:
     arrays = {k: z[k] for k in z.files}
-  meta = json.loads(path.with_suffix(".json").read_text())
+  meta = read_json(path.with_suffix(".json"))
   extra = {k: v for k, v in arrays.items() if k not in ("x", "y", "loss", "accuracy")}
   land = Landscape(
     arrays["x"],

@@ -1,91 +1,25 @@
-"""Writing metrics to a run directory without stalling the train step, and reading them back.
+"""Recorder: per-step metrics written to a run directory without stalling the train step.
 
-:class:`Recorder` appends one JSON line per step to ``run_dir/metrics.jsonl`` (and,
-optionally, TensorBoard events to ``run_dir/tensorboard``); :class:`History` loads a
-run directory back into numpy arrays.
-
-A jitted train step returns as soon as it is *dispatched*; reading its outputs on the
-host (``float(x)``, ``np.asarray(x)``, ``jax.device_get``) waits until the device has
-finished it, which leaves the device idle while the host prepares the next step. The
-recorder therefore never reads the values it is given now: it keeps them and transfers
-the values of step ``k`` (one ``jax.device_get`` for a whole batch) only after the
-values of step ``k + 1`` were handed to :meth:`Recorder.write`, that is after step
-``k + 1`` was dispatched, so the device always has work queued while the host waits.
-At the time of the write, each array's device-to-host copy is started asynchronously
-(``copy_to_host_async``), so the later transfer usually finds the data already there.
-
-Values must stay valid until they are transferred: return the metrics from the jitted
-step (outputs are fresh buffers). Do not hand the recorder arrays that the next step
-*donates* (``donate_argnums``), e.g. ``transforms.metrics(opt_state)`` read outside
-``jit`` from a state that is then donated; the recorder raises a clear error if it
-finds a deleted array.
-
-File format: each line of ``metrics.jsonl`` is ``{"step": int, "values": {key: value}}``
-with floats, ints, bools and (nested) lists of them, e.g. histogram counts and edges.
-NaN and ±Inf are written as ``NaN``, ``Infinity`` and ``-Infinity``, which Python's
-``json`` module (and :meth:`History.load`) reads back, but which strict JSON parsers
-reject. Steps whose ``"measured"`` flag is false (scopes with ``every=n`` repeat old
-values on unmeasured steps) are not written, and the flag itself is never stored.
-
-Multi-host: only process 0 (``jax.process_index() == 0``) writes. On other processes a
-recorder creates nothing, and ``write``, ``flush`` and ``close`` do nothing; arrays
-given to ``write`` must then be fully addressable on process 0 (replicated metrics,
-as a scope produces from replicated or sharded parameters).
-
-Example:
-  >>> import tempfile
-  >>> import jax, jax.numpy as jnp, optax
-  >>> from jaxscope import metrics, transforms
-  >>> from jaxscope.record import History, Recorder
-  >>> params = {"w": jnp.ones((3, 2))}
-  >>> tx = transforms.monitored(optax.sgd(0.1), metrics.scope(params=["norm"]))
-  >>> opt_state = tx.init(params)
-  >>> @jax.jit
-  ... def train_step(params, opt_state):
-  ...   loss, grads = jax.value_and_grad(lambda p: jnp.sum(p["w"] ** 2))(params)
-  ...   updates, opt_state = tx.update(grads, opt_state, params)
-  ...   params = optax.apply_updates(params, updates)
-  ...   return params, opt_state, {**transforms.metrics(opt_state), "loss": loss}
-  >>> run_dir = tempfile.mkdtemp()
-  >>> with Recorder(run_dir, config={"lr": 0.1}) as rec:
-  ...   for step in range(3):
-  ...     params, opt_state, values = train_step(params, opt_state)
-  ...     rec.write(step, values)
-  >>> history = History.load(run_dir)
-  >>> history.keys()
-  ['loss', 'params/norm/w']
-  >>> history.steps("loss").tolist()
-  [0, 1, 2]
-  >>> history["loss"].round(3).tolist()
-  [6.0, 3.84, 2.458]
-  >>> history.config
-  {'lr': 0.1}
+See :mod:`jaxscope.record` for the deferred transfer, the file format and multi-host
+behaviour.
 """
 
 from __future__ import annotations
 
 import contextlib
-import difflib
-import json
 import os
-import tempfile
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Any, BinaryIO
+from typing import Any
 
 import jax
 import numpy as np
 
-__all__ = [
-  "CONFIG_FILE",
-  "METRICS_FILE",
-  "TENSORBOARD_DIR",
-  "History",
-  "Recorder",
-  "write_atomic",
-]
+from jaxscope.record.jsonio import dumps_line, write_json
+
+__all__ = ["CONFIG_FILE", "METRICS_FILE", "TENSORBOARD_DIR", "Recorder"]
 
 #: File of a run directory holding one JSON record per written step.
 METRICS_FILE = "metrics.jsonl"
@@ -159,38 +93,6 @@ def _histogram_stat(key: str) -> tuple[str, str] | None:
   return f"{topic}/{name}_edges/{layer}", f"{topic}/{name}/{layer}"
 
 
-def _json_default(x: Any) -> Any:
-  if isinstance(x, np.generic):
-    return x.item()
-  if isinstance(x, np.ndarray | jax.Array):
-    return np.asarray(x).tolist()
-  if isinstance(x, os.PathLike):
-    return os.fspath(x)
-  if isinstance(x, set | frozenset | tuple):
-    return list(x)
-  return str(x)
-
-
-def write_atomic(path: Path, write: Callable[[BinaryIO], Any]) -> None:
-  """Writes ``path`` atomically: ``write(f)`` fills a temporary file (binary) in the same
-  directory, which then replaces ``path`` with ``os.replace``; on any error the temporary
-  file is removed and ``path`` is left as it was. Used for every file jaxscope writes whole
-  (configs, analyses, landscapes, diagnoses)."""
-  path = Path(path)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      write(f)
-    os.replace(tmp, path)
-  except BaseException:
-    Path(tmp).unlink(missing_ok=True)
-    raise
-
-
-def _write_atomic(path: Path, text: str) -> None:
-  write_atomic(path, lambda f: f.write(text.encode("utf-8")))
-
-
 class Recorder:
   """Appends per-step metrics to ``run_dir/metrics.jsonl`` without stalling the device.
 
@@ -255,8 +157,7 @@ class Recorder:
         ) from e
     self._run_dir.mkdir(parents=True, exist_ok=True)
     if config is not None:
-      text = json.dumps(dict(config), indent=2, sort_keys=True, default=_json_default)
-      _write_atomic(self._run_dir / CONFIG_FILE, text + "\n")
+      write_json(self._run_dir / CONFIG_FILE, dict(config), indent=2, sort_keys=True)
     path = self._run_dir / METRICS_FILE
     self._file = open(path, "a", encoding="utf-8")  # Closed in close().
     if self._file.tell() > 0:
@@ -382,7 +283,7 @@ class Recorder:
         continue
       out = {k: _to_json_value(k, v) for k, v in values.items() if k != _MEASURED}
       records.append((step, out))
-      lines.append(json.dumps({"step": step, "values": out}, separators=(",", ":")) + "\n")
+      lines.append(dumps_line({"step": step, "values": out}) + "\n")
     if lines:
       self._file.write("".join(lines))
     self._file.flush()
@@ -416,179 +317,3 @@ class Recorder:
         bucket_counts=counts.tolist(),
         global_step=step,
       )
-
-
-class History:
-  """The recorded metrics of a run, as numpy arrays per key.
-
-  Records are merged per step: a key written twice for the same step (a run resumed
-  from a checkpoint and re-run, or train and eval values written separately) keeps its
-  last value, and every series is ordered by step.
-
-  Args:
-    records: ``(step, values)`` pairs, e.g. from a recorder's file. A false
-      ``"measured"`` entry drops the record; the flag is not stored.
-    config: the run's configuration.
-    run_dir: the run directory the records came from, if any.
-
-  Example:
-    >>> h = History([(0, {"loss": 2.0, "grads/norm/Dense_0/kernel": 1.0}), (1, {"loss": 1.0})])
-    >>> h.steps("loss").tolist(), h["loss"].tolist()
-    ([0, 1], [2.0, 1.0])
-    >>> h.layers("grads", "norm")
-    ['Dense_0/kernel']
-  """
-
-  def __init__(
-    self,
-    records: Iterable[tuple[int, Mapping[str, Any]]],
-    *,
-    config: Mapping[str, Any] | None = None,
-    run_dir: str | os.PathLike[str] | None = None,
-  ) -> None:
-    self._data: dict[str, dict[int, Any]] = {}
-    for step, values in records:
-      step = int(step)
-      if _MEASURED in values and not bool(np.asarray(values[_MEASURED])):
-        continue
-      for key, value in values.items():
-        if key != _MEASURED:
-          self._data.setdefault(key, {})[step] = value
-    self._cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    self._config = dict(config) if config is not None else {}
-    self._run_dir = Path(run_dir) if run_dir is not None else None
-
-  @classmethod
-  def load(cls, run_dir: str | os.PathLike[str]) -> History:
-    """Loads a run directory written by :class:`Recorder`.
-
-    A line that is not a complete record (e.g. the last line of a crashed run) is
-    skipped with a warning naming its line number.
-
-    Args:
-      run_dir: the run directory.
-
-    Returns:
-      The :class:`History` of the run (empty if no metrics were written).
-
-    Raises:
-      FileNotFoundError: ``run_dir`` does not exist.
-    """
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-      raise FileNotFoundError(f"History.load: no run directory {str(run_dir)!r}.")
-    records: list[_Record] = []
-    path = run_dir / METRICS_FILE
-    if path.exists():
-      with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-          if not line.strip():
-            continue
-          try:
-            obj = json.loads(line)
-            step, values = obj["step"], obj["values"]
-            if not isinstance(step, int) or not isinstance(values, dict):
-              raise ValueError("bad record")
-          except (ValueError, KeyError, TypeError):
-            warnings.warn(
-              f"History.load: skipping corrupt or truncated line {lineno} of {path}.",
-              RuntimeWarning,
-              stacklevel=2,
-            )
-            continue
-          records.append((step, values))
-    config: dict[str, Any] = {}
-    config_path = run_dir / CONFIG_FILE
-    if config_path.exists():
-      try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-      except ValueError:
-        warnings.warn(f"History.load: cannot parse {config_path}.", RuntimeWarning, stacklevel=2)
-    return cls(records, config=config, run_dir=run_dir)
-
-  @property
-  def config(self) -> dict[str, Any]:
-    """The run's configuration (``config.json``), or ``{}``."""
-    return self._config
-
-  @property
-  def run_dir(self) -> Path | None:
-    """The run directory this history was loaded from (``None`` if built in memory)."""
-    return self._run_dir
-
-  def keys(self) -> list[str]:
-    """All recorded keys, in first-seen order."""
-    return list(self._data)
-
-  def __contains__(self, key: object) -> bool:
-    return key in self._data
-
-  def __len__(self) -> int:
-    return len(self._data)
-
-  def __repr__(self) -> str:
-    where = f", run_dir={str(self._run_dir)!r}" if self._run_dir is not None else ""
-    return f"History({len(self._data)} keys{where})"
-
-  def _missing(self, key: str) -> KeyError:
-    keys = list(self._data)
-    close = difflib.get_close_matches(key, keys, n=5)
-    shown = close or keys[:5]
-    more = f" ({len(keys)} in all)" if len(keys) > len(shown) else ""
-    what = "similar keys" if close else "available keys"
-    return KeyError(f"History: {key!r} was not recorded; {what}: {shown}{more}.")
-
-  def series(self, key: str) -> tuple[np.ndarray, np.ndarray]:
-    """The steps where ``key`` was recorded and its values there.
-
-    Returns:
-      ``(steps, values)``: ``int64[n]`` steps in increasing order, and values stacked
-      over them: ``[n]`` for scalars, ``[n, bins]`` for histogram arrays; ``float64``
-      for floats, ``int64`` for ints, ``bool`` for flags.
-
-    Raises:
-      KeyError: ``key`` was not recorded.
-      ValueError: the values have different shapes at different steps.
-    """
-    if key in self._cache:
-      return self._cache[key]
-    if key not in self._data:
-      raise self._missing(key)
-    by_step = self._data[key]
-    steps = np.array(sorted(by_step), dtype=np.int64)
-    arrays = [np.asarray(by_step[int(s)]) for s in steps]
-    shapes = {a.shape for a in arrays}
-    if len(shapes) > 1:
-      raise ValueError(f"History: {key!r} has values of different shapes: {sorted(shapes)}.")
-    values = np.stack(arrays) if arrays else np.zeros((0,))
-    if values.dtype.kind in "iu":
-      values = values.astype(np.int64)
-    elif values.dtype.kind != "b":
-      values = values.astype(np.float64)
-    steps.setflags(write=False)
-    values.setflags(write=False)
-    self._cache[key] = (steps, values)
-    return steps, values
-
-  def steps(self, key: str) -> np.ndarray:
-    """The steps (``int64``, increasing) where ``key`` was recorded."""
-    return self.series(key)[0]
-
-  def __getitem__(self, key: str) -> np.ndarray:
-    """The values of ``key`` stacked over its recorded steps; see :meth:`series`."""
-    return self.series(key)[1]
-
-  def _split(self) -> list[tuple[str, str, str]]:
-    return [tuple(k.split("/", 2)) for k in self._data if k.count("/") >= 2]  # type: ignore[misc]
-
-  def topics(self) -> list[str]:
-    """Topics of the per-layer keys ``{topic}/{stat}/{layer}``, in first-seen order."""
-    return list(dict.fromkeys(t for t, _, _ in self._split()))
-
-  def stats(self, topic: str) -> list[str]:
-    """Stats recorded for ``topic``, in first-seen order."""
-    return list(dict.fromkeys(s for t, s, _ in self._split() if t == topic))
-
-  def layers(self, topic: str, stat: str) -> list[str]:
-    """Layer names recorded for ``{topic}/{stat}``, in first-seen order."""
-    return [lay for t, s, lay in self._split() if t == topic and s == stat]
