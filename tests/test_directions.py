@@ -1,5 +1,5 @@
-"""Tests for jaxscope.analysis.directions: filter normalisation, random and PCA directions,
-projection. References are numpy float64."""
+"""Tests for jaxscope.analysis.directions and jaxscope.analysis.pca: filter normalisation,
+random and PCA directions, projection. References are numpy float64."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import pytest
 from sklearn.decomposition import PCA
 
 from jaxscope.analysis import directions as jd
+from jaxscope.analysis import pca as jp
 
 EPS = 1e-10
 
@@ -242,7 +243,7 @@ def _kernels_flat(tree):
 def test_pca_matches_numpy_svd_and_sklearn():
   ckpts = _trajectory()
   T = len(ckpts)
-  res = jd.pca_directions(ckpts, n=2)
+  res = jp.pca_directions(ckpts, n=2)
   X = np.stack([_kernels_flat(c) for c in ckpts])  # kernels only: ignore_1d="zero"
   Xc = X - X.mean(axis=0)
   _, S, Vt = np.linalg.svd(Xc, full_matrices=False)
@@ -266,7 +267,7 @@ def test_pca_matches_numpy_svd_and_sklearn():
 
 def test_pca_final_center_and_keep():
   ckpts = _trajectory(T=6, seed=1)
-  res = jd.pca_directions(ckpts, n=3, center="final", ignore_1d="keep")
+  res = jp.pca_directions(ckpts, n=3, center="final", ignore_1d="keep")
   X = np.stack([_flat(c) for c in ckpts])
   R = X - X[-1]
   _, S, Vt = np.linalg.svd(R, full_matrices=False)
@@ -280,22 +281,22 @@ def test_pca_final_center_and_keep():
 
 def test_pca_streaming_blocks_generator_and_reads():
   ckpts = _trajectory(T=7, seed=2)
-  ref = jd.pca_directions(ckpts, n=2)
+  ref = jp.pca_directions(ckpts, n=2)
   reads = []
 
   def load(i):
     reads.append(i)
     return ckpts[i]
 
-  lazy = jd.LazyCheckpoints(load, len(ckpts))
-  one = jd.pca_directions(lazy, n=2)
+  lazy = jp.LazyCheckpoints(load, len(ckpts))
+  one = jp.pca_directions(lazy, n=2)
   assert sorted(reads) == list(range(7))  # everything fits in one block: one read each
   reads.clear()
   # 8·T·C ≤ 600 bytes → C = 10 columns per block: leaves are split across blocks.
-  small = jd.pca_directions(lazy, n=2, block_bytes=600)
+  small = jp.pca_directions(lazy, n=2, block_bytes=600)
   n_blocks = -(-(72 + 15) // 10)
   assert len(reads) == 1 + 6 * (n_blocks + 1)  # checkpoint 0 is read once and kept
-  gen = jd.pca_directions((c for c in ckpts), n=2)
+  gen = jp.pca_directions((c for c in ckpts), n=2)
   for other in (one, small, gen):
     np.testing.assert_allclose(other.singular_values, ref.singular_values, rtol=1e-8)
     np.testing.assert_allclose(other.coords, ref.coords, rtol=1e-6, atol=1e-6)
@@ -308,19 +309,19 @@ def test_pca_streaming_blocks_generator_and_reads():
 def test_pca_errors():
   ckpts = _trajectory(T=4)
   with pytest.raises(ValueError, match="at least 2"):
-    jd.pca_directions(ckpts[:1])
+    jp.pca_directions(ckpts[:1])
   with pytest.raises(ValueError, match="n must be"):
-    jd.pca_directions(ckpts, n=4)
+    jp.pca_directions(ckpts, n=4)
   with pytest.raises(TypeError, match="mapping"):
-    jd.pca_directions(ckpts[0])
+    jp.pca_directions(ckpts[0])
   with pytest.raises(ValueError, match="structure"):
-    jd.pca_directions([*ckpts, {"Dense_0": ckpts[0]["Dense_0"]}])
+    jp.pca_directions([*ckpts, {"Dense_0": ckpts[0]["Dense_0"]}])
   # Collinear checkpoints span one dimension only.
   step = _like(ckpts[0], 5)
   line = [jax.tree.map(lambda x, s, a=a: x + a * s, ckpts[0], step) for a in (0.0, 1.0, 3.0)]
   with pytest.raises(ValueError, match="span only 1"):
-    jd.pca_directions(line, n=2)
-  assert jd.pca_directions(line, n=1).explained_variance_ratio[0] == pytest.approx(1.0)
+    jp.pca_directions(line, n=2)
+  assert jp.pca_directions(line, n=1).explained_variance_ratio[0] == pytest.approx(1.0)
 
 
 # ------------------------------------------------------------------------- projection
@@ -343,10 +344,10 @@ def _plane_points(T=8, seed=0, noise=0.0):
 @pytest.mark.parametrize("center", ["mean", "final"])
 def test_planar_trajectory_projects_with_zero_residual(center):
   pts = _plane_points()
-  res = jd.pca_directions(pts, n=2, ignore_1d="keep", center=center)
+  res = jp.pca_directions(pts, n=2, ignore_1d="keep", center=center)
   assert float(np.sum(res.explained_variance_ratio)) == pytest.approx(1.0, abs=1e-9)
   origin = pts[-1]
-  coords, resid = jd.project(pts, origin, res.directions)
+  coords, resid = jp.project(pts, origin, res.directions)
   assert coords.shape == (8, 2) and resid.shape == (8,)
   assert np.all(resid < 1e-4)
   assert resid[-1] == 0.0
@@ -360,8 +361,8 @@ def test_planar_trajectory_projects_with_zero_residual(center):
 
 def test_off_plane_trajectory_has_positive_residual():
   pts = _plane_points(noise=0.3)
-  res = jd.pca_directions(pts, n=2, ignore_1d="keep")
-  _, resid = jd.project(pts, pts[-1], res.directions)
+  res = jp.pca_directions(pts, n=2, ignore_1d="keep")
+  _, resid = jp.project(pts, pts[-1], res.directions)
   assert resid[-1] == 0.0
   assert np.all(resid[:-1] > 0.05) and np.all(resid <= 1.0)
   # numpy reference for the residual fraction.
@@ -376,10 +377,10 @@ def test_project_non_orthogonal_directions_least_squares():
   d2 = jax.tree.map(lambda a, b: a + 0.5 * b, _like(_params(0), 2), d1)  # cos ≈ 0.45
   coef = np.array([[0.0, 0.0], [1.0, -2.0], [0.3, 0.7]])
   pts = [jax.tree.map(lambda o, x, y, a=a, b=b: o + a * x + b * y, base, d1, d2) for a, b in coef]
-  coords, resid = jd.project(iter(pts), base, [d1, d2])
+  coords, resid = jp.project(iter(pts), base, [d1, d2])
   np.testing.assert_allclose(coords, coef, atol=1e-5)
   assert np.all(resid < 1e-5)
   with pytest.raises(ValueError, match="linearly dependent"):
-    jd.project(pts, base, [d1, jax.tree.map(lambda x: 2 * x, d1)])
+    jp.project(pts, base, [d1, jax.tree.map(lambda x: 2 * x, d1)])
   with pytest.raises(ValueError, match="at least one"):
-    jd.project(pts, base, [])
+    jp.project(pts, base, [])

@@ -1,7 +1,8 @@
 """Checkpoint-fed analyses on one compiled evaluation kernel.
 
-* :mod:`~jaxscope.analysis.directions`: filter-normalised random directions, streamed PCA
-  of the trajectory and projection onto its plane;
+* :mod:`~jaxscope.analysis.directions`: filter-normalised random directions;
+* :mod:`~jaxscope.analysis.pca`: streamed PCA of the trajectory and projection onto its
+  plane;
 * :mod:`~jaxscope.analysis.kernel`: the fixed evaluation set and the point evaluator
   (``θ(c) = Σ_j c[j, g] B_j``, ``vmap`` over points, ``scan`` over batches);
 * :mod:`~jaxscope.analysis.paths`: linear and quadratic paths at model, layer and
@@ -11,15 +12,7 @@
   the critical / ambient classification of layers (Zhang, Bengio & Singer).
 """
 
-from jaxscope.analysis.directions import (
-  LazyCheckpoints,
-  PCAResult,
-  cosine,
-  filter_normalize,
-  pca_directions,
-  project,
-  random_directions,
-)
+from jaxscope.analysis.directions import cosine, filter_normalize, random_directions
 from jaxscope.analysis.kernel import (
   EvalSet,
   PointEvaluator,
@@ -49,6 +42,7 @@ from jaxscope.analysis.paths import (
   select_parameters,
   trajectory_stats,
 )
+from jaxscope.analysis.pca import LazyCheckpoints, PCAResult, pca_directions, project
 from jaxscope.analysis.robustness import RobustnessResult, classify_layers, layer_robustness
 
 __all__ = [
