@@ -1,0 +1,59 @@
+"""Rules on the activations: dead ReLU units and saturated units per layer.
+
+They read ``activations/dead_fraction/{layer}`` and ``activations/saturation_fraction/{layer}``
+and leave out the output layer (the logits) with ``Thresholds.exclude_output_layer``.
+"""
+
+from __future__ import annotations
+
+from jaxscope.diagnose.finding import Finding, Thresholds, _finding
+from jaxscope.diagnose.series import _layer_tail_medians, _layers
+from jaxscope.record import History
+
+
+def _activation_rule(
+  h: History, th: Thresholds, stat: str, name: str, bound: float, what: str
+) -> list[Finding]:
+  """Finding ``name`` for the layers whose median ``activations/{stat}/{layer}`` over the
+  last half is above ``bound``; ``what`` opens the summary."""
+  layers = _layers(h, "activations", stat)
+  if th.exclude_output_layer and len(layers) > 1:
+    layers = layers[:-1]
+  med, first = _layer_tail_medians(h, f"activations/{stat}", layers)
+  bad = [lay for lay, m in med.items() if m > bound]
+  if not bad:
+    return []
+  shown = ", ".join(f"{lay} {med[lay]:.0%}" for lay in bad[:5])
+  summary = (
+    f"{what} in {len(bad)} layer(s) (median fraction over the last half above "
+    f"{bound:.0%}: {shown}{', …' if len(bad) > 5 else ''})."
+  )
+  return [
+    _finding(
+      name,
+      "warning",
+      summary,
+      metric=[f"activations/{stat}/{lay}" for lay in bad],
+      layers=bad,
+      steps=[min(first[lay] for lay in bad)],
+      values={f"median/{lay}": m for lay, m in med.items()},
+    )
+  ]
+
+
+def _rule_dead_units(h: History, th: Thresholds) -> list[Finding]:
+  """Dead ReLU units: median ``activations/dead_fraction/{layer}`` over the last half above
+  ``dead_fraction`` (a unit is dead when its pre-activation is ``≤ 0`` for the whole batch).
+  The output layer is left out with ``exclude_output_layer``. Warning. Source: the
+  lecture's dying-ReLU diagnosis; Cockpit-style activation health."""
+  return _activation_rule(h, th, "dead_fraction", "dead_units", th.dead_fraction, "Dead units")
+
+
+def _rule_saturation(h: History, th: Thresholds) -> list[Finding]:
+  """Saturated units: median ``activations/saturation_fraction/{layer}`` (entries with
+  ``|y| > 3``) over the last half above ``saturation_fraction``. The output layer is left
+  out with ``exclude_output_layer``. Warning. Source: the lecture's saturating
+  sigmoid/tanh diagnosis."""
+  return _activation_rule(
+    h, th, "saturation_fraction", "saturation", th.saturation_fraction, "Saturated units"
+  )

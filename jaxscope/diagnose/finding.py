@@ -1,0 +1,286 @@
+"""What a diagnosis returns: :class:`Finding`, the :class:`Thresholds` of every rule, and the
+advice per finding name.
+
+A rule builds its findings with :func:`_finding`, which attaches the advice of the finding's
+name and turns the evidence into strict-JSON values (non-finite numbers as ``"nan"``,
+``"inf"``, ``"-inf"``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+#: Severities, most severe first.
+SEVERITIES: tuple[str, ...] = ("critical", "warning", "info")
+
+_MAX_STEPS_SHOWN = 20  # Steps listed in an evidence dict at most.
+
+
+# --------------------------------------------------------------------------- data types
+
+
+@dataclasses.dataclass(frozen=True)
+class Finding:
+  """A named problem found in a run.
+
+  Attributes:
+    name: what was found, e.g. ``"divergence"``, ``"oscillation"``, ``"instability"``,
+      ``"early_plateau"``, ``"late_plateau"``, ``"overfitting"``,
+      ``"vanishing_gradients"``, ``"exploding_gradients"``, ``"update_ratio_high"``,
+      ``"update_ratio_low"``, ``"dead_units"``, ``"saturation"``, ``"stalled_layers"``,
+      ``"lr_above_curvature_limit"``.
+    severity: ``"critical"``, ``"warning"`` or ``"info"``.
+    summary: one readable sentence with the numbers.
+    evidence: JSON-serialisable dict: ``"metric"`` (the key or keys read), ``"layers"``,
+      ``"steps"`` (the steps that show it, at most 20) and ``"values"`` (named numbers).
+      Non-finite numbers are written as the strings ``"nan"``, ``"inf"``, ``"-inf"``.
+    advice: what to try, most promising first.
+  """
+
+  name: str
+  severity: str
+  summary: str
+  evidence: dict[str, Any] = dataclasses.field(default_factory=dict)
+  advice: list[str] = dataclasses.field(default_factory=list)
+
+  def __post_init__(self) -> None:
+    if self.severity not in SEVERITIES:
+      raise ValueError(f"Finding: severity must be one of {SEVERITIES}, got {self.severity!r}.")
+
+  def to_dict(self) -> dict[str, Any]:
+    """The finding as a JSON-serialisable dict (``json.dumps(..., allow_nan=False)`` works)."""
+    return {
+      "name": self.name,
+      "severity": self.severity,
+      "summary": self.summary,
+      "evidence": _jsonable(self.evidence),
+      "advice": list(self.advice),
+    }
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> Finding:
+    """The inverse of :meth:`to_dict`."""
+    return cls(
+      name=d["name"],
+      severity=d["severity"],
+      summary=d["summary"],
+      evidence=dict(d.get("evidence", {})),
+      advice=list(d.get("advice", [])),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Thresholds:
+  """Every threshold of the rules, with its default.
+
+  Override one by name: ``diagnose(history, dead_fraction=0.3)`` or
+  ``diagnose(history, Thresholds(dead_fraction=0.3))``.
+  """
+
+  # divergence
+  divergence_factor: float = 10.0
+  """Divergence: the loss exceeds ``divergence_factor × |initial loss|`` (or is non-finite)."""
+  # oscillation / instability
+  min_series: int = 32
+  """Oscillation: fewest finite loss points needed for the spectral and spike analysis."""
+  max_points: int = 4096
+  """Oscillation: longer loss series are reduced to block maxima (which keep the spikes)
+  down to at most this length."""
+  trend_fraction: float = 0.125
+  """Oscillation: window of the moving median (the trend), as a fraction of the series."""
+  spike_power_ratio: float = 30.0
+  """Oscillation: a periodogram peak above ``spike_power_ratio ×`` the median power is
+  periodic (white noise exceeds 30 × median with probability ≈ n/2 · 2^-30)."""
+  min_period: float = 4.0
+  """Oscillation: shortest period reported, in steps (the longest is a quarter of the run)."""
+  spike_factor: float = 6.0
+  """Instability: a spike is a point above the moving median by ``spike_factor ×`` the
+  moving median absolute deviation (MAD; 6 MAD ≈ 4 σ for Gaussian noise)."""
+  instability_fraction: float = 0.02
+  """Instability: reported when more than this fraction of the steps are spikes."""
+  # plateaus
+  min_points: int = 10
+  """Plateaus and overfitting: fewest points a window needs; shorter windows are skipped."""
+  plateau_rel_change: float = 0.05
+  """Plateaus: a window whose loss falls by less than this fraction of its start value."""
+  early_fraction: float = 0.1
+  """Early plateau: the first ``early_fraction`` of the run."""
+  late_fraction: float = 0.2
+  """Late plateau: the last ``late_fraction`` of the run."""
+  late_acc: float = 0.9
+  """Late plateau: "still far from good" when the median training accuracy of the window is
+  below this (used when ``train/accuracy`` is recorded)."""
+  late_loss_fraction: float = 0.5
+  """Late plateau: "still far from good" when the median loss of the window is above this
+  fraction of the initial loss (used without ``train/accuracy``)."""
+  # overfitting
+  overfit_window: int = 5
+  """Overfitting: number of last evaluations over which the slopes are fitted."""
+  overfit_rel: float = 0.1
+  """Overfitting: the final test loss exceeds its minimum by more than this fraction, and
+  the training loss does not rise by more than this fraction over the window."""
+  # gradients
+  vanishing_ratio: float = 1e-3
+  """Vanishing gradients: median of ‖g_first‖/‖g_last‖ over the last half below this."""
+  exploding_ratio: float = 1e3
+  """Exploding gradients: median of ‖g_first‖/‖g_last‖ over the last half above this."""
+  exploding_growth: float = 100.0
+  """Exploding gradients: a layer's gradient norm (median of the last 10 % of its steps)
+  exceeds ``exploding_growth ×`` its median over the first 10 %."""
+  # update / weight ratio
+  ratio_high: float = 1e-2
+  """Update ratio: median ‖Δθ‖/‖θ‖ over the last half above this (target ≈ 1e-3)."""
+  ratio_low: float = 1e-5
+  """Update ratio: median ‖Δθ‖/‖θ‖ over the last half below this."""
+  # activations
+  dead_fraction: float = 0.5
+  """Dead units: median of ``activations/dead_fraction`` over the last half above this."""
+  saturation_fraction: float = 0.5
+  """Saturation: median of ``activations/saturation_fraction`` over the last half above this."""
+  exclude_output_layer: bool = True
+  """Dead units and saturation: leave out the last layer in depth order (the logits, which
+  have no non-linearity) when more than one layer is recorded."""
+  # stalled layers
+  stall_ratio: float = 1e-7
+  """Stalled layers: ‖Δθ‖/‖θ‖ below this at every step of the last ``stall_fraction``."""
+  stall_fraction: float = 0.25
+  """Stalled layers: the final fraction of the steps that is checked."""
+  # curvature
+  curvature_limit: float = 2.0
+  """Curvature: plain gradient descent is unstable on a quadratic when ``lr · λ_max``
+  exceeds 2; heavy-ball momentum β raises the limit to ``curvature_limit · (1 + β)`` and
+  Nesterov momentum to ``curvature_limit · (1 + β) / (1 + 2β)``."""
+  curvature_fraction: float = 0.5
+  """Curvature: reported when the limit is exceeded on more than this fraction of the
+  steps where ``hess_max_ev`` was measured."""
+
+
+# --------------------------------------------------------------------------- advice
+
+_ADVICE: dict[str, list[str]] = {
+  "divergence": [
+    "lower the learning rate (e.g. by 10×) or add a warm-up",
+    "clip gradients (optax.clip_by_global_norm)",
+    "check the inputs (NaN/Inf, scaling) and the initialisation",
+  ],
+  "oscillation": [
+    "shuffle the training data every epoch (online learning on unshuffled or imbalanced "
+    "data makes the loss periodic)",
+    "vary or increase the batch size",
+    "lower the learning rate",
+  ],
+  "instability": [
+    "shuffle the training data",
+    "lower the learning rate or let it decay",
+    "add batch normalisation, or try another activation function",
+    "clip gradients if single large gradients cause the jumps",
+  ],
+  "early_plateau": [
+    "use a more robust initialisation (He/Glorot scaled to the activation)",
+    "normalise the inputs, add batch or layer normalisation",
+    "try a slightly larger learning rate",
+  ],
+  "late_plateau": [
+    "decay the learning rate (higher at the start, lower later)",
+    "try another initialisation",
+    "check the model's capacity (too small a model cannot fit the data)",
+  ],
+  "overfitting": [
+    "stop early at the step of the minimum test loss",
+    "regularise: L2 weight decay, dropout",
+    "get more data or augment it",
+  ],
+  "vanishing_gradients": [
+    "use an initialisation scaled to the activation (He for ReLU, Glorot for tanh)",
+    "add normalisation layers (batch or layer normalisation)",
+    "add residual connections",
+    "use non-saturating activations (ReLU family) instead of sigmoid/tanh",
+  ],
+  "exploding_gradients": [
+    "clip gradients (optax.clip_by_global_norm)",
+    "lower the learning rate",
+    "use a smaller-scale initialisation and normalisation layers",
+  ],
+  "update_ratio_high": [
+    "lower the learning rate (for these layers) so that ‖Δθ‖/‖θ‖ is near 1e-3",
+    "use a warm-up, or the ratio-adaptive learning rate (jaxscope.transforms)",
+  ],
+  "update_ratio_low": [
+    "raise the learning rate (for these layers) so that ‖Δθ‖/‖θ‖ is near 1e-3",
+    "check the gradients reaching these layers (vanishing gradients, dead units)",
+  ],
+  "dead_units": [
+    "lower the learning rate (large steps push ReLU units into the dead zone)",
+    "use a better initialisation (He), or small positive biases",
+    "use leaky ReLU / GELU, or add normalisation",
+  ],
+  "saturation": [
+    "use an initialisation scaled to the activation (smaller weights)",
+    "normalise the inputs, add batch or layer normalisation",
+    "use a non-saturating activation (ReLU family)",
+  ],
+  "stalled_layers": [
+    "check that these layers receive gradients (stop_gradient, masks, dead units)",
+    "check the optimizer's per-layer learning rate and weight decay",
+  ],
+  "lr_above_curvature_limit": [
+    "lower the learning rate below the curvature limit (2/λ_max for SGD)",
+    "use a warm-up or a decaying learning rate",
+  ],
+}
+
+
+# --------------------------------------------------------------------------- construction
+
+
+def _jsonable(x: Any) -> Any:
+  """Converts numpy values, tuples and non-finite floats into strict-JSON values."""
+  if isinstance(x, Mapping):
+    return {str(k): _jsonable(v) for k, v in x.items()}
+  if isinstance(x, list | tuple | set | frozenset):
+    return [_jsonable(v) for v in x]
+  if isinstance(x, np.ndarray):
+    return [_jsonable(v) for v in x.tolist()]
+  if isinstance(x, np.generic):
+    x = x.item()
+  if isinstance(x, bool) or x is None or isinstance(x, int | str):
+    return x
+  if isinstance(x, float):
+    if math.isnan(x):
+      return "nan"
+    if math.isinf(x):
+      return "inf" if x > 0 else "-inf"
+    return x
+  return str(x)
+
+
+def _finding(
+  name: str,
+  severity: str,
+  summary: str,
+  *,
+  metric: str | Sequence[str],
+  layers: Sequence[str] = (),
+  steps: Iterable[Any] = (),
+  values: Mapping[str, Any] | None = None,
+) -> Finding:
+  """A :class:`Finding` with the advice of ``name`` and the evidence dict
+  ``{"metric", "layers", "steps" (the first 20), "values"}`` in strict-JSON values."""
+  steps = [int(s) for s in steps][:_MAX_STEPS_SHOWN]
+  evidence = {
+    "metric": metric if isinstance(metric, str) else list(metric),
+    "layers": list(layers),
+    "steps": steps,
+    "values": dict(values or {}),
+  }
+  return Finding(name, severity, summary, _jsonable(evidence), list(_ADVICE.get(name, [])))
+
+
+def _fmt(x: float) -> str:
+  """A number in a summary: three significant digits."""
+  return f"{x:.3g}"

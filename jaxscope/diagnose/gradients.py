@@ -1,0 +1,223 @@
+"""Rules on the per-layer gradients and updates: vanishing and exploding gradients through
+depth, the update/weight ratio ``‖Δθ‖/‖θ‖`` far from ``1e-3``, layers that stopped moving.
+
+They read ``grads/norm/{layer}`` and ``updates/ratio/{layer}``, and look at the weight
+matrices when any are recorded (see :data:`~jaxscope.diagnose.series._WEIGHT_NAMES`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from jaxscope.diagnose.finding import Finding, Thresholds, _finding, _fmt
+from jaxscope.diagnose.series import (
+  _finite,
+  _head,
+  _layer_tail_medians,
+  _layers,
+  _series,
+  _tail,
+)
+from jaxscope.record import History
+
+# --------------------------------------------------------------------------- gradients
+
+
+def _depth_ratio(h: History, th: Thresholds, first: str, last: str) -> Finding | None:
+  """``"vanishing_gradients"`` or ``"exploding_gradients"`` from the median of
+  ``‖g_first‖/‖g_last‖`` at the common finite steps of the last half, or ``None``."""
+  s1 = _series(h, f"grads/norm/{first}")
+  s2 = _series(h, f"grads/norm/{last}")
+  assert s1 is not None and s2 is not None
+  common, i1, i2 = np.intersect1d(s1[0], s2[0], return_indices=True)
+  if not common.size:
+    return None
+  num, den = s1[1][i1], s2[1][i2]
+  ok = np.isfinite(num) & np.isfinite(den) & (den > 0)
+  c_steps, ratio = _tail(common[ok], num[ok] / den[ok], 0.5)
+  if not ratio.size:
+    return None
+  med = float(np.median(ratio))
+  if med < th.vanishing_ratio:
+    name, title, word, bound = "vanishing_gradients", "Vanishing", "below", th.vanishing_ratio
+  elif med > th.exploding_ratio:
+    name, title, word, bound = "exploding_gradients", "Exploding", "above", th.exploding_ratio
+  else:
+    return None
+  vals = {
+    "median_ratio": med,
+    f"median/{first}": float(np.median(_tail(common[ok], num[ok], 0.5)[1])),
+    f"median/{last}": float(np.median(_tail(common[ok], den[ok], 0.5)[1])),
+  }
+  summary = (
+    f"{title} gradients: the gradient norm of the first layer {first} is "
+    f"{_fmt(med)} × that of the last layer {last} (median over the last half, "
+    f"{word} {_fmt(bound)})."
+  )
+  return _finding(
+    name,
+    "warning",
+    summary,
+    metric=[f"grads/norm/{first}", f"grads/norm/{last}"],
+    layers=[first, last],
+    steps=[c_steps[0]],
+    values=vals,
+  )
+
+
+def _growth(h: History, th: Thresholds, layers: Sequence[str]) -> Finding | None:
+  """``"exploding_gradients"`` when some layer's gradient norm (median of the last 10 % of
+  its steps) exceeds ``exploding_growth ×`` its median over the first 10 %, or ``None``."""
+  growing: dict[str, float] = {}
+  first_step: list[int] = []
+  for lay in layers:
+    steps, values = _finite(*_series(h, f"grads/norm/{lay}"))  # type: ignore[misc]
+    if steps.size < th.min_points:
+      continue
+    _, head = _head(steps, values, 0.1)
+    t_steps, tail = _tail(steps, values, 0.1)
+    h0, h1 = float(np.median(head)), float(np.median(tail))
+    if h0 > 0 and h1 > th.exploding_growth * h0:
+      growing[lay] = h1 / h0
+      first_step.append(int(t_steps[0]))
+  if not growing:
+    return None
+  names = list(growing)
+  top = max(growing.values())
+  summary = (
+    f"Exploding gradients: the gradient norm of {len(names)} layer(s) "
+    f"({', '.join(names[:5])}{', …' if len(names) > 5 else ''}) grows by up to "
+    f"{_fmt(top)} × from the first to the last 10 % of the run (more than "
+    f"{_fmt(th.exploding_growth)} ×)."
+  )
+  return _finding(
+    "exploding_gradients",
+    "warning",
+    summary,
+    metric=[f"grads/norm/{lay}" for lay in names],
+    layers=names,
+    steps=[min(first_step)],
+    values={f"growth/{lay}": g for lay, g in growing.items()},
+  )
+
+
+def _rule_gradients(h: History, th: Thresholds) -> list[Finding]:
+  """Vanishing and exploding gradients through depth.
+
+  With ``grads/norm/{layer}`` of at least two (weight) layers in depth order: the ratio
+  ``‖g_first‖/‖g_last‖`` of the input-side to the output-side layer at their common steps
+  of the last half, its median below ``vanishing_ratio`` → ``"vanishing_gradients"``,
+  above ``exploding_ratio`` → ``"exploding_gradients"``. Independently, for any layer,
+  the median norm of the last 10 % of its steps above ``exploding_growth ×`` the median of
+  the first 10 % (positive) → ``"exploding_gradients"``. Warnings. Source: the lecture's
+  vanishing/exploding gradients; per-layer gradient norms as in ikkuna.
+  """
+  layers = _layers(h, "grads", "norm", weights=True)
+  if not layers:
+    return []
+  findings: list[Finding] = []
+  if len(layers) >= 2:
+    depth = _depth_ratio(h, th, layers[0], layers[-1])
+    if depth is not None:
+      findings.append(depth)
+  if not any(f.name == "exploding_gradients" for f in findings):
+    growth = _growth(h, th, _layers(h, "grads", "norm"))
+    if growth is not None:
+      findings.append(growth)
+  return findings
+
+
+# --------------------------------------------------------------------------- update ratio
+
+
+def _stalled(h: History, th: Thresholds) -> tuple[list[str], dict[str, float], int | None]:
+  """Stalled weight layers (while another moves), their maxima, first step of the window."""
+  layers = _layers(h, "updates", "ratio", weights=True)
+  maxima: dict[str, float] = {}
+  moving = False
+  first: int | None = None
+  for lay in layers:
+    steps, values = _finite(*_series(h, f"updates/ratio/{lay}"))  # type: ignore[misc]
+    if steps.size == 0:
+      continue
+    t_steps, tail = _tail(steps, values, th.stall_fraction)
+    top = float(np.max(np.abs(tail)))
+    if top < th.stall_ratio:
+      maxima[lay] = top
+      first = int(t_steps[0]) if first is None else min(first, int(t_steps[0]))
+    else:
+      moving = True
+  if not moving:
+    return [], {}, None
+  return list(maxima), maxima, first
+
+
+def _rule_update_ratio(h: History, th: Thresholds) -> list[Finding]:
+  """Update/weight ratio ``‖Δθ‖/‖θ‖`` per layer far from the target ``1e-3``.
+
+  The median of ``updates/ratio/{layer}`` over the last half of its steps, per weight
+  layer: above ``ratio_high`` → ``"update_ratio_high"`` (learning rate too high for the
+  layer); below ``ratio_low`` → ``"update_ratio_low"`` (too low, the layer hardly learns;
+  layers reported as stalled are left out). Warnings. Source: the ikkuna thesis (update
+  ratio around 1e-3, Karpathy's rule of thumb).
+  """
+  layers = _layers(h, "updates", "ratio", weights=True)
+  stalled = set(_stalled(h, th)[0])
+  med, first = _layer_tail_medians(h, "updates/ratio", layers)
+  findings: list[Finding] = []
+  for name, pick, word, bound in (
+    ("update_ratio_high", lambda m: m > th.ratio_high, "above", th.ratio_high),
+    ("update_ratio_low", lambda m: m < th.ratio_low, "below", th.ratio_low),
+  ):
+    bad = [lay for lay, m in med.items() if pick(m) and lay not in stalled]
+    if not bad:
+      continue
+    shown = ", ".join(f"{lay} {_fmt(med[lay])}" for lay in bad[:5])
+    summary = (
+      f"Update/weight ratio {word} {_fmt(bound)} in {len(bad)} layer(s) (median over the "
+      f"last half: {shown}{', …' if len(bad) > 5 else ''}; target ≈ 1e-3)."
+    )
+    findings.append(
+      _finding(
+        name,
+        "warning",
+        summary,
+        metric=[f"updates/ratio/{lay}" for lay in bad],
+        layers=bad,
+        steps=[min(first[lay] for lay in bad)],
+        values={f"median/{lay}": m for lay, m in med.items()},
+      )
+    )
+  return findings
+
+
+def _rule_stalled_layers(h: History, th: Thresholds) -> list[Finding]:
+  """Layers that stopped moving while others still move.
+
+  A weight layer whose ``updates/ratio/{layer}`` stays below ``stall_ratio`` (absolute)
+  at every step of the last ``stall_fraction`` of its steps, while at least one other
+  layer is above it. Warning (expected for layers frozen on purpose). Source: ikkuna's
+  per-layer update ratio; the capacity thesis's frozen layers.
+  """
+  layers, maxima, first = _stalled(h, th)
+  if not layers:
+    return []
+  summary = (
+    f"{len(layers)} layer(s) stopped moving ({', '.join(layers[:5])}"
+    f"{', …' if len(layers) > 5 else ''}): ‖Δθ‖/‖θ‖ < {_fmt(th.stall_ratio)} over the last "
+    f"{th.stall_fraction:.0%} of the steps while other layers still move (expected only "
+    "for layers frozen on purpose)."
+  )
+  return [
+    _finding(
+      "stalled_layers",
+      "warning",
+      summary,
+      metric=[f"updates/ratio/{lay}" for lay in layers],
+      layers=layers,
+      steps=[first],
+      values={f"max/{lay}": m for lay, m in maxima.items()},
+    )
+  ]

@@ -1,0 +1,458 @@
+"""Rules on the loss curves: divergence and NaN/Inf, oscillation and instability, early and
+late plateaus, overfitting.
+
+They read ``loss``, ``train/accuracy``, ``test/loss`` and, for the first non-finite value
+inside the network, every per-layer ``{topic}/{stat}/{layer}`` key. Every rule but the
+divergence looks only at the finite loss before the divergence step (if any).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from jaxscope.diagnose.finding import Finding, Thresholds, _finding, _fmt
+from jaxscope.diagnose.series import (
+  _acf_period,
+  _finite,
+  _head,
+  _moving_median,
+  _natural_key,
+  _rel_drop,
+  _series,
+  _slope,
+  _tail,
+)
+from jaxscope.record import History
+
+#: Ratios whose denominator is a weight's norm: infinite for zero weights (a freshly
+#: initialised bias), so their non-finite values are not evidence of a divergence.
+_RATIO_STATS = ("ratio", "ratio_new", "elementwise_ratio")
+
+
+# --------------------------------------------------------------------------- divergence
+
+
+def _divergence_step(h: History, th: Thresholds) -> int | None:
+  """The first step where ``loss`` is non-finite or above ``divergence_factor × |initial|``."""
+  s = _series(h, "loss")
+  if s is None:
+    return None
+  steps, loss = s
+  finite = np.isfinite(loss)
+  bad = ~finite
+  if finite.any():
+    initial = loss[np.argmax(finite)]
+    if initial > 0:
+      bad |= finite & (loss > th.divergence_factor * initial)
+  return int(steps[np.argmax(bad)]) if bad.any() else None
+
+
+def _stable_loss(h: History, th: Thresholds) -> tuple[np.ndarray, np.ndarray] | None:
+  """The finite ``loss`` before the divergence step (if any)."""
+  s = _series(h, "loss")
+  if s is None:
+    return None
+  steps, loss = s
+  div = _divergence_step(h, th)
+  if div is not None:
+    keep = steps < div
+    steps, loss = steps[keep], loss[keep]
+  steps, loss = _finite(steps, loss)
+  return (steps, loss) if steps.size else None
+
+
+def _first_nonfinite(h: History, div: int | None) -> tuple[tuple[int, str, str] | None, list[str]]:
+  """The first non-finite per-layer value at or before ``div`` (any step if ``None``).
+
+  Returns ``(step, key, layer)`` of the earliest one (ties: the first layer in depth order)
+  or ``None``, and the layers (depth order) that turn non-finite at that step. A
+  ``*/nonfinite_fraction/*`` above 0 counts as non-finite; ``updates/ratio``-like keys do not
+  (:data:`_RATIO_STATS`).
+  """
+  first: tuple[int, str, str] | None = None  # (step, key, layer)
+  bad_layers: dict[int, list[str]] = {}
+  for key in h.keys():
+    parts = key.split("/", 2)
+    if len(parts) != 3:
+      continue
+    s = _series(h, key)
+    if s is None:
+      continue
+    steps, values = s
+    if parts[1] in _RATIO_STATS:
+      continue  # ‖Δθ‖/‖θ‖ is +inf for a zero-initialised bias: not a NaN in the network.
+    bad = ~np.isfinite(values)
+    if parts[1] == "nonfinite_fraction":
+      bad |= np.isfinite(values) & (values > 0)
+    if div is not None:
+      bad &= steps <= div
+    if not bad.any():
+      continue
+    step = int(steps[np.argmax(bad)])
+    bad_layers.setdefault(step, []).append(parts[2])
+    if first is None or (step, _natural_key(parts[2])) < (first[0], _natural_key(first[2])):
+      first = (step, key, parts[2])
+  if first is None:
+    return None, []
+  return first, sorted(set(bad_layers[first[0]]), key=_natural_key)
+
+
+def _rule_divergence(h: History, th: Thresholds) -> list[Finding]:
+  """Divergence: the loss becomes non-finite or explodes.
+
+  Measures the first step ``s*`` where ``loss`` is non-finite or exceeds
+  ``divergence_factor × |loss_0|`` (``loss_0`` the first finite loss), and the first
+  per-layer value (any ``{topic}/{stat}/{layer}`` key) that is non-finite, or a
+  ``*/nonfinite_fraction/*`` above 0, at or before ``s*``: the layer where the NaN/Inf
+  started. When the loss stays finite but per-layer values are non-finite, that is
+  reported too. Critical. Source: the lecture's "loss explodes / NaN" shape.
+  """
+  div = _divergence_step(h, th)
+  first, layers = _first_nonfinite(h, div)
+  if div is None and first is None:
+    return []
+  values: dict[str, Any] = {}
+  if first is not None:
+    values.update(
+      first_nonfinite_step=first[0], first_nonfinite_key=first[1], first_nonfinite_layer=first[2]
+    )
+  where = (
+    f"; the first non-finite per-layer value is {first[1]!r} (layer {first[2]}) at step {first[0]}"
+    if first is not None
+    else ""
+  )
+  if div is not None:
+    steps, loss = _series(h, "loss")  # type: ignore[misc]
+    at = float(loss[np.searchsorted(steps, div)])
+    finite = loss[np.isfinite(loss)]
+    initial = float(finite[0]) if finite.size else float("nan")
+    values.update(initial_loss=initial, loss_at_step=at, divergence_step=div)
+    what = (
+      "is non-finite"
+      if not np.isfinite(at)
+      else (f"is {_fmt(at)}, above {_fmt(th.divergence_factor)} × the initial {_fmt(initial)}")
+    )
+    summary = f"The loss diverges: at step {div} it {what}{where}."
+    return [
+      _finding(
+        "divergence", "critical", summary, metric="loss", layers=layers, steps=[div], values=values
+      )
+    ]
+  assert first is not None
+  summary = f"Non-finite values inside the network while the loss stays finite{where}."
+  return [
+    _finding(
+      "divergence",
+      "critical",
+      summary,
+      metric=first[1],
+      layers=layers,
+      steps=[first[0]],
+      values=values,
+    )
+  ]
+
+
+# --------------------------------------------------------------------------- oscillation
+
+
+class _Residual(NamedTuple):
+  """The detrended loss that the oscillation and instability analyses read."""
+
+  y: np.ndarray
+  """``log(loss)`` (positive loss) or the loss, reduced to block maxima."""
+  resid: np.ndarray
+  """``y`` minus its trend (a centred moving median over ``window`` samples)."""
+  dt: float
+  """Steps per sample of ``y``."""
+  block: int
+  """Samples of the recorded loss per sample of ``y``."""
+  window: int
+  """The trend window in samples (odd)."""
+  use_log: bool
+  """Whether ``y`` is ``log(loss)``."""
+
+
+def _loss_residual(steps: np.ndarray, loss: np.ndarray, th: Thresholds) -> _Residual:
+  """The loss in the log domain when positive, reduced to at most ``max_points`` block
+  maxima (which keep the spikes), minus a moving median over ``trend_fraction`` of it."""
+  use_log = bool(np.all(loss > 0))
+  y = np.log(loss) if use_log else loss.copy()
+  dt = float(np.median(np.diff(steps))) if steps.size > 1 else 1.0
+  dt = dt if dt > 0 else 1.0
+  block = max(1, math.ceil(y.size / th.max_points))
+  if block > 1:
+    m = y.size // block * block
+    y = y[:m].reshape(-1, block).max(axis=1)  # The maximum keeps the spikes.
+    dt *= block
+  window = max(5, int(th.trend_fraction * y.size)) | 1
+  return _Residual(y, y - _moving_median(y, window), dt, block, window, use_log)
+
+
+def _periodic_spikes(steps: np.ndarray, res: _Residual, th: Thresholds) -> Finding | None:
+  """The ``"oscillation"`` finding of a significant periodogram peak, or ``None``."""
+  n, dt = res.y.size, res.dt
+  r = res.resid - res.resid.mean()
+  power = np.abs(np.fft.rfft(r)) ** 2
+  k = np.arange(power.size)
+  ref = float(np.median(power[1:])) if power.size > 1 else 0.0
+  top = float(power[1:].max()) if power.size > 1 else 0.0
+  if top <= 0:
+    return None
+  ref = max(ref, 1e-12 * top)
+  period = n * dt / np.maximum(k, 1)
+  in_range = (k >= 4) & (period >= th.min_period) & (period <= n * dt / 4)
+  sig = np.flatnonzero(in_range & (power > th.spike_power_ratio * ref))
+  if not sig.size:
+    return None
+  kk = int(sig[np.argmax(power[sig])])
+  lag = _acf_period(r, max(th.min_period / dt, 2.0), n / 4)
+  period_steps = (lag if lag is not None else n / kk) * dt
+  ratio = float(power[kk] / ref)
+  summary = (
+    f"The loss oscillates with a period of about {period_steps:.3g} steps "
+    f"(spectral peak {ratio:.3g} × the median power)."
+  )
+  return _finding(
+    "oscillation",
+    "warning",
+    summary,
+    metric="loss",
+    steps=[int(steps[0])],
+    values={"period_steps": period_steps, "power_ratio": ratio, "log_domain": res.use_log},
+  )
+
+
+def _instability(steps: np.ndarray, res: _Residual, th: Thresholds) -> Finding | None:
+  """The ``"instability"`` finding when too many points spike above the trend, or ``None``."""
+  resid = res.resid
+  # The scale: a moving MAD over twice the trend window, at least a quarter of the global
+  # MAD (a few equal residuals near the edges must not make the scale vanish).
+  mad = _moving_median(np.abs(resid), 2 * res.window + 1, edge=False)
+  floor = max(0.25 * float(np.median(np.abs(resid))), 1e-12 * float(np.max(np.abs(res.y))), 1e-300)
+  spikes = resid > th.spike_factor * np.maximum(mad, floor)
+  frac = float(spikes.mean())
+  if frac <= th.instability_fraction:
+    return None
+  idx = np.flatnonzero(spikes)
+  spike_steps = steps[idx * res.block]  # The first step of each spiking block.
+  summary = (
+    f"The loss is unstable: {frac:.1%} of the steps jump above the running median by more "
+    f"than {_fmt(th.spike_factor)} × its median absolute deviation."
+  )
+  return _finding(
+    "instability",
+    "warning",
+    summary,
+    metric="loss",
+    steps=spike_steps,
+    values={"spike_fraction": frac, "num_spikes": int(idx.size), "log_domain": res.use_log},
+  )
+
+
+def _rule_oscillation(h: History, th: Thresholds) -> list[Finding]:
+  """Oscillation (periodic spikes) and non-periodic instability of the loss.
+
+  On the finite loss before any divergence (``log(loss)`` when positive; series longer
+  than ``max_points`` reduced to the maximum of each block), the trend is a moving median over
+  ``trend_fraction`` of the series and ``r`` the residual. Periodic: the periodogram
+  ``|rfft(r − mean r)|²``; a bin at a period between ``min_period`` steps and a quarter of
+  the run whose power exceeds ``spike_power_ratio ×`` the median power (bins 1…n/2) is
+  significant; the reported period is the first strong autocorrelation peak (see
+  :func:`_acf_period`), which finds the fundamental of a spike train rather than one of
+  its equally strong harmonics (fallback: the strongest bin). Warning ``"oscillation"``.
+  Instability (only without a periodic finding): the fraction of points with
+  ``r > spike_factor × MAD`` (MAD a moving median of ``|r|`` over twice the trend
+  window, at least a quarter of the global median of ``|r|``) exceeds
+  ``instability_fraction``. Warning ``"instability"``.
+  Source: the lecture's "periodic spikes: online learning on unshuffled or imbalanced
+  data" and "unstable loss: stuck between minima, large gradients".
+  """
+  s = _stable_loss(h, th)
+  if s is None or s[0].size < th.min_series:
+    return []
+  steps, loss = s
+  res = _loss_residual(steps, loss, th)
+  found = _periodic_spikes(steps, res, th) or _instability(steps, res, th)
+  return [found] if found is not None else []
+
+
+# --------------------------------------------------------------------------- plateaus, overfitting
+
+
+def _rule_early_plateau(h: History, th: Thresholds) -> list[Finding]:
+  """Early plateau: the loss barely falls at the start.
+
+  Over the first ``early_fraction`` of the (finite, pre-divergence) loss, with at least
+  ``min_points`` points, the relative drop ``(start − end)/|start|`` of a least-squares
+  line through the window (in ``log(loss)`` when positive) is below
+  ``plateau_rel_change``. Warning.
+  Source: the lecture's "plateau at the start: bad initialisation".
+  """
+  s = _stable_loss(h, th)
+  if s is None:
+    return []
+  steps, loss = _head(*s, th.early_fraction)
+  if steps.size < th.min_points:
+    return []
+  start, end, drop = _rel_drop(steps, loss)
+  if drop >= th.plateau_rel_change:
+    return []
+  summary = (
+    f"The loss plateaus early: over steps {int(steps[0])}–{int(steps[-1])} it goes from "
+    f"{_fmt(start)} to {_fmt(end)} ({drop:.1%} drop, less than "
+    f"{th.plateau_rel_change:.1%})."
+  )
+  return [
+    _finding(
+      "early_plateau",
+      "warning",
+      summary,
+      metric="loss",
+      steps=[steps[0], steps[-1]],
+      values={"start": start, "end": end, "relative_drop": drop},
+    )
+  ]
+
+
+def _rule_late_plateau(h: History, th: Thresholds) -> list[Finding]:
+  """Late plateau: the loss stopped improving while still far from a good fit.
+
+  Over the last ``late_fraction`` of the (finite, pre-divergence) loss, with at least
+  ``min_points`` points, the relative drop of a least-squares line through the window
+  (in ``log(loss)`` when positive) is below ``plateau_rel_change``, and the run is still
+  far from good: the median ``train/accuracy`` of the window is below ``late_acc`` when
+  recorded, else the median loss of the window is above ``late_loss_fraction ×`` the
+  initial loss (median of the run's first five points, positive). Warning. Source: the
+  lecture's "stuck early then
+  overfitting late → decaying learning rate, other initialisation".
+  """
+  s = _stable_loss(h, th)
+  if s is None:
+    return []
+  all_steps, all_loss = s
+  steps, loss = _tail(all_steps, all_loss, th.late_fraction)
+  if steps.size < th.min_points:
+    return []
+  start, end, drop = _rel_drop(steps, loss)
+  if drop >= th.plateau_rel_change:
+    return []
+  values: dict[str, Any] = {"start": start, "end": end, "relative_drop": drop}
+  metric: list[str] = ["loss"]
+  acc = _series(h, "train/accuracy")
+  acc_vals = None
+  if acc is not None:
+    a_steps, a = _finite(*acc)
+    keep = a_steps >= steps[0]
+    div = _divergence_step(h, th)
+    if div is not None:
+      keep &= a_steps < div
+    acc_vals = a[keep]
+  if acc_vals is not None and acc_vals.size:
+    level = float(np.median(acc_vals))
+    if level >= th.late_acc:
+      return []
+    metric.append("train/accuracy")
+    values["train_accuracy"] = level
+    why = f"training accuracy {level:.3g} < {_fmt(th.late_acc)}"
+  else:
+    initial = float(np.median(all_loss[:5]))
+    level = float(np.median(loss))
+    if initial <= 0 or level <= th.late_loss_fraction * initial:
+      return []
+    values["initial_loss"] = initial
+    why = f"loss {_fmt(level)} > {_fmt(th.late_loss_fraction)} × initial {_fmt(initial)}"
+  summary = (
+    f"The loss is stuck late: over steps {int(steps[0])}–{int(steps[-1])} it falls by only "
+    f"{drop:.1%} while still far from a good fit ({why})."
+  )
+  return [
+    _finding(
+      "late_plateau",
+      "warning",
+      summary,
+      metric=metric,
+      steps=[steps[0], steps[-1]],
+      values=values,
+    )
+  ]
+
+
+def _train_at(steps: np.ndarray, loss: np.ndarray, at: np.ndarray) -> np.ndarray:
+  """Median training loss in each interval ``(at[j-1], at[j]]`` (nearest point if empty)."""
+  out = np.empty(at.size)
+  prev = -np.inf
+  for j, t in enumerate(at):
+    sel = (steps > prev) & (steps <= t)
+    if sel.any():
+      out[j] = np.median(loss[sel])
+    else:
+      out[j] = loss[np.argmin(np.abs(steps - t))]
+    prev = t
+  return out
+
+
+def _rule_overfitting(h: History, th: Thresholds) -> list[Finding]:
+  """Overfitting: the test loss rises while the training loss does not.
+
+  Over the last ``overfit_window`` finite evaluations of ``test/loss``, least-squares
+  slopes of the test loss and of the gap ``test − train`` (train = median ``loss`` since
+  the previous evaluation) are both positive, the training loss does not rise by more
+  than ``overfit_rel`` (relative, fitted), and the final test loss (median of the last
+  three evaluations) exceeds the minimum test loss by more than ``overfit_rel``
+  (relative). Suggests early stopping at the step of the minimum test loss. Warning.
+  Source: the lecture's "training loss falls, validation loss rises". In a diverged run
+  only the evaluations before the divergence step count.
+  """
+  div = _divergence_step(h, th)
+  test = _series(h, "test/loss")
+  train = _series(h, "loss")
+  if test is None or train is None:
+    return []
+  t_steps, t_loss = _finite(*test)
+  tr_steps, tr_loss = _finite(*train)
+  if div is not None:  # Only the part before a divergence can show overfitting.
+    keep, keep_tr = t_steps < div, tr_steps < div
+    t_steps, t_loss = t_steps[keep], t_loss[keep]
+    tr_steps, tr_loss = tr_steps[keep_tr], tr_loss[keep_tr]
+  w = th.overfit_window
+  if t_steps.size < max(w, 3) or tr_steps.size == 0:
+    return []
+  ws, wl = t_steps[-w:], t_loss[-w:]
+  tr = _train_at(tr_steps, tr_loss, ws)
+  test_slope, gap_slope, train_slope = _slope(ws, wl), _slope(ws, wl - tr), _slope(ws, tr)
+  span = float(ws[-1] - ws[0])
+  train_rise = train_slope * span / abs(tr[0]) if tr[0] != 0 else 0.0
+  best = int(np.argmin(t_loss))
+  best_loss, best_step = float(t_loss[best]), int(t_steps[best])
+  final = float(np.median(t_loss[-3:]))
+  above = (final - best_loss) / abs(best_loss) if best_loss != 0 else math.inf
+  if not (test_slope > 0 and gap_slope > 0 and train_rise <= th.overfit_rel):
+    return []
+  if above <= th.overfit_rel:
+    return []
+  summary = (
+    f"Overfitting: the test loss rises to {_fmt(final)}, {above:.1%} above its minimum "
+    f"{_fmt(best_loss)} at step {best_step}, while the training loss does not rise; "
+    f"stop early at step {best_step}."
+  )
+  return [
+    _finding(
+      "overfitting",
+      "warning",
+      summary,
+      metric=["loss", "test/loss"],
+      steps=[best_step],
+      values={
+        "best_step": best_step,
+        "best_test_loss": best_loss,
+        "final_test_loss": final,
+        "test_slope": test_slope,
+        "gap_slope": gap_slope,
+        "train_slope": train_slope,
+      },
+    )
+  ]

@@ -1,0 +1,120 @@
+"""The rule registry :data:`RULES` and :func:`diagnose`, which runs it over a run.
+
+A rule is ``rule(history, thresholds) -> list[Finding]``; the registry's order is the order
+in which the rules run (the findings are sorted afterwards, so it matters only for ties).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+from jaxscope.diagnose.activations import _rule_dead_units, _rule_saturation
+from jaxscope.diagnose.curvature import _rule_lr_curvature
+from jaxscope.diagnose.finding import Finding, Thresholds
+from jaxscope.diagnose.gradients import _rule_gradients, _rule_stalled_layers, _rule_update_ratio
+from jaxscope.diagnose.loss import (
+  _rule_divergence,
+  _rule_early_plateau,
+  _rule_late_plateau,
+  _rule_oscillation,
+  _rule_overfitting,
+)
+from jaxscope.diagnose.reporting import _sort_key
+from jaxscope.record import History
+
+#: The rules by name: ``rule(history, thresholds) -> list[Finding]``. A rule may return
+#: findings of several names (``"oscillation"`` gives ``oscillation`` or ``instability``,
+#: ``"gradients"`` gives ``vanishing_gradients`` / ``exploding_gradients``,
+#: ``"update_ratio"`` gives ``update_ratio_high`` / ``update_ratio_low``).
+RULES: dict[str, Callable[[History, Thresholds], list[Finding]]] = {
+  "divergence": _rule_divergence,
+  "oscillation": _rule_oscillation,
+  "early_plateau": _rule_early_plateau,
+  "late_plateau": _rule_late_plateau,
+  "overfitting": _rule_overfitting,
+  "gradients": _rule_gradients,
+  "update_ratio": _rule_update_ratio,
+  "dead_units": _rule_dead_units,
+  "saturation": _rule_saturation,
+  "stalled_layers": _rule_stalled_layers,
+  "lr_above_curvature_limit": _rule_lr_curvature,
+}
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def _as_history(history: Any) -> History:
+  """A :class:`History` from a History, a run directory or a mapping ``key -> (steps, values)``."""
+  if isinstance(history, History):
+    return history
+  if isinstance(history, str | os.PathLike):
+    return History.load(history)
+  if isinstance(history, Mapping):
+    by_step: dict[int, dict[str, Any]] = {}
+    for key, pair in history.items():
+      steps, values = pair
+      for s, v in zip(np.asarray(steps).tolist(), np.asarray(values), strict=True):
+        by_step.setdefault(int(s), {})[key] = v
+    return History(sorted(by_step.items()))
+  raise TypeError(
+    "diagnose: history must be a History, a run directory or a mapping "
+    f"key -> (steps, values), got {type(history).__name__}."
+  )
+
+
+def _thresholds(thresholds: Thresholds | None, overrides: Mapping[str, Any]) -> Thresholds:
+  """``thresholds`` (default :class:`Thresholds()`) with the overrides by name; integer
+  thresholds given as integral floats (e.g. from a command line) become ints."""
+  th = thresholds if thresholds is not None else Thresholds()
+  if overrides:
+    fields = {f.name for f in dataclasses.fields(Thresholds)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+      raise TypeError(f"diagnose: unknown thresholds {unknown}; known: {sorted(fields)}.")
+    th = dataclasses.replace(th, **overrides)
+  ints = {
+    f.name: int(getattr(th, f.name))
+    for f in dataclasses.fields(Thresholds)
+    if isinstance(f.default, int)
+    and not isinstance(f.default, bool)
+    and isinstance(getattr(th, f.name), float)
+    and float(getattr(th, f.name)).is_integer()
+  }
+  if ints:
+    th = dataclasses.replace(th, **ints)
+  return th
+
+
+def diagnose(
+  history: History | str | os.PathLike[str] | Mapping[str, tuple[np.ndarray, np.ndarray]],
+  thresholds: Thresholds | None = None,
+  **overrides: Any,
+) -> list[Finding]:
+  """Runs every rule of :data:`RULES` over a run and returns what it finds.
+
+  Args:
+    history: a :class:`~jaxscope.record.History`, a run directory (loaded with
+      :meth:`History.load`), or a mapping ``key -> (steps, values)``.
+    thresholds: the thresholds (default :class:`Thresholds()`).
+    **overrides: thresholds to change by name, e.g. ``dead_fraction=0.3``.
+
+  Returns:
+    The findings, most severe first (critical, warning, info), then by the first step of
+    their evidence, then by name. Empty when nothing was found.
+
+  Raises:
+    TypeError: an override names no field of :class:`Thresholds`, or ``history`` has an
+      unsupported type.
+  """
+  th = _thresholds(thresholds, overrides)
+  h = _as_history(history)
+  findings: list[Finding] = []
+  for rule in RULES.values():
+    findings.extend(rule(h, th))
+  return sorted(findings, key=_sort_key)
