@@ -47,6 +47,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -188,6 +189,224 @@ def _layer_layout(
   return jtree.Layout(tuple(jtree.Group(k, tuple(v)) for k, v in groups.items()), tuple(infos))
 
 
+def _tensor_metrics(lists: Mapping[str, Sequence[MetricSpec]]) -> dict[str, tuple[Metric, ...]]:
+  """Resolves and checks the per-layer metrics of each tensor topic; topics without any are
+  left out."""
+  topic_metrics: dict[str, tuple[Metric, ...]] = {}
+  for topic in TOPICS:
+    resolved = []
+    for spec in lists[topic]:
+      m = _resolve(spec, f"scope({topic}=...)")
+      if not isinstance(m, Metric):
+        raise TypeError(f"scope: {m.name!r} is a network metric; pass it in network=.")
+      resolved.append(m)
+    if topic in CAPTURE_TOPICS:
+      bad = [m.name for m in resolved if m.needs_params]
+      if bad:
+        raise ValueError(
+          f"scope: metric(s) {bad} compare with the parameters and cannot measure {topic!r} "
+          "(layer outputs have no matching parameter); use them on params/grads/updates."
+        )
+    names = [m.name for m in resolved]
+    dup = {n for n in names if names.count(n) > 1}
+    if dup:
+      raise ValueError(f"scope: metric(s) {sorted(dup)} given twice for topic {topic!r}.")
+    if resolved:
+      topic_metrics[topic] = tuple(resolved)
+  return topic_metrics
+
+
+def _network_metrics(specs: Sequence[MetricSpec]) -> list[NetworkMetric]:
+  """Resolves and checks the network-level metrics."""
+  net: list[NetworkMetric] = []
+  for spec in specs:
+    m = _resolve(spec, "scope(network=...)")
+    if not isinstance(m, NetworkMetric):
+      raise TypeError(f"scope: {m.name!r} is a per-layer metric, not a network metric.")
+    if m.name in {n.name for n in net}:
+      raise ValueError(f"scope: network metric {m.name!r} given twice.")
+    net.append(m)
+  return net
+
+
+class _Spec(NamedTuple):
+  """What a scope measures, resolved and checked once when it is built."""
+
+  topic_metrics: dict[str, tuple[Metric, ...]]
+  net: list[NetworkMetric]
+  needs_params: bool
+  include: str | Sequence[str] | None
+  exclude: str | Sequence[str] | None
+  kind: jtree.Kind
+  depth: int | None
+
+
+def _plan(
+  spec: _Spec, topic: str, tree: Any
+) -> list[tuple[str, Metric, tuple[jtree.LeafInfo, ...]]]:
+  """The measurements ``(key, metric, leaves)`` of one topic's tree, in order."""
+  if topic in CAPTURE_TOPICS:
+    lay = _layer_layout(tree, topic, include=spec.include, exclude=spec.exclude, depth=spec.depth)
+  else:
+    lay = jtree.layout(
+      tree,
+      argname=topic,
+      include=spec.include,
+      exclude=spec.exclude,
+      kind=spec.kind,
+      depth=spec.depth,
+    )
+  plan = []
+  for group in lay.groups:
+    for m in spec.topic_metrics[topic]:
+      infos = tuple(i for i in group.leaves if len(i.shape) >= m.min_ndim)
+      if infos:
+        plan.append((f"{topic}/{m.name}/{group.key}", m, infos))
+  return plan
+
+
+def _measure_tensors(
+  spec: _Spec, data: Mapping[str, Any], metric_state: Mapping[str, Any]
+) -> tuple[dict[str, jax.Array], dict[str, Any]]:
+  """The per-layer values of every planned measurement, and the metrics' new state."""
+  values: dict[str, jax.Array] = {}
+  new_state: dict[str, Any] = {}
+  ref_leaves = jax.tree_util.tree_leaves(data["params"]) if data.get("params") is not None else None
+  for topic in spec.topic_metrics:
+    leaves = jax.tree_util.tree_leaves(data[topic])
+    for key, m, infos in _plan(spec, topic, data[topic]):
+      xs = [leaves[i.index] for i in infos]
+      ref = [ref_leaves[i.index] for i in infos] if m.needs_params else None  # type: ignore[index]
+      value, new_state[key] = m.apply(xs, metric_state[key], ref)
+      if isinstance(value, dict):
+        topic_, stat, layer = key.split("/", 2)
+        for part, v in value.items():
+          values[f"{topic_}/{stat}_{part}/{layer}"] = v
+      else:
+        values[key] = value
+  return values, new_state
+
+
+def _init_state(spec: _Spec, params: Any, activations: Any, layer_grads: Any) -> ScopeState:
+  """``scope.init``: the state whose structure every later ``update`` keeps."""
+  given = {"activations": activations, "layer_grads": layer_grads}
+  trees: dict[str, Any] = {}
+  if params is not None:
+    jtree.leaf_infos(params, argname="params")  # Clear errors for non-array leaves.
+    shapes = _shapes(params)
+    trees.update({t: shapes for t in PARAM_TOPICS})
+  for topic in CAPTURE_TOPICS:
+    if given[topic] is not None:
+      trees[topic] = _shapes(_check_layer_dict(given[topic], topic))
+  for topic in spec.topic_metrics:
+    if topic not in trees:
+      how = (
+        f"init({topic}=...): the {{layer_key: array}} dict of capture.value_and_grad "
+        f"(Captured.{'outputs' if topic == 'activations' else 'grads'}) or its "
+        "ShapeDtypeStructs"
+        if topic in CAPTURE_TOPICS
+        else "init(params)"
+      )
+      raise ValueError(f"scope measures {topic!r}, so it needs its shapes: call {how}.")
+  if spec.needs_params and params is None:
+    raise ValueError("scope: init() needs params (the scope measures or compares with them).")
+  metric_state: dict[str, Any] = {}
+  for topic in spec.topic_metrics:
+    for key, m, infos in _plan(spec, topic, trees[topic]):
+      metric_state[key] = m.init([jax.ShapeDtypeStruct(i.shape, i.dtype) for i in infos])
+  data = {topic: trees[topic] for topic in spec.topic_metrics}
+  if spec.needs_params:
+    data["params"] = trees["params"]
+  value_shapes, _ = jax.eval_shape(functools.partial(_measure_tensors, spec), data, metric_state)
+  values = {k: jnp.zeros(s.shape, s.dtype) for k, s in value_shapes.items()}
+  for m in spec.net:
+    values[m.name] = jnp.zeros((), jnp.float32)
+  return ScopeState(jnp.zeros((), jnp.int32), jnp.zeros((), jnp.bool_), values, metric_state)
+
+
+def _update_trees(spec: _Spec, trees: dict[str, Any], inputs: Mapping[str, Any]) -> dict[str, Any]:
+  """Checks the trees and network inputs of one ``update``; returns the trees with the
+  capture topics as plain dicts."""
+  trees = dict(trees)
+  for topic in spec.topic_metrics:
+    if trees[topic] is None:
+      raise ValueError(f"scope measures {topic!r} but update() got {topic}=None.")
+    if topic in CAPTURE_TOPICS:
+      trees[topic] = _check_layer_dict(trees[topic], topic)
+  params = trees["params"]
+  if spec.needs_params and params is None:
+    users = sorted({m.name for ms in spec.topic_metrics.values() for m in ms if m.needs_params})
+    raise ValueError(
+      f"scope: {', '.join(users or ['params'])} needs the parameters, but update() got params=None."
+    )
+  if params is not None:
+    for topic in ("grads", "updates"):
+      if topic in spec.topic_metrics:
+        jtree.check_same_structure(params, trees[topic], ref_name="params", other_name=topic)
+  for m in spec.net:
+    missing = [n for n in m.needs if inputs[n] is None]
+    if missing:
+      raise ValueError(
+        f"scope: network metric {m.name!r} needs {', '.join(f'{n}=' for n in missing)} "
+        "(through monitored(): value=, logits=, labels= extra arguments)."
+      )
+  return trees
+
+
+def _update_state(
+  spec: _Spec,
+  every: int,
+  state: ScopeState,
+  trees: Mapping[str, Any],
+  inputs: Mapping[str, Any],
+  measure: bool | None,
+) -> tuple[dict[str, jax.Array], ScopeState]:
+  """``scope.update`` on checked trees: measures (or skips) and advances the state."""
+  data = {t: trees[t] for t in spec.topic_metrics}
+  if spec.needs_params:
+    data["params"] = trees["params"]
+  net_inputs = {k: v for k, v in inputs.items() if v is not None}
+
+  def measure_fn(
+    operand: tuple[Mapping[str, Any], Mapping[str, Any], Mapping[str, Any]],
+  ) -> tuple[dict[str, jax.Array], dict[str, Any]]:
+    data_, metric_state, net_in = operand
+    values, new_ms = _measure_tensors(spec, data_, metric_state)
+    for m in spec.net:
+      values[m.name] = m.fn(**net_in).astype(jnp.float32)
+    # Keep dtypes exactly as init built them (a weak-typed value must not flip).
+    values = {k: v.astype(state.values[k].dtype) for k, v in values.items()}
+    return values, new_ms
+
+  def skip(
+    operand: tuple[Mapping[str, Any], Mapping[str, Any], Mapping[str, Any]],
+  ) -> tuple[dict[str, jax.Array], dict[str, Any]]:
+    del operand
+    return dict(state.values), dict(state.metric_state)
+
+  planned = {key for topic in spec.topic_metrics for key, _, _ in _plan(spec, topic, trees[topic])}
+  if planned != set(state.metric_state):
+    extra = sorted(planned - set(state.metric_state))[:3]
+    gone = sorted(set(state.metric_state) - planned)[:3]
+    raise ValueError(
+      "scope.update: the trees do not match the ones init() was given "
+      f"(new layers: {extra}; missing layers: {gone}). Call init() with these parameters "
+      "(and activations/layer_grads)."
+    )
+  operand = (data, state.metric_state, net_inputs)
+  if measure is False:
+    measured = jnp.zeros((), jnp.bool_)
+    values, metric_state = skip(operand)
+  elif measure or every == 1:
+    measured = jnp.ones((), jnp.bool_)
+    values, metric_state = measure_fn(operand)
+  else:
+    measured = state.count % every == 0
+    values, metric_state = jax.lax.cond(measured, measure_fn, skip, operand)
+  new_state = ScopeState(optax.safe_increment(state.count), measured, values, metric_state)
+  return scope_values(new_state), new_state
+
+
 def scope(
   *,
   params: Sequence[MetricSpec] = (),
@@ -239,35 +458,8 @@ def scope(
   if preset is not None:
     for topic, specs in registry.preset_metrics(preset).items():
       lists[topic].extend(specs)
-  topic_metrics: dict[str, tuple[Metric, ...]] = {}
-  for topic in TOPICS:
-    resolved = []
-    for spec in lists[topic]:
-      m = _resolve(spec, f"scope({topic}=...)")
-      if not isinstance(m, Metric):
-        raise TypeError(f"scope: {m.name!r} is a network metric; pass it in network=.")
-      resolved.append(m)
-    if topic in CAPTURE_TOPICS:
-      bad = [m.name for m in resolved if m.needs_params]
-      if bad:
-        raise ValueError(
-          f"scope: metric(s) {bad} compare with the parameters and cannot measure {topic!r} "
-          "(layer outputs have no matching parameter); use them on params/grads/updates."
-        )
-    names = [m.name for m in resolved]
-    dup = {n for n in names if names.count(n) > 1}
-    if dup:
-      raise ValueError(f"scope: metric(s) {sorted(dup)} given twice for topic {topic!r}.")
-    if resolved:
-      topic_metrics[topic] = tuple(resolved)
-  net: list[NetworkMetric] = []
-  for spec in lists["network"]:
-    m = _resolve(spec, "scope(network=...)")
-    if not isinstance(m, NetworkMetric):
-      raise TypeError(f"scope: {m.name!r} is a per-layer metric, not a network metric.")
-    if m.name in {n.name for n in net}:
-      raise ValueError(f"scope: network metric {m.name!r} given twice.")
-    net.append(m)
+  topic_metrics = _tensor_metrics(lists)
+  net = _network_metrics(lists["network"])
   if not topic_metrics and not net:
     raise ValueError(
       "scope: no metric given (pass params=, grads=, updates=, activations=, layer_grads=, "
@@ -276,79 +468,12 @@ def scope(
   needs_params = "params" in topic_metrics or any(
     m.needs_params for ms in topic_metrics.values() for m in ms
   )
-  select = dict(include=include, exclude=exclude, kind=kind, depth=depth)
-
-  def _plan(topic: str, tree: Any) -> list[tuple[str, Metric, tuple[jtree.LeafInfo, ...]]]:
-    if topic in CAPTURE_TOPICS:
-      lay = _layer_layout(tree, topic, include=include, exclude=exclude, depth=depth)
-    else:
-      lay = jtree.layout(tree, argname=topic, **select)  # type: ignore[arg-type]
-    plan = []
-    for group in lay.groups:
-      for m in topic_metrics[topic]:
-        infos = tuple(i for i in group.leaves if len(i.shape) >= m.min_ndim)
-        if infos:
-          plan.append((f"{topic}/{m.name}/{group.key}", m, infos))
-    return plan
-
-  def _measure_tensors(
-    data: Mapping[str, Any], metric_state: Mapping[str, Any]
-  ) -> tuple[dict[str, jax.Array], dict[str, Any]]:
-    values: dict[str, jax.Array] = {}
-    new_state: dict[str, Any] = {}
-    ref_leaves = (
-      jax.tree_util.tree_leaves(data["params"]) if data.get("params") is not None else None
-    )
-    for topic in topic_metrics:
-      leaves = jax.tree_util.tree_leaves(data[topic])
-      for key, m, infos in _plan(topic, data[topic]):
-        xs = [leaves[i.index] for i in infos]
-        ref = [ref_leaves[i.index] for i in infos] if m.needs_params else None  # type: ignore[index]
-        value, new_state[key] = m.apply(xs, metric_state[key], ref)
-        if isinstance(value, dict):
-          topic_, stat, layer = key.split("/", 2)
-          for part, v in value.items():
-            values[f"{topic_}/{stat}_{part}/{layer}"] = v
-        else:
-          values[key] = value
-    return values, new_state
+  spec = _Spec(topic_metrics, net, needs_params, include, exclude, kind, depth)
 
   def init_fn(
     params: Any = None, *, activations: Any = None, layer_grads: Any = None
   ) -> ScopeState:
-    given = {"activations": activations, "layer_grads": layer_grads}
-    trees: dict[str, Any] = {}
-    if params is not None:
-      jtree.leaf_infos(params, argname="params")  # Clear errors for non-array leaves.
-      shapes = _shapes(params)
-      trees.update({t: shapes for t in PARAM_TOPICS})
-    for topic in CAPTURE_TOPICS:
-      if given[topic] is not None:
-        trees[topic] = _shapes(_check_layer_dict(given[topic], topic))
-    for topic in topic_metrics:
-      if topic not in trees:
-        how = (
-          f"init({topic}=...): the {{layer_key: array}} dict of capture.value_and_grad "
-          f"(Captured.{'outputs' if topic == 'activations' else 'grads'}) or its "
-          "ShapeDtypeStructs"
-          if topic in CAPTURE_TOPICS
-          else "init(params)"
-        )
-        raise ValueError(f"scope measures {topic!r}, so it needs its shapes: call {how}.")
-    if needs_params and params is None:
-      raise ValueError("scope: init() needs params (the scope measures or compares with them).")
-    metric_state: dict[str, Any] = {}
-    for topic in topic_metrics:
-      for key, m, infos in _plan(topic, trees[topic]):
-        metric_state[key] = m.init([jax.ShapeDtypeStruct(i.shape, i.dtype) for i in infos])
-    data = {topic: trees[topic] for topic in topic_metrics}
-    if needs_params:
-      data["params"] = trees["params"]
-    value_shapes, _ = jax.eval_shape(_measure_tensors, data, metric_state)
-    values = {k: jnp.zeros(s.shape, s.dtype) for k, s in value_shapes.items()}
-    for m in net:
-      values[m.name] = jnp.zeros((), jnp.float32)
-    return ScopeState(jnp.zeros((), jnp.int32), jnp.zeros((), jnp.bool_), values, metric_state)
+    return _init_state(spec, params, activations, layer_grads)
 
   def update_fn(
     state: ScopeState,
@@ -375,71 +500,8 @@ def scope(
       "activations": activations,
       "layer_grads": layer_grads,
     }
-    for topic in topic_metrics:
-      if trees[topic] is None:
-        raise ValueError(f"scope measures {topic!r} but update() got {topic}=None.")
-      if topic in CAPTURE_TOPICS:
-        trees[topic] = _check_layer_dict(trees[topic], topic)
-    if needs_params and params is None:
-      users = sorted({m.name for ms in topic_metrics.values() for m in ms if m.needs_params})
-      raise ValueError(
-        f"scope: {', '.join(users or ['params'])} needs the parameters, "
-        "but update() got params=None."
-      )
-    if params is not None:
-      for topic in ("grads", "updates"):
-        if topic in topic_metrics:
-          jtree.check_same_structure(params, trees[topic], ref_name="params", other_name=topic)
     inputs = {"loss": loss, "logits": logits, "labels": labels}
-    for m in net:
-      missing = [n for n in m.needs if inputs[n] is None]
-      if missing:
-        raise ValueError(
-          f"scope: network metric {m.name!r} needs {', '.join(f'{n}=' for n in missing)} "
-          "(through monitored(): value=, logits=, labels= extra arguments)."
-        )
-    data = {t: trees[t] for t in topic_metrics}
-    if needs_params:
-      data["params"] = params
-    net_inputs = {k: v for k, v in inputs.items() if v is not None}
-
-    def measure_fn(
-      operand: tuple[Mapping[str, Any], Mapping[str, Any], Mapping[str, Any]],
-    ) -> tuple[dict[str, jax.Array], dict[str, Any]]:
-      data_, metric_state, net_in = operand
-      values, new_ms = _measure_tensors(data_, metric_state)
-      for m in net:
-        values[m.name] = m.fn(**net_in).astype(jnp.float32)
-      # Keep dtypes exactly as init built them (a weak-typed value must not flip).
-      values = {k: v.astype(state.values[k].dtype) for k, v in values.items()}
-      return values, new_ms
-
-    def skip(
-      operand: tuple[Mapping[str, Any], Mapping[str, Any], Mapping[str, Any]],
-    ) -> tuple[dict[str, jax.Array], dict[str, Any]]:
-      del operand
-      return dict(state.values), dict(state.metric_state)
-
-    planned = {key for topic in topic_metrics for key, _, _ in _plan(topic, trees[topic])}
-    if planned != set(state.metric_state):
-      extra = sorted(planned - set(state.metric_state))[:3]
-      gone = sorted(set(state.metric_state) - planned)[:3]
-      raise ValueError(
-        "scope.update: the trees do not match the ones init() was given "
-        f"(new layers: {extra}; missing layers: {gone}). Call init() with these parameters "
-        "(and activations/layer_grads)."
-      )
-    operand = (data, state.metric_state, net_inputs)
-    if measure is False:
-      measured = jnp.zeros((), jnp.bool_)
-      values, metric_state = skip(operand)
-    elif measure or every == 1:
-      measured = jnp.ones((), jnp.bool_)
-      values, metric_state = measure_fn(operand)
-    else:
-      measured = state.count % every == 0
-      values, metric_state = jax.lax.cond(measured, measure_fn, skip, operand)
-    new_state = ScopeState(optax.safe_increment(state.count), measured, values, metric_state)
-    return scope_values(new_state), new_state
+    trees = _update_trees(spec, trees, inputs)
+    return _update_state(spec, every, state, trees, inputs, measure)
 
   return Scope(init_fn, update_fn, tuple(t for t in TOPICS if t in topic_metrics), every)
