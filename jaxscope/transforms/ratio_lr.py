@@ -166,6 +166,87 @@ def _selected(
   return [info for g in lay.groups for info in g.leaves]
 
 
+def _clip_factor(f: jax.Array, floor: Any, max_factor: Any) -> jax.Array:
+  """``f`` clipped to ``[floor, max_factor]`` (``None``: 0 and no upper bound)."""
+  lo = 0.0 if floor is None else floor
+  hi = jnp.inf if max_factor is None else max_factor
+  return jnp.clip(f, lo, hi)
+
+
+def _mean(d: dict[str, jax.Array]) -> jax.Array:
+  """Unweighted mean of the per-layer scalars."""
+  return jnp.mean(jnp.stack(list(d.values())))
+
+
+def _previous_ratios(
+  infos: Sequence[jtree.LeafInfo], flat_p: Sequence[jax.Array], state: RatioAdaptiveState
+) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+  """The previous update's ratio ``R_{k−1} = ‖Δ_{k−1}‖ / ‖W_k‖`` per counted layer, and
+  whether it counts (a previous update exists, ``W_k ≠ 0`` and ``R`` is finite).
+
+  It is measured now, on the weights the update produced (the ``params`` given to this
+  update): one reduction over the parameters, none over ``p + Δ``, and exactly the weights
+  the next step starts from.
+  """
+  has_prev = state.count > 0
+  raw, valid = {}, {}
+  for info in infos:
+    wn = _norm(flat_p[info.index])
+    un = state.update_norms[info.name]
+    r = un / jnp.where(wn > 0, wn, 1.0)
+    raw[info.name] = r
+    valid[info.name] = has_prev & (wn > 0) & jnp.isfinite(r)
+  return raw, valid
+
+
+def _code_factor(
+  state: RatioAdaptiveState,
+  raw: dict[str, jax.Array],
+  valid: dict[str, jax.Array],
+  gamma: jax.Array,
+  tgt: jax.Array,
+  floor: Any,
+  max_factor: Any,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Mode "code": ``f = t / mean r`` from the EMAs before ``R_{k−1}`` is folded in, and the
+  new EMAs ``r ← γ R + (1 − γ) r``."""
+  # This update's factor comes from the ratios up to step k − 2, before R_{k−1} is
+  # folded in (one step of lag, as the original's LambdaLR stepping).
+  m_prev = state.mean_ratio
+  ok = (m_prev > MIN_MEAN_RATIO) & jnp.isfinite(m_prev)
+  f = _clip_factor(jnp.where(ok, tgt / jnp.where(ok, m_prev, 1.0), 1.0), floor, max_factor)
+  ratios = {
+    k: jnp.where(valid[k], gamma * raw[k] + (1 - gamma) * state.ratios[k], state.ratios[k])
+    for k in raw
+  }
+  return f, ratios
+
+
+def _thesis_factor(
+  state: RatioAdaptiveState,
+  raw: dict[str, jax.Array],
+  valid: dict[str, jax.Array],
+  gamma: jax.Array,
+  tgt: jax.Array,
+  floor: Any,
+  max_factor: Any,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Mode "thesis" (eq. 3.7): the two-tap averages ``γ R_k + (1 − γ) R_{k−1}`` and
+  ``f ← f · t / m`` with ``m`` their mean."""
+  has_prev = state.count > 0
+  first = state.count == 1  # R_0 is the first ratio: its predecessor is itself.
+  prev = {k: jnp.where(first, raw[k], state.last_ratios[k]) for k in raw}
+  ratios = {
+    k: jnp.where(valid[k], gamma * raw[k] + (1 - gamma) * prev[k], state.ratios[k]) for k in raw
+  }
+  m = _mean(ratios)
+  ok = has_prev & (m > MIN_MEAN_RATIO) & jnp.isfinite(m)
+  f = _clip_factor(
+    jnp.where(ok, state.factor * tgt / jnp.where(ok, m, 1.0), state.factor), floor, max_factor
+  )
+  return f, ratios
+
+
 def ratio_adaptive_lr(
   target: float = 1e-3,
   smoothing: float = 0.9,
@@ -234,11 +315,6 @@ def ratio_adaptive_lr(
   """
   _check_args(target, smoothing, max_factor, floor, mode, base_learning_rate)
 
-  def clip(f: jax.Array) -> jax.Array:
-    lo = 0.0 if floor is None else floor
-    hi = jnp.inf if max_factor is None else max_factor
-    return jnp.clip(f, lo, hi)
-
   def init_fn(params: optax.Params) -> RatioAdaptiveState:
     infos = _selected(params, layers, exclude, kind, "ratio_adaptive_lr(params)")
     # Distinct buffers for every leaf, so the state can be donated to a jitted step.
@@ -269,42 +345,11 @@ def ratio_adaptive_lr(
         "ratio_adaptive_lr: the counted layers changed since init "
         f"({sorted(state.ratios)} vs {sorted(i.name for i in infos)})."
       )
-    # The previous update's ratio R_{k−1} = ‖Δ_{k−1}‖ / ‖W_k‖ is measured now, on the
-    # weights it produced (the ``params`` given to this update): one reduction over the
-    # parameters, none over ``p + Δ``, and exactly the weights the next step starts from.
-    has_prev = state.count > 0
-    raw, valid = {}, {}
-    for info in infos:
-      wn = _norm(flat_p[info.index])
-      un = state.update_norms[info.name]
-      r = un / jnp.where(wn > 0, wn, 1.0)
-      raw[info.name] = r
-      valid[info.name] = has_prev & (wn > 0) & jnp.isfinite(r)
-
-    def mean(d: dict[str, jax.Array]) -> jax.Array:
-      return jnp.mean(jnp.stack(list(d.values())))
-
+    raw, valid = _previous_ratios(infos, flat_p, state)
     gamma = jnp.asarray(smoothing, jnp.float32)
     tgt = jnp.asarray(target, jnp.float32)
-    if mode == "code":
-      # This update's factor comes from the ratios up to step k − 2, before R_{k−1} is
-      # folded in (one step of lag, as the original's LambdaLR stepping).
-      m_prev = state.mean_ratio
-      ok = (m_prev > MIN_MEAN_RATIO) & jnp.isfinite(m_prev)
-      f = clip(jnp.where(ok, tgt / jnp.where(ok, m_prev, 1.0), 1.0))
-      ratios = {
-        k: jnp.where(valid[k], gamma * raw[k] + (1 - gamma) * state.ratios[k], state.ratios[k])
-        for k in raw
-      }
-    else:
-      first = state.count == 1  # R_0 is the first ratio: its predecessor is itself.
-      prev = {k: jnp.where(first, raw[k], state.last_ratios[k]) for k in raw}
-      ratios = {
-        k: jnp.where(valid[k], gamma * raw[k] + (1 - gamma) * prev[k], state.ratios[k]) for k in raw
-      }
-      m = mean(ratios)
-      ok = has_prev & (m > MIN_MEAN_RATIO) & jnp.isfinite(m)
-      f = clip(jnp.where(ok, state.factor * tgt / jnp.where(ok, m, 1.0), state.factor))
+    step = _code_factor if mode == "code" else _thesis_factor
+    f, ratios = step(state, raw, valid, gamma, tgt, floor, max_factor)
     f = f.astype(jnp.float32)
     scaled = jax.tree.map(lambda u: u * f.astype(u.dtype), updates)
     last = {k: jnp.where(valid[k], raw[k], state.last_ratios[k]) for k in raw}
@@ -312,7 +357,7 @@ def ratio_adaptive_lr(
       count=optax.safe_increment(state.count),
       ratios=ratios,
       last_ratios=last,
-      mean_ratio=mean(ratios),
+      mean_ratio=_mean(ratios),
       factor=f,
       learning_rate=jnp.asarray(base_learning_rate, jnp.float32) * f,
       update_norms={i.name: f * _norm(flat_u[i.index]) for i in infos},
