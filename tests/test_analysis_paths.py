@@ -160,6 +160,28 @@ def test_projection_and_path_error(setup):
   assert np.isnan(analysis.path_error(lin, [3.0], [1.0]))
 
 
+def test_path_error_finite_values_only():
+  # α out of order, one α infinite and one loss NaN: the finite points, sorted by α, are
+  # (0, 1), (0.5, 0.5), (1, 0), i.e. the line 1 − α.
+  path = analysis.PathResult(
+    np.array([1.0, np.inf, 0.5, 0.25, 0.0]),
+    np.array([0.0, 2.0, 0.5, np.nan, 1.0]),
+    np.zeros(5),
+    "linear",
+    "model",
+    "model",
+    1.0,
+  )
+  alpha_t = [0.25, 0.75, 0.9, 1.5, 0.5, np.nan]
+  loss_t = [1.0, 0.0, 0.4, 9.0, np.nan, 1.0]
+  # |0.75 − 1| = 0.25, |0.25 − 0| = 0.25, |0.1 − 0.4| = 0.3; α_t = 1.5 lies outside [0, 1],
+  # and a NaN loss or α of a checkpoint leaves it out.
+  assert analysis.path_error(path, alpha_t, loss_t) == pytest.approx(0.8 / 3)
+  assert np.isnan(analysis.path_error(path, [0.5], [np.inf]))
+  nothing = path._replace(loss=np.full(5, np.nan))
+  assert np.isnan(analysis.path_error(nothing, alpha_t, loss_t))
+
+
 def test_trajectory_stats(setup):
   _, _, cps, _, _ = setup
   st = analysis.trajectory_stats(cps)

@@ -351,15 +351,36 @@ def project_on_path(theta_0: Any, theta_f: Any, checkpoints: Sequence[Any]) -> n
 
 
 def path_error(path: PathResult, alpha_t: Any, loss_t: Any) -> float:
-  """Mean absolute error between the path's loss (linearly interpolated at the
-  checkpoints' coordinates ``alpha_t``) and their true losses ``loss_t``; points outside
-  the path's α range are left out (NaN when none is inside)."""
-  a, lt = np.asarray(alpha_t, np.float64), np.asarray(loss_t, np.float64)
-  inside = (a >= path.alpha.min()) & (a <= path.alpha.max())
+  """Mean absolute error of a path's loss against the checkpoints' true losses.
+
+  ``MAE = mean_t |ℓ̂(α_t) − loss_t|`` where ``ℓ̂`` linearly interpolates the path's loss
+  over its α (sorted) and ``t`` runs over the checkpoints inside the α range of the
+  path's finite points. Only finite values count: path points whose α or loss is not
+  finite are dropped before interpolating, and checkpoints whose ``α_t`` or ``loss_t`` is
+  not finite are left out, so one diverged point does not make the whole error NaN.
+
+  Args:
+    path: the path (its ``alpha`` and ``loss``, in any order of α).
+    alpha_t: the checkpoints' coordinates on the path (:func:`project_on_path`).
+    loss_t: the checkpoints' true losses.
+
+  Returns:
+    The mean absolute error; NaN when no finite path point or no finite checkpoint inside
+    the range is left.
+  """
+  a = np.asarray(path.alpha, np.float64).reshape(-1)
+  lo = np.asarray(path.loss, np.float64).reshape(-1)
+  good = np.isfinite(a) & np.isfinite(lo)
+  if not good.any():
+    return float("nan")
+  order = np.argsort(a[good])
+  a, lo = a[good][order], lo[good][order]
+  at = np.asarray(alpha_t, np.float64).reshape(-1)
+  lt = np.asarray(loss_t, np.float64).reshape(-1)
+  inside = (at >= a[0]) & (at <= a[-1]) & np.isfinite(lt)
   if not inside.any():
     return float("nan")
-  pred = np.interp(a[inside], path.alpha, path.loss)
-  return float(np.mean(np.abs(pred - lt[inside])))
+  return float(np.mean(np.abs(np.interp(at[inside], a, lo) - lt[inside])))
 
 
 class TrajectoryStats(NamedTuple):
