@@ -9,7 +9,10 @@
   parameter level, checkpoints projected on the path, trajectory distances;
 * :mod:`~jaxscope.analysis.landscape`: 1-D and 2-D loss landscapes, saved as npz + json;
 * :mod:`~jaxscope.analysis.robustness`: re-initialisation heat-maps, re-randomisation and
-  the critical / ambient classification of layers (Zhang, Bengio & Singer).
+  the critical / ambient classification of layers (Zhang, Bengio & Singer);
+* :mod:`~jaxscope.analysis.run`: the run-level API, :func:`analyze` (what
+  ``jaxscope analyze`` does: every analysis of a run's checkpoints, written and returned),
+  with the analyses' file and summary writers in :mod:`~jaxscope.analysis.reports`.
 """
 
 from jaxscope.analysis.directions import cosine, filter_normalize, random_directions
@@ -44,8 +47,20 @@ from jaxscope.analysis.paths import (
 )
 from jaxscope.analysis.pca import LazyCheckpoints, PCAResult, pca_directions, project
 from jaxscope.analysis.robustness import RobustnessResult, classify_layers, layer_robustness
+from jaxscope.analysis.run import (
+  ANALYSES,
+  AnalysisOptions,
+  AnalysisReport,
+  AnalysisResult,
+  RunLike,
+  analyze,
+)
 
 __all__ = [
+  "ANALYSES",
+  "AnalysisOptions",
+  "AnalysisReport",
+  "AnalysisResult",
   "EvalSet",
   "Landscape",
   "LazyCheckpoints",
@@ -53,7 +68,9 @@ __all__ = [
   "PathResult",
   "PointEvaluator",
   "RobustnessResult",
+  "RunLike",
   "TrajectoryStats",
+  "analyze",
   "chunk_size",
   "classify_layers",
   "cosine",
