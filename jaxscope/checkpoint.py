@@ -29,11 +29,10 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import json
 import logging
 import sys
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -42,9 +41,15 @@ import numpy as np
 
 from jaxscope.tree import path_name
 
-__all__ = ["CHECKPOINT_DIR", "Checkpoint", "DamagedCheckpointWarning", "RunCheckpoints"]
+__all__ = [
+  "CHECKPOINT_DIR",
+  "Checkpoint",
+  "CheckpointWriter",
+  "DamagedCheckpointWarning",
+  "RunCheckpoints",
+]
 
-#: The checkpoints' folder inside a run directory (written by :func:`jaxscope.train.train`).
+#: The checkpoints' folder inside a run directory (see :mod:`jaxscope.run`).
 CHECKPOINT_DIR = "checkpoints"
 
 # What a restore reads of the ``state`` item (the TrainState fields, saved as dict keys).
@@ -160,8 +165,6 @@ class RunCheckpoints:
     """The orbax checkpoint directory, ``run_dir/checkpoints``."""
     self._ocp = ocp
     self._manager: Any = None
-    self._config: dict[str, Any] | None = None
-    self._datasets: dict[Any, Any] = {}
     hint = (
       "train with checkpoint_every=k (jaxscope train --checkpoint-every k; by default "
       "`jaxscope train` writes one at step 0, every epoch and at the end)."
@@ -214,15 +217,6 @@ class RunCheckpoints:
   def steps(self) -> list[int]:
     """The steps on disk, sorted (damaged ones included; see :meth:`readable_steps`)."""
     return sorted(int(s) for s in self._mngr().all_steps())
-
-  @property
-  def config(self) -> dict[str, Any]:
-    """The run's ``config.json`` (TrainConfig fields, versions, task, steps_per_epoch, …),
-    ``{}`` when the run has none."""
-    if self._config is None:
-      file = self.run_dir / "config.json"
-      self._config = json.loads(file.read_text()) if file.is_file() else {}
-    return self._config
 
   def _check_step(self, step: int) -> int:
     steps = self.steps
@@ -435,55 +429,74 @@ class RunCheckpoints:
       (leaf,) = [v for q, v in jax.tree_util.tree_flatten_with_path(r.state)[0] if tuple(q) == full]
       yield path_name(path), np.asarray(leaf)
 
-  # ------------------------------------------------------------------------- the run
 
-  def dataset(self, data_dir: str | Path | None = None) -> Any:
-    """Loads the run's dataset as it trained on it (cached).
+class CheckpointWriter:
+  """Writes a run's checkpoints: an orbax ``CheckpointManager`` with atomic, asynchronous
+  saves of a state pytree (item ``state``) and a JSON record (item ``meta``).
 
-    ``jaxscope.data.load(config["dataset"], config["data_dir"], **config["data_args"])``;
-    pass ``data_dir`` when the files have moved since training.
+  This is the layout :class:`RunCheckpoints` reads: ``state`` is any pytree whose top
+  level holds ``params`` and ``model_state`` (the loop saves its whole
+  :class:`~jaxscope.train.TrainState`), ``meta`` a dict of JSON values (``step``,
+  ``epoch``, ``wall_time``, ``eval_loss``, …).
 
-    Raises:
-      ValueError: the run has no ``config.json`` (or it names no dataset).
-    """
-    config = self._need_config("dataset")
-    from jaxscope import data as jdata  # The app layer, for this convenience only.
+  Args:
+    directory: the checkpoint folder (``run_dir/checkpoints``); created if missing.
+    max_to_keep: checkpoints kept (``None``: all).
+  """
 
-    where = str(data_dir) if data_dir is not None else config.get("data_dir")
-    if where not in self._datasets:
-      self._datasets[where] = jdata.load(config["dataset"], where, **config.get("data_args", {}))
-    return self._datasets[where]
+  def __init__(self, directory: str | Path, max_to_keep: int | None = None) -> None:
+    import orbax.checkpoint as ocp
 
-  def model(self, input_shape: Sequence[int] | None = None, num_classes: int | None = None) -> Any:
-    """Rebuilds the run's model, a :class:`jaxscope.models.ModelDef`.
-
-    ``jaxscope.models.build(config["model"], input_shape, num_classes,
-    **config["model_args"])``; the input shape and class count come from the arguments,
-    else from the config (``input_shape``/``num_classes`` when recorded), else from
-    :meth:`dataset`.
-
-    Raises:
-      ValueError: the run has no ``config.json`` (or it names no model).
-    """
-    config = self._need_config("model")
-    from jaxscope import models as jmodels  # The app layer, for this convenience only.
-
-    if input_shape is None:
-      input_shape = config.get("input_shape")
-    if num_classes is None:
-      num_classes = config.get("num_classes")
-    if input_shape is None or num_classes is None:
-      ds = self.dataset()
-      input_shape = ds.train_x.shape[1:] if input_shape is None else input_shape
-      num_classes = ds.num_classes if num_classes is None else num_classes
-    return jmodels.build(
-      config["model"], tuple(input_shape), int(num_classes), **config.get("model_args", {})
+    self._ocp = ocp
+    options = ocp.CheckpointManagerOptions(
+      max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True
     )
+    self.manager = ocp.CheckpointManager(
+      Path(directory).absolute(), options=options, item_names=("state", "meta")
+    )
+    self.saved: set[int] = set(self.manager.all_steps())
+    """The steps on disk (and being written)."""
 
-  def _need_config(self, key: str) -> dict[str, Any]:
-    config = self.config
-    if key not in config:
-      raise ValueError(
-        f"RunCheckpoints: {self.run_dir / 'config.json'} is missing or names no {key}."
+  def save(self, step: int, state: Any, meta: Mapping[str, Any]) -> None:
+    """Saves ``state`` and ``meta`` as ``step`` (asynchronously; a step already on disk is
+    left as it is)."""
+    if step in self.saved:
+      return
+    ocp = self._ocp
+    self.manager.save(
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(dict(meta))
+      ),
+      force=True,
+    )
+    self.saved.add(step)
+
+  def restore_latest(self, targets: Sequence[Any]) -> tuple[int, Any, dict[str, Any]] | None:
+    """The newest step that restores into one of ``targets`` (abstract pytrees, tried in
+    order): ``(index of the target, state, meta)``; damaged steps are skipped with a
+    warning, ``None`` when no step restores."""
+    ocp = self._ocp
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      error = None
+      for i, target in enumerate(targets):
+        try:
+          r = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+              state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()
+            ),
+          )
+        except Exception as e:  # A damaged step: fall back to an older one.
+          error = error or e
+          continue
+        return i, r.state, dict(r.meta)
+      warnings.warn(
+        f"checkpoint {step} could not be restored ({error}); trying older.", stacklevel=3
       )
-    return config
+    return None
+
+  def close(self) -> None:
+    """Waits for pending saves and closes the manager."""
+    self.manager.wait_until_finished()
+    self.manager.close()

@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 
 from jaxscope import cli, data, plot
 from jaxscope.analysis import Landscape, PathResult, RobustnessResult
-from jaxscope.checkpoint import RunCheckpoints
+from jaxscope.run import load_run
 from jaxscope.train import make_evaluate, train
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -82,8 +82,9 @@ def test_path_endpoints_reproduce_the_checkpoints(run):
     np.testing.assert_allclose(z["alpha"], [0.0, 0.5, 1.0])
   assert len(idx) == 100 and meta["eval"]["n"] == 100
   ds = data.load("digits")
-  with RunCheckpoints(run_dir) as ck:
-    model = ck.model()
+  with load_run(run_dir) as run:
+    ck = run.checkpoints
+    model = run.model
     steps = ck.steps
     evaluate = make_evaluate(model, ds.test_x[idx], ds.test_y[idx])
     losses = {

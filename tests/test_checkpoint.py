@@ -13,8 +13,14 @@ import numpy as np
 import optax
 import pytest
 
-from jaxscope.checkpoint import Checkpoint, DamagedCheckpointWarning, RunCheckpoints
-from jaxscope.train import TrainState, _Checkpoints, make_evaluate, train
+from jaxscope.checkpoint import (
+  Checkpoint,
+  CheckpointWriter,
+  DamagedCheckpointWarning,
+  RunCheckpoints,
+)
+from jaxscope.run import load_run
+from jaxscope.train import TrainState, make_evaluate, train
 from jaxscope.tree import path_name
 
 
@@ -51,7 +57,7 @@ def bn_run(tmp_path_factory):
     return jax.tree.map(jnp.asarray, params), {"batch_stats": jax.tree.map(jnp.asarray, stats)}
 
   tx = optax.sgd(0.1, momentum=0.9)
-  ckpt = _Checkpoints(run_dir / "checkpoints", None)
+  ckpt = CheckpointWriter(run_dir / "checkpoints", None)
   states = {}
   for step in (0, 3):
     params, model_state = arrays(float(step))
@@ -92,9 +98,10 @@ def _assert_trees_equal(a, b):
 
 
 def test_steps_config_meta(mlp_run):
-  with RunCheckpoints(mlp_run.run_dir) as ckpts:
+  with load_run(mlp_run.run_dir) as run:
+    ckpts = run.checkpoints
     assert ckpts.steps == [0, 2, 4, 6]
-    assert ckpts.config["model"] == "mlp" and ckpts.config["steps_per_epoch"] == 22
+    assert run.config["model"] == "mlp" and run.config["steps_per_epoch"] == 22
     assert "steps=[0, 2, 4, 6]" in repr(ckpts)
     meta = ckpts.meta(4)
     assert meta["step"] == 4
@@ -119,13 +126,14 @@ def test_restore_last_equals_final_state(mlp_run):
     assert ckpts.restore().step == 6  # None: the newest readable step.
     # The accepted alternative: the checkpoints folder itself.
   with RunCheckpoints(mlp_run.run_dir / "checkpoints") as ckpts:
-    assert ckpts.run_dir == mlp_run.run_dir and ckpts.config["model"] == "mlp"
+    assert ckpts.run_dir == mlp_run.run_dir and load_run(ckpts.run_dir).config["model"] == "mlp"
 
 
 def test_step0_is_the_init(mlp_run):
-  with RunCheckpoints(mlp_run.run_dir) as ckpts:
-    model, ds = ckpts.model(), ckpts.dataset()
-    init = model.init(jax.random.key(ckpts.config["seed"]), ds.train_x[:1])
+  with load_run(mlp_run.run_dir) as run:
+    ckpts = run.checkpoints
+    model, ds = run.model, run.dataset
+    init = model.init(jax.random.key(run.config["seed"]), ds.train_x[:1])
     _assert_trees_equal(ckpts.restore(0).params, init["params"])
     abstract = ckpts.abstract_params()
     assert jax.tree.structure(abstract) == jax.tree.structure(init["params"])
@@ -149,10 +157,11 @@ def test_leaves_stream_the_params(mlp_run):
 
 
 def test_model_and_dataset_reproduce_eval_loss(mlp_run):
-  with RunCheckpoints(mlp_run.run_dir) as ckpts:
-    ds, config = ckpts.dataset(), ckpts.config
+  with load_run(mlp_run.run_dir) as run:
+    ckpts = run.checkpoints
+    ds, config = run.dataset, run.config
     evaluate = make_evaluate(
-      ckpts.model(), ds.test_x, ds.test_y, task=config["task"], batch_size=config["eval_batch_size"]
+      run.model, ds.test_x, ds.test_y, task=config["task"], batch_size=config["eval_batch_size"]
     )
     seen = []
     for ckpt in ckpts.iter():
@@ -161,13 +170,13 @@ def test_model_and_dataset_reproduce_eval_loss(mlp_run):
       seen.append(ckpt.step)
     assert seen == [0, 2, 4, 6]
     assert [c.step for c in ckpts.iter([6, 0])] == [6, 0]
-    assert ckpts.dataset() is ds  # cached
+    assert run.dataset is ds  # cached
 
 
 def test_batchnorm_run(bn_run):
   run_dir, states = bn_run
   with RunCheckpoints(run_dir) as ckpts:
-    assert ckpts.steps == [0, 3] and ckpts.config == {}
+    assert ckpts.steps == [0, 3] and load_run(run_dir).config == {}
     for step, state in states.items():
       ckpt = ckpts.restore(step)
       assert set(ckpt.model_state) == {"batch_stats"}
@@ -267,10 +276,11 @@ def test_no_config(mlp_run, tmp_path):
   run_dir = tmp_path / "run"
   shutil.copytree(mlp_run.run_dir, run_dir)
   (run_dir / "config.json").unlink()
-  with RunCheckpoints(run_dir) as ckpts:
-    assert ckpts.config == {}
+  with load_run(run_dir) as run:
+    ckpts = run.checkpoints
+    assert run.config == {}
     assert ckpts.restore(0).step == 0
     with pytest.raises(ValueError, match=r"config\.json"):
-      ckpts.model()
+      run.model  # noqa: B018
     with pytest.raises(ValueError, match=r"config\.json"):
-      ckpts.dataset()
+      run.dataset  # noqa: B018

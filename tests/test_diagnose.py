@@ -130,7 +130,7 @@ def test_divergence_nan_names_first_step_and_layer():
   assert f.evidence["values"]["first_nonfinite_key"] == "params/norm/Dense_1/kernel"
   assert f.evidence["values"]["first_nonfinite_layer"] == "Dense_1/kernel"
   assert f.evidence["layers"] == ["Dense_1/kernel"]
-  assert f.evidence["values"]["loss_at_step"] == "nan"
+  assert f.evidence["values"]["loss_at_step"] == "NaN"
   assert "598" in f.summary and "600" in f.summary and "Dense_1/kernel" in f.summary
 
 

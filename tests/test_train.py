@@ -378,16 +378,16 @@ def test_metric_lists_run_no_instruments():
 
 def test_resume_from_a_checkpoint_without_instrument_state(tmp_path, monkeypatch):
   # Checkpoints written before TrainState.instruments existed hold four fields.
-  import jaxscope.train as jtrain
+  from jaxscope.checkpoint import CheckpointWriter
 
-  save = jtrain._Checkpoints.save
+  save = CheckpointWriter.save
 
   def legacy_save(self, step, state, meta):
     save(self, step, {f: getattr(state, f) for f in state._fields[:4]}, meta)
 
   kw = dict(batch_size=32, checkpoint_every=0)
   with monkeypatch.context() as m:
-    m.setattr(jtrain._Checkpoints, "save", legacy_save)
+    m.setattr(CheckpointWriter, "save", legacy_save)
     _run(tmp_path, "old", steps=2, **kw)
   with pytest.warns(UserWarning, match="instruments start afresh"):
     r = _run(tmp_path, "old", steps=4, resume=True, **kw)

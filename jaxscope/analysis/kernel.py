@@ -46,7 +46,9 @@ __all__ = [
   "chunk_size",
   "make_batch_evaluator",
   "make_eval_set",
+  "make_evaluator",
   "make_point_evaluator",
+  "per_example_losses",
   "recompute_statistics",
 ]
 
@@ -95,13 +97,54 @@ def make_eval_set(x: Any, y: Any, *, batch_size: int = 500) -> EvalSet:
   )
 
 
+def per_example_losses(task: str, outputs: jax.Array, y: jax.Array) -> jax.Array:
+  """``ℓᵢ``, shape ``[B]``: softmax cross-entropy with integer labels (classification) or
+  the mean squared error of example ``i`` over its output entries (regression). The loss
+  of the reference loop's step and of every evaluation."""
+  if task == "regression":
+    return jnp.mean((outputs - y) ** 2, axis=tuple(range(1, outputs.ndim)))
+  return optax.softmax_cross_entropy_with_integer_labels(outputs, y)
+
+
 def _per_example(task: str, outputs: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Per-example loss and correctness (0 for regression)."""
+  per = per_example_losses(task, outputs, y)
   if task == "regression":
-    per = jnp.mean((outputs - y) ** 2, axis=tuple(range(1, outputs.ndim)))
     return per, jnp.zeros_like(per)
-  per = optax.softmax_cross_entropy_with_integer_labels(outputs, y)
   return per, (jnp.argmax(outputs, -1) == y).astype(jnp.float32)
+
+
+def _batch_sums(
+  apply_fn: ApplyFn, task: str, params: Any, state: Any, batch: tuple[jax.Array, ...]
+) -> tuple[jax.Array, jax.Array]:
+  """``(Σ mᵢ ℓᵢ, Σ mᵢ [correct]ᵢ)`` of one padded batch ``(x, y, m)`` for one tree."""
+  xb, yb, mb = batch
+  per, hit = _per_example(task, apply_fn(params, state, xb), yb)
+  return jnp.sum(per * mb), jnp.sum(hit * mb)
+
+
+def make_evaluator(
+  apply_fn: ApplyFn, eval_set: EvalSet, *, task: str = "classification"
+) -> Callable[[Any, Any], tuple[jax.Array, jax.Array]]:
+  """``f(params, state) -> (loss, accuracy)`` over ``eval_set``, for one parameter tree.
+
+  The padded batches are scanned (``lax.scan``); padded examples carry weight 0, so the
+  results are the exact means ``L = (1/n) Σ_i ℓ(f(x_i), y_i)`` and
+  ``acc = (1/n) Σ_i [argmax f(x_i) = y_i]`` (0 for regression) over the ``n`` examples.
+  The reference loop's evaluation (:func:`jaxscope.train.make_evaluate`); trace it inside
+  ``jit``. :func:`make_batch_evaluator` evaluates ``K`` trees at once the same way.
+  """
+
+  def evaluate(params: Any, state: Any) -> tuple[jax.Array, jax.Array]:
+    def body(carry: tuple[jax.Array, jax.Array], batch: tuple[jax.Array, ...]) -> Any:
+      loss, hits = _batch_sums(apply_fn, task, params, state, batch)
+      return (carry[0] + loss, carry[1] + hits), None
+
+    zero = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+    (loss, hits), _ = jax.lax.scan(body, zero, (eval_set.x, eval_set.y, eval_set.mask))
+    return loss / eval_set.n, hits / eval_set.n
+
+  return evaluate
 
 
 def make_batch_evaluator(
@@ -116,11 +159,8 @@ def make_batch_evaluator(
 
   def evaluate(params: Any, states: Any) -> tuple[jax.Array, jax.Array]:
     def body(carry: tuple[jax.Array, jax.Array], batch: tuple[jax.Array, ...]) -> Any:
-      xb, yb, mb = batch
-
       def one(p: Any, s: Any) -> tuple[jax.Array, jax.Array]:
-        per, hit = _per_example(task, apply_fn(p, s, xb), yb)
-        return jnp.sum(per * mb), jnp.sum(hit * mb)
+        return _batch_sums(apply_fn, task, p, s, batch)
 
       loss, hits = jax.vmap(one)(params, states)
       return (carry[0] + loss, carry[1] + hits), None

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
-from jaxscope.record import write_atomic
+from jaxscope.record import to_jsonable, write_atomic, write_json
 
 if TYPE_CHECKING:
   from jaxscope.analysis.run import RunAnalysis
@@ -38,21 +38,6 @@ class Written(NamedTuple):
 # ------------------------------------------------------------------------------ writers
 
 
-def _jsonable(obj: Any) -> Any:
-  """Numpy values and arrays as JSON values; non-finite floats as ``null`` (strict JSON)."""
-  if isinstance(obj, dict):
-    return {str(k): _jsonable(v) for k, v in obj.items()}
-  if isinstance(obj, list | tuple):
-    return [_jsonable(v) for v in obj]
-  if isinstance(obj, np.ndarray):
-    return _jsonable(obj.tolist())
-  if isinstance(obj, np.generic):
-    return _jsonable(obj.item())
-  if isinstance(obj, float) and not math.isfinite(obj):
-    return None
-  return obj
-
-
 def _save_result(
   out: Path, name: str, arrays: dict[str, Any], meta: dict[str, Any]
 ) -> tuple[dict[str, np.ndarray], dict[str, Any], list[Path]]:
@@ -61,9 +46,8 @@ def _save_result(
   npz, js = out / f"{name}.npz", out / f"{name}.json"
   data = {k: np.asarray(v) for k, v in arrays.items()}
   write_atomic(npz, lambda f: np.savez(f, **data))
-  obj = _jsonable({**meta, "arrays": sorted(data)})
-  text = json.dumps(obj, indent=2, allow_nan=False)
-  write_atomic(js, lambda f: f.write(text.encode()))
+  obj = to_jsonable({**meta, "arrays": sorted(data)})
+  write_json(js, obj)
   return data, obj, [npz, js]
 
 
@@ -79,7 +63,7 @@ def _save_landscape(
   if land.y is not None:
     data["y"] = land.y
   data.update({k: np.asarray(v) for k, v in extra.items()})
-  return data, json.loads(js.read_text()), [npz, js]
+  return data, json.loads(js.read_text(encoding="utf-8")), [npz, js]
 
 
 def _closest(alphas: Any, value: float) -> int | None:
@@ -360,7 +344,7 @@ def landscape(an: RunAnalysis) -> Written:
   }
   extra: dict[str, Any] = {"eval_indices": an.eval_indices}
   dirs, trajectory = _landscape_directions(an, n, settings, extra)
-  kw = {"model_state": an.state_f, "task": an.task, "settings": _jsonable(settings)}
+  kw = {"model_state": an.state_f, "task": an.task, "settings": to_jsonable(settings)}
   if n == 2:
     land = landscape_2d(an.apply_fn, an.eval_set, an.final.params, *dirs, xs, ys, **kw)
   else:
@@ -441,7 +425,7 @@ def trajectory(an: RunAnalysis) -> Written:
       "residual_fraction": resid,
     },
   }
-  kw = {"model_state": an.state_f, "task": an.task, "settings": _jsonable(settings)}
+  kw = {"model_state": an.state_f, "task": an.task, "settings": to_jsonable(settings)}
   if len(dirs) == 2:
     land = landscape_2d(an.apply_fn, an.eval_set, an.final.params, *dirs, *axes, **kw)
   else:

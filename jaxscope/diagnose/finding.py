@@ -2,18 +2,17 @@
 advice per finding name.
 
 A rule builds its findings with :func:`_finding`, which attaches the advice of the finding's
-name and turns the evidence into strict-JSON values (non-finite numbers as ``"nan"``,
-``"inf"``, ``"-inf"``).
+name and turns the evidence into strict-JSON values (:func:`jaxscope.record.to_jsonable`:
+non-finite numbers as ``"NaN"``, ``"Infinity"``, ``"-Infinity"``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-import numpy as np
+from jaxscope.record import to_jsonable
 
 #: Severities, most severe first.
 SEVERITIES: tuple[str, ...] = ("critical", "warning", "info")
@@ -38,7 +37,8 @@ class Finding:
     summary: one readable sentence with the numbers.
     evidence: JSON-serialisable dict: ``"metric"`` (the key or keys read), ``"layers"``,
       ``"steps"`` (the steps that show it, at most 20) and ``"values"`` (named numbers).
-      Non-finite numbers are written as the strings ``"nan"``, ``"inf"``, ``"-inf"``.
+      Non-finite numbers are the strings ``"NaN"``, ``"Infinity"``, ``"-Infinity"`` (the
+      JSON convention of :mod:`jaxscope.record.jsonio`).
     advice: what to try, most promising first.
   """
 
@@ -58,7 +58,7 @@ class Finding:
       "name": self.name,
       "severity": self.severity,
       "summary": self.summary,
-      "evidence": _jsonable(self.evidence),
+      "evidence": to_jsonable(self.evidence),
       "advice": list(self.advice),
     }
 
@@ -238,27 +238,6 @@ _ADVICE: dict[str, list[str]] = {
 # --------------------------------------------------------------------------- construction
 
 
-def _jsonable(x: Any) -> Any:
-  """Converts numpy values, tuples and non-finite floats into strict-JSON values."""
-  if isinstance(x, Mapping):
-    return {str(k): _jsonable(v) for k, v in x.items()}
-  if isinstance(x, list | tuple | set | frozenset):
-    return [_jsonable(v) for v in x]
-  if isinstance(x, np.ndarray):
-    return [_jsonable(v) for v in x.tolist()]
-  if isinstance(x, np.generic):
-    x = x.item()
-  if isinstance(x, bool) or x is None or isinstance(x, int | str):
-    return x
-  if isinstance(x, float):
-    if math.isnan(x):
-      return "nan"
-    if math.isinf(x):
-      return "inf" if x > 0 else "-inf"
-    return x
-  return str(x)
-
-
 def _finding(
   name: str,
   severity: str,
@@ -278,7 +257,7 @@ def _finding(
     "steps": steps,
     "values": dict(values or {}),
   }
-  return Finding(name, severity, summary, _jsonable(evidence), list(_ADVICE.get(name, [])))
+  return Finding(name, severity, summary, to_jsonable(evidence), list(_ADVICE.get(name, [])))
 
 
 def _fmt(x: float) -> str:

@@ -1,0 +1,521 @@
+"""The configuration of a training run: one schema for the loop, the command line and the docs.
+
+:class:`TrainConfig` is the single definition of what a run is configured by. Each field
+carries, in its ``metadata``, the command-line spelling (flags, parser, group, help), so
+``jaxscope train``'s flags and the options table of ``docs/train_options.md`` are
+generated from it (:func:`cli_options`, :func:`options_markdown`): a new option is
+written once. ``config.json`` of a run directory holds the fields (:func:`config_record`)
+plus derived keys (:data:`DERIVED_KEYS`); :func:`TrainConfig.from_record` reads it back.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import math
+import re
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+from jaxscope.models import growth
+
+__all__ = [
+  "CAPACITY_DEFAULTS",
+  "DERIVED_KEYS",
+  "OPTIMIZER_DEFAULTS",
+  "RESUME_KEYS",
+  "CliOption",
+  "TrainConfig",
+  "check_config",
+  "cli_options",
+  "comma_list",
+  "config_record",
+  "kv_pairs",
+  "non_negative_int",
+  "optimizer_hparams",
+  "optional_float",
+  "options_markdown",
+  "parse_capacity",
+  "positive_int",
+]
+
+
+# --------------------------------------------------------------------------- value parsers
+# Command-line spellings of field values; each raises ValueError with what was expected.
+
+
+def positive_int(text: str) -> int:
+  """``"3"`` → 3; an integer ≥ 1."""
+  try:
+    value = int(text)
+  except ValueError:
+    raise ValueError(f"expected a positive integer, got {text!r}") from None
+  if value < 1:
+    raise ValueError(f"expected a positive integer, got {value}")
+  return value
+
+
+def non_negative_int(text: str) -> int:
+  """``"0"`` → 0; an integer ≥ 0."""
+  try:
+    value = int(text)
+  except ValueError:
+    raise ValueError(f"expected an integer >= 0, got {text!r}") from None
+  if value < 0:
+    raise ValueError(f"expected an integer >= 0, got {value}")
+  return value
+
+
+def optional_float(text: str) -> float | None:
+  """``"0.5"`` → 0.5, ``"none"`` → ``None``."""
+  if text.strip().lower() == "none":
+    return None
+  try:
+    return float(text)
+  except ValueError:
+    raise ValueError(f"expected a number or 'none', got {text!r}") from None
+
+
+def kv_pairs(text: str) -> dict[str, Any]:
+  """Parses ``"a=1,b=0.9,c=true,name=x"`` into a dict of Python literals."""
+  out: dict[str, Any] = {}
+  for part in filter(None, (p.strip() for p in text.split(","))):
+    key, eq, value = part.partition("=")
+    if not eq or not key.strip():
+      raise ValueError(f"expected key=value pairs, got {part!r}")
+    v = value.strip()
+    lowered = {"true": True, "false": False, "none": None}
+    if v.lower() in lowered:
+      out[key.strip()] = lowered[v.lower()]
+      continue
+    try:
+      out[key.strip()] = ast.literal_eval(v)
+    except (ValueError, SyntaxError):
+      out[key.strip()] = v
+  return out
+
+
+def comma_list(text: str) -> list[str] | None:
+  """``"params,grads"`` → ``["params", "grads"]``; empty → ``None``."""
+  items = [t.strip() for t in text.split(",") if t.strip()]
+  return items or None
+
+
+# --------------------------------------------------------------------------- the schema
+
+_GROUPS = ("model and data", "optimisation", "metrics", "evaluation, checkpoints, output")
+
+
+def _opt(
+  default: Any = dataclasses.MISSING,
+  *,
+  help: str,
+  group: str,
+  flags: tuple[str, ...] = (),
+  parse: Callable[[str], Any] | None = None,
+  choices: tuple[str, ...] | None = None,
+  switch: str | None = None,
+  metavar: str | None = None,
+  factory: Callable[[], Any] | None = None,
+) -> Any:
+  """A :class:`TrainConfig` field with its command-line spelling in ``metadata``.
+
+  ``switch`` makes a boolean flag: ``"on"`` (``--flag`` sets ``True``) or ``"off"``
+  (``--no-flag`` sets ``False``).
+  """
+  assert group in _GROUPS, group
+  meta = {
+    "help": help,
+    "group": group,
+    "flags": flags,
+    "parse": parse,
+    "choices": choices,
+    "switch": switch,
+    "metavar": metavar,
+  }
+  if factory is not None:
+    return dataclasses.field(default_factory=factory, metadata=meta)
+  return dataclasses.field(default=default, metadata=meta)
+
+
+_DATA, _OPTIM, _METRICS, _OUT = _GROUPS
+
+
+@dataclasses.dataclass
+class TrainConfig:
+  """What :func:`jaxscope.train.train` runs; every field is a ``jaxscope train`` flag
+  (``--field-name`` unless its metadata names others) and a row of
+  ``docs/train_options.md``."""
+
+  model: str = _opt(
+    "lenet5", group=_DATA, flags=("-m", "--model"), help="model name (jaxscope list-models)"
+  )
+  dataset: str = _opt(
+    "digits", group=_DATA, flags=("-d", "--dataset"), help="dataset (jaxscope list-datasets)"
+  )
+  data_dir: str | None = _opt(
+    None, group=_DATA, help="directory of dataset files (command line: default $JAXSCOPE_DATA)"
+  )
+  batch_size: int = _opt(
+    64, group=_OPTIM, flags=("-b", "--batch-size"), parse=positive_int, help="training batch size"
+  )
+  epochs: int | None = _opt(
+    10,
+    group=_OPTIM,
+    flags=("-e", "--epochs"),
+    parse=positive_int,
+    help="number of epochs (ignored when steps is given)",
+  )
+  steps: int | None = _opt(
+    None, group=_OPTIM, parse=positive_int, help="total number of updates; overrides epochs"
+  )
+  optimizer: str = _opt(
+    "momentum",
+    group=_OPTIM,
+    flags=("-o", "--optimizer"),
+    help="momentum, nesterov, any optax alias (sgd, adam, adamw, rmsprop, …), or the "
+    "probabilistic preconditioners preconditioned_sgd, adaptive_sgd, only_adaptive_sgd "
+    "(step size estimated; --opt-args initial_lr=…, fixed_lr=…, est_rank=…)",
+  )
+  lr: float = _opt(
+    0.05, group=_OPTIM, flags=("-l", "--lr", "--learning-rate"), parse=float, help="learning rate"
+  )
+  optimizer_args: dict[str, Any] = _opt(  # noqa: RUF009 (a field with metadata)
+    group=_OPTIM,
+    factory=dict,
+    flags=("--opt-args",),
+    parse=kv_pairs,
+    metavar="K=V,…",
+    help="extra keyword arguments of the optimizer, e.g. weight_decay=1e-4",
+  )
+  schedule: str = _opt(
+    "constant",
+    group=_OPTIM,
+    help="constant | exponential:GAMMA (per epoch) | cosine | ratio (the optimizer at the "
+    "constant lr followed by the update/weight-ratio adaptive rate, see ratio_*)",
+  )
+  ratio_target: float = _opt(
+    1e-3, group=_OPTIM, parse=float, help="schedule ratio: the target update/weight ratio"
+  )
+  ratio_smoothing: float = _opt(
+    0.9,
+    group=_OPTIM,
+    parse=float,
+    help="schedule ratio: weight of the newest ratio in the moving average",
+  )
+  ratio_max_factor: float | None = _opt(
+    500.0,
+    group=_OPTIM,
+    parse=optional_float,
+    help="schedule ratio: cap of lr/base lr ('none': no cap)",
+  )
+  ratio_floor: float | None = _opt(
+    None,
+    group=_OPTIM,
+    parse=optional_float,
+    help="schedule ratio: floor of lr/base lr ('none': no floor)",
+  )
+  ratio_mode: str = _opt(
+    "code",
+    group=_OPTIM,
+    choices=("code", "thesis"),
+    help="schedule ratio: 'code' (the original implementation) or 'thesis' (eq. 3.7)",
+  )
+  metrics: str = _opt(
+    "economy",
+    group=_METRICS,
+    help="economy | business | full | none | comma list of metric names (jaxscope "
+    "list-metrics; no instruments). The presets are Cockpit's configurations: the per-layer "
+    "scope (economy; full for full) plus Cockpit's instruments of the same name and the "
+    "activation health of the captured layers",
+  )
+  topics: list[str] | None = _opt(  # noqa: RUF009 (a field with metadata)
+    None,
+    group=_METRICS,
+    parse=comma_list,
+    help="comma list of params,grads,updates (default all); topics, layers, exclude, depth "
+    "and kind select the per-layer scope only",
+  )
+  layers: str | None = _opt(None, group=_METRICS, help="regex selecting layers by name")
+  exclude: str | None = _opt(None, group=_METRICS, help="regex of layers to leave out")
+  depth: int | None = _opt(
+    None, group=_METRICS, parse=int, help="layer grouping depth (-1: per module)"
+  )
+  kind: str = _opt("any", group=_METRICS, choices=("any", "kernel", "bias"), help="leaves measured")
+  every: int = _opt(1, group=_METRICS, parse=positive_int, help="measure every n-th step")
+  eval_every: int | None = _opt(
+    None,
+    group=_OUT,
+    parse=positive_int,
+    help="steps between evaluations (default: once per epoch); also at step 0 and the end",
+  )
+  eval_batch_size: int = _opt(
+    500, group=_OUT, parse=positive_int, help="batch size of the evaluation"
+  )
+  checkpoint_every: int | None = _opt(
+    None,
+    group=_OUT,
+    parse=non_negative_int,
+    help="steps between checkpoints (default: once per epoch; 0: only the first and the "
+    "last); also at step 0 and the end",
+  )
+  max_to_keep: int | None = _opt(
+    None,
+    group=_OUT,
+    parse=positive_int,
+    help="checkpoints kept (default all, as the checkpoint analyses need the trajectory)",
+  )
+  out: str = _opt(
+    "runs/default",
+    group=_OUT,
+    flags=("--out", "--log-dir"),
+    help="run directory (command line: default runs/MODEL-DATASET-sSEED)",
+  )
+  tensorboard: bool = _opt(False, group=_OUT, switch="on", help="also write TensorBoard events")
+  seed: int = _opt(
+    0, group=_OPTIM, parse=int, help="seed of the initialisation, data order and dropout"
+  )
+  quiet: bool = _opt(
+    False, group=_OUT, flags=("-q", "--quiet"), switch="on", help="no progress bar or summary"
+  )
+  resume: bool = _opt(
+    False, group=_OUT, switch="on", help="continue from the newest readable checkpoint in out"
+  )
+  live_diagnosis: bool = _opt(
+    True,
+    group=_OPTIM,
+    switch="off",
+    help="run the diagnosis rules at each evaluation and print each new critical finding "
+    "once (warnings at the final evaluation)",
+  )
+  capacity: str | None = _opt(
+    None,
+    group=_OPTIM,
+    help="dynamic capacity for capacity_mlp / capacity_cnn: chunks=5,patience=10,"
+    "policy=all|activation-std (also cooldown, min_delta, smoothing). On a plateau of the "
+    "moving-average training loss the next chunk of a layer is activated and the trained "
+    "chunks are frozen; events are logged as capacity/expanded",
+  )
+  model_args: dict[str, Any] = _opt(  # noqa: RUF009 (a field with metadata)
+    group=_DATA,
+    factory=dict,
+    parse=kv_pairs,
+    metavar="K=V,…",
+    help="extra keyword arguments of the model, e.g. depth=56",
+  )
+  data_args: dict[str, Any] = _opt(  # noqa: RUF009 (a field with metadata)
+    group=_DATA, factory=dict, parse=kv_pairs, metavar="K=V,…", help="dataset loader kwargs"
+  )
+
+  @classmethod
+  def from_record(cls, record: Mapping[str, Any]) -> TrainConfig:
+    """The config of a run's ``config.json`` (derived and unknown keys are left out)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in record.items() if k in names})
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _positive(name: str, value: Any, allow_none: bool = False, allow_zero: bool = False) -> None:
+  if value is None and allow_none:
+    return
+  ok = isinstance(value, int) and not isinstance(value, bool)
+  if not ok or value < (0 if allow_zero else 1):
+    what = "a non-negative int" if allow_zero else "a positive int"
+    raise ValueError(f"train: {name} must be {what}, got {value!r}.")
+
+
+def check_config(config: TrainConfig) -> None:
+  """Raises ``ValueError`` naming the field for values no run can take."""
+  _positive("batch_size", config.batch_size)
+  _positive("epochs", config.epochs, allow_none=True)
+  _positive("steps", config.steps, allow_none=True)
+  _positive("every", config.every)
+  _positive("eval_every", config.eval_every, allow_none=True)
+  _positive("eval_batch_size", config.eval_batch_size)
+  _positive("checkpoint_every", config.checkpoint_every, allow_none=True, allow_zero=True)
+  _positive("max_to_keep", config.max_to_keep, allow_none=True)
+  if config.epochs is None and config.steps is None:
+    raise ValueError("train: give epochs or steps.")
+  if config.layers is not None:
+    try:
+      re.compile(config.layers)
+    except re.error as e:
+      raise ValueError(f"train: layers {config.layers!r} is not a valid regex: {e}") from None
+
+
+# --------------------------------------------------------------------------- config.json
+
+#: Keys of ``config.json`` besides the :class:`TrainConfig` fields, written by the loop.
+DERIVED_KEYS: dict[str, str] = {
+  "versions": "library versions and the JAX backend",
+  "task": "classification or regression (the dataset's)",
+  "steps_per_epoch": "training examples // batch_size",
+  "total_steps": "the number of updates the run was configured for",
+  "input_shape": "one example's shape (the model is rebuilt for it)",
+  "num_classes": "the dataset's number of classes (outputs)",
+  "optimizer_hparams": "optimizer_args with the optimizer's defaults filled in",
+}
+
+#: Keys of the config that must agree when resuming (the others may change).
+RESUME_KEYS = (
+  "model",
+  "dataset",
+  "batch_size",
+  "optimizer",
+  "optimizer_args",
+  "seed",
+  "capacity",
+)
+
+#: Defaults of the optimizers known by a name that is not an optax alias.
+OPTIMIZER_DEFAULTS: dict[str, dict[str, Any]] = {
+  "momentum": {"momentum": 0.9},
+  "nesterov": {"momentum": 0.9, "nesterov": True},
+}
+
+
+def optimizer_hparams(optimizer: str, optimizer_args: Mapping[str, Any] | None) -> dict[str, Any]:
+  """The optimizer's keyword arguments with the defaults of :data:`OPTIMIZER_DEFAULTS`
+  filled in, e.g. ``("momentum", {})`` → ``{"momentum": 0.9}``."""
+  return {**OPTIMIZER_DEFAULTS.get(optimizer, {}), **dict(optimizer_args or {})}
+
+
+def config_record(config: TrainConfig, **derived: Any) -> dict[str, Any]:
+  """What ``config.json`` holds: the fields of ``config`` and the ``derived`` keys (names
+  from :data:`DERIVED_KEYS`), with ``optimizer_hparams`` filled in."""
+  unknown = sorted(set(derived) - set(DERIVED_KEYS))
+  if unknown:
+    raise ValueError(f"config_record: unknown derived keys {unknown}; known: {list(DERIVED_KEYS)}.")
+  out = dataclasses.asdict(config)
+  out["optimizer_hparams"] = optimizer_hparams(config.optimizer, config.optimizer_args)
+  out.update(derived)
+  return out
+
+
+# --------------------------------------------------------------------------- capacity
+
+#: Defaults of ``--capacity`` (the thesis: chunks of a fifth or a tenth, patience 10).
+CAPACITY_DEFAULTS: dict[str, Any] = {
+  "chunks": 5,
+  "patience": 10,
+  "policy": "all",
+  "cooldown": 0,
+  "min_delta": 0.0,
+  "smoothing": 0.1,
+}
+
+
+def parse_capacity(spec: str | Mapping[str, Any]) -> dict[str, Any]:
+  """Parses ``--capacity`` (``"chunks=5,patience=10,policy=all|activation-std"``).
+
+  Keys: ``chunks`` (chunks per capacity layer, ≥ 2), ``patience`` (steps without
+  improvement of the moving average of the training loss that make a plateau, ≥ 1),
+  ``policy`` (``all``: every layer with room grows on a plateau, as the thesis did;
+  ``activation-std``: the layer whose active units' outputs have the highest standard
+  deviation), ``cooldown`` (≥ 0), ``min_delta`` (relative improvement, ≥ 0) and
+  ``smoothing`` (weight of the newest loss in the moving average, in (0, 1]). Missing keys
+  take :data:`CAPACITY_DEFAULTS`.
+  """
+  out = dict(CAPACITY_DEFAULTS)
+  if isinstance(spec, str):
+    items = {}
+    for part in (p.strip() for p in spec.split(",")):
+      if not part:
+        continue
+      if "=" not in part:
+        raise ValueError(f"--capacity: expected key=value, got {part!r} (in {spec!r}).")
+      k, v = (t.strip() for t in part.split("=", 1))
+      items[k] = v
+  else:
+    items = dict(spec)
+  unknown = sorted(set(items) - set(CAPACITY_DEFAULTS))
+  if unknown:
+    raise ValueError(f"--capacity: unknown key(s) {unknown}; keys: {', '.join(CAPACITY_DEFAULTS)}.")
+  for k, v in items.items():
+    kind = type(CAPACITY_DEFAULTS[k])
+    try:
+      out[k] = kind(v) if kind is not str else str(v)
+    except (TypeError, ValueError):
+      raise ValueError(f"--capacity: {k} must be a {kind.__name__}, got {v!r}.") from None
+  if out["chunks"] < 2:
+    raise ValueError(f"--capacity: chunks must be >= 2, got {out['chunks']}.")
+  if out["patience"] < 1 or out["cooldown"] < 0 or out["min_delta"] < 0:
+    raise ValueError(f"--capacity: patience >= 1, cooldown >= 0, min_delta >= 0; got {out}.")
+  if not 0.0 < out["smoothing"] <= 1.0:
+    raise ValueError(f"--capacity: smoothing must be in (0, 1], got {out['smoothing']}.")
+  if out["policy"] not in growth.POLICIES:
+    raise ValueError(f"--capacity: policy must be one of {growth.POLICIES}, got {out['policy']!r}.")
+  return out
+
+
+# --------------------------------------------------------------------------- the flags
+
+
+class CliOption(NamedTuple):
+  """One ``jaxscope train`` option, generated from a :class:`TrainConfig` field."""
+
+  field: str
+  """The field's name (the argparse ``dest``)."""
+  flags: tuple[str, ...]
+  """Option strings, e.g. ``("-l", "--lr", "--learning-rate")``."""
+  group: str
+  help: str
+  default: Any
+  parse: Callable[[str], Any] | None
+  """Parser of the value text (raises ``ValueError``); ``None`` for plain strings."""
+  choices: tuple[str, ...] | None
+  switch: str | None
+  """``"on"``: the flag sets ``True``; ``"off"``: the flag sets ``False``; ``None``: takes
+  a value."""
+  metavar: str | None
+
+
+def cli_options() -> list[CliOption]:
+  """The ``jaxscope train`` options, one per :class:`TrainConfig` field, in field order."""
+  out = []
+  for f in dataclasses.fields(TrainConfig):
+    m = f.metadata
+    default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+    dashed = f.name.replace("_", "-")
+    flags = m["flags"] or ((f"--no-{dashed}",) if m["switch"] == "off" else (f"--{dashed}",))
+    out.append(
+      CliOption(
+        f.name,
+        flags,
+        m["group"],
+        m["help"],
+        default,
+        m["parse"],
+        m["choices"],
+        m["switch"],
+        m["metavar"],
+      )
+    )
+  return out
+
+
+def _shown(value: Any) -> str:
+  if isinstance(value, float) and math.isfinite(value):
+    return f"{value:g}"
+  if value == {}:
+    return "{}"
+  return "none" if value is None else str(value)
+
+
+def options_markdown() -> str:
+  """The options table of ``docs/train_options.md``: one row per :class:`TrainConfig`
+  field (flags, field, default, meaning), grouped as ``jaxscope train --help`` shows them."""
+  lines = []
+  for group in _GROUPS:
+    lines += [f"### {group}", "", "| flag | field | default | meaning |", "|---|---|---|---|"]
+    for o in cli_options():
+      if o.group != group:
+        continue
+      flags = ", ".join(f"`{s}`" for s in o.flags)
+      default = _shown(o.default)
+      text = o.help.replace("|", "\\|")
+      lines.append(f"| {flags} | `{o.field}` | `{default}` | {text} |")
+    lines.append("")
+  return "\n".join(lines)

@@ -1,0 +1,248 @@
+"""The run directory: its layout, and :class:`Run`, a run loaded back from disk.
+
+A run directory is written by the reference loop (:func:`jaxscope.train.train`,
+``jaxscope train``) and read by every analysis, diagnosis and plot::
+
+    RUN/config.json        the configuration (TrainConfig fields + derived keys), strict JSON
+    RUN/metrics.jsonl      one JSON line per recorded step (jaxscope.record)
+    RUN/checkpoints/       orbax checkpoints: state (params, model_state, …) + meta
+    RUN/tensorboard/       TensorBoard events, when asked for
+    RUN/plots/             PNG figures of the metrics (jaxscope plot)
+    RUN/analysis/          checkpoint analyses: NAME.npz, NAME.json, figures (jaxscope analyze)
+    RUN/diagnosis.json     findings of the diagnosis rules (jaxscope diagnose)
+    RUN/diagnosis.png      the metrics behind each finding
+
+:class:`RunLayout` names these paths once; :func:`load_run` opens a run as a :class:`Run`
+with its config, :class:`~jaxscope.record.History`, checkpoints and the model and dataset
+rebuilt from the config.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from jaxscope.checkpoint import CHECKPOINT_DIR, RunCheckpoints
+from jaxscope.record import CONFIG_FILE, METRICS_FILE, TENSORBOARD_DIR, History, read_json
+from jaxscope.run.config import RESUME_KEYS, TrainConfig, optimizer_hparams
+
+__all__ = ["Run", "RunLayout", "check_resume", "load_run", "read_config"]
+
+
+class RunLayout(NamedTuple):
+  """The paths of one run directory (see the module docstring)."""
+
+  root: Path
+
+  @property
+  def config(self) -> Path:
+    return self.root / CONFIG_FILE
+
+  @property
+  def metrics(self) -> Path:
+    return self.root / METRICS_FILE
+
+  @property
+  def checkpoints(self) -> Path:
+    return self.root / CHECKPOINT_DIR
+
+  @property
+  def tensorboard(self) -> Path:
+    return self.root / TENSORBOARD_DIR
+
+  @property
+  def plots(self) -> Path:
+    return self.root / "plots"
+
+  @property
+  def analysis(self) -> Path:
+    return self.root / "analysis"
+
+  @property
+  def diagnosis(self) -> Path:
+    return self.root / "diagnosis.json"
+
+  @property
+  def diagnosis_figure(self) -> Path:
+    return self.root / "diagnosis.png"
+
+  def holds_run(self) -> bool:
+    """Whether a run was written here (a metrics log or any checkpoint)."""
+    return self.metrics.exists() or any(self.checkpoints.glob("*"))
+
+
+def read_config(path: str | os.PathLike[str]) -> dict[str, Any]:
+  """A run's ``config.json`` as a dict (``{}`` when the run has none), with the keys that
+  earlier versions did not write filled in (``optimizer_hparams``)."""
+  file = RunLayout(Path(path)).config
+  if not file.is_file():
+    return {}
+  config = read_json(file)
+  if not isinstance(config, dict):
+    raise ValueError(f"{file} does not hold a JSON object.")
+  if "optimizer" in config and "optimizer_hparams" not in config:
+    config["optimizer_hparams"] = optimizer_hparams(
+      config["optimizer"], config.get("optimizer_args")
+    )
+  return config
+
+
+def check_resume(layout: RunLayout, config: TrainConfig) -> None:
+  """Checks that ``config`` may write into ``layout``: a directory that already holds a
+  run needs ``config.resume``, and a resumed run must agree with the recorded config on
+  :data:`~jaxscope.run.config.RESUME_KEYS`.
+
+  Raises:
+    ValueError: naming the directory, or the key and both values.
+  """
+  if layout.holds_run() and not config.resume:
+    raise ValueError(
+      f"train: {layout.root} already holds a run; pass resume=True (--resume) to continue it, "
+      "or choose another output directory (--out)."
+    )
+  if config.resume and layout.config.exists():
+    old = read_config(layout.root)
+    for key in RESUME_KEYS:
+      if key in old and old[key] != getattr(config, key):
+        raise ValueError(
+          f"train(resume=True): {key}={getattr(config, key)!r} differs from the run's "
+          f"{old[key]!r} in {layout.config}."
+        )
+
+
+class Run:
+  """A run directory loaded back (:func:`load_run`): what it was configured with, what it
+  recorded, its checkpoints, and the model and data rebuilt from the config.
+
+  Everything but :attr:`config` is read on first use and cached. Close it (or use it as a
+  context manager) to release the checkpoint reader.
+
+  Attributes:
+    path: the run directory.
+    layout: its :class:`RunLayout`.
+    config: ``config.json`` as a dict (``{}`` when the run has none).
+  """
+
+  def __init__(self, path: str | os.PathLike[str], *, data_dir: str | None = None) -> None:
+    self.path = Path(path)
+    if not self.path.is_dir():
+      raise ValueError(f"load_run: run directory {self.path} does not exist.")
+    self.layout = RunLayout(self.path)
+    self.config: dict[str, Any] = read_config(self.path)
+    self._data_dir = data_dir
+    self._history: History | None = None
+    self._checkpoints: RunCheckpoints | None = None
+    self._dataset: Any = None
+    self._model: Any = None
+
+  def __repr__(self) -> str:
+    return f"Run({str(self.path)!r}, model={self.config.get('model')!r})"
+
+  def __enter__(self) -> Run:
+    return self
+
+  def __exit__(self, *exc: object) -> None:
+    self.close()
+
+  def close(self) -> None:
+    """Closes the checkpoint reader, if it was opened (idempotent)."""
+    if self._checkpoints is not None:
+      self._checkpoints.close()
+      self._checkpoints = None
+
+  @property
+  def train_config(self) -> TrainConfig:
+    """:attr:`config` as a :class:`~jaxscope.train.TrainConfig` (derived keys left out)."""
+    self._need("model")
+    return TrainConfig.from_record(self.config)
+
+  @property
+  def history(self) -> History:
+    """The recorded metrics (``metrics.jsonl``), with the config."""
+    if self._history is None:
+      self._history = History.load(self.path)
+    return self._history
+
+  @property
+  def checkpoints(self) -> RunCheckpoints:
+    """The checkpoints, opened read-only (:class:`~jaxscope.checkpoint.RunCheckpoints`)."""
+    if self._checkpoints is None:
+      self._checkpoints = RunCheckpoints(self.path)
+    return self._checkpoints
+
+  @property
+  def task(self) -> str:
+    """``"classification"`` or ``"regression"`` (the config's, else the dataset's)."""
+    return self.config.get("task") or getattr(self.dataset, "task", "classification")
+
+  @property
+  def dataset(self) -> Any:
+    """The run's dataset as it trained on it (:func:`jaxscope.data.load` of the config's
+    ``dataset``, ``data_dir`` (or :func:`load_run`'s ``data_dir``) and ``data_args``).
+
+    Raises:
+      ValueError: the run has no ``config.json`` (or it names no dataset).
+    """
+    if self._dataset is None:
+      config = self._need("dataset")
+      from jaxscope import data as jdata
+
+      where = self._data_dir if self._data_dir is not None else config.get("data_dir")
+      self._dataset = jdata.load(config["dataset"], where, **config.get("data_args", {}))
+    return self._dataset
+
+  @property
+  def model(self) -> Any:
+    """The run's model, a :class:`jaxscope.models.ModelDef` rebuilt from the config
+    (``models.build(model, input_shape, num_classes, **model_args)``; the shape and class
+    count come from the config when recorded, else from :attr:`dataset`).
+
+    Raises:
+      ValueError: the run has no ``config.json`` (or it names no model).
+    """
+    if self._model is None:
+      config = self._need("model")
+      from jaxscope import models as jmodels
+
+      input_shape, num_classes = config.get("input_shape"), config.get("num_classes")
+      if input_shape is None or num_classes is None:
+        ds = self.dataset
+        input_shape = ds.train_x.shape[1:] if input_shape is None else input_shape
+        num_classes = ds.num_classes if num_classes is None else num_classes
+      self._model = jmodels.build(
+        config["model"], tuple(input_shape), int(num_classes), **config.get("model_args", {})
+      )
+    return self._model
+
+  def _need(self, key: str) -> dict[str, Any]:
+    if key not in self.config:
+      raise ValueError(f"load_run: {self.layout.config} is missing or names no {key}.")
+    return self.config
+
+
+def load_run(path: str | os.PathLike[str], *, data_dir: str | None = None) -> Run:
+  """Opens the run directory ``path`` (see :class:`Run`).
+
+  Args:
+    path: a run directory written by ``jaxscope train`` / :func:`jaxscope.train.train`
+      (or any directory with a ``config.json``, ``metrics.jsonl`` or ``checkpoints/``).
+    data_dir: where the dataset's files are now, when they moved since training.
+
+  Raises:
+    ValueError: ``path`` is not a directory.
+
+  Example:
+    >>> import tempfile
+    >>> import jaxscope
+    >>> from jaxscope.train import train
+    >>> out = tempfile.mkdtemp()
+    >>> _ = train(model="mlp", dataset="sine", steps=4, batch_size=32, metrics="none",
+    ...           out=out, quiet=True)
+    >>> with jaxscope.load_run(out) as run:
+    ...   print(run.config["model"], run.task, run.checkpoints.steps)
+    ...   print(run.history.steps("loss").tolist())
+    mlp regression [0, 4]
+    [0, 1, 2, 3]
+  """
+  return Run(path, data_dir=data_dir)

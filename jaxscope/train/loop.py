@@ -1,0 +1,432 @@
+"""The reference loop: :func:`train` runs a :class:`~jaxscope.run.TrainConfig` end to end.
+
+It builds the model, data and optimizer from the config (:func:`setup`), restores the newest
+checkpoint when resuming, and steps, evaluates, records and checkpoints into the run
+directory (:mod:`jaxscope.run`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import signal
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxscope.checkpoint import CheckpointWriter
+from jaxscope.diagnose.live import LiveDiagnosis
+from jaxscope.metrics.instruments import Instruments
+from jaxscope.metrics.scope import Scope
+from jaxscope.models import growth
+from jaxscope.record import Recorder
+from jaxscope.run import RunLayout, TrainConfig, check_config, check_resume, config_record
+from jaxscope.run.config import parse_capacity
+from jaxscope.train.evaluate import make_evaluate
+from jaxscope.train.measure import make_activation_scope, make_instruments, make_scope
+from jaxscope.train.optim import HVP_OPTIMIZERS, Optimizer, build_optimizer
+from jaxscope.train.step import TrainState, init_instruments, make_train_step
+
+__all__ = ["Setup", "TrainResult", "setup", "train"]
+
+
+class TrainResult(NamedTuple):
+  """What :func:`train` returns."""
+
+  state: TrainState
+  """The final train state (on the device)."""
+  run_dir: Path
+  steps: int
+  """Number of updates applied (the final step)."""
+  final_eval: dict[str, float]
+  """``test/loss`` (and ``test/accuracy``) of the final parameters."""
+  interrupted: bool
+  """Whether the run was stopped by Ctrl-C (logs and a final checkpoint were written)."""
+  wall_time: float
+
+
+def _versions() -> dict[str, str]:
+  import flax
+  import orbax.checkpoint as ocp
+
+  import jaxscope
+
+  return {
+    "jaxscope": jaxscope.__version__,
+    "jax": jax.__version__,
+    "flax": flax.__version__,
+    "optax": optax.__version__,
+    "orbax-checkpoint": getattr(ocp, "__version__", "?"),
+    "backend": jax.default_backend(),
+  }
+
+
+def _epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+  """The data order of ``epoch``: a permutation drawn from ``(seed, epoch)``."""
+  return np.random.default_rng([seed, epoch]).permutation(n).astype(np.int32)
+
+
+class _StopFlag:
+  """Turns the first Ctrl-C into a request to stop after the current step.
+
+  The loop then evaluates, writes a final checkpoint and flushes the logs; a second
+  Ctrl-C interrupts at once (``KeyboardInterrupt``), still closing the recorder and
+  waiting for checkpoints being written.
+  """
+
+  def __init__(self) -> None:
+    self.requested = False
+
+  @contextlib.contextmanager
+  def catch_sigint(self) -> Any:
+    if threading.current_thread() is not threading.main_thread():
+      yield  # Signal handlers can only be installed from the main thread.
+      return
+
+    def handler(signum: int, frame: Any) -> None:
+      if self.requested:
+        raise KeyboardInterrupt
+      self.requested = True
+      print(
+        "\njaxscope: stopping after this step (writing logs and a checkpoint); "
+        "Ctrl-C again to abort.",
+        file=sys.stderr,
+        flush=True,
+      )
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+      yield
+    finally:
+      signal.signal(signal.SIGINT, previous)
+
+
+class Setup(NamedTuple):
+  """What a run is built from (:func:`setup`): its data, model, optimizer and measurements."""
+
+  config: TrainConfig
+  dataset: Any
+  task: str
+  model: Any
+  optimizer: Optimizer
+  scope: Scope | None
+  instruments: Instruments | None
+  activation_scope: Scope | None
+  capacity: dict[str, Any] | None
+  steps_per_epoch: int
+  total_steps: int
+
+  def init_state(self) -> TrainState:
+    """The initial train state (jittable): parameters from ``key(seed)``, the optimizer's,
+    instruments' and growth states."""
+    c, ds = self.config, self.dataset
+    variables = self.model.init(jax.random.key(c.seed), jnp.asarray(ds.train_x[:1]))
+    params = variables["params"]
+    model_state = {k: v for k, v in variables.items() if k != "params"}
+    inst_state: Any = ()
+    if self.instruments is not None:
+      batch_shapes = tuple(  # A training batch's shapes, to size the captured layers.
+        jax.ShapeDtypeStruct((c.batch_size, *a.shape[1:]), jax.dtypes.canonicalize_dtype(a.dtype))
+        for a in (ds.train_x, ds.train_y)
+      )
+      inst_state = init_instruments(
+        self.model,
+        self.instruments,
+        params,
+        model_state,
+        *batch_shapes,
+        task=self.task,
+        activation_scope=self.activation_scope,
+      )
+    if self.capacity is not None:
+      inst_state = {
+        **(inst_state or {}),
+        "growth": growth.growth_init(params, model_state["capacity"]),
+      }
+    return TrainState(
+      jnp.zeros((), jnp.int32), params, model_state, self.optimizer.tx.init(params), inst_state
+    )
+
+  def train_step(self) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
+    """The jitted step (``measure`` and ``phase`` static, the state donated)."""
+    c = self.config
+    return jax.jit(
+      make_train_step(
+        self.model,
+        self.optimizer.tx,
+        task=self.task,
+        schedule=self.optimizer.schedule,
+        seed=c.seed,
+        monitored=self.scope is not None,
+        hvp=c.optimizer in HVP_OPTIMIZERS,
+        instruments=self.instruments,
+        activation_scope=self.activation_scope,
+        learning_rate=c.lr,
+        capacity=self.capacity,
+      ),
+      static_argnames=("measure", "phase"),
+      donate_argnums=0,
+    )
+
+
+def setup(config: TrainConfig) -> Setup:
+  """Loads the dataset and builds the model, optimizer and measurements of ``config``.
+
+  The split is the dataset's own (seed via ``data_args``); the run's seed varies the
+  initialisation and the data order.
+
+  Raises:
+    ValueError: a configuration no run can take (named field and value).
+  """
+  from jaxscope import data as jdata
+  from jaxscope import models as jmodels
+
+  check_config(config)
+  ds = jdata.load(config.dataset, config.data_dir, **config.data_args)
+  task = getattr(ds, "task", "classification")
+  n_train = len(ds.train_x)
+  if n_train < config.batch_size:
+    raise ValueError(
+      f"train: batch_size {config.batch_size} is larger than the {n_train} training examples."
+    )
+  steps_per_epoch = n_train // config.batch_size
+  total = config.steps if config.steps is not None else config.epochs * steps_per_epoch  # type: ignore[operator]
+  capacity = parse_capacity(config.capacity) if config.capacity else None
+  model_args = dict(config.model_args)
+  if capacity is not None:
+    if not config.model.startswith("capacity_"):
+      raise ValueError(
+        f"train: --capacity needs a model with capacity layers (capacity_mlp, capacity_cnn), "
+        f"got {config.model!r}."
+      )
+    if config.optimizer in HVP_OPTIMIZERS:
+      raise ValueError(f"train: --capacity cannot be combined with {config.optimizer!r}.")
+    model_args.setdefault("chunks", capacity["chunks"])
+  model = jmodels.build(config.model, tuple(ds.train_x.shape[1:]), ds.num_classes, **model_args)
+  sc = make_scope(
+    config.metrics,
+    topics=config.topics,
+    layers=config.layers,
+    exclude=config.exclude,
+    depth=config.depth,
+    kind=config.kind,
+    every=config.every,
+  )
+  opt = build_optimizer(
+    config,
+    steps_per_epoch=steps_per_epoch,
+    total_steps=total,
+    scope=sc,
+    capacity=capacity is not None,
+  )
+  inst = make_instruments(config.metrics, every=config.every, seed=config.seed)
+  act_scope = make_activation_scope(config.every) if inst is not None else None
+  return Setup(config, ds, task, model, opt, sc, inst, act_scope, capacity, steps_per_epoch, total)
+
+
+def _restore(s: Setup, ckpt: CheckpointWriter, run_dir: Path) -> tuple[TrainState | None, int, int]:
+  """The newest checkpoint that restores into this configuration: ``(state, start step,
+  first step whose α is recorded)``; ``(None, 0, 1)`` when there is none."""
+  if not ckpt.saved:
+    return None, 0, 1
+  abstract = jax.eval_shape(s.init_state)
+  # A checkpoint written before TrainState.instruments existed holds four fields.
+  legacy = {f: getattr(abstract, f) for f in TrainState._fields if f != "instruments"}
+  restored = ckpt.restore_latest([abstract, legacy])
+  if restored is None:
+    ckpt.close()
+    raise ValueError(
+      f"train(resume=True): none of the checkpoints {sorted(ckpt.saved)} in "
+      f"{RunLayout(run_dir).checkpoints} could be restored into this configuration (the saved "
+      "state depends on the model, the optimizer and the metrics)."
+    )
+  which, state, _ = restored
+  if which == 1:
+    state = TrainState(**state)
+  start, alpha_from = int(state.step), 1
+  if which == 1 and s.instruments is not None:
+    # A run written before the instruments' state was checkpointed: they start afresh
+    # (their count set to the step, so that they measure the same steps).
+    warnings.warn(
+      f"train(resume=True): the checkpoint of step {start} holds no instrument state; "
+      "the instruments start afresh (alpha from the next update on).",
+      stacklevel=3,
+    )
+    fresh = jax.jit(s.init_state)().instruments
+    fresh["cockpit"] = fresh["cockpit"]._replace(count=jnp.asarray(start, jnp.int32))
+    state = state._replace(instruments=fresh)
+    alpha_from = start + 1
+  return state, start, alpha_from
+
+
+def train(config: TrainConfig | None = None, **overrides: Any) -> TrainResult:
+  """Trains ``config.model`` on ``config.dataset`` and writes a run directory.
+
+  Args:
+    config: the run's configuration (default :class:`~jaxscope.run.TrainConfig`).
+    **overrides: fields replacing those of ``config``.
+
+  Returns:
+    A :class:`TrainResult`. Ctrl-C stops the run cleanly: pending metrics are flushed,
+    a final checkpoint is written, and the result says ``interrupted=True``.
+
+  Example:
+    >>> import tempfile
+    >>> from jaxscope.train import train
+    >>> r = train(model="mlp", dataset="sine", steps=20, batch_size=32, optimizer="adam",
+    ...           lr=1e-2, out=tempfile.mkdtemp(), quiet=True)
+    >>> r.steps, sorted(r.final_eval)
+    (20, ['test/loss'])
+  """
+  config = dataclasses.replace(config or TrainConfig(), **overrides)
+  t_start = time.perf_counter()
+  s = setup(config)
+  layout = RunLayout(Path(config.out))
+  check_resume(layout, config)
+  ckpt = CheckpointWriter(layout.checkpoints, config.max_to_keep)
+  state, start, alpha_from = _restore(s, ckpt, layout.root) if config.resume else (None, 0, 1)
+  if state is None:
+    state = jax.jit(s.init_state)()
+  record = None
+  if not (start and layout.config.exists()):  # A resumed run keeps its original config file.
+    record = config_record(
+      config,
+      versions=_versions(),
+      task=s.task,
+      steps_per_epoch=s.steps_per_epoch,
+      total_steps=s.total_steps,
+      input_shape=list(s.dataset.train_x.shape[1:]),
+      num_classes=int(s.dataset.num_classes),
+    )
+  recorder = Recorder(layout.root, tensorboard=config.tensorboard, config=record)
+  loop = _Loop(s, state, recorder, ckpt, layout.root, t_start, alpha_from)
+  return loop.run(start)
+
+
+class _Loop:
+  """The stepping, evaluation, recording and checkpointing of one :func:`train` call."""
+
+  def __init__(
+    self,
+    s: Setup,
+    state: TrainState,
+    recorder: Recorder,
+    ckpt: CheckpointWriter,
+    run_dir: Path,
+    t_start: float,
+    alpha_from: int,
+  ) -> None:
+    c = s.config
+    self.s, self.state, self.recorder, self.ckpt = s, state, recorder, ckpt
+    self.run_dir, self.t_start, self.alpha_from = run_dir, t_start, alpha_from
+    self.step_fn = s.train_step()
+    self.evaluate = make_evaluate(
+      s.model, s.dataset.test_x, s.dataset.test_y, task=s.task, batch_size=c.eval_batch_size
+    )
+    train_x, train_y = jax.device_put(s.dataset.train_x), jax.device_put(s.dataset.train_y)
+    self.gather = jax.jit(lambda idx: (train_x[idx], train_y[idx]))
+    self.eval_every = c.eval_every or s.steps_per_epoch
+    self.ckpt_every = s.steps_per_epoch if c.checkpoint_every is None else c.checkpoint_every
+    self.last_eval: dict[str, float] = {}
+    self.last_eval_step = -1
+    self.bar: Any = None
+    self.live: LiveDiagnosis | None = None
+
+  def _emit(self, msg: str) -> None:
+    if self.bar is not None:
+      self.bar.write(msg, file=sys.stderr)
+    else:
+      print(msg, file=sys.stderr)
+
+  def run_eval(self, step: int) -> None:
+    values = self.evaluate(self.state.params, self.state.model_state)
+    self.recorder.write(step, values)
+    self.last_eval = {k: float(v) for k, v in values.items()}
+    self.last_eval_step = step
+    if self.live is not None and step > 0:
+      self.live(step)
+
+  def meta(self, step: int) -> dict[str, Any]:
+    # eval_* are the latest evaluation's, taken at eval_step (≤ step).
+    return {
+      "step": step,
+      "epoch": step / self.s.steps_per_epoch,
+      "wall_time": time.perf_counter() - self.t_start,
+      **{k.replace("test/", "eval_"): v for k, v in self.last_eval.items()},
+      **({"eval_step": self.last_eval_step} if self.last_eval else {}),
+    }
+
+  def run(self, start: int) -> TrainResult:
+    s, c = self.s, self.s.config
+    total = s.total_steps
+    if not c.quiet:
+      from tqdm.auto import tqdm
+
+      self.bar = tqdm(total=total, initial=start, unit="step", desc=f"{c.model}/{c.dataset}")
+    if c.live_diagnosis:
+      self.live = LiveDiagnosis(self.run_dir, total, emit=self._emit, flush=self.recorder.flush)
+    stop = _StopFlag()
+    step = start
+    try:
+      with stop.catch_sigint():
+        if start == 0:
+          self.run_eval(0)
+          self.ckpt.save(0, self.state, self.meta(0))
+        step = self._steps(start, stop)
+    finally:
+      if self.bar is not None:
+        self.bar.close()
+      self.recorder.close()
+      self.ckpt.close()
+    if not self.last_eval:
+      values = self.evaluate(self.state.params, self.state.model_state)
+      self.last_eval = {k: float(v) for k, v in values.items()}
+    return TrainResult(
+      self.state,
+      self.run_dir,
+      step,
+      dict(self.last_eval),
+      stop.requested,
+      time.perf_counter() - self.t_start,
+    )
+
+  def _steps(self, step: int, stop: _StopFlag) -> int:
+    """Steps from ``step`` until the end or a stop request; returns the last step."""
+    s, c = self.s, self.s.config
+    total, n_train = s.total_steps, len(s.dataset.train_x)
+    order, order_epoch = None, -1
+    pending_loss: jax.Array | None = None
+    measuring = s.scope is not None or s.instruments is not None
+    while step < total and not stop.requested:
+      epoch, i = divmod(step, s.steps_per_epoch)
+      if epoch != order_epoch:
+        order, order_epoch = _epoch_order(c.seed, epoch, n_train), epoch
+      x, y = self.gather(order[i * c.batch_size : (i + 1) * c.batch_size])  # type: ignore[index]
+      phase = s.optimizer.phase_of(step) if s.optimizer.phase_of is not None else None
+      measure = measuring and step % c.every == 0
+      self.state, values = self.step_fn(self.state, x, y, measure=measure, phase=phase)
+      if "alpha" in values and not (step >= self.alpha_from and (step - 1) % c.every == 0):
+        # α of the update of step t - 1 is known at step t; other steps repeat an old one.
+        values = {k: v for k, v in values.items() if k != "alpha"}
+      self.recorder.write(step, values)
+      if self.bar is not None:
+        if pending_loss is not None and (step % 10 == 0 or step == total - 1):
+          shown = {k.replace("/", "_"): f"{v:.4f}" for k, v in self.last_eval.items()}
+          self.bar.set_postfix(loss=f"{float(pending_loss):.4f}", **shown)
+        pending_loss = values["loss"]
+        self.bar.update(1)
+      step += 1
+      if step % self.eval_every == 0 or step == total or stop.requested:
+        self.run_eval(step)
+      if (self.ckpt_every and step % self.ckpt_every == 0) or step == total or stop.requested:
+        self.ckpt.save(step, self.state, self.meta(step))
+    return step

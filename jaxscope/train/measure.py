@@ -1,0 +1,125 @@
+"""What the reference loop measures: the per-layer scope, Cockpit's instruments and the
+activation health of the captured layers, from the run's ``metrics`` setting."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from jaxscope.metrics import registry
+from jaxscope.metrics.instruments import Instruments, instruments
+from jaxscope.metrics.network import NetworkMetric
+from jaxscope.metrics.scope import PARAM_TOPICS, Scope, scope
+
+__all__ = [
+  "ACTIVATION_METRICS",
+  "INSTRUMENT_PRESETS",
+  "make_activation_scope",
+  "make_instruments",
+  "make_scope",
+]
+
+
+#: The ``metrics`` presets that also run Cockpit's instruments (:func:`make_instruments`),
+#: each with the per-layer scope preset it uses (:data:`jaxscope.metrics.registry.PRESETS`).
+INSTRUMENT_PRESETS: dict[str, str] = {"economy": "economy", "business": "economy", "full": "full"}
+
+#: The activation-health metrics of the instrument presets (:func:`make_activation_scope`).
+ACTIVATION_METRICS: dict[str, tuple[str, ...]] = {
+  "activations": ("std", "dead_fraction", "saturation_fraction"),
+  "layer_grads": ("norm",),
+}
+
+
+def make_instruments(
+  metrics: str | Sequence[str] | None, *, every: int = 1, seed: int = 0
+) -> Instruments | None:
+  """Cockpit's instruments for a run's ``metrics`` (``None`` unless it names a preset).
+
+  ``"economy"``, ``"business"`` and ``"full"`` give
+  ``jaxscope.metrics.instruments(preset=metrics, every=every, seed=seed)`` (Cockpit's
+  configurations of the same names, see :mod:`jaxscope.metrics.instruments`); metric-name
+  lists and ``"none"`` run no instrument.
+  """
+  if isinstance(metrics, str) and metrics in INSTRUMENT_PRESETS:
+    return instruments(preset=metrics, every=every, seed=seed)
+  return None
+
+
+def make_activation_scope(every: int = 1) -> Scope:
+  """The activation-health scope of the instrument presets.
+
+  Measures, per captured Flax layer ``l`` (:mod:`jaxscope.capture`, the ``probe.captured``
+  of :meth:`~jaxscope.metrics.Instruments.grad`), the standard deviation of the layer's
+  output ``y_l`` (``activations/std/{l}``), the fraction of dead units, ``≤ 0`` for the
+  whole batch (``activations/dead_fraction/{l}``), the fraction of entries with
+  ``|y| > 3`` (``activations/saturation_fraction/{l}``) and the norm ``‖∂L/∂y_l‖`` of
+  the gradient w.r.t. the output (``layer_grads/norm/{l}``).
+  """
+  return scope(**{t: list(v) for t, v in ACTIVATION_METRICS.items()}, every=every)  # type: ignore[arg-type]
+
+
+def make_scope(
+  metrics: str | Sequence[str] | None = "economy",
+  *,
+  topics: Sequence[str] | None = None,
+  layers: str | None = None,
+  exclude: str | None = None,
+  depth: int | None = None,
+  kind: str = "any",
+  every: int = 1,
+) -> Scope | None:
+  """Builds the scope of a run from command-line style arguments.
+
+  Args:
+    metrics: a preset (``"economy"``, ``"full"``; ``"business"`` is the ``economy``
+      scope, see :data:`INSTRUMENT_PRESETS`), ``"none"``/``None``/``""`` for no
+      per-layer metrics, or metric names (a comma-separated string or a list; built-in,
+      registered or plugin metrics, see ``jaxscope list-metrics``), measured on every
+      topic in ``topics``. Network metrics (``loss``, ``accuracy``) are always recorded
+      by the loop and are ignored here.
+    topics: the topics to measure (default: all of ``params``, ``grads``, ``updates``).
+    layers: regular expression selecting layers by name (``re.search``).
+    exclude: regular expression of layers to leave out.
+    depth: layer grouping (see :func:`jaxscope.tree.layout`).
+    kind: ``"kernel"``, ``"bias"`` or ``"any"``.
+    every: measure every ``every``-th step.
+
+  Returns:
+    The scope, or ``None`` when no per-layer metric is asked for.
+  """
+  if topics is None:
+    topics = PARAM_TOPICS
+  topics = list(topics)
+  for t in topics:
+    if t not in PARAM_TOPICS:
+      raise ValueError(f"unknown topic {t!r}; topics: {', '.join(PARAM_TOPICS)}.")
+  if metrics is None or metrics in ("", "none"):
+    return None
+  if isinstance(metrics, str) and metrics in INSTRUMENT_PRESETS:
+    metrics = INSTRUMENT_PRESETS[metrics]
+  if isinstance(metrics, str) and metrics in registry.PRESETS:
+    lists = {t: v for t, v in registry.preset_metrics(metrics).items() if t in topics}
+  else:
+    names = [m.strip() for m in metrics.split(",")] if isinstance(metrics, str) else metrics
+    names = [n for n in names if n]
+    lists = {t: [] for t in topics}
+    for n in names:
+      n = INSTRUMENT_PRESETS.get(n, n)
+      if n in registry.PRESETS:
+        for t, specs in registry.preset_metrics(n).items():
+          if t in lists:
+            lists[t].extend(s for s in specs if s not in lists[t])
+        continue
+      try:
+        m = registry.get(n)
+      except KeyError as e:
+        raise ValueError(str(e.args[0])) from None
+      if isinstance(m, NetworkMetric):
+        continue  # loss and accuracy are recorded by the loop itself.
+      for t in topics:
+        if n not in lists[t]:
+          lists[t].append(n)
+  lists = {t: v for t, v in lists.items() if v}
+  if not lists:
+    return None
+  return scope(**lists, every=every, include=layers, exclude=exclude, kind=kind, depth=depth)  # type: ignore[arg-type]
