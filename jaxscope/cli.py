@@ -21,33 +21,15 @@ Ctrl-C (its logs and a final checkpoint are written).
 from __future__ import annotations
 
 import argparse
-import ast
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from jaxscope.run.config import positive_int
+
 __all__ = ["main"]
-
-
-def _kv_pairs(text: str) -> dict[str, Any]:
-  """Parses ``"a=1,b=0.9,c=true,name=x"`` into a dict of Python literals."""
-  out: dict[str, Any] = {}
-  for part in filter(None, (p.strip() for p in text.split(","))):
-    key, eq, value = part.partition("=")
-    if not eq or not key.strip():
-      raise argparse.ArgumentTypeError(f"expected key=value pairs, got {part!r}")
-    v = value.strip()
-    lowered = {"true": True, "false": False, "none": None}
-    if v.lower() in lowered:
-      out[key.strip()] = lowered[v.lower()]
-      continue
-    try:
-      out[key.strip()] = ast.literal_eval(v)
-    except (ValueError, SyntaxError):
-      out[key.strip()] = v
-  return out
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -91,35 +73,6 @@ _ACTIVATION_HEALTH = (
   "activation health: activations/{std,dead_fraction,saturation_fraction}/LAYER and "
   "layer_grads/norm/LAYER of the captured Flax layers"
 )
-
-
-def _positive_int(text: str) -> int:
-  try:
-    value = int(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-  if value < 1:
-    raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-  return value
-
-
-def _optional_float(text: str) -> float | None:
-  if text.strip().lower() == "none":
-    return None
-  try:
-    return float(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"expected a number or 'none', got {text!r}") from None
-
-
-def _non_negative_int(text: str) -> int:
-  try:
-    value = int(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-  if value < 0:
-    raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-  return value
 
 
 #: Extra help of ``jaxscope train`` options, appended to the field's own (computed).
@@ -208,14 +161,24 @@ def _train(args: argparse.Namespace) -> int:
   return 130 if result.interrupted else 0
 
 
+def _logged_run(command: str, path: str) -> Any:
+  """The run directory ``path`` (:class:`jaxscope.run.RunLayout`), which must hold a log."""
+  from jaxscope.run import RunLayout
+
+  layout = RunLayout(Path(path))
+  if not layout.metrics.exists():
+    raise ValueError(
+      f"{command}: {layout.root} is not a run directory (no {layout.metrics.name} in it)."
+    )
+  return layout
+
+
 def _plot(args: argparse.Namespace) -> int:
   from jaxscope.plot import save_run_plots
 
-  run = Path(args.run)
-  if not (run / "metrics.jsonl").exists():
-    raise ValueError(f"plot: {run} is not a run directory (no metrics.jsonl in it).")
-  out = Path(args.out) if args.out else run / "plots"
-  paths = save_run_plots(run, out, dpi=args.dpi)
+  layout = _logged_run("plot", args.run)
+  out = Path(args.out) if args.out else layout.plots
+  paths = save_run_plots(layout.root, out, dpi=args.dpi)
   print(f"wrote {len(paths)} plots to {out}")
   return 0
 
@@ -237,27 +200,26 @@ def _parse_overrides(spec: str | None) -> dict[str, float]:
 
 
 def _diagnose(args: argparse.Namespace) -> int:
-  import json
-
   from jaxscope.diagnose import diagnose, findings_to_json, report
   from jaxscope.plot import diagnosis_figure
-  from jaxscope.record import write_atomic
+  from jaxscope.record import History, write_json
+  from jaxscope.run import RunLayout
 
-  run = Path(args.run)
-  if not (run / "metrics.jsonl").exists():
-    raise ValueError(f"diagnose: {run} is not a run directory (no metrics.jsonl in it).")
+  layout = _logged_run("diagnose", args.run)
+  history = History.load(layout.root)
   try:
-    findings = diagnose(run, **_parse_overrides(args.set))
+    findings = diagnose(history, **_parse_overrides(args.set))
   except TypeError as e:  # An unknown threshold name.
     raise ValueError(str(e)) from None
   print(report(findings))
-  out = Path(args.out) if args.out else run
-  out.mkdir(parents=True, exist_ok=True)
-  text = json.dumps({"run": str(run), "findings": findings_to_json(findings)}, indent=2)
-  write_atomic(out / "diagnosis.json", lambda f: f.write(text.encode()))
-  fig = diagnosis_figure(run, findings)
-  fig.savefig(out / "diagnosis.png", dpi=args.dpi)
-  print(f"wrote {out / 'diagnosis.json'} and {out / 'diagnosis.png'}")
+  out = RunLayout(Path(args.out)) if args.out else layout
+  out.root.mkdir(parents=True, exist_ok=True)
+  write_json(
+    out.diagnosis, {"run": str(layout.root), "findings": findings_to_json(findings)}, indent=2
+  )
+  fig = diagnosis_figure(history, findings)
+  fig.savefig(out.diagnosis_figure, dpi=args.dpi)
+  print(f"wrote {out.diagnosis} and {out.diagnosis_figure}")
   return 0
 
 
@@ -428,15 +390,17 @@ def _add_analyze_parser(sub: Any) -> None:
   )
   p.add_argument(
     "--eval-examples",
-    type=_positive_int,
+    type=_argparse_type(positive_int),
     default=d.eval_examples,
     metavar="N",
     help="evaluate on N test examples, a fixed subset (default: the whole test split)",
   )
-  p.add_argument("--eval-batch-size", type=_positive_int, default=d.eval_batch_size, metavar="B")
+  p.add_argument(
+    "--eval-batch-size", type=_argparse_type(positive_int), default=d.eval_batch_size, metavar="B"
+  )
   p.add_argument("--data-dir", default=None, help="where the dataset is now (default: the run's)")
   p.add_argument("--out", default=None, help="output directory (default: RUN/analysis)")
-  p.add_argument("--dpi", type=_positive_int, default=d.dpi)
+  p.add_argument("--dpi", type=_argparse_type(positive_int), default=d.dpi)
   p.add_argument("-q", "--quiet", action="store_true", help="no summary")
 
 
@@ -480,7 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
   p = sub.add_parser("plot", help="render a run's metrics to PNG")
   p.add_argument("run", help="run directory (holding metrics.jsonl)")
   p.add_argument("--out", default=None, help="output directory (default: RUN/plots)")
-  p.add_argument("--dpi", type=_positive_int, default=100)
+  p.add_argument("--dpi", type=_argparse_type(positive_int), default=100)
   _add_analyze_parser(sub)
   p = sub.add_parser(
     "diagnose",
@@ -497,7 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
     help="threshold overrides, e.g. dead_fraction=0.3,ratio_high=0.05 "
     "(see jaxscope.diagnose.Thresholds)",
   )
-  p.add_argument("--dpi", type=_positive_int, default=100)
+  p.add_argument("--dpi", type=_argparse_type(positive_int), default=100)
   sub.add_parser("list-metrics", help="metric names and presets")
   sub.add_parser("list-models", help="the model zoo")
   sub.add_parser("list-datasets", help="the datasets")

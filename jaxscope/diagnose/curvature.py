@@ -17,11 +17,11 @@ import numpy as np
 from jaxscope.diagnose.finding import Finding, Thresholds, _finding, _fmt
 from jaxscope.diagnose.series import _finite, _series
 from jaxscope.record import History
+from jaxscope.transforms.aliases import optimizer_hparams
 
 _ADAPTIVE_HINT = re.compile(r"adam|rms|ada|lion|lamb|lars|sm3|yogi|novograd|fromage|sophia|shampoo")
 
 #: The momentum assumed for ``"momentum"`` / ``"nesterov"`` without ``optimizer_args["momentum"]``.
-_DEFAULT_MOMENTUM = 0.9
 
 
 def _optimizer_limit(optimizer: str, optimizer_args: Any, limit: float) -> float | None:
@@ -36,16 +36,15 @@ def _optimizer_limit(optimizer: str, optimizer_args: Any, limit: float) -> float
 
   Returns:
     ``limit`` for plain SGD, ``limit · (1 + β)`` for heavy-ball momentum β,
-    ``limit · (1 + β)/(1 + 2β)`` for Nesterov momentum (β = :data:`_DEFAULT_MOMENTUM` for
-    ``"momentum"``/``"nesterov"`` without a ``momentum`` argument), ``None`` for an
+    ``limit · (1 + β)/(1 + 2β)`` for Nesterov momentum (β and Nesterov from the arguments
+    with the defaults of :data:`jaxscope.transforms.aliases.OPTIMIZER_DEFAULTS` filled in,
+    e.g. β = 0.9 for ``"momentum"``), ``None`` for an
     adaptive optimizer (Adam, RMSProp, …) and ``limit`` for any other name.
   """
   opt = optimizer.lower()
-  args = optimizer_args or {}
-  beta = args.get("momentum") if isinstance(args, Mapping) else None
-  nesterov = opt == "nesterov" or (isinstance(args, Mapping) and bool(args.get("nesterov")))
-  if opt in ("momentum", "nesterov") and beta is None:
-    beta = _DEFAULT_MOMENTUM
+  args = optimizer_hparams(opt, optimizer_args if isinstance(optimizer_args, Mapping) else None)
+  beta = args.get("momentum")
+  nesterov = bool(args.get("nesterov"))
   if opt not in ("sgd", "momentum", "nesterov"):
     return None if _ADAPTIVE_HINT.search(opt) else limit
   beta = float(beta or 0.0)
@@ -56,9 +55,10 @@ def _optimizer_limit(optimizer: str, optimizer_args: Any, limit: float) -> float
 
 def _curvature_limit(config: Mapping[str, Any], th: Thresholds) -> float | None:
   """The stable ``lr · λ_max`` bound for the run's optimizer; ``None`` for adaptive ones."""
-  return _optimizer_limit(
-    str(config.get("optimizer", "sgd")), config.get("optimizer_args"), th.curvature_limit
-  )
+  args = config.get("optimizer_hparams")  # recorded by the loop, defaults filled in
+  if not isinstance(args, Mapping):
+    args = config.get("optimizer_args")
+  return _optimizer_limit(str(config.get("optimizer", "sgd")), args, th.curvature_limit)
 
 
 def _lr_at(

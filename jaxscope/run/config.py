@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 from jaxscope.models import growth
+from jaxscope.transforms.aliases import OPTIMIZER_DEFAULTS, optimizer_hparams
 
 __all__ = [
   "CAPACITY_DEFAULTS",
@@ -368,18 +369,6 @@ RESUME_KEYS = (
   "seed",
   "capacity",
 )
-
-#: Defaults of the optimizers known by a name that is not an optax alias.
-OPTIMIZER_DEFAULTS: dict[str, dict[str, Any]] = {
-  "momentum": {"momentum": 0.9},
-  "nesterov": {"momentum": 0.9, "nesterov": True},
-}
-
-
-def optimizer_hparams(optimizer: str, optimizer_args: Mapping[str, Any] | None) -> dict[str, Any]:
-  """The optimizer's keyword arguments with the defaults of :data:`OPTIMIZER_DEFAULTS`
-  filled in, e.g. ``("momentum", {})`` → ``{"momentum": 0.9}``."""
-  return {**OPTIMIZER_DEFAULTS.get(optimizer, {}), **dict(optimizer_args or {})}
 
 
 def config_record(config: TrainConfig, **derived: Any) -> dict[str, Any]:

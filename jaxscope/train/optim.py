@@ -18,7 +18,8 @@ import optax
 
 from jaxscope import transforms
 from jaxscope.metrics.scope import Scope
-from jaxscope.run.config import TrainConfig, optimizer_hparams
+from jaxscope.run.config import TrainConfig
+from jaxscope.transforms import aliases
 
 __all__ = [
   "HVP_OPTIMIZERS",
@@ -30,18 +31,10 @@ __all__ = [
 ]
 
 
-def _sgd_momentum(learning_rate: optax.ScalarOrSchedule, **kw: Any) -> optax.GradientTransformation:
-  return optax.sgd(learning_rate, **optimizer_hparams("momentum", kw))
-
-
-def _nesterov(learning_rate: optax.ScalarOrSchedule, **kw: Any) -> optax.GradientTransformation:
-  return optax.sgd(learning_rate, **optimizer_hparams("nesterov", kw))
-
-
 #: Optimizers known by a name that is not an optax alias (any optax alias name works too).
 OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
-  "momentum": _sgd_momentum,
-  "nesterov": _nesterov,
+  "momentum": aliases.momentum,
+  "nesterov": aliases.nesterov,
 }
 
 
