@@ -286,29 +286,10 @@ def make_point_evaluator(
     ValueError: an empty basis, trees of different structure or shapes, bad groups,
       coefficients of the wrong shape, an unknown task.
   """
-  if task not in ("classification", "regression"):
-    raise ValueError(
-      f"make_point_evaluator: task must be classification or regression, not {task!r}."
-    )
-  basis = list(basis)
-  if not basis:
-    raise ValueError("make_point_evaluator: the basis is empty.")
-  for i, b in enumerate(basis[1:], 1):
-    jtree.check_same_structure(basis[0], b, ref_name="basis[0]", other_name=f"basis[{i}]")
-  n_leaves = len(jax.tree.leaves(basis[0]))
-  groups = tuple(groups) if groups is not None else ("all",)
-  leaf_groups = tuple(int(g) for g in (leaf_groups if leaf_groups is not None else [0] * n_leaves))
-  if len(leaf_groups) != n_leaves:
-    raise ValueError(
-      f"make_point_evaluator: leaf_groups has {len(leaf_groups)} entries for {n_leaves} leaves."
-    )
-  if any(not 0 <= g < len(groups) for g in leaf_groups):
-    raise ValueError(f"make_point_evaluator: leaf_groups must index the {len(groups)} groups.")
+  basis, groups, leaf_groups, state_basis = _check_points(
+    basis, groups, leaf_groups, state_basis, task
+  )
   r, G = len(basis), len(groups)
-  if state_basis is not None:
-    state_basis = list(state_basis)
-    if len(state_basis) != r:
-      raise ValueError(f"make_point_evaluator: state_basis has {len(state_basis)} trees for {r}.")
   model_state = {} if model_state is None else model_state
   chunk = int(chunk) if chunk else chunk_size(basis, eval_set)
   stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *basis)  # leaves [r, ...]
@@ -342,32 +323,82 @@ def make_point_evaluator(
   timings = {"compile": 0.0, "run": 0.0, "points": 0.0}
 
   def evaluate(coeffs: Any) -> dict[str, np.ndarray]:
-    c = np.asarray(coeffs, np.float32)
-    if c.ndim == 2:
-      c = c[:, :, None] * np.ones((1, 1, G), np.float32)
-    if c.ndim != 3 or c.shape[1:] != (r, G):
-      raise ValueError(
-        f"evaluate: coefficients must be [K, {r}] or [K, {r}, {G}], got {np.shape(coeffs)}."
-      )
-    K = len(c)
-    size = min(chunk, K)  # Few points: a smaller compiled shape, not a padded full chunk.
-    losses, accs = [], []
-    for start in range(0, K, size):
-      part = c[start : start + size]
-      pad = size - len(part)
-      if pad:  # One compiled shape: pad the last chunk with copies of its first point.
-        part = np.concatenate([part, np.repeat(part[:1], pad, axis=0)])
-      t0 = time.perf_counter()
-      loss, acc = jax.block_until_ready(run_chunk(jnp.asarray(part)))
-      dt = time.perf_counter() - t0
-      key = "compile" if timings["points"] == 0 and start == 0 else "run"
-      timings[key] += dt
-      losses.append(np.asarray(loss)[: size - pad])
-      accs.append(np.asarray(acc)[: size - pad])
-    timings["points"] += K
-    return {
-      "loss": np.concatenate(losses) if losses else np.zeros(0, np.float32),
-      "accuracy": np.concatenate(accs) if accs else np.zeros(0, np.float32),
-    }
+    return _evaluate_chunks(run_chunk, coeffs, r=r, G=G, chunk=chunk, timings=timings)
 
   return PointEvaluator(evaluate, groups, leaf_groups, chunk, timings)
+
+
+def _check_points(
+  basis: Sequence[Any],
+  groups: Sequence[str] | None,
+  leaf_groups: Sequence[int] | None,
+  state_basis: Sequence[Any] | None,
+  task: str,
+) -> tuple[list[Any], tuple[str, ...], tuple[int, ...], list[Any] | None]:
+  """The checked arguments of :func:`make_point_evaluator`: ``(basis, groups, leaf_groups,
+  state_basis)`` with their defaults (one group ``"all"``, every leaf in it)."""
+  if task not in ("classification", "regression"):
+    raise ValueError(
+      f"make_point_evaluator: task must be classification or regression, not {task!r}."
+    )
+  basis = list(basis)
+  if not basis:
+    raise ValueError("make_point_evaluator: the basis is empty.")
+  for i, b in enumerate(basis[1:], 1):
+    jtree.check_same_structure(basis[0], b, ref_name="basis[0]", other_name=f"basis[{i}]")
+  n_leaves = len(jax.tree.leaves(basis[0]))
+  groups = tuple(groups) if groups is not None else ("all",)
+  leaf_groups = tuple(int(g) for g in (leaf_groups if leaf_groups is not None else [0] * n_leaves))
+  if len(leaf_groups) != n_leaves:
+    raise ValueError(
+      f"make_point_evaluator: leaf_groups has {len(leaf_groups)} entries for {n_leaves} leaves."
+    )
+  if any(not 0 <= g < len(groups) for g in leaf_groups):
+    raise ValueError(f"make_point_evaluator: leaf_groups must index the {len(groups)} groups.")
+  if state_basis is not None:
+    state_basis = list(state_basis)
+    if len(state_basis) != len(basis):
+      raise ValueError(
+        f"make_point_evaluator: state_basis has {len(state_basis)} trees for {len(basis)}."
+      )
+  return basis, groups, leaf_groups, state_basis
+
+
+def _evaluate_chunks(
+  run_chunk: Callable[[jax.Array], tuple[jax.Array, jax.Array]],
+  coeffs: Any,
+  *,
+  r: int,
+  G: int,
+  chunk: int,
+  timings: dict[str, float],
+) -> dict[str, np.ndarray]:
+  """Evaluates ``[K, r]`` or ``[K, r, G]`` coefficients ``chunk`` points per compiled call
+  (the last chunk padded with copies of its first point), timing compile and run."""
+  c = np.asarray(coeffs, np.float32)
+  if c.ndim == 2:
+    c = c[:, :, None] * np.ones((1, 1, G), np.float32)
+  if c.ndim != 3 or c.shape[1:] != (r, G):
+    raise ValueError(
+      f"evaluate: coefficients must be [K, {r}] or [K, {r}, {G}], got {np.shape(coeffs)}."
+    )
+  K = len(c)
+  size = min(chunk, K)  # Few points: a smaller compiled shape, not a padded full chunk.
+  losses, accs = [], []
+  for start in range(0, K, size):
+    part = c[start : start + size]
+    pad = size - len(part)
+    if pad:  # One compiled shape: pad the last chunk with copies of its first point.
+      part = np.concatenate([part, np.repeat(part[:1], pad, axis=0)])
+    t0 = time.perf_counter()
+    loss, acc = jax.block_until_ready(run_chunk(jnp.asarray(part)))
+    dt = time.perf_counter() - t0
+    key = "compile" if timings["points"] == 0 and start == 0 else "run"
+    timings[key] += dt
+    losses.append(np.asarray(loss)[: size - pad])
+    accs.append(np.asarray(acc)[: size - pad])
+  timings["points"] += K
+  return {
+    "loss": np.concatenate(losses) if losses else np.zeros(0, np.float32),
+    "accuracy": np.concatenate(accs) if accs else np.zeros(0, np.float32),
+  }
