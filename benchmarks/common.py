@@ -4,7 +4,6 @@ problem-list argument, input copies and atomic JSON output."""
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import tempfile
@@ -15,6 +14,7 @@ import jax
 import numpy as np
 
 from benchmarks import problems
+from jaxscope import record
 
 __all__ = ["copy_tree", "environment", "git_version", "iqr", "problem_list", "write_json"]
 
@@ -76,7 +76,7 @@ def write_json(report: dict[str, Any], path: Path) -> None:
   fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
   try:
     with os.fdopen(fd, "w") as f:
-      json.dump(report, f, indent=2)
+      f.write(record.dumps(report, indent=2))
       f.write("\n")
     os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be shared.
     os.replace(tmp, path)

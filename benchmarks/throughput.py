@@ -30,7 +30,6 @@ Problems:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -45,7 +44,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from jaxscope import data, models, transforms  # noqa: E402
+from jaxscope import data, models, record, transforms  # noqa: E402
 from jaxscope.record import Recorder  # noqa: E402
 from jaxscope.train import (  # noqa: E402
   TrainState,
@@ -183,7 +182,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   report = run(args.problems.split(","), args.chunks, args.chunk_steps)
   out = Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps(report, indent=2) + "\n")
+  out.write_text(record.dumps(report, indent=2) + "\n")
   print(f"wrote {out}")
   return report
 

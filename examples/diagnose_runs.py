@@ -50,7 +50,6 @@ if "--quick" in sys.argv[1:] and "jax" not in sys.modules:
 
 import argparse
 import dataclasses
-import json
 import platform
 import shutil
 import tempfile
@@ -68,7 +67,7 @@ import optax
 import jaxscope
 from jaxscope import data as jdata
 from jaxscope import models as jmodels
-from jaxscope import transforms
+from jaxscope import record, transforms
 from jaxscope.diagnose import Finding, diagnose, findings_to_json
 from jaxscope.models.base import linen_model_def
 from jaxscope.record import History, Recorder
@@ -482,7 +481,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   }
   path = out / "results" / "diagnoses.json"
   path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
+  path.write_text(record.dumps(report, indent=2) + "\n")
   print(f"wrote {path}")
   return report
 

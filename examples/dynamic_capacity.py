@@ -23,7 +23,6 @@ Run from the repository root (about 4 minutes on a 2-core CPU)::
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -38,7 +37,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from jaxscope import models  # noqa: E402
+from jaxscope import models, record  # noqa: E402
 from jaxscope.record import History  # noqa: E402
 from jaxscope.train import TrainConfig, train  # noqa: E402
 
@@ -225,7 +224,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   report = {"sine": sine, "digits": digits, "step_ms": times, "quick": args.quick}
   if not args.quick:
     (DOCS / "results").mkdir(parents=True, exist_ok=True)
-    (DOCS / "results" / "dynamic_capacity.json").write_text(json.dumps(report))
+    (DOCS / "results" / "dynamic_capacity.json").write_text(record.dumps(report))
     _figure(sine, DOCS / "figures" / "dynamic_capacity_sine.png")
     lines = ["## Sine regression (final-10 test MSE)", "", *_table(sine, ".5f"), ""]
     lines += ["## Digits CNN (final-10 test error)", "", *_table(digits, ".4f"), ""]

@@ -81,7 +81,6 @@ if "--quick" in sys.argv[1:] and "jax" not in sys.modules:
   ).strip()
 
 import argparse
-import json
 import math
 import platform
 import subprocess
@@ -99,7 +98,7 @@ import optax
 from matplotlib.figure import Figure
 
 import jaxscope
-from jaxscope import data, models
+from jaxscope import data, models, record
 from jaxscope.transforms import (
   adaptive_sgd,
   only_adaptive_sgd,
@@ -418,19 +417,6 @@ def _round(values: Any, digits: int = 5) -> Any:
     v = float(arr)
     return float(f"{v:.{digits}g}") if math.isfinite(v) else None
   return [_round(v, digits) for v in arr]
-
-
-def _json_safe(obj: Any) -> Any:
-  """``obj`` with every non-finite float replaced by ``None`` (strict JSON)."""
-  if isinstance(obj, dict):
-    return {k: _json_safe(v) for k, v in obj.items()}
-  if isinstance(obj, list | tuple):
-    return [_json_safe(v) for v in obj]
-  if isinstance(obj, float | np.floating):
-    return float(obj) if math.isfinite(obj) else None
-  if isinstance(obj, np.integer):
-    return int(obj)
-  return obj
 
 
 def _stats(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -1005,7 +991,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     "tables": tables,
   }
   json_path = out / "results" / "preconditioner_comparison.json"
-  json_path.write_text(json.dumps(_json_safe(report), indent=1, allow_nan=False) + "\n")
+  json_path.write_text(record.dumps(report, indent=1) + "\n")
   figures: list[tuple[str, Callable[[], Figure]]] = [
     ("probprec_curves.png", lambda: curves_figure(results, args.methods)),
     ("probprec_sensitivity.png", lambda: sensitivity_figure(results)),

@@ -70,7 +70,6 @@ if "jax" not in sys.modules and "xla_force_host_platform_device_count" not in os
   ).strip()
 
 import argparse
-import json
 import math
 import platform
 import re
@@ -88,7 +87,7 @@ from jax.sharding import PartitionSpec as P
 from matplotlib.figure import Figure
 
 import jaxscope
-from jaxscope import data, models
+from jaxscope import data, models, record
 from jaxscope.transforms import (
   ratio_adaptive_lr,
   ratio_adaptive_sgd,
@@ -314,7 +313,7 @@ def _round(values: Any, digits: int = 4) -> list:
 
 def dumps(obj: Any) -> str:
   """JSON with one key per line but every list of numbers on a single line."""
-  text = json.dumps(obj, indent=1, allow_nan=False)
+  text = record.dumps(obj, indent=1)
   return re.sub(
     r"\[\s*((?:-?[\d.eE+-]+|null)(?:,\s*(?:-?[\d.eE+-]+|null))*)\s*\]",
     lambda m: "[" + ", ".join(v.strip() for v in m.group(1).split(",")) + "]",

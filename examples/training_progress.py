@@ -58,7 +58,6 @@ if "--quick" in sys.argv[1:] and "jax" not in sys.modules:
   ).strip()
 
 import argparse
-import json
 import platform
 import re
 import time
@@ -74,7 +73,7 @@ from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
 import jaxscope
-from jaxscope import analysis, data, models
+from jaxscope import analysis, data, models, record
 from jaxscope import tree as jtree
 from jaxscope.checkpoint import RunCheckpoints
 from jaxscope.train import train
@@ -147,7 +146,7 @@ def train_run(run_dir: Path, epochs: int, seed: int) -> dict[str, Any]:
   cfg = run_dir / "config.json"
   reused = False
   if cfg.exists():
-    old = json.loads(cfg.read_text())
+    old = record.read_json(cfg)
     diff = sorted(k for k, v in want.items() if old.get(k) != v)
     if diff or old.get("checkpoint_every") is not None:
       raise SystemExit(
@@ -840,7 +839,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   timings["total"] = round(time.perf_counter() - t_start, 2)
   report["timings_s"] = timings
   json_path = resdir / "training_progress.json"
-  text = json.dumps(report, indent=1)
+  text = record.dumps(report, indent=1)
   # Lists of numbers on one line each (the grids stay readable row by row).
   text = re.sub(r"\[\s+([-+0-9.eE,\snul]+?)\s+\]", lambda m: f"[{' '.join(m[1].split())}]", text)
   json_path.write_text(text + "\n")
