@@ -3,10 +3,19 @@
 Per-layer metrics (:class:`Metric`) are bundled into a :func:`scope`, which produces one
 flat ``dict[str, jax.Array]`` per step keyed ``{topic}/{stat}/{layer}``. Cockpit's
 gradient-noise, curvature and step-length instruments come from :func:`instruments`
-(built on :mod:`.noise` and :mod:`.curvature`).
+(built on :mod:`.noise`, :mod:`.per_example`, :mod:`.curvature` and :mod:`.hvp`).
 """
 
-from jaxscope.metrics import activations, curvature, noise, registry, spectral, stats
+from jaxscope.metrics import (
+  activations,
+  curvature,
+  hvp,
+  noise,
+  per_example,
+  registry,
+  spectral,
+  stats,
+)
 from jaxscope.metrics.activations import activation_std, dead_fraction, saturation_fraction
 from jaxscope.metrics.base import Metric, evaluate, stateless
 from jaxscope.metrics.instruments import Instruments, InstrumentsState, Probe, instruments
@@ -49,6 +58,7 @@ __all__ = [
   "elementwise_ratio",
   "evaluate",
   "histogram",
+  "hvp",
   "instruments",
   "loss",
   "max_abs",
@@ -56,6 +66,7 @@ __all__ = [
   "noise",
   "nonfinite_fraction",
   "norm",
+  "per_example",
   "power_iteration",
   "preset_metrics",
   "ratio_to_params",

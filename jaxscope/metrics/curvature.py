@@ -3,7 +3,8 @@
 Everything here is a pure function of pytrees with fixed shapes, safe inside ``jit``,
 ``lax.scan`` and ``lax.cond``. The Hessian ``H = ∇²L(θ)`` of the mini-batch loss is never
 formed: it is reached through a callable ``hvp(v) = H v`` (a pytree like the parameters in,
-the same out), which :func:`hvp_fn` builds by forward-over-reverse differentiation.
+the same out), which :func:`hvp_fn` builds by forward-over-reverse differentiation
+(:mod:`jaxscope.metrics.hvp`).
 
 The quantities are those of Cockpit (Schneider, Dangel & Hennig, "Cockpit: A Practical
 Debugging Tool for the Training of Deep Neural Networks", NeurIPS 2021):
@@ -31,6 +32,8 @@ import optax
 from jax import lax
 from jax.flatten_util import ravel_pytree
 
+from jaxscope.metrics.hvp import Hvp, batched_hvp, value_grad_and_hvp
+
 __all__ = [
   "MaxEigState",
   "alpha",
@@ -48,7 +51,6 @@ __all__ = [
 ]
 
 PyTree = Any
-Hvp = Callable[[PyTree], PyTree]
 
 _F32 = jnp.float32
 
@@ -61,15 +63,10 @@ def hvp_fn(
 ) -> tuple[Any, PyTree, Hvp]:
   """The loss, its gradient and the Hessian-vector product ``v ↦ H v`` at ``params``.
 
-  Forward-over-reverse: ``jax.linearize`` of ``jax.value_and_grad(loss_fn)`` runs the
-  forward and backward pass once and returns, with the value and gradient ``g = ∇L(θ)``,
-  the linear map ``v ↦ (∇L·v, H v)`` (the JVP of the gradient, ``H v = ∂/∂ε ∇L(θ + εv)``).
-  Each ``hvp(v)`` then costs about one extra forward+backward pass, and the gradient is not
-  recomputed. To apply ``H`` to ``k`` vectors use :func:`batched_hvp` (``jax.vmap`` of the
-  linear map): one linearisation, ``k`` tangents pushed through it as a batch, which is
-  cheaper than ``k`` separate ``jax.jvp`` calls (those each redo the forward pass and run
-  ``k`` sequential small kernels instead of one batched one). The linearisation keeps the
-  residuals of the forward and backward pass alive (about the memory of one backward pass).
+  The same as :func:`jaxscope.metrics.hvp.value_grad_and_hvp` (forward-over-reverse:
+  ``jax.linearize`` of the gradient, so the forward and backward pass run once and each
+  ``hvp(v)`` costs about one more; :func:`batched_hvp` applies ``H`` to ``k`` vectors as one
+  batch through the same linearisation).
 
   Args:
     loss_fn: ``loss_fn(params, *args, **kwargs)`` returning a scalar (or ``(scalar, aux)``
@@ -90,29 +87,7 @@ def hvp_fn(
     >>> [float(x) for x in hvp(jnp.array([1.0, 1.0]))]   # H = diag(6θ)
     [6.0, 12.0]
   """
-
-  def value_and_grad(p: PyTree) -> Any:
-    return jax.value_and_grad(loss_fn, has_aux=has_aux)(p, *args, **kwargs)
-
-  (value, grads), lin = jax.linearize(value_and_grad, params)
-
-  def hvp(v: PyTree) -> PyTree:
-    return lin(v)[1]
-
-  return value, grads, hvp
-
-
-def batched_hvp(hvp: Hvp, vs: PyTree) -> PyTree:
-  """``H vₖ`` for a stack of ``k`` vectors: ``jax.vmap(hvp)(vs)``.
-
-  Args:
-    hvp: ``v ↦ H v``, e.g. from :func:`hvp_fn`.
-    vs: a pytree like the parameters whose leaves carry a leading axis of length ``k``.
-
-  Returns:
-    The pytree of products, with the same leading axis.
-  """
-  return jax.vmap(hvp)(vs)
+  return value_grad_and_hvp(loss_fn, params, *args, has_aux=has_aux, **kwargs)
 
 
 def _num_params(tree: PyTree) -> int:

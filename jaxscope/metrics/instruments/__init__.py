@@ -1,0 +1,75 @@
+"""Cockpit's instruments inside a jitted JAX train step: gradient noise, curvature, α.
+
+Cockpit (Schneider, Dangel & Hennig, NeurIPS 2021) tracks 19 quantities of a training step;
+:func:`instruments` computes each of them (:data:`QUANTITIES`) as pure functions inside the
+user's jitted step, in two calls around the optimizer::
+
+  inst = jaxscope.metrics.instruments(preset="economy")
+  istate = inst.init(params)
+
+  @jax.jit
+  def train_step(params, opt_state, istate, x, y):
+    probe = inst.grad(istate, losses_fn, params, x, y)  # losses_fn(params, x, y) -> [B]
+    updates, opt_state = tx.update(probe.grads, opt_state, params)
+    values, istate = inst.update(istate, probe, updates)
+    return optax.apply_updates(params, updates), opt_state, istate, values
+
+``losses_fn`` returns the *individual* losses ``ℓᵢ`` (``[B]``); the mini-batch loss is their
+mean and ``probe.grads`` its gradient, identical to ``jax.grad`` of the mean. ``values`` is a
+flat ``dict[str, jax.Array]`` (keys below) with fixed shapes from ``init`` on, so the state
+goes through ``jit``, ``lax.scan`` and orbax unchanged.
+
+What each preset measures (the same quantities as Cockpit's configurations):
+
+* ``economy``: ``loss``, ``grads/norm/{leaf}``, ``params/distance/{leaf}``,
+  ``updates/norm/{leaf}``, ``alpha``, ``norm_test``, ``inner_test``, ``ortho_test``,
+  ``per_example_grads/hist_{counts,edges}``;
+* ``business``: economy + ``tic_diag`` + ``hess_trace`` (and ``hessian/trace/{leaf}``);
+* ``full``: business + ``hess_max_ev`` +
+  ``per_example_grads/hist2d_{counts,param_edges,grad_edges}``.
+
+Not in a preset, as in Cockpit: ``mean_gsnr``, ``cabs``, ``early_stopping``, ``tic_trace``,
+and jaxscope's ``grad_variance`` (``per_example_grads/variance/{leaf}``,
+``per_example_grads/second_moment/{leaf}``) and ``per_example_norms``
+(``per_example_grads/norm_mean``, ``per_example_grads/norm_max``).
+
+How each is computed (the cheap exact routes; see :mod:`jaxscope.metrics.noise` and
+:mod:`jaxscope.metrics.curvature`):
+
+* per-example squared norms and second moments (:mod:`jaxscope.metrics.per_example`):
+  outer products for Dense layers (captured with :mod:`jaxscope.capture`), patches for
+  convolutions, chunked ``vmap(grad)`` for the rest;
+* per-example projections ``gᵢᵀv`` (inner-product test on ``v = g``, α on ``v`` = the
+  update): one forward-mode pass for all directions (:func:`~jaxscope.metrics.noise.projections`);
+* curvature: Hessian-vector products by forward-over-reverse differentiation of the
+  gradient (:mod:`jaxscope.metrics.hvp`: one batched ``jax.jvp`` pass for the probes and a
+  one-step power iteration, else one ``jax.linearize``): Hutchinson probes for the trace
+  and diagonal, a warm-started power iteration for ``λ_max`` (Cockpit restarts from
+  scratch each step, ≈ 30 HVPs; here ``max_ev_iters`` per step carried over steps);
+* histograms of per-example gradient entries on a fixed uniform sample of coordinates,
+  weighted to estimate the full ``B·P`` histogram
+  (:class:`~jaxscope.metrics.noise.HistogramSample`).
+
+``alpha`` and the update-based values are *two-step*: ``alpha`` at step ``t`` is the α of
+the update made at step ``t − 1`` (measured with the losses at ``θ_{t−1}`` and ``θ_t``);
+``updates/norm`` is this step's update. With ``every = n`` only steps ``0, n, 2n, …``
+measure (``lax.cond``/``lax.switch``; α's end point is step ``kn + 1``, which then pays one
+forward-mode pass). ``values["measured"]`` tells whether the values are this step's.
+
+The package: :mod:`.config` (the quantities, presets and settings), :mod:`.state` (the
+state and the probe), :mod:`.grad` (the gradient side), :mod:`.update` (the update side)
+and :mod:`.build` (the factory).
+"""
+
+from jaxscope.metrics.instruments.build import instruments
+from jaxscope.metrics.instruments.config import PRESETS, QUANTITIES
+from jaxscope.metrics.instruments.state import Instruments, InstrumentsState, Probe
+
+__all__ = [
+  "PRESETS",
+  "QUANTITIES",
+  "Instruments",
+  "InstrumentsState",
+  "Probe",
+  "instruments",
+]

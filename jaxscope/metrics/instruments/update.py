@@ -1,0 +1,250 @@
+"""The update side of the instruments (:meth:`Instruments.update`).
+
+Once the optimizer's update is known: the distance from ``init``, the update's size, the
+per-example projections on the gradient (inner-product and orthogonality tests) and on the
+update (both ends of α's quadratic fit), and the new state.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxscope import tree as jtree
+from jaxscope.metrics import curvature, noise
+from jaxscope.metrics.instruments.config import F32, Config, leaf_names, leaf_norms
+from jaxscope.metrics.instruments.state import InstrumentsState, Probe
+
+__all__ = ["update"]
+
+_Measured = tuple[dict[str, jax.Array], Any, jax.Array]
+"""``(values, prev_update, alpha_start)``: what one branch of the update side returns."""
+
+
+def update(
+  cfg: Config,
+  state: InstrumentsState,
+  probe: Probe,
+  updates: Any,
+  *,
+  learning_rate: jax.Array | float | None = None,
+) -> tuple[dict[str, jax.Array], InstrumentsState]:
+  """Finishes the step's measurements once the optimizer's ``updates`` are known.
+
+  Args:
+    cfg: the instruments' settings.
+    state: the state given to :meth:`grad` this step.
+    probe: what :meth:`grad` returned.
+    updates: the optimizer's updates (what ``optax.apply_updates`` adds).
+    learning_rate: SGD's learning rate, needed by ``cabs`` only.
+
+  Returns:
+    ``(values, new_state)``; ``values`` includes ``"measured"``.
+  """
+  if not isinstance(probe, Probe):
+    raise TypeError(f"instruments.update: probe must come from grad(), got {type(probe).__name__}.")
+  if "cabs" in cfg.want and learning_rate is None:
+    raise ValueError("instruments.update: 'cabs' needs learning_rate= (SGD's step size).")
+  jtree.check_same_structure(probe.params, updates, ref_name="params", other_name="updates")
+
+  def measure(_: Any) -> _Measured:
+    return _measure(cfg, state, probe, updates, learning_rate)
+
+  def alpha_end(_: Any) -> _Measured:
+    vals = dict(state.values)
+    proj = _project(probe, [state.prev_update])
+    vals["alpha"] = _alpha_from(state, probe, state.alpha_start, proj[0])
+    return vals, state.prev_update, state.alpha_start
+
+  def skip(_: Any) -> _Measured:
+    return dict(state.values), state.prev_update, state.alpha_start
+
+  if cfg.every == 1:
+    vals, prev_update, alpha_start = measure(None)
+    measured = jnp.ones((), jnp.bool_)
+  else:
+    # α's end point is the step after a measured one: it pays one forward-mode pass.
+    measured = probe.measured
+    branches = [skip, measure]
+    if cfg.need_alpha:
+      branches.append(alpha_end)
+      mode = jnp.where(
+        measured, 1, jnp.where(state.alpha_start[5] == state.count.astype(F32), 2, 0)
+      )
+    else:
+      mode = measured.astype(jnp.int32)
+    vals, prev_update, alpha_start = jax.lax.switch(mode, branches, None)
+  vals = {k: v.astype(state.values[k].dtype) for k, v in vals.items()}
+  new_state = InstrumentsState(
+    count=optax.safe_increment(state.count),
+    key=probe.key,
+    measured=measured,
+    values=vals,
+    init_params=state.init_params,
+    prev_update=prev_update,
+    alpha_start=alpha_start,
+    max_ev=probe.max_ev,
+    diag_ema=probe.diag_ema,
+    diag_steps=probe.diag_steps,
+  )
+  return {**vals, "measured": measured}, new_state
+
+
+def _measure(
+  cfg: Config,
+  state: InstrumentsState,
+  probe: Probe,
+  updates: Any,
+  learning_rate: jax.Array | float | None,
+) -> _Measured:
+  """A measured step's update side: distance, update size, projections, α's start (and end)."""
+  want = cfg.want
+  params, grads = probe.params, probe.grads
+  names = leaf_names(params)
+  vals = {**state.values, **probe.values}
+  if "distance" in want:
+    diff = jax.tree.map(lambda p, q: p - q, params, state.init_params)
+    vals.update(leaf_norms("params/distance", names, diff))
+  if "update_size" in want:
+    vals.update(leaf_norms("updates/norm", names, updates))
+  if "cabs" in want:
+    vals["cabs"] = (vals["cabs"] * learning_rate).astype(F32)
+  tangents, slots = [], {}
+  if cfg.need_proj_grad:
+    slots["g"] = len(tangents)
+    tangents.append(grads)
+  if cfg.need_alpha:
+    if cfg.every == 1:
+      slots["end"] = len(tangents)
+      tangents.append(state.prev_update)
+    slots["start"] = len(tangents)
+    tangents.append(updates)
+  alpha_start = state.alpha_start
+  prev_update = state.prev_update
+  if tangents:
+    if cfg.need_alpha and len(tangents) > 1:
+      proj = _project_with_span(probe, tangents)
+    else:
+      proj = _project(probe, tangents)
+    gsq = optax.tree.norm(grads, squared=True)
+    if "inner_test" in want:
+      vals["inner_test"] = noise.inner_test(proj[slots["g"]], gsq)
+    if "ortho_test" in want:
+      vals["ortho_test"] = noise.ortho_test(probe.sq_norms, proj[slots["g"]], gsq)
+    if cfg.need_alpha:
+      if cfg.every == 1:
+        vals["alpha"] = _alpha_from(state, probe, state.alpha_start, proj[slots["end"]])
+      alpha_start = _start_info(state, probe, proj[slots["start"]], updates)
+      prev_update = jax.tree.map(lambda u, p: u.astype(p.dtype), updates, state.prev_update)
+  return vals, prev_update, alpha_start
+
+
+def _var(x: jax.Array) -> jax.Array:
+  """Sample variance with ``ddof = 1`` (Cockpit's ``torch.var``)."""
+  return jnp.var(x.astype(F32), ddof=1)
+
+
+def _start_info(state: InstrumentsState, probe: Probe, proj: jax.Array, upd: Any) -> jax.Array:
+  """α's start point: ``[t, f, var f, f', var f', valid step]`` (``f'`` along the update)."""
+  t = optax.tree.norm(upd).astype(F32)
+  scaled = proj / jnp.where(t > 0, t, 1.0)
+  stamp = (state.count + 1).astype(F32)  # Valid for the next step only.
+  return jnp.stack(
+    [t, probe.loss.astype(F32), _var(probe.losses), jnp.mean(scaled), _var(scaled), stamp]
+  )
+
+
+def _alpha_from(
+  state: InstrumentsState, probe: Probe, start: jax.Array, proj_end: jax.Array
+) -> jax.Array:
+  """α of the previous update from its start point and this step's loss and projections.
+
+  Kept from the last value unless the start point was recorded at the previous step.
+  """
+  t = start[0]
+  scaled = proj_end / jnp.where(t > 0, t, 1.0)
+  a = curvature.alpha(
+    t,
+    start[1],
+    probe.loss.astype(F32),
+    start[3],
+    jnp.mean(scaled),
+    start[2],
+    _var(probe.losses),
+    start[4],
+    _var(scaled),
+  )
+  consecutive = start[5] == state.count.astype(F32)
+  return jnp.where(consecutive, a, state.values["alpha"]).astype(F32)
+
+
+def _project(probe: Probe, tangents: list[Any]) -> jax.Array:
+  """Per-example projections ``gᵢᵀv`` on each tangent: ``float32[k, B]``.
+
+  Dense and Conv leaves from their per-example gradients (when the probe holds them);
+  forward mode for the rest.
+  """
+  params = probe.params
+  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *tangents)
+  dense, convs = probe.dense, probe.convs
+  if not dense and not convs:
+    return noise.projections(
+      probe.losses_fn, params, probe.args, stacked, has_aux=probe.has_aux
+    ).astype(F32)
+  t_leaves, treedef = jax.tree.flatten(stacked)
+  p_leaves = jax.tree.leaves(params)
+  covered = {layer.kernel for layer in (*dense, *convs)} | {
+    layer.bias for layer in (*dense, *convs) if layer.bias is not None
+  }
+  out = noise.layer_projections(dense, convs, t_leaves)
+  rest = [i for i in range(len(p_leaves)) if i not in covered]
+  if rest:
+
+    def rest_losses(rest_leaves: list[jax.Array], *args: Any) -> jax.Array:
+      full = list(p_leaves)
+      for i, leaf in zip(rest, rest_leaves, strict=True):
+        full[i] = leaf
+      return probe.losses_fn(jax.tree.unflatten(treedef, full), *args)
+
+    out = out + noise.projections(
+      rest_losses,
+      [p_leaves[i] for i in rest],
+      probe.args,
+      [t_leaves[i] for i in rest],
+      has_aux=probe.has_aux,
+    )
+  return out.astype(F32)
+
+
+def _project_with_span(probe: Probe, tangents: list[Any]) -> jax.Array:
+  """Projections on ``tangents``; the last (the update) from the others if in their span.
+
+  SGD's update is ``−ηg`` and heavy-ball momentum's ``−ηg + μ·d_{t−1}`` (constant η):
+  both lie in the span of the other directions, so their per-example projections are
+  the same combination of the others' and one pass over the layers is saved. The
+  combination comes from the 2×2 (or 1×1) Gram system; it is used only when it
+  reproduces the update to a relative squared residual below 1e-10, else the update
+  is projected directly (Adam and other per-coordinate scalings).
+  """
+  basis, d = tangents[:-1], tangents[-1]
+  gram = jnp.stack([jnp.stack([optax.tree.vdot(a, b) for b in basis]) for a in basis])
+  rhs = jnp.stack([optax.tree.vdot(a, d) for a in basis])
+  scale = jnp.maximum(jnp.max(jnp.abs(jnp.diag(gram))), 1e-30)
+  coef = jnp.linalg.lstsq(gram / scale, rhs / scale)[0]
+  approx = jax.tree.map(lambda *xs: sum(c * x for c, x in zip(coef, xs, strict=True)), *basis)
+  resid = optax.tree.norm(optax.tree.sub(d, approx), squared=True)
+  dsq = optax.tree.norm(d, squared=True)
+  in_span = resid <= 1e-10 * dsq
+  proj_basis = _project(probe, basis)
+
+  def combine(_: Any) -> jax.Array:
+    return coef.astype(F32) @ proj_basis
+
+  def direct(_: Any) -> jax.Array:
+    return _project(probe, [d])[0]
+
+  last = jax.lax.cond(in_span, combine, direct, None)
+  return jnp.concatenate([proj_basis, last[None]], axis=0)
