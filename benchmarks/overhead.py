@@ -12,7 +12,7 @@ For each problem (see ``benchmarks/problems.py``) it jits one SGD train step
 * ``bare``: ``tx = optax.sgd(0.01)``;
 * one variant per preset (``economy``, ``full``): ``tx = monitored(optax.sgd(0.01),
   scope(preset=..., every=N))``, called with ``value=loss``; the step also returns
-  ``jaxscope.transforms.metrics(opt_state)``, so the measurements are live outputs.
+  ``jaxscope.transforms.monitored_metrics(opt_state)``, so the measurements are live outputs.
 
 Each variant is compiled and warmed up, then the variants are timed interleaved in one
 process: every repetition times one call of each variant (in an order rotated each
@@ -95,7 +95,7 @@ def make_step(
     params = optax.apply_updates(params, updates)
     if preset is None:
       return params, opt_state, loss
-    return params, opt_state, loss, jaxscope.transforms.metrics(opt_state)
+    return params, opt_state, loss, jaxscope.transforms.monitored_metrics(opt_state)
 
   if preset is None or skip == "cond" or every == 1:
     return jax.jit(step, donate_argnums=(0, 1)), tx.init(problem.params)
@@ -254,8 +254,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   if not args.presets:
     ap.error("--presets: give at least one preset.")
   for p in args.presets:
-    if p not in jaxscope.metrics.PRESETS:
-      ap.error(f"unknown preset {p!r}; presets: {', '.join(jaxscope.metrics.PRESETS)}.")
+    if p not in jaxscope.metrics.SCOPE_PRESETS:
+      ap.error(f"unknown preset {p!r}; presets: {', '.join(jaxscope.metrics.SCOPE_PRESETS)}.")
   if args.reps is not None and args.reps < 1:
     ap.error("--reps must be >= 1.")
   if args.every < 1:

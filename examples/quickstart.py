@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
   parser.add_argument("--batch-size", type=int, default=64)
   parser.add_argument("--lr", type=float, default=0.05, help="SGD learning rate")
   parser.add_argument("--momentum", type=float, default=0.9)
-  parser.add_argument("--preset", default="full", choices=sorted(metrics.PRESETS))
+  parser.add_argument("--preset", default="full", choices=sorted(metrics.SCOPE_PRESETS))
   parser.add_argument("--every", type=int, default=1, help="measure every n-th step")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--tensorboard", action="store_true", help="also write TensorBoard events")
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     updates, opt_state = tx.update(grads, opt_state, params, value=loss, logits=logits, labels=y)
-    return optax.apply_updates(params, updates), opt_state, transforms.metrics(opt_state)
+    return optax.apply_updates(params, updates), opt_state, transforms.monitored_metrics(opt_state)
 
   @jax.jit
   def evaluate(params, x, y):

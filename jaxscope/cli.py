@@ -55,14 +55,14 @@ def _cockpit_names(quantities: Sequence[str]) -> str:
 
 def _instrument_presets() -> dict[str, str]:
   """One line per instrument preset of ``--metrics``: what it measures."""
-  from jaxscope.metrics.instruments import PRESETS
+  from jaxscope.metrics.instruments import INSTRUMENT_PRESETS
 
   def extra(name: str, base: str) -> list[str]:
-    return [q for q in PRESETS[name] if q not in PRESETS[base]]
+    return [q for q in INSTRUMENT_PRESETS[name] if q not in INSTRUMENT_PRESETS[base]]
 
   return {
     "economy": "per-layer scope economy + Cockpit's economy: "
-    f"{_cockpit_names(PRESETS['economy'])} + activation health",
+    f"{_cockpit_names(INSTRUMENT_PRESETS['economy'])} + activation health",
     "business": f"economy + {_cockpit_names(extra('business', 'economy'))}",
     "full": f"business + {_cockpit_names(extra('full', 'business'))} + per-layer scope full "
     "(histograms, spectral norms)",
@@ -229,7 +229,7 @@ def _list_metrics(args: argparse.Namespace) -> int:
   for name in registry.names():
     print(f"{name:20s} {registry.describe(name)}".rstrip())
   print()
-  for preset in registry.PRESETS:
+  for preset in registry.SCOPE_PRESETS:
     lists = registry.preset_metrics(preset)
     desc = "; ".join(
       f"{t}: {', '.join(getattr(s, 'name', str(s)) for s in specs)}" for t, specs in lists.items()

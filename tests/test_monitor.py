@@ -50,7 +50,7 @@ def test_topics_are_bound_to_grads_updates_params():
   state = tx.init(params)
   g = _grads(params)
   _, state = tx.update(g, state, params, value=jnp.float32(2.5))
-  m = transforms.metrics(state)
+  m = transforms.monitored_metrics(state)
   gk = np.asarray(g["Dense_0"]["kernel"], np.float64)
   pk = np.asarray(params["Dense_0"]["kernel"], np.float64)
   np.testing.assert_allclose(m["grads/norm/Dense_0/kernel"], np.linalg.norm(gk), rtol=1e-6)
@@ -86,7 +86,7 @@ def test_composes_with_chain_inject_hyperparams_and_multisteps():
     def step(p, s, k, tx=tx):
       g = _grads(p, k)
       u, s = tx.update(g, s, p, value=k)
-      return optax.apply_updates(p, u), s, transforms.metrics(s)
+      return optax.apply_updates(p, u), s, transforms.monitored_metrics(s)
 
     p = params
     for k in range(4):
@@ -112,7 +112,9 @@ def test_composes_with_chain_inject_hyperparams_and_multisteps():
   _, s = tx.update(_grads(params), s, params, value=0.0)
   g = np.asarray(_grads(params)["Dense_0"]["kernel"], np.float64)
   np.testing.assert_allclose(
-    transforms.metrics(s)["updates/norm/Dense_0/kernel"], 0.2 * np.linalg.norm(g), rtol=1e-6
+    transforms.monitored_metrics(s)["updates/norm/Dense_0/kernel"],
+    0.2 * np.linalg.norm(g),
+    rtol=1e-6,
   )
 
 
@@ -121,7 +123,7 @@ def test_plain_transform_and_extra_args():
   tx = transforms.monitored(optax.scale_by_adam(), metrics.scope(grads=["norm"]))
   s = tx.init(params)
   _, s = tx.update(_grads(params), s, params, value=1.0, unrelated=3)  # extras are dropped
-  assert "grads/norm/Dense_0/kernel" in transforms.metrics(s)
+  assert "grads/norm/Dense_0/kernel" in transforms.monitored_metrics(s)
 
 
 def test_state_stable_under_cond_and_dtype_preserved():
@@ -158,7 +160,7 @@ def test_nnx_optimizer():
   def step(model, opt):
     _loss, g = nnx.value_and_grad(lambda m: jnp.mean(m(x) ** 2))(model)
     opt.update(model, g)
-    return transforms.metrics(opt.opt_state), g
+    return transforms.monitored_metrics(opt.opt_state), g
 
   m, g = step(model, opt)
   np.testing.assert_allclose(
@@ -168,14 +170,14 @@ def test_nnx_optimizer():
 
 def test_metrics_errors():
   with pytest.raises(ValueError, match="no jaxscope scope"):
-    transforms.metrics(optax.sgd(0.1).init({"w": jnp.ones(2)}))
+    transforms.monitored_metrics(optax.sgd(0.1).init({"w": jnp.ones(2)}))
   params = {"w": jnp.ones(2)}
   sc = metrics.scope(grads=["norm"])
   two = optax.chain(
     transforms.monitored(optax.sgd(0.1), sc), transforms.monitored(optax.sgd(0.1), sc)
   )
   with pytest.raises(ValueError, match="2 monitored"):
-    transforms.metrics(two.init(params))
+    transforms.monitored_metrics(two.init(params))
   ratio = transforms.monitored(optax.sgd(0.1), metrics.scope(updates=["ratio"]))
   with pytest.raises(ValueError, match=r"tx.update\(grads, opt_state, params\)"):
     ratio.update(params, ratio.init(params))
@@ -186,6 +188,6 @@ def test_monitored_forwards_static_measure():
   tx = transforms.monitored(optax.sgd(0.1), metrics.scope(grads=["norm"], every=1))
   s = tx.init(params)
   _, s = tx.update(_grads(params), s, params, measure=False)
-  assert not bool(transforms.metrics(s)["measured"])
+  assert not bool(transforms.monitored_metrics(s)["measured"])
   _, s = tx.update(_grads(params), s, params, measure=True)
-  assert bool(transforms.metrics(s)["measured"])
+  assert bool(transforms.monitored_metrics(s)["measured"])

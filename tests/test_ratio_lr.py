@@ -260,7 +260,7 @@ def test_inject_hyperparams_and_monitor():
   ms = mon.init(params)
   for _ in range(3):
     upd, ms = mon.update(grads, ms, params)
-  vals = transforms.metrics(ms)
+  vals = transforms.monitored_metrics(ms)
   assert float(vals["updates/norm/w"]) == pytest.approx(float(jnp.linalg.norm(upd["w"])), rel=1e-6)
   assert set(ratio_lr_values(ms)) == {"lr", "ratio_lr/factor", "ratio_lr/mean_ratio",
                                       "ratio_lr/ratio/w"}  # fmt: skip

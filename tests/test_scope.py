@@ -176,7 +176,7 @@ SHARDING_SCRIPT = textwrap.dedent(
       return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), logits
     (loss, logits), g = jax.value_and_grad(loss_fn, has_aux=True)(params)
     u, opt_state = tx.update(g, opt_state, params, value=loss, logits=logits, labels=y)
-    return optax.apply_updates(params, u), opt_state, transforms.metrics(opt_state)
+    return optax.apply_updates(params, u), opt_state, transforms.monitored_metrics(opt_state)
 
   def run(n_dev):
     devs = np.array(jax.devices()[:n_dev])

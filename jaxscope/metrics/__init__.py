@@ -20,7 +20,7 @@ from jaxscope.metrics.activations import activation_std, dead_fraction, saturati
 from jaxscope.metrics.base import Metric, evaluate, stateless
 from jaxscope.metrics.instruments import Instruments, InstrumentsState, Probe, instruments
 from jaxscope.metrics.network import NetworkMetric, accuracy, batch_accuracy, loss
-from jaxscope.metrics.registry import PRESETS, preset_metrics, register
+from jaxscope.metrics.registry import SCOPE_PRESETS, preset_metrics, register
 from jaxscope.metrics.scope import MEASURED, TOPICS, Scope, ScopeState, scope, scope_values
 from jaxscope.metrics.spectral import condition_number, power_iteration, spectral_norm
 from jaxscope.metrics.stats import (
@@ -32,14 +32,14 @@ from jaxscope.metrics.stats import (
   norm,
   ratio_to_params,
   rms,
-  sum,
+  total,
   variance,
   zero_fraction,
 )
 
 __all__ = [
   "MEASURED",
-  "PRESETS",
+  "SCOPE_PRESETS",
   "TOPICS",
   "Instruments",
   "InstrumentsState",
@@ -80,7 +80,7 @@ __all__ = [
   "spectral_norm",
   "stateless",
   "stats",
-  "sum",
+  "total",
   "variance",
   "zero_fraction",
 ]

@@ -21,7 +21,15 @@ from jaxscope.metrics import activations, network, spectral, stats
 from jaxscope.metrics.base import Metric
 from jaxscope.metrics.network import NetworkMetric
 
-__all__ = ["ENTRY_POINT_GROUP", "PRESETS", "describe", "get", "names", "preset_metrics", "register"]
+__all__ = [
+  "ENTRY_POINT_GROUP",
+  "SCOPE_PRESETS",
+  "describe",
+  "get",
+  "names",
+  "preset_metrics",
+  "register",
+]
 
 ENTRY_POINT_GROUP = "jaxscope.metrics"
 
@@ -40,7 +48,7 @@ def _norminf() -> Metric:
 
 _BUILTIN: dict[str, Factory] = {
   "mean": stats.mean,
-  "sum": stats.sum,
+  "sum": stats.total,
   "variance": stats.variance,
   "norm": stats.norm,
   "norm1": _norm1,
@@ -147,7 +155,7 @@ def _full() -> dict[str, list[Any]]:
   return out
 
 
-PRESETS: dict[str, Callable[[], dict[str, list[Any]]]] = {"economy": _economy, "full": _full}
+SCOPE_PRESETS: dict[str, Callable[[], dict[str, list[Any]]]] = {"economy": _economy, "full": _full}
 """Named metric sets, as keyword arguments of :func:`~jaxscope.metrics.scope`.
 
 * ``economy``: norm, mean and variance of ``params``, ``grads`` and ``updates``, the
@@ -162,6 +170,6 @@ PRESETS: dict[str, Callable[[], dict[str, list[Any]]]] = {"economy": _economy, "
 def preset_metrics(name: str) -> dict[str, list[Any]]:
   """Returns the metric lists of the preset ``name`` (``"economy"`` or ``"full"``)."""
   try:
-    return PRESETS[name]()
+    return SCOPE_PRESETS[name]()
   except KeyError:
-    raise KeyError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}.") from None
+    raise KeyError(f"unknown preset {name!r}; presets: {', '.join(SCOPE_PRESETS)}.") from None

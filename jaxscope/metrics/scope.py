@@ -432,7 +432,7 @@ def scope(
       :func:`jaxscope.capture.value_and_grad`), e.g. ``"std"``, ``"dead_fraction"``.
     layer_grads: metrics of ``∂L/∂y_l`` (``Captured.grads``).
     network: network-level metrics (``"loss"``, ``"accuracy"``).
-    preset: ``"economy"`` or ``"full"`` (see :data:`registry.PRESETS`), added to the
+    preset: ``"economy"`` or ``"full"`` (see :data:`registry.SCOPE_PRESETS`), added to the
       explicit lists.
     every: measure every ``every``-th step (steps ``0, every, 2·every, …``).
     include: regular expression(s) on layer names (``re.search``); ``None`` = all.

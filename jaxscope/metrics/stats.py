@@ -29,7 +29,7 @@ __all__ = [
   "ratio_to_params",
   "rms",
   "sample_stride",
-  "sum",
+  "total",
   "variance",
   "zero_fraction",
 ]
@@ -65,8 +65,9 @@ def mean() -> Metric:
   return stateless("mean", _mean)
 
 
-def sum() -> Metric:
-  """Sum of the layer's elements: ``Σᵢ xᵢ``."""
+def total() -> Metric:
+  """Sum of the layer's elements: ``Σᵢ xᵢ`` (registered, and keyed, as ``"sum"``, ikkuna's
+  name; the function is ``total`` so that it does not shadow the builtin ``sum``)."""
   return stateless("sum", _sum)
 
 

@@ -19,7 +19,7 @@ At the time of the write, each array's device-to-host copy is started asynchrono
 
 Values must stay valid until they are transferred: return the metrics from the jitted
 step (outputs are fresh buffers). Do not hand the recorder arrays that the next step
-*donates* (``donate_argnums``), e.g. ``transforms.metrics(opt_state)`` read outside
+*donates* (``donate_argnums``), e.g. ``transforms.monitored_metrics(opt_state)`` read outside
 ``jit`` from a state that is then donated; the recorder raises a clear error if it
 finds a deleted array.
 
@@ -50,7 +50,7 @@ Example:
   ...   loss, grads = jax.value_and_grad(lambda p: jnp.sum(p["w"] ** 2))(params)
   ...   updates, opt_state = tx.update(grads, opt_state, params)
   ...   params = optax.apply_updates(params, updates)
-  ...   return params, opt_state, {**transforms.metrics(opt_state), "loss": loss}
+  ...   return params, opt_state, {**transforms.monitored_metrics(opt_state), "loss": loss}
   >>> run_dir = tempfile.mkdtemp()
   >>> with Recorder(run_dir, config={"lr": 0.1}) as rec:
   ...   for step in range(3):

@@ -37,7 +37,7 @@ from jaxscope.train.evaluate import make_evaluate
 from jaxscope.train.loop import Setup, TrainResult, setup, train
 from jaxscope.train.measure import (
   ACTIVATION_METRICS,
-  INSTRUMENT_PRESETS,
+  PRESET_SCOPES,
   make_activation_scope,
   make_instruments,
   make_scope,
@@ -56,8 +56,8 @@ __all__ = [
   "ACTIVATION_METRICS",
   "CAPACITY_DEFAULTS",
   "HVP_OPTIMIZERS",
-  "INSTRUMENT_PRESETS",
   "OPTIMIZERS",
+  "PRESET_SCOPES",
   "Optimizer",
   "Setup",
   "TrainConfig",

@@ -12,7 +12,7 @@ from jaxscope.metrics.scope import PARAM_TOPICS, Scope, scope
 
 __all__ = [
   "ACTIVATION_METRICS",
-  "INSTRUMENT_PRESETS",
+  "PRESET_SCOPES",
   "make_activation_scope",
   "make_instruments",
   "make_scope",
@@ -20,8 +20,8 @@ __all__ = [
 
 
 #: The ``metrics`` presets that also run Cockpit's instruments (:func:`make_instruments`),
-#: each with the per-layer scope preset it uses (:data:`jaxscope.metrics.registry.PRESETS`).
-INSTRUMENT_PRESETS: dict[str, str] = {"economy": "economy", "business": "economy", "full": "full"}
+#: each with the per-layer scope preset it uses (:data:`jaxscope.metrics.registry.SCOPE_PRESETS`).
+PRESET_SCOPES: dict[str, str] = {"economy": "economy", "business": "economy", "full": "full"}
 
 #: The activation-health metrics of the instrument presets (:func:`make_activation_scope`).
 ACTIVATION_METRICS: dict[str, tuple[str, ...]] = {
@@ -40,7 +40,7 @@ def make_instruments(
   configurations of the same names, see :mod:`jaxscope.metrics.instruments`); metric-name
   lists and ``"none"`` run no instrument.
   """
-  if isinstance(metrics, str) and metrics in INSTRUMENT_PRESETS:
+  if isinstance(metrics, str) and metrics in PRESET_SCOPES:
     return instruments(preset=metrics, every=every, seed=seed)
   return None
 
@@ -72,7 +72,7 @@ def make_scope(
 
   Args:
     metrics: a preset (``"economy"``, ``"full"``; ``"business"`` is the ``economy``
-      scope, see :data:`INSTRUMENT_PRESETS`), ``"none"``/``None``/``""`` for no
+      scope, see :data:`PRESET_SCOPES`), ``"none"``/``None``/``""`` for no
       per-layer metrics, or metric names (a comma-separated string or a list; built-in,
       registered or plugin metrics, see ``jaxscope list-metrics``), measured on every
       topic in ``topics``. Network metrics (``loss``, ``accuracy``) are always recorded
@@ -95,17 +95,17 @@ def make_scope(
       raise ValueError(f"unknown topic {t!r}; topics: {', '.join(PARAM_TOPICS)}.")
   if metrics is None or metrics in ("", "none"):
     return None
-  if isinstance(metrics, str) and metrics in INSTRUMENT_PRESETS:
-    metrics = INSTRUMENT_PRESETS[metrics]
-  if isinstance(metrics, str) and metrics in registry.PRESETS:
+  if isinstance(metrics, str) and metrics in PRESET_SCOPES:
+    metrics = PRESET_SCOPES[metrics]
+  if isinstance(metrics, str) and metrics in registry.SCOPE_PRESETS:
     lists = {t: v for t, v in registry.preset_metrics(metrics).items() if t in topics}
   else:
     names = [m.strip() for m in metrics.split(",")] if isinstance(metrics, str) else metrics
     names = [n for n in names if n]
     lists = {t: [] for t in topics}
     for n in names:
-      n = INSTRUMENT_PRESETS.get(n, n)
-      if n in registry.PRESETS:
+      n = PRESET_SCOPES.get(n, n)
+      if n in registry.SCOPE_PRESETS:
         for t, specs in registry.preset_metrics(n).items():
           if t in lists:
             lists[t].extend(s for s in specs if s not in lists[t])

@@ -229,7 +229,7 @@ def make_train_step(
       values.update(ivals)
     if monitored and measure:
       values.update(
-        {k: v for k, v in transforms.metrics(opt_state).items() if k != MEASURED},
+        {k: v for k, v in transforms.monitored_metrics(opt_state).items() if k != MEASURED},
       )
     model_state = {**state.model_state, **g.new_model_state}
     if capacity is not None:
@@ -285,10 +285,8 @@ def _gradients(
     istate = _unpack(state.instruments["cockpit"])
     probe = instruments.grad(istate, losses_fn, state.params, x, y, has_aux=True)
     loss, (aux, new_model_state), grads = probe.loss, probe.aux, probe.grads
-    if need_hvp:
-      _, extra["hvp_fn"] = jax.linearize(
-        lambda p: jax.grad(loss_fn, has_aux=True)(p)[0], state.params
-      )
+    if need_hvp:  # The same linearisation as below; the probe gave the value and gradient.
+      _, _, extra["hvp_fn"] = transforms.value_grad_and_hvp(loss_fn, state.params, has_aux=True)
   elif need_hvp:
     (loss, (aux, new_model_state)), grads, extra["hvp_fn"] = transforms.value_grad_and_hvp(
       loss_fn, state.params, has_aux=True

@@ -7,7 +7,7 @@ from jaxscope.transforms.capacity import (
   plateau_init,
   plateau_update,
 )
-from jaxscope.transforms.monitor import MonitorState, metrics, monitored
+from jaxscope.transforms.monitor import MonitoredState, monitored, monitored_metrics
 from jaxscope.transforms.probprec import (
   PHASES,
   PreconditionerState,
@@ -30,14 +30,14 @@ from jaxscope.transforms.ratio_lr import (
 
 __all__ = [
   "PHASES",
-  "MonitorState",
+  "MonitoredState",
   "PlateauState",
   "PreconditionerState",
   "RatioAdaptiveState",
   "adaptive_sgd",
   "masked_freeze",
-  "metrics",
   "monitored",
+  "monitored_metrics",
   "only_adaptive_sgd",
   "plateau_detector",
   "plateau_init",

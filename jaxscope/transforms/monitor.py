@@ -3,7 +3,7 @@
 ``monitored(inner, scope)`` sees what the optimizer sees: the incoming updates (the
 gradients, when it is first in a chain), the updates it emits (what
 ``optax.apply_updates`` adds to the parameters) and the parameters. It keeps the
-scope's latest values in its state, where :func:`metrics` finds them, inside or
+scope's latest values in its state, where :func:`monitored_metrics` finds them, inside or
 outside ``jit``, through ``optax.chain``, ``inject_hyperparams`` and ``MultiSteps``.
 """
 
@@ -17,10 +17,10 @@ import optax
 from jaxscope.metrics.scope import Scope, ScopeState, scope_values
 from jaxscope.transforms.state import find_state
 
-__all__ = ["MonitorState", "metrics", "monitored"]
+__all__ = ["MonitoredState", "monitored", "monitored_metrics"]
 
 
-class MonitorState(NamedTuple):
+class MonitoredState(NamedTuple):
   """State of :func:`monitored`."""
 
   inner_state: optax.OptState
@@ -48,7 +48,7 @@ def monitored(
     scope: a :func:`jaxscope.metrics.scope`.
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs`` whose state is a :class:`MonitorState`.
+    An ``optax.GradientTransformationExtraArgs`` whose state is a :class:`MonitoredState`.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax
@@ -57,21 +57,21 @@ def monitored(
     >>> tx = transforms.monitored(optax.sgd(0.1), metrics.scope(preset="economy"))
     >>> state = tx.init(params)
     >>> updates, state = tx.update({"w": jnp.ones((2, 2))}, state, params)
-    >>> round(float(transforms.metrics(state)["updates/ratio/w"]), 4)
+    >>> round(float(transforms.monitored_metrics(state)["updates/ratio/w"]), 4)
     0.1
   """
   inner = optax.with_extra_args_support(inner)
 
-  def init_fn(params: optax.Params) -> MonitorState:
-    return MonitorState(inner.init(params), scope.init(params))
+  def init_fn(params: optax.Params) -> MonitoredState:
+    return MonitoredState(inner.init(params), scope.init(params))
 
   def update_fn(
     updates: optax.Updates,
-    state: MonitorState,
+    state: MonitoredState,
     params: optax.Params | None = None,
     measure: bool | None = None,
     **extra_args: Any,
-  ) -> tuple[optax.Updates, MonitorState]:
+  ) -> tuple[optax.Updates, MonitoredState]:
     new_updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
     try:
       _, scope_state = scope.update(
@@ -88,7 +88,7 @@ def monitored(
       if params is None and "params" in str(e):
         raise ValueError(f"{e} Call tx.update(grads, opt_state, params).") from e
       raise
-    return new_updates, MonitorState(inner_state, scope_state)
+    return new_updates, MonitoredState(inner_state, scope_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -106,7 +106,7 @@ def _unwrap(x: Any) -> Any:
   )
 
 
-def metrics(opt_state: Any) -> dict[str, jax.Array]:
+def monitored_metrics(opt_state: Any) -> dict[str, jax.Array]:
   """Returns the latest scope values held in an optimizer state.
 
   Works on the state of :func:`monitored` wherever it sits: inside ``optax.chain``,
@@ -123,13 +123,13 @@ def metrics(opt_state: Any) -> dict[str, jax.Array]:
   found = find_state(
     opt_state,
     ScopeState,
-    caller="metrics",
+    caller="monitored_metrics",
     what="monitored scopes (use one monitored() with a single scope, or read each state's "
     "jaxscope_scope)",
   )
   if found is None:
     raise ValueError(
-      "metrics: the optimizer state holds no jaxscope scope; wrap the optimizer with "
+      "monitored_metrics: the optimizer state holds no jaxscope scope; wrap the optimizer with "
       "jaxscope.transforms.monitored(optimizer, scope)."
     )
   return _unwrap(scope_values(found))

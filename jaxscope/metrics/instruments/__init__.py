@@ -62,11 +62,11 @@ and :mod:`.build` (the factory).
 """
 
 from jaxscope.metrics.instruments.build import instruments
-from jaxscope.metrics.instruments.config import PRESETS, QUANTITIES
+from jaxscope.metrics.instruments.config import INSTRUMENT_PRESETS, QUANTITIES
 from jaxscope.metrics.instruments.state import Instruments, InstrumentsState, Probe
 
 __all__ = [
-  "PRESETS",
+  "INSTRUMENT_PRESETS",
   "QUANTITIES",
   "Instruments",
   "InstrumentsState",

@@ -9,7 +9,7 @@ import jax
 
 from jaxscope.metrics.instruments import grad as grad_side
 from jaxscope.metrics.instruments import update as update_side
-from jaxscope.metrics.instruments.config import PRESETS, QUANTITIES, Config
+from jaxscope.metrics.instruments.config import INSTRUMENT_PRESETS, QUANTITIES, Config
 from jaxscope.metrics.instruments.state import Instruments, InstrumentsState, Probe, init
 
 __all__ = ["instruments"]
@@ -40,7 +40,7 @@ def instruments(
 
   Args:
     quantities: names from :data:`QUANTITIES`.
-    preset: ``"economy"``, ``"business"`` or ``"full"`` (:data:`PRESETS`), added to
+    preset: ``"economy"``, ``"business"`` or ``"full"`` (:data:`INSTRUMENT_PRESETS`), added to
       ``quantities``.
     every: measure steps ``0, every, 2·every, …``.
     capture_layers: capture the Flax layers' inputs, outputs and output gradients
@@ -143,9 +143,11 @@ def _quantities(quantities: Sequence[str], preset: str | None) -> tuple[str, ...
   """The requested quantities, the preset's added, in order and without repeats."""
   names = list(quantities)
   if preset is not None:
-    if preset not in PRESETS:
-      raise ValueError(f"instruments: unknown preset {preset!r}; presets: {', '.join(PRESETS)}.")
-    names += [q for q in PRESETS[preset] if q not in names]
+    if preset not in INSTRUMENT_PRESETS:
+      raise ValueError(
+        f"instruments: unknown preset {preset!r}; presets: {', '.join(INSTRUMENT_PRESETS)}."
+      )
+    names += [q for q in INSTRUMENT_PRESETS[preset] if q not in names]
   unknown = [q for q in names if q not in QUANTITIES]
   if unknown:
     raise ValueError(

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from jaxscope import tree as jtree
 
 __all__ = [
-  "PRESETS",
+  "INSTRUMENT_PRESETS",
   "QUANTITIES",
   "Config",
   "leaf_names",
@@ -58,7 +58,7 @@ _ECONOMY = (
   "update_size",
 )
 #: Cockpit's configurations (``cockpit.utils.configuration``), quantity for quantity.
-PRESETS: dict[str, tuple[str, ...]] = {
+INSTRUMENT_PRESETS: dict[str, tuple[str, ...]] = {
   "economy": _ECONOMY,
   "business": (*_ECONOMY, "tic_diag", "hess_trace"),
   "full": (*_ECONOMY, "tic_diag", "hess_trace", "hess_max_ev", "grad_hist_2d"),
