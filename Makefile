@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint format bench venv clean
+.PHONY: demo test test-fast lint format bench venv clean
 
 venv: $(STAMP)
 
@@ -29,6 +29,12 @@ test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	MPLBACKEND=Agg $(PY) -m pytest -q -n 2
+
+# The inner loop: ruff and the tests not marked slow (under 3 minutes on 2 cores).
+test-fast: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	MPLBACKEND=Agg $(PY) -m pytest -q -n 2 -m "not slow"
 
 format: $(STAMP)
 	$(VENV)/bin/ruff format .

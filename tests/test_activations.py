@@ -121,6 +121,7 @@ def _setup():
   return params, x, y, loss
 
 
+@pytest.mark.slow
 def test_scope_end_to_end_with_capture_in_jit():
   params, x, y, loss = _setup()
   sc = metrics.scope(

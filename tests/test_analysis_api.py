@@ -227,6 +227,7 @@ def test_unknown_option_raises_type_error(tmp_path):
     analyze(SimpleNamespace(path=tmp_path), "path", girds="-1:1:3")
 
 
+@pytest.mark.slow
 def test_a_failing_analysis_raises_alone_and_is_collected_among_several(tmp_path):
   run_dir = _train(tmp_path / "r2", steps=2)  # checkpoints 0 and 2: PCA spans one dimension
   opts = AnalysisOptions(directions="pca", eval_examples=50, grid="-1:1:3")

@@ -37,6 +37,7 @@ def problem():
   return apply_fn, es, theta, dx, dy, direct
 
 
+@pytest.mark.slow
 def test_non_square_grid_keeps_orientation_and_centre(problem, tmp_path):
   apply_fn, es, theta, dx, dy, direct = problem
   xs, ys = np.array([-1.0, 0.0, 0.5, 2.0]), np.array([-0.5, 0.0, 1.0])

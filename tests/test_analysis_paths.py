@@ -76,6 +76,7 @@ def test_lagrange_weights():
     analysis.lagrange_weights([0.0], mid=1.0)
 
 
+@pytest.mark.slow
 def test_model_paths_reproduce_the_checkpoints(setup):
   m, es, (t0, tm, tf), xy, apply_fn = setup
   lin = analysis.model_path(apply_fn, es, t0, tf, alphas=[0.0, 1.0, 0.5, -0.5])
@@ -197,6 +198,7 @@ def test_trajectory_stats(setup):
     analysis.trajectory_stats(cps[:1])
 
 
+@pytest.mark.slow
 def test_batchnorm_statistics_recomputed_exactly():
   import flax.linen as nn
 
@@ -243,6 +245,7 @@ def test_batchnorm_statistics_recomputed_exactly():
     assert out["loss"][j] == pytest.approx(-logp[np.arange(96), y].mean(), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_paths_work_with_an_nnx_model():
   ds = data.load("digits")
   m = models.build("nnx_cnn", ds.train_x.shape[1:], ds.num_classes)

@@ -122,6 +122,7 @@ class _ConvNet(nn.Module):
     return CapacityConv(6, (3, 3), chunks=3, initial_chunks=3)(h), h
 
 
+@pytest.mark.slow
 def test_conv_inactive_channels_and_gradients():
   net = _ConvNet()
   x = _normal(2, (2, 6, 6, 3))
@@ -152,6 +153,7 @@ def test_conv_inactive_channels_and_gradients():
     ((2, 12, 2), dict(strides=1, padding=1)),  # 1-D signal, explicit padding
   ],
 )
+@pytest.mark.slow
 def test_conv_fully_active_matches_flax_conv(shape, kwargs):
   x = _normal(3, shape)
   nd = len(shape) - 2
@@ -168,6 +170,7 @@ def test_conv_fully_active_matches_flax_conv(shape, kwargs):
   [((2, 8, 8, 3), 2), ((2, 6, 6, 8), 1), ((3, 8), 1)],
   ids=["projection", "identity", "dense"],
 )
+@pytest.mark.slow
 def test_residual_block_output_follows_active_chunks(shape, strides):
   block = CapacityResidualBlock(8, chunks=4, initial_chunks=2, strides=strides)
   x = _normal(4, shape)
@@ -198,6 +201,7 @@ def test_residual_block_output_follows_active_chunks(shape, strides):
 # --------------------------------------------------------------------------- training behaviour
 
 
+@pytest.mark.slow
 def test_sgd_leaves_inactive_parameters_bit_identical():
   model, variables = _model("capacity_mlp", (5,), 2, widths=(12, 9), chunks=3)
   cap = _with_active(variables[CAPACITY], {"CapacityDense_0": 2, "CapacityDense_1": 1})
@@ -244,6 +248,7 @@ def test_sgd_leaves_inactive_parameters_bit_identical():
     assert changed.all(), f"{layer}/{leaf}"
 
 
+@pytest.mark.slow
 def test_forward_equals_float64_active_subnetwork():
   model, variables = _model("capacity_mlp", (4,), 3, widths=(10, 15), chunks=5)
   params = _randomised(variables["params"], seed=7)
@@ -313,6 +318,7 @@ def _mlp_expected(case: str) -> dict:
     ("mixed", (3, 1), (2, 0)),
   ],
 )
+@pytest.mark.slow
 def test_trainable_mask_mlp(case, active, frozen):
   _, variables = _model("capacity_mlp", (4,), 2, widths=(6, 6), chunks=3)
   names = ("CapacityDense_0", "CapacityDense_1")
@@ -328,6 +334,7 @@ def test_trainable_mask_mlp(case, active, frozen):
     np.testing.assert_array_equal(g, w, err_msg=jax.tree_util.keystr(path))
 
 
+@pytest.mark.slow
 def test_trainable_mask_errors_and_missing_keys():
   _, variables = _model("capacity_mlp", (4,), 2, widths=(6, 6), chunks=3)
   with pytest.raises(ValueError, match="nope"):
@@ -342,6 +349,7 @@ def test_trainable_mask_errors_and_missing_keys():
     trainable_mask(variables["params"], {}, {})
 
 
+@pytest.mark.slow
 def test_trainable_mask_conv_flatten_dense():
   # 8x8 -> pool 4x4 -> pool 2x2: CapacityDense_0 reads 2*2*6 = 24 rows, channels last.
   model, variables = _model("capacity_cnn", (8, 8, 1), 3, features=(4, 6), hidden=4, chunks=2)
@@ -386,6 +394,7 @@ class _BlockNet(nn.Module):
     return nn.Dense(3)(jnp.mean(x, axis=(1, 2)))
 
 
+@pytest.mark.slow
 def test_trainable_mask_residual_block():
   net = _BlockNet()
   variables = jax.jit(net.init)(KEY, jnp.zeros((1, 8, 8, 2)))
@@ -421,6 +430,7 @@ def _changed(a, b) -> np.ndarray:
   return np.asarray(a) != np.asarray(b)
 
 
+@pytest.mark.slow
 def test_reinit_chunk_dense_scale_and_locality():
   _, variables = _model("capacity_mlp", (30,), 1, widths=(500, 500), chunks=5)
   params = _randomised(variables["params"], seed=12)
@@ -464,6 +474,7 @@ def test_reinit_chunk_dense_scale_and_locality():
     reinit_chunk(KEY, params, cap, "CapacityDense_1", 5)
 
 
+@pytest.mark.slow
 def test_reinit_chunk_conv_and_flatten_fan_in():
   _, variables = _model("capacity_cnn", (8, 8, 1), 10, features=(32, 64), hidden=16, chunks=4)
   params = variables["params"]
@@ -486,6 +497,7 @@ def test_reinit_chunk_conv_and_flatten_fan_in():
 # --------------------------------------------------------------------------- zoo models
 
 
+@pytest.mark.slow
 def test_capacity_mlp_zoo_model_sine():
   model, variables = _model("capacity_mlp", (1,), 1)
   assert isinstance(model, models.ModelDef) and model.name == "capacity_mlp"
@@ -505,6 +517,7 @@ def test_capacity_mlp_zoo_model_sine():
   assert relu.apply(relu.init(KEY, x), x, train=False)[0].shape == (8, 1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", [(8, 8, 1), (40, 1)])
 def test_capacity_cnn_zoo_model_digits(shape):
   model, variables = _model("capacity_cnn", shape, 10)

@@ -36,6 +36,7 @@ def _config(out: Path, **kw: object) -> TrainConfig:
   return TrainConfig(**base)  # type: ignore[arg-type]
 
 
+@pytest.mark.slow
 def test_capacity_run_grows_logs_events_and_resumes_exactly(tmp_path: Path) -> None:
   full = tmp_path / "full"
   train(_config(full))
@@ -61,6 +62,7 @@ def test_capacity_run_grows_logs_events_and_resumes_exactly(tmp_path: Path) -> N
     np.testing.assert_allclose(b[s]["loss"], a[s]["loss"], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_capacity_cli_and_errors(tmp_path: Path) -> None:
   out = tmp_path / "cli"
   rc = cli_main(

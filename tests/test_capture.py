@@ -106,6 +106,7 @@ def _linen_setup(model, x):
   return jax.tree.map(lambda a: a + 0.1 if a.ndim == 1 else a, params)
 
 
+@pytest.mark.slow
 def test_linen_mlp_outputs_layer_grads_and_params_grads_match_numpy():
   model = LinenMLP()
   x, y = _data()
@@ -131,6 +132,7 @@ def test_linen_mlp_outputs_layer_grads_and_params_grads_match_numpy():
   _tree_close(grads, g_ref)
 
 
+@pytest.mark.slow
 def test_linen_cnn_matches_numpy_and_records_inputs():
   model = LinenCNN()
   x, y = _data(1, (B, 5, 5, 2))
@@ -169,6 +171,7 @@ class Nested(nn.Module):
     return nn.Dense(C)(x)
 
 
+@pytest.mark.slow
 def test_linen_nested_keys_kinds_include_exclude_and_has_aux():
   model = Nested()
   x, y = _data(2)
@@ -321,6 +324,7 @@ def test_nnx_list_paths_and_super_call():
   assert prefixes == set(cap.outputs)
 
 
+@pytest.mark.slow
 def test_zoo_nnx_model_keys_match_params_and_grads_match():
   md = models.build("nnx_cnn", (6, 6, 1), num_classes=C, features=(2, 3), hidden=4)
   x, y = _data(6, (B, 6, 6, 1))

@@ -192,6 +192,7 @@ def test_batchnorm_run(bn_run):
     assert abstract["batch_stats"]["bn"]["mean"] == jax.ShapeDtypeStruct((4,), jnp.float32)
 
 
+@pytest.mark.slow
 def test_damaged_step_is_skipped(mlp_run, tmp_path, capfd):
   run_dir = _damaged_copy(mlp_run.run_dir, tmp_path / "run", 2)
   hook = sys.unraisablehook

@@ -15,6 +15,7 @@ from jaxscope.cli import main
 from jaxscope.record import History
 
 
+@pytest.mark.slow
 def test_train_writes_a_complete_run_directory(tmp_path, capsys):
   out = tmp_path / "run"
   argv = ["train", "--model", "lenet5", "--steps", "25", "--batch-size", "32", "--out", str(out)]
@@ -48,6 +49,7 @@ def test_train_writes_a_complete_run_directory(tmp_path, capsys):
   assert capsys.readouterr().out == ""  # --quiet
 
 
+@pytest.mark.slow
 def test_train_business_preset_end_to_end(tmp_path):
   out = tmp_path / "run"
   argv = ["train", "-m", "mlp", "--steps", "3", "-b", "32", "--metrics", "business"]
@@ -61,6 +63,7 @@ def test_train_business_preset_end_to_end(tmp_path):
   assert "params/mean/fc1/kernel" in h.keys()  # the economy per-layer scope
 
 
+@pytest.mark.slow
 def test_plot_renders_an_existing_run(tmp_path, capsys):
   out = tmp_path / "run"
   argv = ["train", "-m", "mlp", "--steps", "12", "--eval-every", "5", "--out", str(out)]
@@ -108,6 +111,7 @@ def test_bad_arguments_exit_2_with_a_clear_message(tmp_path, capsys, argv, messa
   assert message in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_existing_run_directory_needs_resume(tmp_path, capsys):
   out = str(tmp_path / "run")
   assert main(["train", "-m", "mlp", "--steps", "2", "--out", out, "-q", "--no-plots"]) == 0
@@ -168,6 +172,7 @@ print("KEYS", sorted(k for k in History.load(sys.argv[1]).keys() if "kurtosis" i
 """
 
 
+@pytest.mark.slow
 def test_plugin_metric_is_found_through_its_entry_point(tmp_path):
   src = tmp_path / "src"
   (src / "kurtosis_plugin").mkdir(parents=True)

@@ -91,6 +91,7 @@ def _top(evals):
 # --------------------------------------------------------------------------- HVPs
 
 
+@pytest.mark.slow
 def test_hvp_matches_dense():
   h, _ = _dense()
   x, y = _data()
@@ -122,6 +123,7 @@ def test_hvp_matches_dense():
 # --------------------------------------------------------------------------- top eigenvalue
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("method", "iters", "rtol"), [("power", 300, 1e-3), ("lanczos", 20, 1e-4)])
 def test_max_eigenvalue_one_shot(method, iters, rtol):
   h, evals = _dense()
@@ -136,6 +138,7 @@ def test_max_eigenvalue_one_shot(method, iters, rtol):
   assert np.linalg.norm(h @ v - top * v) < 0.05 * abs(top)
 
 
+@pytest.mark.slow
 def test_lanczos_more_iterations_than_parameters():
   _, evals = _dense()
   value, _ = jax.jit(lambda k: max_eigenvalue(_hvp(), _params(), k, iters=60))(
@@ -144,6 +147,7 @@ def test_lanczos_more_iterations_than_parameters():
   np.testing.assert_allclose(float(value), _top(evals), rtol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("method", "steps", "rtol"), [("power", 300, 1e-3), ("lanczos", 6, 1e-4)])
 def test_warm_start_through_scan(method, steps, rtol):
   _, evals = _dense()
@@ -167,6 +171,7 @@ def test_warm_start_through_scan(method, steps, rtol):
   assert err[-1] < err[0]  # It converged across steps, from a poor first estimate.
 
 
+@pytest.mark.slow
 def test_warm_start_tracks_drifting_hessian():
   """Power iteration with 2 HVPs per step follows the Hessian along an SGD trajectory."""
   x, y = _data()
@@ -192,6 +197,7 @@ def test_warm_start_tracks_drifting_hessian():
   np.testing.assert_allclose(float(state.value), _top(evals), rtol=2e-2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["power", "lanczos"])
 def test_nan_and_zero_hvp(method):
   params = _params()
@@ -233,6 +239,7 @@ def test_bad_arguments():
 # --------------------------------------------------------------------------- trace, diagonal
 
 
+@pytest.mark.slow
 def test_hutchinson_within_standard_errors():
   h, _ = _dense()
   k = 2000
@@ -259,6 +266,7 @@ def test_hutchinson_within_standard_errors():
   np.testing.assert_allclose(float(trace_b), float(trace), rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_hutchinson_single_probe_variance_formula():
   h, _ = _dense()
   keys = jax.random.split(jax.random.PRNGKey(9), 3000)
@@ -272,6 +280,7 @@ def test_hutchinson_single_probe_variance_formula():
   np.testing.assert_allclose(np.asarray(dg), np.asarray(dvec), rtol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("chunk", [7, 64])
 def test_exact_hessian_diagonal(chunk):
   h, _ = _dense()
@@ -283,6 +292,7 @@ def test_exact_hessian_diagonal(chunk):
   np.testing.assert_allclose(sum(float(v) for v in jax.tree.leaves(tr)), np.trace(h), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_exact_hessian_diagonal_max_params():
   with pytest.raises(ValueError, match=r"51 parameters.*max_params=50"):
     exact_hessian_diagonal(_hvp(), _params(), max_params=50)
@@ -291,6 +301,7 @@ def test_exact_hessian_diagonal_max_params():
 # --------------------------------------------------------------------------- TIC
 
 
+@pytest.mark.slow
 def test_tic_matches_numpy():
   x, y = _data()
   params = _params()

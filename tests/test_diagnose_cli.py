@@ -11,6 +11,7 @@ from jaxscope.cli import main as cli_main
 from jaxscope.train import TrainConfig, train
 
 
+@pytest.mark.slow
 def test_diverging_run_is_diagnosed_live_and_by_the_command(tmp_path: Path, capsys) -> None:
   run = tmp_path / "run"
   train(

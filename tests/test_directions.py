@@ -145,6 +145,7 @@ def test_filter_normalize_bfloat16_keeps_dtype():
 # ----------------------------------------------------------------- random_directions
 
 
+@pytest.mark.slow
 def test_random_directions_filter_normalised_and_deterministic():
   params = _params(0)
   a = jd.random_directions(params, jax.random.key(7))
@@ -167,6 +168,7 @@ def test_random_directions_filter_normalised_and_deterministic():
     np.testing.assert_array_equal(_np(x), _np(y))
 
 
+@pytest.mark.slow
 def test_random_directions_independent_of_leaf_order_and_other_leaves():
   params = _params(0)
   reordered = {
@@ -189,6 +191,7 @@ def test_random_directions_independent_of_leaf_order_and_other_leaves():
 @pytest.mark.parametrize(
   ("norm", "ignore_1d"), [("filter", "zero"), ("layer", "zero"), ("none", "keep")]
 )
+@pytest.mark.slow
 def test_random_directions_orthogonalize(norm, ignore_1d):
   params = _params(0)
   plain = jd.random_directions(params, jax.random.key(0), n=3, norm=norm, ignore_1d=ignore_1d)

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from jaxscope.record import History
 
@@ -25,6 +26,7 @@ def _load(name):
   return mod
 
 
+@pytest.mark.slow
 def test_quickstart_writes_a_run_directory(tmp_path, capsys):
   out = tmp_path / "run"
   result = _load("quickstart").main(
@@ -54,6 +56,7 @@ def _run_quick(script: str, tmp_path: Path, *extra: str) -> subprocess.Completed
   return proc
 
 
+@pytest.mark.slow
 def test_ratio_lr_schedules_quick(tmp_path):
   proc = _run_quick("ratio_lr_schedules.py", tmp_path)
   assert "| lenet5 | digits | 0.1 |" in proc.stdout  # the markdown table
@@ -82,6 +85,7 @@ def test_ratio_lr_schedules_quick(tmp_path):
     assert (tmp_path / "figures" / f"ratio_lr_{name}.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow
 def test_preconditioner_comparison_quick(tmp_path):
   proc = _run_quick("preconditioner_comparison.py", tmp_path)
   assert "| PreconditionedSGD |" in proc.stdout  # the markdown tables
@@ -124,6 +128,7 @@ def test_preconditioner_comparison_quick(tmp_path):
     assert (tmp_path / "figures" / f"probprec_{name}.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow
 def test_training_progress_quick(tmp_path):
   run_dir = tmp_path / "run"
   proc = _run_quick("training_progress.py", tmp_path, "--run-dir", str(run_dir))
@@ -161,6 +166,7 @@ def test_training_progress_quick(tmp_path):
     assert (tmp_path / "figures" / f"progress_{name}.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow
 def test_cockpit_instruments_quick(tmp_path):
   proc = _run_quick("cockpit_instruments.py", tmp_path)
   assert "| lr0.2 | 0.2 |" in proc.stdout and "| lr2 | 2 |" in proc.stdout  # the markdown table
@@ -176,6 +182,7 @@ def test_cockpit_instruments_quick(tmp_path):
     assert (tmp_path / "figures" / f"cockpit_{name}.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow
 def test_dynamic_capacity_quick(tmp_path):
   proc = _run_quick("dynamic_capacity.py", tmp_path)
   for name in (
@@ -190,6 +197,7 @@ def test_dynamic_capacity_quick(tmp_path):
   assert "capacity 500, 1/5 active" in proc.stdout
 
 
+@pytest.mark.slow
 def test_diagnose_runs_quick(tmp_path):
   proc = _run_quick("diagnose_runs.py", tmp_path)
   cases = [

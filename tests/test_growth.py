@@ -35,6 +35,7 @@ def _plateau_steps(values: list[float], patience: int, smoothing: float) -> list
   return fired
 
 
+@pytest.mark.slow
 def test_policy_all_grows_every_layer_on_the_plateau_and_freezes_the_old_chunks() -> None:
   _, params, capacity = _model()
   state = growth.growth_init(params, capacity)
@@ -98,6 +99,7 @@ def test_activation_std_policy_grows_the_layer_with_the_highest_std() -> None:
     )
 
 
+@pytest.mark.slow
 def test_training_with_growth_freezes_old_chunks_and_never_retraces() -> None:
   model, params, capacity = _model(widths=(12,), chunks=3)
   rng = np.random.default_rng(0)

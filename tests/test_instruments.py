@@ -102,6 +102,7 @@ def economy_run() -> dict:
   return {"vals": vals, "before": before, "batches": batches}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("step", [0, 2])
 def test_noise_statistics_match_materialised_gradients(economy_run: dict, step: int) -> None:
   v = economy_run["vals"][step]
@@ -152,6 +153,7 @@ def test_noise_statistics_match_materialised_gradients(economy_run: dict, step: 
   assert bool(v["measured"])
 
 
+@pytest.mark.slow
 def test_histogram_is_exact_when_every_coordinate_is_sampled() -> None:
   params = _params()
   x, y = _data()
@@ -172,6 +174,7 @@ def test_histogram_is_exact_when_every_coordinate_is_sampled() -> None:
   np.testing.assert_allclose(v["per_example_grads/hist2d_counts"], ref2, atol=2)
 
 
+@pytest.mark.slow
 def test_alpha_closed_form_on_a_quadratic() -> None:
   # ℓᵢ(θ) = ½θᵀAθ + bᵀθ for every example: no noise, the quadratic fit is exact and
   # α = η·gᵀAg/gᵀg − 1 for the SGD step θ₁ = θ₀ − ηg (t/s* − 1 with s* the line minimum).
@@ -207,6 +210,7 @@ def test_alpha_closed_form_on_a_quadratic() -> None:
     np.testing.assert_allclose(float(v1["alpha"]), expected, atol=2e-3)
 
 
+@pytest.mark.slow
 def test_alpha_concave_is_minus_one() -> None:
   theta0 = {"w": jnp.asarray([1.0, -2.0])}
 
@@ -236,6 +240,7 @@ def dense_hessian() -> dict:
   return {"params": params, "x": x, "y": y, "h": h, "eig": np.linalg.eigvalsh(h)}
 
 
+@pytest.mark.slow
 def test_curvature_matches_dense_hessian(dense_hessian: dict) -> None:
   params, x, y, h, eig = (dense_hessian[k] for k in ("params", "x", "y", "h", "eig"))
   inst = instruments(["hess_max_ev", "hess_trace", "tic_trace"], hutchinson_probes=4)
@@ -257,6 +262,7 @@ def test_curvature_matches_dense_hessian(dense_hessian: dict) -> None:
     )
 
 
+@pytest.mark.slow
 def test_tic_diag_with_exact_curvature(dense_hessian: dict) -> None:
   params, x, y, h = (dense_hessian[k] for k in ("params", "x", "y", "h"))
   inst = instruments(["tic_diag"], tic_curvature="exact")
@@ -266,6 +272,7 @@ def test_tic_diag_with_exact_curvature(dense_hessian: dict) -> None:
   np.testing.assert_allclose(float(vals[0]["tic_diag"]), np.sum(m / (np.diag(h) + 1e-7)), rtol=1e-3)
 
 
+@pytest.mark.slow
 def test_every_n_and_scan_match_the_loop() -> None:
   params = _params()
   batches = [_data(i) for i in range(7)]
@@ -301,6 +308,7 @@ def test_every_n_and_scan_match_the_loop() -> None:
     np.testing.assert_allclose(scanned[k], np.stack([v[k] for v in looped]), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_values_keep_their_structure_and_dtypes() -> None:
   params = _params()
   inst = instruments(preset="full")
@@ -312,6 +320,7 @@ def test_values_keep_their_structure_and_dtypes() -> None:
   assert set(vals[-1]) == {*state.values, "measured"}
 
 
+@pytest.mark.slow
 def test_probe_captures_layers_for_a_scope() -> None:
   params = _params()
   x, y = _data()
@@ -323,6 +332,7 @@ def test_probe_captures_layers_for_a_scope() -> None:
   np.testing.assert_allclose(_flat(probe.grads), _flat(g), rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_nan_in_the_batch_is_measured_not_raised() -> None:
   params = _params()
   x, y = _data()
@@ -404,6 +414,7 @@ _EIGHT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_eight_cpu_devices_match_one() -> None:
   root = str(Path(__file__).resolve().parents[1])
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
@@ -424,6 +435,7 @@ def test_eight_cpu_devices_match_one() -> None:
   [optax.sgd(0.3), optax.sgd(0.2, momentum=0.9), optax.adam(0.01)],
   ids=["sgd", "momentum", "adam"],
 )
+@pytest.mark.slow
 def test_alpha_and_inner_test_for_any_optimizer(opt: optax.GradientTransformation) -> None:
   # SGD and momentum updates lie in span{g, d_prev} (their projections are combined from
   # those); Adam's do not (projected directly). All must equal the definition.

@@ -89,6 +89,7 @@ def test_grouped_layer_is_one_flat_vector():
   assert "params/norm/temperature" in values  # a top-level leaf is its own group
 
 
+@pytest.mark.slow
 def test_update_weight_ratio_both_denominators():
   tree = _tree()
   upd = jax.tree.map(lambda x: (RNG.normal(size=np.shape(x)) * 1e-2).astype(np.float32), tree)
@@ -137,6 +138,7 @@ def test_update_weight_ratio_both_denominators():
   )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fixed", [False, True])
 def test_histogram_matches_numpy(fixed):
   x = RNG.normal(size=(50, 40)).astype(np.float32)
@@ -153,6 +155,7 @@ def test_histogram_matches_numpy(fixed):
   assert np.abs(counts - ref).sum() <= 2
 
 
+@pytest.mark.slow
 def test_histogram_edge_cases():
   const = metrics.evaluate(metrics.histogram(4), jnp.full((5,), 2.0))
   np.testing.assert_allclose(const["edges"], np.linspace(1.5, 2.5, 5))
@@ -183,6 +186,7 @@ def test_spectral_norm_exact_matches_numpy_svd():
     np.testing.assert_allclose(values[f"params/spectral_norm/{name}"], _np_sigma(x)[0], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_power_iteration_converges_across_steps():
   # A known spectrum with gap σ₂/σ₁ = 0.8: error shrinks by 0.64 per step.
   u, _ = np.linalg.qr(RNG.normal(size=(300, 200)))
@@ -205,6 +209,7 @@ def test_power_iteration_converges_across_steps():
   np.testing.assert_allclose(estimates[-1], sigma, rtol=2e-3)
 
 
+@pytest.mark.slow
 def test_power_iteration_survives_a_nan_step():
   w = jnp.asarray(RNG.normal(size=(40, 30)).astype(np.float32))
   v0 = jnp.ones(40) / np.sqrt(40)
@@ -245,6 +250,7 @@ def test_accuracy_and_loss():
   assert float(values["accuracy"]) == 0.75
 
 
+@pytest.mark.slow
 def test_nan_in_one_layer_leaves_other_layers_untouched():
   tree = _tree()
   bad = jax.tree.map(lambda x: x, tree)
@@ -299,6 +305,7 @@ def test_variance_accurate_when_mean_dominates():
   assert abs(float(metrics.evaluate(metrics.variance(), jnp.full((7,), 3.3)))) < 1e-12
 
 
+@pytest.mark.slow
 def test_histogram_subsample_visits_every_column():
   x = RNG.normal(size=(784, 1000)).astype(np.float32)
   k = metrics.stats.sample_stride(x.size, 1000, 65536)

@@ -120,6 +120,7 @@ def test_every_registered_model_is_exercised():
   assert set(models.names()) - capacity == {c[0] for c in TRAIN_CASES + TRACE_CASES}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", TRAIN_CASES, ids=_case_id)
 def test_one_sgd_step(case):
   name, shape, num_classes, _ = case
@@ -483,6 +484,7 @@ def test_bad_options():
     models.build("lenet5", (8, 8, 1), 10, width=3)
 
 
+@pytest.mark.slow
 def test_apply_checks_the_batch_shape():
   r = _run(_case_id(("lenet5", (8, 8, 1), 10, {})))
   model, variables = r["model"], r["variables"]

@@ -28,6 +28,7 @@ def _economy():
   return metrics.scope(preset="economy", network=["loss"])
 
 
+@pytest.mark.slow
 def test_updates_are_those_of_the_inner_optimizer():
   params = _params()
   inner = optax.adam(1e-2)
@@ -43,6 +44,7 @@ def test_updates_are_those_of_the_inner_optimizer():
     p_in, p_mon = optax.apply_updates(p_in, u_in), optax.apply_updates(p_mon, u_mon)
 
 
+@pytest.mark.slow
 def test_topics_are_bound_to_grads_updates_params():
   params = _params()
   lr = 0.05
@@ -66,6 +68,7 @@ def test_topics_are_bound_to_grads_updates_params():
   assert bool(m["measured"])
 
 
+@pytest.mark.slow
 def test_composes_with_chain_inject_hyperparams_and_multisteps():
   params = _params()
   sc = _economy()
@@ -126,6 +129,7 @@ def test_plain_transform_and_extra_args():
   assert "grads/norm/Dense_0/kernel" in transforms.monitored_metrics(s)
 
 
+@pytest.mark.slow
 def test_state_stable_under_cond_and_dtype_preserved():
   params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), _params())
   tx = transforms.monitored(optax.adam(1e-3), metrics.scope(preset="full", every=2))
@@ -138,6 +142,7 @@ def test_state_stable_under_cond_and_dtype_preserved():
   assert jax.tree.structure(out) == jax.tree.structure(s0)
 
 
+@pytest.mark.slow
 def test_converges_on_parabola():
   params = {"w": jnp.array([3.0, -2.0])}
   tx = transforms.monitored(optax.sgd(0.1), metrics.scope(grads=["norm"], every=5))

@@ -92,6 +92,7 @@ def ref() -> dict:
   return {"params": params, "x": x, "y": y, "gi": gi, "g": gi.mean(0)}
 
 
+@pytest.mark.slow
 def test_reference_matches_jax_gradient(ref: dict) -> None:
   # The hand-written backward is right: its mean is jax.grad of the mean loss.
   g = jax.grad(lambda p: jnp.mean(losses_fn(p, ref["x"], ref["y"])))(ref["params"])
@@ -99,6 +100,7 @@ def test_reference_matches_jax_gradient(ref: dict) -> None:
   np.testing.assert_allclose(flat, ref["g"], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("route", ["vmap", "dense", "mixed"])
 @pytest.mark.parametrize("chunk", [4, 32])
 def test_moments_match_materialised(ref: dict, route: str, chunk: int) -> None:
@@ -119,6 +121,7 @@ def test_moments_match_materialised(ref: dict, route: str, chunk: int) -> None:
   np.testing.assert_allclose(mom.samples, gi, rtol=2e-5, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_statistics_match_numpy(ref: dict) -> None:
   params, x, y, gi, g = ref["params"], ref["x"], ref["y"], ref["gi"], ref["g"]
   mom = noise.per_example_moments(losses_fn, params, (x, y), dense=_dense_layers(params, x, y))
@@ -173,6 +176,7 @@ def test_identical_examples_give_zero_noise() -> None:
   assert float(noise.ortho_test(mom.sq_norms, proj, gsq)) < 2e-3
 
 
+@pytest.mark.slow
 def test_conv_leaves_use_vmap_route() -> None:
   rng = np.random.default_rng(3)
   params = {
@@ -201,6 +205,7 @@ def test_conv_leaves_use_vmap_route() -> None:
   np.testing.assert_allclose(m, (gi**2).mean(0), rtol=1e-5, atol=1e-10)
 
 
+@pytest.mark.slow
 def test_weighted_histograms() -> None:
   rng = np.random.default_rng(0)
   v = rng.normal(size=(6, 50)).astype(np.float32)
@@ -256,6 +261,7 @@ def test_bad_input() -> None:
     {"padding": 1},
   ],
 )
+@pytest.mark.slow
 def test_conv_patch_route_equals_vmap_grad(conv_args: dict) -> None:
   import flax.linen as nn
   import optax

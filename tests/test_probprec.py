@@ -168,6 +168,7 @@ def _drive(tx, loss, theta, steps):
 EIGS = (40.0, 30.0) + (5.0,) * 8
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("faithful", [True, False])
 @pytest.mark.parametrize("wd", [0.0, 0.01])
 def test_matches_dense_float64_reference(faithful, wd):
@@ -212,6 +213,7 @@ def test_matches_dense_float64_reference(faithful, wd):
     np.testing.assert_allclose(flat_upd, ref["upd"], rtol=1e-7, atol=1e-10)
 
 
+@pytest.mark.slow
 def test_faithful_posterior_is_nearly_isotropic():
   """A finding, not a wish: with the reference code's quirks (λ = |A − Q|/n from the
   un-normalised sum, Δ = Ŷ − αŜ) the low-rank part is tiny, so B̂ ≈ α⁻¹ I and its top
@@ -231,6 +233,7 @@ def test_faithful_posterior_is_nearly_isotropic():
   assert sig[False] > 1.2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("x64", [True, False])
 def test_low_rank_matches_dense_svd(x64):
   """The Gram-based low-rank step against ``np.linalg.svd`` of the dense ``B̂``."""
@@ -262,6 +265,7 @@ def test_low_rank_matches_dense_svd(x64):
   np.testing.assert_allclose(U2 @ U2.T, u2[:, :2] @ u2[:, :2].T, atol=tol * 10)
 
 
+@pytest.mark.slow
 def test_float32_agrees_with_reference():
   P, M, r = 4, 3, 2
   A = _hessian(eigs=EIGS)
@@ -277,6 +281,7 @@ def test_float32_agrees_with_reference():
   np.testing.assert_allclose(np.asarray(_flat(updates)), ref["upd"], rtol=1e-3, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_noise_free_posterior_reproduces_the_hessian_on_the_probed_subspace():
   """Consistent mode, identical minibatches: λ = 0 and B̂ Ŝ = A Ŝ (per leaf block)."""
   P, M = 3, 4
@@ -329,6 +334,7 @@ def _run_quadratic(tx, A, theta, steps, noise=0.0):
   return np.asarray(losses), state
 
 
+@pytest.mark.slow
 def test_preconditioning_beats_sgd_with_the_same_alpha_when_ill_conditioned():
   # The consistent mode: the faithful posterior is nearly α⁻¹·I (see
   # test_faithful_posterior_is_nearly_isotropic), so its top directions are arbitrary
@@ -352,6 +358,7 @@ def test_preconditioning_beats_sgd_with_the_same_alpha_when_ill_conditioned():
   assert np.all(np.isfinite(pre))
 
 
+@pytest.mark.slow
 def test_well_conditioned_preconditioning_does_no_harm():
   A = _hessian(eigs=(2.0, 1.8, 1.6, 1.5, 1.4, 1.3, 1.2, 1.1, 1.05, 1.0))
   theta = np.random.default_rng(7).normal(size=N)
@@ -361,6 +368,7 @@ def test_well_conditioned_preconditioning_does_no_harm():
   assert pre[-1] < 0.05 * pre[0]
 
 
+@pytest.mark.slow
 def test_adaptive_sgd_after_estimation_is_plain_sgd_at_alpha():
   A = _hessian()
   loss, _ = _noisy_quadratic(A, 0.3)
@@ -380,6 +388,7 @@ def test_adaptive_sgd_after_estimation_is_plain_sgd_at_alpha():
   assert float(jnp.max(jnp.abs(st.S["w"]))) == 0.0
 
 
+@pytest.mark.slow
 def test_reestimation_resets_counters_and_momentum():
   A = _hessian()
   loss, _ = _noisy_quadratic(A, 0.3)
@@ -407,6 +416,7 @@ def test_reestimation_resets_counters_and_momentum():
   assert int(s.step) == 0 and float(jnp.max(jnp.abs(s.trace["w"]))) == 0.0
 
 
+@pytest.mark.slow
 def test_initial_and_fixed_lr():
   A = _hessian()
   loss, _ = _noisy_quadratic(A, 0.3)
@@ -418,6 +428,7 @@ def test_initial_and_fixed_lr():
   assert float(out[-1][1].lr[0]) == pytest.approx(0.02)
 
 
+@pytest.mark.slow
 def test_parameter_groups():
   A = _hessian()
   loss, _ = _noisy_quadratic(A, 0.3)
@@ -456,6 +467,7 @@ def _degenerate_run(hvp_fn, grads_fn, faithful=False, steps=20, params=None):
   return outs
 
 
+@pytest.mark.slow
 def test_negative_curvature_falls_back():
   outs = _degenerate_run(lambda v: jax.tree.map(lambda x: -2.0 * x, v), lambda p, k: p)
   for updates, _ in outs:
@@ -468,6 +480,7 @@ def test_negative_curvature_falls_back():
   assert float(outs[-1][1].lr[0]) < 0
 
 
+@pytest.mark.slow
 def test_zero_gradients_and_nan_hvp_never_emit_nan():
   zero = lambda p, k: jax.tree.map(jnp.zeros_like, p)  # noqa: E731
   for updates, _ in _degenerate_run(lambda v: v, zero):
@@ -493,6 +506,7 @@ def test_zero_gradients_and_nan_hvp_never_emit_nan():
   assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
 
 
+@pytest.mark.slow
 def test_leaf_of_size_one():
   params = {"s": jnp.asarray([0.7]), "w": jnp.ones((2, 2))}
   outs = _degenerate_run(lambda v: v, lambda p, k: p, params=params, steps=10)
@@ -529,6 +543,7 @@ def test_update_needs_hvp_and_params():
     tx.update(params, state, hvp_fn=lambda v: v)
 
 
+@pytest.mark.slow
 def test_state_is_fixed_and_scan_matches_loop():
   A = _hessian()
   loss, _ = _noisy_quadratic(A, 0.3)
@@ -557,6 +572,7 @@ def test_state_is_fixed_and_scan_matches_loop():
 # --------------------------------------------------------------------------- the loop
 
 
+@pytest.mark.slow
 def test_train_with_preconditioned_sgd(tmp_path):
   import json
 

@@ -365,6 +365,7 @@ def _digits_run(tx, steps=240, seed=0):
   return np.asarray(ratios), np.asarray(factors)
 
 
+@pytest.mark.slow
 def test_mean_ratio_converges_toward_target_on_digits():
   target = 1e-3
 
@@ -386,6 +387,7 @@ def test_mean_ratio_converges_toward_target_on_digits():
 # --------------------------------------------------------------------------- the loop
 
 
+@pytest.mark.slow
 def test_train_and_cli_schedule_ratio(tmp_path):
   from jaxscope import cli
 

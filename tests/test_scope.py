@@ -60,6 +60,7 @@ def _structure(tree):
   return jax.tree.structure(tree), [(x.shape, x.dtype) for x in jax.tree.leaves(tree)]
 
 
+@pytest.mark.slow
 def test_state_structure_fixed_from_init():
   params = _params()
   sc = _full_scope(every=2)
@@ -99,6 +100,7 @@ def test_no_retrace_across_steps():
   assert len(traces) == 1
 
 
+@pytest.mark.slow
 def test_orbax_restore_into_init_structure(tmp_path):
   params = _params()
   sc = _full_scope()
@@ -195,6 +197,7 @@ SHARDING_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_sharded_8_devices_matches_one_device():
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   out = subprocess.run(

@@ -158,6 +158,7 @@ def _run(tmp_path, name, **kw):
   return train(dataclasses.replace(FAST, out=str(tmp_path / name), **kw))
 
 
+@pytest.mark.slow
 def test_run_directory_is_complete(tmp_path):
   r = _run(tmp_path, "run", epochs=2, checkpoint_every=10, every=5)
   spe = 1438 // 64  # digits: 1438 training examples (test fraction 0.2).
@@ -181,6 +182,7 @@ def test_run_directory_is_complete(tmp_path):
   assert meta["eval_loss"] == pytest.approx(r.final_eval["test/loss"]) and meta["wall_time"] > 0
 
 
+@pytest.mark.slow
 def test_same_seed_same_metrics_file_bit_for_bit(tmp_path):
   # Dropout, the per-layer scope and Cockpit's instruments (per-example pass, α, histograms).
   kw = dict(steps=30, model="alexnet_mini", metrics="economy", eval_every=10)
@@ -191,6 +193,7 @@ def test_same_seed_same_metrics_file_bit_for_bit(tmp_path):
   assert (c.run_dir / "metrics.jsonl").read_bytes() != text
 
 
+@pytest.mark.slow
 def test_resume_continues_at_the_right_step_with_identical_parameters(tmp_path):
   full = _run(tmp_path, "full", epochs=2, checkpoint_every=0)
   part = _run(tmp_path, "part", epochs=1, checkpoint_every=0)
@@ -229,6 +232,7 @@ def test_bad_configurations_are_named(tmp_path):
     _run(tmp_path, "x", epochs=None)
 
 
+@pytest.mark.slow
 def test_nan_in_training_is_recorded_not_raised(tmp_path):
   # A learning rate that overflows: the run finishes and the history shows non-finite values.
   r = _run(tmp_path, "nan", steps=15, optimizer="sgd", lr=1e30, metrics="economy")
@@ -246,6 +250,7 @@ print("STOPPED", r.steps, r.interrupted, flush=True)
 """
 
 
+@pytest.mark.slow
 def test_ctrl_c_flushes_logs_and_writes_a_final_checkpoint(tmp_path):
   out = tmp_path / "run"
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
@@ -290,6 +295,7 @@ def _finite(h, key):
   return all(np.all(np.isfinite(np.asarray(v, np.float64))) for v in h[key])
 
 
+@pytest.mark.slow
 def test_full_preset_records_cockpit_and_activation_health(tmp_path):
   r = _run(tmp_path, "full", steps=4, batch_size=32, metrics="full", checkpoint_every=2)
   h = History.load(r.run_dir)
@@ -320,6 +326,7 @@ def test_full_preset_records_cockpit_and_activation_health(tmp_path):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.slow
 def test_instruments_resume_every_2_and_leave_training_unchanged(tmp_path):
   kw = dict(batch_size=32, metrics="economy", every=2, checkpoint_every=0)
   full = _run(tmp_path, "full", steps=7, **kw)
@@ -350,6 +357,7 @@ def test_instruments_resume_every_2_and_leave_training_unchanged(tmp_path):
   assert plain.state.instruments == ()
 
 
+@pytest.mark.slow
 def test_instruments_with_a_hessian_vector_product_optimizer(tmp_path):
   kw = dict(steps=4, batch_size=32, optimizer="preconditioned_sgd", checkpoint_every=0)
   r = _run(tmp_path, "pre", metrics="economy", **kw)
@@ -376,6 +384,7 @@ def test_metric_lists_run_no_instruments():
   assert sorted(va) == sorted(vb)
 
 
+@pytest.mark.slow
 def test_resume_from_a_checkpoint_without_instrument_state(tmp_path, monkeypatch):
   # Checkpoints written before TrainState.instruments existed hold four fields.
   from jaxscope.checkpoint import CheckpointWriter

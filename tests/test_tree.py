@@ -32,6 +32,7 @@ def _names(tree):
   return [i.name for i in jtree.leaf_infos(tree)]
 
 
+@pytest.mark.slow
 def test_linen_names_and_kinds():
   params = _Linen().init(jax.random.PRNGKey(0), jnp.ones((1, 6, 6, 2)))["params"]
   infos = {i.name: i for i in jtree.leaf_infos(params)}
