@@ -97,21 +97,32 @@ def make_eval_set(x: Any, y: Any, *, batch_size: int = 500) -> EvalSet:
   )
 
 
+def _example_mean(x: jax.Array) -> jax.Array:
+  """The mean over every axis but the first (per-token values → per-example)."""
+  return jnp.mean(x, axis=tuple(range(1, x.ndim))) if x.ndim > 1 else x
+
+
 def per_example_losses(task: str, outputs: jax.Array, y: jax.Array) -> jax.Array:
   """``ℓᵢ``, shape ``[B]``: softmax cross-entropy with integer labels (classification) or
   the mean squared error of example ``i`` over its output entries (regression). The loss
-  of the reference loop's step and of every evaluation."""
+  of the reference loop's step and of every evaluation.
+
+  Labels may carry token axes (sequence models: ``y [B, T]``, ``outputs [B, T, V]``): the
+  example's loss is then the mean over its tokens, ``ℓᵢ = (1/T) Σ_t CE(f(x_i)_t, y_{i,t})``,
+  so that the mean over examples is the per-token mean loss.
+  """
   if task == "regression":
-    return jnp.mean((outputs - y) ** 2, axis=tuple(range(1, outputs.ndim)))
-  return optax.softmax_cross_entropy_with_integer_labels(outputs, y)
+    return _example_mean((outputs - y) ** 2)
+  return _example_mean(optax.softmax_cross_entropy_with_integer_labels(outputs, y))
 
 
 def _per_example(task: str, outputs: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Per-example loss and correctness (0 for regression)."""
+  """Per-example loss and correctness (0 for regression; with token axes, the fraction
+  of the example's tokens predicted correctly)."""
   per = per_example_losses(task, outputs, y)
   if task == "regression":
     return per, jnp.zeros_like(per)
-  return per, (jnp.argmax(outputs, -1) == y).astype(jnp.float32)
+  return per, _example_mean((jnp.argmax(outputs, -1) == y).astype(jnp.float32))
 
 
 def _batch_sums(
