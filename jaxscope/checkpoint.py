@@ -125,6 +125,36 @@ def _attempt(fn: Callable[[], Any]) -> tuple[Any, str | None]:
   return None, error
 
 
+def _shardings_for(sharding: Any, collection: str, metadata: Any) -> Any:
+  """A pytree of shardings matching ``metadata`` (the saved ``collection``) from the
+  ``sharding`` argument of :meth:`RunCheckpoints.restore`."""
+  default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  if isinstance(sharding, Mapping):
+    unknown = sorted(set(sharding) - set(_COLLECTIONS))
+    if unknown:
+      raise ValueError(
+        f"RunCheckpoints.restore: sharding has keys {unknown}; expected {list(_COLLECTIONS)}."
+      )
+    sharding = sharding.get(collection, default)
+  if sharding is None:
+    sharding = default
+  if isinstance(sharding, jax.sharding.Sharding):
+    return jax.tree.map(lambda _: sharding, metadata)
+  want, got = jax.tree.structure(metadata), jax.tree.structure(sharding)
+  if want != got:
+    raise ValueError(
+      f"RunCheckpoints.restore: the shardings of {collection!r} do not match the checkpoint's "
+      f"tree: expected {want}, got {got}."
+    )
+  for s in jax.tree.leaves(sharding):
+    if not isinstance(s, jax.sharding.Sharding):
+      raise ValueError(
+        f"RunCheckpoints.restore: the shardings of {collection!r} must be "
+        f"jax.sharding.Sharding leaves, got {type(s).__name__}."
+      )
+  return sharding
+
+
 class RunCheckpoints:
   """The checkpoints of one training run, opened read-only.
 
@@ -304,37 +334,45 @@ class RunCheckpoints:
       raise ValueError(f"RunCheckpoints: checkpoint {step} in {self.directory} is damaged: {error}")
     return r
 
-  def restore(self, step: int | None = None) -> Checkpoint:
+  def restore(self, step: int | None = None, *, sharding: Any = None) -> Checkpoint:
     """Restores ``params`` and ``model_state`` of ``step``, with its metadata.
 
-    The optimizer state is not read. Arrays come back as ``jax.Array`` on the default
-    device, with the shapes and dtypes they were saved with.
+    The optimizer state is not read. Arrays come back as ``jax.Array`` with the shapes and
+    dtypes they were saved with, placed as ``sharding`` says: by default on the first
+    device; for a run trained sharded over a mesh, pass its shardings to get the arrays
+    back sharded (each device reads only its shards).
 
     Args:
       step: a step of :attr:`steps`; ``None``: the newest step that can be read (damaged
         newer ones are skipped with a :class:`DamagedCheckpointWarning`).
+      sharding: ``None`` (the first device), one ``jax.sharding.Sharding`` for every leaf
+        (e.g. ``NamedSharding(mesh, P())`` to replicate), or a dict
+        ``{"params": …, "model_state": …}`` whose entries are a ``Sharding`` or a pytree of
+        shardings matching that collection (e.g. the shardings of the train state's
+        ``params``); a collection left out of the dict goes to the first device.
 
     Raises:
-      ValueError: ``step`` is not a checkpoint (the message lists the steps), or it is
-        damaged (the message says how).
+      ValueError: ``step`` is not a checkpoint (the message lists the steps), it is
+        damaged (the message says how), or ``sharding`` does not match the checkpoint.
     """
     if step is None:
-      for ckpt in self.iter(reversed(self.steps)):
+      for ckpt in self.iter(reversed(self.steps), sharding=sharding):
         return ckpt
       raise ValueError(f"RunCheckpoints: none of the steps {self.steps} can be read.")
     step = self._check_step(step)
     ocp = self._ocp
     tree = self._tree_metadata(step)
-    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     item, restore_args = {}, {}
     for key, sub in tree.items():
       if key in _COLLECTIONS:
         item[key] = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), sub)
+        shardings = _shardings_for(sharding, key, sub)
         restore_args[key] = jax.tree.map(
-          lambda m: ocp.ArrayRestoreArgs(
-            sharding=sharding, global_shape=tuple(m.shape), dtype=m.dtype
+          lambda m, sh: ocp.ArrayRestoreArgs(
+            sharding=sh, global_shape=tuple(m.shape), dtype=m.dtype
           ),
           sub,
+          shardings,
         )
       else:
         item[key] = restore_args[key] = jax.tree.map(lambda _: ocp.PLACEHOLDER, sub)
@@ -344,11 +382,14 @@ class RunCheckpoints:
       step, r.state["params"], dict(model_state) if model_state else {}, dict(r.meta)
     )
 
-  def iter(self, steps: Iterable[int] | None = None) -> Iterator[Checkpoint]:
+  def iter(
+    self, steps: Iterable[int] | None = None, *, sharding: Any = None
+  ) -> Iterator[Checkpoint]:
     """Restores the checkpoints one after the other (see :meth:`restore`).
 
     Args:
       steps: the steps to read, in this order (default: :attr:`steps`).
+      sharding: where the arrays go (see :meth:`restore`).
 
     Yields:
       A :class:`Checkpoint` per readable step. A damaged step is skipped with a
@@ -358,12 +399,12 @@ class RunCheckpoints:
       ValueError: a step of ``steps`` is not a checkpoint (checked before reading any).
     """
     wanted = self.steps if steps is None else [self._check_step(s) for s in steps]
-    return self._iter(wanted)
+    return self._iter(wanted, sharding)
 
-  def _iter(self, steps: list[int]) -> Iterator[Checkpoint]:
+  def _iter(self, steps: list[int], sharding: Any = None) -> Iterator[Checkpoint]:
     for step in steps:
       try:
-        ckpt = self.restore(step)
+        ckpt = self.restore(step, sharding=sharding)
       except ValueError as e:
         warnings.warn(f"{e} Skipped.", DamagedCheckpointWarning, stacklevel=2)
         continue

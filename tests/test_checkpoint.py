@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import shutil
+import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import jax
@@ -285,3 +289,77 @@ def test_no_config(mlp_run, tmp_path):
       run.model  # noqa: B018
     with pytest.raises(ValueError, match=r"config\.json"):
       run.dataset  # noqa: B018
+
+
+SHARDED_RESTORE_SCRIPT = textwrap.dedent(
+  """
+  import os, sys, json
+  os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+  import jax, jax.numpy as jnp, numpy as np
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from jaxscope.checkpoint import CheckpointWriter, RunCheckpoints
+
+  run_dir = sys.argv[1]
+  mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "fsdp"))
+  r = np.random.default_rng(0)
+  params = {"dense": {"kernel": r.normal(size=(16, 32)).astype(np.float32),
+                      "bias": r.normal(size=(32,)).astype(np.float32)}}
+  stats = {"batch_stats": {"bn": {"mean": r.normal(size=(32,)).astype(np.float32)}}}
+  fsdp = {"dense": {"kernel": NamedSharding(mesh, P(None, "fsdp")),
+                    "bias": NamedSharding(mesh, P("fsdp"))}}
+  sharded = jax.tree.map(jax.device_put, params, fsdp)
+  w = CheckpointWriter(os.path.join(run_dir, "checkpoints"))
+  w.save(0, {"params": sharded, "model_state": stats}, {"step": 0})
+  w.close()
+  out = {}
+  with RunCheckpoints(run_dir) as ck:
+    plain = ck.restore(0)
+    out["default"] = [str(x.sharding) for x in jax.tree.leaves(plain.params)]
+    c = ck.restore(0, sharding={"params": fsdp})
+    pairs = zip(jax.tree.leaves(c.params), jax.tree.leaves(fsdp))
+    out["kept"] = [x.sharding == s for x, s in pairs]
+    out["shards"] = [len(x.addressable_shards) for x in jax.tree.leaves(c.params)]
+    out["shard_shape"] = list(c.params["dense"]["kernel"].addressable_shards[0].data.shape)
+    out["equal"] = all(np.array_equal(np.asarray(a), b) for a, b in
+                       zip(jax.tree.leaves(c.params), jax.tree.leaves(params)))
+    out["state_default"] = str(jax.tree.leaves(c.model_state)[0].sharding)
+    repl = NamedSharding(mesh, P())
+    d = ck.restore(0, sharding=repl)
+    out["replicated"] = all(x.sharding == repl for x in jax.tree.leaves((d.params, d.model_state)))
+    out["iter"] = [c2.params["dense"]["bias"].sharding == fsdp["dense"]["bias"]
+                   for c2 in ck.iter(sharding={"params": fsdp})]
+    errors = []
+    bads = ({"params": {"dense": {"kernel": repl}}}, {"opt_state": repl},
+            {"params": {"dense": {"kernel": repl, "bias": 3}}})
+    for bad in bads:
+      try:
+        ck.restore(0, sharding=bad)
+      except ValueError as e:
+        errors.append(str(e))
+    out["errors"] = errors
+  json.dump(out, sys.stdout)
+  """
+)
+
+
+def test_restore_keeps_a_runs_sharding(tmp_path):
+  # A fully sharded state (8 simulated devices, 2 x 4 mesh) restores with the run's
+  # shardings when given, and on the first device otherwise.
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  proc = subprocess.run(
+    [sys.executable, "-c", SHARDED_RESTORE_SCRIPT, str(tmp_path)],
+    capture_output=True,
+    text=True,
+    env=env,
+    timeout=300,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = json.loads(proc.stdout)
+  assert all("SingleDeviceSharding" in s for s in out["default"])
+  assert out["kept"] == [True, True] and out["shards"] == [8, 8]
+  assert out["shard_shape"] == [16, 8]  # the kernel's columns split over the 4 fsdp devices
+  assert out["equal"] and "SingleDeviceSharding" in out["state_default"]
+  assert out["replicated"] and out["iter"] == [True]
+  assert len(out["errors"]) == 3
+  assert "do not match" in out["errors"][0] and "opt_state" in out["errors"][1]
+  assert "jax.sharding.Sharding leaves" in out["errors"][2]
