@@ -138,7 +138,7 @@ def _add_train_parser(sub: Any) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-  from jaxscope.run import TrainConfig, cli_options
+  from jaxscope.run import RunLayout, TrainConfig, cli_options
   from jaxscope.train import train
 
   fields = {o.field: getattr(args, o.field) for o in cli_options()}
@@ -150,14 +150,14 @@ def _train(args: argparse.Namespace) -> int:
   if not args.no_plots:
     from jaxscope.plot import save_run_plots
 
-    paths = save_run_plots(result.run_dir, result.run_dir / "plots")
+    paths = save_run_plots(result.run_dir, RunLayout(result.run_dir).plots)
   if not args.quiet:
     evals = ", ".join(f"{k} {v:.4f}" for k, v in sorted(result.final_eval.items()))
     state = "stopped" if result.interrupted else "finished"
     print(f"{state} at step {result.steps} in {result.wall_time:.1f} s: {evals}")
     print(f"run directory: {result.run_dir}")
     if not args.no_plots:
-      print(f"{len(paths)} plots in {result.run_dir / 'plots'}")
+      print(f"{len(paths)} plots in {RunLayout(result.run_dir).plots}")
   return 130 if result.interrupted else 0
 
 
@@ -420,7 +420,7 @@ def _analyze(args: argparse.Namespace) -> int:
     report = analyze(
       run,
       args.what,
-      out=args.out,
+      out=args.out or run.layout.analysis,
       options=options,
       echo=None if args.quiet else print,
       on_failure=failed,
