@@ -135,7 +135,8 @@ def load(
   """Loads a dataset by name (case-insensitive; ``-`` and ``_`` are the same).
 
   Args:
-    name: one of :func:`names`.
+    name: one of :func:`names`, or ``"module:attribute"`` naming a loader of your own
+      (:mod:`jaxscope.models.external`).
     data_dir: directory with the files of a file-based set (ignored by embedded sets).
     seed: seed of the split or generator of an embedded set; ``None`` keeps the loader's
       default (``mnist1d``: 42, the published benchmark; ``digits`` and ``sine``: 0).
@@ -151,6 +152,12 @@ def load(
     TypeError: a keyword argument the loader does not take.
     FileNotFoundError: the files are not in ``data_dir`` (the message says where to put them).
   """
+  if isinstance(name, str) and ":" in name:  # "module:attribute": the user's own loader.
+    from jaxscope.models.external import load_external
+
+    if seed is not None:
+      kwargs["seed"] = seed
+    return load_external(name, data_dir, **kwargs)
   key = _key(name)
   entry = _REGISTRY[key]
   params = inspect.signature(entry.loader).parameters

@@ -17,6 +17,7 @@ from jaxscope.models.base import (
 from jaxscope.models.capacity import CapacityCNN, CapacityMLP
 from jaxscope.models.conv import AlexNetMini, LeNet5, ThreeC3D, TwoC2D
 from jaxscope.models.densenet import DenseNetBC
+from jaxscope.models.external import build_external, is_external
 from jaxscope.models.mlp import MLP, MnistMLP
 from jaxscope.models.nnx_models import nnx_model_def
 from jaxscope.models.resnet import CifarResNet
@@ -367,7 +368,8 @@ def build(name: str, input_shape: Sequence[int], num_classes: int, **kwargs: Any
   """Builds a registered model for one input shape and number of classes.
 
   Args:
-    name: a name from :func:`names`.
+    name: a name from :func:`names`, or ``"module:attribute"`` naming a model factory of
+      your own (:mod:`jaxscope.models.external`).
     input_shape: one example's shape without the batch axis: ``(H, W, C)`` for images
       (``(8, 8, 1)`` digits, ``(28, 28, 1)`` MNIST, ``(32, 32, 3)`` CIFAR), ``(L, C)``
       for 1-D signals (``(40, 1)`` MNIST-1D), ``(D,)`` feature vectors (``(1,)`` sine
@@ -402,6 +404,8 @@ def build(name: str, input_shape: Sequence[int], num_classes: int, **kwargs: Any
   >>> count_params(variables['params'])  # 64·128+128 + 128·64+64 + 64·10+10
   17226
   """
+  if is_external(name):  # "module:attribute": the user's own model.
+    return build_external(name, input_shape, num_classes, **kwargs)
   entry = _entry(name)
   shape = check_input_shape(name, input_shape, ranks=entry.ranks)
   classes = check_num_classes(name, num_classes)

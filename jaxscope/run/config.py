@@ -149,10 +149,17 @@ class TrainConfig:
   ``docs/train_options.md``."""
 
   model: str = _opt(
-    "lenet5", group=_DATA, flags=("-m", "--model"), help="model name (jaxscope list-models)"
+    "lenet5",
+    group=_DATA,
+    flags=("-m", "--model"),
+    help="model name (jaxscope list-models), or module:attribute for a model factory of "
+    "your own (jaxscope.models.external)",
   )
   dataset: str = _opt(
-    "digits", group=_DATA, flags=("-d", "--dataset"), help="dataset (jaxscope list-datasets)"
+    "digits",
+    group=_DATA,
+    flags=("-d", "--dataset"),
+    help="dataset (jaxscope list-datasets), or module:attribute for a loader of your own",
   )
   data_dir: str | None = _opt(
     None, group=_DATA, help="directory of dataset files (command line: default $JAXSCOPE_DATA)"
