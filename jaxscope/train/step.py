@@ -4,6 +4,13 @@
 a model, an optimizer and what to measure; the pieces of one step (gradients with or
 without the instruments' probe, the instruments' values, capacity growth) are the
 functions below.
+
+Per-example statistics of the instruments (norm, inner-product and orthogonality tests,
+histograms, TIC) need the loss of each example on its own; as in Cockpit they are
+ill-defined for BatchNorm in training mode (an example's loss depends on the batch), and
+the per-example pass draws dropout masks other than the batch pass's (each example is
+evaluated alone with the step's key). The step's loss, gradient and update are unchanged
+by the instruments.
 """
 
 from __future__ import annotations
@@ -151,14 +158,8 @@ def make_train_step(
   ``layer_grads/norm/{layer}``). The instruments decide by their own count which steps
   they measure (``0, every, 2·every, …``), so pass ``measure = step % every == 0``;
   ``alpha`` (the α of the previous update) is in ``values`` on every step but is fresh
-  only at steps ``t ≥ 1`` with ``(t − 1) % every == 0``.
-
-  Per-example statistics (norm, inner-product and orthogonality tests, histograms, TIC)
-  need the loss of each example on its own; as in Cockpit they are ill-defined for
-  BatchNorm in training mode (an example's loss depends on the batch), and the
-  per-example pass draws dropout masks other than the batch pass's (each example is
-  evaluated alone with the step's key). The step's loss, gradient and update are
-  unchanged by the instruments.
+  only at steps ``t ≥ 1`` with ``(t − 1) % every == 0`` (per-example statistics and
+  BatchNorm or dropout: see the module docstring).
 
   Args:
     model: a :class:`jaxscope.models.ModelDef` (``apply(variables, x, train=, rng=)``).

@@ -40,15 +40,13 @@ def instruments(
 
   Args:
     quantities: names from :data:`QUANTITIES`.
-    preset: ``"economy"``, ``"business"`` or ``"full"`` (:data:`INSTRUMENT_PRESETS`), added to
-      ``quantities``.
+    preset: ``"economy"``, ``"business"``, ``"full"`` (:data:`INSTRUMENT_PRESETS`), added.
     every: measure steps ``0, every, 2·every, …``.
     capture_layers: capture the Flax layers' inputs, outputs and output gradients
       (:mod:`jaxscope.capture`): the Dense outer-product route and ``probe.captured``.
       ``None`` (default): when ``losses_fn`` calls Flax layers; ``False``: chunked
       ``vmap(grad)`` for every leaf (what non-Dense layers always use).
-    include: regular expression(s) of the layers captured for that route.
-    exclude: regular expression(s) of layers not captured.
+    include, exclude: regular expressions of the layers captured for that route, and not.
     chunk: examples per ``vmap(grad)`` chunk.
     hist_bins: bins of ``grad_hist_1d`` (Cockpit: 100).
     hist2d_bins: ``(parameter bins, gradient bins)`` of ``grad_hist_2d`` (Cockpit: 40×50).
@@ -56,8 +54,8 @@ def instruments(
     hutchinson_probes: Rademacher probes per step for the trace and diagonal.
     max_ev_iters: HVPs per step spent on ``λ_max`` (carried over steps).
     max_ev_method: ``"power"`` or ``"lanczos"`` (see :mod:`jaxscope.metrics.curvature`).
-    eps: stabiliser of ``mean_gsnr`` and ``early_stopping`` (Cockpit: 1e-5).
-    tic_eps: stabiliser of the TIC (Cockpit: 1e-7).
+    eps, tic_eps: stabilisers of ``mean_gsnr``/``early_stopping`` and of the TIC (Cockpit:
+      1e-5, 1e-7).
     tic_curvature: the Hessian diagonal of ``tic_diag``: ``"hutchinson"`` (default; a
       bias-corrected moving average, decay ``curvature_decay``, of the per-step Hutchinson
       estimates, whose per-entry variance ``Σ_{k≠j} H_jk²`` makes a one-step estimate
