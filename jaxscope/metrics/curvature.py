@@ -66,19 +66,8 @@ def hvp_fn(
   The same as :func:`jaxscope.metrics.hvp.value_grad_and_hvp` (forward-over-reverse:
   ``jax.linearize`` of the gradient, so the forward and backward pass run once and each
   ``hvp(v)`` costs about one more; :func:`batched_hvp` applies ``H`` to ``k`` vectors as one
-  batch through the same linearisation).
-
-  Args:
-    loss_fn: ``loss_fn(params, *args, **kwargs)`` returning a scalar (or ``(scalar, aux)``
-      with ``has_aux``).
-    params: the point ``θ``, a pytree.
-    *args: further arguments of ``loss_fn`` (the mini-batch), held fixed.
-    has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
-    **kwargs: keyword arguments of ``loss_fn``, held fixed.
-
-  Returns:
-    ``(value, grads, hvp)``: ``value`` is the loss (``(loss, aux)`` with ``has_aux``),
-    ``grads`` the gradient pytree and ``hvp(v) = H v`` for ``v`` a pytree like ``params``.
+  batch through the same linearisation). Arguments and return value as there:
+  ``(value, grads, hvp)`` with ``hvp(v) = H v`` for ``v`` a pytree like ``params``.
 
   Example:
     >>> import jax.numpy as jnp
