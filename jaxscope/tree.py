@@ -56,6 +56,9 @@ Kind = Literal["kernel", "bias", "any"]
 KERNEL_NAMES = frozenset({"kernel", "weight", "w", "embedding", "W"})
 #: Leaf names that are additive biases.
 BIAS_NAMES = frozenset({"bias", "b"})
+#: Leaf names of normalisation scales (LayerNorm, BatchNorm, RMSNorm): never kernels, even
+#: when stacked over layers (rank 2).
+SCALE_NAMES = frozenset({"scale"})
 
 # Trailing path entries that carry no naming information (NNX ``Variable.value``).
 _TRANSPARENT_ATTRS = frozenset({"value", "raw_value"})
@@ -100,14 +103,17 @@ def leaf_kind(name: str, shape: Sequence[int]) -> Literal["kernel", "bias", "oth
   """Classifies a leaf as ``"kernel"``, ``"bias"`` or ``"other"``.
 
   A leaf whose last name component is in :data:`KERNEL_NAMES` is a kernel, one in
-  :data:`BIAS_NAMES` a bias. Otherwise arrays of rank >= 2 count as kernels and
-  everything else (BatchNorm ``scale``, running statistics, scalars) as ``"other"``.
+  :data:`BIAS_NAMES` a bias, one in :data:`SCALE_NAMES` (normalisation scales, also when
+  stacked over layers) ``"other"``. Otherwise arrays of rank >= 2 count as kernels and
+  everything else (running statistics, scalars) as ``"other"``.
   """
   last = name.rsplit("/", 1)[-1]
   if last in KERNEL_NAMES:
     return "kernel"
   if last in BIAS_NAMES:
     return "bias"
+  if last in SCALE_NAMES:
+    return "other"
   return "kernel" if len(shape) >= 2 else "other"
 
 

@@ -320,3 +320,38 @@ def test_histogram_subsample_visits_every_column():
   assert np.abs(np.asarray(out["counts"]) - ref).sum() <= 2
   small = metrics.evaluate(metrics.histogram(8, max_elements=65536), x[:10])
   assert int(np.sum(small["counts"])) == 10 * 1000  # small tensors are counted in full
+
+
+def test_spectral_norms_only_for_kernels():
+  # A 2-D attention bias [heads, head_dim] and LayerNorm scales stacked over 3 layers are
+  # not matrices a layer applies: no spectral norm or condition number (issue 17).
+  from jaxscope.tree import leaf_kind
+
+  r = np.random.default_rng(0)
+  kernel = r.normal(size=(8, 4)).astype(np.float32)
+  params = {
+    "attn": {"kernel": jnp.asarray(kernel), "bias": jnp.asarray(10 * r.normal(size=(4, 16)))},
+    "ln": {"scale": jnp.full((3, 8), 5.0)},
+  }
+  assert leaf_kind("ln/scale", (3, 8)) == "other" and leaf_kind("attn/bias", (4, 16)) == "bias"
+  assert leaf_kind("ln/scale", (8,)) == "other" and leaf_kind("proj", (4, 4)) == "kernel"
+  sc = metrics.scope(params=["spectral_norm", "condition_number", "norm"])
+  values, _ = sc.update(sc.init(params), params=params)
+  assert sorted(values) == [
+    "measured",
+    "params/condition_number/attn/kernel",
+    "params/norm/attn/bias",
+    "params/norm/attn/kernel",
+    "params/norm/ln/scale",
+    "params/spectral_norm/attn/kernel",
+  ]
+  sv = np.linalg.svd(kernel.astype(np.float64), compute_uv=False)
+  np.testing.assert_allclose(values["params/spectral_norm/attn/kernel"], sv[0], rtol=1e-5)
+  np.testing.assert_allclose(
+    values["params/condition_number/attn/kernel"], sv[0] / sv[-1], rtol=1e-4
+  )
+  # evaluate() leaves the bias out too, and says so when no kernel is left.
+  got = metrics.evaluate(metrics.spectral_norm(), params["attn"])
+  np.testing.assert_allclose(got, sv[0], rtol=1e-5)
+  with pytest.raises(ValueError, match="no kernel leaf"):
+    metrics.evaluate(metrics.spectral_norm(), params["ln"])

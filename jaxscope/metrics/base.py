@@ -23,6 +23,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jaxscope.tree import leaf_infos
+
 __all__ = ["Metric", "evaluate", "group_max", "group_min", "group_sum", "stateless"]
 
 Leaves = Sequence[jax.Array]
@@ -40,6 +42,15 @@ class Metric(NamedTuple):
   """Whether ``apply`` needs the parameters' leaves as ``reference``."""
   min_ndim: int = 0
   """Leaves of lower rank are left out of this metric (2 for spectral norms)."""
+  kernels_only: bool = False
+  """Only leaves of kind ``"kernel"`` (:func:`jaxscope.tree.leaf_kind`): the matrices a
+  layer applies; biases (also 2-D ones, e.g. an attention bias ``[heads, head_dim]``) and
+  normalisation scales are left out (spectral norms, condition numbers)."""
+
+
+def takes(metric: Metric, shape: Sequence[int], kind: str) -> bool:
+  """Whether ``metric`` measures a leaf of this ``shape`` and ``kind``."""
+  return len(shape) >= metric.min_ndim and (not metric.kernels_only or kind == "kernel")
 
 
 def group_sum(parts: Sequence[jax.Array]) -> jax.Array:
@@ -68,6 +79,7 @@ def stateless(
   *,
   needs_params: bool = False,
   min_ndim: int = 0,
+  kernels_only: bool = False,
 ) -> Metric:
   """Builds a :class:`Metric` without state from ``fn(leaves)`` or ``fn(leaves, ref)``.
 
@@ -77,6 +89,7 @@ def stateless(
       ``needs_params`` is true.
     needs_params: whether the statistic needs the parameters' leaves.
     min_ndim: leaves of lower rank are excluded.
+    kernels_only: only leaves of kind ``"kernel"`` are measured (see :class:`Metric`).
 
   Returns:
     A :class:`Metric`.
@@ -94,7 +107,7 @@ def stateless(
       return fn(leaves, reference), state
     return fn(leaves), state
 
-  return Metric(name, _no_state, apply, needs_params, min_ndim)
+  return Metric(name, _no_state, apply, needs_params, min_ndim, kernels_only)
 
 
 def evaluate(metric: Metric, tree: Any, reference: Any = None, state: Any = None) -> Value:
@@ -112,16 +125,19 @@ def evaluate(metric: Metric, tree: Any, reference: Any = None, state: Any = None
   Returns:
     The metric's value.
   """
-  leaves = [jnp.asarray(x) for x in jax.tree_util.tree_leaves(tree) if x.ndim >= metric.min_ndim]
+  infos = leaf_infos(tree, argname="tree")
+  keep = [i.index for i in infos if takes(metric, i.shape, i.kind)]
+  flat = jax.tree_util.tree_leaves(tree)
+  leaves = [jnp.asarray(flat[i]) for i in keep]
   if not leaves:
-    raise ValueError(f"metric {metric.name!r}: no leaf of rank >= {metric.min_ndim} in the tree.")
+    what = "kernel leaf" if metric.kernels_only else "leaf"
+    raise ValueError(f"metric {metric.name!r}: no {what} of rank >= {metric.min_ndim} in the tree.")
   ref = None
   if metric.needs_params:
     if reference is None:
       raise ValueError(f"metric {metric.name!r} needs reference= (the parameters).")
-    ref = [
-      jnp.asarray(x) for x in jax.tree_util.tree_leaves(reference) if x.ndim >= metric.min_ndim
-    ]
+    flat_ref = jax.tree_util.tree_leaves(reference)
+    ref = [jnp.asarray(flat_ref[i]) for i in keep]
   if state is None:
     state = metric.init([jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves])
   value, _ = metric.apply(leaves, state, ref)

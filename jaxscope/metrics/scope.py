@@ -57,7 +57,7 @@ import optax
 
 from jaxscope import tree as jtree
 from jaxscope.metrics import registry
-from jaxscope.metrics.base import Metric
+from jaxscope.metrics.base import Metric, takes
 from jaxscope.metrics.network import NetworkMetric
 
 __all__ = [
@@ -259,7 +259,7 @@ def _plan(
   plan = []
   for group in lay.groups:
     for m in spec.topic_metrics[topic]:
-      infos = tuple(i for i in group.leaves if len(i.shape) >= m.min_ndim)
+      infos = tuple(i for i in group.leaves if takes(m, i.shape, i.kind))
       if infos:
         plan.append((f"{topic}/{m.name}/{group.key}", m, infos))
   return plan

@@ -123,7 +123,7 @@ def spectral_norm(
         new_state.append(v)
     return group_max(sigmas), tuple(new_state)
 
-  return Metric("spectral_norm", init, apply, needs_params=False, min_ndim=2)
+  return Metric("spectral_norm", init, apply, needs_params=False, min_ndim=2, kernels_only=True)
 
 
 def condition_number() -> Metric:
@@ -142,4 +142,4 @@ def condition_number() -> Metric:
     ratio = smax / jnp.where(smin > 0, smin, 1.0)
     return jnp.where(smin > 0, ratio, jnp.where(smin == 0, jnp.inf, jnp.nan))
 
-  return stateless("condition_number", fn, min_ndim=2)
+  return stateless("condition_number", fn, min_ndim=2, kernels_only=True)
