@@ -28,7 +28,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	MPLBACKEND=Agg $(PY) -m pytest -q -n 2
+	MPLBACKEND=Agg $(PY) -m pytest -q -n 2 --dist worksteal
 
 # The inner loop: ruff and the tests not marked slow (under 3 minutes on 2 cores).
 test-fast: $(STAMP)
