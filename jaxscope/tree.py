@@ -21,6 +21,19 @@ groups leaves into layers as ikkuna's ``--depth`` did:
 All of this happens at trace time on static tree structure and shapes, so it costs
 nothing inside a jitted step.
 
+Stacked layers (``nn.scan`` / ``nnx.scan`` over ``nnx.vmap``-created blocks) hold every
+layer's parameter in one leaf with a leading *stack* axis: ``blocks/attn/query/kernel`` of
+shape ``[L, d, heads, head_dim]``. ``stacked={pattern: axis}`` (a regular expression on the
+leaf name, ``re.search``, and the stack axis) splits each matching leaf into ``L`` layers
+named with the layer index inserted after the path component where the match ends:
+``stacked={"^blocks": 0}`` turns it into ``blocks/0/attn/query/kernel`` …
+``blocks/{L-1}/attn/query/kernel`` (shape ``[d, heads, head_dim]`` each); if the match
+ends in the leaf's own name, the index follows the first component. Selection, kinds and
+``depth`` then act on these per-layer names (``depth=2`` groups ``blocks/0``), so every
+metric is measured per layer. :func:`stack_axes` reads the mapping from Flax partitioning
+metadata (``nn.with_partitioning`` + ``nn.scan(metadata_params=...)``, NNX
+``out_sharding`` + ``nnx.vmap(transform_metadata=...)``) where the model declares it.
+
 Flax keeps the output axis of a weight LAST (Dense ``[in, out]``, Conv
 ``[kh, kw, in, out]``); :func:`output_axes` and :func:`as_matrix` encode that.
 """
@@ -28,7 +41,7 @@ Flax keeps the output axis of a weight LAST (Dense ``[in, out]``, Conv
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal, NamedTuple
 
 import jax
@@ -41,13 +54,17 @@ __all__ = [
   "Kind",
   "Layout",
   "LeafInfo",
+  "Stacked",
   "as_matrix",
   "check_same_structure",
   "layout",
   "leaf_infos",
   "leaf_kind",
+  "leaf_value",
   "output_axes",
   "path_name",
+  "stack_axes",
+  "unstack",
 ]
 
 Kind = Literal["kernel", "bias", "any"]
@@ -161,7 +178,24 @@ class LeafInfo(NamedTuple):
   kind: str
   """``"kernel"``, ``"bias"`` or ``"other"``."""
   shape: tuple[int, ...]
+  """The leaf's shape; for one layer of a stacked leaf, the shape of that slice."""
   dtype: Any
+  stack: tuple[int, int] | None = None
+  """``(axis, i)`` when this is layer ``i`` of a leaf stacked along ``axis`` (see
+  :func:`unstack`), else ``None``."""
+
+
+def leaf_value(leaves: Sequence[Any], info: LeafInfo) -> Any:
+  """The array ``info`` describes: ``leaves[info.index]``, or its slice for a stacked layer.
+
+  A stacked layer's slice is a static ``lax.index_in_dim`` (no copy inside a fused
+  reduction).
+  """
+  x = leaves[info.index]
+  if info.stack is None:
+    return x
+  axis, i = info.stack
+  return jax.lax.index_in_dim(x, i, axis, keepdims=False)
 
 
 def _is_array_like(x: Any) -> bool:
@@ -228,6 +262,158 @@ def check_same_structure(reference: Any, other: Any, *, ref_name: str, other_nam
       )
 
 
+#: ``{regular expression on leaf names: stack axis}``; see the module docstring.
+Stacked = Mapping[str, int]
+
+
+def _stack_rules(stacked: Stacked | None, argname: str) -> list[tuple[str, re.Pattern, int]]:
+  if stacked is None:
+    return []
+  if not isinstance(stacked, Mapping):
+    raise TypeError(
+      f"{argname}: stacked must be a mapping {{regular expression: stack axis}}, "
+      f"got {type(stacked).__name__}."
+    )
+  rules = []
+  for pat, axis in stacked.items():
+    if not isinstance(axis, int | np.integer) or isinstance(axis, bool):
+      raise TypeError(f"{argname}: stacked[{pat!r}] must be an int axis, got {axis!r}.")
+    (compiled,) = _compile(pat, "stacked")  # type: ignore[misc]
+    rules.append((pat, compiled, int(axis)))
+  return rules
+
+
+def _stacked_name(name: str, match_end: int, i: int) -> str:
+  """``name`` with the layer index ``i`` inserted after the component where a match ends."""
+  if match_end > 0 and name[match_end - 1] == "/":
+    match_end -= 1  # A match ending with the separator ends in the component before it.
+  parts = name.split("/")
+  ends, pos = [], 0
+  for p in parts:
+    pos += len(p)
+    ends.append(pos)
+    pos += 1  # The separator.
+  at = next(k for k, e in enumerate(ends) if match_end <= e)
+  if at >= len(parts) - 1:
+    at = 0
+  return "/".join([*parts[: at + 1], str(i), *parts[at + 1 :]])
+
+
+def unstack(
+  infos: Sequence[LeafInfo],
+  stacked: Stacked | None,
+  *,
+  argname: str = "tree",
+  strict: bool = True,
+) -> list[LeafInfo]:
+  """Splits the leaves matching ``stacked`` into one :class:`LeafInfo` per layer.
+
+  Args:
+    infos: the leaves (:func:`leaf_infos`).
+    stacked: ``{pattern: axis}``; the first pattern whose ``re.search`` matches a leaf
+      name decides its stack axis (negative axes count from the end). ``None`` or ``{}``
+      returns ``infos`` unchanged.
+    argname: the argument name to use in error messages.
+    strict: raise if a pattern matches no leaf.
+
+  Returns:
+    The leaves with every stacked leaf replaced by its ``L`` layers (name with the
+    layer index, shape without the stack axis, kind of the slice, ``stack=(axis, i)``).
+
+  Raises:
+    ValueError: a pattern matches no leaf (with ``strict``), or a matching leaf has no
+      such axis.
+  """
+  rules = _stack_rules(stacked, argname)
+  if not rules:
+    return list(infos)
+  used = set()
+  out = []
+  for info in infos:
+    hit = next(((p, m, a) for p, c, a in rules if (m := c.search(info.name))), None)
+    if hit is None or info.stack is not None:
+      out.append(info)
+      continue
+    pat, match, axis = hit
+    used.add(pat)
+    nd = len(info.shape)
+    if not -nd <= axis < nd:
+      raise ValueError(
+        f"{argname}: leaf {info.name!r} of shape {info.shape} matches stacked pattern "
+        f"{pat!r} but has no axis {axis}."
+      )
+    axis %= nd
+    shape = info.shape[:axis] + info.shape[axis + 1 :]
+    for i in range(info.shape[axis]):
+      name = _stacked_name(info.name, match.end(), i)
+      module, _, _ = name.rpartition("/")
+      kind = leaf_kind(name, shape)
+      out.append(LeafInfo(info.index, name, module, kind, shape, info.dtype, (axis, i)))
+  unused = [p for p, _, _ in rules if p not in used]
+  if unused and strict:
+    names = [i.name for i in infos]
+    shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
+    raise ValueError(f"{argname}: stacked pattern(s) {unused} match no leaf. Leaves are: {shown}.")
+  return out
+
+
+def _names_of(meta: Any) -> tuple[Any, ...] | None:
+  """The logical axis names of a boxed Flax leaf (Linen ``Partitioned``, NNX ``Variable``)."""
+  names = getattr(meta, "names", None)
+  if names is None and hasattr(meta, "get_metadata"):
+    md = meta.get_metadata()
+    names = md.get("out_sharding", md.get("sharding_names", md.get("sharding")))
+  return tuple(names) if names is not None else None
+
+
+def _is_boxed(x: Any) -> bool:
+  return hasattr(x, "unbox") or hasattr(x, "get_metadata")
+
+
+def stack_axes(tree: Any, axis_name: str = "layers") -> dict[str, int]:
+  """The ``stacked`` mapping declared by Flax partitioning metadata.
+
+  Reads the logical axis names of boxed leaves: Linen ``nn.Partitioned`` (from
+  ``nn.with_partitioning``, with ``nn.scan(..., metadata_params={nn.PARTITION_NAME:
+  axis_name})`` adding the stack axis) and NNX ``Variable`` metadata
+  (``out_sharding``, with ``nnx.vmap(..., transform_metadata={nnx.PARTITION_NAME:
+  axis_name})``). Call it on the *boxed* variables (``model.init(...)["params"]`` before
+  ``nn.unbox``, or ``nnx.state(model, nnx.Param)``). Leaves without names are not
+  stacked; without such metadata, declare ``stacked`` yourself.
+
+  Each stacked leaf gets the pattern of its shortest module prefix under which every
+  leaf is stacked along the same axis (the scanned module), e.g. ``{"^blocks/": 0}``.
+
+  Args:
+    tree: a pytree whose leaves may be boxed with axis names.
+    axis_name: the logical name of the stack axis.
+
+  Returns:
+    ``{pattern: axis}`` for :func:`layout` / ``scope(stacked=...)``; ``{}`` if no leaf
+    names ``axis_name``.
+  """
+  flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_boxed)[0]
+  axes: dict[str, int | None] = {}
+  for path, leaf in flat:
+    names = _names_of(leaf) if _is_boxed(leaf) else None
+    axis = names.index(axis_name) if names is not None and axis_name in names else None
+    axes[path_name(path)] = axis
+  out: dict[str, int] = {}
+  for name, axis in axes.items():
+    if axis is None or any(re.search(p, name) for p in out):
+      continue
+    parts = name.split("/")
+    for k in range(1, len(parts)):
+      prefix = "/".join(parts[:k]) + "/"
+      under = [a for n, a in axes.items() if n.startswith(prefix)]
+      if all(a == axis for a in under):
+        out["^" + re.escape(prefix)] = axis
+        break
+    else:
+      out["^" + re.escape(name) + "$"] = axis
+  return out
+
+
 class Group(NamedTuple):
   """A layer: a key and the leaves that make it up."""
 
@@ -240,7 +426,8 @@ class Layout(NamedTuple):
 
   groups: tuple[Group, ...]
   leaves: tuple[LeafInfo, ...]
-  """All leaves of the tree (selected or not), in flattening order."""
+  """All leaves of the tree (selected or not), in flattening order; stacked leaves
+  appear as their layers."""
 
   @property
   def keys(self) -> tuple[str, ...]:
@@ -278,6 +465,7 @@ def layout(
   exclude: str | Sequence[str] | None = None,
   kind: Kind = "any",
   depth: int | None = None,
+  stacked: Stacked | None = None,
   argname: str = "tree",
 ) -> Layout:
   """Selects leaves of ``tree`` and groups them into layers.
@@ -289,10 +477,13 @@ def layout(
     exclude: regular expression(s); matching leaves are dropped (after ``include``).
     kind: ``"kernel"``, ``"bias"`` or ``"any"`` (see :func:`leaf_kind`).
     depth: grouping depth (see the module docstring).
+    stacked: ``{pattern: axis}`` splitting stacked leaves into layers (see the module
+      docstring and :func:`unstack`); selection and grouping see the per-layer names.
     argname: the argument name to use in error messages.
 
   Returns:
-    A :class:`Layout`; group order follows the tree's flattening order.
+    A :class:`Layout`; group order follows the tree's flattening order (layers of a
+    stacked leaf in index order at its place).
 
   Raises:
     ValueError: if the selection matches no leaf (the message lists the names there
@@ -304,7 +495,7 @@ def layout(
     raise ValueError(f"depth must be None, -1 or a positive integer, got {depth!r}.")
   inc = _compile(include, "include")
   exc = _compile(exclude, "exclude")
-  infos = leaf_infos(tree, argname=argname)
+  infos = unstack(leaf_infos(tree, argname=argname), stacked, argname=argname)
   selected = []
   for info in infos:
     if inc is not None and not any(p.search(info.name) for p in inc):

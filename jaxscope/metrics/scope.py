@@ -152,6 +152,7 @@ def _layer_layout(
   include: str | Sequence[str] | None,
   exclude: str | Sequence[str] | None,
   depth: int | None,
+  stacked: jtree.Stacked | None = None,
 ) -> jtree.Layout:
   """Layout of a ``{layer_key: array}`` dict: one leaf per key, the key is its module path.
 
@@ -167,6 +168,12 @@ def _layer_layout(
   for i, k in enumerate(keys):
     shape = tuple(int(d) for d in tree[k].shape)
     infos.append(jtree.LeafInfo(i, k, k, "other", shape, tree[k].dtype))
+  if stacked:
+    # A layer of a stacked output keeps the layer key (with its index) as its module path.
+    infos = [
+      i if i.stack is None else i._replace(module=i.name, kind="other")
+      for i in jtree.unstack(infos, stacked, argname=topic, strict=False)
+    ]
   selected = [
     info
     for info in infos
@@ -239,6 +246,7 @@ class _Spec(NamedTuple):
   exclude: str | Sequence[str] | None
   kind: jtree.Kind
   depth: int | None
+  stacked: jtree.Stacked | None = None
 
 
 def _plan(
@@ -246,7 +254,14 @@ def _plan(
 ) -> list[tuple[str, Metric, tuple[jtree.LeafInfo, ...]]]:
   """The measurements ``(key, metric, leaves)`` of one topic's tree, in order."""
   if topic in CAPTURE_TOPICS:
-    lay = _layer_layout(tree, topic, include=spec.include, exclude=spec.exclude, depth=spec.depth)
+    lay = _layer_layout(
+      tree,
+      topic,
+      include=spec.include,
+      exclude=spec.exclude,
+      depth=spec.depth,
+      stacked=spec.stacked,
+    )
   else:
     lay = jtree.layout(
       tree,
@@ -255,6 +270,7 @@ def _plan(
       exclude=spec.exclude,
       kind=spec.kind,
       depth=spec.depth,
+      stacked=spec.stacked,
     )
   plan = []
   for group in lay.groups:
@@ -275,8 +291,8 @@ def _measure_tensors(
   for topic in spec.topic_metrics:
     leaves = jax.tree_util.tree_leaves(data[topic])
     for key, m, infos in _plan(spec, topic, data[topic]):
-      xs = [leaves[i.index] for i in infos]
-      ref = [ref_leaves[i.index] for i in infos] if m.needs_params else None  # type: ignore[index]
+      xs = [jtree.leaf_value(leaves, i) for i in infos]
+      ref = [jtree.leaf_value(ref_leaves, i) for i in infos] if m.needs_params else None  # type: ignore[arg-type]
       value, new_state[key] = m.apply(xs, metric_state[key], ref)
       if isinstance(value, dict):
         topic_, stat, layer = key.split("/", 2)
@@ -421,6 +437,7 @@ def scope(
   exclude: str | Sequence[str] | None = None,
   kind: jtree.Kind = "any",
   depth: int | None = None,
+  stacked: jtree.Stacked | None = None,
 ) -> Scope:
   """Builds a scope measuring the given metrics per layer and topic.
 
@@ -441,6 +458,13 @@ def scope(
     depth: layer grouping (see :mod:`jaxscope.tree`): ``None`` per leaf, ``-1`` per
       module, ``k`` per module-path prefix of length ``k``. For ``activations`` and
       ``layer_grads`` a layer key is a module path.
+    stacked: ``{pattern: axis}`` for layer-stacked models (``nn.scan``, ``nnx.scan``):
+      leaves whose name matches a pattern (``re.search``) are split along ``axis`` into
+      per-layer values, ``blocks/attn/query/kernel [L, …]`` measured as
+      ``blocks/0/attn/query/kernel`` … (see :mod:`jaxscope.tree`;
+      :func:`jaxscope.tree.stack_axes` reads it from Flax partitioning metadata).
+      Captured layers whose key matches are split the same way (a pattern need not match
+      any of them). ``None``: every leaf is one layer (stacks are pooled).
 
   Returns:
     A :class:`Scope`.
@@ -468,7 +492,8 @@ def scope(
   needs_params = "params" in topic_metrics or any(
     m.needs_params for ms in topic_metrics.values() for m in ms
   )
-  spec = _Spec(topic_metrics, net, needs_params, include, exclude, kind, depth)
+  jtree._stack_rules(stacked, "scope")  # Fail early on a bad mapping.
+  spec = _Spec(topic_metrics, net, needs_params, include, exclude, kind, depth, stacked)
 
   def init_fn(
     params: Any = None, *, activations: Any = None, layer_grads: Any = None
