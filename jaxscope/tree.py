@@ -50,6 +50,7 @@ import numpy as np
 __all__ = [
   "BIAS_NAMES",
   "KERNEL_NAMES",
+  "MULTI_OUTPUT_KERNELS",
   "Group",
   "Kind",
   "Layout",
@@ -57,6 +58,7 @@ __all__ = [
   "Stacked",
   "as_matrix",
   "check_same_structure",
+  "input_axes",
   "layout",
   "leaf_infos",
   "leaf_kind",
@@ -147,15 +149,65 @@ def output_axes(name: str, shape: Sequence[int]) -> tuple[int, ...]:
   return (len(shape) - 1,)
 
 
-def as_matrix(x: jax.Array) -> jax.Array:
-  """Reshapes a kernel to the matrix ``[fan_in, out]`` that its layer applies.
+#: Kernels whose *first* axis is the input and whose other axes are outputs: the
+#: ``DenseGeneral`` projections of multi-head attention (``query``/``key``/``value``
+#: ``[d_model, heads, head_dim]``, as ``nn.MultiHeadDotProductAttention`` and
+#: ``nnx.MultiHeadAttention`` name them, and the common ``q``/``k``/``v``/``qkv``/
+#: ``*_proj``/``wq`` spellings). Every other kernel has its *last* axis as output.
+MULTI_OUTPUT_KERNELS = (
+  r"(^|/)(query|key|value|q|k|v|qkv|wq|wk|wv|wqkv|q_proj|k_proj|v_proj|qkv_proj)/kernel$",
+)
 
-  Flax keeps the output axis last, so a Dense kernel ``[in, out]`` is returned as is
-  and a Conv kernel ``[kh, kw, in, out]`` becomes ``[kh·kw·in, out]``: each column
-  is one output filter flattened over its receptive field. (ikkuna reshaped PyTorch's
-  ``[out, in, kh, kw]`` to ``[out, in·kh·kw]``, the transpose of the same matrix, so
-  singular values agree.) This matrix's spectral norm is *not* the operator norm of
-  the convolution over an image, which also depends on the input size.
+
+def input_axes(name: str, shape: Sequence[int], rules: Mapping[str, int] | None = None) -> int:
+  """The number of leading input axes of a kernel in its matrix view (:func:`as_matrix`).
+
+  ``rules`` (``{pattern: n_in}``, ``re.search`` on ``name``) are checked first, then
+  :data:`MULTI_OUTPUT_KERNELS` (``n_in = 1``); otherwise all axes but the last are
+  inputs (Dense ``[in, out]``, Conv ``[kh, kw, in, out]``, the attention output
+  projection ``[heads, head_dim, d_model]``).
+
+  Args:
+    name: the leaf name.
+    shape: the leaf shape (of one layer, for stacked leaves).
+    rules: user overrides.
+
+  Returns:
+    ``n_in`` with ``1 <= n_in <= ndim - 1`` for rank >= 2 (rank < 2: ``ndim``).
+
+  Raises:
+    ValueError: a rule gives an ``n_in`` the shape cannot have.
+  """
+  nd = len(shape)
+  if nd < 2:
+    return nd
+  for pat, n_in in (rules or {}).items():
+    if re.search(pat, name):
+      if not 1 <= int(n_in) <= nd - 1:
+        raise ValueError(
+          f"matrix view of {name!r} {tuple(shape)}: rule {pat!r} gives {n_in} input axes; "
+          f"expected 1..{nd - 1}."
+        )
+      return int(n_in)
+  if any(re.search(p, name) for p in MULTI_OUTPUT_KERNELS):
+    return 1
+  return nd - 1
+
+
+def as_matrix(x: jax.Array, n_in: int | None = None) -> jax.Array:
+  """Reshapes a kernel to the matrix ``[fan_in, fan_out]`` that its layer applies.
+
+  The first ``n_in`` axes are the inputs, the rest the outputs (:func:`input_axes`
+  decides ``n_in`` from the leaf name; ``None``: all axes but the last, Flax's
+  convention). So a Dense kernel ``[in, out]`` is returned as is, a Conv kernel
+  ``[kh, kw, in, out]`` becomes ``[kh·kw·in, out]`` (each column one output filter
+  flattened over its receptive field), an attention query kernel ``[d, heads, head_dim]``
+  (``n_in = 1``) becomes ``[d, heads·head_dim]`` (the operator ``x ↦ x W`` of the
+  projection of all heads) and the output projection ``[heads, head_dim, d]`` becomes
+  ``[heads·head_dim, d]``. (ikkuna reshaped PyTorch's ``[out, in, kh, kw]`` to
+  ``[out, in·kh·kw]``, the transpose of the same matrix, so singular values agree.) A
+  Conv matrix's spectral norm is *not* the operator norm of the convolution over an
+  image, which also depends on the input size.
 
   Rank-1 arrays become a ``[n, 1]`` column, scalars ``[1, 1]``.
   """
@@ -163,7 +215,11 @@ def as_matrix(x: jax.Array) -> jax.Array:
     return x.reshape(1, 1)
   if x.ndim == 1:
     return x.reshape(-1, 1)
-  return x.reshape(-1, x.shape[-1])
+  n_in = x.ndim - 1 if n_in is None else n_in
+  rows = 1
+  for d in x.shape[:n_in]:
+    rows *= int(d)
+  return x.reshape(rows, -1)
 
 
 class LeafInfo(NamedTuple):

@@ -194,3 +194,42 @@ def test_stacked_captured_layers():
       vals[f"activations/mean/blocks/{i}/fc"], np.mean(np.asarray(acts["blocks/fc"][i]))
     )
   assert vals["activations/mean/head"] == 1.0
+
+
+def test_multi_axis_attention_kernels_matrix_view():
+  """Spectral norms of DenseGeneral kernels: the operator of the whole projection."""
+  rng = np.random.default_rng(0)
+  q = rng.normal(size=(8, 2, 4)).astype(np.float32)  # [d, heads, head_dim]
+  o = rng.normal(size=(2, 4, 8)).astype(np.float32)  # [heads, head_dim, d]
+  wq = rng.normal(size=(8, 2, 4)).astype(np.float32)  # a custom name: needs a rule
+  params = {
+    "attn": {
+      "query": {"kernel": q, "bias": np.zeros((2, 4), np.float32)},
+      "out": {"kernel": o},
+      "proj_q": {"kernel": wq},
+    }
+  }
+  sc = metrics.scope(
+    params=["spectral_norm", "condition_number"], matrix_axes={"proj_q/kernel$": 1}
+  )
+  vals, _ = sc.update(sc.init(params), params=params)
+  svq = np.linalg.svd(q.astype(np.float64).reshape(8, 8), compute_uv=False)
+  svo = np.linalg.svd(o.astype(np.float64).reshape(8, 8), compute_uv=False)
+  svw = np.linalg.svd(wq.astype(np.float64).reshape(8, 8), compute_uv=False)
+  np.testing.assert_allclose(vals["params/spectral_norm/attn/query/kernel"], svq[0], rtol=1e-5)
+  np.testing.assert_allclose(
+    vals["params/condition_number/attn/query/kernel"], svq[0] / svq[-1], rtol=1e-4
+  )
+  np.testing.assert_allclose(vals["params/spectral_norm/attn/out/kernel"], svo[0], rtol=1e-5)
+  np.testing.assert_allclose(vals["params/spectral_norm/attn/proj_q/kernel"], svw[0], rtol=1e-5)
+  # The [d·heads, head_dim] reshape is a different matrix (the old, wrong view).
+  wrong = np.linalg.svd(q.astype(np.float64).reshape(16, 4), compute_uv=False)[0]
+  assert abs(wrong - svq[0]) > 1e-3
+  assert "params/spectral_norm/attn/query/bias" not in vals
+  # The power iteration sees the same view (warm state sized by its rows).
+  sp = metrics.scope(params=[metrics.spectral_norm(method="power", iters=60)])
+  vals, _ = sp.update(sp.init(params), params=params)
+  np.testing.assert_allclose(vals["params/spectral_norm/attn/query/kernel"], svq[0], rtol=1e-4)
+  with pytest.raises(ValueError, match="input axes"):
+    bad = metrics.scope(params=["spectral_norm"], matrix_axes={"query/kernel$": 3})
+    bad.init(params)

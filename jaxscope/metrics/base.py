@@ -17,15 +17,25 @@ elements. Values are ``float32`` scalars, or a dict of fixed-shape arrays (histo
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from jaxscope.tree import leaf_infos
+from jaxscope.tree import LeafInfo, as_matrix, input_axes, leaf_infos
 
-__all__ = ["Metric", "evaluate", "group_max", "group_min", "group_sum", "stateless"]
+__all__ = [
+  "Metric",
+  "evaluate",
+  "group_max",
+  "group_min",
+  "group_sum",
+  "stateless",
+  "takes",
+  "view",
+]
 
 Leaves = Sequence[jax.Array]
 Value = jax.Array | dict[str, jax.Array]
@@ -46,11 +56,29 @@ class Metric(NamedTuple):
   """Only leaves of kind ``"kernel"`` (:func:`jaxscope.tree.leaf_kind`): the matrices a
   layer applies; biases (also 2-D ones, e.g. an attention bias ``[heads, head_dim]``) and
   normalisation scales are left out (spectral norms, condition numbers)."""
+  matrix: bool = False
+  """``apply`` gets each leaf as its matrix view ``[fan_in, fan_out]``
+  (:func:`jaxscope.tree.as_matrix` with :func:`jaxscope.tree.input_axes` of the leaf's
+  name), and ``init`` the views' shapes."""
 
 
 def takes(metric: Metric, shape: Sequence[int], kind: str) -> bool:
   """Whether ``metric`` measures a leaf of this ``shape`` and ``kind``."""
   return len(shape) >= metric.min_ndim and (not metric.kernels_only or kind == "kernel")
+
+
+def view(
+  metric: Metric, info: LeafInfo, x: Any, matrix_axes: Mapping[str, int] | None = None
+) -> Any:
+  """The leaf ``x`` (described by ``info``) as ``metric`` measures it: its matrix view for
+  metrics with ``matrix``, else unchanged. Works on arrays and ``ShapeDtypeStruct``."""
+  if not metric.matrix:
+    return x
+  n_in = input_axes(info.name, info.shape, matrix_axes)
+  if isinstance(x, jax.ShapeDtypeStruct):
+    rows = math.prod(info.shape[:n_in])
+    return jax.ShapeDtypeStruct((rows, math.prod(info.shape) // max(rows, 1)), x.dtype)
+  return as_matrix(x, n_in)
 
 
 def group_sum(parts: Sequence[jax.Array]) -> jax.Array:
@@ -80,6 +108,7 @@ def stateless(
   needs_params: bool = False,
   min_ndim: int = 0,
   kernels_only: bool = False,
+  matrix: bool = False,
 ) -> Metric:
   """Builds a :class:`Metric` without state from ``fn(leaves)`` or ``fn(leaves, ref)``.
 
@@ -90,6 +119,7 @@ def stateless(
     needs_params: whether the statistic needs the parameters' leaves.
     min_ndim: leaves of lower rank are excluded.
     kernels_only: only leaves of kind ``"kernel"`` are measured (see :class:`Metric`).
+    matrix: ``fn`` gets the leaves' matrix views (see :class:`Metric`).
 
   Returns:
     A :class:`Metric`.
@@ -107,7 +137,7 @@ def stateless(
       return fn(leaves, reference), state
     return fn(leaves), state
 
-  return Metric(name, _no_state, apply, needs_params, min_ndim, kernels_only)
+  return Metric(name, _no_state, apply, needs_params, min_ndim, kernels_only, matrix)
 
 
 def evaluate(metric: Metric, tree: Any, reference: Any = None, state: Any = None) -> Value:
@@ -125,10 +155,10 @@ def evaluate(metric: Metric, tree: Any, reference: Any = None, state: Any = None
   Returns:
     The metric's value.
   """
-  infos = leaf_infos(tree, argname="tree")
-  keep = [i.index for i in infos if takes(metric, i.shape, i.kind)]
+  infos = [i for i in leaf_infos(tree, argname="tree") if takes(metric, i.shape, i.kind)]
+  keep = [i.index for i in infos]
   flat = jax.tree_util.tree_leaves(tree)
-  leaves = [jnp.asarray(flat[i]) for i in keep]
+  leaves = [view(metric, i, jnp.asarray(flat[i.index])) for i in infos]
   if not leaves:
     what = "kernel leaf" if metric.kernels_only else "leaf"
     raise ValueError(f"metric {metric.name!r}: no {what} of rank >= {metric.min_ndim} in the tree.")

@@ -59,6 +59,8 @@ _BUILTIN: dict[str, Factory] = {
   "nonfinite_fraction": stats.nonfinite_fraction,
   "ratio": stats.ratio_to_params,
   "elementwise_ratio": stats.elementwise_ratio,
+  "realised_ratio": stats.realised_ratio,
+  "lost_fraction": stats.lost_fraction,
   "histogram": stats.histogram,
   "spectral_norm": spectral.spectral_norm,
   "condition_number": spectral.condition_number,
@@ -152,6 +154,7 @@ def _full() -> dict[str, list[Any]]:
   for topic in ("params", "grads", "updates"):
     out[topic].append(stats.histogram(64, max_elements=HISTOGRAM_SAMPLE))
   out["params"].append(spectral.spectral_norm(method="power", iters=1))
+  out["updates"].extend(["realised_ratio", "lost_fraction"])
   return out
 
 
@@ -163,7 +166,10 @@ SCOPE_PRESETS: dict[str, Callable[[], dict[str, list[Any]]]] = {"economy": _econ
 * ``full``: economy + 64-bin histograms of the three topics (of a strided sample of at
   most :data:`HISTOGRAM_SAMPLE` elements per leaf) + spectral norms of the
   kernels by warm-started power iteration (1 step = 2 matrix-vector products per
-  training step, as ``torch.nn.utils.spectral_norm``).
+  training step, as ``torch.nn.utils.spectral_norm``) + the realised update/weight ratio
+  and the fraction of lost updates (:func:`~jaxscope.metrics.realised_ratio`,
+  :func:`~jaxscope.metrics.lost_fraction`: what ``apply_updates`` stores in the
+  parameters' dtype, e.g. bfloat16).
 """
 
 

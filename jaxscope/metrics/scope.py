@@ -57,7 +57,7 @@ import optax
 
 from jaxscope import tree as jtree
 from jaxscope.metrics import registry
-from jaxscope.metrics.base import Metric, takes
+from jaxscope.metrics.base import Metric, takes, view
 from jaxscope.metrics.network import NetworkMetric
 
 __all__ = [
@@ -247,6 +247,7 @@ class _Spec(NamedTuple):
   kind: jtree.Kind
   depth: int | None
   stacked: jtree.Stacked | None = None
+  matrix_axes: Mapping[str, int] | None = None
 
 
 def _plan(
@@ -291,7 +292,7 @@ def _measure_tensors(
   for topic in spec.topic_metrics:
     leaves = jax.tree_util.tree_leaves(data[topic])
     for key, m, infos in _plan(spec, topic, data[topic]):
-      xs = [jtree.leaf_value(leaves, i) for i in infos]
+      xs = [view(m, i, jtree.leaf_value(leaves, i), spec.matrix_axes) for i in infos]
       ref = [jtree.leaf_value(ref_leaves, i) for i in infos] if m.needs_params else None  # type: ignore[arg-type]
       value, new_state[key] = m.apply(xs, metric_state[key], ref)
       if isinstance(value, dict):
@@ -329,7 +330,9 @@ def _init_state(spec: _Spec, params: Any, activations: Any, layer_grads: Any) ->
   metric_state: dict[str, Any] = {}
   for topic in spec.topic_metrics:
     for key, m, infos in _plan(spec, topic, trees[topic]):
-      metric_state[key] = m.init([jax.ShapeDtypeStruct(i.shape, i.dtype) for i in infos])
+      metric_state[key] = m.init(
+        [view(m, i, jax.ShapeDtypeStruct(i.shape, i.dtype), spec.matrix_axes) for i in infos]
+      )
   data = {topic: trees[topic] for topic in spec.topic_metrics}
   if spec.needs_params:
     data["params"] = trees["params"]
@@ -438,6 +441,7 @@ def scope(
   kind: jtree.Kind = "any",
   depth: int | None = None,
   stacked: jtree.Stacked | None = None,
+  matrix_axes: Mapping[str, int] | None = None,
 ) -> Scope:
   """Builds a scope measuring the given metrics per layer and topic.
 
@@ -465,6 +469,11 @@ def scope(
       :func:`jaxscope.tree.stack_axes` reads it from Flax partitioning metadata).
       Captured layers whose key matches are split the same way (a pattern need not match
       any of them). ``None``: every leaf is one layer (stacks are pooled).
+    matrix_axes: ``{pattern: n_in}``: the number of leading input axes of matching
+      kernels in the matrix view of spectral norms and condition numbers, over the
+      default convention (:func:`jaxscope.tree.input_axes`: attention ``query``/``key``/
+      ``value`` kernels ``[d, heads, head_dim]`` have 1, every other kernel all axes but
+      the last).
 
   Returns:
     A :class:`Scope`.
@@ -493,7 +502,9 @@ def scope(
     m.needs_params for ms in topic_metrics.values() for m in ms
   )
   jtree._stack_rules(stacked, "scope")  # Fail early on a bad mapping.
-  spec = _Spec(topic_metrics, net, needs_params, include, exclude, kind, depth, stacked)
+  spec = _Spec(
+    topic_metrics, net, needs_params, include, exclude, kind, depth, stacked, matrix_axes
+  )
 
   def init_fn(
     params: Any = None, *, activations: Any = None, layer_grads: Any = None

@@ -1,8 +1,10 @@
 """Spectral norm and condition number of weight matrices.
 
-Kernels are first reshaped to the matrix their layer applies, ``[fan_in, out]``
-(:func:`jaxscope.tree.as_matrix`: a Conv kernel ``[kh, kw, in, out]`` becomes
-``[kh·kw·in, out]``). Leaves of rank < 2 (biases, scalars) are left out. A layer with
+Kernels are measured as the matrix their layer applies, ``[fan_in, fan_out]``
+(:func:`jaxscope.tree.as_matrix` with :func:`jaxscope.tree.input_axes`: a Conv kernel
+``[kh, kw, in, out]`` becomes ``[kh·kw·in, out]``, an attention query kernel
+``[d, heads, head_dim]`` ``[d, heads·head_dim]``). Only kernels are measured: biases
+(also 2-D attention biases), normalisation scales and scalars are left out. A layer with
 several matrices (``depth`` grouping) is treated as their block-diagonal operator:
 its spectral norm is the largest of theirs, its condition number
 ``max σ_max / min σ_min``.
@@ -123,7 +125,9 @@ def spectral_norm(
         new_state.append(v)
     return group_max(sigmas), tuple(new_state)
 
-  return Metric("spectral_norm", init, apply, needs_params=False, min_ndim=2, kernels_only=True)
+  return Metric(
+    "spectral_norm", init, apply, needs_params=False, min_ndim=2, kernels_only=True, matrix=True
+  )
 
 
 def condition_number() -> Metric:
@@ -142,4 +146,4 @@ def condition_number() -> Metric:
     ratio = smax / jnp.where(smin > 0, smin, 1.0)
     return jnp.where(smin > 0, ratio, jnp.where(smin == 0, jnp.inf, jnp.nan))
 
-  return stateless("condition_number", fn, min_ndim=2, kernels_only=True)
+  return stateless("condition_number", fn, min_ndim=2, kernels_only=True, matrix=True)

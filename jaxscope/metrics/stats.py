@@ -22,11 +22,13 @@ from jaxscope.metrics.base import Leaves, Metric, group_max, group_min, group_su
 __all__ = [
   "elementwise_ratio",
   "histogram",
+  "lost_fraction",
   "max_abs",
   "mean",
   "nonfinite_fraction",
   "norm",
   "ratio_to_params",
+  "realised_ratio",
   "rms",
   "sample_stride",
   "total",
@@ -234,6 +236,65 @@ def elementwise_ratio(denominator: str = "old") -> Metric:
     return jnp.where(count > 0, total / jnp.maximum(count, 1).astype(_F32), 0.0)
 
   return stateless("elementwise_ratio", fn, needs_params=True)
+
+
+def _landed(u: jax.Array, p: jax.Array) -> jax.Array:
+  """The update that lands, in float32: ``(θ + Δθ)`` rounded to ``θ``'s dtype, minus ``θ``.
+
+  This is what ``optax.apply_updates`` stores (``(p + u).astype(p.dtype)``), so in
+  bfloat16 an update below half a unit in the last place of ``θ`` lands as zero.
+  """
+  new = (p + u).astype(p.dtype)  # As optax.apply_updates: promote, add, round.
+  return _f(new) - _f(p)
+
+
+def realised_ratio() -> Metric:
+  """Realised update/weight ratio: ``‖θ_new − θ‖₂ / ‖θ‖₂`` with ``θ_new = (θ + Δθ)`` stored
+  in the parameter's dtype.
+
+  The intended ratio (:func:`ratio_to_params`) measures ``Δθ`` as the optimizer computed
+  it; this one measures what ``optax.apply_updates`` actually changes, the difference
+  taken in float32 after rounding ``θ + Δθ`` to ``θ``'s dtype. In float32 the two agree
+  to rounding; with bfloat16 parameters (8 mantissa bits) every element whose update is
+  below half a unit in the last place of ``θᵢ`` (``|Δθᵢ| < 2⁻⁹ |θᵢ|``) does not move, so the
+  realised ratio can be far below the intended one (a LayerNorm scale at 1.0 does not
+  move for ``|Δθ| < 2⁻⁸``). Meant for the ``updates`` topic.
+  """
+
+  def fn(leaves: Leaves, reference: Leaves | None) -> jax.Array:
+    if reference is None:
+      raise ValueError("realised_ratio needs the parameters (params=) as reference.")
+    moved = group_sum(
+      [jnp.sum(jnp.square(_landed(u, p))) for u, p in zip(leaves, reference, strict=True)]
+    )
+    return _safe_div(jnp.sqrt(moved), jnp.sqrt(_sumsq(reference)))
+
+  return stateless("realised_ratio", fn, needs_params=True)
+
+
+def lost_fraction() -> Metric:
+  """Fraction of a layer's non-zero updates that do not change the stored parameter.
+
+  ``|{i : Δθᵢ ≠ 0, θ_new,i = θᵢ}| / |{i : Δθᵢ ≠ 0}|`` with ``θ_new = (θ + Δθ)`` in the
+  parameter's dtype (see :func:`realised_ratio`); ``0`` when no update is non-zero. Near
+  1 means the updates are lost to rounding: typical of bfloat16 parameters with a small
+  learning rate (keep a float32 master copy, or raise the rate). NaN updates count as
+  changing the parameter (they do). Meant for the ``updates`` topic.
+  """
+
+  def fn(leaves: Leaves, reference: Leaves | None) -> jax.Array:
+    if reference is None:
+      raise ValueError("lost_fraction needs the parameters (params=) as reference.")
+    lost = jnp.zeros((), jnp.int32)
+    moving = jnp.zeros((), jnp.int32)
+    for u, p in zip(leaves, reference, strict=True):
+      nonzero = u != 0
+      stuck = nonzero & (_landed(u, p) == 0)
+      lost = lost + jnp.sum(stuck, dtype=jnp.int32)
+      moving = moving + jnp.sum(nonzero, dtype=jnp.int32)
+    return jnp.where(moving > 0, lost.astype(_F32) / jnp.maximum(moving, 1).astype(_F32), 0.0)
+
+  return stateless("lost_fraction", fn, needs_params=True)
 
 
 def sample_stride(size: int, last_dim: int, max_elements: int) -> int:
