@@ -308,18 +308,23 @@ def test_variance_accurate_when_mean_dominates():
 @pytest.mark.slow
 def test_histogram_subsample_visits_every_column():
   x = RNG.normal(size=(784, 1000)).astype(np.float32)
-  k = metrics.stats.sample_stride(x.size, 1000, 65536)
-  assert k >= x.size / 65536 and np.gcd(k, 1000) == 1
-  sample = x.reshape(-1)[::k]
-  cols = np.arange(x.size)[::k] % 1000
-  assert len(np.unique(cols)) == 1000  # every output unit is represented
+  k = -(-784 // (65536 // 1000))  # 65 rows fit: every 13th
+  assert metrics.stats.sample_axis(x.shape) == 0
+  sample = x[::k]  # every k-th input row, every output unit (column)
   out = metrics.evaluate(metrics.histogram(32, max_elements=65536), x)
   ref, ref_edges = np.histogram(sample.astype(np.float64), bins=32)
   np.testing.assert_allclose(out["edges"], ref_edges, rtol=1e-6, atol=1e-6)
-  assert int(np.sum(out["counts"])) == sample.size
+  assert int(np.sum(out["counts"])) == sample.size <= 65536
   assert np.abs(np.asarray(out["counts"]) - ref).sum() <= 2
   small = metrics.evaluate(metrics.histogram(8, max_elements=65536), x[:10])
   assert int(np.sum(small["counts"])) == 10 * 1000  # small tensors are counted in full
+  # Conv kernels [kh, kw, in, out]: the largest input axis is subsampled.
+  assert metrics.stats.sample_axis((3, 3, 64, 128)) == 2
+  # A vector longer than the stride allows along its only axis: flat fallback.
+  v = RNG.normal(size=(5, 200000)).astype(np.float32)
+  kf = metrics.stats.sample_stride(v.size, 200000, 65536)
+  out = metrics.evaluate(metrics.histogram(8, max_elements=65536), v)
+  assert int(np.sum(out["counts"])) == v.reshape(-1)[::kf].size
 
 
 def test_spectral_norms_only_for_kernels():

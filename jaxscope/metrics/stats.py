@@ -30,6 +30,7 @@ __all__ = [
   "ratio_to_params",
   "realised_ratio",
   "rms",
+  "sample_axis",
   "sample_stride",
   "total",
   "variance",
@@ -300,14 +301,45 @@ def lost_fraction() -> Metric:
 def sample_stride(size: int, last_dim: int, max_elements: int) -> int:
   """The stride of :func:`histogram`'s subsample of a tensor of ``size`` elements.
 
-  The smallest ``k >= ceil(size / max_elements)`` that is coprime with ``last_dim``
-  (the output axis in Flax), so that ``x.reshape(-1)[::k]`` visits every output unit
-  rather than a fixed subset of columns.
+  The smallest ``k >= ceil(size / max_elements)``; the histogram keeps every ``k``-th
+  index along the tensor's largest input axis (:func:`sample_axis`), so every output unit
+  (the last axis, ``last_dim`` wide) is represented. Kept for the flat fallback: ``k`` is
+  then made coprime with ``last_dim`` so that ``x.reshape(-1)[::k]`` also visits every
+  output unit.
   """
   k = max(1, -(-size // max_elements))
   while k > 1 and math.gcd(k, max(last_dim, 1)) != 1:
     k += 1
   return k
+
+
+def sample_axis(shape: Sequence[int]) -> int:
+  """The axis :func:`histogram` subsamples: the largest axis but the last (the output
+  axis in Flax; ties go to the later axis), or axis 0 of a vector."""
+  if len(shape) < 2:
+    return 0
+  lead = list(shape[:-1])
+  return max(range(len(lead)), key=lambda a: (lead[a], a))
+
+
+def _subsample(x: jax.Array, max_elements: int) -> jax.Array:
+  """Every ``k``-th index of ``x`` along :func:`sample_axis` (``n`` long), with
+  ``k = ceil(n / ⌊max_elements · n / size⌋)``, so that at most ``max_elements`` are kept.
+
+  A strided slice along one axis keeps the tensor's other axes (and so their sharding:
+  no all-gather of a parameter sharded on another axis, which ``reshape(-1)`` would
+  need). Only if that axis is too short for the stride does it fall back to the flat
+  ``x.reshape(-1)[::k]`` with ``k`` coprime with the last axis.
+  """
+  if x.size <= max_elements:
+    return x
+  axis = sample_axis(x.shape)
+  n = x.shape[axis]
+  rows = max_elements // (x.size // n)  # Indices along the axis that fit in the budget.
+  if rows >= 1:
+    return jax.lax.slice_in_dim(x, 0, n, stride=-(-n // rows), axis=axis)
+  last = x.shape[-1] if x.ndim else 1
+  return x.reshape(-1)[:: sample_stride(x.size, last, max_elements)]
 
 
 def histogram(
@@ -327,10 +359,11 @@ def histogram(
       numpy does. ``None`` (default) uses this step's finite min and max; a constant
       tensor gets the range ``[x − 0.5, x + 0.5]`` (numpy's rule) and a tensor with no
       finite element the range ``[0, 1]`` with all counts zero.
-    max_elements: if set, a leaf with more elements is histogrammed on the strided
-      subsample ``x.reshape(-1)[::k]`` (:func:`sample_stride`: about ``max_elements``
-      elements, ``k`` coprime with the output dimension so every unit is visited);
-      counts then sum to the sample size. Exact counting is a serial scatter-add on
+    max_elements: if set, a leaf with more elements is histogrammed on a strided
+      subsample of at most ``max_elements``: every ``k``-th index along its largest input
+      axis (:func:`sample_axis`; every output unit is kept, and a
+      parameter sharded along another axis is not gathered); counts then sum to the
+      sample size. Exact counting is a serial scatter-add on
       CPU (~1.5 ns per element), the one statistic here whose cost is not a plain
       reduction; the subsample bounds it. ``None`` (default) counts every element.
 
@@ -348,14 +381,15 @@ def histogram(
   if max_elements is not None and (not isinstance(max_elements, int) or max_elements < 1):
     raise ValueError(f"histogram: max_elements must be a positive int, got {max_elements!r}.")
 
-  def _flat(x: jax.Array) -> jax.Array:
-    flat = _f(x).reshape(-1)
-    if max_elements is None or x.size <= max_elements:
-      return flat
-    return flat[:: sample_stride(x.size, x.shape[-1], max_elements)]
+  def _sample(x: jax.Array) -> jax.Array:
+    # No reshape: bins are found element-wise on the tensor's own shape, so a sharded
+    # leaf is counted shard by shard (a scatter into the replicated counts) and never
+    # gathered.
+    x = _f(x)
+    return x if max_elements is None else _subsample(x, max_elements)
 
   def fn(leaves: Leaves) -> dict[str, jax.Array]:
-    flat = [_flat(x) for x in leaves]
+    flat = [_sample(x) for x in leaves]
     if range is None:
       lo = group_min([jnp.min(x) for x in flat])
       hi = group_max([jnp.max(x) for x in flat])
