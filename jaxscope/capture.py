@@ -45,6 +45,18 @@ Pitfalls:
 * A layer called twice in one traced call (a shared layer, or ``fn`` running the model
   twice) raises ``ValueError``: one output and one perturbation per layer is all that
   the key scheme can express. Run each forward pass in its own function.
+* **Layer-stacked models** (``nn.scan``, ``nnx.scan`` over ``nnx.vmap``-created layers,
+  or any ``jax.lax.scan`` over layers): while a context is active ``jax.lax.scan`` is
+  replaced by a wrapper that carries the body's recorded outputs (and inputs) out as
+  scan outputs and feeds perturbations in as scanned inputs, so a layer inside the loop
+  is recorded once with a leading layer axis: ``"blocks/fc"`` of shape ``[L, B, …]``
+  (and ``∂L/∂y`` of that shape). Measure it per layer with
+  ``scope(..., stacked={"^blocks": 0})``. Inside ``nnx.scan`` the called modules are
+  copies; each gets the path of the root's module of the same class whose parameters
+  have the scan's length in front (none or several: not recorded).
+* Layers called in any *other* nested trace (``jax.checkpoint`` / ``nn.remat``,
+  ``vmap``, Flax's shape-only passes) cannot be exported from it: they are left out
+  and listed in :attr:`Recording.skipped`.
 """
 
 from __future__ import annotations
@@ -59,6 +71,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 from flax import nnx
+from jax.extend import core as jex_core
 
 from jaxscope.tree import _compile
 
@@ -185,6 +198,66 @@ def _nnx_owns_params(module: nnx.Module) -> bool:
   return any(isinstance(v, nnx.Param) for v in vars(module).values())
 
 
+def _trace_state() -> Any:
+  """The current JAX trace (an opaque value compared with ``==``), as Flax checks it."""
+  return jex_core.get_opaque_trace_state(convention="flax")
+
+
+def _twice(key: str) -> ValueError:
+  return ValueError(
+    f"capture: layer {key!r} was called more than once in one traced call (a shared "
+    "layer, or a function that runs the model twice); capture records one output and "
+    "one perturbation per layer. Exclude the layer (exclude=...) or run each forward "
+    "pass in its own function."
+  )
+
+
+def _perturb(key: str, output: jax.Array, perturbations: Mapping[str, jax.Array]) -> jax.Array:
+  if key not in perturbations:
+    return output
+  eps = perturbations[key]
+  if tuple(jnp.shape(eps)) != tuple(output.shape):
+    raise ValueError(
+      f"capture: perturbations[{key!r}] has shape {tuple(jnp.shape(eps))}, expected the "
+      f"layer output's shape {tuple(output.shape)}."
+    )
+  return output + eps.astype(output.dtype)
+
+
+def _scan_length(xs: Any) -> int:
+  leaves = jax.tree_util.tree_leaves(xs)
+  if not leaves:
+    raise ValueError("lax.scan: length must be given when xs has no leaves.")
+  return int(jnp.shape(leaves[0])[0])
+
+
+class _Frame:
+  """The recordings of one ``lax.scan`` body trace (one iteration's layers)."""
+
+  def __init__(self, home: Any, perturbations: Mapping[str, jax.Array], length: int) -> None:
+    self.home = home
+    self.length = length
+    self.perturbations = dict(perturbations)
+    self.outputs: dict[str, jax.Array] = {}
+    self.inputs: dict[str, jax.Array] = {}
+    self.modules: dict[str, Any] = {}
+
+  def record(self, key: str, module: Any, args: tuple, output: jax.Array, inputs: bool) -> Any:
+    if key in self.outputs:
+      raise _twice(key)
+    output = _perturb(key, output, self.perturbations)
+    self.store(key, module, output, args[0] if inputs and args else None)
+    return output
+
+  def store(self, key: str, module: Any, output: jax.Array, inp: jax.Array | None) -> None:
+    if key in self.outputs:
+      raise _twice(key)
+    self.outputs[key] = output
+    self.modules[key] = module
+    if inp is not None:
+      self.inputs[key] = inp
+
+
 class Recording:
   """Host-side recorder of one :func:`intercept` context (used only while tracing).
 
@@ -217,6 +290,13 @@ class Recording:
     # NNX: ids of the modules whose __call__ is running, and the paths of the current root.
     self._nnx_running: set[int] = set()
     self._nnx_paths: dict[int, str] | None = None
+    self._nnx_roots: dict[int, Any] = {}
+    # The trace the block runs in, and the open ``lax.scan`` bodies (innermost last).
+    self._home = _trace_state()
+    self._frames: list[_Frame] = []
+    self.skipped: set[str] = set()
+    """Keys of selected layers called in a nested trace that capture cannot export
+    (``jax.checkpoint``/``nn.remat``, ``vmap``, a traced shape pass), left unrecorded."""
 
   def _selected(self, key: str) -> bool:
     if not key:
@@ -225,24 +305,31 @@ class Recording:
       return False
     return not (self._exc is not None and any(p.search(key) for p in self._exc))
 
+  def _sink(self) -> _Frame | Recording | None:
+    """Where a call made now is recorded: the innermost scan body or the block itself, if
+    the call runs in its trace; ``None`` in any other nested trace."""
+    state = _trace_state()
+    if self._frames:
+      frame = self._frames[-1]
+      return frame if state == frame.home else None
+    return self if state == self._home else None
+
   def _record(self, key: str, module: Any, args: tuple, output: Any) -> Any:
     if not isinstance(output, jax.Array):
       return output  # Tuples, dicts, None: not a single activation tensor.
+    sink = self._sink()
+    if sink is None:
+      self.skipped.add(key)
+      return output
+    if sink is not self:
+      return sink.record(key, module, args, output, self._record_inputs)
     if key in self.outputs:
-      raise ValueError(
-        f"capture: layer {key!r} was called more than once in one traced call (a shared "
-        "layer, or a function that runs the model twice); capture records one output and "
-        "one perturbation per layer. Exclude the layer (exclude=...) or run each forward "
-        "pass in its own function."
-      )
-    if key in self._perturbations:
-      eps = self._perturbations[key]
-      if tuple(jnp.shape(eps)) != tuple(output.shape):
-        raise ValueError(
-          f"capture: perturbations[{key!r}] has shape {tuple(jnp.shape(eps))}, expected the "
-          f"layer output's shape {tuple(output.shape)}."
-        )
-      output = output + eps.astype(output.dtype)
+      raise _twice(key)
+    output = _perturb(key, output, self._perturbations)
+    self._store(key, module, output, args[0] if self._record_inputs and args else None)
+    return output
+
+  def _store(self, key: str, module: Any, output: jax.Array, inp: jax.Array | None) -> None:
     self.outputs[key] = output
     kind = _kind(module)
     self.kinds[key] = kind
@@ -251,9 +338,53 @@ class Recording:
       if spec is not None:
         self.convs[key] = spec
     self.layers[key] = LayerCall(key, kind, module)
-    if self._record_inputs and args:
-      self.inputs[key] = args[0]
-    return output
+    if inp is not None:
+      self.inputs[key] = inp
+
+  # ------------------------------------------------------------------ lax.scan
+  def _scan(
+    self,
+    original: Callable[..., Any],
+    f: Callable[..., Any],
+    init: Any,
+    xs: Any,
+    length: int | None,
+    kwargs: dict,
+  ) -> Any:
+    """``lax.scan`` whose body's recorded layers leave the loop as stacked outputs."""
+    sink = self._sink()
+    if sink is None:  # A scan inside a nested trace: nothing there can be exported.
+      return original(f, init, xs, length=length, **kwargs)
+    n = length if length is not None else _scan_length(xs)
+    given = sink.perturbations if isinstance(sink, _Frame) else self._perturbations
+    taken = sink.outputs
+    eps = {
+      k: v for k, v in given.items() if k not in taken and jnp.ndim(v) >= 1 and jnp.shape(v)[0] == n
+    }
+    frames: list[_Frame] = []
+
+    def body(carry: Any, packed: Any) -> Any:
+      x, eps_i = packed
+      frame = _Frame(_trace_state(), eps_i, n)
+      frames.append(frame)
+      self._frames.append(frame)
+      try:
+        carry, y = f(carry, x)
+      finally:
+        self._frames.pop()
+      return carry, (y, dict(frame.outputs), dict(frame.inputs))
+
+    carry, (ys, outs, ins) = original(body, init, (xs, eps), length=length, **kwargs)
+    frame = frames[-1]
+    for key, out in outs.items():
+      module = frame.modules[key]
+      if isinstance(sink, _Frame):
+        sink.store(key, module, out, ins.get(key))
+      else:
+        if key in self.outputs:
+          raise _twice(key)
+        self._store(key, module, out, ins.get(key))
+    return carry, ys
 
   # ------------------------------------------------------------------ Linen
   def _linen_interceptor(
@@ -275,11 +406,15 @@ class Recording:
       return original(module, *args, **kwargs)
     is_root = not self._nnx_running
     if is_root:
-      self._nnx_paths = {
-        id(m): "/".join(str(p) for p in path) for path, m in nnx.iter_modules(module)
-      }
+      self._nnx_roots = {}
+      self._nnx_paths = {}
+      for path, m in nnx.iter_modules(module):
+        self._nnx_paths[id(m)] = "/".join(str(p) for p in path)
+        self._nnx_roots[id(m)] = m
     paths = self._nnx_paths or {}
     key = paths.get(mid)
+    if key is None and self._frames and self._nnx_paths is not None:
+      key = self._nnx_scanned_key(module)
     self._nnx_running.add(mid)
     try:
       out = original(module, *args, **kwargs)
@@ -287,9 +422,34 @@ class Recording:
       self._nnx_running.discard(mid)
       if is_root:
         self._nnx_paths = None
+        self._nnx_roots = {}
     if key is None or not self._selected(key) or not _nnx_owns_params(module):
       return out
     return self._record(key, module, args, out)
+
+  def _nnx_scanned_key(self, module: Any) -> str | None:
+    """The path of ``module``, a copy made by ``nnx.scan`` of one layer of a stacked module.
+
+    ``nnx.scan`` calls fresh module objects, one layer's slice of a module created with
+    ``nnx.vmap``. Its path is that of the root's module of the same class whose
+    parameters have the same shapes with the scan's length in front; with none or
+    several such modules the layer is not recorded. Its submodules get paths under it.
+    """
+    n = self._frames[-1].length
+    shapes = [tuple(p.shape) for p in jax.tree_util.tree_leaves(nnx.state(module, nnx.Param))]
+    hits = []
+    for mid, m in self._nnx_roots.items():
+      if type(m) is not type(module):
+        continue
+      stacked = [tuple(p.shape) for p in jax.tree_util.tree_leaves(nnx.state(m, nnx.Param))]
+      if shapes and stacked == [(n, *s) for s in shapes]:
+        hits.append(self._nnx_paths[mid])  # type: ignore[index]
+    if len(hits) != 1:
+      return None
+    for path, sub in nnx.iter_modules(module):
+      sub_key = "/".join([hits[0], *(str(p) for p in path)])
+      self._nnx_paths[id(sub)] = sub_key  # type: ignore[index]
+    return hits[0]
 
   def _check_perturbations_used(self) -> None:
     unused = sorted(set(self._perturbations) - set(self.outputs))
@@ -329,6 +489,29 @@ def _make_wrapper(original: Callable[..., Any]) -> Callable[..., Any]:
 
   __call__._jaxscope_original = original  # type: ignore[attr-defined]
   return __call__
+
+
+_ORIGINAL_SCAN: list[Callable[..., Any]] = []
+
+
+def _patched_scan(
+  f: Callable[..., Any], init: Any, xs: Any = None, length: int | None = None, **kwargs: Any
+) -> Any:
+  original = _ORIGINAL_SCAN[0]
+  if not _ACTIVE:
+    return original(f, init, xs, length=length, **kwargs)
+  return _ACTIVE[-1]._scan(original, f, init, xs, length, kwargs)
+
+
+def _patch_scan() -> None:
+  if not _ORIGINAL_SCAN:
+    _ORIGINAL_SCAN.append(jax.lax.scan)
+    jax.lax.scan = _patched_scan  # type: ignore[assignment]
+
+
+def _unpatch_scan() -> None:
+  if _ORIGINAL_SCAN:
+    jax.lax.scan = _ORIGINAL_SCAN.pop()  # type: ignore[assignment]
 
 
 def _patch_nnx() -> None:
@@ -401,12 +584,14 @@ def intercept(
   try:
     if first:
       _patch_nnx()
+      _patch_scan()
     with nn.intercept_methods(rec._linen_interceptor):
       yield rec
   finally:
     _ACTIVE.remove(rec)
     if not _ACTIVE:
       _unpatch_nnx()
+      _unpatch_scan()
   rec._check_perturbations_used()
 
 
