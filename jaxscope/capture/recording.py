@@ -1,71 +1,12 @@
-"""Layer outputs, inputs and ``∂L/∂(layer output)`` from Flax models, model code untouched.
-
-Two entry points:
-
-* :func:`intercept`: a context manager, used *inside* the traced function, that observes
-  every ``__call__`` of a Flax Linen module (through ``flax.linen.intercept_methods``) and
-  of a Flax NNX module (through a temporary patch of the NNX module classes), records the
-  outputs ``y_l`` (and optionally the first positional inputs) of the recorded layers, and
-  returns ``y_l + ε_l`` to the model when a perturbation ``ε_l`` is given for layer ``l``.
-* :func:`value_and_grad`: ``jax.value_and_grad`` that also returns the captured outputs
-  and, per layer, ``∂L/∂y_l = ∂L(θ, ε)/∂ε_l |_{ε=0}`` (the gradient w.r.t. a zero
-  perturbation added to the layer's output, the recipe of jax-notes §2).
-
-Which calls are recorded: the modules that directly own parameters (Linen: the module's
-own ``params`` collection has array leaves of its own, e.g. ``Dense``, ``Conv``,
-``BatchNorm``; NNX: the module has ``nnx.Param`` attributes), except the root module,
-then filtered by ``include`` / ``exclude`` regular expressions (``re.search`` on the
-layer key, as :func:`jaxscope.tree.layout`). Only ``__call__`` is recorded, and only
-calls whose output is a single array.
-
-Layer keys are ``'/'``-joined module paths and match the parameter names' prefixes:
-Linen ``"Dense_0"``, ``"Block_0/Conv_1"`` (``module.path``); NNX the attribute path from
-the root, ``"linear1"``, ``"blocks/0/conv"``, the prefixes of
-``nnx.to_pure_dict(nnx.state(model, nnx.Param))`` joined with ``'/'``.
-
-Pitfalls:
-
-* Interception acts at **trace time**. The ``with intercept(...)`` block (or the call of
-  :func:`value_and_grad`) must sit *inside* the function you ``jit`` / ``grad``; a jitted
-  ``model.apply`` that JAX has already compiled does not see an interceptor set up
-  outside it (jax-notes §2).
-* The NNX patch replaces ``__call__`` on every ``nnx.Module`` subclass that defines it
-  (its own ``__dict__``) while a context is active, and restores the original functions
-  in a ``finally``. It is process-global: do not trace two intercepted functions
-  concurrently from several threads. Classes defined while a context is active are not
-  patched. For NNX the key of a module is found from the *outermost* NNX call (the root:
-  its ``nnx.iter_modules`` paths), so a layer called directly, outside its model, is
-  its own root and is not recorded.
-* "Output" is what the module's ``__call__`` returns. ``Dense`` / ``Conv`` followed by a
-  functional activation (``x = nn.relu(nn.Dense(8)(x))``) is captured **before** the
-  activation (the pre-activation). Activation *modules* own no parameters, so they are
-  not recorded either. Outputs that are not a single array (tuples, dicts) are skipped.
-* The root module is never a layer: a bare ``nn.Dense`` used as the whole model records
-  nothing (wrap it in a module).
-* A layer called twice in one traced call (a shared layer, or ``fn`` running the model
-  twice) raises ``ValueError``: one output and one perturbation per layer is all that
-  the key scheme can express. Run each forward pass in its own function.
-* **Layer-stacked models** (``nn.scan``, ``nnx.scan`` over ``nnx.vmap``-created layers,
-  or any ``jax.lax.scan`` over layers): while a context is active ``jax.lax.scan`` is
-  replaced by a wrapper that carries the body's recorded outputs (and inputs) out as
-  scan outputs and feeds perturbations in as scanned inputs, so a layer inside the loop
-  is recorded once with a leading layer axis: ``"blocks/fc"`` of shape ``[L, B, …]``
-  (and ``∂L/∂y`` of that shape). Measure it per layer with
-  ``scope(..., stacked={"^blocks": 0})``. Inside ``nnx.scan`` the called modules are
-  copies; each gets the path of the root's module of the same class whose parameters
-  have the scan's length in front (none or several: not recorded).
-* Layers called in any *other* nested trace (``jax.checkpoint`` / ``nn.remat``,
-  ``vmap``, Flax's shape-only passes) cannot be exported from it: they are left out
-  and listed in :attr:`Recording.skipped`.
-"""
+"""The recorder of :func:`intercept`: Linen interception, the NNX patch, ``lax.scan`` bodies."""
 
 from __future__ import annotations
 
 import contextlib
 import functools
 import inspect
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -73,129 +14,18 @@ from flax import linen as nn
 from flax import nnx
 from jax.extend import core as jex_core
 
+from jaxscope.capture.layers import (
+  ConvSpec,
+  LayerCall,
+  Pattern,
+  _conv_spec,
+  _kind,
+  _linen_owns_params,
+  _nnx_owns_params,
+)
 from jaxscope.tree import _compile
 
-__all__ = ["Captured", "ConvSpec", "LayerCall", "Recording", "intercept", "value_and_grad"]
-
-
-class ConvSpec(NamedTuple):
-  """A captured convolution's hyperparameters (static), for per-example gradients."""
-
-  kernel_size: tuple[int, ...]
-  strides: tuple[int, ...]
-  padding: str | tuple[tuple[int, int], ...]
-  """``"SAME"``, ``"VALID"`` or explicit ``(low, high)`` pairs per spatial axis."""
-  input_dilation: tuple[int, ...]
-  kernel_dilation: tuple[int, ...]
-  feature_group_count: int
-
-
-def _tuple(v: Any, nd: int) -> tuple[int, ...] | None:
-  if v is None:
-    return (1,) * nd
-  if isinstance(v, int):
-    return (v,) * nd
-  try:
-    out = tuple(int(a) for a in v)
-  except TypeError:
-    return None
-  return out if len(out) == nd else None
-
-
-def _conv_spec(module: Any) -> ConvSpec | None:
-  """The hyperparameters of a Linen/NNX ``Conv``; ``None`` for unsupported settings."""
-  try:
-    ks = tuple(int(k) for k in module.kernel_size)
-  except (AttributeError, TypeError):
-    return None
-  nd = len(ks)
-  strides = _tuple(getattr(module, "strides", None), nd)
-  in_dil = _tuple(getattr(module, "input_dilation", None), nd)
-  k_dil = _tuple(getattr(module, "kernel_dilation", None), nd)
-  groups = int(getattr(module, "feature_group_count", 1) or 1)
-  pad = getattr(module, "padding", "SAME")
-  if isinstance(pad, str):
-    padding: Any = pad.upper() if pad.upper() in ("SAME", "VALID") else None
-  elif isinstance(pad, int):
-    padding = ((pad, pad),) * nd
-  else:
-    try:
-      items = list(pad)
-      if all(isinstance(a, int) for a in items):
-        padding = tuple((int(a), int(a)) for a in items)
-      else:
-        padding = tuple((int(a), int(b)) for a, b in items)
-    except (TypeError, ValueError):
-      padding = None
-    if padding is not None and len(padding) != nd:
-      padding = None
-  if None in (strides, in_dil, k_dil, padding):
-    return None
-  return ConvSpec(ks, strides, padding, in_dil, k_dil, groups)  # type: ignore[arg-type]
-
-
-class LayerCall(NamedTuple):
-  """One recorded layer."""
-
-  key: str
-  """The layer name: ``'/'``-joined module path (``"Dense_0"``, ``"blocks/0/conv"``)."""
-  kind: str
-  """``"dense"`` (``linen.Dense``, ``nnx.Linear``), ``"conv"`` (``linen.Conv``,
-  ``nnx.Conv``) or ``"other"``."""
-  module: Any
-  """The module object (Linen bound module or NNX module), for introspection only."""
-
-
-class Captured(NamedTuple):
-  """What :func:`value_and_grad` captured, keyed by layer key."""
-
-  outputs: dict[str, jax.Array]
-  """Each layer's output ``y_l`` (its activations)."""
-  inputs: dict[str, jax.Array]
-  """Each layer's first positional input (only with ``inputs=True``, else ``{}``)."""
-  grads: dict[str, jax.Array]
-  """``∂L/∂y_l`` of the differentiated scalar (only with ``layer_grads=True``, else ``{}``)."""
-  kinds: dict[str, str]
-  """Each layer's kind (see :class:`LayerCall`). Static: a dict that is a pytree node
-  without leaves, so ``Captured`` can be returned from ``jit``."""
-  convs: dict[str, ConvSpec] = {}  # noqa: RUF012 (a NamedTuple default, never mutated)
-  """The :class:`ConvSpec` of each ``"conv"`` layer with supported settings (static)."""
-
-
-Pattern = str | Sequence[str] | None
-
-
-class _Kinds(dict):
-  """A ``dict[str, str]`` that is a pytree *without leaves* (the items are static).
-
-  So a :class:`Captured` can be returned from ``jit`` and pass through ``jax.tree.map``
-  with its kinds intact.
-  """
-
-
-jax.tree_util.register_pytree_node(
-  _Kinds, lambda d: ((), tuple(d.items())), lambda items, _: _Kinds(items)
-)
-
-
-def _kind(module: Any) -> str:
-  if isinstance(module, nn.Dense | nnx.Linear):
-    return "dense"
-  if isinstance(module, nn.Conv | nnx.Conv):
-    return "conv"
-  return "other"
-
-
-def _linen_owns_params(module: nn.Module) -> bool:
-  try:
-    params = module.variables.get("params", {})
-  except Exception:  # An unbound module or a scope without variables.
-    return False
-  return any(not isinstance(v, Mapping) for v in params.values())
-
-
-def _nnx_owns_params(module: nnx.Module) -> bool:
-  return any(isinstance(v, nnx.Param) for v in vars(module).values())
+__all__ = ["Recording", "intercept"]
 
 
 def _trace_state() -> Any:
@@ -593,109 +423,3 @@ def intercept(
       _unpatch_nnx()
       _unpatch_scan()
   rec._check_perturbations_used()
-
-
-def _no_layer_error(include: Pattern, exclude: Pattern) -> ValueError:
-  return ValueError(
-    "capture.value_and_grad: no layer was recorded (include="
-    f"{include!r}, exclude={exclude!r}). fn must call a Flax Linen module (model.apply) "
-    "or an NNX module inside it, the recorded layers are the non-root modules that own "
-    "parameters, and include/exclude must leave at least one of them."
-  )
-
-
-def value_and_grad(
-  fn: Callable[..., Any],
-  *,
-  has_aux: bool = False,
-  include: Pattern = None,
-  exclude: Pattern = None,
-  layer_grads: bool = True,
-  inputs: bool = False,
-) -> Callable[..., tuple[Any, Any, Captured]]:
-  """``jax.value_and_grad(fn)`` that also captures layer outputs and ``∂L/∂(output)``.
-
-  ``value_and_grad(fn)(params, *args, **kwargs)`` returns ``(value, grads, captured)``:
-  ``value = fn(params, *args, **kwargs)`` (``(loss, aux)`` with ``has_aux``),
-  ``grads = ∂loss/∂params`` exactly as ``jax.value_and_grad(fn, has_aux=has_aux)``, and
-  a :class:`Captured` with each recorded layer's output ``y_l``, optionally its input,
-  and with ``layer_grads`` ``∂loss/∂y_l = ∂loss(θ, ε)/∂ε_l`` at ``ε = 0``, where
-  ``y_l + ε_l`` replaces the layer's output.
-
-  Cost: ``fn`` is traced twice (a ``jax.eval_shape`` pass learns the layers and their
-  output shapes) when ``layer_grads``; the compiled program is one forward and one
-  backward pass that also returns the activations, as plain ``jax.value_and_grad``.
-  Use it inside the jitted step; ``fn`` calls the model normally (``model.apply(...)``,
-  an NNX module held by closure, or ``nnx.merge`` inside ``fn``).
-
-  Args:
-    fn: ``fn(params, *args, **kwargs) -> loss`` (or ``(loss, aux)`` with ``has_aux``),
-      ``loss`` a real scalar.
-    has_aux: whether ``fn`` returns ``(loss, aux)``.
-    include: regular expression(s) on layer keys (``re.search``); ``None`` = all.
-    exclude: regular expression(s) of layer keys to leave out.
-    layer_grads: also compute ``∂loss/∂y_l`` per layer.
-    inputs: also record each layer's first positional input.
-
-  Returns:
-    A function of ``(params, *args, **kwargs)`` returning ``(value, grads, captured)``.
-
-  Raises:
-    TypeError: if ``fn`` is not callable.
-    ValueError: (when called) if no layer was recorded, naming include/exclude; see
-      also :func:`intercept`.
-  """
-  if not callable(fn):
-    raise TypeError(f"capture.value_and_grad: fn must be callable, got {type(fn).__name__}.")
-  _compile(include, "include")  # Fail early on an invalid pattern.
-  _compile(exclude, "exclude")
-
-  def split(out: Any) -> tuple[Any, Any]:
-    if not has_aux:
-      return out, None
-    if not (isinstance(out, tuple) and len(out) == 2):
-      raise TypeError(
-        "capture.value_and_grad: with has_aux=True, fn must return a pair (loss, aux), "
-        f"got {type(out).__name__}."
-      )
-    return out
-
-  def wrapped(params: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any, Captured]:
-    kinds: dict[str, str] = {}
-    convs: dict[str, ConvSpec] = {}
-
-    def inner(p: Any, eps: dict[str, jax.Array] | None) -> tuple[Any, Any]:
-      with intercept(
-        perturbations=eps, include=include, exclude=exclude, record_inputs=inputs
-      ) as rec:
-        out = fn(p, *args, **kwargs)
-      if not rec.outputs:
-        raise _no_layer_error(include, exclude)
-      kinds.clear()
-      kinds.update(rec.kinds)
-      convs.clear()
-      convs.update(rec.convs)
-      loss, aux = split(out)
-      return loss, (aux, dict(rec.outputs), dict(rec.inputs))
-
-    if layer_grads:
-
-      def discover(p: Any) -> dict[str, jax.Array]:
-        with intercept(include=include, exclude=exclude) as rec:
-          fn(p, *args, **kwargs)
-        return dict(rec.outputs)
-
-      shapes = jax.eval_shape(discover, params)
-      if not shapes:
-        raise _no_layer_error(include, exclude)
-      eps0 = {k: jnp.zeros(s.shape, s.dtype) for k, s in shapes.items()}
-      (loss, (aux, outs, ins)), (grads, lgrads) = jax.value_and_grad(
-        inner, argnums=(0, 1), has_aux=True
-      )(params, eps0)
-    else:
-      (loss, (aux, outs, ins)), grads = jax.value_and_grad(inner, has_aux=True)(params, None)
-      lgrads = {}
-    value = (loss, aux) if has_aux else loss
-    return value, grads, Captured(outs, ins, dict(lgrads), _Kinds(kinds), _Kinds(convs))
-
-  return wrapped
