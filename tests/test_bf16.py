@@ -103,3 +103,27 @@ def _get(tree, name):
   for part in name.split("/"):
     tree = tree[part]
   return tree
+
+
+def test_lost_updates_diagnosed():
+  from jaxscope import diagnose
+
+  steps = np.arange(0, 40)
+  hist = {
+    "updates/lost_fraction/ln/scale": (steps, np.full(40, 1.0)),
+    "updates/lost_fraction/fc1/kernel": (steps, np.full(40, 0.1)),
+    "updates/realised_ratio/ln/scale": (steps, np.zeros(40)),
+    "updates/ratio/ln/scale": (steps, np.full(40, 4.5e-5)),
+    "updates/ratio/fc1/kernel": (steps, np.full(40, 1e-3)),
+  }
+  found = [f for f in diagnose.diagnose(hist) if f.name == "lost_updates"]
+  assert len(found) == 1
+  ev = found[0].evidence
+  assert ev["layers"] == ["ln/scale"]
+  assert ev["values"]["realised_ratio/ln/scale"] == 0.0
+  assert ev["values"]["intended_ratio/ln/scale"] == 4.5e-5
+  assert found[0].advice and "float32" in found[0].advice[0]
+  hist["updates/lost_fraction/ln/scale"] = (steps, np.full(40, 0.3))
+  assert not [f for f in diagnose.diagnose(hist) if f.name == "lost_updates"]
+  assert not [f for f in diagnose.diagnose(hist, lost_fraction=0.5) if f.name == "lost_updates"]
+  assert [f for f in diagnose.diagnose(hist, lost_fraction=0.2) if f.name == "lost_updates"]

@@ -32,7 +32,7 @@ class Finding:
       ``"early_plateau"``, ``"late_plateau"``, ``"overfitting"``,
       ``"vanishing_gradients"``, ``"exploding_gradients"``, ``"update_ratio_high"``,
       ``"update_ratio_low"``, ``"dead_units"``, ``"saturation"``, ``"stalled_layers"``,
-      ``"lr_above_curvature_limit"``.
+      ``"lr_above_curvature_limit"``, ``"lost_updates"``.
     severity: ``"critical"``, ``"warning"`` or ``"info"``.
     summary: one readable sentence with the numbers.
     evidence: JSON-serialisable dict: ``"metric"`` (the key or keys read), ``"layers"``,
@@ -150,6 +150,9 @@ class Thresholds:
   """Stalled layers: ‖Δθ‖/‖θ‖ below this at every step of the last ``stall_fraction``."""
   stall_fraction: float = 0.25
   """Stalled layers: the final fraction of the steps that is checked."""
+  # lost updates
+  lost_fraction: float = 0.5
+  """Lost updates: median of ``updates/lost_fraction`` over the last half above this."""
   # curvature
   curvature_limit: float = 2.0
   """Curvature: plain gradient descent is unstable on a quadratic when ``lr · λ_max``
@@ -227,6 +230,11 @@ _ADVICE: dict[str, list[str]] = {
   "stalled_layers": [
     "check that these layers receive gradients (stop_gradient, masks, dead units)",
     "check the optimizer's per-layer learning rate and weight decay",
+  ],
+  "lost_updates": [
+    "keep a float32 master copy of the parameters (cast to bfloat16 for the forward pass)",
+    "raise the learning rate of these layers, or accumulate updates before applying them",
+    "use stochastic rounding when storing bfloat16 parameters",
   ],
   "lr_above_curvature_limit": [
     "lower the learning rate below the curvature limit (2/λ_max for SGD)",

@@ -1,5 +1,6 @@
 """Rules on the per-layer gradients and updates: vanishing and exploding gradients through
-depth, the update/weight ratio ``‖Δθ‖/‖θ‖`` far from ``1e-3``, layers that stopped moving.
+depth, the update/weight ratio ``‖Δθ‖/‖θ‖`` far from ``1e-3``, layers that stopped moving,
+updates lost to the rounding of low-precision parameters.
 
 They read ``grads/norm/{layer}`` and ``updates/ratio/{layer}``, and look at the weight
 matrices when any are recorded (see :data:`~jaxscope.diagnose.series._WEIGHT_NAMES`).
@@ -219,5 +220,47 @@ def _rule_stalled_layers(h: History, th: Thresholds) -> list[Finding]:
       layers=layers,
       steps=[first],
       values={f"max/{lay}": m for lay, m in maxima.items()},
+    )
+  ]
+
+
+# --------------------------------------------------------------------------- lost updates
+
+
+def _rule_lost_updates(h: History, th: Thresholds) -> list[Finding]:
+  """Updates that do not land: the parameters' dtype rounds them away.
+
+  Per layer, the median of ``updates/lost_fraction/{layer}`` (the fraction of non-zero
+  updates that leave the stored parameter unchanged, :func:`jaxscope.metrics.lost_fraction`)
+  over the last half of its steps above ``lost_fraction``, → ``"lost_updates"``, with the
+  realised ratio ``updates/realised_ratio/{layer}`` beside the intended
+  ``updates/ratio/{layer}`` when recorded. Warning. Typical of bfloat16 parameters (8
+  mantissa bits: an update below ``2⁻⁹ |θᵢ|`` rounds to nothing) with a small learning rate.
+  """
+  layers = _layers(h, "updates", "lost_fraction")
+  med, first = _layer_tail_medians(h, "updates/lost_fraction", layers)
+  bad = [lay for lay, m in med.items() if m > th.lost_fraction]
+  if not bad:
+    return []
+  realised, _ = _layer_tail_medians(h, "updates/realised_ratio", bad)
+  intended, _ = _layer_tail_medians(h, "updates/ratio", bad)
+  shown = ", ".join(f"{lay} {med[lay]:.0%}" for lay in bad[:5])
+  summary = (
+    f"Updates lost to rounding in {len(bad)} layer(s): more than {th.lost_fraction:.0%} of "
+    f"the non-zero updates leave the stored parameters unchanged (median over the last "
+    f"half: {shown}{', …' if len(bad) > 5 else ''})."
+  )
+  values = {f"median/{lay}": med[lay] for lay in bad}
+  values.update({f"realised_ratio/{lay}": v for lay, v in realised.items()})
+  values.update({f"intended_ratio/{lay}": v for lay, v in intended.items()})
+  return [
+    _finding(
+      "lost_updates",
+      "warning",
+      summary,
+      metric=[f"updates/lost_fraction/{lay}" for lay in bad],
+      layers=bad,
+      steps=[min(first[lay] for lay in bad)],
+      values=values,
     )
   ]

@@ -16,7 +16,12 @@ import numpy as np
 from jaxscope.diagnose.activations import _rule_dead_units, _rule_saturation
 from jaxscope.diagnose.curvature import _rule_lr_curvature
 from jaxscope.diagnose.finding import Finding, Thresholds
-from jaxscope.diagnose.gradients import _rule_gradients, _rule_stalled_layers, _rule_update_ratio
+from jaxscope.diagnose.gradients import (
+  _rule_gradients,
+  _rule_lost_updates,
+  _rule_stalled_layers,
+  _rule_update_ratio,
+)
 from jaxscope.diagnose.loss import (
   _rule_divergence,
   _rule_early_plateau,
@@ -42,6 +47,7 @@ RULES: dict[str, Callable[[History, Thresholds], list[Finding]]] = {
   "dead_units": _rule_dead_units,
   "saturation": _rule_saturation,
   "stalled_layers": _rule_stalled_layers,
+  "lost_updates": _rule_lost_updates,
   "lr_above_curvature_limit": _rule_lr_curvature,
 }
 
