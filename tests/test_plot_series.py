@@ -79,6 +79,7 @@ def test_public_names() -> None:
     "robustness_figure",
     "save_run_plots",
     "scalar_figure",
+    "stack_figure",
     "surface_figure",
   }
   assert set(jaxscope.plot.__all__) == want

@@ -27,6 +27,8 @@ The modules, one per family of figures:
   :func:`parameter_paths_figure`;
 * :mod:`~jaxscope.plot.landscapes`: :func:`landscape_figure`, :func:`surface_figure`;
 * :mod:`~jaxscope.plot.robustness`: :func:`robustness_figure`;
+* :mod:`~jaxscope.plot.stacks`: :func:`stack_figure` (step × layer heat maps of
+  layer-stacked models);
 * :mod:`~jaxscope.plot.cockpit`: :func:`cockpit`;
 * :mod:`~jaxscope.plot.diagnosis`: :func:`diagnosis_figure`.
 
@@ -49,6 +51,7 @@ from jaxscope.plot.landscapes import landscape_figure, surface_figure
 from jaxscope.plot.paths import layer_paths_figure, parameter_paths_figure, path_figure
 from jaxscope.plot.robustness import robustness_figure
 from jaxscope.plot.series import histogram_figure, metric_figure, save_run_plots, scalar_figure
+from jaxscope.plot.stacks import stack_figure
 
 __all__ = [
   "cockpit",
@@ -62,5 +65,6 @@ __all__ = [
   "robustness_figure",
   "save_run_plots",
   "scalar_figure",
+  "stack_figure",
   "surface_figure",
 ]

@@ -12,6 +12,7 @@ from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
 
 from jaxscope.plot._common import FIGSIZE, MANY_LAYERS, log_worthy, mark_nonfinite, scalar_series
+from jaxscope.plot.stacks import stack_families, stack_figure
 from jaxscope.record import History
 
 __all__ = ["histogram_figure", "metric_figure", "save_run_plots", "scalar_figure"]
@@ -200,7 +201,9 @@ def save_run_plots(
   """Saves every plot of a run as PNG files.
 
   Writes ``{topic}_{stat}.png`` per per-layer scalar metric (:func:`metric_figure`),
-  ``{key}.png`` per network-level scalar key (:func:`scalar_figure`), and
+  ``{topic}_{stat}_stack.png`` when the metric has layers of stacked leaves
+  (:func:`~jaxscope.plot.stacks.stack_figure`), ``{key}.png`` per network-level scalar
+  key (:func:`scalar_figure`), and
   ``{topic}_{stat}_{layer}.png`` per histogram (:func:`histogram_figure`, ``/`` in the
   layer name replaced by ``_``). Other array-valued keys are skipped.
 
@@ -234,6 +237,8 @@ def save_run_plots(
       scalar = [lay for lay in layers if history[f"{topic}/{stat}/{lay}"].ndim == 1]
       if scalar:
         save(metric_figure(history, topic, stat, scalar), _file_name(topic, stat))
+        if stack_families(scalar):
+          save(stack_figure(history, topic, stat), _file_name(topic, stat, "stack"))
   for key in history.keys():
     if key.count("/") < 2 and history[key].ndim == 1:
       save(scalar_figure(history, key), _file_name(key))
