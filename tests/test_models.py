@@ -115,9 +115,10 @@ def _run(case_id):
 
 def test_every_registered_model_is_exercised():
   # The dynamic-capacity models (a "capacity" collection) are exercised in
-  # tests/test_capacity_models.py.
+  # tests/test_capacity_models.py, the transformers in tests/test_transformer.py.
   capacity = {"capacity_mlp", "capacity_cnn"}
-  assert set(models.names()) - capacity == {c[0] for c in TRAIN_CASES + TRACE_CASES}
+  transformers = {"transformer_lm", "nnx_transformer_lm", "vit"}
+  assert set(models.names()) - capacity - transformers == {c[0] for c in TRAIN_CASES + TRACE_CASES}
 
 
 @pytest.mark.slow
@@ -218,7 +219,8 @@ def test_dropout_only_in_train_mode(case):
 
 def test_model_flags():
   def build(n):
-    return models.build(n, (8, 8, 1), 10, **({"padding": "SAME"} if n == "3c3d" else {}))
+    shape = (8,) if n.endswith("transformer_lm") else (8, 8, 1)  # token ids [T]
+    return models.build(n, shape, 10, **({"padding": "SAME"} if n == "3c3d" else {}))
 
   assert {n for n in models.names() if build(n).has_dropout} == {"alexnet_mini", "nnx_cnn"}
   assert not models.build("nnx_cnn", (8, 8, 1), 10, dropout_rate=0.0).has_dropout

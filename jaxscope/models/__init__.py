@@ -17,8 +17,10 @@ functions, whether it is written with Flax Linen or Flax NNX:
 
 Models (see :func:`names` and :func:`describe`): ``mlp``, ``mnist_mlp``, ``2c2d``,
 ``3c3d``, ``lenet5``, ``alexnet_mini``, ``resnet`` / ``resnet20`` / ``resnet56``,
-``densenet_bc``, the NNX ``nnx_cnn``, and the dynamic-capacity ``capacity_mlp`` and
-``capacity_cnn`` (:mod:`jaxscope.models.capacity`).
+``densenet_bc``, the NNX ``nnx_cnn``, the dynamic-capacity ``capacity_mlp`` and
+``capacity_cnn`` (:mod:`jaxscope.models.capacity`), and the transformers
+``transformer_lm`` (Linen, scanned or unrolled), ``nnx_transformer_lm`` (its NNX twin) and
+``vit`` (:mod:`jaxscope.models.transformer`).
 """
 
 from __future__ import annotations
@@ -43,6 +45,14 @@ from jaxscope.models.mlp import MLP, MnistMLP
 from jaxscope.models.nnx_models import NNXCNN
 from jaxscope.models.registry import build, describe, names
 from jaxscope.models.resnet import BasicBlock, CifarResNet
+from jaxscope.models.transformer import (
+  DecoderLM,
+  ViT,
+  param_axes,
+  stack_layers,
+  unstack_layers,
+)
+from jaxscope.models.transformer_nnx import NNXDecoderLM
 
 __all__ = [
   "CAPACITY",
@@ -57,18 +67,24 @@ __all__ = [
   "CapacityMLP",
   "CapacityResidualBlock",
   "CifarResNet",
+  "DecoderLM",
   "DenseNetBC",
   "LeNet5",
   "MnistMLP",
   "ModelDef",
+  "NNXDecoderLM",
   "ThreeC3D",
   "TwoC2D",
+  "ViT",
   "build",
   "capacity_layers",
   "count_params",
   "describe",
   "names",
+  "param_axes",
   "reinit_chunk",
+  "stack_layers",
   "trainable_mask",
   "unit_mask",
+  "unstack_layers",
 ]

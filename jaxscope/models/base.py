@@ -4,9 +4,12 @@ Every model of :mod:`jaxscope.models`, Linen or NNX, is handed to the training l
 :class:`ModelDef`, a frozen record of two pure functions:
 
 * ``init(rng, x) -> variables``: ``{'params': ...}`` plus ``{'batch_stats': ...}`` for
-  models with BatchNorm; every leaf is a plain ``jax.Array``. It is jitted already.
+  models with BatchNorm; every leaf is a plain ``jax.Array`` (Flax's partitioning boxes are
+  removed; their logical axis names are kept in ``ModelDef.param_axes``). It is jitted
+  already.
 * ``apply(variables, x, *, train, rng=None) -> (outputs, new_state)``: ``outputs`` is
-  ``[B, num_classes]`` (``[B, 1]`` for regression); ``new_state`` holds the updated
+  ``[B, num_classes]`` (``[B, 1]`` for regression; ``[B, T, vocab]`` for the language
+  models, whose inputs are int32 token ids ``[B, T]``); ``new_state`` holds the updated
   non-``params`` collections (``{'batch_stats': ...}`` when ``train=True`` on a BatchNorm
   model) and is ``{}`` otherwise. Dropout is active only for ``train=True`` and draws from
   ``rng``.
@@ -56,6 +59,12 @@ class ModelDef:
     has_dropout: whether ``apply(train=True)`` needs ``rng``.
     input_shape: the shape of one example (no batch axis) the model was built for.
     num_classes: the number of outputs per example.
+    input_dtype: the dtype ``x`` is cast to (float32; int32 for token ids), e.g. for a
+      dummy batch ``jnp.zeros((1, *input_shape), input_dtype)``.
+    param_axes: the logical axis names of each parameter, a tree like ``params`` with one
+      ``jax.sharding.PartitionSpec`` per leaf (``PartitionSpec('layers', 'embed', 'heads',
+      'head_dim')``; ``'layers'`` marks a stacked layer axis), from Flax's partitioning
+      metadata; ``None`` when the model declares none.
   """
 
   name: str
@@ -66,6 +75,8 @@ class ModelDef:
   has_dropout: bool
   input_shape: tuple[int, ...] = ()
   num_classes: int = 0
+  input_dtype: Any = jnp.float32
+  param_axes: Any = None
 
 
 def count_params(params: Any) -> int:
@@ -135,14 +146,17 @@ def pool_out(size: int, window: int, stride: int, padding: str) -> int:
   return max(0, (size - window) // stride + 1)
 
 
-def check_batch(name: str, input_shape: tuple[int, ...], x: jax.Array) -> jax.Array:
-  """Checks that ``x`` is ``[batch, *input_shape]`` and returns it as float32."""
+def check_batch(
+  name: str, input_shape: tuple[int, ...], x: jax.Array, dtype: Any = jnp.float32
+) -> jax.Array:
+  """Checks that ``x`` is ``[batch, *input_shape]`` and returns it as ``dtype`` (float32;
+  int32 for token ids)."""
   if tuple(x.shape[1:]) != input_shape or x.ndim != len(input_shape) + 1:
     raise ValueError(
       f"{name}: x must have shape [batch, {', '.join(map(str, input_shape))}] (the model was "
       f"built for input_shape={input_shape}), got {tuple(x.shape)}."
     )
-  return jnp.asarray(x, jnp.float32)
+  return jnp.asarray(x, dtype)
 
 
 def linen_model_def(
@@ -153,24 +167,29 @@ def linen_model_def(
   *,
   has_batch_stats: bool,
   has_dropout: bool,
+  input_dtype: Any = jnp.float32,
+  param_axes: Any = None,
 ) -> ModelDef:
   """Wraps a Linen module with ``__call__(x, train)`` into a :class:`ModelDef`.
 
   ``init`` runs ``module.init`` in eval mode (no dropout key needed) under ``jax.jit``
-  (one compilation instead of one per operation when called eagerly); ``apply`` runs
+  (one compilation instead of one per operation when called eagerly) and unboxes Flax's
+  partitioning metadata (``nn.meta.unbox``), so every leaf is a plain array; ``apply`` runs
   ``module.apply`` with ``mutable=['batch_stats']`` when training a BatchNorm model and
-  ``rngs={'dropout': rng}`` when training a model with dropout.
+  ``rngs={'dropout': rng}`` when training a model with dropout. ``x`` is cast to
+  ``input_dtype`` (int32 for token ids); ``param_axes`` is stored on the
+  :class:`ModelDef`.
   """
 
   def init(rng: jax.Array, x: jax.Array) -> dict:
-    x = check_batch(name, input_shape, x)
-    variables = module.init({"params": rng}, x, train=False)
+    x = check_batch(name, input_shape, x, input_dtype)
+    variables = nn.meta.unbox(module.init({"params": rng}, x, train=False))
     return jax.tree_util.tree_map(jnp.asarray, dict(variables))
 
   def apply(
     variables: dict, x: jax.Array, *, train: bool, rng: jax.Array | None = None
   ) -> tuple[jax.Array, dict]:
-    x = check_batch(name, input_shape, x)
+    x = check_batch(name, input_shape, x, input_dtype)
     rngs = {}
     if train and has_dropout:
       if rng is None:
@@ -192,4 +211,6 @@ def linen_model_def(
     has_dropout=has_dropout,
     input_shape=input_shape,
     num_classes=num_classes,
+    input_dtype=input_dtype,
+    param_axes=param_axes,
   )

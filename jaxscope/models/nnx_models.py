@@ -14,6 +14,8 @@ NNX modules hold their parameters as attributes. To give them the pure
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +24,7 @@ from flax import nnx
 from jaxscope.models.base import ModelDef, check_batch, pool_out
 from jaxscope.tree import check_same_structure
 
-__all__ = ["NNXCNN", "nnx_model_def"]
+__all__ = ["NNXCNN", "nnx_model_def", "nnx_module_def"]
 
 
 class NNXCNN(nnx.Module):
@@ -88,7 +90,6 @@ def nnx_model_def(
   """
   if not 0.0 <= dropout_rate < 1.0:
     raise ValueError(f"build({name!r}): dropout_rate must be in [0, 1), got {dropout_rate}.")
-  has_dropout = dropout_rate > 0.0
 
   def make(rngs: nnx.Rngs) -> NNXCNN:
     return NNXCNN(
@@ -100,18 +101,38 @@ def nnx_model_def(
       rngs=rngs,
     )
 
+  return nnx_module_def(name, make, input_shape, num_classes, has_dropout=dropout_rate > 0.0)
+
+
+def nnx_module_def(
+  name: str,
+  make: Callable[[nnx.Rngs], nnx.Module],
+  input_shape: tuple[int, ...],
+  num_classes: int,
+  *,
+  has_dropout: bool,
+  input_dtype: Any = jnp.float32,
+  param_axes: Any = None,
+) -> ModelDef:
+  """Wraps the NNX module built by ``make(rngs)`` into a :class:`ModelDef`.
+
+  The module's ``__call__(x, train, rng)`` returns the outputs; ``x`` is cast to
+  ``input_dtype`` (int32 for token ids). ``ModelDef.module`` is the ``nnx.GraphDef``;
+  ``variables`` is ``{'params': pure dict}``; ``param_axes`` is stored on the
+  :class:`ModelDef`.
+  """
   graphdef, abstract_state = nnx.split(nnx.eval_shape(lambda: make(nnx.Rngs(0))))
   abstract_params = {"params": nnx.to_pure_dict(abstract_state)}
 
   def init(rng: jax.Array, x: jax.Array) -> dict:
-    check_batch(name, input_shape, x)
+    check_batch(name, input_shape, x, input_dtype)
     model = make(nnx.Rngs(params=rng))
     return {"params": nnx.to_pure_dict(nnx.state(model, nnx.Param))}
 
   def apply(
     variables: dict, x: jax.Array, *, train: bool, rng: jax.Array | None = None
   ) -> tuple[jax.Array, dict]:
-    x = check_batch(name, input_shape, x)
+    x = check_batch(name, input_shape, x, input_dtype)
     if train and has_dropout and rng is None:
       raise ValueError(
         f"{name}: apply(train=True) needs rng= (a PRNG key) because the model uses dropout."
@@ -132,4 +153,6 @@ def nnx_model_def(
     has_dropout=has_dropout,
     input_shape=input_shape,
     num_classes=num_classes,
+    input_dtype=input_dtype,
+    param_axes=param_axes,
   )

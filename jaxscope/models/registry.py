@@ -6,6 +6,8 @@ import inspect
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxscope.models.base import (
@@ -19,8 +21,10 @@ from jaxscope.models.conv import AlexNetMini, LeNet5, ThreeC3D, TwoC2D
 from jaxscope.models.densenet import DenseNetBC
 from jaxscope.models.external import build_external, is_external
 from jaxscope.models.mlp import MLP, MnistMLP
-from jaxscope.models.nnx_models import nnx_model_def
+from jaxscope.models.nnx_models import nnx_model_def, nnx_module_def
 from jaxscope.models.resnet import CifarResNet
+from jaxscope.models.transformer import DecoderLM, ViT, param_axes, resolve_dtype
+from jaxscope.models.transformer_nnx import NNXDecoderLM
 
 __all__ = ["build", "describe", "names"]
 
@@ -269,6 +273,140 @@ def _capacity_cnn(
   )
 
 
+def _bool(name: str, arg: str, value: Any) -> bool:
+  if not isinstance(value, bool | np.bool_):
+    raise ValueError(f"build({name!r}): {arg} must be True or False, got {value!r}.")
+  return bool(value)
+
+
+def _transformer_options(
+  name: str, d_model: Any, num_heads: Any, n_layers: Any, mlp_ratio: Any, dtype: Any,
+  param_dtype: Any,
+) -> dict[str, Any]:  # fmt: skip
+  """The shared options of the transformers, checked (``d_model`` divisible by the heads)."""
+  d, h, n, r = _positive_ints(
+    name, "d_model, num_heads, n_layers and mlp_ratio", (d_model, num_heads, n_layers, mlp_ratio)
+  )
+  if d % h:
+    raise ValueError(f"build({name!r}): d_model {d} must be divisible by num_heads {h}.")
+  try:
+    dt, pdt = resolve_dtype(dtype, arg="dtype"), resolve_dtype(param_dtype, arg="param_dtype")
+  except ValueError as e:
+    raise ValueError(f"build({name!r}): {e}") from None
+  return dict(d_model=d, num_heads=h, n_layers=n, mlp_ratio=r, dtype=dt, param_dtype=pdt)
+
+
+def _linen_axes(module: Any, x: jax.ShapeDtypeStruct) -> Any:
+  """The logical axis names of a Linen module's parameters (one abstract ``init``)."""
+  boxed = jax.eval_shape(
+    lambda k, xb: module.init({"params": k}, xb, train=False), jax.random.key(0), x
+  )
+  return param_axes(boxed["params"])
+
+
+def _transformer_lm(
+  name: str,
+  input_shape: tuple[int, ...],
+  num_classes: int,
+  *,
+  d_model: int = 64,
+  num_heads: int = 4,
+  n_layers: int = 2,
+  mlp_ratio: int = 4,
+  scan: bool = False,
+  tie_embeddings: bool = False,
+  dtype: Any = "float32",
+  param_dtype: Any = "float32",
+) -> ModelDef:
+  opts = _transformer_options(name, d_model, num_heads, n_layers, mlp_ratio, dtype, param_dtype)
+  module = DecoderLM(
+    vocab_size=num_classes,
+    max_len=input_shape[0],
+    scan=_bool(name, "scan", scan),
+    tie_embeddings=_bool(name, "tie_embeddings", tie_embeddings),
+    **opts,
+  )
+  axes = _linen_axes(module, jax.ShapeDtypeStruct((1, *input_shape), jnp.int32))
+  return linen_model_def(
+    name,
+    module,
+    input_shape,
+    num_classes,
+    has_batch_stats=False,
+    has_dropout=False,
+    input_dtype=jnp.int32,
+    param_axes=axes,
+  )
+
+
+def _nnx_transformer_lm(
+  name: str,
+  input_shape: tuple[int, ...],
+  num_classes: int,
+  *,
+  d_model: int = 64,
+  num_heads: int = 4,
+  n_layers: int = 2,
+  mlp_ratio: int = 4,
+  tie_embeddings: bool = False,
+  dtype: Any = "float32",
+  param_dtype: Any = "float32",
+) -> ModelDef:
+  opts = _transformer_options(name, d_model, num_heads, n_layers, mlp_ratio, dtype, param_dtype)
+  tie = _bool(name, "tie_embeddings", tie_embeddings)
+  # The parameter tree is the scanned Linen model's, and so are its logical axes.
+  twin = DecoderLM(
+    vocab_size=num_classes, max_len=input_shape[0], scan=True, tie_embeddings=tie, **opts
+  )
+  axes = _linen_axes(twin, jax.ShapeDtypeStruct((1, *input_shape), jnp.int32))
+
+  def make(rngs: Any) -> NNXDecoderLM:
+    return NNXDecoderLM(num_classes, input_shape[0], tie_embeddings=tie, **opts, rngs=rngs)
+
+  return nnx_module_def(
+    name,
+    make,
+    input_shape,
+    num_classes,
+    has_dropout=False,
+    input_dtype=jnp.int32,
+    param_axes=axes,
+  )
+
+
+def _vit(
+  name: str,
+  input_shape: tuple[int, ...],
+  num_classes: int,
+  *,
+  patch: int = 4,
+  d_model: int = 64,
+  num_heads: int = 4,
+  n_layers: int = 2,
+  mlp_ratio: int = 4,
+  pool: str = "cls",
+  scan: bool = False,
+  dtype: Any = "float32",
+  param_dtype: Any = "float32",
+) -> ModelDef:
+  opts = _transformer_options(name, d_model, num_heads, n_layers, mlp_ratio, dtype, param_dtype)
+  (p,) = _positive_ints(name, "patch", (patch,))
+  _min_side(name, input_shape, p, f" (one patch of side patch={p}); pass a smaller patch.")
+  if pool not in ("cls", "mean"):
+    raise ValueError(f"build({name!r}): pool must be 'cls' or 'mean', got {pool!r}.")
+  module = ViT(num_classes=num_classes, patch=p, pool=pool, scan=_bool(name, "scan", scan), **opts)
+  axes = _linen_axes(module, jax.ShapeDtypeStruct((1, *input_shape), jnp.float32))
+  return linen_model_def(
+    name,
+    module,
+    input_shape,
+    num_classes,
+    has_batch_stats=False,
+    has_dropout=False,
+    param_axes=axes,
+  )
+
+
 class _Entry(NamedTuple):
   description: str
   builder: Callable[..., ModelDef]
@@ -341,6 +479,27 @@ _REGISTRY: dict[str, _Entry] = {
     _capacity_cnn,
     _CONV_RANKS,
   ),
+  "transformer_lm": _Entry(
+    "Decoder-only LM on int32 token ids [T] (num_classes = vocabulary): embeddings + learned "
+    "positions, n_layers=2 causal pre-LN blocks (d_model=64, num_heads=4, GELU MLP x4), "
+    "DenseGeneral attention; scan=True stacks the blocks with nn.scan; tie_embeddings, "
+    "dtype/param_dtype (e.g. dtype=bfloat16)",
+    _transformer_lm,
+    (1,),
+  ),
+  "nnx_transformer_lm": _Entry(
+    "Flax NNX twin of transformer_lm, blocks stacked by nnx.vmap and applied by nnx.scan "
+    "(the scanned Linen model's parameter tree); tie_embeddings, dtype/param_dtype",
+    _nnx_transformer_lm,
+    (1,),
+  ),
+  "vit": _Entry(
+    "Vision transformer: patch=4 convolutional patch embedding, class token (pool='cls' or "
+    "'mean'), learned positions, n_layers=2 pre-LN blocks (d_model=64, num_heads=4); scan, "
+    "dtype/param_dtype (Dosovitskiy et al. 2021)",
+    _vit,
+    _CONV_RANKS,
+  ),
 }
 
 
@@ -373,7 +532,8 @@ def build(name: str, input_shape: Sequence[int], num_classes: int, **kwargs: Any
     input_shape: one example's shape without the batch axis: ``(H, W, C)`` for images
       (``(8, 8, 1)`` digits, ``(28, 28, 1)`` MNIST, ``(32, 32, 3)`` CIFAR), ``(L, C)``
       for 1-D signals (``(40, 1)`` MNIST-1D), ``(D,)`` feature vectors (``(1,)`` sine
-      regression; ``mlp`` and ``mnist_mlp`` only).
+      regression; ``mlp`` and ``mnist_mlp`` only), ``(T,)`` token sequences
+      (``transformer_lm`` and ``nnx_transformer_lm`` only).
     num_classes: outputs per example (1 for regression).
     **kwargs: model options: ``mlp``: ``hidden_sizes``; ``3c3d``: ``padding``;
       ``resnet``: ``depth``, ``widths``; ``resnet20``/``resnet56``: ``widths``;
@@ -381,7 +541,14 @@ def build(name: str, input_shape: Sequence[int], num_classes: int, **kwargs: Any
       ``nnx_cnn``: ``features``, ``hidden``, ``dropout_rate``; ``capacity_mlp``:
       ``widths``, ``chunks``, ``activation``, ``initial_chunks``; ``capacity_cnn``:
       ``features``, ``hidden``, ``chunks``, ``initial_chunks`` (their variables hold a
-      ``'capacity'`` collection next to ``'params'``, see :mod:`jaxscope.models.capacity`).
+      ``'capacity'`` collection next to ``'params'``, see :mod:`jaxscope.models.capacity`);
+      ``transformer_lm`` (input ``(T,)`` int32 token ids, ``num_classes`` = vocabulary):
+      ``d_model``, ``num_heads``, ``n_layers``, ``mlp_ratio``, ``scan``,
+      ``tie_embeddings``, ``dtype``, ``param_dtype`` (names such as ``"bfloat16"`` or
+      dtypes); ``nnx_transformer_lm``: the same without ``scan`` (always stacked);
+      ``vit``: ``patch``, ``d_model``, ``num_heads``, ``n_layers``, ``mlp_ratio``,
+      ``pool``, ``scan``, ``dtype``, ``param_dtype`` (see
+      :mod:`jaxscope.models.transformer`).
 
   Returns:
     A :class:`~jaxscope.models.base.ModelDef`.
