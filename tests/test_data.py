@@ -71,11 +71,13 @@ def test_batches_cover_an_epoch():
 
 
 def test_registry_names_describe_embedded_and_errors(tmp_path):
-  assert names() == ["cifar10", "cifar100", "digits", "fashion_mnist", "mnist", "mnist1d", "sine"]
+  assert names() == [
+    "cifar10", "cifar100", "digits", "fashion_mnist", "mnist", "mnist1d", "shakespeare", "sine"
+  ]  # fmt: skip
   for n in names():
     line = describe(n)
     assert line.endswith(".") and "\n" not in line and "x [n, " in line
-  assert [n for n in names() if embedded(n)] == ["digits", "mnist1d", "sine"]
+  assert [n for n in names() if embedded(n)] == ["digits", "mnist1d", "shakespeare", "sine"]
   assert "train-images-idx3-ubyte" in describe("mnist") and "--data-dir" in describe("mnist")
   assert "cifar-10-batches-py" in describe("cifar10")
   assert "no files" in describe("MNIST1D")

@@ -1,12 +1,12 @@
 """Datasets by name, a batch iterator, and the individual loaders.
 
-Embedded sets need nothing on disk (``digits`` ships with scikit-learn; ``mnist1d`` and
-``sine`` are generated); file-based sets read the official files from a local directory and
-never download anything.
+Embedded sets need nothing on disk (``digits`` ships with scikit-learn, ``shakespeare``
+with jaxscope itself; ``mnist1d`` and ``sine`` are generated); file-based sets read the
+official files from a local directory and never download anything.
 
 >>> from jaxscope.data import load, names
 >>> names()
-['cifar10', 'cifar100', 'digits', 'fashion_mnist', 'mnist', 'mnist1d', 'sine']
+['cifar10', 'cifar100', 'digits', 'fashion_mnist', 'mnist', 'mnist1d', 'shakespeare', 'sine']
 >>> d = load("sine", num_train=8, num_test=4)
 >>> d.train_x.shape, d.train_y.shape, d.task, d.num_classes
 ((8, 1), (8, 1), 'regression', 1)
@@ -24,6 +24,7 @@ from jaxscope.data.digits import Dataset, batches, load_digits
 from jaxscope.data.mnist import IDX_FILES, load_fashion_mnist, load_mnist, read_idx
 from jaxscope.data.mnist1d import load_mnist1d
 from jaxscope.data.sine import load_sine
+from jaxscope.data.text import load_shakespeare
 
 __all__ = [
   "Dataset",
@@ -37,6 +38,7 @@ __all__ = [
   "load_fashion_mnist",
   "load_mnist",
   "load_mnist1d",
+  "load_shakespeare",
   "load_sine",
   "names",
   "read_idx",
@@ -91,6 +93,14 @@ _REGISTRY: dict[str, _Entry] = {
     "MNIST-1D (Greydanus 2020) 1-D digit signals, x [n, 40, 1] standardised, 10 classes, "
     "4000 train / 1000 test, generated (benchmark seed 42)",
   ),
+  "shakespeare": _Entry(
+    load_shakespeare,
+    True,
+    "ten Shakespeare plays (public domain, 1.27 MB shipped in jaxscope), byte-level: "
+    "x [n, 64] int32 token ids, y [n, 64] the next bytes, 256 classes, contiguous split "
+    "(first 90% train: 17885 windows, last 10% test: 1987; seq_len, stride, num_train, "
+    "num_test)",
+  ),
   "sine": _Entry(
     load_sine,
     True,
@@ -142,7 +152,8 @@ def load(
       default (``mnist1d``: 42, the published benchmark; ``digits`` and ``sine``: 0).
       File-based sets use their official split and ignore it.
     **kwargs: passed to the loader (e.g. ``test_fraction`` for ``digits``, ``noise_std`` for
-      ``sine``, ``num_samples`` for ``mnist1d``, ``label_mode`` for ``cifar100``).
+      ``sine``, ``num_samples`` for ``mnist1d``, ``label_mode`` for ``cifar100``,
+      ``seq_len`` for ``shakespeare``).
 
   Returns:
     The :class:`Dataset`.

@@ -18,8 +18,9 @@ class Dataset(NamedTuple):
   """A train/test split of a dataset as numpy arrays.
 
   Layouts: images ``float32 [n, H, W, C]`` in ``[0, 1]`` (NHWC, Flax's layout), 1-D signals
-  ``float32 [n, L, C]``, other inputs ``float32 [n, D]``. Targets are ``int32 [n]`` class
-  indices when ``task == "classification"`` and ``float32 [n, 1]`` values (with
+  ``float32 [n, L, C]``, token sequences ``int32 [n, T]``, other inputs ``float32 [n, D]``.
+  Targets are ``int32 [n]`` class indices when ``task == "classification"`` (``int32
+  [n, T]``, one per token, for sequences) and ``float32 [n, 1]`` values (with
   ``num_classes == 1``) when ``task == "regression"``.
   """
 
