@@ -414,7 +414,10 @@ def unstack(
 
 
 def _names_of(meta: Any) -> tuple[Any, ...] | None:
-  """The logical axis names of a boxed Flax leaf (Linen ``Partitioned``, NNX ``Variable``)."""
+  """The logical axis names of a boxed Flax leaf (Linen ``Partitioned``, NNX ``Variable``)
+  or of a ``PartitionSpec``."""
+  if isinstance(meta, jax.sharding.PartitionSpec):
+    return tuple(meta)
   names = getattr(meta, "names", None)
   if names is None and hasattr(meta, "get_metadata"):
     md = meta.get_metadata()
@@ -423,7 +426,9 @@ def _names_of(meta: Any) -> tuple[Any, ...] | None:
 
 
 def _is_boxed(x: Any) -> bool:
-  return hasattr(x, "unbox") or hasattr(x, "get_metadata")
+  return (
+    hasattr(x, "unbox") or hasattr(x, "get_metadata") or isinstance(x, jax.sharding.PartitionSpec)
+  )
 
 
 def stack_axes(tree: Any, axis_name: str = "layers") -> dict[str, int]:
@@ -434,8 +439,10 @@ def stack_axes(tree: Any, axis_name: str = "layers") -> dict[str, int]:
   axis_name})`` adding the stack axis) and NNX ``Variable`` metadata
   (``out_sharding``, with ``nnx.vmap(..., transform_metadata={nnx.PARTITION_NAME:
   axis_name})``). Call it on the *boxed* variables (``model.init(...)["params"]`` before
-  ``nn.unbox``, or ``nnx.state(model, nnx.Param)``). Leaves without names are not
-  stacked; without such metadata, declare ``stacked`` yourself.
+  ``nn.unbox``, or ``nnx.state(model, nnx.Param)``), or on a tree of ``PartitionSpec``
+  of logical names (``nn.get_partition_spec(boxed)``, the zoo's ``ModelDef.param_axes``).
+  Leaves without names are not stacked; without such metadata, declare ``stacked``
+  yourself.
 
   Each stacked leaf gets the pattern of its shortest module prefix under which every
   leaf is stacked along the same axis (the scanned module), e.g. ``{"^blocks/": 0}``.

@@ -152,6 +152,8 @@ def test_stack_axes_from_linen_metadata():
   assert jtree.stack_axes(boxed) == {"^blocks/fc/kernel$": 0}
   assert jtree.stack_axes(nn.unbox(boxed)) == {}
   assert jtree.stack_axes(boxed, axis_name="mlp") == {"^blocks/fc/kernel$": 2}
+  specs = nn.get_partition_spec(boxed)
+  assert jtree.stack_axes(specs) == {"^blocks/fc/kernel$": 0}
 
 
 def test_stack_axes_from_nnx_metadata():
