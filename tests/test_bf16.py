@@ -127,3 +127,16 @@ def test_lost_updates_diagnosed():
   assert not [f for f in diagnose.diagnose(hist) if f.name == "lost_updates"]
   assert not [f for f in diagnose.diagnose(hist, lost_fraction=0.5) if f.name == "lost_updates"]
   assert [f for f in diagnose.diagnose(hist, lost_fraction=0.2) if f.name == "lost_updates"]
+
+
+def test_infinite_realised_ratio_of_a_zero_bias_is_not_a_divergence():
+  from jaxscope import diagnose
+
+  steps = np.arange(0, 20)
+  ratio = np.full(20, 0.5)
+  ratio[0] = np.inf  # a bias initialised at zero: x/0 at the first step
+  hist = {
+    "loss": (steps, np.linspace(2.0, 1.0, 20)),
+    "updates/realised_ratio/attn/key/bias": (steps, ratio),
+  }
+  assert not [f for f in diagnose.diagnose(hist) if f.name == "divergence"]

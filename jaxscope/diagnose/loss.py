@@ -29,7 +29,7 @@ from jaxscope.record import History
 
 #: Ratios whose denominator is a weight's norm: infinite for zero weights (a freshly
 #: initialised bias), so their non-finite values are not evidence of a divergence.
-_RATIO_STATS = ("ratio", "ratio_new", "elementwise_ratio")
+_RATIO_STATS = ("ratio", "ratio_new", "elementwise_ratio", "realised_ratio")
 
 
 # --------------------------------------------------------------------------- divergence
