@@ -23,10 +23,13 @@ from jaxscope.transforms.aliases import OPTIMIZER_DEFAULTS, optimizer_hparams
 __all__ = [
   "CAPACITY_DEFAULTS",
   "DERIVED_KEYS",
+  "DTYPES",
+  "MESH_AXES",
   "OPTIMIZER_DEFAULTS",
   "RESUME_KEYS",
   "CliOption",
   "TrainConfig",
+  "batch_split",
   "check_config",
   "cli_options",
   "comma_list",
@@ -37,6 +40,7 @@ __all__ = [
   "optional_float",
   "options_markdown",
   "parse_capacity",
+  "parse_mesh",
   "positive_int",
 ]
 
@@ -96,6 +100,57 @@ def kv_pairs(text: str) -> dict[str, Any]:
   return out
 
 
+#: The axes of a run's device mesh (:func:`parse_mesh`): ``data`` replicates the model and
+#: splits the batch; ``fsdp`` splits the batch and shards the parameters and optimizer state.
+MESH_AXES = ("data", "fsdp")
+
+#: The floating-point types of ``param_dtype`` and ``dtype``.
+DTYPES = ("float32", "bfloat16")
+
+
+def parse_mesh(spec: str | Mapping[str, Any] | None) -> dict[str, int] | None:
+  """``"data=2,fsdp=4"`` → ``{"data": 2, "fsdp": 4}``; ``"none"``, ``""`` or ``None`` → ``None``.
+
+  A mapping is checked the same way. Axes are :data:`MESH_AXES`, each at most once, sizes
+  positive integers; an axis left out has size 1.
+  """
+  if spec is None or (isinstance(spec, str) and spec.strip().lower() in ("", "none")):
+    return None
+  if isinstance(spec, str):
+    items: dict[str, Any] = {}
+    for part in (p.strip() for p in spec.split(",")):
+      if not part:
+        continue
+      key, eq, value = (t.strip() for t in part.partition("="))
+      if not eq or not key:
+        raise ValueError(f"mesh: expected AXIS=SIZE pairs such as data=4, got {part!r}.")
+      if key in items:
+        raise ValueError(f"mesh: axis {key!r} is given twice in {spec!r}.")
+      items[key] = value
+  elif isinstance(spec, Mapping):
+    items = dict(spec)
+  else:
+    raise ValueError(f"mesh: expected 'data=N,fsdp=M' or a dict, got {type(spec).__name__}.")
+  unknown = sorted(set(items) - set(MESH_AXES))
+  if unknown:
+    raise ValueError(f"mesh: unknown axis {unknown}; the axes are {', '.join(MESH_AXES)}.")
+  if not items:
+    raise ValueError(f"mesh: no axis given in {spec!r}; e.g. data=4 or data=2,fsdp=2.")
+  out = {}
+  for key in MESH_AXES:
+    if key not in items:
+      continue
+    value = items[key]
+    try:
+      size = value if isinstance(value, int) and not isinstance(value, bool) else int(value)
+    except (TypeError, ValueError):
+      size = 0
+    if isinstance(value, bool) or isinstance(value, float) or size < 1:
+      raise ValueError(f"mesh: the size of axis {key!r} must be a positive integer, got {value!r}.")
+    out[key] = size
+  return out
+
+
 def comma_list(text: str) -> list[str] | None:
   """``"params,grads"`` → ``["params", "grads"]``; empty → ``None``."""
   items = [t.strip() for t in text.split(",") if t.strip()]
@@ -104,7 +159,13 @@ def comma_list(text: str) -> list[str] | None:
 
 # --------------------------------------------------------------------------- the schema
 
-_GROUPS = ("model and data", "optimisation", "metrics", "evaluation, checkpoints, output")
+_GROUPS = (
+  "model and data",
+  "optimisation",
+  "devices and precision",
+  "metrics",
+  "evaluation, checkpoints, output",
+)
 
 
 def _opt(
@@ -139,7 +200,7 @@ def _opt(
   return dataclasses.field(default=default, metadata=meta)
 
 
-_DATA, _OPTIM, _METRICS, _OUT = _GROUPS
+_DATA, _OPTIM, _DEVICES, _METRICS, _OUT = _GROUPS
 
 
 @dataclasses.dataclass
@@ -314,6 +375,33 @@ class TrainConfig:
   data_args: dict[str, Any] = _opt(  # noqa: RUF009 (a field with metadata)
     group=_DATA, factory=dict, parse=kv_pairs, metavar="K=V,…", help="dataset loader kwargs"
   )
+  mesh: dict[str, int] | None = _opt(  # noqa: RUF009 (a field with metadata)
+    None,
+    group=_DEVICES,
+    parse=parse_mesh,
+    metavar="AXIS=N,…",
+    help="device mesh, e.g. data=4 (data parallel) or data=2,fsdp=2 (parameters and optimizer "
+    "state sharded along fsdp); the sizes multiply to the number of devices (all processes). "
+    "The batch is split over data×fsdp, so batch_size must be a multiple of it (the "
+    "evaluation batch is rounded down to one). Default: one device, as without a mesh "
+    "(docs/sharding.md)",
+  )
+  param_dtype: str = _opt(
+    "float32",
+    group=_DEVICES,
+    choices=DTYPES,
+    help="storage type of the parameters: the initial parameters are cast to it (floating "
+    "leaves), so gradients, updates and the optimizer state follow; metrics are accumulated "
+    "in float32 whatever it is",
+  )
+  dtype: str | None = _opt(
+    None,
+    group=_DEVICES,
+    choices=DTYPES,
+    help="compute type of the model, passed to the model builder as dtype= (models that take "
+    "it, e.g. the transformers; others are refused); the loss is taken in float32. Default: "
+    "the model's own",
+  )
 
   @classmethod
   def from_record(cls, record: Mapping[str, Any]) -> TrainConfig:
@@ -346,11 +434,38 @@ def check_config(config: TrainConfig) -> None:
   _positive("max_to_keep", config.max_to_keep, allow_none=True)
   if config.epochs is None and config.steps is None:
     raise ValueError("train: give epochs or steps.")
+  _check_devices(config)
   if config.layers is not None:
     try:
       re.compile(config.layers)
     except re.error as e:
       raise ValueError(f"train: layers {config.layers!r} is not a valid regex: {e}") from None
+
+
+def batch_split(mesh: Mapping[str, int] | None) -> int:
+  """The number of parts a batch is split into on ``mesh`` (:func:`parse_mesh`'s dict):
+  the product of its ``data`` and ``fsdp`` sizes (1 without a mesh)."""
+  if not mesh:
+    return 1
+  return int(mesh.get("data", 1)) * int(mesh.get("fsdp", 1))
+
+
+def _check_devices(config: TrainConfig) -> None:
+  """The mesh, the batch sizes it splits, and the dtypes."""
+  try:
+    mesh = parse_mesh(config.mesh)
+  except ValueError as e:
+    raise ValueError(f"train: {e}") from None
+  parts = batch_split(mesh)
+  if config.batch_size % parts:
+    raise ValueError(
+      f"train: batch_size {config.batch_size} is not a multiple of {parts}, the number of "
+      f"parts the mesh {mesh} splits a batch into (data × fsdp)."
+    )
+  if config.param_dtype not in DTYPES:
+    raise ValueError(f"train: param_dtype must be one of {DTYPES}, got {config.param_dtype!r}.")
+  if config.dtype is not None and config.dtype not in DTYPES:
+    raise ValueError(f"train: dtype must be None or one of {DTYPES}, got {config.dtype!r}.")
 
 
 # --------------------------------------------------------------------------- config.json
@@ -364,9 +479,14 @@ DERIVED_KEYS: dict[str, str] = {
   "input_shape": "one example's shape (the model is rebuilt for it)",
   "num_classes": "the dataset's number of classes (outputs)",
   "optimizer_hparams": "optimizer_args with the optimizer's defaults filled in",
+  "device_count": "devices the run's state and batches are placed on (1 without a mesh)",
+  "process_count": "JAX processes (hosts) taking part in the run",
 }
 
-#: Keys of the config that must agree when resuming (the others may change).
+#: Keys of the config that must agree when resuming (the others may change). ``param_dtype``
+#: is one (the saved parameters and optimizer state are stored in it); ``mesh`` and ``dtype``
+#: may change: a checkpoint is restored into the new run's layout (orbax reshards it), and
+#: the state does not depend on the compute type.
 RESUME_KEYS = (
   "model",
   "dataset",
@@ -375,6 +495,7 @@ RESUME_KEYS = (
   "optimizer_args",
   "seed",
   "capacity",
+  "param_dtype",
 )
 
 

@@ -2,7 +2,9 @@
 
 It builds the model, data and optimizer from the config (:func:`setup`), restores the newest
 checkpoint when resuming, and steps, evaluates, records and checkpoints into the run
-directory (:mod:`jaxscope.run`).
+directory (:mod:`jaxscope.run`). With a ``mesh`` the state, batches and evaluation are
+placed on a device mesh (:mod:`jaxscope.train.sharding`); in a multi-process run every
+process steps and checkpoints, and process 0 alone writes the log and prints.
 """
 
 from __future__ import annotations
@@ -30,9 +32,15 @@ from jaxscope.metrics.scope import Scope
 from jaxscope.models import growth
 from jaxscope.record import Recorder
 from jaxscope.run import RunLayout, TrainConfig, check_config, check_resume, config_record
-from jaxscope.run.config import parse_capacity
+from jaxscope.run.config import parse_capacity, parse_mesh
+from jaxscope.train import sharding
 from jaxscope.train.evaluate import make_evaluate
-from jaxscope.train.measure import make_activation_scope, make_instruments, make_scope
+from jaxscope.train.measure import (
+  make_activation_scope,
+  make_instruments,
+  make_scope,
+  stacked_of,
+)
 from jaxscope.train.optim import HVP_OPTIMIZERS, Optimizer, build_optimizer
 from jaxscope.train.step import TrainState, init_instruments, make_train_step
 
@@ -87,9 +95,13 @@ class _StopFlag:
     self.requested = False
 
   @contextlib.contextmanager
-  def catch_sigint(self) -> Any:
-    if threading.current_thread() is not threading.main_thread():
-      yield  # Signal handlers can only be installed from the main thread.
+  def catch_sigint(self, enabled: bool = True) -> Any:
+    # Signal handlers can only be installed from the main thread. In a multi-process run
+    # the processes would see the signal at different steps and stop at different ones
+    # (their collectives would then wait forever): Ctrl-C interrupts at once there, and
+    # the run resumes from its last periodic checkpoint.
+    if not enabled or threading.current_thread() is not threading.main_thread():
+      yield
       return
 
     def handler(signum: int, frame: Any) -> None:
@@ -124,13 +136,16 @@ class Setup(NamedTuple):
   capacity: dict[str, Any] | None
   steps_per_epoch: int
   total_steps: int
+  mesh: jax.sharding.Mesh | None = None
+  """The device mesh of ``config.mesh`` (:func:`jaxscope.train.sharding.make_mesh`), or
+  ``None``: one device."""
 
   def init_state(self) -> TrainState:
-    """The initial train state (jittable): parameters from ``key(seed)``, the optimizer's,
-    instruments' and growth states."""
+    """The initial train state (jittable): parameters from ``key(seed)`` (floating leaves
+    cast to ``config.param_dtype``), the optimizer's, instruments' and growth states."""
     c, ds = self.config, self.dataset
     variables = self.model.init(jax.random.key(c.seed), jnp.asarray(ds.train_x[:1]))
-    params = variables["params"]
+    params = _cast_floats(variables["params"], jnp.dtype(c.param_dtype))
     model_state = {k: v for k, v in variables.items() if k != "params"}
     inst_state: Any = ()
     if self.instruments is not None:
@@ -156,9 +171,26 @@ class Setup(NamedTuple):
       jnp.zeros((), jnp.int32), params, model_state, self.optimizer.tx.init(params), inst_state
     )
 
+  def state_shardings(self) -> Any:
+    """The shardings of the train state on :attr:`mesh`
+    (:func:`jaxscope.train.sharding.state_shardings`), ``None`` without a mesh."""
+    if self.mesh is None:
+      return None
+    return sharding.state_shardings(self.mesh, jax.eval_shape(self.init_state))
+
+  def initial_state(self) -> TrainState:
+    """:meth:`init_state` computed on the device(s), each leaf created in its layout."""
+    if self.mesh is None:
+      return jax.jit(self.init_state)()
+    return jax.jit(self.init_state, out_shardings=self.state_shardings())()
+
   def train_step(self) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
-    """The jitted step (``measure`` and ``phase`` static, the state donated)."""
+    """The jitted step (``measure`` and ``phase`` static, the state donated); on a mesh
+    the new state keeps the state's shardings and the values are replicated."""
     c = self.config
+    layout = {}
+    if self.mesh is not None:
+      layout["out_shardings"] = (self.state_shardings(), sharding.replicated(self.mesh))
     return jax.jit(
       make_train_step(
         self.model,
@@ -175,22 +207,73 @@ class Setup(NamedTuple):
       ),
       static_argnames=("measure", "phase"),
       donate_argnums=0,
+      **layout,
     )
+
+
+def _cast_floats(tree: Any, dtype: Any) -> Any:
+  """``tree`` with its floating leaves of another type cast to ``dtype`` (others as they are)."""
+
+  def cast(a: Any) -> Any:
+    floating = jnp.issubdtype(a.dtype, jnp.floating)
+    return a.astype(dtype) if floating and a.dtype != dtype else a
+
+  return jax.tree.map(cast, tree)
+
+
+def _build_model(
+  config: TrainConfig, input_shape: tuple[int, ...], num_classes: int, **kw: Any
+) -> Any:
+  """The zoo model of ``config`` (``dtype`` passed as the builder's ``dtype=``)."""
+  from jaxscope import models as jmodels
+
+  if "param_dtype" in kw and str(kw["param_dtype"]) != config.param_dtype:
+    raise ValueError(
+      f"train: model_args param_dtype={kw['param_dtype']!r} disagrees with param_dtype="
+      f"{config.param_dtype!r}, to which the initial parameters are cast; give param_dtype "
+      "(--param-dtype) instead."
+    )
+  if config.dtype is not None:
+    if "dtype" in kw and kw["dtype"] != config.dtype:
+      raise ValueError(
+        f"train: dtype={config.dtype!r} and model_args dtype={kw['dtype']!r} disagree; "
+        "give one of them."
+      )
+    kw["dtype"] = config.dtype
+  try:
+    return jmodels.build(config.model, input_shape, num_classes, **kw)
+  except TypeError as e:
+    if config.dtype is None or "dtype" not in str(e):
+      raise
+    raise ValueError(
+      f"train: dtype={config.dtype!r} needs a model whose builder takes dtype=; model "
+      f"{config.model!r} does not ({e}). Leave dtype unset (the model computes in its own "
+      "type), or use a model that takes it (e.g. the transformers)."
+    ) from None
 
 
 def setup(config: TrainConfig) -> Setup:
   """Loads the dataset and builds the model, optimizer and measurements of ``config``.
 
   The split is the dataset's own (seed via ``data_args``); the run's seed varies the
-  initialisation and the data order.
+  initialisation and the data order. The multi-process runtime is started first when the
+  launch environment asks for it (:func:`jaxscope.train.sharding.initialize_distributed`);
+  with ``config.mesh`` the mesh is built over every device of every process, and the
+  returned config holds it as a dict (:func:`jaxscope.run.config.parse_mesh`).
 
   Raises:
     ValueError: a configuration no run can take (named field and value).
   """
   from jaxscope import data as jdata
-  from jaxscope import models as jmodels
 
   check_config(config)
+  config = dataclasses.replace(config, mesh=parse_mesh(config.mesh))
+  if sharding.initialize_distributed() and config.mesh is None and jax.process_count() > 1:
+    raise ValueError(
+      f"train: {jax.process_count()} processes were launched but mesh is not set; give "
+      "--mesh (e.g. data=N over the N devices of all processes)."
+    )
+  mesh = sharding.make_mesh(config.mesh) if config.mesh is not None else None
   ds = jdata.load(config.dataset, config.data_dir, **config.data_args)
   task = getattr(ds, "task", "classification")
   n_train = len(ds.train_x)
@@ -211,7 +294,8 @@ def setup(config: TrainConfig) -> Setup:
     if config.optimizer in HVP_OPTIMIZERS:
       raise ValueError(f"train: --capacity cannot be combined with {config.optimizer!r}.")
     model_args.setdefault("chunks", capacity["chunks"])
-  model = jmodels.build(config.model, tuple(ds.train_x.shape[1:]), ds.num_classes, **model_args)
+  model = _build_model(config, tuple(ds.train_x.shape[1:]), ds.num_classes, **model_args)
+  stacked = stacked_of(model)  # Layer-stacked (scanned) models are measured per layer.
   sc = make_scope(
     config.metrics,
     topics=config.topics,
@@ -220,6 +304,8 @@ def setup(config: TrainConfig) -> Setup:
     depth=config.depth,
     kind=config.kind,
     every=config.every,
+    stacked=stacked,
+    low_precision=jnp.dtype(config.param_dtype).itemsize < 4,
   )
   opt = build_optimizer(
     config,
@@ -229,8 +315,45 @@ def setup(config: TrainConfig) -> Setup:
     capacity=capacity is not None,
   )
   inst = make_instruments(config.metrics, every=config.every, seed=config.seed)
-  act_scope = make_activation_scope(config.every) if inst is not None else None
-  return Setup(config, ds, task, model, opt, sc, inst, act_scope, capacity, steps_per_epoch, total)
+  act_scope = make_activation_scope(config.every, stacked=stacked) if inst is not None else None
+  return Setup(
+    config, ds, task, model, opt, sc, inst, act_scope, capacity, steps_per_epoch, total, mesh
+  )
+
+
+def _data_paths(s: Setup) -> tuple[Callable[[np.ndarray], Any], Callable[[Any, Any], Any]]:
+  """``gather(indices) -> (x, y)``, a training batch, and ``evaluate(params, model_state)``.
+
+  On one device the training set stays on the device and batches are gathered there. On a
+  mesh each process builds the shards of a batch its devices hold from its copy of the
+  data (:func:`jaxscope.train.sharding.put_global`), and the evaluation is split over the
+  mesh as well (:func:`jaxscope.train.sharding.make_sharded_evaluate`).
+  """
+  c, ds = s.config, s.dataset
+  if s.mesh is None:
+    train_x, train_y = jax.device_put(ds.train_x), jax.device_put(ds.train_y)
+    gather = jax.jit(lambda idx: (train_x[idx], train_y[idx]))
+    evaluate = make_evaluate(
+      s.model, ds.test_x, ds.test_y, task=s.task, batch_size=c.eval_batch_size
+    )
+    return gather, evaluate
+  batch = sharding.batch_sharding(s.mesh)
+  host_x, host_y = np.asarray(ds.train_x), np.asarray(ds.train_y)
+
+  def gather_global(idx: np.ndarray) -> tuple[jax.Array, jax.Array]:
+    return sharding.put_global(host_x[idx], batch), sharding.put_global(host_y[idx], batch)
+
+  shardings = s.state_shardings()
+  evaluate = sharding.make_sharded_evaluate(
+    s.model,
+    ds.test_x,
+    ds.test_y,
+    task=s.task,
+    batch_size=c.eval_batch_size,
+    mesh=s.mesh,
+    shardings=(shardings.params, shardings.model_state),
+  )
+  return gather_global, evaluate
 
 
 def _restore(s: Setup, ckpt: CheckpointWriter, run_dir: Path) -> tuple[TrainState | None, int, int]:
@@ -239,6 +362,8 @@ def _restore(s: Setup, ckpt: CheckpointWriter, run_dir: Path) -> tuple[TrainStat
   if not ckpt.saved:
     return None, 0, 1
   abstract = jax.eval_shape(s.init_state)
+  if s.mesh is not None:  # Restored straight into the run's layout.
+    abstract = sharding.abstract_with(abstract, s.state_shardings())
   # A checkpoint written before TrainState.instruments existed holds four fields.
   legacy = {f: getattr(abstract, f) for f in TrainState._fields if f != "instruments"}
   restored = ckpt.restore_latest([abstract, legacy])
@@ -261,7 +386,7 @@ def _restore(s: Setup, ckpt: CheckpointWriter, run_dir: Path) -> tuple[TrainStat
       "the instruments start afresh (alpha from the next update on).",
       stacklevel=3,
     )
-    fresh = jax.jit(s.init_state)().instruments
+    fresh = s.initial_state().instruments
     fresh["cockpit"] = fresh["cockpit"]._replace(count=jnp.asarray(start, jnp.int32))
     state = state._replace(instruments=fresh)
     alpha_from = start + 1
@@ -290,12 +415,14 @@ def train(config: TrainConfig | None = None, **overrides: Any) -> TrainResult:
   config = dataclasses.replace(config or TrainConfig(), **overrides)
   t_start = time.perf_counter()
   s = setup(config)
+  config = s.config
   layout = RunLayout(Path(config.out))
   check_resume(layout, config)
+  sharding.sync_processes("jaxscope.train: run directory checked")  # before anyone writes
   ckpt = CheckpointWriter(layout.checkpoints, config.max_to_keep)
   state, start, alpha_from = _restore(s, ckpt, layout.root) if config.resume else (None, 0, 1)
   if state is None:
-    state = jax.jit(s.init_state)()
+    state = s.initial_state()
   record = None
   if not (start and layout.config.exists()):  # A resumed run keeps its original config file.
     record = config_record(
@@ -306,6 +433,8 @@ def train(config: TrainConfig | None = None, **overrides: Any) -> TrainResult:
       total_steps=s.total_steps,
       input_shape=list(s.dataset.train_x.shape[1:]),
       num_classes=int(s.dataset.num_classes),
+      device_count=1 if s.mesh is None else int(s.mesh.size),
+      process_count=jax.process_count(),
     )
   recorder = Recorder(layout.root, tensorboard=config.tensorboard, config=record)
   loop = _Loop(s, state, recorder, ckpt, layout.root, t_start, alpha_from)
@@ -329,11 +458,7 @@ class _Loop:
     self.s, self.state, self.recorder, self.ckpt = s, state, recorder, ckpt
     self.run_dir, self.t_start, self.alpha_from = run_dir, t_start, alpha_from
     self.step_fn = s.train_step()
-    self.evaluate = make_evaluate(
-      s.model, s.dataset.test_x, s.dataset.test_y, task=s.task, batch_size=c.eval_batch_size
-    )
-    train_x, train_y = jax.device_put(s.dataset.train_x), jax.device_put(s.dataset.train_y)
-    self.gather = jax.jit(lambda idx: (train_x[idx], train_y[idx]))
+    self.gather, self.evaluate = _data_paths(s)
     self.eval_every = c.eval_every or s.steps_per_epoch
     self.ckpt_every = s.steps_per_epoch if c.checkpoint_every is None else c.checkpoint_every
     self.last_eval: dict[str, float] = {}
@@ -368,16 +493,17 @@ class _Loop:
   def run(self, start: int) -> TrainResult:
     s, c = self.s, self.s.config
     total = s.total_steps
-    if not c.quiet:
+    lead = jax.process_index() == 0  # Only process 0 prints and diagnoses.
+    if not c.quiet and lead:
       from tqdm.auto import tqdm
 
       self.bar = tqdm(total=total, initial=start, unit="step", desc=f"{c.model}/{c.dataset}")
-    if c.live_diagnosis:
+    if c.live_diagnosis and lead:
       self.live = LiveDiagnosis(self.run_dir, total, emit=self._emit, flush=self.recorder.flush)
     stop = _StopFlag()
     step = start
     try:
-      with stop.catch_sigint():
+      with stop.catch_sigint(jax.process_count() == 1):
         if start == 0:
           self.run_eval(0)
           self.ckpt.save(0, self.state, self.meta(0))

@@ -11,6 +11,10 @@ ill-defined for BatchNorm in training mode (an example's loss depends on the bat
 the per-example pass draws dropout masks other than the batch pass's (each example is
 evaluated alone with the step's key). The step's loss, gradient and update are unchanged
 by the instruments.
+
+Precision: a model that computes in a low-precision type (``dtype="bfloat16"``) has its
+outputs cast to float32 before the loss, and every floating value of the step is recorded
+as float32 (the metrics accumulate in float32 themselves).
 """
 
 from __future__ import annotations
@@ -66,11 +70,13 @@ def _losses_fn(
 
   The step's loss is ``mean(ℓ)``; the new model state (BatchNorm statistics) travels as
   auxiliary output, so the loss and its gradient are those of one training-mode pass.
+  Outputs of a type narrower than float32 (bfloat16, float16) are cast to float32 first.
   """
 
   def losses_fn(params: Any, x: jax.Array, y: jax.Array) -> Any:
     variables = {"params": params, **model_state}
     outputs, new_model_state = model.apply(variables, x, train=True, rng=rng)
+    outputs = _at_least_float32(outputs)
     losses = per_example_losses(task, outputs, y)
     aux: dict[str, jax.Array] = {}
     if task != "regression":
@@ -78,6 +84,14 @@ def _losses_fn(
     return losses, (aux, new_model_state)
 
   return losses_fn
+
+
+def _at_least_float32(x: Any) -> Any:
+  """``x`` as float32 when it is a floating array narrower than float32, else ``x``."""
+  dtype = getattr(x, "dtype", None)
+  if dtype is not None and jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits < 32:
+    return x.astype(jnp.float32)
+  return x
 
 
 def init_instruments(
@@ -241,7 +255,7 @@ def make_train_step(
     new_state = TrainState(
       optax.safe_increment(state.step), params, model_state, opt_state, inst_state
     )
-    return new_state, values
+    return new_state, {k: _at_least_float32(v) for k, v in values.items()}
 
   return step
 

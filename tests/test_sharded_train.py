@@ -1,0 +1,439 @@
+"""Sharded training in ``jaxscope train``: device meshes, the partition rule, dtypes.
+
+The end-to-end tests run ``jaxscope train`` in subprocesses with 1, 4 and 8 simulated CPU
+devices (``XLA_FLAGS=--xla_force_host_platform_device_count=N``, set before jax starts):
+the MLP on digits, the economy preset (per-layer scope and Cockpit's instruments), a few
+steps. Every recorded value of a data-parallel run (``data=4``) and of a fully sharded
+run (``data=4,fsdp=2``, interrupted and resumed) must equal the single-device run's. The
+8-device process also checks the layout: shard shapes, per-device bytes, the restored
+state's shardings and the all-gathers of the compiled step. One subprocess per device
+count; run this file as ``python tests/test_sharded_train.py N OUT`` to drive one by hand.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+#: What every end-to-end run shares: 5 updates of 64 examples, no figures.
+COMMON = (
+  "train",
+  "-m",
+  "mlp",
+  "-d",
+  "digits",
+  "-b",
+  "64",
+  "--steps",
+  "5",
+  "--metrics",
+  "economy",
+  "--checkpoint-every",
+  "0",
+  "--no-live-diagnosis",
+  "--no-plots",
+  "-q",
+)
+#: The per-layer scope of the economy preset without Cockpit's instruments.
+ECONOMY_SCOPE = "norm,mean,variance,ratio"
+#: Elements of each parameter of the digits MLP (64 → 128 → 64 → 10).
+SIZES = {
+  "fc1/kernel": 64 * 128,
+  "fc1/bias": 128,
+  "fc2/kernel": 128 * 64,
+  "fc2/bias": 64,
+  "out/kernel": 64 * 10,
+  "out/bias": 10,
+}
+
+
+# --------------------------------------------------------------------------- the drivers
+# Each runs in a fresh interpreter with N devices and writes OUT/result.json.
+
+
+def _cli(*args: str) -> None:
+  from jaxscope.cli import main
+
+  rc = main([*COMMON, *args])
+  assert rc == 0, (args, rc)
+
+
+def _drive_one(out: Path) -> dict[str, Any]:
+  """The reference run, and a bfloat16-parameter run with its step's dtypes."""
+  import jax
+  import jax.numpy as jnp
+
+  from jaxscope.run import TrainConfig
+  from jaxscope.train import setup
+
+  _cli("--out", str(out / "one"))
+  # Cockpit's instruments do not lower with bf16 parameters yet (an SVD of a bf16 Gram
+  # matrix in metrics/instruments/update.py), so this run measures the economy scope.
+  _cli("--out", str(out / "bf16"), "--param-dtype", "bfloat16", "--metrics", ECONOMY_SCOPE)
+  s = setup(
+    TrainConfig(model="mlp", dataset="digits", metrics=ECONOMY_SCOPE, param_dtype="bfloat16")
+  )
+  x = jax.ShapeDtypeStruct((64, 8, 8, 1), jnp.float32)
+  y = jax.ShapeDtypeStruct((64,), jnp.int32)
+  step = s.train_step()
+  new_state, values = jax.eval_shape(
+    lambda st, a, b: step(st, a, b), jax.eval_shape(s.init_state), x, y
+  )
+
+  def dtypes(tree: Any) -> list[str]:
+    return sorted({str(a.dtype) for a in jax.tree.leaves(tree)})
+
+  return {  # momentum's trace: opt_state = monitored(chain(trace, scale)) state
+    "param_dtypes": dtypes(new_state.params),
+    "trace_dtypes": dtypes(new_state.opt_state.inner_state[0].trace),
+    "value_dtypes": dtypes(values),
+  }
+
+
+def _drive_data(out: Path) -> dict[str, Any]:
+  _cli("--out", str(out / "data"), "--mesh", "data=4")
+  return {}
+
+
+def _all_gathers(s: Any, state: Any) -> list[str]:
+  """The result shapes of the all-gathers in the compiled step of ``s`` (measuring)."""
+  from jaxscope.train import sharding
+
+  batch = sharding.batch_sharding(s.mesh)
+  x = sharding.put_global(s.dataset.train_x[:64], batch)
+  y = sharding.put_global(s.dataset.train_y[:64], batch)
+  text = s.train_step().lower(state, x, y, measure=True).compile().as_text()
+  return re.findall(r"= (\S+) all-gather(?:-start)?\(", text)
+
+
+def _drive_fsdp(out: Path) -> dict[str, Any]:
+  """The fully sharded run (3 steps, then resumed to 5), its restored layout, shard shapes,
+  per-device bytes and all-gathers."""
+  import jax
+
+  from jaxscope import checkpoint
+  from jaxscope.run import TrainConfig
+  from jaxscope.train import setup, sharding
+
+  # The resumed run compiles the same programs again: a compilation cache in the run's
+  # folder serves them (the test's time, not its subject).
+  jax.config.update("jax_compilation_cache_dir", str(out / "compiled"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  run = str(out / "fsdp")
+  _cli("--out", run, "--mesh", "data=4,fsdp=2", "--steps", "3")
+  restored: dict[str, Any] = {}
+  original = checkpoint.CheckpointWriter.restore_latest
+
+  def spy(self: Any, targets: Any) -> Any:
+    found = original(self, targets)
+    want = jax.tree.leaves(targets[found[0]])
+    got = jax.tree.leaves(found[1])
+    restored["same"] = [g.sharding == w.sharding for g, w in zip(got, want, strict=True)]
+    restored["fsdp_leaves"] = sum("fsdp" in str(w.sharding.spec) for w in want)
+    restored["fc1_shard"] = list(found[1].params["fc1"]["kernel"].addressable_shards[0].data.shape)
+    return found
+
+  checkpoint.CheckpointWriter.restore_latest = spy
+  _cli("--out", run, "--mesh", "data=4,fsdp=2", "--resume")
+  checkpoint.CheckpointWriter.restore_latest = original
+
+  config = TrainConfig(model="mlp", dataset="digits", mesh="data=4,fsdp=2", metrics="none")
+  bare = setup(config)
+  state = bare.initial_state()
+  shapes = {
+    jax.tree_util.keystr(p): list(a.addressable_shards[0].data.shape)
+    for p, a in jax.tree_util.tree_flatten_with_path(state.params)[0]
+  }
+  scoped = setup(dataclasses.replace(config, metrics=ECONOMY_SCOPE))
+  scoped_state = scoped.initial_state()
+  return {
+    "restored": restored,
+    "shapes": shapes,
+    "device_bytes": sharding.device_bytes(state.params),
+    "total_bytes": sum(a.nbytes for a in jax.tree.leaves(state.params)),
+    "state_device_bytes": sharding.device_bytes(scoped_state),
+    "state_total_bytes": sum(a.nbytes for a in jax.tree.leaves(scoped_state)),
+    "gathers_bare": _all_gathers(bare, state),
+    "gathers_scope": _all_gathers(scoped, scoped_state),
+  }
+
+
+_DRIVERS = {1: _drive_one, 4: _drive_data, 8: _drive_fsdp}
+
+
+def _spawn(devices: int, out: Path) -> dict[str, Any]:
+  env = {
+    **os.environ,
+    "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+    "JAX_PLATFORMS": "cpu",
+    "PYTHONPATH": str(ROOT),
+  }
+  proc = subprocess.run(
+    [sys.executable, __file__, str(devices), str(out)],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  return json.loads((out / f"result{devices}.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[int, dict[str, Any]]]:
+  out = tmp_path_factory.mktemp("sharded")
+  return out, {n: _spawn(n, out) for n in (1, 4, 8)}
+
+
+# --------------------------------------------------------------------------- comparison
+
+
+def _log(run: Path) -> dict[int, dict[str, Any]]:
+  """``metrics.jsonl`` merged per step (evaluation and step records)."""
+  steps: dict[int, dict[str, Any]] = {}
+  for line in (run / "metrics.jsonl").read_text().splitlines():
+    record = json.loads(line)
+    steps.setdefault(record["step"], {}).update(record["values"])
+  return steps
+
+
+def _number(v: Any) -> Any:
+  return np.asarray([float(t) for t in v] if isinstance(v, list) else float(v), np.float64)
+
+
+def _assert_same_run(ref: dict[int, dict[str, Any]], got: dict[int, dict[str, Any]]) -> int:
+  """Every value of ``ref`` equals ``got``'s to rtol 1e-6; returns the number compared.
+
+  Two kinds of value need an absolute part, both rounding, not layout:
+  * ``{topic}/mean/{layer}`` of sums that are 0 in exact arithmetic (the softmax gradient of
+    the output bias, ~1e-10): the float32 rounding of a mean is ``≤ ε Σ|vᵢ|/n ≤ ε·rms``,
+    so the tolerance is ``1e-6 · rms`` with ``rms = norm/√n`` from the same step;
+  * the per-example gradient histogram: its edges ``−m + k·2m/100`` from the largest
+    ``|gᵢⱼ|`` carry an absolute error ``~ε·m`` (the middle edge is ~1e-8 instead of 0), so
+    ``atol = 1e-6·m``; its weighted counts (about 1.1e6 entries summed in float32 by a
+    scatter-add) have a single-device total off the exact 64·17226 by ~9e2 (8e-4
+    relative), so the counts agree to ``2e-3`` of the total.
+  """
+  compared = 0
+  for step, values in ref.items():
+    for key, value in values.items():
+      assert key in got[step], (step, key)
+      want, have = _number(value), _number(got[step][key])
+      np.testing.assert_array_equal(np.isfinite(want), np.isfinite(have), err_msg=key)
+      finite = np.isfinite(want)
+      want, have = np.where(finite, want, 0.0), np.where(finite, have, 0.0)
+      atol = 0.0
+      topic, _, rest = key.partition("/mean/")
+      if rest:
+        atol = 1e-6 * float(values[f"{topic}/norm/{rest}"]) / math.sqrt(SIZES[rest])
+      if key.endswith("hist_counts"):
+        atol = 2e-3 * float(np.sum(want))
+      if key.endswith("hist_edges"):
+        atol = 1e-6 * float(np.max(np.abs(want)))
+      np.testing.assert_allclose(have, want, rtol=1e-6, atol=atol, err_msg=f"step {step} {key}")
+      compared += 1
+  return compared
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.slow
+def test_data_parallel_run_equals_one_device(runs):
+  out, _ = runs
+  one, data = _log(out / "one"), _log(out / "data")
+  assert sorted(one) == sorted(data) == [0, 1, 2, 3, 4, 5]
+  assert _assert_same_run(one, data) > 300  # scope, instruments, activations, evaluation
+  config = json.loads((out / "data" / "config.json").read_text())
+  assert config["mesh"] == {"data": 4} and config["device_count"] == 4
+  assert config["process_count"] == 1 and config["param_dtype"] == "float32"
+
+
+@pytest.mark.slow
+def test_fully_sharded_resumed_run_equals_one_device(runs):
+  out, _ = runs
+  one, fsdp = _log(out / "one"), _log(out / "fsdp")
+  assert sorted(fsdp) == [0, 1, 2, 3, 4, 5]
+  assert "test/loss" in fsdp[3]  # the end of the first part
+  assert _assert_same_run(one, fsdp) > 300
+
+
+@pytest.mark.slow
+def test_resume_restores_the_sharded_layout(runs):
+  restored = runs[1][8]["restored"]
+  assert restored["same"] and all(restored["same"])
+  # fc1 and fc2 kernels of params, momentum and the instruments' copies (initial params,
+  # previous update): 2 · 4 leaves of ≥ 1024 elements split over fsdp.
+  assert restored["fsdp_leaves"] == 8
+  assert restored["fc1_shard"] == [64, 64]
+
+
+@pytest.mark.slow
+def test_fully_sharded_parameters_take_half_the_memory(runs):
+  r = runs[1][8]
+  # The partition rule by hand: kernels [64, 128] and [128, 64] split on their 128-axis;
+  # out/kernel (640 elements) and the biases are replicated.
+  assert r["shapes"] == {
+    "['fc1']['bias']": [128],
+    "['fc1']['kernel']": [64, 64],
+    "['fc2']['bias']": [64],
+    "['fc2']['kernel']": [64, 64],
+    "['out']['bias']": [10],
+    "['out']['kernel']": [64, 10],
+  }
+  assert r["total_bytes"] == 4 * sum(SIZES.values())
+  assert r["device_bytes"] == 4 * (64 * 64 * 2 + 128 + 64 + 640 + 10)
+  assert r["device_bytes"] / r["total_bytes"] < 0.53  # ≈ 1/2 with fsdp = 2
+  assert r["state_device_bytes"] / r["state_total_bytes"] < 0.55  # momentum and scope too
+
+
+@pytest.mark.slow
+def test_metrics_add_no_all_gather(runs):
+  r = runs[1][8]
+  assert len(r["gathers_scope"]) <= len(r["gathers_bare"])
+  full_kernels = {"f32[64,128]", "f32[128,64]"}
+  assert not {g.split("{")[0] for g in r["gathers_scope"]} & full_kernels - {
+    g.split("{")[0] for g in r["gathers_bare"]
+  }
+
+
+@pytest.mark.slow
+def test_bfloat16_parameters(runs):
+  out, results = runs
+  r = results[1]
+  assert r["param_dtypes"] == r["trace_dtypes"] == ["bfloat16"]
+  assert r["value_dtypes"] == ["float32"]
+  one, bf16 = _log(out / "one"), _log(out / "bf16")
+  for step, values in bf16.items():
+    for key, value in values.items():
+      if key in one[step]:  # non-finite only where float32 is (ratios of zero biases)
+        assert np.isfinite(float(value)) == np.isfinite(float(one[step][key])), key
+  config = json.loads((out / "bf16" / "config.json").read_text())
+  assert config["param_dtype"] == "bfloat16" and config["dtype"] is None
+  # Step 0 measures the initial parameters rounded to bf16 (8 significant bits): each
+  # norm within 2⁻⁸ of the float32 one, the loss within 1 %.
+  for layer in SIZES:
+    key = f"params/norm/{layer}"
+    np.testing.assert_allclose(bf16[0][key], one[0][key], rtol=2**-8)
+  np.testing.assert_allclose(bf16[0]["loss"], one[0]["loss"], rtol=1e-2)
+  assert bf16[0]["params/norm/fc1/kernel"] != one[0]["params/norm/fc1/kernel"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+  os.environ.get("JAXSCOPE_TEST_MULTIPROCESS") != "1",
+  reason="two JAX processes (~40 s of CPU); set JAXSCOPE_TEST_MULTIPROCESS=1 to run",
+)
+def test_two_processes_equal_one_device(runs):
+  """The multi-host launch: two processes of two devices each (``jax.distributed`` over
+  the local coordinator, gloo collectives on CPU), one run directory."""
+  import socket
+
+  out, _ = runs
+  with socket.socket() as sock:
+    sock.bind(("localhost", 0))
+    port = sock.getsockname()[1]
+  run = out / "two_processes"
+  procs = []
+  for rank in (0, 1):
+    env = {
+      **os.environ,
+      "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+      "JAX_PLATFORMS": "cpu",
+      "PYTHONPATH": str(ROOT),
+      "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
+      "JAX_NUM_PROCESSES": "2",
+      "JAX_PROCESS_ID": str(rank),
+    }
+    args = [*COMMON, "--mesh", "data=2,fsdp=2", "--out", str(run)]
+    procs.append(
+      subprocess.Popen(
+        [sys.executable, "-m", "jaxscope", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+      )
+    )
+  for proc in procs:
+    text, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, text[-4000:]
+  config = json.loads((run / "config.json").read_text())
+  assert config["process_count"] == 2 and config["device_count"] == 4
+  assert _assert_same_run(_log(out / "one"), _log(run)) > 300
+
+
+# --------------------------------------------------------------------------- pieces
+
+
+def test_mesh_option_parsing_and_errors():
+  from jaxscope.run.config import TrainConfig, check_config, parse_mesh
+
+  assert parse_mesh("data=4") == {"data": 4}
+  assert parse_mesh("fsdp=2, data=2") == {"data": 2, "fsdp": 2}
+  assert parse_mesh("none") is None and parse_mesh(None) is None
+  assert parse_mesh({"fsdp": 8}) == {"fsdp": 8}
+  for bad, says in [
+    ("model=2", "unknown axis ['model']"),
+    ("data=0", "positive integer"),
+    ("data=2,data=2", "given twice"),
+    ("data", "AXIS=SIZE"),
+  ]:
+    with pytest.raises(ValueError, match=re.escape(says)):
+      parse_mesh(bad)
+  with pytest.raises(ValueError, match="batch_size 60 is not a multiple of 8"):
+    check_config(TrainConfig(batch_size=60, mesh="data=4,fsdp=2"))
+  check_config(TrainConfig(batch_size=64, eval_batch_size=500, mesh="data=4,fsdp=2"))
+  with pytest.raises(ValueError, match="param_dtype"):
+    check_config(TrainConfig(param_dtype="float16"))
+
+
+def test_partition_rule():
+  from jax.sharding import PartitionSpec as P
+
+  from jaxscope.train.sharding import leaf_spec
+
+  assert leaf_spec((64, 256), 4) == P(None, "fsdp")
+  assert leaf_spec((256, 64), 4) == P("fsdp", None)
+  assert leaf_spec((64, 64), 4) == P("fsdp", None)  # the first of equal axes
+  assert leaf_spec((3, 64, 256), 8) == P(None, None, "fsdp")
+  assert leaf_spec((250, 64), 8) == P(None, "fsdp")  # 250 is not a multiple of 8
+  assert leaf_spec((100, 30), 8) == P()  # no axis divisible
+  assert leaf_spec((16, 16), 2) == P()  # 256 < MIN_SHARD_SIZE elements
+  assert leaf_spec((), 2) == P() and leaf_spec((4096,), 1) == P()
+
+
+def test_mesh_needs_every_device():
+  import jax
+
+  from jaxscope.train.sharding import make_mesh
+
+  n = jax.device_count()
+  with pytest.raises(ValueError, match=f"needs {2 * n} devices, but the run has {n}"):
+    make_mesh(f"data={2 * n}")
+  assert dict(make_mesh(f"data={n}").shape) == {"data": n, "fsdp": 1}
+
+
+def test_dtype_needs_a_model_that_takes_it(tmp_path):
+  from jaxscope.train import train
+
+  with pytest.raises(ValueError, match="model 'mlp' does not"):
+    train(model="mlp", dataset="digits", steps=1, dtype="bfloat16", out=str(tmp_path))
+
+
+if __name__ == "__main__":
+  devices, target = int(sys.argv[1]), Path(sys.argv[2])
+  result = _DRIVERS[devices](target)
+  (target / f"result{devices}.json").write_text(json.dumps(result))
