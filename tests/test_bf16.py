@@ -140,3 +140,24 @@ def test_infinite_realised_ratio_of_a_zero_bias_is_not_a_divergence():
     "updates/realised_ratio/attn/key/bias": (steps, ratio),
   }
   assert not [f for f in diagnose.diagnose(hist) if f.name == "divergence"]
+
+
+def test_tree_products_in_float32_and_hvp_of_bf16_params():
+  from jaxscope.metrics.base import tree_norm, tree_vdot
+  from jaxscope.metrics.hvp import jvp_grad, value_grad_and_hvp
+
+  params = _params()
+  ones = jax.tree.map(lambda x: jnp.ones(x.shape, jnp.float32), params)
+  flat = np.concatenate(
+    [np.asarray(x.astype(jnp.float32), np.float64).ravel() for x in jax.tree.leaves(params)]
+  )
+  assert tree_vdot(params, ones).dtype == jnp.float32
+  np.testing.assert_allclose(tree_vdot(params, ones), flat.sum(), rtol=1e-5)
+  np.testing.assert_allclose(tree_norm(params), np.linalg.norm(flat), rtol=1e-5)
+  w = params["fc1"]["kernel"]
+  loss = lambda p: 0.5 * jnp.sum(jnp.square(p.astype(jnp.float32)))  # noqa: E731  H = I
+  t = jnp.ones((2, *w.shape), jnp.float32)  # float32 probes against bf16 parameters
+  _, hv, _ = jvp_grad(jax.grad(loss), w, t)
+  np.testing.assert_allclose(np.asarray(hv, np.float32), 1.0)
+  _, _, hvp = value_grad_and_hvp(loss, w)
+  np.testing.assert_allclose(np.asarray(hvp(t[0]), np.float32), 1.0)

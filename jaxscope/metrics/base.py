@@ -34,6 +34,8 @@ __all__ = [
   "group_sum",
   "stateless",
   "takes",
+  "tree_norm",
+  "tree_vdot",
   "view",
 ]
 
@@ -94,6 +96,25 @@ def group_min(parts: Sequence[jax.Array]) -> jax.Array:
 def group_max(parts: Sequence[jax.Array]) -> jax.Array:
   """Maximum of per-leaf partial results of one layer."""
   return parts[0] if len(parts) == 1 else jnp.max(jnp.stack(parts))
+
+
+def tree_vdot(a: Any, b: Any) -> jax.Array:
+  """``Σᵢ aᵢ bᵢ`` over two pytrees, in float32 whatever the leaves' dtype.
+
+  ``optax.tree.vdot`` keeps the leaves' dtype, so bfloat16 trees give a bfloat16 result
+  (3 significant digits) that e.g. ``jnp.linalg.lstsq`` cannot take; here every leaf is
+  upcast inside the fused product-sum.
+  """
+  parts = jax.tree.leaves(
+    jax.tree.map(lambda x, y: jnp.sum(x.astype(jnp.float32) * y.astype(jnp.float32)), a, b)
+  )
+  return group_sum(parts) if parts else jnp.zeros((), jnp.float32)
+
+
+def tree_norm(tree: Any, *, squared: bool = False) -> jax.Array:
+  """``‖tree‖₂`` (or its square) in float32 whatever the leaves' dtype (see :func:`tree_vdot`)."""
+  sq = tree_vdot(tree, tree)
+  return sq if squared else jnp.sqrt(sq)
 
 
 def _no_state(shapes: Sequence[jax.ShapeDtypeStruct]) -> tuple[()]:

@@ -32,6 +32,7 @@ import optax
 from jax import lax
 from jax.flatten_util import ravel_pytree
 
+from jaxscope.metrics.base import tree_norm, tree_vdot
 from jaxscope.metrics.hvp import Hvp, batched_hvp, value_grad_and_hvp
 
 __all__ = [
@@ -89,12 +90,12 @@ def _finite(tree: PyTree) -> jax.Array:
 
 
 def _normalise(v: PyTree) -> tuple[PyTree, jax.Array]:
-  n = optax.tree.norm(v).astype(_F32)
+  n = tree_norm(v).astype(_F32)
   return optax.tree.scale(1.0 / jnp.maximum(n, 1e-30), v), n
 
 
 def _vdot(a: PyTree, b: PyTree) -> jax.Array:
-  return optax.tree.vdot(a, b).astype(_F32)
+  return tree_vdot(a, b).astype(_F32)
 
 
 # --------------------------------------------------------------------------- top eigenvalue

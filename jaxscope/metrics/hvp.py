@@ -27,6 +27,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 __all__ = [
   "batched_hvp",
@@ -37,6 +38,13 @@ __all__ = [
 
 PyTree = Any
 Hvp = Callable[[PyTree], PyTree]
+
+
+def _like(tangent: PyTree, params: PyTree) -> PyTree:
+  """``tangent`` in the parameters' dtypes (JAX requires it): float32 probe vectors meet
+  bfloat16 parameters, whose products are then bfloat16 (their sums are taken in float32
+  by :func:`jaxscope.metrics.base.tree_vdot`)."""
+  return jax.tree.map(lambda t, p: t.astype(jnp.result_type(p)), tangent, params)
 
 
 def linearize_grad(
@@ -100,7 +108,7 @@ def jvp_grad(
   """
 
   def one(t: PyTree) -> tuple[Any, ...]:
-    return jax.jvp(grad_fn, (params,), (t,), has_aux=has_aux)
+    return jax.jvp(grad_fn, (params,), (_like(t, params),), has_aux=has_aux)
 
   if has_aux:
     return jax.vmap(one, out_axes=(None, 0, None))(tangents)
@@ -150,7 +158,7 @@ def value_grad_and_hvp(
     return grads, value
 
   grads, hvp, value = linearize_grad(grads_and_value, params, has_aux=True)
-  return value, grads, hvp
+  return value, grads, lambda v: hvp(_like(v, params))
 
 
 def batched_hvp(hvp: Hvp, vs: PyTree) -> PyTree:

@@ -4,11 +4,13 @@ activation health of the captured layers, from the run's ``metrics`` setting."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from jaxscope.metrics import registry
 from jaxscope.metrics.instruments import Instruments, instruments
 from jaxscope.metrics.network import NetworkMetric
 from jaxscope.metrics.scope import PARAM_TOPICS, Scope, scope
+from jaxscope.tree import Stacked, stack_axes
 
 __all__ = [
   "ACTIVATION_METRICS",
@@ -16,12 +18,16 @@ __all__ = [
   "make_activation_scope",
   "make_instruments",
   "make_scope",
+  "stacked_of",
 ]
 
 
 #: The ``metrics`` presets that also run Cockpit's instruments (:func:`make_instruments`),
 #: each with the per-layer scope preset it uses (:data:`jaxscope.metrics.registry.SCOPE_PRESETS`).
 PRESET_SCOPES: dict[str, str] = {"economy": "economy", "business": "economy", "full": "full"}
+
+#: The realised-update metrics the presets add for parameters stored below float32.
+REALISED_METRICS = ("realised_ratio", "lost_fraction")
 
 #: The activation-health metrics of the instrument presets (:func:`make_activation_scope`).
 ACTIVATION_METRICS: dict[str, tuple[str, ...]] = {
@@ -45,7 +51,7 @@ def make_instruments(
   return None
 
 
-def make_activation_scope(every: int = 1) -> Scope:
+def make_activation_scope(every: int = 1, *, stacked: Stacked | None = None) -> Scope:
   """The activation-health scope of the instrument presets.
 
   Measures, per captured Flax layer ``l`` (:mod:`jaxscope.capture`, the ``probe.captured``
@@ -53,9 +59,12 @@ def make_activation_scope(every: int = 1) -> Scope:
   output ``y_l`` (``activations/std/{l}``), the fraction of dead units, ``≤ 0`` for the
   whole batch (``activations/dead_fraction/{l}``), the fraction of entries with
   ``|y| > 3`` (``activations/saturation_fraction/{l}``) and the norm ``‖∂L/∂y_l‖`` of
-  the gradient w.r.t. the output (``layer_grads/norm/{l}``).
+  the gradient w.r.t. the output (``layer_grads/norm/{l}``). Layers inside a
+  ``lax.scan`` over a stack are captured with a leading layer axis and measured per layer
+  with ``stacked`` (see :func:`make_scope`).
   """
-  return scope(**{t: list(v) for t, v in ACTIVATION_METRICS.items()}, every=every)  # type: ignore[arg-type]
+  lists = {t: list(v) for t, v in ACTIVATION_METRICS.items()}
+  return scope(**lists, every=every, stacked=stacked)  # type: ignore[arg-type]
 
 
 def make_scope(
@@ -67,6 +76,8 @@ def make_scope(
   depth: int | None = None,
   kind: str = "any",
   every: int = 1,
+  stacked: Stacked | None = None,
+  low_precision: bool = False,
 ) -> Scope | None:
   """Builds the scope of a run from command-line style arguments.
 
@@ -83,6 +94,12 @@ def make_scope(
     depth: layer grouping (see :func:`jaxscope.tree.layout`).
     kind: ``"kernel"``, ``"bias"`` or ``"any"``.
     every: measure every ``every``-th step.
+    stacked: ``{pattern: axis}`` of layer-stacked parameters, measured per layer (see
+      :func:`jaxscope.tree.unstack`; :func:`stacked_of` reads it from a zoo model).
+    low_precision: the parameters are stored in a dtype below float32 (bfloat16): the
+      presets also measure the realised update ratio and the fraction of lost updates
+      (``updates/realised_ratio``, ``updates/lost_fraction``), which the ``full`` preset
+      has anyway.
 
   Returns:
     The scope, or ``None`` when no per-layer metric is asked for.
@@ -99,6 +116,8 @@ def make_scope(
     metrics = PRESET_SCOPES[metrics]
   if isinstance(metrics, str) and metrics in registry.SCOPE_PRESETS:
     lists = {t: v for t, v in registry.preset_metrics(metrics).items() if t in topics}
+    if low_precision and "updates" in lists:
+      lists["updates"] += [m for m in REALISED_METRICS if m not in lists["updates"]]
   else:
     names = [m.strip() for m in metrics.split(",")] if isinstance(metrics, str) else metrics
     names = [n for n in names if n]
@@ -122,4 +141,22 @@ def make_scope(
   lists = {t: v for t, v in lists.items() if v}
   if not lists:
     return None
-  return scope(**lists, every=every, include=layers, exclude=exclude, kind=kind, depth=depth)  # type: ignore[arg-type]
+  return scope(
+    **lists,  # type: ignore[arg-type]
+    every=every,
+    include=layers,
+    exclude=exclude,
+    kind=kind,  # type: ignore[arg-type]
+    depth=depth,
+    stacked=stacked,
+  )
+
+
+def stacked_of(model: Any) -> dict[str, int] | None:
+  """The ``stacked`` mapping of a zoo model: its parameters' stacked layer axes, from the
+  logical axis names of :attr:`jaxscope.models.ModelDef.param_axes` (``"layers"``), or
+  ``None`` when it has none (e.g. an unrolled transformer, an MLP)."""
+  axes = getattr(model, "param_axes", None)
+  if axes is None:
+    return None
+  return stack_axes(axes, "layers") or None

@@ -17,6 +17,7 @@ import optax
 
 from jaxscope import capture
 from jaxscope.metrics import curvature, hvp, noise
+from jaxscope.metrics.base import tree_norm
 from jaxscope.metrics.instruments.config import (
   F32,
   Config,
@@ -301,7 +302,7 @@ def _hvp_tangents(
     parts.append(probes)
   if "hess_max_ev" in cfg.want:
     vec = state.max_ev.vector
-    vnorm = optax.tree.norm(vec)
+    vnorm = tree_norm(vec)
     ok = jnp.isfinite(vnorm) & (vnorm > 0)
     unit = jax.tree.map(lambda a: jnp.where(ok, a / jnp.where(ok, vnorm, 1.0), a), vec)
     parts.append([a[None] for a in jax.tree.leaves(unit)])
@@ -391,7 +392,7 @@ def _per_example(
     second_moment=cfg.need_second,
   )
   vals: dict[str, jax.Array] = {}
-  gsq = optax.tree.norm(grads, squared=True)
+  gsq = tree_norm(grads, squared=True)
   if "norm_test" in want:
     vals["norm_test"] = noise.norm_test(mom.sq_norms, gsq)
   if "per_example_norms" in want:

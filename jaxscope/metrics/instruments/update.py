@@ -15,6 +15,7 @@ import optax
 
 from jaxscope import tree as jtree
 from jaxscope.metrics import curvature, noise
+from jaxscope.metrics.base import tree_norm, tree_vdot
 from jaxscope.metrics.instruments.config import F32, Config, leaf_names, leaf_norms
 from jaxscope.metrics.instruments.state import InstrumentsState, Probe
 
@@ -129,7 +130,7 @@ def _measure(
       proj = _project_with_span(probe, tangents)
     else:
       proj = _project(probe, tangents)
-    gsq = optax.tree.norm(grads, squared=True)
+    gsq = tree_norm(grads, squared=True)
     if "inner_test" in want:
       vals["inner_test"] = noise.inner_test(proj[slots["g"]], gsq)
     if "ortho_test" in want:
@@ -149,7 +150,7 @@ def _var(x: jax.Array) -> jax.Array:
 
 def _start_info(state: InstrumentsState, probe: Probe, proj: jax.Array, upd: Any) -> jax.Array:
   """α's start point: ``[t, f, var f, f', var f', valid step]`` (``f'`` along the update)."""
-  t = optax.tree.norm(upd).astype(F32)
+  t = tree_norm(upd).astype(F32)
   scaled = proj / jnp.where(t > 0, t, 1.0)
   stamp = (state.count + 1).astype(F32)  # Valid for the next step only.
   return jnp.stack(
@@ -230,13 +231,13 @@ def _project_with_span(probe: Probe, tangents: list[Any]) -> jax.Array:
   is projected directly (Adam and other per-coordinate scalings).
   """
   basis, d = tangents[:-1], tangents[-1]
-  gram = jnp.stack([jnp.stack([optax.tree.vdot(a, b) for b in basis]) for a in basis])
-  rhs = jnp.stack([optax.tree.vdot(a, d) for a in basis])
+  gram = jnp.stack([jnp.stack([tree_vdot(a, b) for b in basis]) for a in basis])
+  rhs = jnp.stack([tree_vdot(a, d) for a in basis])
   scale = jnp.maximum(jnp.max(jnp.abs(jnp.diag(gram))), 1e-30)
   coef = jnp.linalg.lstsq(gram / scale, rhs / scale)[0]
   approx = jax.tree.map(lambda *xs: sum(c * x for c, x in zip(coef, xs, strict=True)), *basis)
-  resid = optax.tree.norm(optax.tree.sub(d, approx), squared=True)
-  dsq = optax.tree.norm(d, squared=True)
+  resid = tree_norm(optax.tree.sub(d, approx), squared=True)
+  dsq = tree_norm(d, squared=True)
   in_span = resid <= 1e-10 * dsq
   proj_basis = _project(probe, basis)
 
