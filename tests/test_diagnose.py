@@ -346,6 +346,11 @@ def test_dead_units_and_threshold_override():
   f = _one(diagnose(_history(base), Thresholds(exclude_output_layer=False)), "dead_units")
   assert f.evidence["layers"] == ["Dense_0", "Dense_2"]
   assert diagnose(_history(base), dead_fraction=0.95) == []
+  # A named output layer is left out wherever it sorts (a transformer's head before ln_f).
+  base["activations/dead_fraction/head"] = np.full(N, 0.7)
+  base["activations/dead_fraction/ln_f"] = np.full(N, 0.9)
+  f = _one(diagnose(_history(base)), "dead_units")
+  assert f.evidence["layers"] == ["Dense_0", "Dense_2", "ln_f"]
 
 
 def test_saturation():

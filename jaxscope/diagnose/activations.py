@@ -1,7 +1,8 @@
 """Rules on the activations: dead ReLU units and saturated units per layer.
 
 They read ``activations/dead_fraction/{layer}`` and ``activations/saturation_fraction/{layer}``
-and leave out the output layer (the logits) with ``Thresholds.exclude_output_layer``.
+and leave out the output layer (the logits) with ``Thresholds.exclude_output_layer``: the
+layers named in :data:`OUTPUT_LAYER_NAMES`, else the last in depth order.
 """
 
 from __future__ import annotations
@@ -9,6 +10,11 @@ from __future__ import annotations
 from jaxscope.diagnose.finding import Finding, Thresholds, _finding
 from jaxscope.diagnose.series import _layer_tail_medians, _layers
 from jaxscope.record import History
+
+#: Names of output layers (the logits, no non-linearity after them), left out with
+#: ``exclude_output_layer`` wherever they sit in depth order (a transformer's ``head``
+#: sorts before its ``ln_f``).
+OUTPUT_LAYER_NAMES = frozenset({"head", "lm_head", "logits", "output", "classifier"})
 
 
 def _activation_rule(
@@ -18,7 +24,8 @@ def _activation_rule(
   last half is above ``bound``; ``what`` opens the summary."""
   layers = _layers(h, "activations", stat)
   if th.exclude_output_layer and len(layers) > 1:
-    layers = layers[:-1]
+    named = [lay for lay in layers if lay.rsplit("/", 1)[-1] in OUTPUT_LAYER_NAMES]
+    layers = [lay for lay in layers if lay not in named] if named else layers[:-1]
   med, first = _layer_tail_medians(h, f"activations/{stat}", layers)
   bad = [lay for lay, m in med.items() if m > bound]
   if not bad:
