@@ -16,6 +16,7 @@ from jaxscope.train import train
 USER_MODULE = textwrap.dedent(
   """
   import flax.linen as nn
+  import jax.numpy as jnp
   import numpy as np
   from jaxscope.data import Dataset
   from jaxscope.models import build
@@ -31,6 +32,28 @@ USER_MODULE = textwrap.dedent(
 
   def make(input_shape, num_classes, hidden=8):
     return Net(hidden, num_classes)
+
+  class TokenStack(nn.Module):
+    vocab: int
+    input_dtype = jnp.int32  # token ids
+
+    @nn.compact
+    def __call__(self, x, train=False):
+      h = nn.Embed(self.vocab, 8, name="embed")(x)
+
+      class Block(nn.Module):
+        @nn.compact
+        def __call__(self, h, _):
+          init = nn.with_partitioning(nn.initializers.lecun_normal(), ("embed", "mlp"))
+          return h + nn.Dense(8, kernel_init=init, name="fc")(h), None
+
+      stack = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True},
+                      length=2, metadata_params={nn.PARTITION_NAME: "layers"})
+      h, _ = stack(name="blocks")(h, None)
+      return nn.Dense(self.vocab, name="head")(h)
+
+  def make_lm(input_shape, num_classes):
+    return TokenStack(num_classes)
 
   def zoo_mlp(input_shape, num_classes):
     return build("mlp", input_shape, num_classes)
@@ -71,6 +94,21 @@ def test_a_users_linen_module_builds_and_applies(user_module):
   assert state == {} and p["fc"]["kernel"].shape == (4, 5)
   # A factory returning a ModelDef is used as it is.
   assert models.build(f"{user_module}:zoo_mlp", (4,), 3).name == "mlp"
+
+
+def test_a_users_token_model_with_a_scanned_stack(user_module):
+  from jaxscope.train.measure import stacked_of
+
+  m = models.build(f"{user_module}:make_lm", (5,), 11)
+  x = np.arange(10).reshape(2, 5) % 11
+  variables = m.init(jax.random.key(0), x)
+  out, _ = m.apply(variables, x, train=False)
+  assert out.shape == (2, 5, 11) and variables["params"]["blocks"]["fc"]["kernel"].shape == (
+    2,
+    8,
+    8,
+  )
+  assert stacked_of(m) == {"^blocks/fc/kernel$": 0}
 
 
 def test_a_users_dataset_loads(user_module):

@@ -11,8 +11,11 @@ A **model** attribute is called as ``factory(input_shape, num_classes, **model_a
 returns a :class:`~jaxscope.models.base.ModelDef` or a ``flax.linen.Module`` whose
 ``__call__(x, train)`` returns the outputs (wrapped with
 :func:`~jaxscope.models.base.linen_model_def`: BatchNorm statistics are detected from its
-variables, and a dropout key is always passed in training mode). A ``ModelDef`` itself is
-used as it is.
+variables, and a dropout key is always passed in training mode). A module that takes
+token ids declares ``input_dtype = jnp.int32`` (a class attribute or field; default
+float32). Flax partitioning metadata (``nn.with_partitioning``, ``nn.scan(...,
+metadata_params={nn.PARTITION_NAME: "layers"})``) becomes ``ModelDef.param_axes``, so a
+scanned stack is measured per layer. A ``ModelDef`` itself is used as it is.
 
 A **dataset** attribute is called as ``loader(**data_args)`` (with ``data_dir=`` when it
 takes one) and returns a :class:`~jaxscope.data.Dataset` or any object with its fields
@@ -91,10 +94,13 @@ def build_external(
       f"model {spec!r}: {getattr(obj, '__name__', obj)!r}(input_shape, num_classes, ...) returned "
       f"{type(out).__name__}; expected a jaxscope.models.ModelDef or a flax.linen.Module."
     )
-  x = jax.ShapeDtypeStruct((1, *shape), jnp.float32)
+  input_dtype = jnp.dtype(getattr(out, "input_dtype", jnp.float32))
+  x = jax.ShapeDtypeStruct((1, *shape), input_dtype)
   variables = jax.eval_shape(
     lambda k, xb: out.init({"params": k}, xb, train=False), jax.random.key(0), x
   )
+  axes = nn.get_partition_spec(variables.get("params", {}))
+  has_axes = any(len(p) for p in jax.tree.leaves(axes, is_leaf=_is_spec))
   return linen_model_def(
     spec,
     out,
@@ -102,7 +108,13 @@ def build_external(
     classes,
     has_batch_stats="batch_stats" in variables,
     has_dropout=True,
+    input_dtype=input_dtype,
+    param_axes=axes if has_axes else None,
   )
+
+
+def _is_spec(x: Any) -> bool:
+  return isinstance(x, jax.sharding.PartitionSpec)
 
 
 def load_external(spec: str, data_dir: Any = None, **kwargs: Any) -> Any:
