@@ -78,3 +78,28 @@ def test_per_example_losses_shapes():
   reg = per_example_losses("regression", out, tgt)
   np.testing.assert_allclose(reg, (np.asarray(x, np.float64) ** 2).mean((1, 2)), rtol=1e-5)
   assert per_example_losses("regression", jnp.ones(3), jnp.zeros(3)).shape == (3,)
+
+
+def test_ignored_tokens_are_left_out():
+  """Labels below 0 (padding of shorter sequences) count neither in loss nor in accuracy;
+  evaluations are the mean over the counted tokens."""
+  x, y, w = _data(7, seed=3)
+  y = y.copy()
+  y[0, 3:] = -100  # a short sequence
+  y[4, :] = -1  # an example without a counted token
+  valid = y >= 0
+  logits = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
+  m = logits.max(-1, keepdims=True)
+  lse = (m + np.log(np.exp(logits - m).sum(-1, keepdims=True)))[..., 0]
+  yc = np.where(valid, y, 0)
+  ce = lse - np.take_along_axis(logits, yc[..., None], -1)[..., 0]
+  want_loss = ce[valid].mean()
+  want_acc = (logits.argmax(-1) == y)[valid].mean()
+  for batch in (3, 500):
+    es = make_eval_set(x, y, batch_size=batch)
+    loss, acc = make_evaluator(_apply, es)({"w": jnp.asarray(w)}, {})
+    np.testing.assert_allclose(float(loss), want_loss, rtol=1e-5)
+    np.testing.assert_allclose(float(acc), want_acc, rtol=1e-6)
+  per = per_example_losses("classification", jnp.asarray(logits, jnp.float32), jnp.asarray(y))
+  np.testing.assert_allclose(per[0], ce[0, :3].mean(), rtol=1e-5)
+  assert float(per[4]) == 0.0

@@ -40,6 +40,7 @@ import optax
 from jaxscope import tree as jtree
 
 __all__ = [
+  "IGNORE_BELOW",
   "ApplyFn",
   "EvalSet",
   "PointEvaluator",
@@ -97,9 +98,38 @@ def make_eval_set(x: Any, y: Any, *, batch_size: int = 500) -> EvalSet:
   )
 
 
+#: Integer labels below 0 are ignored tokens (padding of sequences of unequal length), as
+#: PyTorch's ``ignore_index=-100``: they count neither in the loss nor in the accuracy.
+IGNORE_BELOW = 0
+
+
 def _example_mean(x: jax.Array) -> jax.Array:
   """The mean over every axis but the first (per-token values → per-example)."""
   return jnp.mean(x, axis=tuple(range(1, x.ndim))) if x.ndim > 1 else x
+
+
+def token_sums(
+  task: str, outputs: jax.Array, y: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Per example ``(Σ_t ℓ_t, Σ_t [correct]_t, n_t)`` over its counted tokens.
+
+  Classification: the tokens with a label ``>= 0`` (one "token" without token axes);
+  regression: every output entry, ``n_t`` = 1 (the loss is the mean over entries).
+  """
+  if task == "regression":
+    per = _example_mean((outputs - y) ** 2)
+    return per, jnp.zeros_like(per), jnp.ones_like(per)
+  valid = y >= IGNORE_BELOW
+  labels = jnp.where(valid, y, 0)
+  ce = optax.softmax_cross_entropy_with_integer_labels(outputs, labels)
+  hit = (jnp.argmax(outputs, -1) == labels) & valid
+  axes = tuple(range(1, y.ndim))
+  w = valid.astype(jnp.float32)
+  return (
+    jnp.sum(jnp.where(valid, ce, 0.0), axis=axes),
+    jnp.sum(hit.astype(jnp.float32), axis=axes),
+    jnp.sum(w, axis=axes),
+  )
 
 
 def per_example_losses(task: str, outputs: jax.Array, y: jax.Array) -> jax.Array:
@@ -108,30 +138,29 @@ def per_example_losses(task: str, outputs: jax.Array, y: jax.Array) -> jax.Array
   of the reference loop's step and of every evaluation.
 
   Labels may carry token axes (sequence models: ``y [B, T]``, ``outputs [B, T, V]``): the
-  example's loss is then the mean over its tokens, ``ℓᵢ = (1/T) Σ_t CE(f(x_i)_t, y_{i,t})``,
-  so that the mean over examples is the per-token mean loss.
+  example's loss is then the mean over its tokens, ``ℓᵢ = (1/Tᵢ) Σ_t CE(f(x_i)_t, y_{i,t})``,
+  over the ``Tᵢ`` tokens whose label is ``>= 0``; labels below 0 (padding, as PyTorch's
+  ``ignore_index``) are left out (an example without a counted token has ``ℓᵢ = 0``).
+  The evaluations (:func:`make_evaluator`) weight examples by ``Tᵢ``, so their loss is the
+  mean over all counted tokens.
   """
-  if task == "regression":
-    return _example_mean((outputs - y) ** 2)
-  return _example_mean(optax.softmax_cross_entropy_with_integer_labels(outputs, y))
-
-
-def _per_example(task: str, outputs: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Per-example loss and correctness (0 for regression; with token axes, the fraction
-  of the example's tokens predicted correctly)."""
-  per = per_example_losses(task, outputs, y)
-  if task == "regression":
-    return per, jnp.zeros_like(per)
-  return per, _example_mean((jnp.argmax(outputs, -1) == y).astype(jnp.float32))
+  total, _, count = token_sums(task, outputs, y)
+  return total / jnp.maximum(count, 1.0)
 
 
 def _batch_sums(
   apply_fn: ApplyFn, task: str, params: Any, state: Any, batch: tuple[jax.Array, ...]
-) -> tuple[jax.Array, jax.Array]:
-  """``(Σ mᵢ ℓᵢ, Σ mᵢ [correct]ᵢ)`` of one padded batch ``(x, y, m)`` for one tree."""
+) -> jax.Array:
+  """``[Σ mᵢ Σ_t ℓ, Σ mᵢ Σ_t [correct], Σ mᵢ Tᵢ]`` of one padded batch ``(x, y, m)``."""
   xb, yb, mb = batch
-  per, hit = _per_example(task, apply_fn(params, state, xb), yb)
-  return jnp.sum(per * mb), jnp.sum(hit * mb)
+  total, hits, count = token_sums(task, apply_fn(params, state, xb), yb)
+  return jnp.stack([jnp.sum(total * mb), jnp.sum(hits * mb), jnp.sum(count * mb)])
+
+
+def _means(sums: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``(loss, accuracy)`` from summed ``[loss, hits, count]`` (last axis)."""
+  count = jnp.maximum(sums[..., 2], 1.0)
+  return sums[..., 0] / count, sums[..., 1] / count
 
 
 def make_evaluator(
@@ -141,19 +170,19 @@ def make_evaluator(
 
   The padded batches are scanned (``lax.scan``); padded examples carry weight 0, so the
   results are the exact means ``L = (1/n) Σ_i ℓ(f(x_i), y_i)`` and
-  ``acc = (1/n) Σ_i [argmax f(x_i) = y_i]`` (0 for regression) over the ``n`` examples.
+  ``acc = (1/n) Σ_i [argmax f(x_i) = y_i]`` (0 for regression) over the ``n`` examples
+  (with token axes, over their counted tokens: see :func:`per_example_losses`).
   The reference loop's evaluation (:func:`jaxscope.train.make_evaluate`); trace it inside
   ``jit``. :func:`make_batch_evaluator` evaluates ``K`` trees at once the same way.
   """
 
   def evaluate(params: Any, state: Any) -> tuple[jax.Array, jax.Array]:
-    def body(carry: tuple[jax.Array, jax.Array], batch: tuple[jax.Array, ...]) -> Any:
-      loss, hits = _batch_sums(apply_fn, task, params, state, batch)
-      return (carry[0] + loss, carry[1] + hits), None
+    def body(carry: jax.Array, batch: tuple[jax.Array, ...]) -> Any:
+      return carry + _batch_sums(apply_fn, task, params, state, batch), None
 
-    zero = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
-    (loss, hits), _ = jax.lax.scan(body, zero, (eval_set.x, eval_set.y, eval_set.mask))
-    return loss / eval_set.n, hits / eval_set.n
+    zero = jnp.zeros((3,), jnp.float32)
+    sums, _ = jax.lax.scan(body, zero, (eval_set.x, eval_set.y, eval_set.mask))
+    return _means(sums)
 
   return evaluate
 
@@ -169,17 +198,16 @@ def make_batch_evaluator(
   """
 
   def evaluate(params: Any, states: Any) -> tuple[jax.Array, jax.Array]:
-    def body(carry: tuple[jax.Array, jax.Array], batch: tuple[jax.Array, ...]) -> Any:
-      def one(p: Any, s: Any) -> tuple[jax.Array, jax.Array]:
+    def body(carry: jax.Array, batch: tuple[jax.Array, ...]) -> Any:
+      def one(p: Any, s: Any) -> jax.Array:
         return _batch_sums(apply_fn, task, p, s, batch)
 
-      loss, hits = jax.vmap(one)(params, states)
-      return (carry[0] + loss, carry[1] + hits), None
+      return carry + jax.vmap(one)(params, states), None
 
     k = jax.tree.leaves(params)[0].shape[0]
-    zero = (jnp.zeros((k,), jnp.float32), jnp.zeros((k,), jnp.float32))
-    (loss, hits), _ = jax.lax.scan(body, zero, (eval_set.x, eval_set.y, eval_set.mask))
-    return loss / eval_set.n, hits / eval_set.n
+    zero = jnp.zeros((k, 3), jnp.float32)
+    sums, _ = jax.lax.scan(body, zero, (eval_set.x, eval_set.y, eval_set.mask))
+    return _means(sums)
 
   return evaluate
 

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxscope import capture, transforms
-from jaxscope.analysis.kernel import per_example_losses
+from jaxscope.analysis.kernel import per_example_losses, token_sums
 from jaxscope.metrics.instruments import Instruments, InstrumentsState
 from jaxscope.metrics.scope import MEASURED, Scope
 from jaxscope.models import growth
@@ -80,7 +80,8 @@ def _losses_fn(
     losses = per_example_losses(task, outputs, y)
     aux: dict[str, jax.Array] = {}
     if task != "regression":
-      aux["accuracy"] = jnp.mean((jnp.argmax(outputs, -1) == y).astype(jnp.float32))
+      _, hits, count = token_sums(task, outputs, y)  # Ignored tokens (labels < 0) left out.
+      aux["accuracy"] = jnp.sum(hits) / jnp.maximum(jnp.sum(count), 1.0)
     return losses, (aux, new_model_state)
 
   return losses_fn
