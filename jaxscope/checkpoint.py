@@ -140,6 +140,8 @@ def _shardings_for(sharding: Any, collection: str, metadata: Any) -> Any:
     sharding = default
   if isinstance(sharding, jax.sharding.Sharding):
     return jax.tree.map(lambda _: sharding, metadata)
+  if callable(sharding):  # A rule: the collection's shapes and dtypes → its shardings.
+    sharding = sharding(jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), metadata))
   want, got = jax.tree.structure(metadata), jax.tree.structure(sharding)
   if want != got:
     raise ValueError(
@@ -175,12 +177,16 @@ class RunCheckpoints:
 
   Args:
     run_dir: the run directory (holding ``config.json`` and ``checkpoints/``).
+    sharding: where :meth:`restore` and :meth:`iter` put the arrays when they are given
+      no ``sharding`` of their own (see :meth:`restore`; default: the first device).
+      :func:`jaxscope.load_run` passes the run's own layout here for a run trained on a
+      device mesh (:func:`jaxscope.run.mesh.checkpoint_sharding`).
 
   Raises:
     ValueError: the directory does not exist, or holds no checkpoints.
   """
 
-  def __init__(self, run_dir: str | Path) -> None:
+  def __init__(self, run_dir: str | Path, *, sharding: Any = None) -> None:
     import orbax.checkpoint as ocp
 
     run_dir = Path(run_dir)
@@ -193,6 +199,9 @@ class RunCheckpoints:
     """The run directory."""
     self.directory = directory
     """The orbax checkpoint directory, ``run_dir/checkpoints``."""
+    self.sharding = sharding
+    """The default ``sharding`` of :meth:`restore` and :meth:`iter` (``None``: the first
+    device)."""
     self._ocp = ocp
     self._manager: Any = None
     hint = (
@@ -338,23 +347,31 @@ class RunCheckpoints:
     """Restores ``params`` and ``model_state`` of ``step``, with its metadata.
 
     The optimizer state is not read. Arrays come back as ``jax.Array`` with the shapes and
-    dtypes they were saved with, placed as ``sharding`` says: by default on the first
-    device; for a run trained sharded over a mesh, pass its shardings to get the arrays
-    back sharded (each device reads only its shards).
+    dtypes they were saved with, placed as ``sharding`` says: by default as the reader's
+    :attr:`sharding` (the first device, unless it was opened with another: a run loaded
+    with :func:`jaxscope.load_run` comes back in its training layout when the devices are
+    there); for a run trained sharded over a mesh, its shardings give the arrays back
+    sharded (each device reads only its shards).
 
     Args:
       step: a step of :attr:`steps`; ``None``: the newest step that can be read (damaged
         newer ones are skipped with a :class:`DamagedCheckpointWarning`).
-      sharding: ``None`` (the first device), one ``jax.sharding.Sharding`` for every leaf
-        (e.g. ``NamedSharding(mesh, P())`` to replicate), or a dict
-        ``{"params": …, "model_state": …}`` whose entries are a ``Sharding`` or a pytree of
-        shardings matching that collection (e.g. the shardings of the train state's
-        ``params``); a collection left out of the dict goes to the first device.
+      sharding: ``None`` (the reader's :attr:`sharding`), one ``jax.sharding.Sharding``
+        for every leaf (e.g. ``NamedSharding(mesh, P())`` to replicate, or
+        ``SingleDeviceSharding(jax.devices()[0])`` for the first device whatever the
+        reader's default), a rule ``f(abstract) -> shardings`` called with a collection's
+        tree of ``jax.ShapeDtypeStruct`` (e.g. :func:`jaxscope.run.mesh.checkpoint_sharding`),
+        or a dict ``{"params": …, "model_state": …}`` whose entries are a ``Sharding``, a
+        rule or a pytree of shardings matching that collection (e.g. the shardings of the
+        train state's ``params``); a collection left out of the dict goes to the first
+        device.
 
     Raises:
       ValueError: ``step`` is not a checkpoint (the message lists the steps), it is
         damaged (the message says how), or ``sharding`` does not match the checkpoint.
     """
+    if sharding is None:
+      sharding = self.sharding
     if step is None:
       for ckpt in self.iter(reversed(self.steps), sharding=sharding):
         return ckpt
@@ -389,7 +406,7 @@ class RunCheckpoints:
 
     Args:
       steps: the steps to read, in this order (default: :attr:`steps`).
-      sharding: where the arrays go (see :meth:`restore`).
+      sharding: where the arrays go (see :meth:`restore`; ``None``: :attr:`sharding`).
 
     Yields:
       A :class:`Checkpoint` per readable step. A damaged step is skipped with a

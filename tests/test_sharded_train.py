@@ -159,6 +159,7 @@ def _drive_fsdp(out: Path) -> dict[str, Any]:
   scoped = setup(dataclasses.replace(config, metrics=ECONOMY_SCOPE))
   scoped_state = scoped.initial_state()
   return {
+    "analysis": _analyze_sharded(Path(run)),
     "restored": restored,
     "shapes": shapes,
     "device_bytes": sharding.device_bytes(state.params),
@@ -168,6 +169,41 @@ def _drive_fsdp(out: Path) -> dict[str, Any]:
     "gathers_bare": _all_gathers(bare, state),
     "gathers_scope": _all_gathers(scoped, scoped_state),
   }
+
+
+def _analyze_sharded(run: Path) -> dict[str, Any]:
+  """``jaxscope.load_run`` of the fully sharded run: the shardings its checkpoints come back
+  with (the run's own, one device, another mesh) and ``analyze(run, "path")`` on them."""
+  import jaxscope
+  from jaxscope.analysis import analyze
+
+  def fc1(ckpt: Any) -> tuple[str, str, tuple[int, ...]]:
+    kernel = ckpt.params["fc1"]["kernel"]
+    shard = tuple(kernel.addressable_shards[0].data.shape)
+    return type(kernel.sharding).__name__, str(getattr(kernel.sharding, "spec", "")), shard
+
+  out: dict[str, Any] = {}
+  with jaxscope.load_run(run) as r:
+    out["mesh"] = dict(r.mesh.shape)
+    ckpts, restore, seen = r.checkpoints, r.checkpoints.restore, set()
+
+    def spy(step: Any = None, **kw: Any) -> Any:  # what the analysis computes on
+      ckpt = restore(step, **kw)
+      seen.add(fc1(ckpt))
+      return ckpt
+
+    ckpts.restore = spy
+    report = analyze(r, "path", out=run / "analysis", alphas=(0.0, 1.0, 3))
+    out["seen"] = sorted(seen)
+    arrays = report.results["path"].arrays
+    for key in ("alpha", "checkpoint_loss", "linear_loss", "quadratic_loss"):
+      out[key] = arrays[key].tolist()
+    out["steps"] = report.info["checkpoints"]
+  with jaxscope.load_run(run, mesh=None) as r:
+    out["one_device"] = fc1(r.checkpoints.restore(5))
+  with jaxscope.load_run(run, mesh="fsdp=4") as r:
+    out["fsdp4"] = fc1(r.checkpoints.restore(5))
+  return out
 
 
 _DRIVERS = {1: _drive_one, 4: _drive_data, 8: _drive_fsdp}
@@ -278,6 +314,37 @@ def test_resume_restores_the_sharded_layout(runs):
   # previous update): 2 · 4 leaves of ≥ 1024 elements split over fsdp.
   assert restored["fsdp_leaves"] == 8
   assert restored["fc1_shard"] == [64, 64]
+
+
+@pytest.mark.slow
+def test_load_run_and_analyses_keep_the_sharding(runs):
+  """``load_run`` of the ``data=4,fsdp=2`` run on 8 devices restores its checkpoints in the
+  run's layout, and ``analyze`` computes on them: the path's losses at θ_0, θ_mid and θ_f
+  are the checkpoints' evaluations that the training logged."""
+  out, results = runs
+  a = results[8]["analysis"]
+  sharded = ["NamedSharding", "P(None, 'fsdp')", [64, 64]]
+  assert a["mesh"] == {"data": 4, "fsdp": 2}
+  assert a["seen"] == [sharded]  # every checkpoint the analysis read was sharded
+  assert a["one_device"][0] == "SingleDeviceSharding" and a["one_device"][2] == [64, 128]
+  assert a["fsdp4"] == ["NamedSharding", "P(None, 'fsdp')", [64, 32]]
+  log = _log(out / "fsdp")
+  assert a["steps"] == [0, 3, 5]
+  logged = [log[s]["test/loss"] for s in a["steps"]]
+  np.testing.assert_allclose(a["checkpoint_loss"], logged, rtol=1e-6)
+  assert a["alpha"] == [0.0, 0.5, 1.0]
+  np.testing.assert_allclose(np.asarray(a["linear_loss"])[[0, 2]], logged[::2], rtol=1e-6)
+  np.testing.assert_allclose(a["quadratic_loss"], logged, rtol=1e-6)  # θ_mid at α = 0.5
+  # With fewer devices than the run's 4 (this process), it is restored onto the first one.
+  import jax
+
+  import jaxscope
+
+  if jax.device_count() < 4:
+    with jaxscope.load_run(out / "data") as run:
+      assert run.mesh is None
+      kernel = run.checkpoints.restore(5).params["fc1"]["kernel"]
+      assert kernel.sharding == jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
 
 @pytest.mark.slow

@@ -23,9 +23,17 @@ import os
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import jax
+
 from jaxscope.checkpoint import CHECKPOINT_DIR, RunCheckpoints
 from jaxscope.record import CONFIG_FILE, METRICS_FILE, TENSORBOARD_DIR, History, read_json
-from jaxscope.run.config import RESUME_KEYS, TrainConfig, optimizer_hparams
+from jaxscope.run.config import (
+  RESUME_KEYS,
+  TrainConfig,
+  batch_split,
+  optimizer_hparams,
+  parse_mesh,
+)
 
 __all__ = ["Run", "RunLayout", "check_resume", "load_run", "read_config"]
 
@@ -118,19 +126,29 @@ class Run:
   Everything but :attr:`config` is read on first use and cached. Close it (or use it as a
   context manager) to release the checkpoint reader.
 
+  A run trained on a device mesh (``--mesh``, ``config.json``'s ``mesh``) is read back in
+  its own layout: :attr:`mesh` is the run's mesh rebuilt on the devices present (when there
+  are enough of them), and :attr:`checkpoints` restores every checkpoint onto it with the
+  run's partition rule (:mod:`jaxscope.run.mesh`), so the analyses compute on the sharded
+  parameters as the training did, each device holding its shards.
+
   Attributes:
     path: the run directory.
     layout: its :class:`RunLayout`.
     config: ``config.json`` as a dict (``{}`` when the run has none).
   """
 
-  def __init__(self, path: str | os.PathLike[str], *, data_dir: str | None = None) -> None:
+  def __init__(
+    self, path: str | os.PathLike[str], *, data_dir: str | None = None, mesh: Any = "auto"
+  ) -> None:
     self.path = Path(path)
     if not self.path.is_dir():
       raise ValueError(f"load_run: run directory {self.path} does not exist.")
     self.layout = RunLayout(self.path)
     self.config: dict[str, Any] = read_config(self.path)
     self._data_dir = data_dir
+    self._mesh_spec = mesh
+    self._mesh: Any = _UNSET
     self._history: History | None = None
     self._checkpoints: RunCheckpoints | None = None
     self._dataset: Any = None
@@ -165,10 +183,39 @@ class Run:
     return self._history
 
   @property
+  def mesh(self) -> Any:
+    """The device mesh the checkpoints are restored onto (a :class:`jax.sharding.Mesh`), or
+    ``None``: the first device.
+
+    By default (``load_run(path, mesh="auto")``) the run's own mesh on the first
+    ``data × fsdp`` devices present (:func:`jaxscope.run.mesh.run_mesh`), ``None`` for a
+    one-device run or when fewer devices are present than the run trained on.
+    """
+    if self._mesh is _UNSET:
+      from jaxscope.run import mesh as run_mesh
+
+      spec = self._mesh_spec
+      if isinstance(spec, str) and spec == "auto":
+        self._mesh = run_mesh.run_mesh(self.config.get("mesh"))
+      elif spec is None or isinstance(spec, jax.sharding.Mesh):
+        self._mesh = spec
+      else:
+        sizes = parse_mesh(spec)  # "none" → one device
+        need = batch_split(sizes)
+        self._mesh = None if sizes is None else run_mesh.make_mesh(sizes, jax.devices()[:need])
+    return self._mesh
+
+  @property
   def checkpoints(self) -> RunCheckpoints:
-    """The checkpoints, opened read-only (:class:`~jaxscope.checkpoint.RunCheckpoints`)."""
+    """The checkpoints, opened read-only (:class:`~jaxscope.checkpoint.RunCheckpoints`);
+    on :attr:`mesh`, when there is one, in the run's layout (its
+    :func:`~jaxscope.run.mesh.checkpoint_sharding`)."""
     if self._checkpoints is None:
-      self._checkpoints = RunCheckpoints(self.path)
+      from jaxscope.run.mesh import checkpoint_sharding
+
+      mesh = self.mesh
+      rule = None if mesh is None else checkpoint_sharding(mesh)
+      self._checkpoints = RunCheckpoints(self.path, sharding=rule)
     return self._checkpoints
 
   @property
@@ -221,16 +268,24 @@ class Run:
     return self.config
 
 
-def load_run(path: str | os.PathLike[str], *, data_dir: str | None = None) -> Run:
+def load_run(
+  path: str | os.PathLike[str], *, data_dir: str | None = None, mesh: Any = "auto"
+) -> Run:
   """Opens the run directory ``path`` (see :class:`Run`).
 
   Args:
     path: a run directory written by ``jaxscope train`` / :func:`jaxscope.train.train`
       (or any directory with a ``config.json``, ``metrics.jsonl`` or ``checkpoints/``).
     data_dir: where the dataset's files are now, when they moved since training.
+    mesh: where the checkpoints are restored (:attr:`Run.mesh`): ``"auto"`` (the run's
+      own mesh when it trained on one and enough devices are present, else the first
+      device), ``None`` (the first device), a mesh spec such as ``"data=1,fsdp=4"`` (the
+      run's partition rule on the first ``data × fsdp`` devices) or a
+      :class:`jax.sharding.Mesh` with the axes ``("data", "fsdp")``.
 
   Raises:
-    ValueError: ``path`` is not a directory.
+    ValueError: ``path`` is not a directory, or ``mesh`` is not a mesh spec (when the
+      checkpoints are first opened).
 
   Example:
     >>> import tempfile
@@ -245,4 +300,7 @@ def load_run(path: str | os.PathLike[str], *, data_dir: str | None = None) -> Ru
     mlp regression [0, 4]
     [0, 1, 2, 3]
   """
-  return Run(path, data_dir=data_dir)
+  return Run(path, data_dir=data_dir, mesh=mesh)
+
+
+_UNSET = object()
