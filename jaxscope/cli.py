@@ -138,6 +138,11 @@ def _add_train_parser(sub: Any) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
+  """``jaxscope train``. In a multi-process run (several hosts, ``jax.distributed``) every
+  process trains, and process 0 alone draws the figures and prints the summary, as it
+  alone writes the log (:class:`jaxscope.record.Recorder`)."""
+  import jax
+
   from jaxscope.run import RunLayout, TrainConfig, cli_options
   from jaxscope.train import train
 
@@ -147,6 +152,8 @@ def _train(args: argparse.Namespace) -> int:
   if fields["steps"]:
     fields["epochs"] = None  # --steps overrides --epochs.
   result = train(TrainConfig(**fields))
+  if jax.process_index() != 0:
+    return 130 if result.interrupted else 0
   if not args.no_plots:
     from jaxscope.plot import save_run_plots
 

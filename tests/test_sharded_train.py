@@ -493,6 +493,32 @@ def test_mesh_needs_every_device():
   assert dict(make_mesh(f"data={n}").shape) == {"data": n, "fsdp": 1}
 
 
+def test_only_process_zero_draws_and_reports(tmp_path, monkeypatch, capsys):
+  """``jaxscope train`` in a multi-process run: every process trains, process 0 alone
+  draws the figures and prints the summary (the training itself is stubbed here)."""
+  import jax
+
+  import jaxscope.plot
+  import jaxscope.train
+  from jaxscope.cli import main
+  from jaxscope.train import TrainResult
+
+  drawn = []
+  result = TrainResult(None, tmp_path, 2, {"test/loss": 0.5}, False, 0.1)
+  monkeypatch.setattr(jaxscope.train, "train", lambda config: result)
+  monkeypatch.setattr(
+    jaxscope.plot, "save_run_plots", lambda run, out, **kw: drawn.append(out) or []
+  )
+  for rank in (1, 0):
+    monkeypatch.setattr(jax, "process_index", lambda *a, rank=rank: rank)
+    assert main(["train", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    if rank:
+      assert printed == "" and drawn == []
+    else:
+      assert "finished at step 2" in printed and drawn == [tmp_path / "plots"]
+
+
 def test_dtype_needs_a_model_that_takes_it(tmp_path):
   from jaxscope.train import train
 
