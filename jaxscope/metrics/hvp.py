@@ -28,6 +28,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.experimental.shard_alike import shard_alike
 
 __all__ = [
   "batched_hvp",
@@ -41,10 +42,19 @@ Hvp = Callable[[PyTree], PyTree]
 
 
 def _like(tangent: PyTree, params: PyTree) -> PyTree:
-  """``tangent`` in the parameters' dtypes (JAX requires it): float32 probe vectors meet
-  bfloat16 parameters, whose products are then bfloat16 (their sums are taken in float32
-  by :func:`jaxscope.metrics.base.tree_vdot`)."""
-  return jax.tree.map(lambda t, p: t.astype(jnp.result_type(p)), tangent, params)
+  """``tangent`` in the parameters' dtypes and layout, its values unchanged.
+
+  * The dtypes (JAX requires them): float32 probe vectors meet bfloat16 parameters, whose
+    products are then bfloat16 (their sums are taken in float32 by
+    :func:`jaxscope.metrics.base.tree_vdot`).
+  * The layout: each tangent leaf is sharded as its parameter
+    (:func:`jax.experimental.shard_alike.shard_alike`; nothing happens on one device). A
+    probe drawn inside ``jit`` (Rademacher) has no layout of its own; on a device mesh XLA
+    laid it out replicated and then gathered the sharded parameter it meets in the
+    forward-mode pass (a whole ``[128, 64]`` kernel per HVP in a fully sharded MLP step:
+    ``hess_trace`` and ``tic_diag`` of the business and full presets).
+  """
+  return jax.tree.map(lambda t, p: shard_alike(t.astype(jnp.result_type(p)), p)[0], tangent, params)
 
 
 def linearize_grad(
@@ -73,9 +83,10 @@ def linearize_grad(
     [6.0, 12.0]
   """
   if has_aux:
-    return jax.linearize(grad_fn, params, has_aux=True)
-  grads, hvp = jax.linearize(grad_fn, params)
-  return grads, hvp, None
+    grads, hvp, aux = jax.linearize(grad_fn, params, has_aux=True)
+  else:
+    (grads, hvp), aux = jax.linearize(grad_fn, params), None
+  return grads, lambda v: hvp(_like(v, params)), aux
 
 
 def jvp_grad(

@@ -46,9 +46,43 @@ __all__ = [
   "conv_layers",
   "dense_layers",
   "per_example_moments",
+  "take_flat",
 ]
 
 _F32 = jnp.float32
+
+
+def take_flat(x: jax.Array, indices: np.ndarray, lead: int = 0) -> jax.Array:
+  """``x.reshape(*x.shape[:lead], -1)[..., indices]`` without the reshape.
+
+  The entries at the row-major flat ``indices`` of ``x``'s trailing shape
+  ``x.shape[lead:]`` (after ``lead`` leading axes, e.g. examples), gathered by their
+  multi-indices (``np.unravel_index``). The values are those of the flattened array, but a
+  leaf sharded over a device mesh along a trailing axis is never flattened: merging a
+  sharded axis with others makes XLA gather the whole leaf onto every device first (a
+  kernel, or ``chunk`` per-example copies of it), while a point gather of a sharded array
+  is done shard by shard.
+
+  Args:
+    x: an array of at least ``lead`` axes.
+    indices: integer flat indices into ``x.shape[lead:]`` (static, numpy).
+    lead: the number of leading axes kept.
+
+  Returns:
+    ``[*x.shape[:lead], len(indices)]``.
+  """
+  indices = np.asarray(indices)
+  trailing = x.shape[lead:]
+  if not trailing:  # a scalar per leading index: every flat index is 0
+    return jnp.broadcast_to(x[..., None], (*x.shape, len(indices)))
+  head = (slice(None),) * lead
+  return x[(*head, *np.unravel_index(indices, trailing))]
+
+
+def _trailing_sum(x: jax.Array, lead: int = 1) -> jax.Array:
+  """``Σ`` over every axis after the first ``lead`` (``x.reshape(*lead, -1).sum(-1)``
+  without the reshape, which would gather a sharded leaf)."""
+  return jnp.sum(x, axis=tuple(range(lead, x.ndim)))
 
 
 class DenseLayer(NamedTuple):
@@ -225,12 +259,11 @@ def _layer_moments(
     if conv.bias is not None:
       parts.append((conv.bias, conv.bias_grads))
     for index, g in parts:
-      flat = g.reshape(b, -1)
-      sq_norms = sq_norms + jnp.sum(flat * flat, axis=1)
+      sq_norms = sq_norms + _trailing_sum(g * g)
       if second_moment:
         second[index] = jnp.mean(g * g, axis=0).reshape(leaves[index].shape)
       if sample is not None:
-        samples[index] = flat[:, sample.indices[index]]
+        samples[index] = take_flat(g, sample.indices[index], lead=1)
       covered.add(index)
   return sq_norms, second, samples, covered
 
@@ -263,12 +296,12 @@ def _vmap_moments(
     ex, m = xs
     g = jax.vmap(grad_one, in_axes=(None, 0))(rest_leaves, ex)  # list of [c, *shape]
     g = [gi.astype(_F32) * m.reshape((-1,) + (1,) * (gi.ndim - 1)) for gi in g]
-    sq = sum(jnp.sum(gi.reshape(c, -1) ** 2, axis=1) for gi in g)
+    sq = sum(_trailing_sum(gi * gi) for gi in g)
     if second_moment:
       carry = [acc + jnp.sum(gi * gi, axis=0) for acc, gi in zip(carry, g, strict=True)]
     out = [sq]
     if sample is not None:
-      out.append([gi.reshape(c, -1)[:, sample.indices[i]] for i, gi in zip(rest, g, strict=True)])
+      out.append([take_flat(gi, sample.indices[i], lead=1) for i, gi in zip(rest, g, strict=True)])
     return carry, out
 
   init = [jnp.zeros(x.shape if second_moment else (), _F32) for x in rest_leaves]

@@ -56,7 +56,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxscope import tree as jtree
-from jaxscope.metrics import registry
+from jaxscope.metrics import registry, stacked
 from jaxscope.metrics.base import Metric, takes, view
 from jaxscope.metrics.network import NetworkMetric
 
@@ -291,16 +291,17 @@ def _measure_tensors(
   ref_leaves = jax.tree_util.tree_leaves(data["params"]) if data.get("params") is not None else None
   for topic in spec.topic_metrics:
     leaves = jax.tree_util.tree_leaves(data[topic])
-    for key, m, infos in _plan(spec, topic, data[topic]):
-      xs = [view(m, i, jtree.leaf_value(leaves, i), spec.matrix_axes) for i in infos]
-      ref = [jtree.leaf_value(ref_leaves, i) for i in infos] if m.needs_params else None  # type: ignore[arg-type]
-      value, new_state[key] = m.apply(xs, metric_state[key], ref)
-      if isinstance(value, dict):
-        topic_, stat, layer = key.split("/", 2)
-        for part, v in value.items():
-          values[f"{topic_}/{stat}_{part}/{layer}"] = v
-      else:
-        values[key] = value
+    for item in stacked.families(_plan(spec, topic, data[topic]), data[topic]):
+      states = [metric_state[k] for k in item.keys]
+      vals, news = stacked.measure(item, leaves, ref_leaves, states, spec.matrix_axes)
+      for key, value, state in zip(item.keys, vals, news, strict=True):
+        new_state[key] = state
+        if isinstance(value, dict):
+          topic_, stat, layer = key.split("/", 2)
+          for part, v in value.items():
+            values[f"{topic_}/{stat}_{part}/{layer}"] = v
+        else:
+          values[key] = value
   return values, new_state
 
 

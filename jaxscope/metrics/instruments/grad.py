@@ -27,6 +27,7 @@ from jaxscope.metrics.instruments.config import (
   value_specs,
 )
 from jaxscope.metrics.instruments.state import InstrumentsState, Probe
+from jaxscope.metrics.per_example import take_flat
 
 __all__ = ["grad", "public_captured"]
 
@@ -435,9 +436,9 @@ def _histograms(
     vals["per_example_grads/hist_counts"] = h["counts"]
     vals["per_example_grads/hist_edges"] = h["edges"]
   if "grad_hist_2d" in cfg.want:
-    pvals = jnp.concatenate(
+    pvals = jnp.concatenate(  # the sampled entries, gathered without flattening a leaf
       [
-        x.reshape(-1)[idx].astype(F32)
+        take_flat(x, idx).astype(F32)
         for x, idx in zip(jax.tree.leaves(params), sample.indices, strict=True)
       ]
     )
