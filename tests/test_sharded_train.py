@@ -124,6 +124,7 @@ def _drive_fsdp(out: Path) -> dict[str, Any]:
   import jax
 
   from jaxscope import checkpoint
+  from jaxscope.metrics.instruments import instruments
   from jaxscope.run import TrainConfig
   from jaxscope.train import setup, sharding
 
@@ -156,8 +157,14 @@ def _drive_fsdp(out: Path) -> dict[str, Any]:
     jax.tree_util.keystr(p): list(a.addressable_shards[0].data.shape)
     for p, a in jax.tree_util.tree_flatten_with_path(state.params)[0]
   }
-  scoped = setup(dataclasses.replace(config, metrics=ECONOMY_SCOPE))
+  scoped = setup(dataclasses.replace(config, metrics="economy"))  # scope and instruments
   scoped_state = scoped.initial_state()
+  # The instruments' code that gathered whole kernels: the Hessian-vector products'
+  # probes, the per-example gradients of the vmap(grad) route (what every non-Dense leaf
+  # takes) and the 2-D histogram's parameter sample.
+  probed = bare._replace(
+    instruments=instruments(quantities=("hess_trace", "grad_hist_2d"), capture_layers=False)
+  )
   return {
     "analysis": _analyze_sharded(Path(run)),
     "restored": restored,
@@ -168,6 +175,7 @@ def _drive_fsdp(out: Path) -> dict[str, Any]:
     "state_total_bytes": sum(a.nbytes for a in jax.tree.leaves(scoped_state)),
     "gathers_bare": _all_gathers(bare, state),
     "gathers_scope": _all_gathers(scoped, scoped_state),
+    "gathers_probes": _all_gathers(probed, probed.initial_state()),
   }
 
 
@@ -366,14 +374,32 @@ def test_fully_sharded_parameters_take_half_the_memory(runs):
   assert r["state_device_bytes"] / r["state_total_bytes"] < 0.55  # momentum and scope too
 
 
+def _whole_kernels(gathers: list[str]) -> list[str]:
+  """The all-gathers (HLO result shapes) of a whole ``[64, 128]`` or ``[128, 64]`` kernel,
+  with any leading axes (probes, examples)."""
+  out = []
+  for g in gathers:
+    dims = tuple(int(d) for d in re.findall(r"\d+", g.split("[")[1].split("]")[0]))
+    if dims[-2:] in ((64, 128), (128, 64)):
+      out.append(g.split("{")[0])
+  return out
+
+
 @pytest.mark.slow
 def test_metrics_add_no_all_gather(runs):
+  """The fully sharded step gathers no whole kernel: not the bare step (XLA gathers the
+  [16, 64] activations of the fsdp pair instead), not with the economy preset (scope and
+  instruments; one more all-gather, of a replicated [128] bias-shaped leaf), and not with
+  the instruments whose code used to (HVP probes, the vmap(grad) per-example route, the
+  2-D histogram: 4 whole-kernel gathers before, [32, 64, 128] among them)."""
   r = runs[1][8]
-  assert len(r["gathers_scope"]) <= len(r["gathers_bare"])
-  full_kernels = {"f32[64,128]", "f32[128,64]"}
-  assert not {g.split("{")[0] for g in r["gathers_scope"]} & full_kernels - {
-    g.split("{")[0] for g in r["gathers_bare"]
-  }
+  assert _whole_kernels(r["gathers_bare"]) == []
+  assert _whole_kernels(r["gathers_scope"]) == []
+  assert _whole_kernels(r["gathers_probes"]) == []
+  extra = sorted(r["gathers_scope"])
+  for g in r["gathers_bare"]:
+    extra.remove(g)
+  assert [g.split("{")[0] for g in extra] == ["f32[128]"]
 
 
 @pytest.mark.slow
@@ -480,6 +506,24 @@ def test_partition_rule():
   assert leaf_spec((100, 30), 8) == P()  # no axis divisible
   assert leaf_spec((16, 16), 2) == P()  # 256 < MIN_SHARD_SIZE elements
   assert leaf_spec((), 2) == P() and leaf_spec((4096,), 1) == P()
+
+
+def test_take_flat_is_the_flattened_gather():
+  """``take_flat`` (the instruments' sampled entries, gathered without flattening a leaf)
+  picks what numpy's ``reshape(-1)[indices]`` does."""
+  import jax.numpy as jnp
+
+  from jaxscope.metrics.per_example import take_flat
+
+  x = np.arange(2 * 3 * 4 * 5, dtype=np.float32).reshape(2, 3, 4, 5)
+  idx = np.array([0, 7, 59, 13, 7])
+  np.testing.assert_array_equal(take_flat(jnp.asarray(x), idx), x.reshape(-1)[idx])
+  np.testing.assert_array_equal(take_flat(jnp.asarray(x), idx, lead=1), x.reshape(2, -1)[:, idx])
+  per_example = np.array([1.0, 2.0], np.float32)  # a scalar leaf's per-example values
+  np.testing.assert_array_equal(
+    take_flat(jnp.asarray(per_example), [0, 0], lead=1), [[1, 1], [2, 2]]
+  )
+  np.testing.assert_array_equal(take_flat(jnp.float32(3.0), [0]), [3.0])
 
 
 def test_mesh_needs_every_device():
