@@ -526,6 +526,49 @@ def test_take_flat_is_the_flattened_gather():
   np.testing.assert_array_equal(take_flat(jnp.float32(3.0), [0]), [3.0])
 
 
+def test_make_evaluate_on_a_mesh():
+  """``make_evaluate(mesh=...)`` (the loop's sharded evaluation) gives the keys and values
+  of the one-device evaluation: per-token labels, against a float64 numpy reference."""
+  import jax
+  import jax.numpy as jnp
+
+  from jaxscope.run.mesh import make_mesh, replicated
+  from jaxscope.train import make_evaluate
+  from jaxscope.train.sharding import make_sharded_evaluate
+
+  class Table:  # logits of token t: row t of w
+    def apply(self, variables: Any, x: Any, train: bool) -> tuple[Any]:
+      return (variables["params"]["w"][x],)
+
+  rng = np.random.default_rng(0)
+  x, y = rng.integers(0, 5, (7, 3)), rng.integers(0, 5, (7, 3))
+  w = rng.normal(size=(5, 5))
+  z = w[x] - w[x].max(-1, keepdims=True)
+  nll = -(z - np.log(np.exp(z).sum(-1, keepdims=True)))[np.arange(7)[:, None], np.arange(3), y]
+  want = {
+    "test/loss": nll.mean(),
+    "test/accuracy": (w[x].argmax(-1) == y).mean(),
+    "test/perplexity": np.exp(nll.mean()),
+    "test/bits_per_token": nll.mean() / np.log(2.0),
+  }
+  params = {"w": jnp.asarray(w, jnp.float32)}
+  mesh = make_mesh(f"data={jax.device_count()}")
+  pinned = ({"w": replicated(mesh)}, {})
+  for evaluate in (
+    make_evaluate(Table(), x, y, batch_size=3),
+    make_evaluate(Table(), x, y, batch_size=3, mesh=mesh),
+    make_sharded_evaluate(
+      Table(), x, y, task="classification", batch_size=3, mesh=mesh, shardings=pinned
+    ),
+  ):
+    got = evaluate(params, {})
+    assert sorted(got) == sorted(want)
+    for key, value in want.items():
+      np.testing.assert_allclose(float(got[key]), value, rtol=1e-6, err_msg=key)
+  with pytest.raises(ValueError, match="shardings needs the mesh"):
+    make_evaluate(Table(), x, y, shardings=pinned)
+
+
 def test_mesh_needs_every_device():
   import jax
 

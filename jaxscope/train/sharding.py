@@ -29,18 +29,14 @@ processes call). See ``docs/sharding.md``.
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from jaxscope.analysis.kernel import EvalSet, make_eval_set, make_evaluator
-from jaxscope.run.config import batch_split
 from jaxscope.run.mesh import (
   BATCH_AXES,
   MIN_SHARD_SIZE,
@@ -53,6 +49,7 @@ from jaxscope.run.mesh import (
   replicated,
   state_shardings,
 )
+from jaxscope.train.evaluate import make_evaluate
 
 __all__ = [
   "BATCH_AXES",
@@ -138,49 +135,13 @@ def make_sharded_evaluate(
   mesh: Mesh,
   shardings: tuple[Any, Any],
 ) -> Callable[[Any, Any], dict[str, jax.Array]]:
-  """``evaluate(params, model_state) -> {"test/loss", "test/accuracy", ...}`` on ``mesh``.
-
-  The same computation and values as :func:`jaxscope.train.make_evaluate` (the analysis
-  kernel, :func:`jaxscope.analysis.kernel.make_evaluator`: exact means over the ``n``
-  examples of the padded, scanned batches; for per-token labels ``y [n, T]`` also
-  ``test/perplexity = exp(L)`` and ``test/bits_per_token = L / ln 2``) with each
-  evaluation batch split over
-  :data:`BATCH_AXES` and the parameters kept in their layout (``shardings``: those of
-  ``params`` and ``model_state``). The batch is ``min(batch_size, n)`` rounded down to a
-  multiple of the split (padding rows carry weight 0).
+  """``evaluate(params, model_state) -> {"test/loss", "test/accuracy", ...}`` on ``mesh``:
+  :func:`jaxscope.train.make_evaluate` with ``mesh`` and ``shardings`` (those of ``params``
+  and ``model_state``), each evaluation batch split over :data:`BATCH_AXES`.
 
   Raises:
     ValueError: fewer examples than the batch is split into.
   """
-  parts, n = batch_split(dict(mesh.shape)), len(x)
-  if n < parts:
-    raise ValueError(
-      f"train: the evaluation split has {n} examples, fewer than the {parts} parts the mesh "
-      "splits a batch into."
-    )
-  size = min(batch_size, n) // parts * parts
-  es = make_eval_set(x, y, batch_size=size)
-  sharding = batch_sharding(mesh, batch_axis=1)
-  arrays = tuple(put_global(np.asarray(a), sharding) for a in (es.x, es.y, es.mask))
-  count, digest = es.n, es.digest
-  per_token = task == "classification" and np.ndim(y) == 2
-  del es  # Its arrays on the default device are no longer needed.
-
-  def apply_fn(p: Any, s: Any, xb: jax.Array) -> jax.Array:
-    return model.apply({"params": p, **s}, xb, train=False)[0]
-
-  def run(params: Any, model_state: Any, xs: Any, ys: Any, mask: Any) -> dict[str, jax.Array]:
-    kernel = make_evaluator(apply_fn, EvalSet(xs, ys, mask, count, digest), task=task)
-    loss, accuracy = kernel(params, model_state)
-    out = {"test/loss": loss}
-    if task == "classification":
-      out["test/accuracy"] = accuracy
-    if per_token:
-      out["test/perplexity"] = jnp.exp(loss)
-      out["test/bits_per_token"] = loss / np.float32(math.log(2.0))
-    return out
-
-  compiled = jax.jit(
-    run, in_shardings=(*shardings, sharding, sharding, sharding), out_shardings=replicated(mesh)
+  return make_evaluate(
+    model, x, y, task=task, batch_size=batch_size, mesh=mesh, shardings=shardings
   )
-  return lambda params, model_state: compiled(params, model_state, *arrays)
