@@ -235,3 +235,33 @@ def test_diagnose_runs_quick(tmp_path):
   assert "updates/ratio/fc1/kernel" in history and "test/loss" in history
   bad = History.load(tmp_path / "runs" / "bad_init")
   assert "activations/dead_fraction/fc1" in bad
+
+
+@pytest.mark.slow
+def test_transformer_lm_quick(tmp_path):
+  proc = _run_quick("transformer_lm.py", tmp_path)
+  assert "bits per character" in proc.stdout and "| fc1/kernel |" in proc.stdout
+  report = json.loads((tmp_path / "results" / "transformer_lm.json").read_text())
+  config = report["config"]
+  assert config["quick"] and config["layers"] == 2 and config["steps"] == 6
+  history = History.load(tmp_path / "run")
+  assert history.config["stacked"] == {"^blocks/": 0}
+  # Per block of the scanned stack, every step (--quick measures every step).
+  for i in range(2):
+    assert history.steps(f"updates/ratio/blocks/{i}/fc1/kernel").tolist() == list(range(6))
+    logits = history[f"attention/logit_max/blocks/{i}/attn"]
+    assert logits.shape == (6,) and np.all(np.isfinite(logits)) and np.all(logits > 0)
+    assert report["logits"]["first"][i] == pytest.approx(float(logits[0]))
+  assert "updates/ratio/blocks/attn/query/kernel" not in history  # not pooled
+  ev = report["evaluation"]
+  bits = history["test/bits_per_token"]
+  assert ev["final_bits_per_token"] == pytest.approx(float(bits[-1]))
+  # bits = nats / ln 2 of the same evaluation
+  assert np.allclose(bits, history["test/loss"] / np.log(2), rtol=1e-6)
+  assert ev["final_bits_per_token"] < ev["initial_bits_per_token"]
+  layers = report["layers"]
+  assert sorted(layers["layers_fastest_first"]) == [0, 1]
+  for name, row in layers["median_ratio_second_half"].items():
+    assert len(row) == 2 and all(r > 0 for r in row), name
+  for name in ("updates_ratio_stack", "attn_logit_max_stack", "curves", "diagnosis"):
+    assert (tmp_path / "figures" / f"transformer_lm_{name}.png").stat().st_size > 10_000
