@@ -2,7 +2,8 @@
 
 One initialisation of ``transformer_lm`` in the unrolled layout (``blocks_0 …``) is mapped
 to the scanned one (``blocks`` with a leading layer axis) by ``models.stack_layers``; both
-take one Adam step on the same batch, and the library's ``full`` scope, split per layer
+take one Adam step on the same batch, and a library scope (economy + spectral norms,
+histograms, realised updates), split per layer
 with ``stacked={"^blocks/": 0}`` on the scanned side, measures params, grads and updates.
 Every value of ``blocks/{i}/X`` must equal the unrolled ``blocks_{i}/X`` (and the
 unstacked leaves their own) to rtol 1e-5; a few per-layer values are also checked against
@@ -35,7 +36,14 @@ def _measure(model, params, x, y, stacked):
   """One Adam step of ``model`` from ``params`` on ``(x, y)``; the full scope's values and
   the step's gradients and updates."""
   tx = optax.adam(1e-2)
-  sc = metrics.scope(preset="full", stacked=stacked)
+  # The economy preset plus what the full one adds, with histograms on params only (their
+  # compilation dominated this test): stateful power iteration, histograms, realised updates.
+  sc = metrics.scope(
+    preset="economy",
+    params=[metrics.spectral_norm(method="power"), metrics.histogram(16)],
+    updates=["realised_ratio", "lost_fraction"],
+    stacked=stacked,
+  )
 
   @jax.jit
   def step(p):
@@ -64,7 +72,7 @@ def test_scanned_and_unrolled_lm_give_identical_per_layer_metrics():
   vu, gu, uu = _measure(unrolled_lm, pu, x, y, None)
 
   mapped = {re.sub(r"^(\w+/\w+/)blocks/(\d+)/", r"\1blocks_\2/", k): k for k in vs}
-  assert len(vs) == len(vu) > 500 and set(mapped) == set(vu)
+  assert len(vs) == len(vu) > 250 and set(mapped) == set(vu)
   assert "updates/ratio/blocks/1/attn/query/kernel" in vs  # per layer, not pooled
   assert "updates/ratio/blocks/attn/query/kernel" not in vs
   trees = {"params": pu, "grads": gu, "updates": uu}
@@ -94,7 +102,7 @@ def test_scanned_and_unrolled_lm_give_identical_per_layer_metrics():
       np.testing.assert_allclose(got, want, rtol=RTOL, atol=atol, err_msg=key_s)
     checked += 1
   # All but 'measured' and the key biases' 5 gradient and 8 update values per layer.
-  assert checked == len(vs) - 1 - 13 * L
+  assert checked == len(vs) - 1 - 9 * L  # 3 grads + 6 updates stats of the key bias per layer
 
   for i in range(L):
     key_bias = _leaf(gs, "blocks/attn/key/bias")[i]
