@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from jaxscope import metrics
 
@@ -21,6 +22,7 @@ def _params():
   }
 
 
+@pytest.mark.slow
 def test_bf16_moments_spectral_histogram_against_float64():
   params = _params()
   sc = metrics.scope(

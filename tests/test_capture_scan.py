@@ -92,6 +92,7 @@ def test_layers_in_other_nested_traces_are_skipped_not_leaked():
   assert np.isfinite(loss)
 
 
+@pytest.mark.slow
 def test_nnx_scan_over_vmapped_layers():
   class Block(nnx.Module):
     def __init__(self, rngs):

@@ -107,6 +107,7 @@ def test_unstack_errors(scanned):
     metrics.scope(params=["norm"], stacked={"(": 0})
 
 
+@pytest.mark.slow
 def test_scanned_equals_unrolled_per_layer(scanned):
   params, x = scanned
   flat = _unstack_params(params)
@@ -198,6 +199,7 @@ def test_stacked_captured_layers():
   assert vals["activations/mean/head"] == 1.0
 
 
+@pytest.mark.slow
 def test_multi_axis_attention_kernels_matrix_view():
   """Spectral norms of DenseGeneral kernels: the operator of the whole projection."""
   rng = np.random.default_rng(0)
