@@ -76,3 +76,13 @@ def mark_nonfinite(ax: Any, xs: Any, label: str = "non-finite", unit: str = "") 
     label=f"{label} ({xs.size}{unit})",
   )
   return int(xs.size)
+
+
+def column_bounds(steps: np.ndarray) -> np.ndarray:
+  """Boundaries of cells centred on ``steps`` (steps or layer indices): midpoints between
+  neighbours, half a gap beyond the ends (±0.5 for a single value)."""
+  s = steps.astype(np.float64)
+  if s.size == 1:
+    return np.array([s[0] - 0.5, s[0] + 0.5])
+  mid = 0.5 * (s[:-1] + s[1:])
+  return np.concatenate([[s[0] - (mid[0] - s[0])], mid, [s[-1] + (s[-1] - mid[-1])]])

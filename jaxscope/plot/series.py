@@ -11,7 +11,14 @@ import numpy as np
 from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
 
-from jaxscope.plot._common import FIGSIZE, MANY_LAYERS, log_worthy, mark_nonfinite, scalar_series
+from jaxscope.plot._common import (
+  FIGSIZE,
+  MANY_LAYERS,
+  column_bounds,
+  log_worthy,
+  mark_nonfinite,
+  scalar_series,
+)
 from jaxscope.plot.stacks import stack_families, stack_figure
 from jaxscope.record import History
 
@@ -104,15 +111,6 @@ def scalar_figure(history: History, key: str, *, logy: bool | None = None) -> Fi
   return _line_figure([(key, steps, values)], title=key, ylabel=key, logy=logy)
 
 
-def _column_bounds(steps: np.ndarray) -> np.ndarray:
-  """Boundaries of the step columns: midpoints between steps, half a gap at the ends."""
-  s = steps.astype(np.float64)
-  if s.size == 1:
-    return np.array([s[0] - 0.5, s[0] + 0.5])
-  mid = 0.5 * (s[:-1] + s[1:])
-  return np.concatenate([[s[0] - (mid[0] - s[0])], mid, [s[-1] + (s[-1] - mid[-1])]])
-
-
 def histogram_figure(
   history: History,
   topic: str,
@@ -160,7 +158,7 @@ def histogram_figure(
   n, bins = counts.shape
   if n == 0:
     return fig
-  bounds = _column_bounds(common)
+  bounds = column_bounds(common)
   # One mesh of 2n−1 columns: column 2j is step j (its own edges on both sides), the
   # zero-width odd columns between steps are masked.
   x = np.repeat(bounds, 2)[1:-1]  # b0 b1 b1 b2 b2 … bn

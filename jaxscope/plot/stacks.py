@@ -17,7 +17,7 @@ import numpy as np
 from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
 
-from jaxscope.plot._common import log_worthy, masked, scalar_series
+from jaxscope.plot._common import column_bounds, log_worthy, masked, scalar_series
 from jaxscope.record import History
 
 __all__ = ["stack_families", "stack_figure"]
@@ -38,14 +38,6 @@ def stack_families(layers: Sequence[str]) -> dict[str, list[tuple[int, str]]]:
     prefix = f"{m['prefix']}/" if m["prefix"] else ""
     families.setdefault(f"{prefix}*/{m['rest']}", []).append((int(m["index"]), lay))
   return {k: sorted(v) for k, v in families.items() if len(v) >= 2}
-
-
-def _column_edges(values: np.ndarray) -> np.ndarray:
-  v = values.astype(np.float64)
-  if v.size == 1:
-    return np.array([v[0] - 0.5, v[0] + 0.5])
-  mid = 0.5 * (v[:-1] + v[1:])
-  return np.concatenate([[v[0] - (mid[0] - v[0])], mid, [v[-1] + (v[-1] - mid[-1])]])
 
 
 def stack_figure(
@@ -112,7 +104,7 @@ def stack_figure(
     else:
       norm = Normalize(0.0, 1.0)
     mesh = ax.pcolormesh(
-      _column_edges(steps), _column_edges(index), np.ma.masked_invalid(shown), norm=norm
+      column_bounds(steps), column_bounds(index), np.ma.masked_invalid(shown), norm=norm
     )
     fig.colorbar(mesh, ax=ax)
     ax.set_title(name, fontsize="small")
