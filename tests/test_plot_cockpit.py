@@ -50,7 +50,7 @@ def _instrument_history(*, preset: str = "full", steps: int = 20) -> History:
       v["hess_trace"] = 50.0 + s
       v[f"hessian/trace/{leaves[0]}"] = 40.0 + s
       v["tic_diag"] = 10.0 - s if s != 7 else 1e6  # a spike: the axis keeps the rest
-      v["per_example_grads/hist2d_counts"] = rng.integers(0, 9, (4, 5)).astype(float)
+      v["per_example_grads/hist2d_counts_grad_param"] = rng.integers(0, 9, (5, 4)).astype(float)
       v["per_example_grads/hist2d_param_edges"] = np.linspace(-0.5, 0.5, 5)
       v["per_example_grads/hist2d_grad_edges"] = np.linspace(-0.1 - s, 0.1 + s, 6)
     if s % 5 == 4:
@@ -74,11 +74,10 @@ def test_cockpit_full() -> None:
   assert "steps 0–19" in fig.get_suptitle()
   loss_ax, alpha_ax = fig.axes[0], fig.axes[1]
   assert [ln.get_label() for ln in loss_ax.get_lines()] == ["loss", "test/loss"]
-  # The NaN α is a gap, marked at its step.
+  # The NaN α (not measured) is a gap, not marked.
   (alpha_line,) = [ln for ln in alpha_ax.get_lines() if ln.get_label() == "α"]
   assert np.isnan(alpha_line.get_ydata()[3])
-  marks = [c for c in alpha_ax.collections if "non-finite" in str(c.get_label())]
-  np.testing.assert_array_equal(marks[0].get_offsets()[:, 0], [3])
+  assert not [c for c in alpha_ax.collections if "non-finite" in str(c.get_label())]
   tests_ax = fig.axes[3]
   assert tests_ax.get_yscale() == "log"
   assert 1.0 in [ln.get_ydata()[0] for ln in tests_ax.get_lines()]  # the θ = 1 line
@@ -98,8 +97,8 @@ def test_cockpit_full() -> None:
   assert hist_ax.get_title() == "per-example gradients, step 19"
   assert len(hist_ax.patches) == 10
   (im,) = hist2d_ax.get_images()
-  assert im.get_array().shape == (5, 4)  # [grad bins, param bins]
-  np.testing.assert_allclose(im.get_extent(), [-0.5, 0.5, -19.1, 19.1])
+  assert im.get_array().shape == (4, 5)  # rows: param bins (y), columns: grad bins (x)
+  np.testing.assert_allclose(im.get_extent(), [-19.1, 19.1, -0.5, 0.5])
   # An earlier step for the histograms.
   assert cockpit(_instrument_history(), step=6).axes[9].get_title().endswith("step 6")
 
@@ -209,10 +208,9 @@ def test_cockpit_loss_and_alpha_panels() -> None:
   np.testing.assert_allclose(lines["test/loss"].get_ydata(), [0.4, 0.2])
   assert loss_ax.get_yscale() == "linear"  # one decade: not more than 20×
   assert loss_ax.get_xlabel() == "step"
-  # α over steps: the NaN a gap marked at its step, with the α = 0 line.
+  # α over steps: the NaN (not measured) a gap without a mark, with the α = 0 line.
   np.testing.assert_array_equal(_labelled(trace_ax)["α"].get_ydata(), ALPHA)
-  (marks,) = [c for c in trace_ax.collections if "non-finite" in str(c.get_label())]
-  np.testing.assert_array_equal(marks.get_offsets()[:, 0], [2])
+  assert not [c for c in trace_ax.collections if "non-finite" in str(c.get_label())]
   zero = [ln for ln in trace_ax.get_lines() if ln.get_label().startswith("_")]
   assert [list(ln.get_ydata()) for ln in zero] == [[0.0, 0.0]]
   # α distribution: the nine finite values, their mean and the share on each side.
@@ -286,10 +284,11 @@ def test_cockpit_histogram_panels() -> None:
   np.testing.assert_allclose([p.get_width() for p in hist_ax.patches], np.diff(_edges(8)))
   assert hist_ax.get_yscale() == "log"
   assert (hist_ax.get_xlabel(), hist_ax.get_ylabel()) == ("gradient entry", "count")
+  # An old run's hist2d_counts [param bins, grad bins]: gradient on x, parameter on y.
   (im,) = hist2d_ax.get_images()
-  np.testing.assert_allclose(im.get_array(), np.log1p(_counts2d(8)).T)
-  np.testing.assert_allclose(im.get_extent(), [-0.2, 0.2, -1.0, 2.0])
-  assert (hist2d_ax.get_xlabel(), hist2d_ax.get_ylabel()) == ("parameter value", "gradient entry")
+  np.testing.assert_allclose(im.get_array(), np.log1p(_counts2d(8)))
+  np.testing.assert_allclose(im.get_extent(), [-1.0, 2.0, -0.2, 0.2])
+  assert (hist2d_ax.get_xlabel(), hist2d_ax.get_ylabel()) == ("gradient entry", "parameter value")
   # The recorded step nearest to the one asked for (ties: the earlier).
   for step, want in ((5, 4), (7, 8), (2, 0), (100, 8)):
     hist_ax = cockpit(_hand_history(), step=step).axes[10]
@@ -317,3 +316,121 @@ def test_cockpit_histogram_not_finite() -> None:
   assert len(hist_ax.patches) == 0
   assert [t.get_text() for t in hist2d_ax.texts] == ["no finite histogram"]
   assert len(hist2d_ax.get_images()) == 0
+
+
+# ------------------------------------------------------------ error bars (issue 18)
+
+EV = np.array([-7e-3, 50.0, 0.21, 0.35, 0.37, 0.38, 0.39, 0.385, 0.38, 0.37])
+EV_RES = np.array([0.4, 40.0, 0.2, 0.01, 0.02, 0.01, 0.005, 0.01, 0.01, 0.01])
+EV_NOISE = [0, 1, 2]  # residual ≥ |λ|/2
+TRACE = 100.0 + 10.0 * STEPS
+TRACE[4] = 3.0  # stderr 2: 2σ = 4 ≥ 3, within noise
+TRACE_SE = np.full(10, 5.0)
+TRACE_SE[4] = 2.0
+
+
+def _error_history() -> History:
+  """λ_max with residuals, tr H with standard errors (none at step 9), TIC all noise, α NaN
+  at step 0 (no update yet)."""
+  records = []
+  for s in STEPS:
+    v: dict[str, object] = {
+      "alpha": np.nan if s == 0 else 0.1 * s,
+      "hess_max_ev": EV[s],
+      "hess_max_ev_residual": EV_RES[s],
+      "hess_trace": TRACE[s],
+      "tic_diag": 1.0 + 0.1 * s,
+      "tic_diag_stderr": 1.0,  # 2σ = 2 ≥ every value
+    }
+    if s != 9:
+      v["hess_trace_stderr"] = TRACE_SE[s]
+    records.append((int(s), v))
+  return History(records)
+
+
+def _gid(ax, prefix: str) -> list:
+  return [a for a in (*ax.collections, *ax.get_children()) if str(a.get_gid()).startswith(prefix)]
+
+
+def _y_extent(band) -> tuple[float, float]:
+  ys = np.concatenate([p.vertices[:, 1] for p in band.get_paths()])
+  return float(ys.min()), float(ys.max())
+
+
+def test_cockpit_error_bands_and_noise() -> None:
+  fig = cockpit(_error_history())
+  titles = _titles(fig)
+  ev_ax = fig.axes[titles.index("largest Hessian eigenvalue")]
+  trace_ax = fig.axes[titles.index("Hessian trace")]
+  # λ_max: the line and the band ± residual over the converged readings 3…9 only.
+  line = _labelled(ev_ax)["λ_max"]
+  np.testing.assert_array_equal(line.get_xdata(), STEPS[3:])
+  np.testing.assert_allclose(line.get_ydata(), EV[3:])
+  (band,) = set(_gid(ev_ax, "band:λ_max"))
+  lo, hi = _y_extent(band)
+  assert lo == pytest.approx(np.min(EV[3:] - EV_RES[3:]))
+  assert hi == pytest.approx(np.max(EV[3:] + EV_RES[3:]))
+  # The unconverged readings are hollow grey circles, outside the y range (50 and a
+  # negative value) but inside the x range; the scale stays log (the trusted ones are > 0).
+  (dots,) = set(_gid(ev_ax, "noise:λ_max"))
+  np.testing.assert_array_equal(dots.get_xdata(), EV_NOISE)
+  assert dots.get_markerfacecolor() == "none"
+  assert ev_ax.get_yscale() == "log"
+  assert ev_ax.get_ylim()[1] < 1.0 and ev_ax.get_xlim()[0] <= 0.0
+  assert "3 of 10 readings within noise (residual ≥ |value|/2): hollow" in [
+    t.get_text() for t in ev_ax.texts
+  ]
+  # tr H: ±2σ where the standard error was recorded (not step 9), step 4 within noise.
+  (band,) = set(_gid(trace_ax, "band:tr H"))
+  ok = [s for s in STEPS if s not in (4, 9)]
+  lo, hi = _y_extent(band)
+  assert lo == pytest.approx(np.min(TRACE[ok] - 2 * TRACE_SE[ok]))
+  assert hi == pytest.approx(np.max(TRACE[ok] + 2 * TRACE_SE[ok]))
+  np.testing.assert_array_equal(_labelled(trace_ax)["tr H"].get_xdata(), np.delete(STEPS, 4))
+  assert trace_ax.get_ylim()[0] > 3.0  # the noise reading does not stretch the axis
+  assert [t.get_text() for t in trace_ax.texts] == [
+    "1 of 10 readings within noise (2σ ≥ |value|): hollow"
+  ]
+
+
+def test_cockpit_all_noise_and_nan_alpha() -> None:
+  fig = cockpit(_error_history())
+  titles = _titles(fig)
+  # Every TIC reading within noise: no band, no trusted line, the circles set the range.
+  tic_ax = fig.axes[titles.index("TIC")]
+  assert not _gid(tic_ax, "band:")
+  assert len(_labelled(tic_ax)["tic_diag"].get_xdata()) == 0
+  (dots,) = set(_gid(tic_ax, "noise:tic_diag"))
+  np.testing.assert_allclose(dots.get_ydata(), 1.0 + 0.1 * STEPS)
+  y0, y1 = tic_ax.get_ylim()
+  assert y0 <= 1.0 and y1 >= 1.9
+  assert [t.get_text() for t in tic_ax.texts] == [
+    "10 of 10 readings within noise (2σ ≥ |value|): hollow"
+  ]
+  # α is NaN at step 0: a gap, not a mark, not 0; the gauge counts the 9 measured steps.
+  alpha_ax = fig.axes[titles.index("α (step length)")]
+  y = _labelled(alpha_ax)["α"].get_ydata()
+  assert np.isnan(y[0]) and not np.any(y == 0.0)
+  assert not [c for c in alpha_ax.collections if "non-finite" in str(c.get_label())]
+  gauge = fig.axes[titles.index("α distribution")]
+  assert sum(p.get_height() for p in gauge.patches) == 9
+
+
+def test_cockpit_hist2d_new_and_old_keys() -> None:
+  counts_gp = np.arange(6.0).reshape(3, 2)  # [grad bins 3, param bins 2]
+  grad_edges, param_edges = [-1.0, 0.0, 1.0, 2.0], [-0.2, 0.0, 0.2]
+  new = {
+    "per_example_grads/hist2d_counts_grad_param": counts_gp,
+    "per_example_grads/hist2d_grad_edges": grad_edges,
+    "per_example_grads/hist2d_param_edges": param_edges,
+  }
+  old = {**new}
+  del old["per_example_grads/hist2d_counts_grad_param"]
+  old["per_example_grads/hist2d_counts"] = counts_gp.T  # [param bins, grad bins]
+  for values in (new, old):
+    (ax,) = cockpit(History([(0, values)])).axes
+    (im,) = ax.get_images()
+    # Rows are parameter bins (y), columns gradient bins (x): image[p, g] = count[g, p].
+    np.testing.assert_allclose(im.get_array(), np.log1p(counts_gp.T))
+    np.testing.assert_allclose(im.get_extent(), [-1.0, 2.0, -0.2, 0.2])
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("gradient entry", "parameter value")

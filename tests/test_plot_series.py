@@ -361,3 +361,77 @@ def test_save_run_plots_from_run_dir(tmp_path: Path) -> None:
   paths = save_run_plots(tmp_path / "run", tmp_path / "plots")
   assert sorted(p.name for p in paths) == ["loss.png", "updates_ratio.png"]
   assert all(p.read_bytes()[:8] == PNG_MAGIC for p in paths)
+
+
+# ----------------------------------------------------------- error bars (issue 18)
+
+SN = np.array([2.0, 2.5, 2.8, 2.9, 3.0, 3.0])  # power-iteration spectral norms
+SN_RES = np.array([1.5, 0.1, 0.05, 0.02, 0.01, np.nan])  # step 0: 1.5 ≥ 2/2, not converged
+
+
+def _spectral_history() -> History:
+  records = []
+  for s in range(6):
+    records.append(
+      (
+        s,
+        {
+          "params/spectral_norm/Dense_0/kernel": SN[s],
+          "params/spectral_norm_residual/Dense_0/kernel": SN_RES[s],
+          "params/spectral_norm/Dense_1/kernel": 1.0,  # no error bar
+          "hess_trace": 50.0 + s if s else 500.0,
+          "hess_trace_stderr": 1.0 if s else 400.0,  # step 0: 2σ = 800 ≥ 500
+          "alpha": np.nan if s == 0 else 0.1 * s,
+        },
+      )
+    )
+  return History(records)
+
+
+def _by_gid(ax, gid: str) -> list:
+  return [a for a in ax.get_children() if a.get_gid() == gid]
+
+
+def test_metric_figure_residual_band_and_noise() -> None:
+  ax = metric_figure(_spectral_history(), "params", "spectral_norm").axes[0]
+  # The residual is the band of its parent, not a line of its own.
+  lines = {ln.get_label(): ln for ln in ax.get_lines() if not ln.get_label().startswith("_")}
+  assert list(lines) == ["Dense_0/kernel", "Dense_1/kernel"]
+  np.testing.assert_array_equal(lines["Dense_0/kernel"].get_xdata(), [1, 2, 3, 4, 5])
+  (band,) = _by_gid(ax, "band:Dense_0/kernel")
+  ys = np.concatenate([p.vertices[:, 1] for p in band.get_paths()])
+  # Steps 1–4 (step 5's residual is NaN: no band there, the reading stays on the line).
+  assert ys.min() == pytest.approx(np.min(SN[1:5] - SN_RES[1:5]))
+  assert ys.max() == pytest.approx(np.max(SN[1:5] + SN_RES[1:5]))
+  assert not _by_gid(ax, "band:Dense_1/kernel")
+  (dots,) = _by_gid(ax, "noise:Dense_0/kernel")
+  np.testing.assert_array_equal(dots.get_xdata(), [0])
+  assert [t.get_text() for t in ax.texts] == [
+    "Dense_0/kernel: 1 of 6 readings within noise (residual ≥ |value|/2): hollow"
+  ]
+
+
+def test_scalar_figure_stderr_band_noise_and_nan_alpha() -> None:
+  h = _spectral_history()
+  ax = scalar_figure(h, "hess_trace").axes[0]
+  # Step 0 (500 ± 800) is within noise: not on the line, not in the y range nor the log
+  # choice; the x range still starts at step 0.
+  (line,) = [ln for ln in ax.get_lines() if ln.get_label() == "hess_trace"]
+  np.testing.assert_array_equal(line.get_xdata(), [1, 2, 3, 4, 5])
+  assert ax.get_ylim()[1] < 100.0 and ax.get_xlim()[0] <= 0.0
+  assert ax.get_yscale() == "linear"
+  (band,) = _by_gid(ax, "band:hess_trace")
+  ys = np.concatenate([p.vertices[:, 1] for p in band.get_paths()])
+  assert (ys.min(), ys.max()) == pytest.approx((49.0, 57.0))
+  assert [t.get_text() for t in ax.texts] == ["1 of 6 readings within noise (2σ ≥ |value|): hollow"]
+  # α is NaN at step 0 (no update yet): a gap, not 0, not marked; a loss NaN still is.
+  ax = scalar_figure(h, "alpha").axes[0]
+  (line,) = ax.get_lines()
+  assert np.isnan(line.get_ydata()[0]) and ax.get_legend() is None and not _marks(ax)
+  h = History([(0, {"loss": np.nan}), (1, {"loss": 1.0})])
+  assert len(_marks(scalar_figure(h, "loss").axes[0])) == 1
+
+
+def test_save_run_plots_skips_error_bar_keys(tmp_path: Path) -> None:
+  names = [p.name for p in save_run_plots(_spectral_history(), tmp_path, dpi=20)]
+  assert names == ["params_spectral_norm.png", "hess_trace.png", "alpha.png"]

@@ -8,14 +8,21 @@ one ``_draw_*`` function of an axes and the data :func:`_panels` picked from the
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
 
-from jaxscope.plot._common import log_worthy, mark_nonfinite, masked
+from jaxscope.plot._common import (
+  ErrorBar,
+  draw_reading,
+  error_bar,
+  log_worthy,
+  mark_nonfinite,
+  note_noise,
+)
 from jaxscope.record import History
 
 __all__ = ["cockpit"]
@@ -23,10 +30,18 @@ __all__ = ["cockpit"]
 _COLUMNS = 4
 _HIST_1D = ("per_example_grads/hist_counts", "per_example_grads/hist_edges")
 _HIST_2D = (
-  "per_example_grads/hist2d_counts",
-  "per_example_grads/hist2d_param_edges",
+  "per_example_grads/hist2d_counts_grad_param",
   "per_example_grads/hist2d_grad_edges",
+  "per_example_grads/hist2d_param_edges",
 )
+"""The 2-D histogram: counts ``[grad bins, param bins]`` (Cockpit's order), gradient edges,
+parameter edges."""
+_HIST_2D_OLD = (
+  "per_example_grads/hist2d_counts",
+  "per_example_grads/hist2d_grad_edges",
+  "per_example_grads/hist2d_param_edges",
+)
+"""The 2-D histogram of runs recorded before issue 18: counts ``[param bins, grad bins]``."""
 _ONE_PANEL_EACH = (
   ("mean_gsnr", "mean GSNR"),
   ("cabs", "CABS batch size"),
@@ -130,26 +145,46 @@ def _draw_lines(
   ax: Any,
   series: Sequence[tuple[str, Series]],
   *,
+  errors: Mapping[str, ErrorBar] | None = None,
   log: bool | None = None,
   ratio: float = 100.0,
   robust: bool = False,
+  nan_unmeasured: bool = False,
 ) -> None:
-  """Draws labelled step series with gaps and red marks at non-finite values; log y when
-  ``log`` (``None``: all finite values > 0 spanning more than ``ratio``), where values
-  ≤ 0 are gaps too; with ``robust``, a linear axis leaves far outliers off the scale."""
+  """Draws labelled step series with their error bands (:func:`draw_reading`).
+
+  Non-finite values are gaps, marked in red at the top of the axes (with
+  ``nan_unmeasured``, a NaN means "not measured" and only ±Inf is marked). Readings within
+  noise (``errors``, by label) are hollow, counted in a note, and left out of the y range and
+  the log-scale choice unless every reading is noise. Log y when ``log`` (``None``: all
+  trusted finite values > 0 spanning more than ``ratio``), where values ≤ 0 are gaps too;
+  with ``robust``, a linear axis leaves far outliers off the scale.
+  """
+  errors = errors or {}
+  trusted = []
+  for label, (_, values) in series:
+    err = errors.get(label)
+    trusted.append(values[~err.within_noise(values)] if err is not None else values)
+  some_trusted = any(np.isfinite(t).any() for t in trusted)
   if log is None:
-    log = log_worthy([v for _, (_, v) in series], ratio)
+    log = log_worthy(trusted, ratio)
   bad: list[np.ndarray] = []
+  notes: list[tuple[str, int, int, str]] = []
   for label, (steps, values) in series:
-    marker = "o" if len(steps) == 1 else None
-    ax.plot(steps, masked(values, positive=log), label=label, marker=marker, lw=1.0)
-    bad.append(steps[~np.isfinite(values)])
+    err = errors.get(label)
+    k = draw_reading(
+      ax, steps, values, err, label=label, log=log, autoscale_noise=not some_trusted, lw=1.0
+    )
+    if err is not None:
+      notes.append((label, k, int(np.isfinite(values).sum()), err.rule))
+    bad.append(steps[np.isinf(values) if nan_unmeasured else ~np.isfinite(values)])
   if log:
     ax.set_yscale("log")
   elif robust:
-    _robust_ylim(ax, [v for _, (_, v) in series])
+    _robust_ylim(ax, trusted)
   if bad:
     mark_nonfinite(ax, np.concatenate(bad))
+  note_noise(ax, notes, named=len(series) > 1)
   ax.set_xlabel("step")
   ax.grid(True, alpha=0.3)
   if len(series) > 1 or any(b.size for b in bad):
@@ -157,9 +192,10 @@ def _draw_lines(
 
 
 def _draw_alpha_trace(ax: Any, alpha: Series) -> None:
-  """α over steps with the ``α = 0`` line."""
+  """α over steps with the ``α = 0`` line; NaN (no update yet, e.g. step 0) is not
+  measured: a gap, not marked."""
   ax.axhline(0.0, color="0.4", lw=0.8, ls="--", zorder=0)
-  _draw_lines(ax, [("α", alpha)], log=False)
+  _draw_lines(ax, [("α", alpha)], log=False, nan_unmeasured=True)
 
 
 def _draw_alpha_gauge(ax: Any, alpha: Series) -> None:
@@ -188,9 +224,12 @@ def _draw_gradient_tests(ax: Any, tests: Sequence[tuple[str, Series]]) -> None:
   ax.legend(fontsize="x-small")
 
 
-def _draw_largest_eigenvalue(ax: Any, max_ev: Series, lr: float | None) -> None:
-  """λ_max (log y when positive) with the stability limit ``2/η`` when ``lr`` is known."""
-  _draw_lines(ax, [("λ_max", max_ev)], log=log_worthy([max_ev[1]], 1.0))
+def _draw_largest_eigenvalue(
+  ax: Any, max_ev: Series, lr: float | None, err: ErrorBar | None = None
+) -> None:
+  """λ_max (log y when the trusted readings are positive) with its error band and the
+  stability limit ``2/η`` when ``lr`` is known."""
+  _draw_lines(ax, [("λ_max", max_ev)], errors={"λ_max": err} if err else None, ratio=1.0)
   if lr is not None:
     ax.axhline(2.0 / lr, color="tab:red", lw=0.8, ls="--", label=f"2/η = {2.0 / lr:.3g}")
     ax.legend(fontsize="x-small")
@@ -213,32 +252,44 @@ def _draw_hist_1d(ax: Any, hist: tuple[int, list[np.ndarray]]) -> None:
 
 
 def _draw_hist_2d(ax: Any, hist: tuple[int, list[np.ndarray]]) -> None:
-  """Per-example gradient entries against parameter values of one step, ``log(1 + count)``."""
-  s, (counts, px, gy) = hist
+  """Per-example gradient entries (x) against parameter values (y) of one step, as Cockpit
+  draws them, ``log(1 + count)``; the counts are ``[grad bins, param bins]``."""
+  s, (counts, gx, py) = hist
   ax.set_title(f"gradient vs parameter, step {s}\ncolour: log(1 + count)")
-  ax.set_xlabel("parameter value")
-  ax.set_ylabel("gradient entry")
+  ax.set_xlabel("gradient entry")
+  ax.set_ylabel("parameter value")
   good = (
     counts.ndim == 2
-    and px.shape == (counts.shape[0] + 1,)
-    and gy.shape == (counts.shape[1] + 1,)
-    and np.all(np.isfinite(px))
-    and np.all(np.isfinite(gy))
-    and px[-1] > px[0]
-    and gy[-1] > gy[0]
+    and gx.shape == (counts.shape[0] + 1,)
+    and py.shape == (counts.shape[1] + 1,)
+    and np.all(np.isfinite(gx))
+    and np.all(np.isfinite(py))
+    and gx[-1] > gx[0]
+    and py[-1] > py[0]
   )
   if not good:
     ax.text(0.5, 0.5, "no finite histogram", ha="center", va="center", transform=ax.transAxes)
     return
   c = np.log1p(np.where(np.isfinite(counts) & (counts > 0), counts, 0.0))
   ax.imshow(
-    c.T,
+    c.T,  # rows: parameter bins (y), columns: gradient bins (x)
     origin="lower",
     aspect="auto",
-    extent=(px[0], px[-1], gy[0], gy[-1]),
+    extent=(gx[0], gx[-1], py[0], py[-1]),
     cmap="viridis",
     interpolation="nearest",
   )
+
+
+def _hist_2d(history: History, step: int | None) -> tuple[int, list[np.ndarray]] | None:
+  """The 2-D histogram ``(step, [counts[grad, param], grad edges, param edges])`` of
+  :data:`_HIST_2D`, else of an old run's :data:`_HIST_2D_OLD` (counts transposed)."""
+  if (h := _hist_step(history, _HIST_2D, step)) is not None:
+    return h
+  if (h := _hist_step(history, _HIST_2D_OLD, step)) is not None:
+    s, (counts, gx, py) = h
+    return s, [counts.T if counts.ndim == 2 else counts, gx, py]
+  return None
 
 
 def _panels(history: History, step: int | None) -> list[Panel]:
@@ -248,6 +299,10 @@ def _panels(history: History, step: int | None) -> list[Panel]:
   def scalars(*keys: str) -> list[tuple[str, Series]]:
     out = [(k, _scalar(history, k)) for k in keys]
     return [(k, s) for k, s in out if s is not None]
+
+  def errors(series: Sequence[tuple[str, Series]]) -> dict[str, ErrorBar]:
+    bars = {k: error_bar(history, k, s[0]) for k, s in series}
+    return {k: e for k, e in bars.items() if e is not None}
 
   if loss := scalars("loss", "test/loss"):
     panels.append(("loss", partial(_draw_lines, series=loss, ratio=20.0)))
@@ -263,19 +318,21 @@ def _panels(history: History, step: int | None) -> list[Panel]:
   if (gnorm := _leaf_total(history, "grads", "norm", quadrature=True)) is not None:
     panels.append(("gradient norm", partial(_draw_lines, series=[("‖g‖", gnorm)])))
   if (max_ev := _scalar(history, "hess_max_ev")) is not None:
-    draw = partial(_draw_largest_eigenvalue, max_ev=max_ev, lr=_learning_rate(history))
+    err = error_bar(history, "hess_max_ev", max_ev[0])
+    draw = partial(_draw_largest_eigenvalue, max_ev=max_ev, lr=_learning_rate(history), err=err)
     panels.append(("largest Hessian eigenvalue", draw))
   if (trace := _scalar(history, "hess_trace")) is not None:
-    log = log_worthy([trace[1]], 1.0)
-    panels.append(("Hessian trace", partial(_draw_lines, series=[("tr H", trace)], log=log)))
+    bar = {"tr H": e} if (e := error_bar(history, "hess_trace", trace[0])) else None
+    draw = partial(_draw_lines, series=[("tr H", trace)], errors=bar, ratio=1.0)
+    panels.append(("Hessian trace", draw))
   if tic := scalars("tic_diag", "tic_trace"):
-    panels.append(("TIC", partial(_draw_lines, series=tic, robust=True)))
+    panels.append(("TIC", partial(_draw_lines, series=tic, errors=errors(tic), robust=True)))
   for key, title in _ONE_PANEL_EACH:
-    if (s := _scalar(history, key)) is not None:
-      panels.append((title, partial(_draw_lines, series=[(key, s)])))
+    if s := scalars(key):
+      panels.append((title, partial(_draw_lines, series=s, errors=errors(s))))
   if (h1 := _hist_step(history, _HIST_1D, step)) is not None:
     panels.append(("", partial(_draw_hist_1d, hist=h1)))
-  if (h2 := _hist_step(history, _HIST_2D, step)) is not None:
+  if (h2 := _hist_2d(history, step)) is not None:
     panels.append(("", partial(_draw_hist_2d, hist=h2)))
   return panels
 
@@ -304,7 +361,8 @@ def cockpit(
   * **loss**: ``loss`` and, when present, ``test/loss``;
   * **α over steps** with the ``α = 0`` line (the update reached the minimum of the
     noise-aware quadratic fit along its direction; ``α < 0`` understeps, ``α > 0``
-    overshoots);
+    overshoots); α is NaN until a previous update exists (step 0): not measured, so a gap
+    without a mark;
   * **α distribution**: a histogram of the α values, the 0 line, the share on each side and
     the mean (Cockpit's alpha gauge);
   * **gradient tests**: ``norm_test``, ``inner_test`` and ``ortho_test`` (the largest θ / ν
@@ -315,18 +373,28 @@ def cockpit(
   * **gradient norm**: the leaves' ``grads/norm/*`` added in quadrature;
   * **largest Hessian eigenvalue** ``hess_max_ev`` (log y when positive), with the
     stability limit ``2/η`` of gradient descent when the run's configuration holds ``lr``
-    or ``learning_rate``;
-  * **Hessian trace** ``hess_trace`` (log y when positive);
-  * **TIC**: ``tic_diag`` and ``tic_trace`` (far outliers, from a near-zero curvature
-    estimate in a denominator, are left off the scale and counted);
+    or ``learning_rate``, and the band ``± hess_max_ev_residual``;
+  * **Hessian trace** ``hess_trace`` (log y when positive), band ``± 2 · hess_trace_stderr``;
+  * **TIC**: ``tic_diag`` and ``tic_trace`` with their ``±2σ`` bands (far outliers, from a
+    near-zero curvature estimate in a denominator, are left off the scale and counted);
   * ``mean_gsnr``, ``cabs`` and ``early_stopping``, one panel each;
   * the **per-example gradient histogram** of one step (bars from
     ``per_example_grads/hist_counts`` and ``hist_edges``, log counts);
-  * the **2-D histogram** of per-example gradient entries against parameter values of the
-    same step (``log(1 + count)`` over the ``hist2d_param_edges`` × ``hist2d_grad_edges``
-    extent).
+  * the **2-D histogram** of per-example gradient entries (x) against parameter values (y)
+    of the same step, as Cockpit draws it (``log(1 + count)`` of
+    ``hist2d_counts_grad_param[grad bin, param bin]`` over the ``hist2d_grad_edges`` ×
+    ``hist2d_param_edges`` extent; an older run's ``hist2d_counts[param bin, grad bin]`` is
+    transposed).
 
-  Non-finite values are gaps in the lines, marked with a red ``x`` at their steps.
+  Non-finite values are gaps in the lines, marked with a red ``x`` at their steps (except
+  a NaN α, which is not measured).
+
+  **Error bars.** A scalar ``K`` recorded with ``K_stderr`` (a standard error) is drawn
+  with the band ``K ± 2 · K_stderr``; with ``K_residual`` (a convergence residual), with
+  ``K ± K_residual`` (same colour, alpha 0.2). A reading within noise (``2 · K_stderr ≥
+  |K|``, or ``K_residual ≥ |K|/2``) is a hollow grey circle, left out of the line, the band,
+  the y range and the log-scale choice (unless every reading of the panel is noise), and
+  the panel counts them: ``"3 of 40 readings within noise (2σ ≥ |value|): hollow"``.
 
   Args:
     history: the recorded run, or its run directory.

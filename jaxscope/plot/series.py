@@ -14,9 +14,14 @@ from matplotlib.figure import Figure
 from jaxscope.plot._common import (
   FIGSIZE,
   MANY_LAYERS,
+  ErrorBar,
   column_bounds,
+  companion_parent,
+  draw_reading,
+  error_bar,
   log_worthy,
   mark_nonfinite,
+  note_noise,
   scalar_series,
 )
 from jaxscope.plot.stacks import stack_families, stack_figure
@@ -25,30 +30,42 @@ from jaxscope.record import History
 __all__ = ["histogram_figure", "metric_figure", "save_run_plots", "scalar_figure"]
 
 
+NAN_NOT_MEASURED = frozenset({"alpha"})
+"""Scalar keys whose NaN means "not measured yet" (α before the first update): a gap in the
+line, not marked as non-finite."""
+
+
 def _line_figure(
-  series: Sequence[tuple[str, np.ndarray, np.ndarray]],
+  series: Sequence[tuple[str, np.ndarray, np.ndarray, ErrorBar | None]],
   *,
   title: str,
   ylabel: str,
   logy: bool | None,
+  nan_unmeasured: bool = False,
 ) -> Figure:
-  """One line per ``(label, steps, values)``, non-finite values as gaps marked in red."""
+  """One line per ``(label, steps, values, error bar)`` with its band
+  (:func:`~jaxscope.plot._common.draw_reading`); non-finite values are gaps marked in red
+  (with ``nan_unmeasured``, only ±Inf is marked); readings within noise are hollow,
+  counted in a note and left out of the y range and of the log-scale choice."""
   fig = Figure(figsize=FIGSIZE, layout="constrained")
   ax = fig.add_subplot()
-  ys = []
-  bad_steps: list[np.ndarray] = []
-  for label, steps, values in series:
-    bad = ~np.isfinite(values)
-    y = np.where(bad, np.nan, values)
-    ys.append(y)
-    bad_steps.append(steps[bad])
-    marker = "o" if len(steps) == 1 else None
-    ax.plot(steps, y, label=label, marker=marker)
+  trusted = [v if e is None else v[~e.within_noise(v)] for _, _, v, e in series]
+  some_trusted = any(np.isfinite(t).any() for t in trusted)
   if logy is None:
-    logy = log_worthy(ys, 100.0)
+    logy = log_worthy(trusted, 100.0)
+  bad_steps: list[np.ndarray] = []
+  notes: list[tuple[str, int, int, str]] = []
+  for label, steps, values, err in series:
+    bad_steps.append(steps[np.isinf(values) if nan_unmeasured else ~np.isfinite(values)])
+    k = draw_reading(
+      ax, steps, values, err, label=label, log=bool(logy), autoscale_noise=not some_trusted
+    )
+    if err is not None:
+      notes.append((label, k, int(np.isfinite(values).sum()), err.rule))
   if logy:
     ax.set_yscale("log")
   marked = mark_nonfinite(ax, np.concatenate(bad_steps) if bad_steps else [], unit=" steps")
+  note_noise(ax, notes, named=len(series) > 1)
   ax.set_title(title)
   ax.set_xlabel("step")
   ax.set_ylabel(ylabel)
@@ -59,6 +76,12 @@ def _line_figure(
     else:
       ax.legend(fontsize="small")
   return fig
+
+
+def _with_error(history: History, key: str) -> tuple[np.ndarray, np.ndarray, ErrorBar | None]:
+  """``(steps, values, error bar)`` of a scalar key (error bar: ``None`` without one)."""
+  steps, values = scalar_series(history, key)
+  return steps, values, error_bar(history, key, steps)
 
 
 def metric_figure(
@@ -77,11 +100,15 @@ def metric_figure(
     stat: e.g. ``"norm"``.
     layers: the layers to draw (default: all recorded ones, one line each, labelled
       with the layer name).
-    logy: log y scale; ``None`` picks it when all finite values are positive and span
-      more than two decades.
+    logy: log y scale; ``None`` picks it when all finite values (less those within noise)
+      are positive and span more than two decades.
 
   Returns:
-    A figure titled ``"{topic}/{stat}"``.
+    A figure titled ``"{topic}/{stat}"``. A layer recorded with an error bar
+    ``{topic}/{stat}_stderr/{layer}`` (a standard error) or ``{topic}/{stat}_residual/{layer}``
+    (a convergence residual) gets the band ``value ± 2σ`` or ``value ± residual``; its
+    readings within noise (``2σ ≥ |value|``, or ``residual ≥ |value|/2``) are hollow grey
+    circles left out of the line and the y range, and a note counts them.
 
   Raises:
     KeyError: nothing recorded under ``{topic}/{stat}`` (or for a given layer).
@@ -92,7 +119,7 @@ def metric_figure(
     if not layers:
       pairs = [f"{t}/{s}" for t in history.topics() for s in history.stats(t)]
       raise KeyError(f"metric_figure: no layer recorded under {topic}/{stat}; have {pairs}.")
-  series = [(lay, *scalar_series(history, f"{topic}/{stat}/{lay}")) for lay in layers]
+  series = [(lay, *_with_error(history, f"{topic}/{stat}/{lay}")) for lay in layers]
   return _line_figure(series, title=f"{topic}/{stat}", ylabel=stat, logy=logy)
 
 
@@ -105,10 +132,14 @@ def scalar_figure(history: History, key: str, *, logy: bool | None = None) -> Fi
     logy: as in :func:`metric_figure`.
 
   Returns:
-    A figure titled ``key``.
+    A figure titled ``key``, with the band of ``{key}_stderr`` or ``{key}_residual`` when
+    recorded (as in :func:`metric_figure`). A NaN of a key in :data:`NAN_NOT_MEASURED`
+    (``alpha``) is a gap without a mark.
   """
-  steps, values = scalar_series(history, key)
-  return _line_figure([(key, steps, values)], title=key, ylabel=key, logy=logy)
+  series = [(key, *_with_error(history, key))]
+  return _line_figure(
+    series, title=key, ylabel=key, logy=logy, nan_unmeasured=key in NAN_NOT_MEASURED
+  )
 
 
 def histogram_figure(
@@ -203,7 +234,9 @@ def save_run_plots(
   (:func:`~jaxscope.plot.stacks.stack_figure`), ``{key}.png`` per network-level scalar
   key (:func:`scalar_figure`), and
   ``{topic}_{stat}_{layer}.png`` per histogram (:func:`histogram_figure`, ``/`` in the
-  layer name replaced by ``_``). Other array-valued keys are skipped.
+  layer name replaced by ``_``). Other array-valued keys are skipped, and so are the error
+  bars of a recorded reading (``K_stderr``, ``K_residual``, ``{topic}/{stat}_stderr/…``):
+  they are drawn as the band of ``K``, not as a metric of their own.
 
   Args:
     history: the recorded run, or its run directory.
@@ -232,13 +265,16 @@ def save_run_plots(
       if stat.endswith("_counts") and stat[: -len("_counts")] + "_edges" in stats:
         histograms += [(topic, stat[: -len("_counts")], lay) for lay in layers]
         continue
+      if companion_parent(stat, stats) is not None:
+        continue  # an error bar: the band of its parent
       scalar = [lay for lay in layers if history[f"{topic}/{stat}/{lay}"].ndim == 1]
       if scalar:
         save(metric_figure(history, topic, stat, scalar), _file_name(topic, stat))
         if stack_families(scalar):
           save(stack_figure(history, topic, stat), _file_name(topic, stat, "stack"))
-  for key in history.keys():
-    if key.count("/") < 2 and history[key].ndim == 1:
+  keys = history.keys()
+  for key in keys:
+    if key.count("/") < 2 and history[key].ndim == 1 and companion_parent(key, keys) is None:
       save(scalar_figure(history, key), _file_name(key))
   for topic, stat, layer in histograms:
     save(histogram_figure(history, topic, layer, stat=stat), _file_name(topic, stat, layer))
