@@ -404,6 +404,60 @@ def test_lr_curvature_fraction_with_decaying_lr():
   assert f.evidence["values"]["max_product"] == pytest.approx(5.0)
 
 
+def _curvature_run(ev: np.ndarray, **errors: np.ndarray) -> History:
+  """λ_max readings (lr 0.05, plain SGD: the limit is 2/0.05 = 40) with error bars."""
+  base = _base(19)
+  base["hess_max_ev"] = ev
+  for name, e in errors.items():
+    base[f"hess_max_ev_{name}"] = e
+  return _history(base)
+
+
+def test_lr_curvature_ignores_noisy_readings():
+  ev = np.full(N, 100.0)  # lr · λ = 5 > 2 at every step
+  assert "lr_above_curvature_limit" in _names(diagnose(_curvature_run(ev)))
+  # Unconverged (residual 60 ≥ 100/2) or noisy (2σ = 200 ≥ 100): the rule does not fire,
+  # and an info note says the curvature could not be judged.
+  for errors in ({"residual": np.full(N, 60.0)}, {"stderr": np.full(N, 100.0)}):
+    findings = diagnose(_curvature_run(ev, **errors))
+    assert "lr_above_curvature_limit" not in _names(findings)
+    note = _one(findings, "curvature_not_judged")
+    assert note.severity == "info"
+    (kind,) = errors
+    assert note.evidence["values"]["error_key"] == f"hess_max_ev_{kind}"
+    assert note.evidence["values"]["ignored_noise"] == N == note.evidence["values"]["measured"]
+    assert "could not be judged" in note.summary and note.advice
+  # Tight error bars (residual 1, stderr 1): the rule fires as without them.
+  for errors in ({"residual": np.full(N, 1.0)}, {"stderr": np.full(N, 1.0)}):
+    f = _one(diagnose(_curvature_run(ev, **errors)), "lr_above_curvature_limit")
+    assert f.evidence["values"]["fraction"] == 1.0
+    assert f.evidence["values"]["ignored_noise"] == 0
+
+
+def test_lr_curvature_counts_ignored_readings():
+  # Early unconverged readings far above the limit (like a warm start's first steps), then
+  # converged ones below it: 60 % over the limit without error bars, none with them.
+  ev = np.where(np.arange(N) < 600, 100.0, 10.0)
+  res = np.where(np.arange(N) < 600, 80.0, 0.1)
+  assert "lr_above_curvature_limit" in _names(diagnose(_curvature_run(ev)))
+  findings = diagnose(_curvature_run(ev, residual=res))
+  assert not {"lr_above_curvature_limit", "curvature_not_judged"} & set(_names(findings))
+  # Noise (a negative reading too) ignored, the rest over the limit: the evidence says how
+  # many readings were left out and why; a missing or zero error bar counts as measured.
+  ev = np.where(np.arange(N) < 200, -7e-3, 100.0)
+  res = np.where(np.arange(N) < 200, 0.4, 0.5)
+  res[500] = 0.0
+  base = _base(19)
+  base["hess_max_ev"] = ev
+  h = _history(base, {"hess_max_ev_residual": dict(enumerate(res[:900]))})
+  f = _one(diagnose(h), "lr_above_curvature_limit")
+  v = f.evidence["values"]
+  assert (v["measured"], v["ignored_noise"], v["fraction"]) == (N, 200, 1.0)
+  assert v["noise_rule"] == "residual ≥ |λ_max|/2"
+  assert f.evidence["steps"][0] == 200
+  assert "200 of the 1000 λ_max readings were ignored as noise" in f.summary
+
+
 # --------------------------------------------------------------------------- output
 
 

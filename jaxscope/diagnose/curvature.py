@@ -4,10 +4,17 @@ of the run's optimizer (gradient descent on a quadratic is stable only for
 
 It reads ``hess_max_ev``, ``lr`` (else ``config["lr"]``) and the optimizer from the run's
 config; :func:`_optimizer_limit` is the one place that maps an optimizer to its limit.
+
+Readings whose error bar says they are noise are ignored (issue 18's key contract): with
+``hess_max_ev_residual`` (the convergence residual ``‖Hv − λv‖``, within which an eigenvalue
+lies) when ``residual ≥ |λ_max|/2``, with ``hess_max_ev_stderr`` when ``2 · stderr ≥
+|λ_max|``, i.e. in both cases when ``2 · e ≥ |λ_max|`` for an error bar ``e > 0``
+(:func:`_within_noise`). A reading without an error bar (an older run) counts.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -21,7 +28,18 @@ from jaxscope.transforms.aliases import optimizer_hparams
 
 _ADAPTIVE_HINT = re.compile(r"adam|rms|ada|lion|lamb|lars|sm3|yogi|novograd|fromage|sophia|shampoo")
 
-#: The momentum assumed for ``"momentum"`` / ``"nesterov"`` without ``optimizer_args["momentum"]``.
+#: The error bars of a reading ``K``, looked for in this order: ``(suffix, rule)``. Both
+#: are noise when ``2 · e ≥ |K|``: a standard error's 2σ band, or a residual of half the value.
+_ERROR_BARS = (
+  ("_stderr", "2 · stderr ≥ |λ_max|"),
+  ("_residual", "residual ≥ |λ_max|/2"),
+)
+
+_NOT_JUDGED_ADVICE = [
+  "measure λ_max with more power iterations or Lanczos steps, so that its residual falls "
+  "below |λ_max|/2",
+  "record more steps: a warm-started estimate converges over the steps",
+]
 
 
 def _optimizer_limit(optimizer: str, optimizer_args: Any, limit: float) -> float | None:
@@ -61,6 +79,59 @@ def _curvature_limit(config: Mapping[str, Any], th: Thresholds) -> float | None:
   return _optimizer_limit(str(config.get("optimizer", "sgd")), args, th.curvature_limit)
 
 
+def _within_noise(
+  h: History, key: str, steps: np.ndarray, values: np.ndarray
+) -> tuple[np.ndarray, str, str]:
+  """Which readings of ``key`` at ``steps`` are within noise by their error bar.
+
+  Args:
+    h: the run.
+    key: the reading's key (``"hess_max_ev"``).
+    steps: the steps of the finite readings.
+    values: the readings there.
+
+  Returns:
+    ``(mask, error key, rule)``: ``mask[i]`` when the error bar ``e`` of ``{key}_stderr``
+    (else ``{key}_residual``) at ``steps[i]`` is finite, ``> 0`` and ``2 · e ≥ |value|``
+    (an error bar of 0 is an exact reading); all ``False``, ``""`` and ``""`` without an
+    error bar key. Steps where the error bar was not recorded count as measured.
+  """
+  for suffix, rule in _ERROR_BARS:
+    found = _series(h, key + suffix)
+    if found is None:
+      continue
+    e_steps, e = found
+    idx = np.clip(np.searchsorted(e_steps, steps), 0, e_steps.size - 1)
+    err = np.where(e_steps[idx] == steps, e[idx], np.nan)
+    ok = np.isfinite(err) & (err > 0)
+    return ok & (2.0 * np.where(ok, err, 0.0) >= np.abs(values)), key + suffix, rule
+  return np.zeros(steps.shape, bool), "", ""
+
+
+def _not_judged(steps: np.ndarray, error_key: str, rule: str, limit: float) -> Finding:
+  """The note of a run whose every ``hess_max_ev`` reading is within noise."""
+  summary = (
+    f"The curvature could not be judged: all {steps.size} λ_max readings are within "
+    f"their error bar ({error_key}: {rule}), so lr · λ_max was not compared with the "
+    f"limit {_fmt(limit)}."
+  )
+  f = _finding(
+    "curvature_not_judged",
+    "info",
+    summary,
+    metric=["hess_max_ev"],
+    steps=steps,
+    values={
+      "measured": int(steps.size),
+      "ignored_noise": int(steps.size),
+      "limit": limit,
+      "error_key": error_key,
+      "noise_rule": rule,
+    },
+  )
+  return dataclasses.replace(f, advice=list(_NOT_JUDGED_ADVICE))
+
+
 def _lr_at(
   h: History, e_steps: np.ndarray, lam: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
@@ -90,6 +161,12 @@ def _rule_lr_curvature(h: History, th: Thresholds) -> list[Finding]:
   momentum β and ``2(1 + β)/(1 + 2β)`` for Nesterov momentum (``config["optimizer"]`` and
   ``config["optimizer_args"]``, β = 0.9 for ``"momentum"``/``"nesterov"``); the rule is
   skipped for adaptive optimizers (Adam, RMSProp, …), whose effective step differs.
+
+  Readings within noise by their error bar (``hess_max_ev_residual ≥ |λ_max|/2`` or
+  ``2 · hess_max_ev_stderr ≥ |λ_max|``) are ignored: they are neither measured steps nor
+  over the limit, and the evidence counts them (``values["ignored_noise"]`` of
+  ``values["measured"]``, with ``values["noise_rule"]``). When every reading is noise the
+  rule does not fire; it returns the info ``curvature_not_judged`` instead.
   Warning. Source: the classical quadratic stability bound; Cockpit's ``hess_max_ev``.
   """
   ev = _series(h, "hess_max_ev")
@@ -99,9 +176,13 @@ def _rule_lr_curvature(h: History, th: Thresholds) -> list[Finding]:
   if limit is None:
     return []
   e_steps, lam = _finite(*ev)
-  if e_steps.size == 0:
+  if e_steps.size == 0 or _lr_at(h, e_steps, lam) is None:
     return []
-  at = _lr_at(h, e_steps, lam)
+  noise, error_key, rule = _within_noise(h, "hess_max_ev", e_steps, lam)
+  if noise.all():
+    return [_not_judged(e_steps, error_key, rule, limit)]
+  measured, ignored = int(e_steps.size), int(noise.sum())
+  at = _lr_at(h, e_steps[~noise], lam[~noise])
   if at is None:
     return []
   e_steps, lam, lr = at
@@ -119,6 +200,19 @@ def _rule_lr_curvature(h: History, th: Thresholds) -> list[Finding]:
     f"step {int(e_steps[worst])}, i.e. lr {_fmt(lr[worst])} vs 2/λ_max "
     f"{_fmt(2 / lam[worst])})."
   )
+  values: dict[str, Any] = {
+    "limit": limit,
+    "fraction": frac,
+    "max_product": float(product[worst]),
+    "max_step": int(e_steps[worst]),
+    "measured": measured,
+    "ignored_noise": ignored,
+  }
+  if ignored:
+    summary += (
+      f" {ignored} of the {measured} λ_max readings were ignored as noise ({error_key}: {rule})."
+    )
+    values.update({"error_key": error_key, "noise_rule": rule})
   return [
     _finding(
       "lr_above_curvature_limit",
@@ -126,11 +220,6 @@ def _rule_lr_curvature(h: History, th: Thresholds) -> list[Finding]:
       summary,
       metric=["lr", "hess_max_ev"],
       steps=e_steps[over],
-      values={
-        "limit": limit,
-        "fraction": frac,
-        "max_product": float(product[worst]),
-        "max_step": int(e_steps[worst]),
-      },
+      values=values,
     )
   ]
