@@ -164,14 +164,19 @@ def test_histogram_is_exact_when_every_coordinate_is_sampled() -> None:
   gi = _per_example(params, x, y)
   edges = v["per_example_grads/hist_edges"]
   ref, _ = np.histogram(gi, bins=edges.astype(np.float64))
-  np.testing.assert_allclose(v["per_example_grads/hist_counts"], ref, atol=2)
+  # Integer counts: exact, summing to B·P (issue 18; float32 fractional weights did not).
+  np.testing.assert_array_equal(v["per_example_grads/hist_counts"], ref)
+  assert float(np.sum(v["per_example_grads/hist_counts"], dtype=np.float64)) == gi.size
+  assert float(v["per_example_grads/hist_nonfinite"]) == 0.0
+  # The range of the first measured step: ±1.2·max|g| (nothing clamped).
+  np.testing.assert_allclose(edges[[0, -1]], [-1.2 * np.abs(gi).max(), 1.2 * np.abs(gi).max()])
   pv = np.broadcast_to(_flat(params)[None], gi.shape)
-  ref2, _, _ = np.histogram2d(
-    pv.ravel(),
+  ref2, _, _ = np.histogram2d(  # Cockpit's axis order: gradient, then parameter.
     gi.ravel(),
-    bins=(v["per_example_grads/hist2d_param_edges"], v["per_example_grads/hist2d_grad_edges"]),
+    pv.ravel(),
+    bins=(v["per_example_grads/hist2d_grad_edges"], v["per_example_grads/hist2d_param_edges"]),
   )
-  np.testing.assert_allclose(v["per_example_grads/hist2d_counts"], ref2, atol=2)
+  np.testing.assert_array_equal(v["per_example_grads/hist2d_counts_grad_param"], ref2)
 
 
 @pytest.mark.slow
@@ -206,7 +211,7 @@ def test_alpha_closed_form_on_a_quadratic() -> None:
     p, o, s, v0 = step(p, o, s)
     p, o, s, v1 = step(p, o, s)
     expected = lr * (g @ a @ g) / (g @ g) - 1
-    assert float(v0["alpha"]) == 0.0  # no previous update yet
+    assert np.isnan(float(v0["alpha"]))  # no previous update yet: NaN, never 0 (issue 18)
     np.testing.assert_allclose(float(v1["alpha"]), expected, atol=2e-3)
 
 
@@ -243,7 +248,9 @@ def dense_hessian() -> dict:
 @pytest.mark.slow
 def test_curvature_matches_dense_hessian(dense_hessian: dict) -> None:
   params, x, y, h, eig = (dense_hessian[k] for k in ("params", "x", "y", "h", "eig"))
-  inst = instruments(["hess_max_ev", "hess_trace", "tic_trace"], hutchinson_probes=4)
+  inst = instruments(
+    ["hess_max_ev", "hess_trace", "tic_trace"], hutchinson_probes=4, curvature="hutchinson"
+  )
   vals, _, _ = _run(inst, 60, params, [(x, y)], lr=0.0)  # θ fixed: H is the same each step
   top = eig[np.argmax(np.abs(eig))]
   # Warm-started power iteration, one HVP per step: within 5 % after warm-up.

@@ -23,10 +23,13 @@ What each preset measures (the same quantities as Cockpit's configurations):
 
 * ``economy``: ``loss``, ``grads/norm/{leaf}``, ``params/distance/{leaf}``,
   ``updates/norm/{leaf}``, ``alpha``, ``norm_test``, ``inner_test``, ``ortho_test``,
-  ``per_example_grads/hist_{counts,edges}``;
-* ``business``: economy + ``tic_diag`` + ``hess_trace`` (and ``hessian/trace/{leaf}``);
-* ``full``: business + ``hess_max_ev`` +
-  ``per_example_grads/hist2d_{counts,param_edges,grad_edges}``.
+  ``per_example_grads/hist_{counts,edges,nonfinite}``;
+* ``business``: economy + ``tic_diag`` + ``hess_trace`` (and ``hessian/trace/{leaf}``), each
+  with its standard error (``tic_diag_stderr``, ``hess_trace_stderr``,
+  ``hessian/trace_stderr/{leaf}``);
+* ``full``: business + ``hess_max_ev`` (and ``hess_max_ev_residual``) +
+  ``per_example_grads/hist2d_counts_grad_param`` (``[gradient bins, parameter bins]``, as
+  Cockpit's ``GradHist2d``) with ``per_example_grads/hist2d_{grad,param}_edges``.
 
 Not in a preset, as in Cockpit: ``mean_gsnr``, ``cabs``, ``early_stopping``, ``tic_trace``,
 and jaxscope's ``grad_variance`` (``per_example_grads/variance/{leaf}``,
@@ -43,12 +46,33 @@ How each is computed (the cheap exact routes; see :mod:`jaxscope.metrics.noise` 
   update): one forward-mode pass for all directions (:func:`~jaxscope.metrics.noise.projections`);
 * curvature: Hessian-vector products by forward-over-reverse differentiation of the
   gradient (:mod:`jaxscope.metrics.hvp`: one batched ``jax.jvp`` pass for the probes and a
-  one-step power iteration, else one ``jax.linearize``): Hutchinson probes for the trace
-  and diagonal, a warm-started power iteration for ``λ_max`` (Cockpit restarts from
-  scratch each step, ≈ 30 HVPs; here ``max_ev_iters`` per step carried over steps);
-* histograms of per-example gradient entries on a fixed uniform sample of coordinates,
-  weighted to estimate the full ``B·P`` histogram
-  (:class:`~jaxscope.metrics.noise.HistogramSample`).
+  one-step power iteration, else one ``jax.linearize``): the exact diagonal or Hutchinson
+  probes for the trace and diagonal, a warm-started power iteration for ``λ_max`` with a
+  residual check (Cockpit restarts from scratch each step, ≈ 30 HVPs; here
+  ``max_ev_iters`` per step carried over steps, refined by Lanczos when not converged);
+* histograms of per-example gradient entries on a fixed uniform sample of coordinates:
+  integer counts per leaf times the leaf's sampling weight, exact (summing to ``B·P``) for
+  full data and unbiased for samples, on a range kept from the first measured step
+  (:func:`~jaxscope.metrics.noise.sampled_histogram`).
+
+**Error bars** (issue 18; ``docs/fidelity.md`` measures them against float64):
+
+* ``curvature="exact"`` computes the diagonal from ``P`` one-hot HVPs per measured step
+  and gives exact traces and TICs; ``"hutchinson"`` estimates them from
+  ``hutchinson_probes`` probes with standard errors ``*_stderr``
+  (:func:`~jaxscope.metrics.hutchinson.trace_estimate`; with 8 probes
+  ``value ± 2·stderr`` covers the exact value in ~92–95% of draws; Cockpit's single
+  probe gives a reading whose error usually exceeds the trace). ``"auto"`` is exact up to
+  ``exact_max_params`` parameters (4096: a measured step of the 2.4 k-parameter digits
+  MLP then costs ~0.1 s on a 2-core CPU), Hutchinson above. ``tic_diag`` under Hutchinson
+  divides by a bias-corrected moving average of the diagonal estimates, whose per-entry
+  variance ``Σ_{k≠j} H_jk²`` its standard error carries (:func:`.hessian.tic_values`).
+* ``hess_max_ev`` reports ``hess_max_ev_residual = ‖Hv − λv‖``: an eigenvalue lies within
+  it. The first measured step and every step whose residual exceeds
+  ``max_ev_tol·|λ|`` are refined by ``max_ev_refine_iters`` Lanczos steps (each
+  recomputing the forward and backward pass), so the reading is converged from the first
+  recorded step.
+* ``alpha`` is NaN until an update exists (step 0).
 
 ``alpha`` and the update-based values are *two-step*: ``alpha`` at step ``t`` is the α of
 the update made at step ``t − 1`` (measured with the losses at ``θ_{t−1}`` and ``θ_t``);
@@ -57,8 +81,8 @@ measure (``lax.cond``/``lax.switch``; α's end point is step ``kn + 1``, which t
 forward-mode pass). ``values["measured"]`` tells whether the values are this step's.
 
 The package: :mod:`.config` (the quantities, presets and settings), :mod:`.state` (the
-state and the probe), :mod:`.grad` (the gradient side), :mod:`.update` (the update side)
-and :mod:`.build` (the factory).
+state and the probe), :mod:`.grad` (the gradient side), :mod:`.hessian` (its curvature),
+:mod:`.update` (the update side) and :mod:`.build` (the factory).
 """
 
 from jaxscope.metrics.instruments.build import instruments

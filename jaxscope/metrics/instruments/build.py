@@ -27,14 +27,20 @@ def instruments(
   hist_bins: int = 100,
   hist2d_bins: tuple[int, int] = (40, 50),
   hist_sample: int = 2048,
-  hutchinson_probes: int = 1,
+  hist_range: Any = "first",
+  hist2d_range: Any = "first",
+  hutchinson_probes: int = 8,
   max_ev_iters: int = 1,
   max_ev_method: str = "power",
+  max_ev_tol: float | None = 0.05,
+  max_ev_refine_iters: int = 20,
   eps: float = 1e-5,
   tic_eps: float = 1e-7,
-  tic_curvature: str = "hutchinson",
+  curvature: str = "auto",
+  exact_max_params: int = 4096,
   curvature_decay: float = 0.9,
   seed: int = 0,
+  tic_curvature: str | None = None,
 ) -> Instruments:
   """Builds Cockpit's instruments (see :mod:`jaxscope.metrics.instruments`).
 
@@ -49,20 +55,26 @@ def instruments(
     include, exclude: regular expressions of the layers captured for that route, and not.
     chunk: examples per ``vmap(grad)`` chunk.
     hist_bins: bins of ``grad_hist_1d`` (Cockpit: 100).
-    hist2d_bins: ``(parameter bins, gradient bins)`` of ``grad_hist_2d`` (Cockpit: 40×50).
+    hist2d_bins: ``(gradient bins, parameter bins)`` of ``grad_hist_2d`` (Cockpit: 40×50).
     hist_sample: parameter coordinates sampled for histograms (every example each).
-    hutchinson_probes: Rademacher probes per step for the trace and diagonal.
+    hist_range, hist2d_range: the histograms' ranges (values outside are clamped into the
+      edge bins): ``"first"`` (default: ``±1.2·max|x|`` of the first measured step, kept, so
+      bins compare across steps), ``"step"`` (each step's own), ``"cockpit"`` (Cockpit's
+      fixed ranges) or explicit ``(lo, hi)`` / ``((grad_lo, grad_hi), (param_lo, param_hi))``.
+    hutchinson_probes: Rademacher probes per measured step (default 8; see "Error bars"
+      in :mod:`jaxscope.metrics.instruments`).
     max_ev_iters: HVPs per step spent on ``λ_max`` (carried over steps).
     max_ev_method: ``"power"`` or ``"lanczos"`` (see :mod:`jaxscope.metrics.curvature`).
+    max_ev_tol: relative residual above which ``λ_max`` is refined; ``None``: never.
+    max_ev_refine_iters: Lanczos steps of a refinement.
     eps, tic_eps: stabilisers of ``mean_gsnr``/``early_stopping`` and of the TIC (Cockpit:
       1e-5, 1e-7).
-    tic_curvature: the Hessian diagonal of ``tic_diag``: ``"hutchinson"`` (default; a
-      bias-corrected moving average, decay ``curvature_decay``, of the per-step Hutchinson
-      estimates, whose per-entry variance ``Σ_{k≠j} H_jk²`` makes a one-step estimate
-      useless as a denominator) or ``"exact"`` (``P`` HVPs per step: small models only).
-      ``tic_trace`` and ``hess_trace`` use the current step's estimate.
-    curvature_decay: the moving average's decay.
+    curvature: ``"auto"`` (default), ``"exact"`` or ``"hutchinson"``: the Hessian diagonal
+      and traces (see "Error bars" there).
+    exact_max_params: the largest model that ``"auto"`` treats exactly.
+    curvature_decay: decay of the moving average of Hutchinson diagonals in ``tic_diag``.
     seed: seed of the histogram sample and of the probes.
+    tic_curvature: the name of ``curvature`` before issue 18; overrides it when given.
 
   Returns:
     An :class:`Instruments`.
@@ -78,15 +90,26 @@ def instruments(
     hist_bins=hist_bins,
     hist2d_bins=hist2d_bins,
     hist_sample=hist_sample,
+    hist_range=hist_range,
+    hist2d_range=hist2d_range,
     hutchinson_probes=hutchinson_probes,
     max_ev_iters=max_ev_iters,
     max_ev_method=max_ev_method,
+    max_ev_tol=max_ev_tol,
+    max_ev_refine_iters=max_ev_refine_iters,
     eps=eps,
     tic_eps=tic_eps,
-    tic_curvature=tic_curvature,
+    curvature=curvature if tic_curvature is None else tic_curvature,
+    exact_max_params=exact_max_params,
     curvature_decay=curvature_decay,
     seed=seed,
   )
+
+  return _bind(cfg)
+
+
+def _bind(cfg: Config) -> Instruments:
+  """The pure functions of :class:`Instruments`, bound to the checked settings ``cfg``."""
 
   def init_fn(params: Any) -> InstrumentsState:
     """The initial state; ``params`` fixes the structure (and ``distance``'s origin)."""
@@ -134,7 +157,7 @@ def instruments(
     """
     return update_side.update(cfg, state, probe, updates, learning_rate=learning_rate)
 
-  return Instruments(init_fn, grad_fn, update_fn, qs, every)
+  return Instruments(init_fn, grad_fn, update_fn, cfg.quantities, cfg.every)
 
 
 def _quantities(quantities: Sequence[str], preset: str | None) -> tuple[str, ...]:

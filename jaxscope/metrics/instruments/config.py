@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,6 +18,7 @@ __all__ = [
   "Config",
   "leaf_names",
   "leaf_norms",
+  "num_params",
   "update_side",
   "value_specs",
 ]
@@ -35,10 +37,10 @@ QUANTITIES: dict[str, str] = {
   "ortho_test": "largest ν passing the orthogonality test, Bollapragada et al. 2017 [OrthoTest]",
   "grad_hist_1d": "histogram of per-example gradient entries [GradHist1d]",
   "grad_hist_2d": "2-D histogram of per-example gradient entries vs parameters [GradHist2d]",
-  "hess_trace": "Hessian trace, Hutchinson estimate, total and per leaf [HessTrace]",
-  "tic_diag": "Takeuchi information criterion with a diagonal Hessian estimate [TICDiag]",
-  "tic_trace": "Takeuchi information criterion from traces [TICTrace]",
-  "hess_max_ev": "largest-magnitude Hessian eigenvalue, warm-started power iteration [HessMaxEV]",
+  "hess_trace": "Hessian trace, total and per leaf, exact or Hutchinson ± stderr [HessTrace]",
+  "tic_diag": "Takeuchi information criterion with the Hessian diagonal, ± stderr [TICDiag]",
+  "tic_trace": "Takeuchi information criterion from traces, ± stderr [TICTrace]",
+  "hess_max_ev": "largest-magnitude Hessian eigenvalue, warm-started, ± residual [HessMaxEV]",
   "mean_gsnr": "mean gradient signal-to-noise ratio, Liu et al. 2020 [MeanGSNR]",
   "cabs": "CABS batch-size suggestion, Balles et al. 2017 (SGD without momentum) [CABS]",
   "early_stopping": "evidence-based early stopping, Mahsereci et al. 2017 [EarlyStopping]",
@@ -83,6 +85,13 @@ _SCALARS = (
   "cabs",
   "early_stopping",
 )
+#: The error bar reported next to a stochastic or warm-started quantity: ``{q}{suffix}``.
+_ERROR_BARS = {
+  "hess_trace": "_stderr",
+  "tic_diag": "_stderr",
+  "tic_trace": "_stderr",
+  "hess_max_ev": "_residual",
+}
 _PER_LEAF = {
   "grad_norm": ("grads/norm",),
   "distance": ("params/distance",),
@@ -106,17 +115,24 @@ class Config:
   hist_bins: int
   hist2d_bins: tuple[int, int]
   hist_sample: int
+  hist_range: Any
+  hist2d_range: Any
   hutchinson_probes: int
   max_ev_iters: int
   max_ev_method: str
+  max_ev_tol: float | None
+  max_ev_refine_iters: int
   eps: float
   tic_eps: float
-  tic_curvature: str
+  curvature: str
+  exact_max_params: int
   curvature_decay: float
   seed: int
 
   def __post_init__(self) -> None:
     """Checks the settings (the quantities are checked where they are gathered)."""
+    _check_hist_range(self.hist_range, "hist_range", pairs=1)
+    _check_hist_range(self.hist2d_range, "hist2d_range", pairs=2)
     if not isinstance(self.every, int) or self.every < 1:
       raise ValueError(f"instruments: every must be a positive int, got {self.every!r}.")
     for name, v in (("chunk", self.chunk), ("hutchinson_probes", self.hutchinson_probes)):
@@ -130,9 +146,19 @@ class Config:
       raise ValueError(
         f"instruments: max_ev_method must be 'power' or 'lanczos', got {self.max_ev_method!r}."
       )
-    if self.tic_curvature not in ("hutchinson", "exact"):
+    if self.curvature not in ("auto", "hutchinson", "exact"):
       raise ValueError(
-        f"instruments: tic_curvature must be 'hutchinson' or 'exact', got {self.tic_curvature!r}."
+        f"instruments: curvature must be 'auto', 'hutchinson' or 'exact', got {self.curvature!r}."
+      )
+    if not isinstance(self.exact_max_params, int) or self.exact_max_params < 0:
+      raise ValueError(
+        f"instruments: exact_max_params must be an int >= 0, got {self.exact_max_params!r}."
+      )
+    if self.max_ev_tol is not None and not self.max_ev_tol > 0:
+      raise ValueError(f"instruments: max_ev_tol must be > 0 or None, got {self.max_ev_tol!r}.")
+    if not isinstance(self.max_ev_refine_iters, int) or self.max_ev_refine_iters < 2:
+      raise ValueError(
+        f"instruments: max_ev_refine_iters must be an int >= 2, got {self.max_ev_refine_iters!r}."
       )
     if not 0.0 <= self.curvature_decay < 1.0:
       raise ValueError(
@@ -147,6 +173,14 @@ class Config:
   def need_second(self) -> bool:
     """The per-example second moment ``M`` (TIC, GSNR, CABS, early stopping, variance)."""
     return bool(self.want & _SECOND_MOMENT)
+
+  def hist_fixed(self) -> tuple[tuple[float, float] | None, ...]:
+    """The fixed ranges ``(1-D gradient, 2-D gradient, 2-D parameter)`` (``None``: adaptive)."""
+    one = COCKPIT_HIST_RANGES[0] if self.hist_range == "cockpit" else self.hist_range
+    two = COCKPIT_HIST_RANGES[1:] if self.hist2d_range == "cockpit" else self.hist2d_range
+    one = None if isinstance(one, str) else (float(one[0]), float(one[1]))
+    two = (None, None) if isinstance(two, str) else tuple((float(a), float(b)) for a, b in two)
+    return (one, *two)
 
   @property
   def need_hist(self) -> bool:
@@ -173,21 +207,60 @@ class Config:
   def need_alpha(self) -> bool:
     return "alpha" in self.want
 
-  @property
-  def use_ema(self) -> bool:
-    """Whether ``tic_diag`` divides by the moving average of Hutchinson diagonals."""
-    return "tic_diag" in self.want and self.tic_curvature == "hutchinson"
+  def exact(self, params: Any) -> bool:
+    """Whether the Hessian diagonal and traces are exact (``P`` HVPs) for ``params``.
 
-  @property
-  def fast_hvp(self) -> bool:
+    ``curvature="exact"``, or ``"auto"`` with at most ``exact_max_params`` parameters.
+    """
+    if not self.need_hutchinson or self.curvature == "hutchinson":
+      return False
+    return self.curvature == "exact" or num_params(params) <= self.exact_max_params
+
+  def use_ema(self, params: Any) -> bool:
+    """Whether ``tic_diag`` divides by the moving average of Hutchinson diagonals."""
+    return "tic_diag" in self.want and not self.exact(params)
+
+  def fast_hvp(self, params: Any) -> bool:
     """One batched jvp pass serves Hutchinson and a 1-step power iteration.
 
     Lanczos, more power steps or the exact diagonal apply a linearisation repeatedly
     instead.
     """
-    return not ("tic_diag" in self.want and self.tic_curvature == "exact") and (
+    return not self.exact(params) and (
       "hess_max_ev" not in self.want or (self.max_ev_method == "power" and self.max_ev_iters == 1)
     )
+
+
+#: Cockpit's fixed ranges: ``GradHist1d`` (−2, 2); ``GradHist2d`` gradient (−1, 1), parameter
+#: (−2, 2); values outside are clamped into the edge bins.
+COCKPIT_HIST_RANGES = ((-2.0, 2.0), (-1.0, 1.0), (-2.0, 2.0))
+_HIST_MODES = ("first", "step", "cockpit")
+
+
+def _check_hist_range(value: Any, name: str, *, pairs: int) -> None:
+  """A histogram range setting: a mode name or ``pairs`` ``(lo, hi)`` pairs with ``lo < hi``."""
+  if isinstance(value, str):
+    if value not in _HIST_MODES:
+      raise ValueError(
+        f"instruments: {name} must be one of {_HIST_MODES} or ranges, got {value!r}."
+      )
+    return
+  try:
+    ranges = [value] if pairs == 1 else list(value)
+    ok = len(ranges) == pairs and all(float(lo) < float(hi) for lo, hi in ranges)
+  except (TypeError, ValueError):
+    ok = False
+  if not ok:
+    shape = "(lo, hi)" if pairs == 1 else "((grad_lo, grad_hi), (param_lo, param_hi))"
+    raise ValueError(
+      f"instruments: {name} must be 'first', 'step', 'cockpit' or {shape} with lo < hi, "
+      f"got {value!r}."
+    )
+
+
+def num_params(params: Any) -> int:
+  """The number of parameters (entries of every leaf)."""
+  return sum(int(math.prod(x.shape)) for x in jax.tree.leaves(params))
 
 
 def leaf_names(params: Any) -> list[str]:
@@ -217,6 +290,11 @@ def value_specs(cfg: Config, params: Any) -> dict[str, jax.ShapeDtypeStruct]:
   for q in cfg.quantities:
     if q in _SCALARS:
       specs[q] = s
+    if q in _ERROR_BARS:
+      specs[f"{q}{_ERROR_BARS[q]}"] = s
+  if "hess_trace" in want:
+    for n in names:
+      specs[f"hessian/trace_stderr/{n}"] = s
   for q, prefixes in _PER_LEAF.items():
     if q in want:
       for prefix in prefixes:
@@ -229,9 +307,10 @@ def value_specs(cfg: Config, params: Any) -> dict[str, jax.ShapeDtypeStruct]:
     bins = cfg.hist_bins
     specs["per_example_grads/hist_counts"] = jax.ShapeDtypeStruct((bins,), F32)
     specs["per_example_grads/hist_edges"] = jax.ShapeDtypeStruct((bins + 1,), F32)
+    specs["per_example_grads/hist_nonfinite"] = s
   if "grad_hist_2d" in want:
-    bx, by = cfg.hist2d_bins
-    specs["per_example_grads/hist2d_counts"] = jax.ShapeDtypeStruct((bx, by), F32)
-    specs["per_example_grads/hist2d_param_edges"] = jax.ShapeDtypeStruct((bx + 1,), F32)
-    specs["per_example_grads/hist2d_grad_edges"] = jax.ShapeDtypeStruct((by + 1,), F32)
+    bg, bp = cfg.hist2d_bins
+    specs["per_example_grads/hist2d_counts_grad_param"] = jax.ShapeDtypeStruct((bg, bp), F32)
+    specs["per_example_grads/hist2d_grad_edges"] = jax.ShapeDtypeStruct((bg + 1,), F32)
+    specs["per_example_grads/hist2d_param_edges"] = jax.ShapeDtypeStruct((bp + 1,), F32)
   return specs

@@ -13,11 +13,11 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from jaxscope import capture
-from jaxscope.metrics import curvature, hvp, noise
+from jaxscope.metrics import hvp, noise
 from jaxscope.metrics.base import tree_norm
+from jaxscope.metrics.instruments import hessian
 from jaxscope.metrics.instruments.config import (
   F32,
   Config,
@@ -52,21 +52,9 @@ class _GradSide(NamedTuple):
   max_ev: Any
   diag_ema: Any
   diag_steps: jax.Array
+  diag_var_ema: Any
   sq_norms: jax.Array
   captured: Any
-
-
-class _Curvature(NamedTuple):
-  """The curvature part of a measured step."""
-
-  values: dict[str, jax.Array]
-  max_ev: Any
-  diag_ema: Any
-  diag_steps: jax.Array
-  trace: jax.Array | None
-  """The Hutchinson trace estimate (for ``tic_trace``), else ``None``."""
-  tic_diag: Any
-  """The Hessian diagonal that ``tic_diag`` divides by, else ``None``."""
 
 
 def public_captured(captured: Any) -> Any:
@@ -188,6 +176,7 @@ def grad(
     max_ev=out.max_ev,
     diag_ema=out.diag_ema,
     diag_steps=out.diag_steps,
+    diag_var_ema=out.diag_var_ema,
     dense=dense,
     convs=convs,
     sq_norms=out.sq_norms,
@@ -221,9 +210,23 @@ def _plain(
     max_ev=state.max_ev,
     diag_ema=state.diag_ema,
     diag_steps=state.diag_steps,
+    diag_var_ema=state.diag_var_ema,
     sq_norms=jnp.zeros_like(losses),
     captured=cap,
   )
+
+
+def _fresh_hvp(mean_loss: Callable[[Any], Any], params: Any) -> Callable[[Any], Any]:
+  """``v ↦ H v`` by a fresh forward-over-reverse pass per call (nothing kept alive)."""
+
+  def grad_only(p: Any) -> Any:
+    return jax.grad(lambda q: mean_loss(q)[0])(p)
+
+  def hvp_fn(v: Any) -> Any:
+    _, hv, _ = hvp.jvp_grad(grad_only, params, jax.tree.map(lambda a: a[None], v))
+    return jax.tree.map(lambda a: a[0], hv)
+
+  return hvp_fn
 
 
 def _measure(
@@ -237,13 +240,14 @@ def _measure(
   """A measured step's gradient side; also the captured Dense and Conv layers."""
   params = batch.params
   hvp_lin = hvp_batch = probes = None
-  if cfg.need_hvp and cfg.fast_hvp:
+  if cfg.need_hvp and cfg.fast_hvp(params):
     # One forward-over-reverse pass for every probe and the power vector: the primal
     # (gradient and captures) once, the tangents batched by vmap.
-    tangents, probes = _hvp_tangents(cfg, state, probe_key, params)
+    tangents, probes = hessian.hvp_tangents(cfg, state, probe_key, params)
     grads, hvp_batch, (loss, losses, aux, captured) = hvp.jvp_grad(
       grads_and_capture, params, tangents, has_aux=True
     )
+    hvp_lin = _fresh_hvp(_mean_loss_fn(batch), params)  # For a λ_max refinement only.
   elif cfg.need_hvp:
     grads, hvp_lin, (loss, losses, aux, captured) = hvp.linearize_grad(
       grads_and_capture, params, has_aux=True
@@ -256,15 +260,15 @@ def _measure(
     vals["loss"] = loss.astype(F32)
   if "grad_norm" in cfg.want:
     vals.update(leaf_norms("grads/norm", names, grads))
-  curv = _Curvature({}, state.max_ev, state.diag_ema, state.diag_steps, None, None)
+  curv = hessian.empty(state)
   if cfg.need_hvp:
-    curv = _curvature(cfg, state, params, names, probe_key, hvp_lin, hvp_batch, probes)
+    curv = hessian.measure(cfg, state, params, names, probe_key, hvp_lin, hvp_batch, probes)
   vals.update(curv.values)
   sq_norms = jnp.zeros_like(losses)
   dense, convs = (), ()
   if cfg.need_per_example:
     pe_vals, sq_norms, dense, convs = _per_example(
-      cfg, batch, names, grads, loss, losses, captured, curv
+      cfg, state, batch, names, grads, loss, losses, captured, curv
     )
     vals.update(pe_vals)
   vals = {k: v.astype(template[k].dtype) for k, v in vals.items()}
@@ -277,103 +281,23 @@ def _measure(
     max_ev=curv.max_ev,
     diag_ema=curv.diag_ema,
     diag_steps=curv.diag_steps,
+    diag_var_ema=curv.diag_var_ema,
     sq_norms=sq_norms,
     captured=public_captured(captured),
   )
   return out, dense, convs
 
 
-def _hvp_tangents(
-  cfg: Config, state: InstrumentsState, probe_key: jax.Array, params: Any
-) -> tuple[Any, Any]:
-  """The stacked tangents of the batched HVP pass and the Hutchinson probes among them.
-
-  The ``hutchinson_probes`` Rademacher probes come first, then (for ``hess_max_ev``) the
-  power iteration's unit vector.
-  """
-  leaves, treedef = jax.tree.flatten(params)
-  probes = None
-  parts = []
-  if cfg.need_hutchinson:
-    keys = jax.random.split(probe_key, max(len(leaves), 1))
-    probes = [
-      curvature.rademacher((cfg.hutchinson_probes, *x.shape), k, x.dtype)
-      for k, x in zip(keys, leaves, strict=False)
-    ]
-    parts.append(probes)
-  if "hess_max_ev" in cfg.want:
-    vec = state.max_ev.vector
-    vnorm = tree_norm(vec)
-    ok = jnp.isfinite(vnorm) & (vnorm > 0)
-    unit = jax.tree.map(lambda a: jnp.where(ok, a / jnp.where(ok, vnorm, 1.0), a), vec)
-    parts.append([a[None] for a in jax.tree.leaves(unit)])
-  stacked = jax.tree.unflatten(
-    treedef, [jnp.concatenate(ls, axis=0) for ls in zip(*parts, strict=True)]
-  )
-  return stacked, (None if probes is None else jax.tree.unflatten(treedef, probes))
-
-
-def _curvature(
-  cfg: Config,
-  state: InstrumentsState,
-  params: Any,
-  names: list[str],
-  probe_key: jax.Array,
-  hvp_lin: Callable[[Any], Any] | None,
-  hvp_batch: Any,
-  probes: Any,
-) -> _Curvature:
-  """Hutchinson trace and diagonal, the TIC's curvature and the warm-started ``λ_max``.
-
-  From the batched products ``hvp_batch`` of the tangents of :func:`_hvp_tangents` when
-  given, else from the linearisation ``hvp_lin``.
-  """
-  want = cfg.want
-  vals: dict[str, jax.Array] = {}
-  max_ev, diag_ema, diag_steps = state.max_ev, state.diag_ema, state.diag_steps
-  trace = tic_curv = None
-  if cfg.need_hutchinson:
-    if hvp_batch is not None:
-      k = cfg.hutchinson_probes
-      prods = jax.tree.map(lambda z, hz: z.astype(F32) * hz[:k].astype(F32), probes, hvp_batch)
-      diag = jax.tree.map(lambda a: jnp.mean(a, axis=0), prods)
-      trace = optax.tree.sum(diag)
-    else:
-      trace, diag = curvature.hutchinson(hvp_lin, params, probe_key, cfg.hutchinson_probes)
-    if "hess_trace" in want:
-      vals["hess_trace"] = trace.astype(F32)
-      for n, d in zip(names, jax.tree.leaves(diag), strict=True):
-        vals[f"hessian/trace/{n}"] = jnp.sum(d).astype(F32)
-    if cfg.use_ema:
-      decay = cfg.curvature_decay
-      diag_steps = state.diag_steps + 1
-      diag_ema = jax.tree.map(lambda e, d: decay * e + (1 - decay) * d, state.diag_ema, diag)
-      corr = 1.0 - decay ** diag_steps.astype(F32)
-      tic_curv = jax.tree.map(lambda e: e / corr, diag_ema)
-    elif "tic_diag" in want:
-      tic_curv = curvature.exact_hessian_diagonal(hvp_lin, params)
-  if "hess_max_ev" in want:
-    if hvp_batch is not None:
-      hv = jax.tree.map(lambda a: a[-1], hvp_batch)
-      hvp_ev = lambda _: hv  # noqa: E731 (the product of the unit vector, computed above)
-    else:
-      hvp_ev = hvp_lin
-    max_ev = curvature.max_eigenvalue_update(
-      hvp_ev, state.max_ev, iters=cfg.max_ev_iters, method=cfg.max_ev_method
-    )
-    vals["hess_max_ev"] = max_ev.value.astype(F32)
-  return _Curvature(vals, max_ev, diag_ema, diag_steps, trace, tic_curv)
-
-
 def _per_example(
   cfg: Config,
+  state: InstrumentsState,
   batch: _Batch,
   names: list[str],
   grads: Any,
   loss: jax.Array,
   losses: jax.Array,
   captured: Any,
-  curv: _Curvature,
+  curv: hessian.Curvature,
 ) -> tuple[dict[str, jax.Array], jax.Array, tuple[Any, ...], tuple[Any, ...]]:
   """The per-example statistics: ``(values, sq_norms, dense layers, conv layers)``."""
   want = cfg.want
@@ -416,25 +340,52 @@ def _per_example(
   if "cabs" in want:
     # Needs the learning rate: finished in update(); keep tr(Σ) here.
     vals["cabs"] = noise.cabs(grads, mom.second_moment, loss, 1.0)
-  if "tic_diag" in want:
-    vals["tic_diag"] = curvature.tic(mom.second_moment, curv.tic_diag, cfg.tic_eps).astype(F32)
-  if "tic_trace" in want:
-    vals["tic_trace"] = curvature.tic_trace(mom.second_moment, curv.trace, cfg.tic_eps).astype(F32)
+  vals.update(hessian.tic_values(cfg, curv, mom.second_moment))
   if sample is not None:
-    vals.update(_histograms(cfg, params, sample, mom.samples))
+    vals.update(_histograms(cfg, state, params, sample, mom.samples))
   return vals, mom.sq_norms, tuple(dense), tuple(convs)
 
 
+def _kept_range(
+  state: InstrumentsState, key: str, mode: Any, fixed: Any, values: jax.Array
+) -> jax.Array:
+  """A histogram's ``(lo, hi)``: fixed, this step's (``"step"``) or the first measured step's.
+
+  The first step's range is kept as the recorded edges (``state.values[key]``, zeros until
+  a step was measured), so it needs no state of its own.
+  """
+  if fixed is not None:
+    return jnp.asarray(fixed, F32)
+  fresh = noise.histogram_range(values)
+  if mode == "step":
+    return fresh
+  edges = state.values[key]
+  kept = jnp.stack([edges[0], edges[-1]])
+  return jnp.where(kept[1] > kept[0], kept, fresh)
+
+
 def _histograms(
-  cfg: Config, params: Any, sample: noise.HistogramSample, samples: jax.Array
+  cfg: Config,
+  state: InstrumentsState,
+  params: Any,
+  sample: noise.HistogramSample,
+  samples: jax.Array,
 ) -> dict[str, jax.Array]:
-  """``grad_hist_1d`` and ``grad_hist_2d`` from the sampled per-example gradient entries."""
+  """``grad_hist_1d`` and ``grad_hist_2d`` from the sampled per-example gradient entries.
+
+  Integer counts per leaf scaled by the leaf's sampling weight (exact for full data,
+  unbiased for samples; :func:`~jaxscope.metrics.noise.sampled_histogram`), values outside
+  the range clamped into the edge bins as Cockpit does.
+  """
   vals: dict[str, jax.Array] = {}
-  weights = jnp.asarray(sample.weights)
+  fixed = cfg.hist_fixed()
   if "grad_hist_1d" in cfg.want:
-    h = noise.weighted_histogram(samples, weights[None, :], cfg.hist_bins)
+    key = "per_example_grads/hist_edges"
+    rng = _kept_range(state, key, cfg.hist_range, fixed[0], samples)
+    h = noise.sampled_histogram(samples, sample, cfg.hist_bins, rng)
     vals["per_example_grads/hist_counts"] = h["counts"]
     vals["per_example_grads/hist_edges"] = h["edges"]
+    vals["per_example_grads/hist_nonfinite"] = h["nonfinite"]
   if "grad_hist_2d" in cfg.want:
     pvals = jnp.concatenate(  # the sampled entries, gathered without flattening a leaf
       [
@@ -442,9 +393,11 @@ def _histograms(
         for x, idx in zip(jax.tree.leaves(params), sample.indices, strict=True)
       ]
     )
-    pv = jnp.broadcast_to(pvals[None, :], samples.shape)
-    h2 = noise.weighted_histogram_2d(pv, samples, weights[None, :], cfg.hist2d_bins)
-    vals["per_example_grads/hist2d_counts"] = h2["counts"]
-    vals["per_example_grads/hist2d_param_edges"] = h2["x_edges"]
-    vals["per_example_grads/hist2d_grad_edges"] = h2["y_edges"]
+    g_key, p_key = "per_example_grads/hist2d_grad_edges", "per_example_grads/hist2d_param_edges"
+    g_rng = _kept_range(state, g_key, cfg.hist2d_range, fixed[1], samples)
+    p_rng = _kept_range(state, p_key, cfg.hist2d_range, fixed[2], pvals)
+    h2 = noise.sampled_histogram_2d(samples, pvals, sample, cfg.hist2d_bins, g_rng, p_rng)
+    vals["per_example_grads/hist2d_counts_grad_param"] = h2["counts"]
+    vals["per_example_grads/hist2d_grad_edges"] = h2["grad_edges"]
+    vals["per_example_grads/hist2d_param_edges"] = h2["param_edges"]
   return vals

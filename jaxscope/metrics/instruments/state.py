@@ -37,6 +37,9 @@ class InstrumentsState(NamedTuple):
   """Moving average of the Hutchinson Hessian diagonal (for ``tic_diag``), else ``()``."""
   diag_steps: jax.Array
   """``int32``: measured steps in ``diag_ema``."""
+  diag_var_ema: Any
+  """Moving sum of the per-step variances of the diagonal estimates (for ``tic_diag``'s
+  standard error), else ``()``."""
 
 
 class Probe(NamedTuple):
@@ -60,6 +63,7 @@ class Probe(NamedTuple):
   max_ev: Any
   diag_ema: Any
   diag_steps: jax.Array
+  diag_var_ema: Any
   dense: tuple[noise.DenseLayer, ...]
   """The captured Dense layers (empty when none or not measured)."""
   convs: tuple[noise.ConvLayer, ...]
@@ -86,6 +90,8 @@ def init(cfg: Config, params: Any) -> InstrumentsState:
   """The initial state; ``params`` fixes the structure (and ``distance``'s origin)."""
   specs = value_specs(cfg, params)
   values = {k: jnp.zeros(v.shape, v.dtype) for k, v in specs.items()}
+  if "alpha" in values:  # No update yet: α does not exist (0 is a legitimate α).
+    values["alpha"] = jnp.full((), jnp.nan, F32)
   key = jax.random.key(cfg.seed)
   key, ev_key = jax.random.split(key)
   want = cfg.want
@@ -98,6 +104,9 @@ def init(cfg: Config, params: Any) -> InstrumentsState:
     prev_update=jax.tree.map(jnp.zeros_like, params) if cfg.need_alpha else (),
     alpha_start=jnp.zeros((6,), F32).at[5].set(-1.0),  # No start point yet.
     max_ev=curvature.max_eigenvalue_init(params, ev_key) if "hess_max_ev" in want else (),
-    diag_ema=jax.tree.map(jnp.zeros_like, params) if cfg.use_ema else (),
+    diag_ema=jax.tree.map(jnp.zeros_like, params) if cfg.use_ema(params) else (),
+    diag_var_ema=jax.tree.map(lambda p: jnp.zeros(p.shape, F32), params)
+    if cfg.use_ema(params)
+    else (),
     diag_steps=jnp.zeros((), jnp.int32),
   )

@@ -90,6 +90,7 @@ def update(
     max_ev=probe.max_ev,
     diag_ema=probe.diag_ema,
     diag_steps=probe.diag_steps,
+    diag_var_ema=probe.diag_var_ema,
   )
   return {**vals, "measured": measured}, new_state
 
