@@ -177,7 +177,7 @@ def test_cockpit_instruments_quick(tmp_path):
     assert history.steps("alpha").tolist() == list(range(steps))  # every step measured
     for key in ("loss", "norm_test", "inner_test", "ortho_test", "hess_max_ev", "tic_diag"):
       assert np.isfinite(history[key]).all(), key
-    assert history["per_example_grads/hist2d_counts"].shape == (steps, 40, 50)
+    assert history["per_example_grads/hist2d_counts_grad_param"].shape == (steps, 40, 50)
     assert history.steps("test/accuracy")[-1] == steps - 1
     assert (tmp_path / "figures" / f"cockpit_{name}.png").stat().st_size > 10_000
 

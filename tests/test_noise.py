@@ -206,26 +206,6 @@ def test_conv_leaves_use_vmap_route() -> None:
 
 
 @pytest.mark.slow
-def test_weighted_histograms() -> None:
-  rng = np.random.default_rng(0)
-  v = rng.normal(size=(6, 50)).astype(np.float32)
-  h = noise.weighted_histogram(jnp.asarray(v), jnp.ones((1, 50)), 20)
-  lim = np.abs(v).max()
-  counts, edges = np.histogram(v, bins=20, range=(-lim, lim))
-  np.testing.assert_allclose(h["edges"], edges, rtol=1e-6, atol=1e-6)
-  np.testing.assert_allclose(h["counts"], counts)
-  # Weights scale the counts; NaN entries are not counted.
-  v2 = v.copy()
-  v2[0, 0] = np.nan
-  h2 = noise.weighted_histogram(jnp.asarray(v2), jnp.full((1, 50), 2.0), 20, limit=lim)
-  assert float(h2["counts"].sum()) == 2.0 * (v.size - 1)
-  p = rng.normal(size=(6, 50)).astype(np.float32)
-  h3 = noise.weighted_histogram_2d(jnp.asarray(p), jnp.asarray(v), jnp.ones((1, 50)), (4, 5))
-  lx, ly = np.abs(p).max(), np.abs(v).max()
-  ref, _, _ = np.histogram2d(p.ravel(), v.ravel(), bins=(4, 5), range=((-lx, lx), (-ly, ly)))
-  np.testing.assert_allclose(h3["counts"], ref)
-
-
 def test_histogram_sample_is_unbiased_and_exact_for_small_leaves() -> None:
   params = {"a": jnp.zeros((100, 30)), "b": jnp.zeros(7)}
   s = noise.histogram_sample(params, 301)

@@ -37,7 +37,7 @@ import numpy as np
 from jaxscope import tree as jtree
 
 if TYPE_CHECKING:
-  from jaxscope.metrics.noise import HistogramSample
+  from jaxscope.metrics.histograms import HistogramSample
 
 __all__ = [
   "ConvLayer",

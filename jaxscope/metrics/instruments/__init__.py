@@ -53,7 +53,7 @@ How each is computed (the cheap exact routes; see :mod:`jaxscope.metrics.noise` 
 * histograms of per-example gradient entries on a fixed uniform sample of coordinates:
   integer counts per leaf times the leaf's sampling weight, exact (summing to ``B·P``) for
   full data and unbiased for samples, on a range kept from the first measured step
-  (:func:`~jaxscope.metrics.noise.sampled_histogram`).
+  (:func:`~jaxscope.metrics.histograms.sampled_histogram`).
 
 **Error bars** (issue 18; ``docs/fidelity.md`` measures them against float64):
 
