@@ -14,7 +14,6 @@ lies) when ``residual ≥ |λ_max|/2``, with ``hess_max_ev_stderr`` when ``2 · 
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -34,12 +33,6 @@ _ERROR_BARS = (
   ("_stderr", "2 · stderr ≥ |λ_max|"),
   ("_residual", "residual ≥ |λ_max|/2"),
 )
-
-_NOT_JUDGED_ADVICE = [
-  "measure λ_max with more power iterations or Lanczos steps, so that its residual falls "
-  "below |λ_max|/2",
-  "record more steps: a warm-started estimate converges over the steps",
-]
 
 
 def _optimizer_limit(optimizer: str, optimizer_args: Any, limit: float) -> float | None:
@@ -115,7 +108,7 @@ def _not_judged(steps: np.ndarray, error_key: str, rule: str, limit: float) -> F
     f"their error bar ({error_key}: {rule}), so lr · λ_max was not compared with the "
     f"limit {_fmt(limit)}."
   )
-  f = _finding(
+  return _finding(
     "curvature_not_judged",
     "info",
     summary,
@@ -129,7 +122,6 @@ def _not_judged(steps: np.ndarray, error_key: str, rule: str, limit: float) -> F
       "noise_rule": rule,
     },
   )
-  return dataclasses.replace(f, advice=list(_NOT_JUDGED_ADVICE))
 
 
 def _lr_at(

@@ -32,7 +32,8 @@ class Finding:
       ``"early_plateau"``, ``"late_plateau"``, ``"overfitting"``,
       ``"vanishing_gradients"``, ``"exploding_gradients"``, ``"update_ratio_high"``,
       ``"update_ratio_low"``, ``"dead_units"``, ``"saturation"``, ``"stalled_layers"``,
-      ``"lr_above_curvature_limit"``, ``"lost_updates"``.
+      ``"lr_above_curvature_limit"``, ``"lost_updates"``; the info
+      ``"curvature_not_judged"`` (every λ_max reading within its error bar's noise).
     severity: ``"critical"``, ``"warning"`` or ``"info"``.
     summary: one readable sentence with the numbers.
     evidence: JSON-serialisable dict: ``"metric"`` (the key or keys read), ``"layers"``,
@@ -239,6 +240,11 @@ _ADVICE: dict[str, list[str]] = {
   "lr_above_curvature_limit": [
     "lower the learning rate below the curvature limit (2/λ_max for SGD)",
     "use a warm-up or a decaying learning rate",
+  ],
+  "curvature_not_judged": [
+    "measure λ_max with a residual check (instruments(max_ev_tol=0.05), the default) or "
+    "more Lanczos steps, so that its residual falls below |λ_max|/2",
+    "record more steps: a warm-started estimate converges over the steps",
   ],
 }
 

@@ -6,7 +6,11 @@ shown, and a figure is freed like any Python object once unreferenced. Show one 
 notebook by evaluating it, or save it with ``fig.savefig(path)``.
 
 Non-finite values (NaN, ±Inf) are drawn as gaps in the lines and marked with a red
-``x`` at the top of the axes at their steps, so a divergence is not hidden.
+``x`` at the top of the axes at their steps, so a divergence is not hidden; a NaN ``alpha``
+(no update yet, step 0) is only a gap. A reading recorded with an error bar (``K_stderr``:
+band ``±2σ``; ``K_residual``: band ``± residual``) is drawn with its band, and readings
+within noise (``2σ ≥ |value|`` or ``residual ≥ |value|/2``) as hollow grey circles left out
+of the line and the axis range, with a note counting them.
 
 :func:`cockpit` draws the values of :func:`jaxscope.metrics.instruments` on one page, as
 Cockpit's ``CockpitPlotter`` does (loss, α, gradient tests, distance, curvature, TIC and the
