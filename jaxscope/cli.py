@@ -230,16 +230,55 @@ def _diagnose(args: argparse.Namespace) -> int:
   return 0
 
 
-def _list_metrics(args: argparse.Namespace) -> int:
+def _plain(text: str) -> str:
+  """A docstring fragment for the terminal: ``x`` → x, :func:`~a.b` → b."""
+  import re
+
+  text = re.sub(r":\w+:`~?(?:[\w.]*\.)?([^`]+)`", r"\1", text)
+  return text.replace("``", "")
+
+
+def _spec_text(spec: Any) -> str:
+  """A preset entry: its registered name, or the stats of a configured metric's keys."""
   from jaxscope.metrics import registry
 
+  if isinstance(spec, str):
+    return spec
+  stats = [k.split("/")[1] for k in registry.keys_of(spec)]
+  return stats[0] + (f" (+{', '.join(stats[1:])})" if len(stats) > 1 else "")
+
+
+def _list_metrics(args: argparse.Namespace) -> int:
+  """``jaxscope list-metrics``: every key a scope or the instruments can report, with its
+  definition, generated from the registry and the instruments' own tables."""
+  from jaxscope.metrics import keys, registry
+  from jaxscope.metrics.instruments import QUANTITIES
+  from jaxscope.metrics.scope import TOPICS
+
+  print(
+    "Per-layer metrics: metrics.scope(params=[...], ...) or jaxscope train --metrics "
+    "'NAME,NAME(ARG=VALUE)'\n"
+    f"keys {{topic}}/{{stat}}/{{layer}}: topic one of {', '.join(TOPICS)}; layer the module "
+    "path, e.g. Dense_0/kernel; arguments as in the signature, e.g. variance(ddof=1)"
+  )
+  network = []
   for name in registry.names():
-    print(f"{name:20s} {registry.describe(name)}".rstrip())
+    meta = registry.info(name)
+    if not meta.keys[0].startswith("{topic}/"):
+      network.append(meta)
+      continue
+    print(f"\n{name}{meta.signature}\n    {_plain(meta.summary)}")
+    print(f"    keys: {', '.join(meta.keys)}")
+    if meta.note:
+      print(f"    convention: {meta.note}")
+  print("\nNetwork metrics (scope(network=[...]), plain keys):")
+  for meta in network:
+    print(f"{meta.name:20s} key {meta.keys[0]}: {_plain(meta.summary)}")
   print()
   for preset in registry.SCOPE_PRESETS:
     lists = registry.preset_metrics(preset)
     desc = "; ".join(
-      f"{t}: {', '.join(getattr(s, 'name', str(s)) for s in specs)}" for t, specs in lists.items()
+      f"{t}: {', '.join(_spec_text(s) for s in specs)}" for t, specs in lists.items()
     )
     print(f"preset {preset:13s} {desc}")
   print()
@@ -247,6 +286,18 @@ def _list_metrics(args: argparse.Namespace) -> int:
   for preset, desc in _instrument_presets().items():
     print(f"preset {preset:13s} {desc}")
   print(f"{'':20s} {_ACTIVATION_HEALTH}")
+  print(
+    "\nInstrument quantities: metrics.instruments([...]) or the presets above; keys per "
+    "parameter leaf with {leaf} (its name, e.g. Dense_0/kernel); K_stderr is the standard "
+    "error of reading K, K_residual a convergence residual bounding its error"
+  )
+  quantity = None
+  for row in keys.instrument_key_table():
+    if row.quantity != quantity:
+      quantity = row.quantity
+      presets = ", ".join(row.presets) or "no preset"
+      print(f"\n{quantity} [{presets}]: {QUANTITIES[quantity]}")
+    print(f"    {row.key}: {row.definition}")
   return 0
 
 
@@ -469,7 +520,10 @@ def build_parser() -> argparse.ArgumentParser:
     "(see jaxscope.diagnose.Thresholds)",
   )
   p.add_argument("--dpi", type=_argparse_type(positive_int), default=100)
-  sub.add_parser("list-metrics", help="metric names and presets")
+  sub.add_parser(
+    "list-metrics",
+    help="every metric and instrument key with its definition, defaults and presets",
+  )
   sub.add_parser("list-models", help="the model zoo")
   sub.add_parser("list-datasets", help="the datasets")
   return parser
