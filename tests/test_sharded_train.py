@@ -162,8 +162,12 @@ def _drive_fsdp(out: Path) -> dict[str, Any]:
   # The instruments' code that gathered whole kernels: the Hessian-vector products'
   # probes, the per-example gradients of the vmap(grad) route (what every non-Dense leaf
   # takes) and the 2-D histogram's parameter sample.
+  # One probe: several tangents make XLA gather the kernel once for the batched HVP
+  # (documented in docs/sharding.md), which is not the gather this test is about.
   probed = bare._replace(
-    instruments=instruments(quantities=("hess_trace", "grad_hist_2d"), capture_layers=False)
+    instruments=instruments(
+      quantities=("hess_trace", "grad_hist_2d"), capture_layers=False, hutchinson_probes=1
+    )
   )
   return {
     "analysis": _analyze_sharded(Path(run)),
