@@ -23,7 +23,8 @@ The runs use :func:`jaxscope.train.train` (cases 1, 2, 5, 6) or the same public
 step pieces (:func:`~jaxscope.train.make_train_step`, :func:`~jaxscope.train.make_scope`,
 :func:`~jaxscope.train.make_evaluate`) in a loop of its own (cases 3, 4), so every run
 directory has the keys the rules read (``loss``, ``train/accuracy``, ``test/loss``,
-``lr``, ``grads/norm/*``, ``updates/ratio/*`` and, for case 4, ``activations/*``).
+``lr``, ``grads/norm/*`` (or the instruments' ``cockpit/grad_norm/*``),
+``updates/ratio/*`` and, for case 4, ``activations/*``).
 
 Run it with::
 

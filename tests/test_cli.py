@@ -32,9 +32,10 @@ def test_train_writes_a_complete_run_directory(tmp_path, capsys):
   h = History.load(out)
   assert h.config["optimizer_args"] == {"momentum": 0.5}
   # --topics and --layers select the per-layer scope; the economy preset's instruments add
-  # per-leaf grads/norm, params/distance and updates/norm, and every layer's activations.
-  assert set(h.topics()) == {"params", "updates", "grads", "activations", "layer_grads"}
-  assert h.stats("grads") == ["norm"] and "distance" in h.stats("params")
+  # per-leaf cockpit/{grad_norm,distance,update_size} (their own topic since issue 18, so
+  # they never collide with the scope's keys), and every layer's activations.
+  assert set(h.topics()) == {"params", "updates", "cockpit", "activations", "layer_grads"}
+  assert set(h.stats("cockpit")) == {"grad_norm", "distance", "update_size"}
   assert {"loss", "lr", "train/accuracy", "test/loss", "test/accuracy", "alpha"} <= set(h.keys())
   for stat in ["ratio", "mean"]:
     layers = h.layers("updates", stat)

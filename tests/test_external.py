@@ -154,7 +154,7 @@ def test_train_and_load_run_with_a_users_model_and_data(user_module, tmp_path):
     logits, _ = run.model.apply({"params": final.params}, x, train=False)
     loss = -np.mean(np.take_along_axis(jax.nn.log_softmax(logits), run.dataset.test_y[:, None], 1))
     np.testing.assert_allclose(loss, r.final_eval["test/loss"], rtol=1e-5)
-    assert "grads/norm/fc/kernel" in run.history.keys()
+    assert "cockpit/grad_norm/fc/kernel" in run.history.keys()  # the instruments' topic
   rc = cli_main(
     [
       "train",

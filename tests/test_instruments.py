@@ -139,13 +139,14 @@ def test_noise_statistics_match_materialised_gradients(economy_run: dict, step: 
   sizes = [a.size for a in jax.tree.leaves(p)]
   offsets = np.cumsum([0, *sizes])
   for name, lo, hi in zip(names, offsets[:-1], offsets[1:], strict=True):
-    np.testing.assert_allclose(v[f"grads/norm/{name}"], np.linalg.norm(g[lo:hi]), rtol=1e-5)
+    np.testing.assert_allclose(v[f"cockpit/grad_norm/{name}"], np.linalg.norm(g[lo:hi]), rtol=1e-5)
     np.testing.assert_allclose(
       v[f"per_example_grads/variance/{name}"], var[lo:hi].mean(), rtol=1e-3, atol=1e-9
     )
-    np.testing.assert_allclose(v[f"updates/norm/{name}"], LR * np.linalg.norm(g[lo:hi]), rtol=1e-5)
+    upd = v[f"cockpit/update_size/{name}"]
+    np.testing.assert_allclose(upd, LR * np.linalg.norm(g[lo:hi]), rtol=1e-5)
     dist = np.linalg.norm(_flat(p)[lo:hi] - _flat(economy_run["before"][0])[lo:hi])
-    np.testing.assert_allclose(v[f"params/distance/{name}"], dist, rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(v[f"cockpit/distance/{name}"], dist, rtol=1e-4, atol=1e-7)
   # The histogram estimates all B·P per-example entries.
   counts = v["per_example_grads/hist_counts"]
   assert counts.shape == (100,)

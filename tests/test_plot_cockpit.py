@@ -42,9 +42,9 @@ def _instrument_history(*, preset: str = "full", steps: int = 20) -> History:
       "per_example_grads/hist_edges": np.linspace(-1.0 - s, 1.0 + s, 11),
     }
     for i, leaf in enumerate(leaves):
-      v[f"grads/norm/{leaf}"] = 1.0 / (s + 1) + i
-      v[f"params/distance/{leaf}"] = 0.1 * s * (i + 1)
-      v[f"updates/norm/{leaf}"] = 0.01 * (i + 1)
+      v[f"cockpit/grad_norm/{leaf}"] = 1.0 / (s + 1) + i
+      v[f"cockpit/distance/{leaf}"] = 0.1 * s * (i + 1)
+      v[f"cockpit/update_size/{leaf}"] = 0.01 * (i + 1)
     if preset == "full":
       v["hess_max_ev"] = 5.0 + s
       v["hess_trace"] = 50.0 + s

@@ -305,7 +305,7 @@ def test_full_preset_records_cockpit_and_activation_health(tmp_path):
     assert key in keys, key
     assert _finite(h, key), key
   assert "per_example_grads/hist2d_counts_grad_param" in keys
-  assert "params/distance/fc1/kernel" in keys
+  assert "cockpit/distance/fc1/kernel" in keys
   assert h.steps("norm_test").tolist() == [0, 1, 2, 3]
   assert h.steps("alpha").tolist() == [1, 2, 3]  # α of the update of the step before.
   # Activation health of every captured layer, and the full per-layer scope.

@@ -26,11 +26,13 @@ from jaxscope.record import History
 # --------------------------------------------------------------------------- gradients
 
 
-def _depth_ratio(h: History, th: Thresholds, first: str, last: str) -> Finding | None:
+def _depth_ratio(
+  h: History, th: Thresholds, first: str, last: str, prefix: str = "grads/norm"
+) -> Finding | None:
   """``"vanishing_gradients"`` or ``"exploding_gradients"`` from the median of
   ``‖g_first‖/‖g_last‖`` at the common finite steps of the last half, or ``None``."""
-  s1 = _series(h, f"grads/norm/{first}")
-  s2 = _series(h, f"grads/norm/{last}")
+  s1 = _series(h, f"{prefix}/{first}")
+  s2 = _series(h, f"{prefix}/{last}")
   assert s1 is not None and s2 is not None
   common, i1, i2 = np.intersect1d(s1[0], s2[0], return_indices=True)
   if not common.size:
@@ -61,20 +63,22 @@ def _depth_ratio(h: History, th: Thresholds, first: str, last: str) -> Finding |
     name,
     "warning",
     summary,
-    metric=[f"grads/norm/{first}", f"grads/norm/{last}"],
+    metric=[f"{prefix}/{first}", f"{prefix}/{last}"],
     layers=[first, last],
     steps=[c_steps[0]],
     values=vals,
   )
 
 
-def _growth(h: History, th: Thresholds, layers: Sequence[str]) -> Finding | None:
+def _growth(
+  h: History, th: Thresholds, layers: Sequence[str], prefix: str = "grads/norm"
+) -> Finding | None:
   """``"exploding_gradients"`` when some layer's gradient norm (median of the last 10 % of
   its steps) exceeds ``exploding_growth ×`` its median over the first 10 %, or ``None``."""
   growing: dict[str, float] = {}
   first_step: list[int] = []
   for lay in layers:
-    steps, values = _finite(*_series(h, f"grads/norm/{lay}"))  # type: ignore[misc]
+    steps, values = _finite(*_series(h, f"{prefix}/{lay}"))  # type: ignore[misc]
     if steps.size < th.min_points:
       continue
     _, head = _head(steps, values, 0.1)
@@ -97,7 +101,7 @@ def _growth(h: History, th: Thresholds, layers: Sequence[str]) -> Finding | None
     "exploding_gradients",
     "warning",
     summary,
-    metric=[f"grads/norm/{lay}" for lay in names],
+    metric=[f"{prefix}/{lay}" for lay in names],
     layers=names,
     steps=[min(first_step)],
     values={f"growth/{lay}": g for lay, g in growing.items()},
@@ -113,18 +117,23 @@ def _rule_gradients(h: History, th: Thresholds) -> list[Finding]:
   above ``exploding_ratio`` → ``"exploding_gradients"``. Independently, for any layer,
   the median norm of the last 10 % of its steps above ``exploding_growth ×`` the median of
   the first 10 % (positive) → ``"exploding_gradients"``. Warnings. Source: the lecture's
-  vanishing/exploding gradients; per-layer gradient norms as in ikkuna.
+  vanishing/exploding gradients; per-layer gradient norms as in ikkuna. A run with only
+  the instruments' ``cockpit/grad_norm/{leaf}`` is read from those.
   """
-  layers = _layers(h, "grads", "norm", weights=True)
+  topic, stat = "grads", "norm"
+  if not _layers(h, topic, stat) and _layers(h, "cockpit", "grad_norm"):
+    topic, stat = "cockpit", "grad_norm"
+  prefix = f"{topic}/{stat}"
+  layers = _layers(h, topic, stat, weights=True)
   if not layers:
     return []
   findings: list[Finding] = []
   if len(layers) >= 2:
-    depth = _depth_ratio(h, th, layers[0], layers[-1])
+    depth = _depth_ratio(h, th, layers[0], layers[-1], prefix)
     if depth is not None:
       findings.append(depth)
   if not any(f.name == "exploding_gradients" for f in findings):
-    growth = _growth(h, th, _layers(h, "grads", "norm"))
+    growth = _growth(h, th, _layers(h, topic, stat), prefix)
     if growth is not None:
       findings.append(growth)
   return findings

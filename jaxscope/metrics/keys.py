@@ -33,10 +33,10 @@ _SENTINEL = "jaxscope_leaf"
 #: Definition of every instrument key (pattern with :data:`LEAF`).
 INSTRUMENT_KEYS: dict[str, str] = {
   "loss": "mini-batch loss L = (1/B) Σᵢ ℓᵢ",
-  "grads/norm/{leaf}": "‖g‖₂ of the leaf: the mini-batch gradient of the instruments' probe "
+  "cockpit/grad_norm/{leaf}": "‖g‖₂ of the leaf: the mini-batch gradient of the instruments' probe "
   "(∇ of the mean of losses_fn, before any optimizer transformation)",
-  "params/distance/{leaf}": "‖θ_t − θ_0‖₂ of the leaf from its value at init()",
-  "updates/norm/{leaf}": "‖Δθ_t‖₂ of the leaf: this step's update as given to update() "
+  "cockpit/distance/{leaf}": "‖θ_t − θ_0‖₂ of the leaf from its value at init()",
+  "cockpit/update_size/{leaf}": "‖Δθ_t‖₂ of the leaf: this step's update as given to update() "
   "(what optax.apply_updates adds)",
   "alpha": "normalised step length α = t/s* − 1 of the previous step's update (quadratic "
   "fit along it, s* its minimiser; −1 if concave); NaN at the first step",

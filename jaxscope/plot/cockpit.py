@@ -311,11 +311,15 @@ def _panels(history: History, step: int | None) -> list[Panel]:
     panels.append(("α distribution", partial(_draw_alpha_gauge, alpha=alpha)))
   if tests := scalars("norm_test", "inner_test", "ortho_test"):
     panels.append(("gradient tests", partial(_draw_gradient_tests, tests=tests)))
-  dist = _leaf_total(history, "params", "distance")
-  upd = _leaf_total(history, "updates", "norm")
+  # Runs before issue 18 recorded the instruments' per-leaf norms under the scope's topics.
+  dist = _leaf_total(history, "cockpit", "distance") or _leaf_total(history, "params", "distance")
+  upd = _leaf_total(history, "cockpit", "update_size") or _leaf_total(history, "updates", "norm")
   if moves := [(lab, s) for lab, s in (("distance", dist), ("update size", upd)) if s is not None]:
     panels.append(("distance / update size", partial(_draw_lines, series=moves)))
-  if (gnorm := _leaf_total(history, "grads", "norm", quadrature=True)) is not None:
+  gnorm = _leaf_total(history, "cockpit", "grad_norm", quadrature=True) or _leaf_total(
+    history, "grads", "norm", quadrature=True
+  )
+  if gnorm is not None:
     panels.append(("gradient norm", partial(_draw_lines, series=[("‖g‖", gnorm)])))
   if (max_ev := _scalar(history, "hess_max_ev")) is not None:
     err = error_bar(history, "hess_max_ev", max_ev[0])
@@ -368,9 +372,10 @@ def cockpit(
   * **gradient tests**: ``norm_test``, ``inner_test`` and ``ortho_test`` (the largest θ / ν
     each test passes: small, the mini-batch gradient is reliable; above the reference line
     θ = 1, its noise dominates), log y;
-  * **distance and update size**: the sums over leaves of ``params/distance/*`` and
-    ``updates/norm/*``;
-  * **gradient norm**: the leaves' ``grads/norm/*`` added in quadrature;
+  * **distance and update size**: the sums over leaves of ``cockpit/distance/*`` and
+    ``cockpit/update_size/*`` (older runs: ``params/distance/*``, ``updates/norm/*``);
+  * **gradient norm**: the leaves' ``cockpit/grad_norm/*`` (older runs: ``grads/norm/*``)
+    added in quadrature;
   * **largest Hessian eigenvalue** ``hess_max_ev`` (log y when positive), with the
     stability limit ``2/η`` of gradient descent when the run's configuration holds ``lr``
     or ``learning_rate``, and the band ``± hess_max_ev_residual``;

@@ -119,7 +119,7 @@ def make_scope(
     if low_precision and "updates" in lists:
       lists["updates"] += [m for m in REALISED_METRICS if m not in lists["updates"]]
   else:
-    names = [m.strip() for m in metrics.split(",")] if isinstance(metrics, str) else metrics
+    names = registry.split_specs(metrics) if isinstance(metrics, str) else metrics
     names = [n for n in names if n]
     lists = {t: [] for t in topics}
     for n in names:

@@ -21,8 +21,10 @@ goes through ``jit``, ``lax.scan`` and orbax unchanged.
 
 What each preset measures (the same quantities as Cockpit's configurations):
 
-* ``economy``: ``loss``, ``grads/norm/{leaf}``, ``params/distance/{leaf}``,
-  ``updates/norm/{leaf}``, ``alpha``, ``norm_test``, ``inner_test``, ``ortho_test``,
+* ``economy``: ``loss``, ``cockpit/grad_norm/{leaf}``, ``cockpit/distance/{leaf}``,
+  ``cockpit/update_size/{leaf}`` (under their own topic, so they never collide with a
+  scope's ``grads/norm/…`` of possibly clipped gradients), ``alpha``, ``norm_test``,
+  ``inner_test``, ``ortho_test``,
   ``per_example_grads/hist_{counts,edges,nonfinite}``;
 * ``business``: economy + ``tic_diag`` + ``hess_trace`` (and ``hessian/trace/{leaf}``), each
   with its standard error (``tic_diag_stderr``, ``hess_trace_stderr``,
@@ -76,7 +78,7 @@ How each is computed (the cheap exact routes; see :mod:`jaxscope.metrics.noise` 
 
 ``alpha`` and the update-based values are *two-step*: ``alpha`` at step ``t`` is the α of
 the update made at step ``t − 1`` (measured with the losses at ``θ_{t−1}`` and ``θ_t``);
-``updates/norm`` is this step's update. With ``every = n`` only steps ``0, n, 2n, …``
+``cockpit/update_size`` is this step's update. With ``every = n`` only steps ``0, n, 2n, …``
 measure (``lax.cond``/``lax.switch``; α's end point is step ``kn + 1``, which then pays one
 forward-mode pass). ``values["measured"]`` tells whether the values are this step's.
 

@@ -93,13 +93,13 @@ _ERROR_BARS = {
   "hess_max_ev": "_residual",
 }
 _PER_LEAF = {
-  "grad_norm": ("grads/norm",),
-  "distance": ("params/distance",),
-  "update_size": ("updates/norm",),
+  "grad_norm": ("cockpit/grad_norm",),
+  "distance": ("cockpit/distance",),
+  "update_size": ("cockpit/update_size",),
   "hess_trace": ("hessian/trace",),
   "grad_variance": ("per_example_grads/variance", "per_example_grads/second_moment"),
 }
-_UPDATE_SIDE = ("params/distance/", "updates/norm/")
+_UPDATE_SIDE = ("cockpit/distance/", "cockpit/update_size/")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -259,7 +259,7 @@ def _measure(
   if "loss" in cfg.want:
     vals["loss"] = loss.astype(F32)
   if "grad_norm" in cfg.want:
-    vals.update(leaf_norms("grads/norm", names, grads))
+    vals.update(leaf_norms("cockpit/grad_norm", names, grads))
   curv = hessian.empty(state)
   if cfg.need_hvp:
     curv = hessian.measure(cfg, state, params, names, probe_key, hvp_lin, hvp_batch, probes)

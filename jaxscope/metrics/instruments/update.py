@@ -109,9 +109,9 @@ def _measure(
   vals = {**state.values, **probe.values}
   if "distance" in want:
     diff = jax.tree.map(lambda p, q: p - q, params, state.init_params)
-    vals.update(leaf_norms("params/distance", names, diff))
+    vals.update(leaf_norms("cockpit/distance", names, diff))
   if "update_size" in want:
-    vals.update(leaf_norms("updates/norm", names, updates))
+    vals.update(leaf_norms("cockpit/update_size", names, updates))
   if "cabs" in want:
     vals["cabs"] = (vals["cabs"] * learning_rate).astype(F32)
   tangents, slots = [], {}
