@@ -32,7 +32,7 @@ def instruments(
   hutchinson_probes: int = 8,
   max_ev_iters: int = 1,
   max_ev_method: str = "power",
-  max_ev_tol: float | None = 0.05,
+  max_ev_tol: float | None = 0.5,
   max_ev_refine_iters: int = 20,
   eps: float = 1e-5,
   tic_eps: float = 1e-7,
