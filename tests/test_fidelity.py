@@ -4,7 +4,7 @@ A 119-parameter MLP whose Hessian is computed densely in float64 (``jax.hessian`
 ``enable_x64``) at the parameters of each checked step, and the per-example gradients by
 ``vmap(grad)`` in float64. Default options (``curvature="auto"``: exact for this size;
 ``λ_max`` refined on the first step) must sit within their reported error bars at steps
-0, 1 and 10, and within 1e-5 relative where they are exact; Hutchinson's standard errors
+0, 1 and 5, and within 1e-5 relative where they are exact; Hutchinson's standard errors
 must cover the exact value in at least 95% of 300 probe draws (fixed seeds).
 """
 
@@ -54,6 +54,16 @@ def _per_example(unravel, flat: jax.Array, x: jax.Array, y: jax.Array) -> jax.Ar
   return jax.vmap(one)(x, y)
 
 
+def _measure(inst, state, x: jax.Array, y: jax.Array, params: dict) -> tuple[dict, object]:
+  """One jitted measurement at fixed parameters (the update is the gradient itself)."""
+
+  def run(s, p, x, y):
+    probe = inst.grad(s, losses_fn, p, x, y)
+    return inst.update(s, probe, probe.grads)
+
+  return jax.jit(run)(state, params, x, y)
+
+
 def _reference(params: dict, x: jax.Array, y: jax.Array) -> dict:
   """Exact float64 values: λ of largest magnitude, traces (total, per leaf), both TICs."""
   flat, unravel = ravel_pytree(params)
@@ -97,9 +107,9 @@ def test_default_readings_are_right_from_the_first_step() -> None:
     return optax.apply_updates(p, upd), o, s, vals
 
   state, opt = inst.init(params), tx.init(params)
-  for t in range(11):
+  for t in range(6):
     x, y = _batch(t)
-    ref = _reference(params, x, y) if t in (0, 1, 10) else None
+    ref = _reference(params, x, y) if t in (0, 1, 5) else None
     params, opt, state, v = step(params, opt, state, x, y)
     if t == 0:
       assert np.isnan(float(v["alpha"]))  # no update yet: NaN, not 0
@@ -128,6 +138,7 @@ def test_default_readings_are_right_from_the_first_step() -> None:
       assert err <= 1e-4 * abs(ref["hess_max_ev"]), (t, err)
 
 
+@pytest.mark.slow
 def test_round_one_lambda_max_was_useless_on_the_first_step() -> None:
   """The finding: one cold power step is far off; the refinement fixes it, the residual says so."""
   params = MODEL.init(jax.random.key(0), _batch(0)[0])["params"]
@@ -137,8 +148,7 @@ def test_round_one_lambda_max_was_useless_on_the_first_step() -> None:
   for tol in (None, 0.05):
     inst = instruments(["hess_max_ev"], max_ev_tol=tol)
     s = inst.init(params)
-    probe = inst.grad(s, losses_fn, params, x, y)
-    v, _ = inst.update(s, probe, probe.grads)
+    v, _ = _measure(inst, s, x, y, params)
     out[tol] = (float(v["hess_max_ev"]), float(v["hess_max_ev_residual"]))
   cold, cold_res = out[None]
   assert abs(cold - ref) > 0.1 * abs(ref)  # round one's reading
@@ -182,6 +192,7 @@ def test_hutchinson_error_bars_cover_95_percent() -> None:
   assert 0.85 * true_se < np.std(v["hess_trace"]) < 1.15 * true_se
 
 
+@pytest.mark.slow
 def test_histogram_fixed_range_clamps_like_numpy() -> None:
   params = MODEL.init(jax.random.key(0), _batch(0)[0])["params"]
   x, y = _batch(0)
@@ -191,8 +202,7 @@ def test_histogram_fixed_range_clamps_like_numpy() -> None:
     ["grad_hist_1d", "grad_hist_2d"], hist_sample=10 * p, hist_range=(lo, hi), hist2d_bins=(6, 7)
   )
   s = inst.init(params)
-  probe = inst.grad(s, losses_fn, params, x, y)
-  v, s = inst.update(s, probe, probe.grads)
+  v, s = _measure(inst, s, x, y, params)
   flat, unravel = ravel_pytree(params)
   gi = np.asarray(_per_example(unravel, flat, x, y))
   edges = np.asarray(v["per_example_grads/hist_edges"], np.float64)
@@ -207,8 +217,7 @@ def test_histogram_fixed_range_clamps_like_numpy() -> None:
   edges = []
   for t in range(2):
     xb, yb = _batch(t)
-    probe = inst.grad(s, losses_fn, params, xb, yb)
-    v, s = inst.update(s, probe, probe.grads)
+    v, s = _measure(inst, s, xb, yb, params)
     edges.append(np.asarray(v["per_example_grads/hist_edges"]))
   np.testing.assert_array_equal(edges[0], edges[1])
 

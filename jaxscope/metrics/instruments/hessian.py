@@ -211,7 +211,12 @@ def tic_values(cfg: Config, curv: Curvature, second_moment: Any) -> dict[str, ja
     f32 = lambda t: jax.tree.map(lambda x: x.astype(F32), t)  # noqa: E731
     m, c, v = f32(second_moment), curv.diag, curv.diag_var
     value = curvature.tic(m, c, eps)
-    terms = jax.tree.map(lambda mi, ci, vi: jnp.sum(jnp.square(mi / (ci + eps) ** 2) * vi), m, c, v)
+
+    def term(mi: jax.Array, ci: jax.Array, vi: jax.Array) -> jax.Array:
+      # An entry with Mⱼ = 0 adds nothing, whatever its curvature's variance (0·inf).
+      return jnp.sum(jnp.where(mi == 0, 0.0, jnp.square(mi / (ci + eps) ** 2) * vi))
+
+    terms = jax.tree.map(term, m, c, v)
     vals["tic_diag"] = value.astype(F32)
     vals["tic_diag_stderr"] = jnp.sqrt(optax.tree.sum(terms)).astype(F32)
   if "tic_trace" in cfg.want:
