@@ -350,6 +350,7 @@ def test_nan_in_the_batch_is_measured_not_raised() -> None:
   assert bool(vals[-1]["measured"])
 
 
+@pytest.mark.slow
 def test_bad_input() -> None:
   with pytest.raises(ValueError, match="unknown quantit"):
     instruments(["gradnorm"])

@@ -175,6 +175,7 @@ def test_traced_sgd_step(case):
   )
 
 
+@pytest.mark.slow
 def test_batchnorm_eval_mode_and_momentum():
   r = _run(_case_id(("resnet", (8, 8, 1), 10, {"depth": 8})))
   model, variables, x = r["model"], r["variables"], r["x"]
@@ -191,6 +192,7 @@ def test_batchnorm_eval_mode_and_momentum():
   assert not np.allclose(out1, out2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   "case",
   [c for c in TRAIN_CASES if c[0] in ("alexnet_mini", "nnx_cnn") or c[:2] == ("mlp", (8, 8, 1))],
@@ -416,6 +418,7 @@ def test_linen_names():
   assert names == [f"{m}/{p}" for m in ("conv1", "conv2", "fc1", "fc2") for p in ("bias", "kernel")]
 
 
+@pytest.mark.slow
 def test_deepobs_initialisation():
   model = models.build("mnist_mlp", (28, 28, 1), 10)
   params = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))["params"]
