@@ -20,16 +20,15 @@ from jaxscope.run.config import (
   DERIVED_KEYS,
   OPTIMIZER_DEFAULTS,
   RESUME_KEYS,
-  CliOption,
   TrainConfig,
   check_config,
-  cli_options,
   config_record,
   optimizer_hparams,
-  options_markdown,
   parse_capacity,
 )
-from jaxscope.run.directory import Run, RunLayout, check_resume, load_run, read_config
+from jaxscope.run.directory import Run, RunLayout, load_run, read_config
+from jaxscope.run.options import CliOption, cli_options, options_markdown
+from jaxscope.run.resume import check_resume
 
 __all__ = [
   "CAPACITY_DEFAULTS",

@@ -3,7 +3,7 @@
 :class:`TrainConfig` is the single definition of what a run is configured by. Each field
 carries, in its ``metadata``, the command-line spelling (flags, parser, group, help), so
 ``jaxscope train``'s flags and the options table of ``docs/train_options.md`` are
-generated from it (:func:`cli_options`, :func:`options_markdown`): a new option is
+generated from it (:mod:`jaxscope.run.options`): a new option is
 written once. ``config.json`` of a run directory holds the fields (:func:`config_record`)
 plus derived keys (:data:`DERIVED_KEYS`); :func:`TrainConfig.from_record` reads it back.
 """
@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-import math
 import re
 from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple
+from typing import Any
 
 from jaxscope.models import growth
 from jaxscope.transforms.aliases import OPTIMIZER_DEFAULTS, optimizer_hparams
@@ -27,18 +26,15 @@ __all__ = [
   "MESH_AXES",
   "OPTIMIZER_DEFAULTS",
   "RESUME_KEYS",
-  "CliOption",
   "TrainConfig",
   "batch_split",
   "check_config",
-  "cli_options",
   "comma_list",
   "config_record",
   "kv_pairs",
   "non_negative_int",
   "optimizer_hparams",
   "optional_float",
-  "options_markdown",
   "parse_capacity",
   "parse_mesh",
   "positive_int",
@@ -348,7 +344,27 @@ class TrainConfig:
     False, group=_OUT, flags=("-q", "--quiet"), switch="on", help="no progress bar or summary"
   )
   resume: bool = _opt(
-    False, group=_OUT, switch="on", help="continue from the newest readable checkpoint in out"
+    False,
+    group=_OUT,
+    switch="on",
+    help="continue from the newest readable checkpoint in out; options not given on the "
+    "command line are the run's own, and a change that alters training is refused unless "
+    "--allow-changes",
+  )
+  allow_changes: bool = _opt(
+    False,
+    group=_OUT,
+    switch="on",
+    help="with --resume: accept options that alter training (optimizer, lr, schedule, seed, "
+    "model, data, batch size); config.json then records each change with the step it applied "
+    "from (config_history)",
+  )
+  overwrite: bool = _opt(
+    False,
+    group=_OUT,
+    switch="on",
+    help="start afresh in out, removing the run written there before (its log, config, "
+    "checkpoints, plots, analyses and diagnosis; other files are left)",
   )
   live_diagnosis: bool = _opt(
     True,
@@ -565,74 +581,3 @@ def parse_capacity(spec: str | Mapping[str, Any]) -> dict[str, Any]:
   if out["policy"] not in growth.POLICIES:
     raise ValueError(f"--capacity: policy must be one of {growth.POLICIES}, got {out['policy']!r}.")
   return out
-
-
-# --------------------------------------------------------------------------- the flags
-
-
-class CliOption(NamedTuple):
-  """One ``jaxscope train`` option, generated from a :class:`TrainConfig` field."""
-
-  field: str
-  """The field's name (the argparse ``dest``)."""
-  flags: tuple[str, ...]
-  """Option strings, e.g. ``("-l", "--lr", "--learning-rate")``."""
-  group: str
-  help: str
-  default: Any
-  parse: Callable[[str], Any] | None
-  """Parser of the value text (raises ``ValueError``); ``None`` for plain strings."""
-  choices: tuple[str, ...] | None
-  switch: str | None
-  """``"on"``: the flag sets ``True``; ``"off"``: the flag sets ``False``; ``None``: takes
-  a value."""
-  metavar: str | None
-
-
-def cli_options() -> list[CliOption]:
-  """The ``jaxscope train`` options, one per :class:`TrainConfig` field, in field order."""
-  out = []
-  for f in dataclasses.fields(TrainConfig):
-    m = f.metadata
-    default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
-    dashed = f.name.replace("_", "-")
-    flags = m["flags"] or ((f"--no-{dashed}",) if m["switch"] == "off" else (f"--{dashed}",))
-    out.append(
-      CliOption(
-        f.name,
-        flags,
-        m["group"],
-        m["help"],
-        default,
-        m["parse"],
-        m["choices"],
-        m["switch"],
-        m["metavar"],
-      )
-    )
-  return out
-
-
-def _shown(value: Any) -> str:
-  if isinstance(value, float) and math.isfinite(value):
-    return f"{value:g}"
-  if value == {}:
-    return "{}"
-  return "none" if value is None else str(value)
-
-
-def options_markdown() -> str:
-  """The options table of ``docs/train_options.md``: one row per :class:`TrainConfig`
-  field (flags, field, default, meaning), grouped as ``jaxscope train --help`` shows them."""
-  lines = []
-  for group in _GROUPS:
-    lines += [f"### {group}", "", "| flag | field | default | meaning |", "|---|---|---|---|"]
-    for o in cli_options():
-      if o.group != group:
-        continue
-      flags = ", ".join(f"`{s}`" for s in o.flags)
-      default = _shown(o.default)
-      text = o.help.replace("|", "\\|")
-      lines.append(f"| {flags} | `{o.field}` | `{default}` | {text} |")
-    lines.append("")
-  return "\n".join(lines)

@@ -27,15 +27,9 @@ import jax
 
 from jaxscope.checkpoint import CHECKPOINT_DIR, RunCheckpoints
 from jaxscope.record import CONFIG_FILE, METRICS_FILE, TENSORBOARD_DIR, History, read_json
-from jaxscope.run.config import (
-  RESUME_KEYS,
-  TrainConfig,
-  batch_split,
-  optimizer_hparams,
-  parse_mesh,
-)
+from jaxscope.run.config import TrainConfig, batch_split, optimizer_hparams, parse_mesh
 
-__all__ = ["Run", "RunLayout", "check_resume", "load_run", "read_config"]
+__all__ = ["Run", "RunLayout", "load_run", "read_config"]
 
 
 class RunLayout(NamedTuple):
@@ -75,6 +69,16 @@ class RunLayout(NamedTuple):
   def diagnosis_figure(self) -> Path:
     return self.root / "diagnosis.png"
 
+  @property
+  def lock(self) -> Path:
+    """The lock file of a run being trained (:mod:`jaxscope.run.lock`)."""
+    return self.root / ".lock"
+
+  @property
+  def damaged_checkpoints(self) -> Path:
+    """Where damaged checkpoints are moved aside on resume (kept, never deleted)."""
+    return self.root / "damaged-checkpoints"
+
   def holds_run(self) -> bool:
     """Whether a run was written here (a metrics log or any checkpoint)."""
     return self.metrics.exists() or any(self.checkpoints.glob("*"))
@@ -94,29 +98,6 @@ def read_config(path: str | os.PathLike[str]) -> dict[str, Any]:
       config["optimizer"], config.get("optimizer_args")
     )
   return config
-
-
-def check_resume(layout: RunLayout, config: TrainConfig) -> None:
-  """Checks that ``config`` may write into ``layout``: a directory that already holds a
-  run needs ``config.resume``, and a resumed run must agree with the recorded config on
-  :data:`~jaxscope.run.config.RESUME_KEYS`.
-
-  Raises:
-    ValueError: naming the directory, or the key and both values.
-  """
-  if layout.holds_run() and not config.resume:
-    raise ValueError(
-      f"train: {layout.root} already holds a run; pass resume=True (--resume) to continue it, "
-      "or choose another output directory (--out)."
-    )
-  if config.resume and layout.config.exists():
-    old = read_config(layout.root)
-    for key in RESUME_KEYS:
-      if key in old and old[key] != getattr(config, key):
-        raise ValueError(
-          f"train(resume=True): {key}={getattr(config, key)!r} differs from the run's "
-          f"{old[key]!r} in {layout.config}."
-        )
 
 
 class Run:
