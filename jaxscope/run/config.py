@@ -338,7 +338,10 @@ class TrainConfig:
   )
   tensorboard: bool = _opt(False, group=_OUT, switch="on", help="also write TensorBoard events")
   seed: int = _opt(
-    0, group=_OPTIM, parse=int, help="seed of the initialisation, data order and dropout"
+    0,
+    group=_OPTIM,
+    parse=non_negative_int,
+    help="seed of the initialisation, data order and dropout",
   )
   quiet: bool = _opt(
     False, group=_OUT, flags=("-q", "--quiet"), switch="on", help="no progress bar or summary"
@@ -448,6 +451,7 @@ def check_config(config: TrainConfig) -> None:
   _positive("eval_batch_size", config.eval_batch_size)
   _positive("checkpoint_every", config.checkpoint_every, allow_none=True, allow_zero=True)
   _positive("max_to_keep", config.max_to_keep, allow_none=True)
+  _positive("seed", config.seed, allow_zero=True)
   if config.epochs is None and config.steps is None:
     raise ValueError("train: give epochs or steps.")
   _check_devices(config)
