@@ -14,8 +14,10 @@ official files from a local directory and never download anything.
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import os
+import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -113,7 +115,9 @@ _REGISTRY: dict[str, _Entry] = {
 def _key(name: str) -> str:
   key = str(name).strip().lower().replace("-", "_")
   if key not in _REGISTRY:
-    raise ValueError(f"Unknown dataset {name!r}; known datasets: {', '.join(names())}.")
+    close = difflib.get_close_matches(key, names(), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise ValueError(f"Unknown dataset {name!r}{hint}; known datasets: {', '.join(names())}.")
   return key
 
 
@@ -147,7 +151,9 @@ def load(
   Args:
     name: one of :func:`names`, or ``"module:attribute"`` naming a loader of your own
       (:mod:`jaxscope.models.external`).
-    data_dir: directory with the files of a file-based set (ignored by embedded sets).
+    data_dir: directory with the files of a file-based set. Embedded sets read none and
+      warn (``UserWarning``) when one is given, unless it is ``$JAXSCOPE_DATA`` (the
+      command line's default).
     seed: seed of the split or generator of an embedded set; ``None`` keeps the loader's
       default (``mnist1d``: 42, the published benchmark; ``digits`` and ``sine``: 0).
       File-based sets use their official split and ignore it.
@@ -160,7 +166,8 @@ def load(
 
   Raises:
     ValueError: unknown name, or a file-based set without ``data_dir``.
-    TypeError: a keyword argument the loader does not take.
+    OptionError: (a ``ValueError`` and a ``TypeError``) a keyword argument the loader does
+      not take, or a text where it takes a number or a bool.
     FileNotFoundError: the files are not in ``data_dir`` (the message says where to put them).
   """
   if isinstance(name, str) and ":" in name:  # "module:attribute": the user's own loader.
@@ -171,15 +178,15 @@ def load(
     return load_external(name, data_dir, **kwargs)
   key = _key(name)
   entry = _REGISTRY[key]
-  params = inspect.signature(entry.loader).parameters
-  accepted = [p for p in params if p not in ("data_dir", "seed")]
-  unknown = sorted(k for k in kwargs if k not in accepted)
-  if unknown:
-    raise TypeError(
-      f"load({key!r}): unexpected keyword argument(s) {unknown}; "
-      f"it accepts {accepted or 'none'} (and seed, data_dir)."
-    )
+  params = _check_kwargs(key, entry.loader, seed, kwargs)
   if entry.embedded:
+    if data_dir is not None and os.fspath(data_dir) != os.environ.get("JAXSCOPE_DATA"):
+      warnings.warn(
+        f"load({key!r}): data_dir {os.fspath(data_dir)!r} is not used: {key} is embedded "
+        "and reads no files.",
+        UserWarning,
+        stacklevel=2,
+      )
     if seed is not None and "seed" in params:
       kwargs["seed"] = seed
     return entry.loader(**kwargs)
@@ -189,3 +196,25 @@ def load(
       f"--data-dir (data_dir=) pointing to a directory with {entry.files}."
     )
   return entry.loader(data_dir, **kwargs)
+
+
+def _check_kwargs(
+  key: str, loader: Callable[..., Dataset], seed: Any, kwargs: dict[str, Any]
+) -> dict[str, inspect.Parameter]:
+  """The loader's parameters, after refusing keyword arguments it does not take and texts
+  where it takes a number or a bool (:class:`~jaxscope.models.keywords.OptionError`)."""
+  from jaxscope.models.keywords import OptionError, keyword_parameters, unknown_keywords, wrong_kind
+
+  params, var_keyword = keyword_parameters(loader) or ({}, True)
+  accepted = [p for p in params if p != "data_dir"]
+  unknown = None if var_keyword else unknown_keywords(kwargs, [*accepted, "seed"])
+  if unknown:
+    raise OptionError(
+      f"load({key!r}): unexpected keyword argument(s) in data_args: {unknown}; it accepts "
+      f"{', '.join(accepted) or 'none'}."
+    )
+  bad = wrong_kind(params, {**kwargs, **({} if seed is None else {"seed": seed})})
+  if bad:
+    k, value, expected = bad
+    raise OptionError(f"load({key!r}): data_args {k} must be {expected}, got {value!r}.")
+  return params

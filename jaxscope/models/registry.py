@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import inspect
+import difflib
+import numbers
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -19,7 +20,8 @@ from jaxscope.models.base import (
 from jaxscope.models.capacity import CapacityCNN, CapacityMLP
 from jaxscope.models.conv import AlexNetMini, LeNet5, ThreeC3D, TwoC2D
 from jaxscope.models.densenet import DenseNetBC
-from jaxscope.models.external import build_external, is_external
+from jaxscope.models.external import build_external, import_object, is_external
+from jaxscope.models.keywords import check_model_options
 from jaxscope.models.mlp import MLP, MnistMLP
 from jaxscope.models.nnx_models import nnx_model_def, nnx_module_def
 from jaxscope.models.resnet import CifarResNet
@@ -45,6 +47,11 @@ def _positive_ints(name: str, arg: str, value: Any, *, allow_empty: bool = False
       f"build({name!r}): {arg} must be a sequence of positive integers, got {value!r}."
     )
   return tuple(int(v) for v in out)
+
+
+def _real(value: Any) -> bool:
+  """Whether ``value`` is a real number (not a bool)."""
+  return isinstance(value, numbers.Real) and not isinstance(value, bool | np.bool_)
 
 
 def _min_side(name: str, input_shape: tuple[int, ...], side: int, hint: str = "") -> None:
@@ -174,7 +181,7 @@ def _densenet_bc(
     raise ValueError(
       f"build({name!r}): growth_rate must be a positive integer, got {growth_rate!r}."
     )
-  if not 0.0 < compression <= 1.0:
+  if not _real(compression) or not 0.0 < compression <= 1.0:
     raise ValueError(f"build({name!r}): compression must be in (0, 1], got {compression!r}.")
   module = DenseNetBC(
     block_sizes=blocks,
@@ -200,6 +207,8 @@ def _nnx_cnn(
   if len(f) != 2:
     raise ValueError(f"build({name!r}): features must have 2 entries, got {features!r}.")
   (h,) = _positive_ints(name, "hidden", (hidden,))
+  if not _real(dropout_rate) or not 0.0 <= dropout_rate < 1.0:
+    raise ValueError(f"build({name!r}): dropout_rate must be in [0, 1), got {dropout_rate!r}.")
   return nnx_model_def(
     name, input_shape, num_classes, features=f, hidden=h, dropout_rate=dropout_rate
   )
@@ -510,7 +519,11 @@ def names() -> list[str]:
 
 def _entry(name: Any) -> _Entry:
   if name not in _REGISTRY:
-    raise ValueError(f"Unknown model name {name!r}; available models: {', '.join(_REGISTRY)}.")
+    close = difflib.get_close_matches(str(name), list(_REGISTRY), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise ValueError(
+      f"Unknown model name {name!r}{hint}; available models: {', '.join(_REGISTRY)}."
+    )
   return _REGISTRY[name]
 
 
@@ -556,7 +569,8 @@ def build(name: str, input_shape: Sequence[int], num_classes: int, **kwargs: Any
   Raises:
     ValueError: for an unknown name (listing the available ones), a bad
       ``input_shape`` or ``num_classes``, or a bad option value.
-    TypeError: for an option the model does not take.
+    OptionError: (a ``ValueError`` and a ``TypeError``) for an option the model does not
+      take (the message lists those it takes), or a text where it takes a number or a bool.
 
   Example:
 
@@ -572,16 +586,10 @@ def build(name: str, input_shape: Sequence[int], num_classes: int, **kwargs: Any
   17226
   """
   if is_external(name):  # "module:attribute": the user's own model.
+    check_model_options(name, import_object(name, what="model"), 2, kwargs)
     return build_external(name, input_shape, num_classes, **kwargs)
   entry = _entry(name)
   shape = check_input_shape(name, input_shape, ranks=entry.ranks)
   classes = check_num_classes(name, num_classes)
-  params = inspect.signature(entry.builder).parameters
-  accepted = [p for p, v in params.items() if v.kind is inspect.Parameter.KEYWORD_ONLY]
-  unknown = sorted(set(kwargs) - set(accepted))
-  if unknown:
-    raise TypeError(
-      f"build({name!r}): unexpected option(s) {unknown}; this model takes "
-      f"{accepted if accepted else 'no options'}."
-    )
+  check_model_options(name, entry.builder, 3, kwargs)
   return entry.builder(name, shape, classes, **kwargs)

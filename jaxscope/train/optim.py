@@ -18,6 +18,7 @@ import optax
 
 from jaxscope import transforms
 from jaxscope.metrics.scope import Scope
+from jaxscope.models.keywords import keyword_parameters, unknown_keywords, wrong_kind
 from jaxscope.run.config import TrainConfig
 from jaxscope.transforms import aliases
 
@@ -49,7 +50,7 @@ HVP_OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformationExtraArgs]] 
 
 
 def make_optimizer(
-  name: str, learning_rate: optax.ScalarOrSchedule, **kwargs: Any
+  name: str, learning_rate: optax.ScalarOrSchedule, /, **kwargs: Any
 ) -> optax.GradientTransformation:
   """Builds an optimizer by name: ``OPTIMIZERS`` first, then any optax alias.
 
@@ -61,39 +62,76 @@ def make_optimizer(
   is ignored for them (pass ``initial_lr=``/``fixed_lr=``) and their ``update`` needs
   ``hvp_fn=`` (:func:`make_train_step` with ``hvp=True``).
 
+  ``kwargs`` are checked against the optimizer's signature first: a name it does not
+  take, or a text where it takes a number or a bool (``weight_decay="abc"``), is refused
+  with the names it takes.
+
   Raises:
     ValueError: unknown name, or a name that is not an optimizer alias; or keyword
-      arguments the optimizer does not take (named in the message).
+      arguments the optimizer does not take or of the wrong kind (named in the message).
   """
-  if name in HVP_OPTIMIZERS:
-    try:
-      return HVP_OPTIMIZERS[name](**kwargs)
-    except TypeError as e:
-      raise ValueError(f"optimizer {name!r} rejected its arguments {kwargs}: {e}") from e
-  factory = OPTIMIZERS.get(name)
-  if factory is None:
-    factory = getattr(optax, name, None)
-    if factory is None or not callable(factory) or name.startswith("_"):
-      raise ValueError(
-        f"unknown optimizer {name!r}: expected one of {sorted(OPTIMIZERS)} or an optax alias "
-        "such as sgd, adam, adamw, rmsprop, lion."
-      )
-    try:
-      first = next(iter(inspect.signature(factory).parameters))
-    except (TypeError, ValueError, StopIteration):
-      first = None
-    if first != "learning_rate":
-      raise ValueError(
-        f"optax.{name} is not an optimizer alias (its first argument is {first!r}, "
-        "not learning_rate)."
-      )
+  factory = _factory(name)
+  _check_optimizer_args(name, factory, kwargs)
   try:
-    tx = factory(learning_rate, **kwargs)
+    tx = factory(**kwargs) if name in HVP_OPTIMIZERS else factory(learning_rate, **kwargs)
   except TypeError as e:
     raise ValueError(f"optimizer {name!r} rejected its arguments {kwargs}: {e}") from e
   if not isinstance(tx, optax.GradientTransformation):
     raise ValueError(f"optimizer {name!r} did not return an optax GradientTransformation.")
   return tx
+
+
+def _factory(name: str) -> Callable[..., optax.GradientTransformation]:
+  """The optimizer called ``name`` (:func:`make_optimizer`)."""
+  factory = HVP_OPTIMIZERS.get(name) or OPTIMIZERS.get(name)
+  if factory is not None:
+    return factory
+  factory = getattr(optax, name, None)
+  if factory is None or not callable(factory) or name.startswith("_"):
+    known = sorted([*OPTIMIZERS, *HVP_OPTIMIZERS])
+    raise ValueError(
+      f"unknown optimizer {name!r}: expected one of {known} or an optax alias such as sgd, "
+      "adam, adamw, rmsprop, lion."
+    )
+  try:
+    first = next(iter(inspect.signature(factory).parameters))
+  except (TypeError, ValueError, StopIteration):
+    first = None
+  if first != "learning_rate":
+    raise ValueError(
+      f"optax.{name} is not an optimizer alias (its first argument is {first!r}, "
+      "not learning_rate)."
+    )
+  return factory
+
+
+def _check_optimizer_args(name: str, factory: Callable[..., Any], kwargs: dict[str, Any]) -> None:
+  """Refuses keyword arguments ``factory`` does not take, or texts where it takes a number
+  or a bool, naming the argument and listing those it takes."""
+  hvp = name in HVP_OPTIMIZERS
+  found = keyword_parameters(factory, skip=0 if hvp else 1)
+  if found is None:
+    return
+  params, var_keyword = found
+  if hvp and var_keyword:  # They pass the rest to probabilistic_preconditioner.
+    forwarded = keyword_parameters(transforms.probabilistic_preconditioner)
+    params = {**(forwarded[0] if forwarded else {}), **params}
+    var_keyword = forwarded is None or forwarded[1]
+  rejected = f"optimizer {name!r} rejected its arguments {kwargs}"
+  if "learning_rate" in kwargs and "learning_rate" not in params:
+    how = "give initial_lr= or fixed_lr=" if hvp else "it is lr (--lr), not an optimizer argument"
+    estimates = " (it estimates its step size)" if hvp else ""
+    raise ValueError(f"{rejected}: learning_rate{estimates}: {how}.")
+  unknown = None if var_keyword else unknown_keywords(kwargs, params)
+  if unknown:
+    raise ValueError(
+      f"{rejected}: unexpected keyword argument(s) {unknown}; {name} takes "
+      f"{', '.join(params) or 'none'} (optimizer_args, --opt-args)."
+    )
+  bad = wrong_kind(params, kwargs)
+  if bad:
+    key, value, expected = bad
+    raise ValueError(f"{rejected}: {key} must be {expected}, got {value!r}.")
 
 
 def make_schedule(
@@ -111,7 +149,7 @@ def make_schedule(
     ValueError: unknown spec or a γ outside ``(0, 1]``.
   """
   if learning_rate <= 0 or not math.isfinite(learning_rate):
-    raise ValueError(f"learning rate must be a positive number, got {learning_rate}.")
+    raise ValueError(f"learning rate (lr) must be a positive finite number, got {learning_rate}.")
   name, _, arg = spec.partition(":")
   if name == "constant" and not arg:
     return optax.constant_schedule(learning_rate)

@@ -9,7 +9,8 @@ diagnoses read the momentum of a run from it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import inspect
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import optax
@@ -44,3 +45,16 @@ def nesterov(learning_rate: optax.ScalarOrSchedule, **kwargs: Any) -> optax.Grad
   """SGD with Nesterov momentum: ``optax.sgd(learning_rate, momentum=0.9, nesterov=True,
   **kwargs)``."""
   return optax.sgd(learning_rate, **optimizer_hparams("nesterov", kwargs))
+
+
+def _sgd_signature(fn: Callable[..., Any], defaults: Mapping[str, Any]) -> None:
+  """Gives ``fn`` (which passes its keyword arguments to ``optax.sgd``) the signature of
+  ``optax.sgd`` with ``defaults``, so ``inspect.signature`` (``help``, the argument checks
+  of :func:`jaxscope.train.make_optimizer`) shows what it takes."""
+  sig = inspect.signature(optax.sgd)
+  params = [p.replace(default=defaults.get(p.name, p.default)) for p in sig.parameters.values()]
+  fn.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
+
+
+_sgd_signature(momentum, OPTIMIZER_DEFAULTS["momentum"])
+_sgd_signature(nesterov, OPTIMIZER_DEFAULTS["nesterov"])
