@@ -210,7 +210,7 @@ def test_resume_continues_at_the_right_step_with_identical_parameters(tmp_path):
   # Resuming a finished run does nothing; a different optimizer is refused.
   again = _run(tmp_path, "part", epochs=2, resume=True)
   assert again.steps == full.steps
-  with pytest.raises(ValueError, match="optimizer='adam' differs"):
+  with pytest.raises(ValueError, match="optimizer: momentum -> adam"):
     _run(tmp_path, "part", epochs=3, resume=True, optimizer="adam")
 
 

@@ -141,14 +141,23 @@ def loads(text: str | bytes) -> Any:
   return obj
 
 
+def process_umask() -> int:
+  """The process's file-creation mask (``os.umask`` can only be read by setting it)."""
+  mask = os.umask(0o022)
+  os.umask(mask)
+  return mask
+
+
 def write_atomic(path: str | os.PathLike[str], write: Callable[[BinaryIO], Any]) -> None:
   """Writes ``path`` atomically: ``write(f)`` fills a temporary file (binary) in the same
   directory, which then replaces ``path`` with ``os.replace``; on any error the temporary
-  file is removed and ``path`` is left as it was. Used for every file jaxscope writes whole
-  (configs, analyses, landscapes, diagnoses)."""
+  file is removed and ``path`` is left as it was. The file gets the mode a plain ``open``
+  would give it (``0o666`` less the process umask), not ``mkstemp``'s ``0o600``. Used for
+  every file jaxscope writes whole (configs, analyses, landscapes, diagnoses)."""
   path = Path(path)
   fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
   try:
+    os.fchmod(fd, 0o666 & ~process_umask())  # mkstemp's 0600 would hide it from the team.
     with os.fdopen(fd, "wb") as f:
       write(f)
     os.replace(tmp, path)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import signal
 import sys
 import threading
@@ -31,8 +32,11 @@ from jaxscope.metrics.instruments import Instruments
 from jaxscope.metrics.scope import Scope
 from jaxscope.models import growth
 from jaxscope.record import Recorder
+from jaxscope.record.rewind import drop_rewound, rewind_log
 from jaxscope.run import RunLayout, TrainConfig, check_config, check_resume, config_record
 from jaxscope.run.config import parse_capacity, parse_mesh
+from jaxscope.run.lock import RunLock
+from jaxscope.run.resume import clear_run, describe_changes, history_entry
 from jaxscope.train import sharding
 from jaxscope.train.evaluate import make_evaluate
 from jaxscope.train.measure import (
@@ -42,6 +46,7 @@ from jaxscope.train.measure import (
   stacked_of,
 )
 from jaxscope.train.optim import HVP_OPTIMIZERS, Optimizer, build_optimizer
+from jaxscope.train.resume import restore
 from jaxscope.train.step import TrainState, init_instruments, make_train_step
 
 __all__ = ["Setup", "TrainResult", "setup", "train"]
@@ -58,8 +63,12 @@ class TrainResult(NamedTuple):
   final_eval: dict[str, float]
   """``test/loss`` (and ``test/accuracy``) of the final parameters."""
   interrupted: bool
-  """Whether the run was stopped by Ctrl-C (logs and a final checkpoint were written)."""
+  """Whether the run was stopped by Ctrl-C or SIGTERM (logs and a final checkpoint were
+  written)."""
   wall_time: float
+  stop_signal: int | None = None
+  """The signal that stopped the run (``signal.SIGINT`` or ``signal.SIGTERM``), else
+  ``None``; the command line exits with ``128 + stop_signal`` (130, 143)."""
 
 
 def _versions() -> dict[str, str]:
@@ -84,21 +93,25 @@ def _epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
 
 
 class _StopFlag:
-  """Turns the first Ctrl-C into a request to stop after the current step.
+  """Turns the first Ctrl-C (SIGINT) or SIGTERM (what schedulers and ``docker stop`` send)
+  into a request to stop after the current step.
 
   The loop then evaluates, writes a final checkpoint and flushes the logs; a second
-  Ctrl-C interrupts at once (``KeyboardInterrupt``), still closing the recorder and
+  signal interrupts at once (``KeyboardInterrupt``), still closing the recorder and
   waiting for checkpoints being written.
   """
 
+  SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
   def __init__(self) -> None:
     self.requested = False
+    self.signum: int | None = None
 
   @contextlib.contextmanager
-  def catch_sigint(self, enabled: bool = True) -> Any:
+  def catch_signals(self, enabled: bool = True) -> Any:
     # Signal handlers can only be installed from the main thread. In a multi-process run
     # the processes would see the signal at different steps and stop at different ones
-    # (their collectives would then wait forever): Ctrl-C interrupts at once there, and
+    # (their collectives would then wait forever): a signal interrupts at once there, and
     # the run resumes from its last periodic checkpoint.
     if not enabled or threading.current_thread() is not threading.main_thread():
       yield
@@ -107,19 +120,21 @@ class _StopFlag:
     def handler(signum: int, frame: Any) -> None:
       if self.requested:
         raise KeyboardInterrupt
-      self.requested = True
+      self.requested, self.signum = True, signum
+      name = signal.Signals(signum).name
       print(
-        "\njaxscope: stopping after this step (writing logs and a checkpoint); "
+        f"\njaxscope: {name}: stopping after this step (writing logs and a checkpoint); "
         "Ctrl-C again to abort.",
         file=sys.stderr,
         flush=True,
       )
 
-    previous = signal.signal(signal.SIGINT, handler)
+    previous = {sig: signal.signal(sig, handler) for sig in self.SIGNALS}
     try:
       yield
     finally:
-      signal.signal(signal.SIGINT, previous)
+      for sig, before in previous.items():
+        signal.signal(sig, before)
 
 
 class Setup(NamedTuple):
@@ -356,43 +371,6 @@ def _data_paths(s: Setup) -> tuple[Callable[[np.ndarray], Any], Callable[[Any, A
   return gather_global, evaluate
 
 
-def _restore(s: Setup, ckpt: CheckpointWriter, run_dir: Path) -> tuple[TrainState | None, int, int]:
-  """The newest checkpoint that restores into this configuration: ``(state, start step,
-  first step whose α is recorded)``; ``(None, 0, 1)`` when there is none."""
-  if not ckpt.saved:
-    return None, 0, 1
-  abstract = jax.eval_shape(s.init_state)
-  if s.mesh is not None:  # Restored straight into the run's layout.
-    abstract = sharding.abstract_with(abstract, s.state_shardings())
-  # A checkpoint written before TrainState.instruments existed holds four fields.
-  legacy = {f: getattr(abstract, f) for f in TrainState._fields if f != "instruments"}
-  restored = ckpt.restore_latest([abstract, legacy])
-  if restored is None:
-    ckpt.close()
-    raise ValueError(
-      f"train(resume=True): none of the checkpoints {sorted(ckpt.saved)} in "
-      f"{RunLayout(run_dir).checkpoints} could be restored into this configuration (the saved "
-      "state depends on the model, the optimizer and the metrics)."
-    )
-  which, state, _ = restored
-  if which == 1:
-    state = TrainState(**state)
-  start, alpha_from = int(state.step), 1
-  if which == 1 and s.instruments is not None:
-    # A run written before the instruments' state was checkpointed: they start afresh
-    # (their count set to the step, so that they measure the same steps).
-    warnings.warn(
-      f"train(resume=True): the checkpoint of step {start} holds no instrument state; "
-      "the instruments start afresh (alpha from the next update on).",
-      stacklevel=3,
-    )
-    fresh = s.initial_state().instruments
-    fresh["cockpit"] = fresh["cockpit"]._replace(count=jnp.asarray(start, jnp.int32))
-    state = state._replace(instruments=fresh)
-    alpha_from = start + 1
-  return state, start, alpha_from
-
-
 def train(config: TrainConfig | None = None, **overrides: Any) -> TrainResult:
   """Trains ``config.model`` on ``config.dataset`` and writes a run directory.
 
@@ -413,18 +391,69 @@ def train(config: TrainConfig | None = None, **overrides: Any) -> TrainResult:
     (20, ['test/loss'])
   """
   config = dataclasses.replace(config or TrainConfig(), **overrides)
+  if config.overwrite and config.resume:
+    raise ValueError("train: overwrite and resume exclude each other; give one of them.")
   t_start = time.perf_counter()
   s = setup(config)
   config = s.config
   layout = RunLayout(Path(config.out))
-  check_resume(layout, config)
-  sharding.sync_processes("jaxscope.train: run directory checked")  # before anyone writes
+  lead = jax.process_index() == 0  # Process 0 locks, clears and writes the log.
+  lock = RunLock(layout.lock) if lead else None
+  if lock is not None:
+    lock.acquire()
+  try:
+    if config.overwrite and lead:
+      clear_run(layout)
+    plan = check_resume(layout, config, s.total_steps)
+    sharding.sync_processes("jaxscope.train: run directory checked")  # before anyone writes
+    with _orbax_quiet():
+      return _start(s, layout, plan, lock, t_start)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+@contextlib.contextmanager
+def _orbax_quiet() -> Any:
+  """Orbax's save threads log each failure (e.g. a full disk) with tracebacks at absl's
+  ERROR level, hundreds of lines before the error itself reaches the caller: while the loop
+  runs, only absl's CRITICAL messages are shown."""
+  logger = logging.getLogger("absl")
+  level = logger.level
+  logger.setLevel(logging.CRITICAL)
+  try:
+    yield
+  finally:
+    logger.setLevel(level)
+
+
+def _start(
+  s: Setup, layout: RunLayout, plan: Any, lock: RunLock | None, t_start: float
+) -> TrainResult:
+  """Restores (when resuming), writes the config and runs the loop of :func:`train`."""
+  config, lead = s.config, jax.process_index() == 0
+  if lock is not None and lock.stale:
+    _note(config, f"took over the lock of a run that ended without releasing it ({lock.stale}).")
+  if config.resume and not plan.resume:
+    _note(config, f"nothing to resume in {layout.root}; starting a new run.")
   ckpt = CheckpointWriter(layout.checkpoints, config.max_to_keep)
-  state, start, alpha_from = _restore(s, ckpt, layout.root) if config.resume else (None, 0, 1)
+  restored = restore(s, ckpt, layout, plan, setup) if plan.resume else None
+  state, start = (restored.state, restored.start) if restored else (None, 0)
   if state is None:
     state = s.initial_state()
+  changes = plan.changes if start else ()
+  if lead and plan.resume:
+    rewind_log(layout.root, start if start else -1)
+  if restored is not None and (restored.notes or changes):
+    what = [f"changed {describe_changes(changes)}"] if changes else []
+    warnings.warn(
+      f"train(resume=True): resuming {layout.root} at step {start}: "
+      + "; ".join([*what, *restored.notes])
+      + ".",
+      stacklevel=3,
+    )
   record = None
-  if not (start and layout.config.exists()):  # A resumed run keeps its original config file.
+  if not (start and layout.config.exists()) or changes:  # A resumed run keeps its config...
     record = config_record(
       config,
       versions=_versions(),
@@ -435,10 +464,20 @@ def train(config: TrainConfig | None = None, **overrides: Any) -> TrainResult:
       num_classes=int(s.dataset.num_classes),
       device_count=1 if s.mesh is None else int(s.mesh.size),
       process_count=jax.process_count(),
+      config_history=[  # ...unless it changes: then the change is recorded.
+        *plan.old.get("config_history", []),
+        *([history_entry(start, changes)] if changes else []),
+      ],
     )
   recorder = Recorder(layout.root, tensorboard=config.tensorboard, config=record)
+  alpha_from = restored.alpha_from if restored else 1
   loop = _Loop(s, state, recorder, ckpt, layout.root, t_start, alpha_from)
   return loop.run(start)
+
+
+def _note(config: TrainConfig, text: str) -> None:
+  if not config.quiet and jax.process_index() == 0:
+    print(f"jaxscope train: {text}", file=sys.stderr, flush=True)
 
 
 class _Loop:
@@ -503,10 +542,10 @@ class _Loop:
     stop = _StopFlag()
     step = start
     try:
-      with stop.catch_sigint(jax.process_count() == 1):
+      with stop.catch_signals(jax.process_count() == 1):
         if start == 0:
           self.run_eval(0)
-          self.ckpt.save(0, self.state, self.meta(0))
+          self.checkpoint(0)
         step = self._steps(start, stop)
     finally:
       if self.bar is not None:
@@ -523,7 +562,16 @@ class _Loop:
       dict(self.last_eval),
       stop.requested,
       time.perf_counter() - self.t_start,
+      stop.signum,
     )
+
+  def checkpoint(self, step: int) -> None:
+    """Saves the checkpoint of ``step`` after the log holds every record before it, so a
+    run resumed from it (:func:`jaxscope.record.rewind.rewind_log`) misses none."""
+    self.recorder.flush()
+    if jax.process_index() == 0:
+      drop_rewound(self.run_dir, step)
+    self.ckpt.save(step, self.state, self.meta(step))
 
   def _steps(self, step: int, stop: _StopFlag) -> int:
     """Steps from ``step`` until the end or a stop request; returns the last step."""
@@ -554,5 +602,5 @@ class _Loop:
       if step % self.eval_every == 0 or step == total or stop.requested:
         self.run_eval(step)
       if (self.ckpt_every and step % self.ckpt_every == 0) or step == total or stop.requested:
-        self.ckpt.save(step, self.state, self.meta(step))
+        self.checkpoint(step)
     return step
