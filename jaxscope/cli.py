@@ -376,6 +376,7 @@ def _join_range_values(argv: Sequence[str]) -> list[str]:
 
 def _add_analyze_parser(sub: Any) -> None:
   from jaxscope.analysis.run import ANALYSES, AnalysisOptions
+  from jaxscope.run.own import ANALYZE_FLAGS
 
   d = AnalysisOptions()  # The defaults, shared with jaxscope.analysis.analyze.
   grid = _axis_text(d.grid[0]) + ("" if d.grid[1] == d.grid[0] else f",{_axis_text(d.grid[1])}")
@@ -387,9 +388,10 @@ def _add_analyze_parser(sub: Any) -> None:
     "level, a loss landscape along random or PCA directions, the PCA trajectory with each "
     "checkpoint's true loss next to the plane's, and layer robustness (re-initialisation and "
     "re-randomisation). θ_0 is the first checkpoint, θ_f the last, θ_mid the middle one. "
-    "Writes NAME.npz + NAME.json and PNG figures per analysis into --out.",
+    "Writes NAME.npz + NAME.json and PNG figures per analysis into --out. For your own orbax "
+    "checkpoints see the options below and docs/checkpoints.md.",
   )
-  p.add_argument("run", metavar="RUN", help="run directory (holding checkpoints/, config.json)")
+  p.add_argument("run", metavar="RUN", help="run directory, or your CheckpointManager's directory")
   p.add_argument(
     "what",
     choices=[*ANALYSES, "all"],
@@ -457,6 +459,9 @@ def _add_analyze_parser(sub: Any) -> None:
     "--eval-batch-size", type=_argparse_type(positive_int), default=d.eval_batch_size, metavar="B"
   )
   p.add_argument("--data-dir", default=None, help="where the dataset is now (default: the run's)")
+  own = p.add_argument_group("checkpoints of your own loop (no config.json)")
+  for flag, kw in ANALYZE_FLAGS:  # Their values are load_run's keywords.
+    own.add_argument(flag, **{**kw, "type": _argparse_type(kw.get("type", str))}, default=None)
   p.add_argument("--out", default=None, help="output directory (default: RUN/analysis)")
   p.add_argument("--dpi", type=_argparse_type(positive_int), default=d.dpi)
   p.add_argument("-q", "--quiet", action="store_true", help="no summary")
@@ -474,7 +479,10 @@ def _analyze(args: argparse.Namespace) -> int:
   def failed(name: str, error: Exception) -> None:
     print(f"jaxscope analyze: {name} failed: {error}", file=sys.stderr)
 
-  with load_run(args.run, data_dir=args.data_dir) as run:
+  from jaxscope.run.own import ANALYZE_FLAGS
+
+  own = {f[2:].replace("-", "_"): getattr(args, f[2:].replace("-", "_")) for f, _ in ANALYZE_FLAGS}
+  with load_run(args.run, data_dir=args.data_dir, **own) as run:
     report = analyze(
       run,
       args.what,

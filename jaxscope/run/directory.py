@@ -20,6 +20,7 @@ rebuilt from the config.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -102,7 +103,8 @@ def read_config(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 class Run:
   """A run directory loaded back (:func:`load_run`): what it was configured with, what it
-  recorded, its checkpoints, and the model and data rebuilt from the config.
+  recorded, its checkpoints, and the model and data rebuilt from the config (or given to
+  :func:`load_run`, for the checkpoints of a loop of your own).
 
   Everything but :attr:`config` is read on first use and cached. Close it (or use it as a
   context manager) to release the checkpoint reader.
@@ -116,17 +118,46 @@ class Run:
   Attributes:
     path: the run directory.
     layout: its :class:`RunLayout`.
-    config: ``config.json`` as a dict (``{}`` when the run has none).
+    config: ``config.json`` as a dict, with the ``model``, ``dataset``, ``model_args`` and
+      ``task`` given to :func:`load_run` in place of its own (``{}`` when there is neither).
   """
 
   def __init__(
-    self, path: str | os.PathLike[str], *, data_dir: str | None = None, mesh: Any = "auto"
+    self,
+    path: str | os.PathLike[str],
+    *,
+    data_dir: str | None = None,
+    mesh: Any = "auto",
+    model: Any = None,
+    dataset: str | None = None,
+    model_args: Mapping[str, Any] | None = None,
+    task: str | None = None,
+    item: str | None = None,
+    params_key: str | None = None,
+    model_state_key: str | None = None,
   ) -> None:
+    from jaxscope.run.own import model_name
+
     self.path = Path(path)
     if not self.path.is_dir():
       raise ValueError(f"load_run: run directory {self.path} does not exist.")
+    if task not in (None, "classification", "regression"):
+      raise ValueError(f"load_run: task must be 'classification' or 'regression', got {task!r}.")
+    if model_args is not None and not isinstance(model_args, Mapping):
+      raise ValueError(f"load_run: model_args must be a dict, got {model_args!r}.")
+    if dataset is not None and not isinstance(dataset, str):
+      raise ValueError(f"load_run: dataset must be a dataset name, got {dataset!r}.")
     self.layout = RunLayout(self.path)
-    self.config: dict[str, Any] = read_config(self.path)
+    self._recorded = read_config(self.path)
+    given = {"model": None if model is None else model_name(model), "dataset": dataset}
+    given |= {"model_args": None if model_args is None else dict(model_args), "task": task}
+    self.config: dict[str, Any] = {
+      **self._recorded,
+      **{k: v for k, v in given.items() if v is not None},
+    }
+    self._given = {"model": model, "dataset": dataset, "model_args": model_args}
+    self._layout_options = {"item": item, "params_key": params_key}
+    self._layout_options["model_state_key"] = model_state_key
     self._data_dir = data_dir
     self._mesh_spec = mesh
     self._mesh: Any = _UNSET
@@ -152,9 +183,10 @@ class Run:
 
   @property
   def train_config(self) -> TrainConfig:
-    """:attr:`config` as a :class:`~jaxscope.train.TrainConfig` (derived keys left out)."""
-    self._need("model")
-    return TrainConfig.from_record(self.config)
+    """``config.json`` as a :class:`~jaxscope.train.TrainConfig` (derived keys left out)."""
+    if "model" not in self._recorded:
+      self._need("model")
+    return TrainConfig.from_record(self._recorded)
 
   @property
   def history(self) -> History:
@@ -196,7 +228,7 @@ class Run:
 
       mesh = self.mesh
       rule = None if mesh is None else checkpoint_sharding(mesh)
-      self._checkpoints = RunCheckpoints(self.path, sharding=rule)
+      self._checkpoints = RunCheckpoints(self.path, sharding=rule, **self._layout_options)
     return self._checkpoints
 
   @property
@@ -207,28 +239,47 @@ class Run:
   @property
   def dataset(self) -> Any:
     """The run's dataset as it trained on it (:func:`jaxscope.data.load` of the config's
-    ``dataset``, ``data_dir`` (or :func:`load_run`'s ``data_dir``) and ``data_args``).
+    ``dataset``, ``data_dir`` (or :func:`load_run`'s ``data_dir``) and ``data_args``), or
+    the ``dataset`` given to :func:`load_run` (the config's ``data_args`` only when it
+    names the same one).
 
     Raises:
-      ValueError: the run has no ``config.json`` (or it names no dataset).
+      ValueError: the run has no ``config.json`` (or it names no dataset) and
+        :func:`load_run` was given none.
     """
     if self._dataset is None:
       config = self._need("dataset")
       from jaxscope import data as jdata
 
       where = self._data_dir if self._data_dir is not None else config.get("data_dir")
-      self._dataset = jdata.load(config["dataset"], where, **config.get("data_args", {}))
+      same = self._recorded.get("dataset") == config["dataset"]
+      args = config.get("data_args", {}) if same else {}
+      self._dataset = jdata.load(config["dataset"], where, **args)
     return self._dataset
 
   @property
   def model(self) -> Any:
     """The run's model, a :class:`jaxscope.models.ModelDef` rebuilt from the config
     (``models.build(model, input_shape, num_classes, **model_args)``; the shape and class
-    count come from the config when recorded, else from :attr:`dataset`).
+    count come from the config when recorded, else from :attr:`dataset`), or built from
+    the ``model`` given to :func:`load_run` for :attr:`dataset`'s shapes
+    (:func:`jaxscope.run.own.build_model`: a zoo name, ``"module:attribute"`` naming a
+    Linen module, class or factory, or such an object).
 
     Raises:
-      ValueError: the run has no ``config.json`` (or it names no model).
+      ValueError: the run has no ``config.json`` (or it names no model) and
+        :func:`load_run` was given none, or the given model cannot be built (the message
+        names ``model`` and why).
     """
+    if self._model is None and self._given["model"] is not None:
+      from jaxscope.run.own import build_model
+
+      same = self._recorded.get("model") == self.config["model"]
+      args = self._given["model_args"]
+      if args is None:
+        args = self._recorded.get("model_args", {}) if same else {}
+      ds = self.dataset
+      self._model = build_model(self._given["model"], ds.train_x.shape[1:], ds.num_classes, args)
     if self._model is None:
       config = self._need("model")
       from jaxscope import models as jmodels
@@ -245,28 +296,69 @@ class Run:
 
   def _need(self, key: str) -> dict[str, Any]:
     if key not in self.config:
-      raise ValueError(f"load_run: {self.layout.config} is missing or names no {key}.")
+      how = {
+        "model": "model= (a zoo name or 'module:attribute'; jaxscope analyze --model)",
+        "dataset": "dataset= (a dataset name, see jaxscope list-datasets; jaxscope analyze "
+        "--dataset)",
+      }[key]
+      raise ValueError(
+        f"load_run: {self.layout.config} is missing or names no {key}; for the "
+        f"checkpoints of a loop of your own, pass {how}."
+      )
     return self.config
 
 
 def load_run(
-  path: str | os.PathLike[str], *, data_dir: str | None = None, mesh: Any = "auto"
+  path: str | os.PathLike[str],
+  *,
+  data_dir: str | None = None,
+  mesh: Any = "auto",
+  model: Any = None,
+  dataset: str | None = None,
+  params_key: str | None = None,
+  item: str | None = None,
+  task: str | None = None,
+  model_args: Mapping[str, Any] | None = None,
+  model_state_key: str | None = None,
 ) -> Run:
   """Opens the run directory ``path`` (see :class:`Run`).
 
+  A directory of orbax checkpoints written by a loop of your own has no ``config.json``:
+  say which model and dataset it is with ``model`` and ``dataset``, and, when the
+  checkpoints do not keep the params at ``params`` of their only item, where they are
+  (``params_key``, ``item``; see :class:`~jaxscope.checkpoint.RunCheckpoints` and
+  ``docs/checkpoints.md``). Given to a jaxscope run, ``model`` and ``dataset`` replace
+  the config's.
+
   Args:
     path: a run directory written by ``jaxscope train`` / :func:`jaxscope.train.train`
-      (or any directory with a ``config.json``, ``metrics.jsonl`` or ``checkpoints/``).
+      (or any directory with a ``config.json``, ``metrics.jsonl`` or ``checkpoints/``),
+      or the directory of an orbax ``CheckpointManager``.
     data_dir: where the dataset's files are now, when they moved since training.
     mesh: where the checkpoints are restored (:attr:`Run.mesh`): ``"auto"`` (the run's
       own mesh when it trained on one and enough devices are present, else the first
       device), ``None`` (the first device), a mesh spec such as ``"data=1,fsdp=4"`` (the
       run's partition rule on the first ``data × fsdp`` devices) or a
       :class:`jax.sharding.Mesh` with the axes ``("data", "fsdp")``.
+    model: the model (:attr:`Run.model`): a zoo name, or ``"module:attribute"`` naming a
+      ``flax.linen.Module`` instance, a Module class (instantiated with ``model_args``), a
+      factory returning one of those or a :class:`~jaxscope.models.ModelDef` (see
+      :mod:`jaxscope.run.own`); from Python also such an object itself.
+    dataset: a dataset name of :func:`jaxscope.data.load` (or ``"module:attribute"``).
+    params_key: the ``/``-separated path of the params in the checkpoint item (default
+      ``"params"``; ``""``: the item is the params tree).
+    item: the orbax item holding them (default: ``"state"``, else the only item).
+    task: ``"classification"`` or ``"regression"`` (default: the config's, else the
+      dataset's).
+    model_args: keyword arguments of the model's class, factory or zoo entry.
+    model_state_key: the path of the non-params collections (default: ``model_state``
+      or ``batch_stats`` beside the params; ``"none"``: none).
 
   Raises:
-    ValueError: ``path`` is not a directory, or ``mesh`` is not a mesh spec (when the
-      checkpoints are first opened).
+    ValueError: ``path`` is not a directory, ``task``, ``model_args`` or ``dataset`` is
+      not of the kind expected, or ``mesh`` is not a mesh spec (when the checkpoints are
+      first opened). The model, dataset and checkpoints are opened on first use; their
+      errors name ``model``, ``dataset``, ``params_key`` or ``item``.
 
   Example:
     >>> import tempfile
@@ -281,7 +373,9 @@ def load_run(
     mlp regression [0, 4]
     [0, 1, 2, 3]
   """
-  return Run(path, data_dir=data_dir, mesh=mesh)
+  options = {"model": model, "dataset": dataset, "model_args": model_args, "task": task}
+  layout = {"item": item, "params_key": params_key, "model_state_key": model_state_key}
+  return Run(path, data_dir=data_dir, mesh=mesh, **options, **layout)
 
 
 _UNSET = object()

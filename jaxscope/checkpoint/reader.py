@@ -1,29 +1,4 @@
-"""Read a training run's orbax checkpoints: params, BatchNorm statistics and metadata.
-
-:func:`jaxscope.train.train` writes an orbax checkpoint at step 0, every
-``checkpoint_every`` steps and at the end (see :mod:`jaxscope.train`); each one holds the
-whole :class:`~jaxscope.train.TrainState` (item ``state``) and a JSON record (item
-``meta``: ``step``, ``epoch``, ``wall_time``, ``eval_loss``, ``eval_accuracy``).
-:class:`RunCheckpoints` opens them **read-only** for the analyses that walk a trajectory
-(interpolation, landscapes, PCA of the path): it restores only ``params`` and
-``model_state`` (never the optimizer state, so no optimizer has to be rebuilt), takes the
-shapes from the checkpoint's own metadata, streams one leaf at a time for models too large
-to hold twice, and skips damaged steps with a warning.
-
->>> import tempfile
->>> from jaxscope.checkpoint import RunCheckpoints
->>> from jaxscope.train import train
->>> run = train(model="mlp", dataset="digits", steps=2, checkpoint_every=1, metrics="none",
-...             out=tempfile.mkdtemp(), quiet=True)
->>> with RunCheckpoints(run.run_dir) as ckpts:
-...   print(ckpts.steps)
-...   last = ckpts.restore(2)
-...   print(sorted(last.params), last.model_state, last.meta["step"])
-...   print([name for name, _ in ckpts.leaves(0)][:2])
-[0, 1, 2]
-['fc1', 'fc2', 'out'] {} 2
-['fc1/bias', 'fc1/kernel']
-"""
+"""Reading checkpoints back, read-only: :class:`RunCheckpoints` (see :mod:`jaxscope.checkpoint`)."""
 
 from __future__ import annotations
 
@@ -32,27 +7,29 @@ import gc
 import logging
 import sys
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 
+from jaxscope.checkpoint.layout import (
+  CHECKPOINT_DIR,
+  CheckpointLayout,
+  CheckpointLayoutError,
+  collections_of,
+  describe_keys,
+  find_layout,
+  item_names,
+  parse_key,
+  subtree,
+)
 from jaxscope.tree import path_name
 
-__all__ = [
-  "CHECKPOINT_DIR",
-  "Checkpoint",
-  "CheckpointWriter",
-  "DamagedCheckpointWarning",
-  "RunCheckpoints",
-]
+__all__ = ["Checkpoint", "DamagedCheckpointWarning", "RunCheckpoints"]
 
-#: The checkpoints' folder inside a run directory (see :mod:`jaxscope.run`).
-CHECKPOINT_DIR = "checkpoints"
-
-# What a restore reads of the ``state`` item (the TrainState fields, saved as dict keys).
+# What a restore reads: the parameters and the non-params collections (see CheckpointLayout).
 _COLLECTIONS = ("params", "model_state")
 
 
@@ -161,68 +138,125 @@ class RunCheckpoints:
   """The checkpoints of one training run, opened read-only.
 
   ``RunCheckpoints(run_dir)`` opens ``run_dir/checkpoints`` (a run written by
-  :func:`jaxscope.train.train` or ``jaxscope train``; the ``checkpoints`` folder itself
-  is accepted too) with an orbax ``CheckpointManager`` in read-only mode: nothing on disk
-  is written or cleaned up, so it is safe on a run that is still training (call
-  :meth:`reload` to see its new steps).
+  :func:`jaxscope.train.train` or ``jaxscope train``; the ``checkpoints`` folder itself is
+  accepted too), or the directory of an orbax ``CheckpointManager`` of your own loop, with
+  an orbax ``CheckpointManager`` in read-only mode: nothing on disk is written or cleaned
+  up, so it is safe on a run that is still training (call :meth:`reload` to see its new
+  steps).
 
-  Restores read only ``params`` and ``model_state`` of the saved
-  :class:`~jaxscope.train.TrainState`, with shapes and dtypes taken from each step's own
-  metadata, so no model or optimizer has to be built first. A step that is listed but
-  damaged (truncated or missing files) raises ``ValueError`` in :meth:`restore` and is
-  skipped with a :class:`DamagedCheckpointWarning` by :meth:`iter`.
+  Restores read only the parameters and the non-params collections (``model_state``:
+  BatchNorm statistics), with shapes and dtypes taken from each step's own metadata, so no
+  model or optimizer has to be built first. Where they are in a checkpoint is its
+  :attr:`layout`: by default jaxscope's own (item ``state`` with ``params`` and
+  ``model_state``, JSON item ``meta``); else the only item (``default`` when it was saved
+  unnamed) or the only one holding a ``params`` subtree, with the params at ``params`` and
+  the collections at ``model_state`` or ``batch_stats`` beside them (a flax ``TrainState``
+  saved whole, or a ``{"params": …, "opt_state": …}`` dict); ``item=``, ``params_key=`` and
+  ``model_state_key=`` say otherwise. Without a ``meta`` item a step's metadata is
+  ``{"step": step}``.
 
+  A step that is listed but damaged (truncated or missing files) raises ``ValueError`` in
+  :meth:`restore` and is skipped with a :class:`DamagedCheckpointWarning` by :meth:`iter`.
   Use it as a context manager, or call :meth:`close`. Reading silences orbax's absl and
   asyncio logging for the duration of each call (process-wide), so use one thread.
 
   Args:
-    run_dir: the run directory (holding ``config.json`` and ``checkpoints/``).
+    run_dir: the run directory (holding ``config.json`` and ``checkpoints/``), or a
+      ``CheckpointManager``'s directory (holding the step folders ``0/``, ``100/``, …).
     sharding: where :meth:`restore` and :meth:`iter` put the arrays when they are given
       no ``sharding`` of their own (see :meth:`restore`; default: the first device).
       :func:`jaxscope.load_run` passes the run's own layout here for a run trained on a
       device mesh (:func:`jaxscope.run.mesh.checkpoint_sharding`).
+    item: the orbax item holding the parameters (default: ``"state"`` when present, else
+      the only item, else the only one with a subtree at ``params_key``).
+    params_key: the ``/``-separated path of the params tree in the item (default
+      ``"params"``; ``""`` or ``"."``: the item itself is the params tree; digits index lists).
+    model_state_key: the path of the non-params collections, a dict ``{collection: tree}``
+      (a path ending in ``batch_stats`` is that collection), ``"none"`` for none (default:
+      ``model_state``, else ``batch_stats``, beside the params, else none).
 
   Raises:
     ValueError: the directory does not exist, or holds no checkpoints.
+    CheckpointLayoutError: the parameters are not where asked or looked for (a
+      ``ValueError``; the message lists the items and keys found and how to choose).
+
+  Example:
+    >>> import tempfile, jax.numpy as jnp, orbax.checkpoint as ocp
+    >>> d = tempfile.mkdtemp()
+    >>> mngr = ocp.CheckpointManager(d, options=ocp.CheckpointManagerOptions(create=True))
+    >>> for step in (0, 1):
+    ...   state = {"params": {"w": jnp.full(2, step, jnp.float32)}, "opt_state": {}}
+    ...   _ = mngr.save(step, args=ocp.args.StandardSave(state))
+    >>> mngr.wait_until_finished(); mngr.close()
+    >>> with RunCheckpoints(d) as ckpts:
+    ...   print(ckpts.steps, ckpts.layout)
+    ...   print(ckpts.restore(1).params["w"], ckpts.meta(1))
+    [0, 1] CheckpointLayout(item='default', params='params', model_state=None, meta=False)
+    [1. 1.] {'step': 1}
   """
 
-  def __init__(self, run_dir: str | Path, *, sharding: Any = None) -> None:
+  def __init__(
+    self,
+    run_dir: str | Path,
+    *,
+    sharding: Any = None,
+    item: str | None = None,
+    params_key: str | None = None,
+    model_state_key: str | None = None,
+  ) -> None:
     import orbax.checkpoint as ocp
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
       raise ValueError(f"RunCheckpoints: run directory {run_dir} does not exist.")
+    if item is not None and not isinstance(item, str):
+      raise ValueError(f"RunCheckpoints: item must be an item's name, got {item!r}.")
+    parse_key(params_key, "params_key")  # Strings or None.
+    parse_key(model_state_key, "model_state_key")
     directory = run_dir / CHECKPOINT_DIR
     if not directory.is_dir() and run_dir.name == CHECKPOINT_DIR:
       directory, run_dir = run_dir, run_dir.parent
+    elif not directory.is_dir() and item_names(run_dir):  # A CheckpointManager's own folder.
+      directory = run_dir
     self.run_dir = run_dir
-    """The run directory."""
+    """The run directory (for a ``CheckpointManager``'s folder, that folder)."""
     self.directory = directory
-    """The orbax checkpoint directory, ``run_dir/checkpoints``."""
+    """The orbax checkpoint directory, ``run_dir/checkpoints`` (or the manager's folder)."""
     self.sharding = sharding
     """The default ``sharding`` of :meth:`restore` and :meth:`iter` (``None``: the first
     device)."""
     self._ocp = ocp
     self._manager: Any = None
+    self._options = {"item": item, "params_key": params_key, "model_state_key": model_state_key}
+    self._layout: CheckpointLayout | None = None
     hint = (
       "train with checkpoint_every=k (jaxscope train --checkpoint-every k; by default "
-      "`jaxscope train` writes one at step 0, every epoch and at the end)."
+      "`jaxscope train` writes one at step 0, every epoch and at the end), or pass the "
+      "directory of an orbax CheckpointManager."
     )
     if not directory.is_dir():
       raise ValueError(f"RunCheckpoints: {run_dir} has no checkpoints ({directory}); {hint}")
+    names = item_names(directory) or ["meta", "state"]
+    self._items = names
+    handlers = {
+      n: ocp.JsonCheckpointHandler() if n == "meta" else ocp.PyTreeCheckpointHandler()
+      for n in names
+    }
     with _quiet():
       self._manager = ocp.CheckpointManager(
         directory.absolute(),
-        item_names=("state", "meta"),
+        item_names=tuple(names),
         options=ocp.CheckpointManagerOptions(read_only=True),
-        item_handlers={
-          "state": ocp.PyTreeCheckpointHandler(),
-          "meta": ocp.JsonCheckpointHandler(),
-        },
+        item_handlers=handlers,
       )
     if not self._manager.all_steps():
       self.close()
       raise ValueError(f"RunCheckpoints: {run_dir} has no checkpoints in {directory}; {hint}")
+    try:
+      self._resolve()
+    except CheckpointLayoutError:
+      self.close()
+      raise
 
   # ------------------------------------------------------------------------- listing
 
@@ -267,12 +301,15 @@ class RunCheckpoints:
     return int(step)
 
   def meta(self, step: int) -> dict[str, Any]:
-    """The JSON record saved with ``step`` (``step``, ``epoch``, ``wall_time``, …).
+    """The JSON record saved with ``step`` (``step``, ``epoch``, ``wall_time``, …;
+    ``{"step": step}`` for checkpoints without a ``meta`` item).
 
     Raises:
       ValueError: ``step`` is not a checkpoint, or its record cannot be read.
     """
     step = self._check_step(step)
+    if "meta" not in self._items:
+      return {"step": step}
     ocp = self._ocp
     r, error = _attempt(
       lambda: self._mngr().restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
@@ -294,17 +331,48 @@ class RunCheckpoints:
 
   # ------------------------------------------------------------------------- metadata
 
-  def _tree_metadata(self, step: int) -> dict[str, Any]:
-    """The metadata tree of ``step``'s ``state`` item (TrainState fields as keys)."""
-    md, error = _attempt(lambda: self._mngr().item_metadata(step)["state"])
+  @property
+  def layout(self) -> CheckpointLayout:
+    """Where the checkpoints keep the parameters (:class:`CheckpointLayout`), found in
+    the newest step whose metadata can be read.
+
+    Raises:
+      ValueError: no step's metadata can be read.
+    """
+    layout = self._resolve()
+    if layout is None:
+      raise ValueError(f"RunCheckpoints: no checkpoint in {self.directory} can be read.")
+    return layout
+
+  def _resolve(self) -> CheckpointLayout | None:
+    """The layout (cached), or ``None`` while no step's metadata can be read."""
+    if self._layout is None:
+      for step in reversed(self.steps):
+        md, error = _attempt(lambda s=step: self._mngr().item_metadata(s))
+        trees = {} if error else {n: getattr(md[n], "tree", None) for n in md if n != "meta"}
+        if any(t is not None for t in trees.values()):
+          where = str(self.directory)
+          self._layout = find_layout(trees, "meta" in self._items, where, **self._options)
+          break
+    return self._layout
+
+  def _tree_metadata(self, step: int) -> tuple[CheckpointLayout, Any, dict[str, tuple]]:
+    """The layout, ``step``'s item metadata tree and its collections (:func:`collections_of`)."""
+    layout = self._resolve()
+    others = [n for n in self._items if n != "meta"]  # (No layout: no step is readable yet.)
+    item = layout.item if layout else "state" if "state" in others or not others else others[0]
+    md, error = _attempt(lambda: self._mngr().item_metadata(step)[item])
     tree = getattr(md, "tree", None)
-    if error is None and not isinstance(tree, dict):
-      error = "its state metadata is missing"
-    elif error is None and not all(k in tree for k in _COLLECTIONS):
-      error = f"its state holds {sorted(tree)}, not {list(_COLLECTIONS)} (not a jaxscope run?)"
-    if error is not None:
-      raise ValueError(f"RunCheckpoints: checkpoint {step} in {self.directory} is damaged: {error}")
-    return tree
+    if error is None and (tree is None or layout is None):
+      error = f"its {item} metadata is missing"
+    elif error is None:
+      found = collections_of(tree, layout)
+      paths = {"params": layout.params, "model_state": layout.model_state}
+      missing = [key for c, key in paths.items() if key is not None and c not in found]
+      if not missing:
+        return layout, tree, found
+      error = f"its {item} holds {describe_keys(tree)}, without {missing}"
+    raise ValueError(f"RunCheckpoints: checkpoint {step} in {self.directory} is damaged: {error}")
 
   def abstract_params(self, step: int | None = None) -> Any:
     """The parameters' shapes and dtypes (``jax.ShapeDtypeStruct`` leaves), read from the
@@ -317,34 +385,52 @@ class RunCheckpoints:
 
   def _abstract(self, collection: str, step: int | None) -> Any:
     if step is not None:
-      tree = self._tree_metadata(self._check_step(step))
+      _, _, found = self._tree_metadata(self._check_step(step))
     else:
       errors = []
       for s in reversed(self.steps):
         try:
-          tree = self._tree_metadata(s)
+          _, _, found = self._tree_metadata(s)
           break
         except ValueError as e:
           errors.append(str(e))
       else:
         raise ValueError("; ".join(errors))
-    return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), tree[collection])
+    if collection not in found:
+      return {}
+    _, sub, wrap = found[collection]
+    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), sub)
+    return abstract if wrap is None else {wrap: abstract}
 
   # ------------------------------------------------------------------------- restoring
 
   def _read(self, step: int, item: Any, restore_args: Any, *, meta: bool) -> Any:
-    """Restores ``item`` (leaves not wanted are ``ocp.PLACEHOLDER``) and optionally meta."""
+    """Restores the layout's item (leaves not wanted are ``ocp.PLACEHOLDER``) and meta."""
     ocp = self._ocp
-    args = {"state": ocp.args.PyTreeRestore(item=item, restore_args=restore_args)}
-    if meta:
+    args = {self.layout.item: ocp.args.PyTreeRestore(item=item, restore_args=restore_args)}
+    if meta and "meta" in self._items:
       args["meta"] = ocp.args.JsonRestore()
     r, error = _attempt(lambda: self._mngr().restore(step, args=ocp.args.Composite(**args)))
     if error is not None:
       raise ValueError(f"RunCheckpoints: checkpoint {step} in {self.directory} is damaged: {error}")
     return r
 
+  def _pick(self, step: int, tree: Any, wanted: Mapping[tuple, Any], *, meta: bool) -> Any:
+    """Restores the leaves of the item tree at the key paths of ``wanted`` (``{path:
+    restore args}``); every other leaf is skipped. Returns the item and orbax's result."""
+    ocp = self._ocp
+
+    def each(want: Callable[[Any, Any], Any]) -> Any:
+      return jax.tree_util.tree_map_with_path(
+        lambda p, m: want(m, wanted[tuple(p)]) if tuple(p) in wanted else ocp.PLACEHOLDER, tree
+      )
+
+    item = each(lambda m, _: jax.ShapeDtypeStruct(m.shape, m.dtype))
+    r = self._read(step, item, each(lambda _, args: args), meta=meta)
+    return r[self.layout.item], r
+
   def restore(self, step: int | None = None, *, sharding: Any = None) -> Checkpoint:
-    """Restores ``params`` and ``model_state`` of ``step``, with its metadata.
+    """Restores the parameters and ``model_state`` of ``step``, with its metadata.
 
     The optimizer state is not read. Arrays come back as ``jax.Array`` with the shapes and
     dtypes they were saved with, placed as ``sharding`` says: by default as the reader's
@@ -378,26 +464,26 @@ class RunCheckpoints:
       raise ValueError(f"RunCheckpoints: none of the steps {self.steps} can be read.")
     step = self._check_step(step)
     ocp = self._ocp
-    tree = self._tree_metadata(step)
-    item, restore_args = {}, {}
-    for key, sub in tree.items():
-      if key in _COLLECTIONS:
-        item[key] = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), sub)
-        shardings = _shardings_for(sharding, key, sub)
-        restore_args[key] = jax.tree.map(
-          lambda m, sh: ocp.ArrayRestoreArgs(
-            sharding=sh, global_shape=tuple(m.shape), dtype=m.dtype
-          ),
-          sub,
-          shardings,
-        )
-      else:
-        item[key] = restore_args[key] = jax.tree.map(lambda _: ocp.PLACEHOLDER, sub)
-    r = self._read(step, item, restore_args, meta=True)
-    model_state = r.state["model_state"]
-    return Checkpoint(
-      step, r.state["params"], dict(model_state) if model_state else {}, dict(r.meta)
-    )
+    _, tree, found = self._tree_metadata(step)
+    wanted = {}
+    for collection, (prefix, sub, wrap) in found.items():
+      shardings = _shardings_for(sharding, collection, sub if wrap is None else {wrap: sub})
+      args = jax.tree.map(
+        lambda m, sh: ocp.ArrayRestoreArgs(sharding=sh, global_shape=tuple(m.shape), dtype=m.dtype),
+        sub,
+        shardings if wrap is None else shardings[wrap],
+      )
+      wanted.update(
+        {prefix + tuple(p): a for p, a in jax.tree_util.tree_flatten_with_path(args)[0]}
+      )
+    got, r = self._pick(step, tree, wanted, meta=True)
+    out = {}
+    for collection, (prefix, _, wrap) in found.items():
+      value = subtree(got, prefix)
+      out[collection] = value if wrap is None else {wrap: value}
+    model_state = out.get("model_state")
+    meta = dict(r.meta) if "meta" in self._items else {"step": step}
+    return Checkpoint(step, out["params"], dict(model_state) if model_state else {}, meta)
 
   def iter(
     self, steps: Iterable[int] | None = None, *, sharding: Any = None
@@ -422,6 +508,8 @@ class RunCheckpoints:
     for step in steps:
       try:
         ckpt = self.restore(step, sharding=sharding)
+      except CheckpointLayoutError:
+        raise
       except ValueError as e:
         warnings.warn(f"{e} Skipped.", DamagedCheckpointWarning, stacklevel=2)
         continue
@@ -440,6 +528,8 @@ class RunCheckpoints:
     for step in self.steps:
       try:
         self.restore(step)
+      except CheckpointLayoutError:
+        raise
       except ValueError:
         continue
       out.append(step)
@@ -469,92 +559,12 @@ class RunCheckpoints:
 
   def _leaves(self, step: int, collection: str) -> Iterator[tuple[str, np.ndarray]]:
     ocp = self._ocp
-    tree = self._tree_metadata(step)
-    flat = jax.tree_util.tree_flatten_with_path(tree[collection])[0]
-    for path, _ in flat:
-      full = (jax.tree_util.DictKey(collection), *path)
-
-      def only(want: Any, full: tuple = full) -> Any:
-        return lambda p, m: want(m) if tuple(p) == full else ocp.PLACEHOLDER
-
-      item = jax.tree_util.tree_map_with_path(
-        only(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype)), tree
-      )
-      restore_args = jax.tree_util.tree_map_with_path(
-        only(lambda m: ocp.RestoreArgs(restore_type=np.ndarray)), tree
-      )
-      r = self._read(step, item, restore_args, meta=False)
-      (leaf,) = [v for q, v in jax.tree_util.tree_flatten_with_path(r.state)[0] if tuple(q) == full]
-      yield path_name(path), np.asarray(leaf)
-
-
-class CheckpointWriter:
-  """Writes a run's checkpoints: an orbax ``CheckpointManager`` with atomic, asynchronous
-  saves of a state pytree (item ``state``) and a JSON record (item ``meta``).
-
-  This is the layout :class:`RunCheckpoints` reads: ``state`` is any pytree whose top
-  level holds ``params`` and ``model_state`` (the loop saves its whole
-  :class:`~jaxscope.train.TrainState`), ``meta`` a dict of JSON values (``step``,
-  ``epoch``, ``wall_time``, ``eval_loss``, …).
-
-  Args:
-    directory: the checkpoint folder (``run_dir/checkpoints``); created if missing.
-    max_to_keep: checkpoints kept (``None``: all).
-  """
-
-  def __init__(self, directory: str | Path, max_to_keep: int | None = None) -> None:
-    import orbax.checkpoint as ocp
-
-    self._ocp = ocp
-    options = ocp.CheckpointManagerOptions(
-      max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True
-    )
-    self.manager = ocp.CheckpointManager(
-      Path(directory).absolute(), options=options, item_names=("state", "meta")
-    )
-    self.saved: set[int] = set(self.manager.all_steps())
-    """The steps on disk (and being written)."""
-
-  def save(self, step: int, state: Any, meta: Mapping[str, Any]) -> None:
-    """Saves ``state`` and ``meta`` as ``step`` (asynchronously; a step already on disk is
-    left as it is)."""
-    if step in self.saved:
+    _, tree, found = self._tree_metadata(step)
+    if collection not in found:
       return
-    ocp = self._ocp
-    self.manager.save(
-      step,
-      args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(dict(meta))
-      ),
-      force=True,
-    )
-    self.saved.add(step)
-
-  def restore_latest(self, targets: Sequence[Any]) -> tuple[int, Any, dict[str, Any]] | None:
-    """The newest step that restores into one of ``targets`` (abstract pytrees, tried in
-    order): ``(index of the target, state, meta)``; damaged steps are skipped with a
-    warning, ``None`` when no step restores."""
-    ocp = self._ocp
-    for step in sorted(self.manager.all_steps(), reverse=True):
-      error = None
-      for i, target in enumerate(targets):
-        try:
-          r = self.manager.restore(
-            step,
-            args=ocp.args.Composite(
-              state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()
-            ),
-          )
-        except Exception as e:  # A damaged step: fall back to an older one.
-          error = error or e
-          continue
-        return i, r.state, dict(r.meta)
-      warnings.warn(
-        f"checkpoint {step} could not be restored ({error}); trying older.", stacklevel=3
-      )
-    return None
-
-  def close(self) -> None:
-    """Waits for pending saves and closes the manager."""
-    self.manager.wait_until_finished()
-    self.manager.close()
+    prefix, sub, wrap = found[collection]
+    for path, _ in jax.tree_util.tree_flatten_with_path(sub)[0]:
+      full = prefix + tuple(path)
+      got, _ = self._pick(step, tree, {full: ocp.RestoreArgs(restore_type=np.ndarray)}, meta=False)
+      name = path if wrap is None else (jax.tree_util.DictKey(wrap), *path)
+      yield path_name(name), np.asarray(subtree(got, full))
