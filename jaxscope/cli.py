@@ -12,10 +12,13 @@ Sub-commands::
 
 ``jaxscope train --help`` lists the training flags; they mirror the fields of
 :class:`jaxscope.train.TrainConfig`; ``jaxscope analyze --help`` the analyses' options.
-Exit status: 0 on success, 2 on bad arguments (the message names the flag) or a run the
-command cannot use (e.g. one without checkpoints), 1 when some analyses of
-``analyze RUN all`` failed (the others are written), 130 when a run was stopped with
-Ctrl-C (its logs and a final checkpoint are written).
+Exit status (:data:`EXIT_CODES`; also in ``jaxscope --help``): 0 success; 1 some analyses
+of ``analyze RUN all`` failed (the others are written); 2 a bad argument (the message names
+the flag), a run the command cannot use (e.g. one without checkpoints) or a refused resume;
+74 the run directory cannot be written (no space, read-only, no permission: ``OSError``);
+75 the run directory is in use by another run (its lock); 130 a run stopped by Ctrl-C and
+143 one stopped by SIGTERM (both after writing their logs and a final checkpoint). Every
+error is one line, ``jaxscope COMMAND: error: ...``, without a traceback.
 """
 
 from __future__ import annotations
@@ -23,13 +26,25 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from jaxscope.run.config import positive_int
 
-__all__ = ["main"]
+__all__ = ["EXIT_CODES", "main"]
+
+#: The exit status of ``jaxscope`` and what it means.
+EXIT_CODES = {
+  0: "success",
+  1: "some analyses failed (the others are written)",
+  2: "bad argument, unusable run directory or refused resume (the message says which)",
+  74: "the run directory cannot be written (no space, read-only, no permission)",
+  75: "the run directory is in use by another run (its lock names it)",
+  130: "stopped by Ctrl-C (logs and a final checkpoint written)",
+  143: "stopped by SIGTERM (logs and a final checkpoint written)",
+}
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -99,9 +114,10 @@ def _argparse_type(parse: Any) -> Any:
   return convert
 
 
-def _add_train_parser(sub: Any) -> None:
+def _add_train_parser(sub: Any, *, suppress: bool = False) -> None:
   """``jaxscope train``: one option per :class:`~jaxscope.run.TrainConfig` field, generated
-  from the field's metadata (:func:`jaxscope.run.cli_options`)."""
+  from the field's metadata (:func:`jaxscope.run.cli_options`). With ``suppress`` no option
+  has a default (the parsed namespace holds only the options given: :func:`_given`)."""
   from jaxscope.run import cli_options
 
   p = sub.add_parser(
@@ -132,9 +148,44 @@ def _add_train_parser(sub: Any) -> None:
       kw["default"] = os.environ.get("JAXSCOPE_DATA")
     if o.field == "out":
       kw["default"] = None
+    if suppress:
+      kw["default"] = argparse.SUPPRESS
     g.add_argument(*o.flags, **kw)
   out = groups["evaluation, checkpoints, output"]
   out.add_argument("--no-plots", action="store_true", help="do not render plots at the end")
+
+
+def _given(argv: Sequence[str]) -> set[str]:
+  """The ``jaxscope train`` options given on the command line ``argv`` (field names)."""
+  parser = argparse.ArgumentParser(add_help=False)
+  _add_train_parser(parser.add_subparsers(dest="command"), suppress=True)
+  given, _ = parser.parse_known_args(list(argv))
+  return set(vars(given)) - {"command"}
+
+
+def _train_fields(args: argparse.Namespace) -> dict[str, Any]:
+  """The :class:`~jaxscope.run.TrainConfig` fields of ``jaxscope train``. With ``--resume``
+  of a run that recorded its config, the options not given on the command line are the
+  run's own (so ``jaxscope train --out RUN --resume`` continues RUN as it was)."""
+  from jaxscope.run import cli_options, read_config
+  from jaxscope.run.resume import COMMAND_KEYS
+
+  fields = {o.field: getattr(args, o.field) for o in cli_options()}
+  if fields["out"] is None:
+    fields["out"] = f"runs/{args.model}-{args.dataset}-s{args.seed}"
+  if fields["steps"]:
+    fields["epochs"] = None  # --steps overrides --epochs.
+  recorded = read_config(fields["out"]) if args.resume and Path(fields["out"]).is_dir() else {}
+  if recorded:
+    given = _given(getattr(args, "argv", ()))
+    for key in fields:
+      if key not in given and key not in COMMAND_KEYS and key in recorded:
+        fields[key] = recorded[key]
+    if "steps" in given:
+      fields["epochs"] = None
+    elif "epochs" in given:
+      fields["steps"] = None
+  return fields
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -143,17 +194,13 @@ def _train(args: argparse.Namespace) -> int:
   alone writes the log (:class:`jaxscope.record.Recorder`)."""
   import jax
 
-  from jaxscope.run import RunLayout, TrainConfig, cli_options
+  from jaxscope.run import RunLayout, TrainConfig
   from jaxscope.train import train
 
-  fields = {o.field: getattr(args, o.field) for o in cli_options()}
-  if fields["out"] is None:
-    fields["out"] = f"runs/{args.model}-{args.dataset}-s{args.seed}"
-  if fields["steps"]:
-    fields["epochs"] = None  # --steps overrides --epochs.
-  result = train(TrainConfig(**fields))
+  result = train(TrainConfig(**_train_fields(args)))
+  code = 128 + int(result.stop_signal) if result.stop_signal else 0
   if jax.process_index() != 0:
-    return 130 if result.interrupted else 0
+    return code
   if not args.no_plots:
     from jaxscope.plot import save_run_plots
 
@@ -165,7 +212,7 @@ def _train(args: argparse.Namespace) -> int:
     print(f"run directory: {result.run_dir}")
     if not args.no_plots:
       print(f"{len(paths)} plots in {RunLayout(result.run_dir).plots}")
-  return 130 if result.interrupted else 0
+  return code
 
 
 def _logged_run(command: str, path: str) -> Any:
@@ -501,8 +548,12 @@ def build_parser() -> argparse.ArgumentParser:
   """The argument parser of the ``jaxscope`` command."""
   import jaxscope
 
+  codes = "\n".join(f"  {code:>3}  {text}" for code, text in EXIT_CODES.items())
   parser = argparse.ArgumentParser(
-    prog="jaxscope", description="Live introspection of neural-network training in JAX."
+    prog="jaxscope",
+    description="Live introspection of neural-network training in JAX.",
+    epilog=f"exit status:\n{codes}",
+    formatter_class=argparse.RawDescriptionHelpFormatter,
   )
   parser.add_argument("--version", action="version", version=f"jaxscope {jaxscope.__version__}")
   sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -548,18 +599,47 @@ _COMMANDS = {
 }
 
 
+def _one_line_warning(message: Any, category: Any, *args: Any, **kwargs: Any) -> str:
+  """A warning as the command line prints it: ``jaxscope: warning: ...`` (one line, no
+  source location)."""
+  return f"jaxscope: warning: {message}\n"
+
+
+def _os_error(error: OSError, args: argparse.Namespace) -> str:
+  """One line for an ``OSError``: what failed, on which file (else the command's directory),
+  and the system's reason."""
+  reason = error.strerror or str(error)
+  place = error.filename or getattr(args, "out", None) or getattr(args, "run", None)
+  where = f" {place}" if place else ""
+  hint = {28: " (no space left: free some or choose another --out)", 30: " (read-only)"}.get(
+    error.errno or 0, ""
+  )
+  return f"cannot write{where}: {reason}{hint}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-  """Runs the ``jaxscope`` command line; returns the exit status."""
+  """Runs the ``jaxscope`` command line; returns the exit status (:data:`EXIT_CODES`)."""
+  from jaxscope.run.lock import RunLockedError
+
   parser = build_parser()
-  args = parser.parse_args(_join_range_values(sys.argv[1:] if argv is None else list(argv)))
+  argv = _join_range_values(sys.argv[1:] if argv is None else list(argv))
+  args = parser.parse_args(argv)
+  args.argv = argv
+  formatwarning, warnings.formatwarning = warnings.formatwarning, _one_line_warning
   try:
     return _COMMANDS[args.command](args)
   except (ValueError, FileNotFoundError, KeyError) as e:
     msg = e.args[0] if isinstance(e, KeyError) and e.args else e
     parser.exit(2, f"jaxscope {args.command}: error: {msg}\n")
+  except RunLockedError as e:
+    parser.exit(75, f"jaxscope {args.command}: error: {e}\n")
+  except OSError as e:
+    parser.exit(74, f"jaxscope {args.command}: error: {_os_error(e, args)}\n")
   except KeyboardInterrupt:
     print("jaxscope: interrupted.", file=sys.stderr)
     return 130
+  finally:
+    warnings.formatwarning = formatwarning
 
 
 if __name__ == "__main__":  # pragma: no cover

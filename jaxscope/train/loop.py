@@ -433,9 +433,13 @@ def _start(
   """Restores (when resuming), writes the config and runs the loop of :func:`train`."""
   config, lead = s.config, jax.process_index() == 0
   if lock is not None and lock.stale:
-    _note(config, f"took over the lock of a run that ended without releasing it ({lock.stale}).")
+    warnings.warn(
+      f"train: took over {layout.lock}, left by a run that ended without releasing it "
+      f"(pid {lock.stale.get('pid')} on {lock.stale.get('host')}).",
+      stacklevel=3,
+    )
   if config.resume and not plan.resume:
-    _note(config, f"nothing to resume in {layout.root}; starting a new run.")
+    warnings.warn(f"train: nothing to resume in {layout.root}; starting a new run.", stacklevel=3)
   ckpt = CheckpointWriter(layout.checkpoints, config.max_to_keep)
   restored = restore(s, ckpt, layout, plan, setup) if plan.resume else None
   state, start = (restored.state, restored.start) if restored else (None, 0)
@@ -473,11 +477,6 @@ def _start(
   alpha_from = restored.alpha_from if restored else 1
   loop = _Loop(s, state, recorder, ckpt, layout.root, t_start, alpha_from)
   return loop.run(start)
-
-
-def _note(config: TrainConfig, text: str) -> None:
-  if not config.quiet and jax.process_index() == 0:
-    print(f"jaxscope train: {text}", file=sys.stderr, flush=True)
 
 
 class _Loop:
