@@ -24,6 +24,7 @@ error is one line, ``jaxscope COMMAND: error: ...``, without a traceback.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import warnings
@@ -634,6 +635,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   except RunLockedError as e:
     parser.exit(75, f"jaxscope {args.command}: error: {e}\n")
   except OSError as e:
+    # Orbax's failed writes report themselves again when collected, up to the exit.
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     parser.exit(74, f"jaxscope {args.command}: error: {_os_error(e, args)}\n")
   except KeyboardInterrupt:
     print("jaxscope: interrupted.", file=sys.stderr)

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import logging
+import os
+import re
 import signal
 import sys
 import threading
@@ -416,15 +419,43 @@ def train(config: TrainConfig | None = None, **overrides: Any) -> TrainResult:
 @contextlib.contextmanager
 def _orbax_quiet() -> Any:
   """Orbax's save threads log each failure (e.g. a full disk) with tracebacks at absl's
-  ERROR level, hundreds of lines before the error itself reaches the caller: while the loop
-  runs, only absl's CRITICAL messages are shown."""
-  logger = logging.getLogger("absl")
-  level = logger.level
-  logger.setLevel(logging.CRITICAL)
+  ERROR level, hundreds of lines before the error itself reaches the caller, and its
+  TensorStore callbacks report "Event loop is closed" once per pending write after it: while
+  the loop runs, only absl's CRITICAL messages are shown and those reports are dropped. A
+  TensorStore write failure (a ``ValueError`` carrying ``os_error_code``) is raised as the
+  ``OSError`` it is, naming the file."""
+  loggers = [logging.getLogger(name) for name in ("absl", "asyncio")]
+  levels, hook = [lg.level for lg in loggers], sys.unraisablehook
+  for lg in loggers:
+    lg.setLevel(logging.CRITICAL)
+
+  def unraisable(report: Any) -> None:
+    if not (isinstance(report.exc_value, RuntimeError) and "closed" in str(report.exc_value)):
+      hook(report)
+
+  sys.unraisablehook = unraisable
   try:
     yield
+  except ValueError as e:
+    error = _storage_error(e)
+    del e
+    gc.collect()  # Orbax's failed futures report themselves when collected: here, quietly.
+    raise error from None
   finally:
-    logger.setLevel(level)
+    sys.unraisablehook = hook
+    for lg, level in zip(loggers, levels, strict=True):
+      lg.setLevel(level)
+
+
+def _storage_error(error: ValueError) -> Exception:
+  """The ``OSError`` inside a TensorStore error message, else ``error`` itself."""
+  text = str(error)
+  code = re.search(r"os_error_code='(\d+)'", text)
+  if code is None:
+    return error
+  path = re.search(r'Error writing (?:local )?file "([^"]+)"', text)
+  number = int(code.group(1))
+  return OSError(number, os.strerror(number), path.group(1) if path else None)
 
 
 def _start(
