@@ -9,15 +9,8 @@ process steps and checkpoints, and process 0 alone writes the log and prints.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import gc
-import logging
-import os
-import re
-import signal
 import sys
-import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -42,6 +35,7 @@ from jaxscope.run.lock import RunLock
 from jaxscope.run.resume import clear_run, describe_changes, history_entry
 from jaxscope.train import sharding
 from jaxscope.train.evaluate import make_evaluate
+from jaxscope.train.guard import StopFlag, orbax_quiet
 from jaxscope.train.measure import (
   make_activation_scope,
   make_instruments,
@@ -93,51 +87,6 @@ def _versions() -> dict[str, str]:
 def _epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
   """The data order of ``epoch``: a permutation drawn from ``(seed, epoch)``."""
   return np.random.default_rng([seed, epoch]).permutation(n).astype(np.int32)
-
-
-class _StopFlag:
-  """Turns the first Ctrl-C (SIGINT) or SIGTERM (what schedulers and ``docker stop`` send)
-  into a request to stop after the current step.
-
-  The loop then evaluates, writes a final checkpoint and flushes the logs; a second
-  signal interrupts at once (``KeyboardInterrupt``), still closing the recorder and
-  waiting for checkpoints being written.
-  """
-
-  SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-  def __init__(self) -> None:
-    self.requested = False
-    self.signum: int | None = None
-
-  @contextlib.contextmanager
-  def catch_signals(self, enabled: bool = True) -> Any:
-    # Signal handlers can only be installed from the main thread. In a multi-process run
-    # the processes would see the signal at different steps and stop at different ones
-    # (their collectives would then wait forever): a signal interrupts at once there, and
-    # the run resumes from its last periodic checkpoint.
-    if not enabled or threading.current_thread() is not threading.main_thread():
-      yield
-      return
-
-    def handler(signum: int, frame: Any) -> None:
-      if self.requested:
-        raise KeyboardInterrupt
-      self.requested, self.signum = True, signum
-      name = signal.Signals(signum).name
-      print(
-        f"\njaxscope: {name}: stopping after this step (writing logs and a checkpoint); "
-        "Ctrl-C again to abort.",
-        file=sys.stderr,
-        flush=True,
-      )
-
-    previous = {sig: signal.signal(sig, handler) for sig in self.SIGNALS}
-    try:
-      yield
-    finally:
-      for sig, before in previous.items():
-        signal.signal(sig, before)
 
 
 class Setup(NamedTuple):
@@ -409,53 +358,11 @@ def train(config: TrainConfig | None = None, **overrides: Any) -> TrainResult:
       clear_run(layout)
     plan = check_resume(layout, config, s.total_steps)
     sharding.sync_processes("jaxscope.train: run directory checked")  # before anyone writes
-    with _orbax_quiet():
+    with orbax_quiet():
       return _start(s, layout, plan, lock, t_start)
   finally:
     if lock is not None:
       lock.release()
-
-
-@contextlib.contextmanager
-def _orbax_quiet() -> Any:
-  """Orbax's save threads log each failure (e.g. a full disk) with tracebacks at absl's
-  ERROR level, hundreds of lines before the error itself reaches the caller, and its
-  TensorStore callbacks report "Event loop is closed" once per pending write after it: while
-  the loop runs, only absl's CRITICAL messages are shown and those reports are dropped. A
-  TensorStore write failure (a ``ValueError`` carrying ``os_error_code``) is raised as the
-  ``OSError`` it is, naming the file."""
-  loggers = [logging.getLogger(name) for name in ("absl", "asyncio")]
-  levels, hook = [lg.level for lg in loggers], sys.unraisablehook
-  for lg in loggers:
-    lg.setLevel(logging.CRITICAL)
-
-  def unraisable(report: Any) -> None:
-    if not (isinstance(report.exc_value, RuntimeError) and "closed" in str(report.exc_value)):
-      hook(report)
-
-  sys.unraisablehook = unraisable
-  try:
-    yield
-  except ValueError as e:
-    error = _storage_error(e)
-    del e
-    gc.collect()  # Orbax's failed futures report themselves when collected: here, quietly.
-    raise error from None
-  finally:
-    sys.unraisablehook = hook
-    for lg, level in zip(loggers, levels, strict=True):
-      lg.setLevel(level)
-
-
-def _storage_error(error: ValueError) -> Exception:
-  """The ``OSError`` inside a TensorStore error message, else ``error`` itself."""
-  text = str(error)
-  code = re.search(r"os_error_code='(\d+)'", text)
-  if code is None:
-    return error
-  path = re.search(r'Error writing (?:local )?file "([^"]+)"', text)
-  number = int(code.group(1))
-  return OSError(number, os.strerror(number), path.group(1) if path else None)
 
 
 def _start(
@@ -569,7 +476,7 @@ class _Loop:
       self.bar = tqdm(total=total, initial=start, unit="step", desc=f"{c.model}/{c.dataset}")
     if c.live_diagnosis and lead:
       self.live = LiveDiagnosis(self.run_dir, total, emit=self._emit, flush=self.recorder.flush)
-    stop = _StopFlag()
+    stop = StopFlag()
     step = start
     try:
       with stop.catch_signals(jax.process_count() == 1):
@@ -603,7 +510,7 @@ class _Loop:
       drop_rewound(self.run_dir, step)
     self.ckpt.save(step, self.state, self.meta(step))
 
-  def _steps(self, step: int, stop: _StopFlag) -> int:
+  def _steps(self, step: int, stop: StopFlag) -> int:
     """Steps from ``step`` until the end or a stop request; returns the last step."""
     s, c = self.s, self.s.config
     total, n_train = s.total_steps, len(s.dataset.train_x)
