@@ -153,12 +153,20 @@ def test_kill_9_at_random_moments_then_resume_is_the_uninterrupted_run(reference
 
 
 @pytest.mark.slow
-def test_sigterm_stops_like_ctrl_c_with_exit_code_143(tmp_path):
+def test_sigterm_stops_like_ctrl_c_with_exit_code_143(tmp_path, capsys):
+  """A second run on the directory of a training run refuses at once; the first goes on,
+  then SIGTERM stops it cleanly."""
   run = tmp_path / "run"
   proc = _popen(*BASE[:8], "1000", *BASE[9:], "--out", str(run))
   deadline = time.monotonic() + 120
   while time.monotonic() < deadline and len(_lines(run)) < 4:
     time.sleep(0.05)
+  code, err = _in_process(capsys, *BASE[:8], "1000", *BASE[9:], "--out", str(run), "--resume")
+  assert code == 75 and f"in use by pid {proc.pid}" in err, err
+  assert proc.poll() is None  # The first run is still training...
+  n = len(_lines(run))
+  while time.monotonic() < deadline and len(_lines(run)) <= n + 2:
+    time.sleep(0.05)  # ...and still writing its log.
   proc.send_signal(signal.SIGTERM)
   _, err = proc.communicate(timeout=120)
   assert proc.returncode == 143, err
