@@ -232,6 +232,25 @@ def subspace_start(w: jax.Array, u: jax.Array, steps: jax.Array | int, key: jax.
   return jax.lax.cond(steps > 0, run, lambda: u)
 
 
+def _checked_options(
+  method: str, iters: int, warmup_iters: int, rewarm_every: int, max_iters: int, tol: float
+) -> int:
+  """Checks :func:`spectral_norm`'s options; returns ``max_iters`` (at least ``iters``)."""
+  if method not in ("auto", "svd", "power"):
+    raise ValueError(f"spectral_norm: method must be 'auto', 'svd' or 'power', got {method!r}.")
+  for arg, val, low in (
+    ("iters", iters, 1),
+    ("warmup_iters", warmup_iters, 0),
+    ("rewarm_every", rewarm_every, 0),
+    ("max_iters", max_iters, 1),
+  ):
+    if not isinstance(val, int) or isinstance(val, bool) or val < low:
+      raise ValueError(f"spectral_norm: {arg} must be an int >= {low}, got {val!r}.")
+  if not tol >= 0.0:
+    raise ValueError(f"spectral_norm: tol must be >= 0, got {tol!r}.")
+  return max(max_iters, iters)
+
+
 def spectral_norm(
   method: str = "auto",
   iters: int = 1,
@@ -287,19 +306,7 @@ def spectral_norm(
   ikkuna ran 3 warm-started steps on PyTorch's ``[out, in·kh·kw]`` reshape, the transpose
   of this one (same singular values).
   """
-  if method not in ("auto", "svd", "power"):
-    raise ValueError(f"spectral_norm: method must be 'auto', 'svd' or 'power', got {method!r}.")
-  for arg, val, low in (
-    ("iters", iters, 1),
-    ("warmup_iters", warmup_iters, 0),
-    ("rewarm_every", rewarm_every, 0),
-    ("max_iters", max_iters, 1),
-  ):
-    if not isinstance(val, int) or isinstance(val, bool) or val < low:
-      raise ValueError(f"spectral_norm: {arg} must be an int >= {low}, got {val!r}.")
-  max_iters = max(max_iters, iters)
-  if not tol >= 0.0:
-    raise ValueError(f"spectral_norm: tol must be >= 0, got {tol!r}.")
+  max_iters = _checked_options(method, iters, warmup_iters, rewarm_every, max_iters, tol)
 
   def use_svd(shape: Sequence[int]) -> bool:
     if method == "auto":
