@@ -239,16 +239,31 @@ def note_noise(ax: Any, notes: Sequence[tuple[str, int, int, str]], *, named: bo
   if not lines:
     return ""
   text = "\n".join(lines)
+  corner_note(ax, text, "lower left")
+  return text
+
+
+#: Where :func:`corner_note` writes: axes coordinates and alignment per corner.
+_CORNERS = {
+  "lower left": (0.02, 0.03, "left", "bottom"),
+  "upper right": (0.98, 0.97, "right", "top"),
+}
+
+
+def corner_note(ax: Any, text: str, corner: str) -> None:
+  """A small grey note on a white box in a corner of the axes (``"lower left"`` or
+  ``"upper right"``): what the plot leaves out (readings within noise, values off the
+  scale)."""
+  x, y, ha, va = _CORNERS[corner]
   ax.text(
-    0.02,
-    0.03,
+    x,
+    y,
     text,
-    ha="left",
-    va="bottom",
+    ha=ha,
+    va=va,
     fontsize="x-small",
     color="0.3",
     bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "none", "pad": 1.5},
     transform=ax.transAxes,
     zorder=6,
   )
-  return text

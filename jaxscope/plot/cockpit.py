@@ -17,6 +17,7 @@ from matplotlib.figure import Figure
 
 from jaxscope.plot._common import (
   ErrorBar,
+  corner_note,
   draw_reading,
   error_bar,
   log_worthy,
@@ -127,18 +128,7 @@ def _robust_ylim(ax: Any, values: Sequence[np.ndarray], *, fence: float = 10.0) 
   lo, hi = float(v[inside].min()), float(v[inside].max())
   pad = 0.05 * (hi - lo) if hi > lo else 1.0
   ax.set_ylim(lo - pad, hi + pad)
-  ax.text(
-    0.98,
-    0.97,
-    f"{int(np.sum(~inside))} off-scale",
-    ha="right",
-    va="top",
-    fontsize="x-small",
-    color="0.3",
-    bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "none", "pad": 1.5},
-    transform=ax.transAxes,
-    zorder=6,
-  )
+  corner_note(ax, f"{int(np.sum(~inside))} off-scale", "upper right")
 
 
 def _draw_lines(
