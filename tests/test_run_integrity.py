@@ -257,6 +257,7 @@ def test_read_only_run_directory_is_one_line(reference, tmp_path):
 # --------------------------------------------------------------------------- repairs
 
 
+@pytest.mark.slow
 def test_truncated_log_line_and_damaged_checkpoint_are_repaired_on_resume(reference, tmp_path):
   run = tmp_path / "run"
   code, err = _cli(*BASE[:8], "9", *BASE[9:], "--out", str(run))
@@ -309,6 +310,7 @@ def test_history_keeps_the_last_value_of_a_repeated_step(tmp_path):
 # --------------------------------------------------------------------------- resume and config
 
 
+@pytest.mark.slow
 def test_resume_with_a_changed_lr_is_refused_then_recorded(reference, tmp_path, capsys):
   import shutil
 
@@ -336,6 +338,7 @@ def test_resume_with_a_changed_lr_is_refused_then_recorded(reference, tmp_path, 
   assert h.steps("loss").tolist() == list(range(14))
 
 
+@pytest.mark.slow
 def test_resume_with_other_metrics_is_one_warning(reference, tmp_path):
   import shutil
 
@@ -361,11 +364,16 @@ def test_resume_of_a_missing_directory_says_so(tmp_path, capsys):
   assert code == 0
 
 
-def test_existing_run_needs_resume_or_overwrite(reference, tmp_path, capsys):
-  import shutil
+def _old_run(run: Path) -> None:
+  """A directory that holds a run: a log, a config and a checkpoint folder (contents made up)."""
+  (RunLayout(run).checkpoints / "7").mkdir(parents=True)
+  (run / "metrics.jsonl").write_text('{"step": 0, "values": {"loss": 1.0}}\n')
+  (run / "config.json").write_text('{"model": "mlp"}\n')
 
+
+def test_existing_run_needs_resume_or_overwrite(tmp_path, capsys):
   run = tmp_path / "run"
-  shutil.copytree(reference, run)
+  _old_run(run)
   (run / "notes.txt").write_text("mine")
   code, err = _in_process(capsys, *BASE[:8], "2", *BASE[9:], "--out", str(run))
   assert code == 2 and "--overwrite" in err
@@ -380,11 +388,9 @@ def test_existing_run_needs_resume_or_overwrite(reference, tmp_path, capsys):
 # --------------------------------------------------------------------------- the lock
 
 
-def test_second_run_on_a_locked_directory_refuses_at_once(reference, tmp_path, capsys):
-  import shutil
-
+def test_second_run_on_a_locked_directory_refuses_at_once(tmp_path, capsys):
   run = tmp_path / "run"
-  shutil.copytree(reference, run)
+  _old_run(run)
   before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
   with RunLock(RunLayout(run).lock):  # The first run, still training.
     t0 = time.perf_counter()
@@ -415,6 +421,7 @@ def test_lock_left_by_a_dead_process_is_taken_over_and_reported(tmp_path):
 # --------------------------------------------------------------------------- file modes
 
 
+@pytest.mark.slow
 def test_files_follow_the_umask(tmp_path):
   run = tmp_path / "run"
   old = os.umask(0o002)
