@@ -24,6 +24,7 @@ def test_train_writes_a_complete_run_directory(tmp_path, capsys):
   argv += ["--optimizer", "sgd", "--schedule", "exponential:0.9", "--quiet"]
   assert main(argv) == 0
   assert sorted(p.name for p in out.iterdir()) == [
+    ".lock",  # RunLock's file (who trains here), kept: the next run takes it over
     "checkpoints",
     "config.json",
     "metrics.jsonl",
