@@ -7,6 +7,7 @@ diagonal in float64); the closed form of α on a quadratic.
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -26,6 +27,9 @@ from jaxscope.metrics import Instruments, InstrumentsState, instruments
 
 B, D, C = 12, 6, 3
 LR = 0.1
+#: XLA's CPU backend at LLVM -O0 for this file's programs: compiling them, not running
+#: them, is what these tests cost, and -O0 halves it (the same HLO, rounding apart).
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 
 class MLP(nn.Module):
@@ -52,22 +56,40 @@ def losses_fn(params: dict, x: jax.Array, y: jax.Array) -> jax.Array:
   return optax.softmax_cross_entropy_with_integer_labels(logits, y)
 
 
+@functools.cache
 def _params() -> dict:
+  """The MLP's initial parameters (one jitted init, shared: jax arrays are immutable)."""
   x, _ = _data()
-  return MODEL.init(jax.random.key(0), x)["params"]
+  return jax.jit(MODEL.init, compiler_options=FAST_COMPILE)(jax.random.key(0), x)["params"]
 
 
-def _run(inst: Instruments, steps: int, params: dict, batches: list, lr: float = LR):
-  """Trains with SGD, returning the values and the parameters before each step."""
+@functools.cache
+def _sgd_step(inst: Instruments, lr: float) -> Any:
+  """The jitted SGD step measured by ``inst`` (one per ``inst`` and ``lr``: tests that run
+  the same instruments share its compilation)."""
   tx = optax.sgd(lr)
 
-  @jax.jit
+  @jax.jit(compiler_options=FAST_COMPILE)
   def step(p: dict, o: dict, s: InstrumentsState, x: jax.Array, y: jax.Array):
     probe = inst.grad(s, losses_fn, p, x, y)
     upd, o = tx.update(probe.grads, o, p)
     vals, s = inst.update(s, probe, upd, learning_rate=lr)
     return optax.apply_updates(p, upd), o, s, vals
 
+  return step
+
+
+@functools.cache
+def _full_every_2() -> Instruments:
+  """``instruments(preset="full", every=2)``, one object: the tests that run it share its
+  compiled step (the full preset's is the costliest of this file)."""
+  return instruments(preset="full", every=2)
+
+
+def _run(inst: Instruments, steps: int, params: dict, batches: list, lr: float = LR):
+  """Trains with SGD, returning the values and the parameters before each step."""
+  tx = optax.sgd(lr)
+  step = _sgd_step(inst, lr)
   state, opt = inst.init(params), tx.init(params)
   out, before = [], []
   for i in range(steps):
@@ -78,9 +100,20 @@ def _run(inst: Instruments, steps: int, params: dict, batches: list, lr: float =
   return out, before, state
 
 
-def _per_example(params: dict, x: jax.Array, y: jax.Array) -> np.ndarray:
+@jax.jit(compiler_options=FAST_COMPILE)
+def _per_example_tree(params: dict, x: jax.Array, y: jax.Array) -> dict:
   one = jax.grad(lambda p, xi, yi: losses_fn(p, xi[None], yi[None])[0])
-  per = jax.vmap(one, in_axes=(None, 0, 0))(params, x, y)
+  return jax.vmap(one, in_axes=(None, 0, 0))(params, x, y)
+
+
+#: ``losses_fn`` as one program (the references below call it; op by op, each primitive
+#: would be compiled on its own).
+_losses = jax.jit(losses_fn, compiler_options=FAST_COMPILE)
+
+
+def _per_example(params: dict, x: jax.Array, y: jax.Array) -> np.ndarray:
+  """Per-example gradients ``[n, P]`` in float64 (``vmap(grad)``, materialised)."""
+  per = _per_example_tree(params, x, y)
   return np.concatenate(
     [np.asarray(a, np.float64).reshape(x.shape[0], -1) for a in jax.tree.leaves(per)], axis=1
   )
@@ -112,7 +145,7 @@ def test_noise_statistics_match_materialised_gradients(economy_run: dict, step: 
   g = gi.mean(0)
   gsq = np.sum(g**2)
   n = B
-  np.testing.assert_allclose(v["loss"], np.mean(np.asarray(losses_fn(p, x, y))), rtol=1e-6)
+  np.testing.assert_allclose(v["loss"], np.mean(np.asarray(_losses(p, x, y))), rtol=1e-6)
   np.testing.assert_allclose(
     v["norm_test"], np.sqrt(np.sum((gi - g) ** 2) / (n - 1) / (n * gsq)), rtol=1e-4
   )
@@ -197,20 +230,20 @@ def test_alpha_closed_form_on_a_quadratic() -> None:
 
   x = jnp.zeros((8, 1))
   g = a @ np.asarray(theta0["w"], np.float64) + bvec
-  for lr in (0.02, 1.0 / (g @ a @ g / (g @ g)), 0.3):
-    inst = instruments(["alpha"])
+  inst = instruments(["alpha"])
+
+  @jax.jit(compiler_options=FAST_COMPILE)  # the learning rate traced: one program for all
+  def step(p: dict, o: Any, s: InstrumentsState, lr: jax.Array):
     tx = optax.sgd(lr)
+    probe = inst.grad(s, quad, p, x)
+    upd, o = tx.update(probe.grads, o, p)
+    vals, s = inst.update(s, probe, upd)
+    return optax.apply_updates(p, upd), o, s, vals
 
-    @jax.jit
-    def step(p: dict, o: dict, s: InstrumentsState, tx=tx, inst=inst):
-      probe = inst.grad(s, quad, p, x)
-      upd, o = tx.update(probe.grads, o, p)
-      vals, s = inst.update(s, probe, upd)
-      return optax.apply_updates(p, upd), o, s, vals
-
-    p, o, s = theta0, tx.init(theta0), inst.init(theta0)
-    p, o, s, v0 = step(p, o, s)
-    p, o, s, v1 = step(p, o, s)
+  for lr in (0.02, 1.0 / (g @ a @ g / (g @ g)), 0.3):
+    p, o, s = theta0, optax.sgd(lr).init(theta0), inst.init(theta0)
+    p, o, s, v0 = step(p, o, s, jnp.float32(lr))
+    p, o, s, v1 = step(p, o, s, jnp.float32(lr))
     expected = lr * (g @ a @ g) / (g @ g) - 1
     assert np.isnan(float(v0["alpha"]))  # no previous update yet: NaN, never 0 (issue 18)
     np.testing.assert_allclose(float(v1["alpha"]), expected, atol=2e-3)
@@ -226,12 +259,17 @@ def test_alpha_concave_is_minus_one() -> None:
   inst = instruments(["alpha"])
   tx = optax.sgd(0.1)
   x = jnp.zeros((4, 1))
-  p, o, s = theta0, tx.init(theta0), inst.init(theta0)
-  for _ in range(2):
+
+  @jax.jit(compiler_options=FAST_COMPILE)  # one program, not every primitive on its own
+  def step(p: dict, o: Any, s: InstrumentsState) -> tuple:
     probe = inst.grad(s, concave, p, x)
     upd, o = tx.update(probe.grads, o, p)
     v, s = inst.update(s, probe, upd)
-    p = optax.apply_updates(p, upd)
+    return optax.apply_updates(p, upd), o, s, v
+
+  p, o, s = theta0, tx.init(theta0), inst.init(theta0)
+  for _ in range(2):
+    p, o, s, v = step(p, o, s)
   assert float(v["alpha"]) == -1.0
 
 
@@ -240,7 +278,8 @@ def dense_hessian() -> dict:
   params = _params()
   x, y = _data()
   flat, unravel = ravel_pytree(params)
-  h = jax.hessian(lambda f: jnp.mean(losses_fn(unravel(f), x, y)))(flat)
+  hessian = jax.hessian(lambda f: jnp.mean(losses_fn(unravel(f), x, y)))
+  h = jax.jit(hessian, compiler_options=FAST_COMPILE)(flat)
   h = np.asarray(h, np.float64)
   h = 0.5 * (h + h.T)
   return {"params": params, "x": x, "y": y, "h": h, "eig": np.linalg.eigvalsh(h)}
@@ -297,7 +336,7 @@ def test_every_n_and_scan_match_the_loop() -> None:
   np.testing.assert_allclose(every3[4]["alpha"], every1[4]["alpha"], rtol=1e-4)
   np.testing.assert_allclose(every3[5]["alpha"], every3[4]["alpha"])
 
-  inst = instruments(preset="full", every=2)
+  inst = _full_every_2()
   tx = optax.sgd(LR)
   xs = jnp.stack([b[0] for b in batches])
   ys = jnp.stack([b[1] for b in batches])
@@ -310,7 +349,8 @@ def test_every_n_and_scan_match_the_loop() -> None:
     return (optax.apply_updates(p, upd), o, s), vals
 
   init = (params, tx.init(params), inst.init(params))
-  _, scanned = jax.jit(lambda c: jax.lax.scan(body, c, (xs, ys)))(init)
+  scan = jax.jit(lambda c: jax.lax.scan(body, c, (xs, ys)), compiler_options=FAST_COMPILE)
+  _, scanned = scan(init)
   looped, _, _ = _run(inst, 7, params, batches)
   for k in ("loss", "alpha", "hess_max_ev", "norm_test"):
     np.testing.assert_allclose(scanned[k], np.stack([v[k] for v in looped]), rtol=1e-5)
@@ -319,9 +359,9 @@ def test_every_n_and_scan_match_the_loop() -> None:
 @pytest.mark.slow
 def test_values_keep_their_structure_and_dtypes() -> None:
   params = _params()
-  inst = instruments(preset="full")
+  inst = _full_every_2()  # steps 0 and 2 measured, 1 not
   state = inst.init(params)
-  vals, _, new_state = _run(inst, 2, params, [_data()])
+  vals, _, new_state = _run(inst, 3, params, [_data()])
   assert jax.tree.structure(state) == jax.tree.structure(new_state)
   for k, v in state.values.items():
     assert vals[-1][k].shape == v.shape and vals[-1][k].dtype == v.dtype, k
@@ -333,11 +373,18 @@ def test_probe_captures_layers_for_a_scope() -> None:
   params = _params()
   x, y = _data()
   inst = instruments(["loss"])
-  probe = inst.grad(inst.init(params), losses_fn, params, x, y)
-  assert sorted(probe.captured.outputs) == ["Dense_0", "Dense_1", "Dense_2"]
-  assert probe.captured.grads["Dense_2"].shape == (B, C)
-  g = jax.grad(lambda p: jnp.mean(losses_fn(p, x, y)))(params)
-  np.testing.assert_allclose(_flat(probe.grads), _flat(g), rtol=1e-6)
+
+  @jax.jit(compiler_options=FAST_COMPILE)  # one program, not every primitive on its own
+  def probed(s: InstrumentsState, p: dict) -> tuple:
+    probe = inst.grad(s, losses_fn, p, x, y)
+    return probe.captured, probe.grads
+
+  captured, grads = probed(inst.init(params), params)
+  assert sorted(captured.outputs) == ["Dense_0", "Dense_1", "Dense_2"]
+  assert captured.grads["Dense_2"].shape == (B, C)
+  grad = jax.grad(lambda p: jnp.mean(losses_fn(p, x, y)))
+  g = jax.jit(grad, compiler_options=FAST_COMPILE)(params)
+  np.testing.assert_allclose(_flat(grads), _flat(g), rtol=1e-6)
 
 
 @pytest.mark.slow
@@ -345,7 +392,7 @@ def test_nan_in_the_batch_is_measured_not_raised() -> None:
   params = _params()
   x, y = _data()
   x = x.at[0, 0].set(jnp.nan)
-  vals, _, _ = _run(instruments(preset="full"), 2, params, [(x, y)])
+  vals, _, _ = _run(_full_every_2(), 3, params, [(x, y)])  # step 2 is measured
   assert np.isnan(vals[-1]["loss"])
   assert bool(vals[-1]["measured"])
 
@@ -363,13 +410,22 @@ def test_bad_input() -> None:
   params = _params()
   x, y = _data()
   inst = instruments(["loss"])
+  # The checks are Python's, at trace time: jax.eval_shape runs them without computing.
   with pytest.raises(ValueError, match=r"individual losses, shape \[B\]"):
-    inst.grad(inst.init(params), lambda p, a, b: jnp.mean(losses_fn(p, a, b)), params, x, y)
+    jax.eval_shape(
+      lambda p: inst.grad(inst.init(p), lambda q, a, b: jnp.mean(losses_fn(q, a, b)), p, x, y),
+      params,
+    )
   cabs = instruments(["cabs"])
-  s = cabs.init(params)
-  probe = cabs.grad(s, losses_fn, params, x, y)
-  with pytest.raises(ValueError, match="learning_rate"):
-    cabs.update(s, probe, probe.grads)
+
+  def no_learning_rate(p: dict) -> Any:
+    s = cabs.init(p)
+    probe = cabs.grad(s, losses_fn, p, x, y)
+    assert probe.grads is not None  # the probe itself is fine
+    with pytest.raises(ValueError, match="learning_rate"):
+      cabs.update(s, probe, probe.grads)
+
+  jax.eval_shape(no_learning_rate, params)
   with pytest.raises(TypeError, match="InstrumentsState"):
     inst.grad({}, losses_fn, params, x, y)
 
@@ -382,7 +438,7 @@ _EIGHT = textwrap.dedent(
   from jax.sharding import NamedSharding, PartitionSpec as P
   sys_path = {root!r}
   import sys; sys.path.insert(0, sys_path)
-  from tests.test_instruments import _params, _data, losses_fn, LR
+  from tests.test_instruments import FAST_COMPILE, _params, _data, losses_fn, LR
   from jaxscope.metrics import instruments
   assert jax.device_count() == 8
   inst = instruments(preset="full")
@@ -397,14 +453,16 @@ _EIGHT = textwrap.dedent(
   def run(shard):
     params = _params()
     batches = [_data(0), _data(1), _data(2)]
-    # batch 12 does not split over 8 devices: use 16 examples
-    batches = [(jnp.concatenate([x, x[:4]]), jnp.concatenate([y, y[:4]])) for x, y in batches]
-    fn = jax.jit(step)
+    # batch 12 does not split over 8 devices: use 16 examples (numpy's, no compilation)
+    batches = [(np.concatenate([x, x[:4]]), np.concatenate([y, y[:4]])) for x, y in batches]
+    fn = jax.jit(step, compiler_options=FAST_COMPILE)
     if shard:
       mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
       dsh = NamedSharding(mesh, P("data"))
       batches = [(jax.device_put(x, dsh), jax.device_put(y, dsh)) for x, y in batches]
     p, o, s = params, tx.init(params), inst.init(params)
+    if shard:  # replicated from the start, as every step returns them: one program, not two
+      p, o, s = jax.device_put((p, o, s), NamedSharding(mesh, P()))
     for x, y in batches:
       p, o, s, v = fn(p, o, s, x, y)
     return v
@@ -454,7 +512,7 @@ def test_alpha_and_inner_test_for_any_optimizer(opt: optax.GradientTransformatio
   batches = [_data(i) for i in range(3)]
   inst = instruments(["alpha", "inner_test"])
 
-  @jax.jit
+  @jax.jit(compiler_options=FAST_COMPILE)
   def step(p: dict, o: Any, s: InstrumentsState, x: jax.Array, y: jax.Array):
     probe = inst.grad(s, losses_fn, p, x, y)
     upd, o = opt.update(probe.grads, o, p)
@@ -472,8 +530,8 @@ def test_alpha_and_inner_test_for_any_optimizer(opt: optax.GradientTransformatio
     tlen = np.linalg.norm(d)
     g0 = _per_example(thetas[t - 1], *batches[t - 1]) @ d / tlen
     g1 = _per_example(thetas[t], *batches[t]) @ d / tlen
-    l0 = np.asarray(losses_fn(thetas[t - 1], *batches[t - 1]), np.float64)
-    l1 = np.asarray(losses_fn(thetas[t], *batches[t]), np.float64)
+    l0 = np.asarray(_losses(thetas[t - 1], *batches[t - 1]), np.float64)
+    l1 = np.asarray(_losses(thetas[t], *batches[t]), np.float64)
     expected = curvature.alpha(
       tlen, l0.mean(), l1.mean(), g0.mean(), g1.mean(),
       l0.var(ddof=1), l1.var(ddof=1), g0.var(ddof=1), g1.var(ddof=1),

@@ -16,6 +16,10 @@ import pytest
 
 from jaxscope import metrics
 
+#: XLA's CPU backend at LLVM -O0 for the programs of this file's tests: their compilation,
+#: not their run, is what the tests cost.
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
+
 
 def _params(seed=0):
   r = np.random.default_rng(seed)
@@ -36,7 +40,7 @@ def test_every_n_measures_only_those_steps_and_skips_leave_state_unchanged():
   params = _params()
   sc = metrics.scope(params=["norm", metrics.spectral_norm(method="power")], every=3)
   state = sc.init(params)
-  step = jax.jit(lambda s, p: sc.update(s, params=p))
+  step = jax.jit(lambda s, p: sc.update(s, params=p), compiler_options=FAST_COMPILE)
   measured, prev = [], state
   for k in range(7):
     p = jax.tree.map(lambda x, k=k: x * (k + 1), params)
@@ -66,7 +70,10 @@ def test_state_structure_fixed_from_init():
   sc = _full_scope(every=2)
   s0 = sc.init(params)
   _, s1 = sc.update(s0, params=params, grads=params, updates=params, loss=jnp.float32(1.0))
-  _, s2 = jax.jit(lambda s: sc.update(s, params=params, grads=params, updates=params, loss=1.0))(s1)
+  _, s2 = jax.jit(
+    lambda s: sc.update(s, params=params, grads=params, updates=params, loss=1.0),
+    compiler_options=FAST_COMPILE,
+  )(s1)
   assert _structure(s0) == _structure(s1) == _structure(s2)
 
   # Under lax.scan over steps (carry must keep its structure) ...
@@ -75,7 +82,8 @@ def test_state_structure_fixed_from_init():
     values, s = sc.update(s, params=params, grads=g, updates=g, loss=k)
     return s, values["grads/norm/Dense_0/kernel"]
 
-  s_end, norms = jax.lax.scan(body, s0, jnp.arange(4, dtype=jnp.float32))
+  scan = jax.jit(lambda s, ks: jax.lax.scan(body, s, ks), compiler_options=FAST_COMPILE)
+  s_end, norms = scan(s0, jnp.arange(4, dtype=jnp.float32))
   ref = np.linalg.norm(np.asarray(params["Dense_0"]["kernel"], np.float64))
   np.testing.assert_allclose(norms, [0.0, 0.0, 2 * ref, 2 * ref], rtol=1e-6)  # every=2
   assert _structure(s_end) == _structure(s0)
@@ -89,7 +97,7 @@ def test_no_retrace_across_steps():
   sc = _full_scope()
   traces = []
 
-  @jax.jit
+  @jax.jit(compiler_options=FAST_COMPILE)
   def step(s, p):
     traces.append(1)
     return sc.update(s, params=p, grads=p, updates=p, loss=0.5)
@@ -105,7 +113,11 @@ def test_orbax_restore_into_init_structure(tmp_path):
   params = _params()
   sc = _full_scope()
   s0 = sc.init(params)
-  _, s1 = sc.update(s0, params=params, grads=params, updates=params, loss=0.25)
+  update = jax.jit(  # one program (op by op, each of the full preset's conds compiles)
+    lambda s: sc.update(s, params=params, grads=params, updates=params, loss=0.25),
+    compiler_options=FAST_COMPILE,
+  )
+  _, s1 = update(s0)
   ckpt = ocp.StandardCheckpointer()
   ckpt.save(tmp_path / "scope", s1)
   ckpt.wait_until_finished()
@@ -153,7 +165,10 @@ def test_selection_and_kind_in_scope():
 SHARDING_SCRIPT = textwrap.dedent(
   """
   import os, sys, json
-  os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+  # -O0: the programs' compilation is most of this test's time, LLVM's optimisation most of it.
+  os.environ["XLA_FLAGS"] = (
+    "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
+  )
   import jax, jax.numpy as jnp, numpy as np, optax, flax.linen as nn
   from jax.sharding import NamedSharding, PartitionSpec as P
   from jaxscope import metrics, transforms
