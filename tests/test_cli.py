@@ -68,7 +68,10 @@ def test_train_business_preset_end_to_end(tmp_path):
 @pytest.mark.slow
 def test_plot_renders_an_existing_run(tmp_path, capsys):
   out = tmp_path / "run"
+  # Per-layer norms and ratios, no instruments: the step of test_run_integrity's runs (one
+  # program in the compilation cache), compiled in a fraction of the economy preset's time.
   argv = ["train", "-m", "mlp", "--steps", "12", "--eval-every", "5", "--out", str(out)]
+  argv += ["--metrics", "norm,ratio"]
   assert main([*argv, "--no-plots"]) == 0  # not quiet: progress bar and summary
   assert "finished at step 12" in capsys.readouterr().out
   assert not (out / "plots").exists()
@@ -116,12 +119,13 @@ def test_bad_arguments_exit_2_with_a_clear_message(tmp_path, capsys, argv, messa
 @pytest.mark.slow
 def test_existing_run_directory_needs_resume(tmp_path, capsys):
   out = str(tmp_path / "run")
-  assert main(["train", "-m", "mlp", "--steps", "2", "--out", out, "-q", "--no-plots"]) == 0
+  # No metrics: the run directory's guard does not depend on them (and compiles in seconds).
+  base = ["train", "-m", "mlp", "--metrics", "none", "--out", out, "-q", "--no-plots"]
+  assert main([*base, "--steps", "2"]) == 0
   with pytest.raises(SystemExit):
-    main(["train", "-m", "mlp", "--steps", "4", "--out", out, "-q", "--no-plots"])
+    main([*base, "--steps", "4"])
   assert "--resume" in capsys.readouterr().err
-  argv = ["train", "-m", "mlp", "--steps", "4", "--out", out, "-q", "--no-plots", "--resume"]
-  assert main(argv) == 0
+  assert main([*base, "--steps", "4", "--resume"]) == 0
   assert History.load(out).steps("loss").tolist() == [0, 1, 2, 3]
 
 

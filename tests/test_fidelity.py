@@ -10,6 +10,8 @@ must cover the exact value in at least 95% of 300 probe draws (fixed seeds).
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -45,6 +47,7 @@ def _batch(seed: int) -> tuple[jax.Array, jax.Array]:
   return x, jnp.asarray(rng.integers(0, C, size=B), jnp.int32)
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def _per_example(unravel, flat: jax.Array, x: jax.Array, y: jax.Array) -> jax.Array:
   """``[B, P]``: the per-example gradients, materialised by ``vmap(grad)``."""
 
@@ -64,17 +67,25 @@ def _measure(inst, state, x: jax.Array, y: jax.Array, params: dict) -> tuple[dic
   return jax.jit(run)(state, params, x, y)
 
 
+@jax.jit
+def _hessian_and_per_example64(params: dict, x: jax.Array, y: jax.Array):
+  """The dense Hessian of the mean loss and the per-example gradients ``[B, P]`` at
+  ``params``, in float64 (call under ``enable_x64``); one program for every call."""
+  flat, unravel = ravel_pytree(params)
+  f64 = flat.astype(jnp.float64)
+  x64 = x.astype(jnp.float64)
+  h = jax.hessian(lambda f: jnp.mean(losses_fn(unravel(f), x64, y)))(f64)
+  gi = jax.vmap(
+    lambda xi, yi: jax.grad(lambda f: losses_fn(unravel(f), xi[None], yi[None])[0])(f64)
+  )
+  return h, gi(x64, y)
+
+
 def _reference(params: dict, x: jax.Array, y: jax.Array) -> dict:
   """Exact float64 values: λ of largest magnitude, traces (total, per leaf), both TICs."""
-  flat, unravel = ravel_pytree(params)
   with jax.enable_x64(True):
-    f64 = jnp.asarray(np.asarray(flat), jnp.float64)
-    x64 = jnp.asarray(np.asarray(x), jnp.float64)
-    h = np.asarray(jax.hessian(lambda f: jnp.mean(losses_fn(unravel(f), x64, y)))(f64))
-    gi = jax.vmap(
-      lambda xi, yi: jax.grad(lambda f: losses_fn(unravel(f), xi[None], yi[None])[0])(f64)
-    )
-    gi = np.asarray(gi(x64, y))
+    h, gi = jax.tree.map(np.asarray, _hessian_and_per_example64(params, x, y))
+  assert h.dtype == gi.dtype == np.float64
   h = 0.5 * (h + h.T)
   eig = np.linalg.eigvalsh(h)
   d, m = np.diag(h), np.mean(gi**2, axis=0)

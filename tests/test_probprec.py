@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -168,10 +170,10 @@ def _drive(tx, loss, theta, steps):
 EIGS = (40.0, 30.0) + (5.0,) * 8
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("faithful", [True, False])
-@pytest.mark.parametrize("wd", [0.0, 0.01])
-def test_matches_dense_float64_reference(faithful, wd):
+@functools.cache
+def _dense_run(faithful, wd):
+  """``(A, θ, b_k, outputs)`` of ``P + M = 7`` float64 steps of the rank-2 preconditioner on
+  the noisy quadratic of EIGS, computed once per process for the tests that read them."""
   P, M, r = 4, 3, 2
   A = _hessian(eigs=EIGS)
   theta = np.random.default_rng(2).normal(size=N)
@@ -179,6 +181,15 @@ def test_matches_dense_float64_reference(faithful, wd):
     loss, bs = _noisy_quadratic(A, noise=0.5)
     tx = probabilistic_preconditioner(r, M, P, wd, faithful=faithful)
     out = _drive(tx, loss, theta, P + M)
+  return A, theta, bs, out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("faithful", [True, False])
+@pytest.mark.parametrize("wd", [0.0, 0.01])
+def test_matches_dense_float64_reference(faithful, wd):
+  P, M, r = 4, 3, 2
+  A, theta, bs, out = _dense_run(faithful, wd)
   grads = [A @ theta + bs[k] for k in range(P + M)]
   ref = _reference(A, theta, grads, P, M, r, wd, faithful)
   for k in range(P + M - 1):  # Estimation steps emit exactly zero updates.
@@ -219,15 +230,10 @@ def test_faithful_posterior_is_nearly_isotropic():
   un-normalised sum, Δ = Ŷ − αŜ) the low-rank part is tiny, so B̂ ≈ α⁻¹ I and its top
   singular values sit within 1e-3 of α⁻¹, while the consistent mode resolves the steep
   curvature (σ₁·α ≥ 1.2 here)."""
-  P, M, r = 4, 3, 2
-  A = _hessian(eigs=EIGS)
-  theta = np.random.default_rng(2).normal(size=N)
   sig = {}
   for faithful in (True, False):
-    with jax.enable_x64(True):
-      loss, _ = _noisy_quadratic(A, noise=0.5)
-      out = _drive(probabilistic_preconditioner(r, M, P, faithful=faithful), loss, theta, P + M)
-    st = out[-1][1]
+    # The rank-2 preconditioner (P, M = 4, 3) on the noisy quadratic of EIGS, no weight decay.
+    st = _dense_run(faithful, 0.0)[3][-1][1]
     sig[faithful] = max(float(np.max(np.asarray(st.sigma[n]))) for n in SHAPES) * float(st.alpha[0])
   assert abs(sig[True] - 1) < 1e-3
   assert sig[False] > 1.2
@@ -453,11 +459,35 @@ def test_parameter_groups():
 # --------------------------------------------------------------------------- degenerate
 
 
-def _degenerate_run(hvp_fn, grads_fn, faithful=False, steps=20, params=None):
+def _fallback_tx(faithful):
+  """The rank-2 preconditioner (P, M = 4, 3) with fallback_lr 0.05."""
+  return probabilistic_preconditioner(2, 3, 4, faithful=faithful, fallback_lr=0.05)
+
+
+@functools.cache
+def _scaled_update(faithful):
+  """:func:`_fallback_tx` and its jitted update with the Hessian ``c·I``, ``c`` an argument:
+  one program for every curvature (−2, 1, NaN) of the tests below."""
+  tx = _fallback_tx(faithful)
+
+  def update(g, s, p, c):
+    return tx.update(g, s, p, hvp_fn=lambda v: jax.tree.map(lambda x: c * x, v))
+
+  return tx, jax.jit(update)
+
+
+def _degenerate_run(hvp, grads_fn, faithful=False, steps=20, params=None):
+  """``steps`` updates from ``params``; ``hvp`` is a function ``v -> H v``, or a number
+  ``c`` for ``H = c·I``."""
   params = params if params is not None else _unflat(jnp.linspace(-1.0, 1.0, N))
-  tx = probabilistic_preconditioner(2, 3, 4, faithful=faithful, fallback_lr=0.05)
+  if callable(hvp):
+    tx = _fallback_tx(faithful)
+    update = jax.jit(lambda g, s, p: tx.update(g, s, p, hvp_fn=hvp))
+  else:
+    tx, scaled = _scaled_update(faithful)
+    c = jnp.float32(hvp)
+    update = lambda g, s, p: scaled(g, s, p, c)  # noqa: E731
   state = tx.init(params)
-  update = jax.jit(lambda g, s, p: tx.update(g, s, p, hvp_fn=hvp_fn))
   outs = []
   for k in range(steps):
     grads = grads_fn(params, k)
@@ -469,24 +499,21 @@ def _degenerate_run(hvp_fn, grads_fn, faithful=False, steps=20, params=None):
 
 @pytest.mark.slow
 def test_negative_curvature_falls_back():
-  outs = _degenerate_run(lambda v: jax.tree.map(lambda x: -2.0 * x, v), lambda p, k: p)
+  outs = _degenerate_run(-2.0, lambda p, k: p)  # H = −2·I
   for updates, _ in outs:
     assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
   assert float(outs[-1][1].lr[0]) == pytest.approx(0.05)  # α ≤ 0: fallback_lr
   # faithful: the code's negative α becomes a negative learning rate.
-  outs = _degenerate_run(
-    lambda v: jax.tree.map(lambda x: -2.0 * x, v), lambda p, k: p, faithful=True, steps=8
-  )
+  outs = _degenerate_run(-2.0, lambda p, k: p, faithful=True, steps=8)
   assert float(outs[-1][1].lr[0]) < 0
 
 
 @pytest.mark.slow
 def test_zero_gradients_and_nan_hvp_never_emit_nan():
   zero = lambda p, k: jax.tree.map(jnp.zeros_like, p)  # noqa: E731
-  for updates, _ in _degenerate_run(lambda v: v, zero):
+  for updates, _ in _degenerate_run(1.0, zero):  # H = I
     assert all(bool(jnp.all(u == 0)) for u in jax.tree.leaves(updates))
-  nan_hvp = lambda v: jax.tree.map(lambda x: x * jnp.nan, v)  # noqa: E731
-  outs = _degenerate_run(nan_hvp, lambda p, k: p)
+  outs = _degenerate_run(jnp.nan, lambda p, k: p)  # H v = NaN·v
   for updates, _ in outs:
     assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
   assert float(outs[-1][1].lr[0]) == pytest.approx(0.05)
@@ -509,7 +536,7 @@ def test_zero_gradients_and_nan_hvp_never_emit_nan():
 @pytest.mark.slow
 def test_leaf_of_size_one():
   params = {"s": jnp.asarray([0.7]), "w": jnp.ones((2, 2))}
-  outs = _degenerate_run(lambda v: v, lambda p, k: p, params=params, steps=10)
+  outs = _degenerate_run(1.0, lambda p, k: p, params=params, steps=10)
   _, state = outs[-1]
   assert state.U["s"].shape == (0, 1) and state.sigma["s"].shape == (0,)
   assert all(bool(jnp.all(jnp.isfinite(u))) for u, _ in outs for u in jax.tree.leaves(u))
@@ -560,11 +587,13 @@ def test_state_is_fixed_and_scan_matches_loop():
     return (optax.apply_updates(p, u), s2), loss(p, k)
 
   (p_scan, _), losses = jax.jit(lambda p, s: jax.lax.scan(body, (p, s), jnp.arange(12)))(params, s0)
+  # The same 12 steps, one call per step from a Python loop (each step jitted on its own:
+  # one program for all of them, where op-by-op dispatch compiled the phases' switch anew
+  # on every step).
+  step = jax.jit(lambda p, s, k: body((p, s), k)[0])
   p, s = params, s0
   for k in range(12):
-    _, g, hvp = value_grad_and_hvp(loss, p, k)
-    u, s = tx.update(g, s, p, hvp_fn=hvp)
-    p = optax.apply_updates(p, u)
+    p, s = step(p, s, k)
   np.testing.assert_allclose(np.asarray(_flat(p_scan)), np.asarray(_flat(p)), rtol=1e-5)
   assert losses[-1] < losses[0]
 

@@ -184,8 +184,9 @@ def test_run_directory_is_complete(tmp_path):
 
 @pytest.mark.slow
 def test_same_seed_same_metrics_file_bit_for_bit(tmp_path):
-  # Dropout, the per-layer scope and Cockpit's instruments (per-example pass, α, histograms).
-  kw = dict(steps=30, model="alexnet_mini", metrics="economy", eval_every=10)
+  # Dropout, the per-layer scope and Cockpit's instruments (per-example pass, α, histograms),
+  # over two evaluations (a run costs its compilations; the steps are cheap either way).
+  kw = dict(steps=6, model="alexnet_mini", metrics="economy", eval_every=3)
   a, b = _run(tmp_path, "a", **kw), _run(tmp_path, "b", **kw)
   text = (a.run_dir / "metrics.jsonl").read_bytes()
   assert text == (b.run_dir / "metrics.jsonl").read_bytes()
@@ -245,7 +246,7 @@ _INTERRUPT = """
 import sys
 from jaxscope.train import train
 r = train(model="mlp", dataset="digits", steps=100000, batch_size=64, out=sys.argv[1],
-          quiet=True, checkpoint_every=0, eval_every=100000)
+          quiet=True, checkpoint_every=0, eval_every=100000, metrics="none")
 print("STOPPED", r.steps, r.interrupted, flush=True)
 """
 
@@ -297,7 +298,12 @@ def _finite(h, key):
 
 @pytest.mark.slow
 def test_full_preset_records_cockpit_and_activation_health(tmp_path):
-  r = _run(tmp_path, "full", steps=4, batch_size=32, metrics="full", checkpoint_every=2)
+  # A narrow MLP (682 parameters: curvature="auto" computes the traces exactly, and the
+  # preset's step compiles in about half the time of the default 17 k-parameter MLP's, whose
+  # Hutchinson path test_cli's business run takes).
+  narrow = {"hidden_sizes": (8, 8)}
+  r = _run(tmp_path, "full", steps=4, batch_size=32, metrics="full", checkpoint_every=2,
+           model_args=narrow)  # fmt: skip
   h = History.load(r.run_dir)
   keys = set(h.keys())
   # Cockpit's full configuration: economy + business (TIC, trace) + λ_max and the 2-D histogram.
