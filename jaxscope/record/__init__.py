@@ -32,6 +32,13 @@ them back as floats, and reads the bare ``NaN``/``Infinity`` tokens of earlier v
 Steps whose ``"measured"`` flag is false (scopes with ``every=n`` repeat old
 values on unmeasured steps) are not written, and the flag itself is never stored.
 
+Scanned loops: the values of ``T`` steps stacked on a leading axis (the outputs of a
+``lax.scan`` over the train step, ``"measured"`` of shape ``[T]``) go to
+:meth:`Recorder.write_stacked` with their steps (an int ``start`` or ``T`` increasing
+ints); it writes exactly the lines ``T`` calls of :meth:`Recorder.write` would, one per
+measured row, with the same deferred transfer (one stacked write is one entry towards
+``transfer_every``). :meth:`Recorder.write` refuses a non-scalar ``"measured"``.
+
 Multi-host: only process 0 (``jax.process_index() == 0``) writes. On other processes a
 recorder creates nothing, and ``write``, ``flush`` and ``close`` do nothing; arrays
 given to ``write`` must then be fully addressable on process 0 (replicated metrics,

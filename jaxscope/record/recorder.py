@@ -7,9 +7,10 @@ behaviour.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -30,42 +31,137 @@ TENSORBOARD_DIR = "tensorboard"
 _MEASURED = "measured"  # Same as jaxscope.metrics.MEASURED (kept import-free: host side).
 
 _Record = tuple[int, dict[str, Any]]
+# A pending write: (step, values) from write(); (steps, values) from write_stacked(), with
+# the steps as a tuple of host ints or a 1-D device array, and a leading steps axis on values.
+_Entry = tuple[int | tuple[int, ...] | jax.Array, dict[str, Any]]
+_WRITE = "Recorder.write"
+_STACKED = "Recorder.write_stacked"
 
 
-def _check_step(step: Any) -> int:
+def _check_step(step: Any, where: str = _WRITE, name: str = "step") -> int:
   if isinstance(step, bool | np.bool_) or not isinstance(step, int | np.integer):
     hint = ""
     if isinstance(step, jax.Array):
       hint = " Pass the host-side loop counter: reading a device step would block."
-    raise TypeError(f"Recorder.write: step must be an int, got {type(step).__name__}.{hint}")
+    raise TypeError(f"{where}: {name} must be an int, got {type(step).__name__}.{hint}")
   if step < 0:
-    raise ValueError(f"Recorder.write: step must be >= 0, got {step}.")
+    raise ValueError(f"{where}: {name} must be >= 0, got {step}.")
   return int(step)
 
 
-def _check_values(values: Any) -> dict[str, Any]:
+def _check_values(values: Any, where: str = _WRITE) -> dict[str, Any]:
   if not isinstance(values, Mapping):
-    raise TypeError(
-      f"Recorder.write: values must be a Mapping[str, array], got {type(values).__name__}."
-    )
+    raise TypeError(f"{where}: values must be a Mapping[str, array], got {type(values).__name__}.")
   out: dict[str, Any] = {}
   for key, value in values.items():
     if not isinstance(key, str):
-      raise TypeError(f"Recorder.write: keys must be str, got {key!r} ({type(key).__name__}).")
+      raise TypeError(f"{where}: keys must be str, got {key!r} ({type(key).__name__}).")
     if not key:
-      raise ValueError("Recorder.write: got an empty key.")
+      raise ValueError(f"{where}: got an empty key.")
     if isinstance(value, jax.core.Tracer):
       raise TypeError(
-        f"Recorder.write: value of {key!r} is a tracer; call write() outside jit, with the "
-        "values returned by the jitted step."
+        f"{where}: value of {key!r} is a tracer; call {where.removeprefix('Recorder.')}() "
+        "outside jit, with the values returned by the jitted step."
       )
     if not isinstance(value, jax.Array | np.ndarray | np.generic | bool | int | float):
       raise TypeError(
-        f"Recorder.write: value of {key!r} must be an array or a number, "
-        f"got {type(value).__name__}."
+        f"{where}: value of {key!r} must be an array or a number, got {type(value).__name__}."
       )
     out[key] = value
   return out
+
+
+def _shape(value: Any) -> tuple[int, ...]:
+  """The shape of an array or number, read without a device transfer."""
+  return tuple(getattr(value, "shape", ()))
+
+
+def _steps_axis(values: dict[str, Any]) -> int | None:
+  """``T``, the leading axis every stacked value shares (``None`` for no values)."""
+  first: tuple[str, tuple[int, ...]] | None = None
+  for key, value in values.items():
+    shape = _shape(value)
+    if not shape:
+      raise ValueError(
+        f"{_STACKED}: value of {key!r} has shape () and no leading steps axis; every value "
+        "needs the leading axis T of the stacked steps (write one step with write())."
+      )
+    if first is None:
+      first = (key, shape)
+    elif shape[0] != first[1][0]:
+      raise ValueError(
+        f"{_STACKED}: values have different leading (steps) axes: {key!r} has shape {shape}, "
+        f"{first[0]!r} has shape {first[1]}."
+      )
+  if _MEASURED in values and len(_shape(values[_MEASURED])) != 1:
+    raise ValueError(
+      f"{_STACKED}: {_MEASURED!r} must have shape (T,), got {_shape(values[_MEASURED])}."
+    )
+  return None if first is None else first[1][0]
+
+
+def _check_host_steps(steps: Any, length: int | None, name: str = "steps") -> tuple[int, ...]:
+  """Checks host steps: 1-D ints, ``length`` of them, non-negative, strictly increasing."""
+  a = np.asarray(steps)
+  if a.ndim != 1:
+    raise ValueError(f"{_STACKED}: {name} must be 1-D (one step per row), got shape {a.shape}.")
+  if a.size and a.dtype.kind not in "iu":
+    raise TypeError(f"{_STACKED}: {name} must hold ints, got dtype {a.dtype}.")
+  if length is not None and a.size != length:
+    raise ValueError(
+      f"{_STACKED}: {name} has {a.size} entries but the values have a leading axis of {length}."
+    )
+  out = tuple(int(s) for s in a)
+  if out and out[0] < 0:
+    raise ValueError(f"{_STACKED}: {name} must be >= 0, got {out[0]}.")
+  for prev, step in itertools.pairwise(out):
+    if step <= prev:
+      raise ValueError(f"{_STACKED}: {name} must be increasing, got {step} after {prev}.")
+  return out
+
+
+def _check_stacked_steps(steps: Any, length: int | None) -> tuple[int, ...] | jax.Array:
+  """``write_stacked``'s steps: host ints checked now, a device array kept as it is."""
+  if isinstance(steps, int | np.integer) and not isinstance(steps, bool | np.bool_):
+    start = _check_step(steps, _STACKED, "steps (the start)")
+    if length is None:
+      raise ValueError(f"{_STACKED}: no values to take the number of steps from; pass the steps.")
+    return tuple(range(start, start + length))
+  if isinstance(steps, jax.core.Tracer):
+    raise TypeError(f"{_STACKED}: steps is a tracer; call write_stacked() outside jit.")
+  if isinstance(steps, jax.Array):
+    if steps.ndim != 1 or steps.dtype.kind not in "iu":
+      raise TypeError(
+        f"{_STACKED}: steps must be a 1-D int array, got {steps.dtype}{list(steps.shape)}."
+      )
+    if length is not None and steps.shape[0] != length:
+      raise ValueError(
+        f"{_STACKED}: steps has {steps.shape[0]} entries but the values have a leading "
+        f"axis of {length}."
+      )
+    return steps  # Checked when transferred.
+  if isinstance(steps, bool | np.bool_ | float | str | bytes | Mapping) or steps is None:
+    raise TypeError(
+      f"{_STACKED}: steps must be an int start or a 1-D sequence of ints, "
+      f"got {type(steps).__name__}."
+    )
+  return _check_host_steps(steps, length)
+
+
+def _rows(entry: _Entry, host: tuple[Any, list[Any]]) -> list[_Record]:
+  """The ``(step, host values)`` rows of a transferred entry (one for ``write``)."""
+  steps, device_values = entry
+  host_steps, host_values = host
+  if isinstance(steps, int):
+    return [(steps, dict(zip(device_values, host_values, strict=True)))]
+  if isinstance(steps, jax.Array):  # Only now on the host.
+    host_steps = _check_host_steps(host_steps, len(steps), name="steps (device array)")
+  else:
+    host_steps = steps
+  return [
+    (step, {k: v[i] for k, v in zip(device_values, host_values, strict=True)})
+    for i, step in enumerate(host_steps)
+  ]
 
 
 def _to_json_value(key: str, value: Any) -> Any:
@@ -140,7 +236,7 @@ class Recorder:
       raise TypeError(f"Recorder: config must be a dict, got {type(config).__name__}.")
     self._run_dir = Path(run_dir)
     self._transfer_every = transfer_every
-    self._pending: list[_Record] = []
+    self._pending: list[_Entry] = []
     self._file: Any = None
     self._tb: Any = None
     self._closed = False
@@ -181,8 +277,8 @@ class Recorder:
 
   @property
   def num_pending(self) -> int:
-    """Number of written steps not transferred to the host yet."""
-    return len(self._pending)
+    """Number of written steps not transferred to the host yet (all rows of a stacked write)."""
+    return sum(1 if isinstance(steps, int) else len(steps) for steps, _ in self._pending)
 
   def write(self, step: int, values: Mapping[str, Any]) -> None:
     """Records the values of one step; returns without waiting for the device.
@@ -198,21 +294,91 @@ class Recorder:
     Raises:
       TypeError: ``step`` is not an int, ``values`` not a mapping, a key not a str or a
         value neither an array nor a number.
-      ValueError: ``step`` is negative, or the recorder is closed.
+      ValueError: ``step`` is negative, ``"measured"`` is not a scalar (stacked values:
+        use :meth:`write_stacked`), or the recorder is closed.
     """
     step = _check_step(step)
     values = _check_values(values)
+    if _MEASURED in values and _shape(values[_MEASURED]) != ():
+      raise ValueError(
+        f"{_WRITE}: {_MEASURED!r} has shape {_shape(values[_MEASURED])}, not a scalar: the "
+        "values of several steps stacked on a leading axis (e.g. the outputs of lax.scan)? "
+        "Write them with write_stacked(steps, values)."
+      )
+    self._append(step, values, _WRITE)
+
+  def write_stacked(
+    self, steps: int | Sequence[int] | np.ndarray | jax.Array, values: Mapping[str, Any]
+  ) -> None:
+    """Records the values of ``T`` steps stacked on a leading axis, e.g. by ``lax.scan``.
+
+    Row ``i`` of every value is the value of step ``steps[i]``: the file, TensorBoard and
+    :class:`History` get exactly what ``T`` calls ``write(steps[i], {k: v[i] ...})``
+    would give them, rows whose ``"measured"`` entry is false dropped. Like
+    :meth:`write` it returns without waiting for the device: the values (one entry
+    towards ``transfer_every``, whatever ``T``) are transferred by a later call.
+
+    Args:
+      steps: the steps of the rows: an int ``start`` (steps ``start, start + 1, …,
+        start + T − 1``), or ``T`` increasing non-negative ints (a sequence or numpy
+        array). A 1-D int device array is accepted too; it is transferred (and checked)
+        with the values, so its errors come from the call that transfers them.
+      values: a flat mapping from str keys to arrays with a common leading axis ``T``,
+        e.g. a scope's values stacked by ``lax.scan``; ``"measured"``, if present, has
+        shape ``[T]``.
+
+    Raises:
+      TypeError: ``steps`` neither an int nor a sequence of ints, ``values`` not a
+        mapping, a key not a str or a value not an array.
+      ValueError: a value without the common leading axis, ``steps`` of the wrong length,
+        negative or not increasing, or the recorder is closed.
+
+    Example:
+      >>> import tempfile
+      >>> import jax, jax.numpy as jnp
+      >>> from jaxscope import metrics
+      >>> from jaxscope.record import History, Recorder
+      >>> sc = metrics.scope(params=["norm"], every=2)
+      >>> def body(carry, _):
+      ...   params, state = carry
+      ...   params = jax.tree.map(lambda p: 0.5 * p, params)
+      ...   values, state = sc.update(state, params=params)
+      ...   return (params, state), values
+      >>> scan = jax.jit(lambda carry: jax.lax.scan(body, carry, length=4))
+      >>> params = {"w": jnp.ones((3, 2))}
+      >>> carry = (params, sc.init(params))
+      >>> run_dir = tempfile.mkdtemp()
+      >>> with Recorder(run_dir) as rec:
+      ...   for start in (0, 4):
+      ...     carry, values = scan(carry)  # values["measured"].shape == (4,)
+      ...     rec.write_stacked(start, values)
+      >>> h = History.load(run_dir)
+      >>> h.steps("params/norm/w").tolist(), h["params/norm/w"].round(3).tolist()
+      ([0, 2, 4, 6], [1.225, 0.306, 0.077, 0.019])
+    """
+    values = _check_values(values, _STACKED)
+    for key, value in values.items():
+      if not isinstance(value, jax.Array | np.ndarray):
+        raise TypeError(
+          f"{_STACKED}: value of {key!r} must be an array with a leading steps axis, "
+          f"got {type(value).__name__}."
+        )
+    steps = _check_stacked_steps(steps, _steps_axis(values))
+    self._append(steps, values, _STACKED)
+
+  def _append(self, steps: Any, values: dict[str, Any], where: str) -> None:
+    """Keeps checked values pending; transfers the older ones once enough are pending."""
     if self._closed:
-      raise ValueError("Recorder.write: the recorder is closed.")
+      raise ValueError(f"{where}: the recorder is closed.")
     if not self._active:
       return
-    for value in values.values():
+    for value in [*values.values(), steps]:
       if isinstance(value, jax.Array):
         # Start the copy; the result is read later. A deleted array fails here and is
         # reported with a clear message at transfer time.
         with contextlib.suppress(Exception):
           value.copy_to_host_async()
-    self._pending.append((step, values))
+    self._pending.append((steps, values))
     if len(self._pending) > self._transfer_every:
       batch = self._pending[:-1]
       self._pending = self._pending[-1:]
@@ -264,21 +430,25 @@ class Recorder:
         stacklevel=2,
       )
 
-  def _transfer(self, batch: list[_Record]) -> None:
-    for step, values in batch:
-      for key, value in values.items():
+  def _transfer(self, batch: list[_Entry]) -> None:
+    for steps, values in batch:
+      for key, value in [*values.items(), ("steps", steps)]:
         if isinstance(value, jax.Array) and value.is_deleted():
+          at = f"step {steps}" if isinstance(steps, int) else "the stacked steps"
           raise RuntimeError(
-            f"Recorder: the value of {key!r} at step {step} was deleted before it was "
+            f"Recorder: the value of {key!r} at {at} was deleted before it was "
             "transferred (donated to a later jitted call?). Return the metrics from the "
             "jitted step instead of reading them from a donated state."
           )
     # Lists, not dicts: pytree flattening would sort the keys, and the file keeps their order.
-    host = jax.device_get([list(values.values()) for _, values in batch])
+    # Steps travel only when on the device (write_stacked given a device array).
+    host = jax.device_get(
+      [(s if isinstance(s, jax.Array) else None, list(v.values())) for s, v in batch]
+    )
+    rows = [row for entry, h in zip(batch, host, strict=True) for row in _rows(entry, h)]
     lines = []
     records: list[_Record] = []
-    for (step, device_values), host_values in zip(batch, host, strict=True):
-      values = dict(zip(device_values, host_values, strict=True))
+    for step, values in rows:
       if _MEASURED in values and not bool(np.asarray(values[_MEASURED])):
         continue
       out = {k: _to_json_value(k, v) for k, v in values.items() if k != _MEASURED}
