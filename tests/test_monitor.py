@@ -181,8 +181,24 @@ def test_metrics_errors():
   two = optax.chain(
     transforms.monitored(optax.sgd(0.1), sc), transforms.monitored(optax.sgd(0.1), sc)
   )
-  with pytest.raises(ValueError, match="2 monitored"):
-    transforms.monitored_metrics(two.init(params))
+  # Two monitors are read together (issue 20), each under its position in the tree ...
+  got = transforms.monitored_metrics(two.init(params))
+  assert sorted(got) == [
+    "measured",
+    "monitor0/grads/norm/w",
+    "monitor0/measured",
+    "monitor1/grads/norm/w",
+    "monitor1/measured",
+  ]
+  # ... or its name; one name for two is an error.
+  same = optax.chain(
+    transforms.monitored(optax.sgd(0.1), sc, name="a"),
+    transforms.monitored(optax.sgd(0.1), sc, name="a"),
+  )
+  with pytest.raises(ValueError, match="several monitors are named 'a'"):
+    transforms.monitored_metrics(same.init(params))
+  with pytest.raises(ValueError, match="name must be None or a str"):
+    transforms.monitored(optax.sgd(0.1), sc, name="a/b")
   ratio = transforms.monitored(optax.sgd(0.1), metrics.scope(updates=["ratio"]))
   with pytest.raises(ValueError, match=r"tx.update\(grads, opt_state, params\)"):
     ratio.update(params, ratio.init(params))

@@ -113,7 +113,7 @@ def test_factor_matches_numpy_reference(mode, base_lr, target, gamma, max_factor
   for k, ((f_ref, _, r_ref), (updates, f, state)) in enumerate(zip(ref, got, strict=True)):
     np.testing.assert_allclose(float(f), f_ref, rtol=2e-4, err_msg=f"step {k} factor")
     np.testing.assert_allclose(
-      float(optax.tree.get(state, "learning_rate")), base_lr * f_ref, rtol=2e-4
+      float(optax.tree.get(state, "effective_learning_rate")), base_lr * f_ref, rtol=2e-4
     )
     # The ratios after update k are those up to update k − 1 (measured on the weights
     # each update produced, when the next update arrives).
@@ -171,7 +171,7 @@ def test_thesis_mode_hits_target_in_closed_form():
   )
   for k, (updates, _, state) in enumerate(got):
     if k >= 1:
-      lr = float(optax.tree.get(state, "learning_rate"))
+      lr = float(optax.tree.get(state, "effective_learning_rate"))
       assert lr == pytest.approx(t * np.linalg.norm(w) / np.linalg.norm(g), rel=1e-5)
     if k >= 2:  # the ratio of update k − 1, the first made at the steered rate
       assert float(optax.tree.get(state, "mean_ratio")) == pytest.approx(t / (1 - t), rel=1e-5)
@@ -225,7 +225,7 @@ def test_state_structure_is_fixed_and_works_in_scan():
   def body(carry, _):
     p, s = carry
     u, s = tx.update(grads, s, p)
-    return (optax.apply_updates(p, u), s), optax.tree.get(s, "learning_rate")
+    return (optax.apply_updates(p, u), s), optax.tree.get(s, "effective_learning_rate")
 
   (_, s_scan), lrs = jax.jit(lambda p, s: jax.lax.scan(body, (p, s), length=6))(params, s0)
   p, s = params, s0
@@ -233,7 +233,7 @@ def test_state_structure_is_fixed_and_works_in_scan():
   for _ in range(6):
     u, s = tx.update(grads, s, p)
     p = optax.apply_updates(p, u)
-    loop.append(float(optax.tree.get(s, "learning_rate")))
+    loop.append(float(optax.tree.get(s, "effective_learning_rate")))
   np.testing.assert_allclose(np.asarray(lrs), loop, rtol=1e-5)
   np.testing.assert_allclose(float(s_scan[1].factor), float(s[1].factor), rtol=1e-5)
 

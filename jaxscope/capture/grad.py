@@ -32,6 +32,7 @@ def value_and_grad(
   exclude: Pattern = None,
   layer_grads: bool = True,
   inputs: bool = False,
+  wrt: Any = None,
 ) -> Callable[..., tuple[Any, Any, Captured]]:
   """``jax.value_and_grad(fn)`` that also captures layer outputs and ``∂L/∂(output)``.
 
@@ -48,6 +49,14 @@ def value_and_grad(
   Use it inside the jitted step; ``fn`` calls the model normally (``model.apply(...)``,
   an NNX module held by closure, or ``nnx.merge`` inside ``fn``).
 
+  **NNX**: when the first argument is an ``nnx.Module``, the call is that of
+  ``nnx.value_and_grad(fn, wrt=wrt)(model, ...)``: the gradient is taken w.r.t. the
+  model's ``wrt`` variables only (default ``nnx.Param``) and returned as an
+  ``nnx.State`` (what ``nnx.Optimizer.update(model, grads)`` takes); the other state
+  (BatchNorm statistics, dropout RNG counts) is carried through and written back into
+  ``model`` after the call, as NNX's own transforms do. Use it under ``nnx.jit`` (or
+  inside a ``jax.jit`` function that ``nnx.merge``-s the model and returns its state).
+
   Args:
     fn: ``fn(params, *args, **kwargs) -> loss`` (or ``(loss, aux)`` with ``has_aux``),
       ``loss`` a real scalar.
@@ -56,12 +65,14 @@ def value_and_grad(
     exclude: regular expression(s) of layer keys to leave out.
     layer_grads: also compute ``∂loss/∂y_l`` per layer.
     inputs: also record each layer's first positional input.
+    wrt: NNX only: the filter of the variables to differentiate (default ``nnx.Param``).
 
   Returns:
     A function of ``(params, *args, **kwargs)`` returning ``(value, grads, captured)``.
 
   Raises:
-    TypeError: if ``fn`` is not callable.
+    TypeError: if ``fn`` is not callable; ``wrt`` given with a first argument that is
+      not an NNX module.
     ValueError: (when called) if no layer was recorded, naming include/exclude; see
       also :func:`intercept`.
   """
@@ -69,18 +80,44 @@ def value_and_grad(
     raise TypeError(f"capture.value_and_grad: fn must be callable, got {type(fn).__name__}.")
   _compile(include, "include")  # Fail early on an invalid pattern.
   _compile(exclude, "exclude")
-
-  def split(out: Any) -> tuple[Any, Any]:
-    if not has_aux:
-      return out, None
-    if not (isinstance(out, tuple) and len(out) == 2):
-      raise TypeError(
-        "capture.value_and_grad: with has_aux=True, fn must return a pair (loss, aux), "
-        f"got {type(out).__name__}."
-      )
-    return out
+  options = (include, exclude, layer_grads, inputs)
+  core = _captured_value_and_grad(fn, has_aux, *options)
 
   def wrapped(params: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any, Captured]:
+    if _is_nnx_module(params):
+      return _nnx_value_and_grad(fn, has_aux, options, wrt, params, args, kwargs)
+    if wrt is not None:
+      raise TypeError(
+        "capture.value_and_grad: wrt= is for NNX modules (the first argument), got "
+        f"{type(params).__name__}; with a params pytree the gradient is w.r.t. all of it."
+      )
+    return core(params, *args, **kwargs)
+
+  return wrapped
+
+
+def _split_aux(out: Any, has_aux: bool) -> tuple[Any, Any]:
+  if not has_aux:
+    return out, None
+  if not (isinstance(out, tuple) and len(out) == 2):
+    raise TypeError(
+      "capture.value_and_grad: with has_aux=True, fn must return a pair (loss, aux), "
+      f"got {type(out).__name__}."
+    )
+  return out
+
+
+def _captured_value_and_grad(
+  fn: Callable[..., Any],
+  has_aux: bool,
+  include: Pattern,
+  exclude: Pattern,
+  layer_grads: bool,
+  inputs: bool,
+) -> Callable[..., tuple[Any, Any, Captured]]:
+  """The captured ``value_and_grad`` of ``fn`` w.r.t. its first argument (a pytree)."""
+
+  def core(params: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any, Captured]:
     kinds: dict[str, str] = {}
     convs: dict[str, ConvSpec] = {}
 
@@ -95,7 +132,7 @@ def value_and_grad(
       kinds.update(rec.kinds)
       convs.clear()
       convs.update(rec.convs)
-      loss, aux = split(out)
+      loss, aux = _split_aux(out, has_aux)
       return loss, (aux, dict(rec.outputs), dict(rec.inputs))
 
     if layer_grads:
@@ -118,4 +155,46 @@ def value_and_grad(
     value = (loss, aux) if has_aux else loss
     return value, grads, Captured(outs, ins, dict(lgrads), _Kinds(kinds), _Kinds(convs))
 
-  return wrapped
+  return core
+
+
+def _is_nnx_module(x: Any) -> bool:
+  try:
+    from flax import nnx
+  except ImportError:  # pragma: no cover - flax is a dependency.
+    return False
+  return isinstance(x, nnx.Module)
+
+
+def _nnx_value_and_grad(
+  fn: Callable[..., Any],
+  has_aux: bool,
+  options: tuple[Pattern, Pattern, bool, bool],
+  wrt: Any,
+  model: Any,
+  args: tuple[Any, ...],
+  kwargs: dict[str, Any],
+) -> tuple[Any, Any, Captured]:
+  """The captured ``value_and_grad`` of ``fn(model, ...)`` for an NNX module.
+
+  The recipe of ``nnx.value_and_grad``: ``nnx.split`` the module into the differentiated
+  state (``wrt``, default ``nnx.Param``) and the rest, ``nnx.merge`` them inside the
+  differentiated function, return the rest as it is after the call (BatchNorm
+  statistics, RNG counts) and ``nnx.update`` the caller's module with it, so integer RNG
+  state is never differentiated and state updates are not lost.
+  """
+  from flax import nnx
+
+  wrt = nnx.Param if wrt is None else wrt
+  graphdef, diff, rest = nnx.split(model, wrt, ...)
+
+  def pure(d: Any, r: Any, *a: Any, **k: Any) -> tuple[Any, Any]:
+    r = jax.tree.map(lambda x: x, r)  # New Variables at this trace level (they mutate).
+    m = nnx.merge(graphdef, d, r)
+    loss, aux = _split_aux(fn(m, *a, **k), has_aux)
+    return loss, (aux, nnx.split(m, wrt, ...)[2])
+
+  core = _captured_value_and_grad(pure, True, *options)
+  (loss, (aux, new_rest)), grads, captured = core(diff, rest, *args, **kwargs)
+  nnx.update(model, new_rest)
+  return ((loss, aux) if has_aux else loss), grads, captured

@@ -305,8 +305,26 @@ def _measure_tensors(
   return values, new_state
 
 
+def _reject_nnx_modules(trees: Mapping[str, Any], caller: str) -> None:
+  """Raises a ``TypeError`` that says what to pass when a topic is an NNX module."""
+  try:
+    from flax import nnx
+  except ImportError:  # pragma: no cover - flax is a dependency.
+    return
+  for topic, tree in trees.items():
+    if isinstance(tree, nnx.Module):
+      raise TypeError(
+        f"{caller}: {topic}= is an nnx.Module ({type(tree).__name__}); pass its parameters, "
+        f"nnx.state(model, nnx.Param) (or the nnx.State of gradients that "
+        "capture.value_and_grad / nnx.grad return), so that RNG keys and batch statistics "
+        "are not measured as parameters. With nnx.Optimizer, wrap its tx with "
+        "transforms.monitored(tx, scope) instead: it sees the right state."
+      )
+
+
 def _init_state(spec: _Spec, params: Any, activations: Any, layer_grads: Any) -> ScopeState:
   """``scope.init``: the state whose structure every later ``update`` keeps."""
+  _reject_nnx_modules({"params": params}, "scope.init")
   given = {"activations": activations, "layer_grads": layer_grads}
   trees: dict[str, Any] = {}
   if params is not None:
@@ -347,6 +365,7 @@ def _init_state(spec: _Spec, params: Any, activations: Any, layer_grads: Any) ->
 def _update_trees(spec: _Spec, trees: dict[str, Any], inputs: Mapping[str, Any]) -> dict[str, Any]:
   """Checks the trees and network inputs of one ``update``; returns the trees with the
   capture topics as plain dicts."""
+  _reject_nnx_modules(trees, "scope.update")
   trees = dict(trees)
   for topic in spec.topic_metrics:
     if trees[topic] is None:

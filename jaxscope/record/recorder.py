@@ -38,6 +38,19 @@ _WRITE = "Recorder.write"
 _STACKED = "Recorder.write_stacked"
 
 
+def _drop_unmeasured(values: dict[str, Any]) -> dict[str, Any]:
+  """Drops the keys under ``P/`` where ``P/measured`` is false, and the ``P/measured`` flags.
+
+  Several monitors read together (``monitored_metrics`` of a ``multi_transform``) each
+  carry their own flag; a monitor that did not measure this step contributes nothing.
+  """
+  flags = [k for k in values if k.endswith("/" + _MEASURED)]
+  if not flags:
+    return values
+  stale = tuple(k[: -len(_MEASURED)] for k in flags if not bool(np.asarray(values[k])))
+  return {k: v for k, v in values.items() if k not in flags and not k.startswith(stale)}
+
+
 def _check_step(step: Any, where: str = _WRITE, name: str = "step") -> int:
   if isinstance(step, bool | np.bool_) or not isinstance(step, int | np.integer):
     hint = ""
@@ -289,7 +302,8 @@ class Recorder:
       step: the step number, a non-negative Python or numpy int (not a device array,
         whose reading would block).
       values: a flat mapping from str keys to arrays (``jax.Array``, numpy) or
-        numbers, e.g. a scope's values. A false ``"measured"`` entry drops the step.
+        numbers, e.g. a scope's values. A false ``"measured"`` entry drops the step; a
+        false ``"P/measured"`` entry drops the keys ``P/…`` (several monitors).
 
     Raises:
       TypeError: ``step`` is not an int, ``values`` not a mapping, a key not a str or a
@@ -451,6 +465,7 @@ class Recorder:
     for step, values in rows:
       if _MEASURED in values and not bool(np.asarray(values[_MEASURED])):
         continue
+      values = _drop_unmeasured(values)
       out = {k: _to_json_value(k, v) for k, v in values.items() if k != _MEASURED}
       records.append((step, out))
       lines.append(dumps_line({"step": step, "values": out}) + "\n")

@@ -27,6 +27,7 @@ from jaxscope.transforms.ratio_lr import (
   ratio_lr_values,
   scale_to_update_ratio,
 )
+from jaxscope.transforms.train_state import apply_gradients
 
 __all__ = [
   "PHASES",
@@ -35,6 +36,7 @@ __all__ = [
   "PreconditionerState",
   "RatioAdaptiveState",
   "adaptive_sgd",
+  "apply_gradients",
   "masked_freeze",
   "monitored",
   "monitored_metrics",

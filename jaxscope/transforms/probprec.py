@@ -52,6 +52,7 @@ Hessian-vector products come from :func:`~jaxscope.metrics.hvp.value_grad_and_hv
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Hashable
 from typing import Any, NamedTuple
@@ -168,7 +169,25 @@ def _group_ids(params: Any, labels: Any) -> tuple[list[int], list[Hashable]]:
 
 def _check(name: str, value: Any, ok: bool, expected: str) -> None:
   if not ok:
-    raise ValueError(f"probabilistic_preconditioner: {name} must be {expected}, got {value!r}.")
+    hint = ""
+    if isinstance(value, jax.Array) and name in _STATIC_ARGS:
+      hint = (
+        f" Under optax.inject_hyperparams, pass static_args={_STATIC_ARGS!r}: it shapes the "
+        "state, so it cannot be a traced hyperparameter."
+      )
+    raise ValueError(
+      f"probabilistic_preconditioner: {name} must be {expected}, got {value!r}.{hint}"
+    )
+
+
+def _is_number_or_array(x: Any) -> bool:
+  """A Python number or a scalar array (a hyperparameter traced by inject_hyperparams)."""
+  return _is_number(x) or (isinstance(x, jax.Array) and x.ndim == 0)
+
+
+#: The arguments that shape the state or the phase schedule: static under
+#: ``optax.inject_hyperparams(..., static_args=_STATIC_ARGS)``.
+_STATIC_ARGS = ("est_rank", "num_observations", "prior_iterations", "reestimate_every")
 
 
 def probabilistic_preconditioner(
@@ -310,11 +329,15 @@ def _check_settings(cfg: phases.Settings) -> None:
   if _is_number(momentum):
     _check("momentum", momentum, 0 <= momentum < 1, "in [0, 1)")
   for name, v in (("initial_lr", cfg.initial_lr), ("fixed_lr", cfg.fixed_lr)):
+    if v is not None:
+      _check(name, v, _is_number_or_array(v), "None or a positive number")
     if v is not None and _is_number(v):
       _check(name, v, v > 0 and math.isfinite(v), "None or a positive number")
   fallback_lr, eps = cfg.fallback_lr, cfg.eps
-  _check("fallback_lr", fallback_lr, _is_number(fallback_lr) and fallback_lr > 0, "positive")
-  _check("eps", eps, _is_number(eps) and eps > 0, "positive")
+  for name, v in (("fallback_lr", fallback_lr), ("eps", eps)):
+    _check(name, v, _is_number_or_array(v), "a positive number")
+    if _is_number(v):
+      _check(name, v, v > 0, "a positive number")
 
 
 def _init(cfg: phases.Settings, params: optax.Params) -> PreconditionerState:
@@ -516,6 +539,23 @@ def only_adaptive_sgd(
     estimate_hessian=False,
     **kwargs,
   )
+
+
+def _variant_signature(fixed: tuple[str, ...]) -> inspect.Signature:
+  """The factory's signature without the arguments a variant fixes.
+
+  The variants take ``**kwargs``; ``optax.inject_hyperparams`` binds the factory's
+  signature and would pass ``kwargs=`` as one argument, so they carry the full one.
+  """
+  sig = inspect.signature(probabilistic_preconditioner)
+  return sig.replace(parameters=[p for n, p in sig.parameters.items() if n not in fixed])
+
+
+preconditioned_sgd.__signature__ = _variant_signature(())  # type: ignore[attr-defined]
+adaptive_sgd.__signature__ = _variant_signature(("apply_preconditioner",))  # type: ignore[attr-defined]
+only_adaptive_sgd.__signature__ = _variant_signature(  # type: ignore[attr-defined]
+  ("apply_preconditioner", "estimate_hessian")
+)
 
 
 def preconditioner_log(opt_state: Any, group_names: list[str] | None = None) -> dict[str, Any]:

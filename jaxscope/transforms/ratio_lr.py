@@ -96,9 +96,11 @@ Mode = Literal["code", "thesis"]
 class RatioAdaptiveState(NamedTuple):
   """State of :func:`ratio_adaptive_lr`; its structure is fixed by ``init``.
 
-  After update ``k``, ``factor`` and ``learning_rate`` are those *applied* in it (as
-  ``optax.inject_hyperparams`` holds the rate of its latest update), so
-  ``optax.tree.get(opt_state, "learning_rate")`` reads the rate of the last step; the
+  After update ``k``, ``factor`` and ``effective_learning_rate`` are those *applied* in it
+  (as ``optax.inject_hyperparams`` holds the rate of its latest update), so
+  ``optax.tree.get(opt_state, "effective_learning_rate")`` reads the rate of the last
+  step (a name of its own: under ``inject_hyperparams`` the state also holds the base
+  rate as ``hyperparams["learning_rate"]``, and one key must find one value); the
   ratios are those up to update ``k − 1`` (a ratio needs the weights its update produced,
   which arrive with the next update).
   """
@@ -114,7 +116,7 @@ class RatioAdaptiveState(NamedTuple):
   """Unweighted mean of ``ratios`` over the layers."""
   factor: jax.Array
   """The factor ``η / η_base`` applied in the latest update (1 before the first)."""
-  learning_rate: jax.Array
+  effective_learning_rate: jax.Array
   """``base_learning_rate · factor``: the effective rate of the latest update."""
   update_norms: dict[str, jax.Array]
   """``‖Δ‖`` of the latest update per counted layer; its ratio is taken at the next
@@ -310,7 +312,7 @@ def ratio_adaptive_lr(
     ...   params = optax.apply_updates(params, updates)
     >>> round(float(optax.tree.get(state, "mean_ratio")), 5)   # on target
     0.001
-    >>> round(float(optax.tree.get(state, "learning_rate")), 4)   # ≈ 1e-3·‖W‖/‖g‖
+    >>> round(float(optax.tree.get(state, "effective_learning_rate")), 4)   # ≈ 1e-3·‖W‖/‖g‖
     0.0098
   """
   _check_args(target, smoothing, max_factor, floor, mode, base_learning_rate)
@@ -324,7 +326,7 @@ def ratio_adaptive_lr(
       last_ratios={i.name: jnp.zeros((), jnp.float32) for i in infos},
       mean_ratio=jnp.zeros((), jnp.float32),
       factor=jnp.ones((), jnp.float32),
-      learning_rate=jnp.full((), base_learning_rate, jnp.float32),
+      effective_learning_rate=jnp.full((), base_learning_rate, jnp.float32),
       update_norms={i.name: jnp.zeros((), jnp.float32) for i in infos},
     )
 
@@ -359,7 +361,7 @@ def ratio_adaptive_lr(
       last_ratios=last,
       mean_ratio=_mean(ratios),
       factor=f,
-      learning_rate=jnp.asarray(base_learning_rate, jnp.float32) * f,
+      effective_learning_rate=jnp.asarray(base_learning_rate, jnp.float32) * f,
       update_norms={i.name: f * _norm(flat_u[i.index]) for i in infos},
     )
     return scaled, new_state
@@ -387,7 +389,10 @@ def ratio_adaptive_sgd(
   with ``base_learning_rate=learning_rate``: the effective rate is
   ``learning_rate · factor`` (see :func:`ratio_adaptive_lr` for the other arguments).
   Works with ``optax.inject_hyperparams`` (e.g. to change ``learning_rate`` or
-  ``target`` during training).
+  ``target`` during training, by a schedule evaluated inside ``jit``): the base rate is
+  then ``hyperparams["learning_rate"]`` and the applied one
+  ``optax.tree.get(state, "effective_learning_rate")``; a constant schedule gives the
+  updates of the static rate.
 
   Args:
     learning_rate: the base rate ``η_base`` (a number: the ratio rule replaces a
@@ -411,6 +416,8 @@ def ratio_adaptive_sgd(
     >>> state = tx.init(params)
     >>> _, state = tx.update({"w": jnp.ones((3, 3))}, state, params)
     >>> round(float(state.hyperparams["learning_rate"]), 6)
+    0.1
+    >>> round(float(optax.tree.get(state, "effective_learning_rate")), 6)  # 0.1 · factor 1
     0.1
   """
   if callable(learning_rate):
@@ -508,7 +515,7 @@ def scale_to_update_ratio(
 def ratio_lr_values(opt_state: Any) -> dict[str, jax.Array]:
   """The loggable values of the :func:`ratio_adaptive_lr` state inside ``opt_state``.
 
-  Returns ``{"lr": learning_rate, "ratio_lr/factor": …, "ratio_lr/mean_ratio": …,
+  Returns ``{"lr": effective_learning_rate, "ratio_lr/factor": …, "ratio_lr/mean_ratio": …,
   "ratio_lr/ratio/{layer}": smoothed ratio, …}`` (the keys the training loop records),
   or ``{}`` when the state holds none. Usable inside ``jit``.
 
@@ -519,7 +526,7 @@ def ratio_lr_values(opt_state: Any) -> dict[str, jax.Array]:
   if s is None:
     return {}
   out = {
-    "lr": s.learning_rate,
+    "lr": s.effective_learning_rate,
     "ratio_lr/factor": s.factor,
     "ratio_lr/mean_ratio": s.mean_ratio,
   }
