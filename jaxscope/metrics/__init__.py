@@ -4,6 +4,12 @@ Per-layer metrics (:class:`Metric`) are bundled into a :func:`scope`, which prod
 flat ``dict[str, jax.Array]`` per step keyed ``{topic}/{stat}/{layer}``. Cockpit's
 gradient-noise, curvature and step-length instruments come from :func:`instruments`
 (built on :mod:`.noise`, :mod:`.per_example`, :mod:`.curvature` and :mod:`.hvp`).
+
+:func:`preset` gives a run preset (``economy``, ``business``, ``full``) as the
+:class:`Preset` ``(scope, instruments, activations)``: the per-layer scope, Cockpit's
+instruments of the same name and the activation health of the captured layers, exactly
+what ``jaxscope train --metrics NAME`` records (:mod:`.presets`; ``scope(preset=...)`` is
+the per-layer part only).
 """
 
 from jaxscope.metrics import (
@@ -12,6 +18,7 @@ from jaxscope.metrics import (
   hvp,
   noise,
   per_example,
+  presets,
   registry,
   spectral,
   stats,
@@ -20,6 +27,7 @@ from jaxscope.metrics.activations import activation_std, dead_fraction, saturati
 from jaxscope.metrics.base import Metric, evaluate, stateless
 from jaxscope.metrics.instruments import Instruments, InstrumentsState, Probe, instruments
 from jaxscope.metrics.network import NetworkMetric, accuracy, batch_accuracy, loss
+from jaxscope.metrics.presets import RUN_PRESETS, Preset, preset
 from jaxscope.metrics.registry import SCOPE_PRESETS, preset_metrics, register
 from jaxscope.metrics.scope import MEASURED, TOPICS, Scope, ScopeState, scope, scope_values
 from jaxscope.metrics.spectral import condition_number, power_iteration, spectral_norm
@@ -41,12 +49,14 @@ from jaxscope.metrics.stats import (
 
 __all__ = [
   "MEASURED",
+  "RUN_PRESETS",
   "SCOPE_PRESETS",
   "TOPICS",
   "Instruments",
   "InstrumentsState",
   "Metric",
   "NetworkMetric",
+  "Preset",
   "Probe",
   "Scope",
   "ScopeState",
@@ -71,7 +81,9 @@ __all__ = [
   "norm",
   "per_example",
   "power_iteration",
+  "preset",
   "preset_metrics",
+  "presets",
   "ratio_to_params",
   "realised_ratio",
   "register",

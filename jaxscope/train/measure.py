@@ -1,20 +1,29 @@
 """What the reference loop measures: the per-layer scope, Cockpit's instruments and the
-activation health of the captured layers, from the run's ``metrics`` setting."""
+activation health of the captured layers, from the run's ``metrics`` setting.
+
+The presets (``economy``, ``business``, ``full``) are the library's run presets: each part
+is built by :func:`jaxscope.metrics.preset` (:mod:`jaxscope.metrics.presets`, which also
+defines :data:`PRESET_SCOPES`, :data:`ACTIVATION_METRICS` and :data:`REALISED_METRICS`,
+re-exported here), so ``jaxscope train --metrics NAME`` records what
+``jaxscope.metrics.preset(NAME)`` measures.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
 
-from jaxscope.metrics import registry
-from jaxscope.metrics.instruments import Instruments, instruments
+from jaxscope.metrics import presets, registry
+from jaxscope.metrics.instruments import Instruments
 from jaxscope.metrics.network import NetworkMetric
+from jaxscope.metrics.presets import ACTIVATION_METRICS, PRESET_SCOPES, REALISED_METRICS
 from jaxscope.metrics.scope import PARAM_TOPICS, Scope, scope
 from jaxscope.tree import Stacked, stack_axes
 
 __all__ = [
   "ACTIVATION_METRICS",
   "PRESET_SCOPES",
+  "REALISED_METRICS",
   "make_activation_scope",
   "make_instruments",
   "make_scope",
@@ -22,37 +31,24 @@ __all__ = [
 ]
 
 
-#: The ``metrics`` presets that also run Cockpit's instruments (:func:`make_instruments`),
-#: each with the per-layer scope preset it uses (:data:`jaxscope.metrics.registry.SCOPE_PRESETS`).
-PRESET_SCOPES: dict[str, str] = {"economy": "economy", "business": "economy", "full": "full"}
-
-#: The realised-update metrics the presets add for parameters stored below float32.
-REALISED_METRICS = ("realised_ratio", "lost_fraction")
-
-#: The activation-health metrics of the instrument presets (:func:`make_activation_scope`).
-ACTIVATION_METRICS: dict[str, tuple[str, ...]] = {
-  "activations": ("std", "dead_fraction", "saturation_fraction"),
-  "layer_grads": ("norm",),
-}
-
-
 def make_instruments(
   metrics: str | Sequence[str] | None, *, every: int = 1, seed: int = 0
 ) -> Instruments | None:
   """Cockpit's instruments for a run's ``metrics`` (``None`` unless it names a preset).
 
-  ``"economy"``, ``"business"`` and ``"full"`` give
-  ``jaxscope.metrics.instruments(preset=metrics, every=every, seed=seed)`` (Cockpit's
+  ``"economy"``, ``"business"`` and ``"full"`` give the instruments of the run preset,
+  ``jaxscope.metrics.preset(metrics, every=every, seed=seed).instruments`` (Cockpit's
   configurations of the same names, see :mod:`jaxscope.metrics.instruments`); metric-name
   lists and ``"none"`` run no instrument.
   """
   if isinstance(metrics, str) and metrics in PRESET_SCOPES:
-    return instruments(preset=metrics, every=every, seed=seed)
+    return presets.preset(metrics, every=every, seed=seed).instruments
   return None
 
 
 def make_activation_scope(every: int = 1, *, stacked: Stacked | None = None) -> Scope:
-  """The activation-health scope of the instrument presets.
+  """The activation-health scope of the run presets, the ``activations`` of
+  :func:`jaxscope.metrics.preset` (:func:`jaxscope.metrics.presets.activation_scope`).
 
   Measures, per captured Flax layer ``l`` (:mod:`jaxscope.capture`, the ``probe.captured``
   of :meth:`~jaxscope.metrics.Instruments.grad`), the standard deviation of the layer's
@@ -63,8 +59,7 @@ def make_activation_scope(every: int = 1, *, stacked: Stacked | None = None) -> 
   ``lax.scan`` over a stack are captured with a leading layer axis and measured per layer
   with ``stacked`` (see :func:`make_scope`).
   """
-  lists = {t: list(v) for t, v in ACTIVATION_METRICS.items()}
-  return scope(**lists, every=every, stacked=stacked)  # type: ignore[arg-type]
+  return presets.activation_scope(every, stacked=stacked)
 
 
 def make_scope(
@@ -112,32 +107,39 @@ def make_scope(
       raise ValueError(f"unknown topic {t!r}; topics: {', '.join(PARAM_TOPICS)}.")
   if metrics is None or metrics in ("", "none"):
     return None
-  if isinstance(metrics, str) and metrics in PRESET_SCOPES:
-    metrics = PRESET_SCOPES[metrics]
-  if isinstance(metrics, str) and metrics in registry.SCOPE_PRESETS:
-    lists = {t: v for t, v in registry.preset_metrics(metrics).items() if t in topics}
-    if low_precision and "updates" in lists:
-      lists["updates"] += [m for m in REALISED_METRICS if m not in lists["updates"]]
-  else:
-    names = registry.split_specs(metrics) if isinstance(metrics, str) else metrics
-    names = [n for n in names if n]
-    lists = {t: [] for t in topics}
-    for n in names:
-      n = PRESET_SCOPES.get(n, n)
-      if n in registry.SCOPE_PRESETS:
-        for t, specs in registry.preset_metrics(n).items():
-          if t in lists:
-            lists[t].extend(s for s in specs if s not in lists[t])
-        continue
-      try:
-        m = registry.get(n)
-      except KeyError as e:
-        raise ValueError(str(e.args[0])) from None
-      if isinstance(m, NetworkMetric):
-        continue  # loss and accuracy are recorded by the loop itself.
-      for t in topics:
-        if n not in lists[t]:
-          lists[t].append(n)
+  if isinstance(metrics, str) and metrics in PRESET_SCOPES:  # The run preset's scope.
+    if not topics:
+      return None
+    return presets.preset(
+      metrics,
+      every=every,
+      stacked=stacked,
+      low_precision=low_precision,
+      topics=topics,
+      include=layers,
+      exclude=exclude,
+      kind=kind,  # type: ignore[arg-type]
+      depth=depth,
+    ).scope
+  names = registry.split_specs(metrics) if isinstance(metrics, str) else metrics
+  names = [n for n in names if n]
+  lists: dict[str, list[Any]] = {t: [] for t in topics}
+  for n in names:
+    n = PRESET_SCOPES.get(n, n)
+    if n in registry.SCOPE_PRESETS:  # A preset among names: its per-layer metrics.
+      for t, specs in registry.preset_metrics(n).items():
+        if t in lists:
+          lists[t].extend(s for s in specs if s not in lists[t])
+      continue
+    try:
+      m = registry.get(n)
+    except KeyError as e:
+      raise ValueError(str(e.args[0])) from None
+    if isinstance(m, NetworkMetric):
+      continue  # loss and accuracy are recorded by the loop itself.
+    for t in topics:
+      if n not in lists[t]:
+        lists[t].append(n)
   lists = {t: v for t, v in lists.items() if v}
   if not lists:
     return None
