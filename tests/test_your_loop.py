@@ -318,3 +318,87 @@ def test_named_monitors_keep_their_names():
     "enc/measured",
     "measured",
   ]
+
+
+# ----------------------------------------------- every transform under every optax wrapper
+
+_TRAINABLE = {"w": jnp.array(True), "b": jnp.array(False)}
+_TRANSFORMS = {
+  "ratio_adaptive_lr": (transforms.ratio_adaptive_lr, {"target": 1e-2, "kind": "any"}, {}),
+  "ratio_adaptive_sgd": (transforms.ratio_adaptive_sgd, {"learning_rate": 0.1, "kind": "any"}, {}),
+  "scale_to_update_ratio": (transforms.scale_to_update_ratio, {"target": 1e-2}, {}),
+  "plateau_detector": (transforms.plateau_detector, {"patience": 2}, {"value": 1.0}),
+  "masked_freeze": (
+    lambda learning_rate: transforms.masked_freeze(optax.adam(learning_rate)),
+    {"learning_rate": 0.1},
+    {"trainable": _TRAINABLE},
+  ),
+  "monitored": (
+    lambda learning_rate: transforms.monitored(optax.sgd(learning_rate), _scope()),
+    {"learning_rate": 0.1},
+    {"value": 1.0},
+  ),
+  "only_adaptive_sgd": (
+    transforms.only_adaptive_sgd,
+    {"est_rank": 1, "num_observations": 2, "prior_iterations": 2},
+    "hvp",
+  ),
+}
+_SHAPE_ARGS = ("est_rank", "num_observations", "prior_iterations")
+
+
+def _steps(tx, loss, params, extra, n):
+  @jax.jit
+  def step(p, s):
+    if extra == "hvp":
+      _, grads, hvp_fn = transforms.value_grad_and_hvp(loss, p)
+      u, s = tx.update(grads, s, p, hvp_fn=hvp_fn)
+    else:
+      u, s = tx.update(jax.grad(loss)(p), s, p, **extra)
+    return optax.apply_updates(p, u), s
+
+  p, s = params, tx.init(params)
+  for _ in range(n):
+    p, s = step(p, s)
+  return p, s
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(_TRANSFORMS))
+def test_every_transform_under_inject_hyperparams_and_multisteps(name):
+  factory, args, extra = _TRANSFORMS[name]
+  loss, params = _quadratic()
+  plain, _ = _steps(factory(**args), loss, params, extra, 6)
+  static = tuple(k for k in _SHAPE_ARGS if k in args)
+  injected = optax.inject_hyperparams(factory, static_args=static)(**args)
+  got, _ = _steps(injected, loss, params, extra, 6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), got, plain)
+  # MultiSteps(k=2) on a gradient that does not change between its micro-steps (the
+  # parameters only move on the real update): 12 micro-steps are the 6 plain steps.
+  got, _ = _steps(optax.MultiSteps(factory(**args), 2), loss, params, extra, 12)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), got, plain)
+
+
+def test_readers_name_each_partition_and_the_preconditioner_refuses_one():
+  loss, params = _quadratic()
+  tx = optax.multi_transform(
+    {
+      "w": transforms.ratio_adaptive_sgd(0.1, target=1e-2, kind="any"),
+      "b": transforms.ratio_adaptive_sgd(0.1, target=1e-2, kind="any"),
+    },
+    {"w": "w", "b": "b"},
+  )
+  _, s = _steps(tx, loss, params, {}, 3)
+  got = transforms.ratio_lr_values(s)
+  assert sorted(k for k in got if k.endswith("/lr")) == ["b/lr", "w/lr"]
+  assert "w/ratio_lr/ratio/w" in got and "b/ratio_lr/ratio/b" in got
+  frozen = optax.multi_transform(
+    {"w": transforms.masked_freeze(optax.adam(0.1)), "b": optax.sgd(0.1)}, {"w": "w", "b": "b"}
+  )
+  p, _ = _steps(frozen, loss, params, {"trainable": {"w": jnp.array(False), "b": True}}, 2)
+  np.testing.assert_array_equal(p["w"], params["w"])  # frozen inside its partition
+  pre = optax.multi_transform(
+    {"w": transforms.only_adaptive_sgd(1, 2, 2), "b": optax.sgd(0.1)}, {"w": "w", "b": "b"}
+  )
+  with pytest.raises(ValueError, match="labels="):
+    _steps(pre, loss, params, "hvp", 1)

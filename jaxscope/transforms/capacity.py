@@ -290,10 +290,28 @@ def _path_key(path: Any) -> tuple[str, ...]:
   return tuple(jax.tree_util.keystr((k,)) for k in path)
 
 
+def _cut_to_partition(updates: optax.Updates, trainable: Any) -> Any:
+  """``trainable`` with ``MaskedNode`` where ``updates`` has one (else unchanged)."""
+  is_masked = lambda x: isinstance(x, optax.transforms.MaskedNode)  # noqa: E731
+  if not any(is_masked(x) for x in jax.tree_util.tree_leaves(updates, is_leaf=is_masked)):
+    return trainable
+  try:
+    return jax.tree.map(
+      lambda u, m: u if is_masked(u) else m, updates, trainable, is_leaf=is_masked
+    )
+  except ValueError:
+    return trainable  # Let the structure check name the difference.
+
+
 def _check_mask(
   updates: optax.Updates, trainable: Any
 ) -> tuple[list[jax.Array], jax.tree_util.PyTreeDef, list[tuple[str, ...]]]:
-  """Flattens ``trainable`` against ``updates``; returns masks, treedef and path keys."""
+  """Flattens ``trainable`` against ``updates``; returns masks, treedef and path keys.
+
+  Inside ``optax.multi_transform`` / ``optax.masked`` the updates hold ``MaskedNode``s
+  where other partitions' leaves are; the mask of the whole model is cut to the same.
+  """
+  trainable = _cut_to_partition(updates, trainable)
   flat_u, treedef = jax.tree_util.tree_flatten_with_path(updates)
   flat_m, mdef = jax.tree_util.tree_flatten_with_path(trainable)
   if mdef != treedef:

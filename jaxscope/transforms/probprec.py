@@ -378,6 +378,21 @@ def _init(cfg: phases.Settings, params: optax.Params) -> PreconditionerState:
   )
 
 
+def _reject_partitions(updates: optax.Updates) -> None:
+  """A clear error inside ``optax.multi_transform`` / ``optax.masked``: ``hvp_fn`` is the
+  whole model's, the updates only a part of it."""
+  masked = jax.tree_util.tree_leaves(
+    updates, is_leaf=lambda x: isinstance(x, optax.transforms.MaskedNode)
+  )
+  if any(isinstance(x, optax.transforms.MaskedNode) for x in masked):
+    raise ValueError(
+      "probabilistic_preconditioner: it sees only part of the parameters (inside "
+      "optax.multi_transform or optax.masked), but hvp_fn multiplies the whole model's "
+      "Hessian. Use it on all parameters, with labels= for per-group step sizes (a tree "
+      "of labels like multi_transform's)."
+    )
+
+
 def _update(
   cfg: phases.Settings,
   updates: optax.Updates,
@@ -388,6 +403,7 @@ def _update(
   phase: int | None,
 ) -> tuple[optax.Updates, PreconditionerState]:
   """One update of :func:`probabilistic_preconditioner`: checks, restart, the phase's step."""
+  _reject_partitions(updates)
   if params is None:
     raise ValueError(
       "probabilistic_preconditioner: update needs the parameters; call "

@@ -76,7 +76,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxscope import tree as jtree
-from jaxscope.transforms.state import find_state
+from jaxscope.transforms.state import find_states, state_names
 
 __all__ = [
   "MIN_MEAN_RATIO",
@@ -515,20 +515,30 @@ def scale_to_update_ratio(
 def ratio_lr_values(opt_state: Any) -> dict[str, jax.Array]:
   """The loggable values of the :func:`ratio_adaptive_lr` state inside ``opt_state``.
 
-  Returns ``{"lr": effective_learning_rate, "ratio_lr/factor": …, "ratio_lr/mean_ratio": …,
-  "ratio_lr/ratio/{layer}": smoothed ratio, …}`` (the keys the training loop records),
-  or ``{}`` when the state holds none. Usable inside ``jit``.
-
-  Raises:
-    ValueError: if the state holds several ratio-adaptive states.
+  Returns ``{"lr": effective_learning_rate, "ratio_lr/factor": …, "ratio_lr/mean_ratio":
+  …, "ratio_lr/ratio/{layer}": smoothed ratio, …}`` (the keys the training loop records),
+  or ``{}`` when the state holds none. Several (one per ``optax.multi_transform``
+  partition): each one's keys under the partition label, ``{label}/lr``, … Usable inside
+  ``jit``.
   """
-  s = find_state(opt_state, RatioAdaptiveState, caller="ratio_lr_values")
-  if s is None:
-    return {}
-  out = {
-    "lr": s.effective_learning_rate,
-    "ratio_lr/factor": s.factor,
-    "ratio_lr/mean_ratio": s.mean_ratio,
-  }
-  out.update({f"ratio_lr/ratio/{k}": v for k, v in s.ratios.items()})
-  return out
+  found = find_states(opt_state, RatioAdaptiveState)
+  names = state_names([p for p, _ in found], caller="ratio_lr_values")
+  out: dict[str, jax.Array] = {}
+  for name, (_, s) in zip(names, found, strict=True):
+    prefix = f"{name}/" if len(found) > 1 else ""
+    out[f"{prefix}lr"] = s.effective_learning_rate
+    out[f"{prefix}ratio_lr/factor"] = s.factor
+    out[f"{prefix}ratio_lr/mean_ratio"] = s.mean_ratio
+    out.update({f"{prefix}ratio_lr/ratio/{k}": v for k, v in s.ratios.items()})
+  return _unwrap_variables(out)
+
+
+def _unwrap_variables(x: Any) -> Any:
+  # flax.nnx.Optimizer wraps optimizer-state arrays in Variables; read their arrays.
+  from flax import nnx
+
+  return jax.tree.map(
+    lambda v: v[...] if isinstance(v, nnx.Variable) else v,
+    x,
+    is_leaf=lambda v: isinstance(v, nnx.Variable),
+  )

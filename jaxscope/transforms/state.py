@@ -6,7 +6,7 @@ from typing import Any, TypeVar
 
 import jax
 
-__all__ = ["find_state"]
+__all__ = ["find_state", "find_states", "state_names"]
 
 T = TypeVar("T")
 
@@ -33,3 +33,32 @@ def find_state(opt_state: Any, cls: type[T], *, caller: str, what: str | None = 
       "expected one."
     )
   return found[0] if found else None
+
+
+def find_states(opt_state: Any, cls: type[T]) -> list[tuple[tuple[Any, ...], T]]:
+  """Every ``cls`` state inside ``opt_state`` with its key path, in tree order."""
+  return [
+    (tuple(path), x)
+    for path, x in jax.tree_util.tree_flatten_with_path(
+      opt_state, is_leaf=lambda x: isinstance(x, cls)
+    )[0]
+    if isinstance(x, cls)
+  ]
+
+
+def state_names(paths: list[tuple[Any, ...]], *, caller: str) -> list[str]:
+  """A name per state for reading several at once: the dict keys on its path (the
+  ``optax.multi_transform`` partition label, the ``named_chain`` name), joined with
+  ``/``, else ``{i}`` by position.
+
+  Raises:
+    ValueError: if two states get the same name, naming ``caller``.
+  """
+  names = []
+  for i, path in enumerate(paths):
+    keys = [str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey)]
+    names.append("/".join(keys) or str(i))
+  dup = sorted({n for n in names if names.count(n) > 1})
+  if dup:
+    raise ValueError(f"{caller}: several states would be named {', '.join(map(repr, dup))}.")
+  return names
