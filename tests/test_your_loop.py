@@ -402,3 +402,79 @@ def test_readers_name_each_partition_and_the_preconditioner_refuses_one():
   )
   with pytest.raises(ValueError, match="labels="):
     _steps(pre, loss, params, "hvp", 1)
+
+
+def test_instruments_take_nnx_parameters_as_a_state():
+  model = nnx.Sequential(
+    nnx.Linear(4, 8, rngs=nnx.Rngs(0)), nnx.relu, nnx.Linear(8, 3, rngs=nnx.Rngs(1))
+  )
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  x = jax.random.normal(jax.random.key(0), (16, 4))
+  y = jnp.arange(16) % 3
+
+  def losses_fn(p, x, y):
+    logits = nnx.merge(graphdef, p, rest)(x)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y)
+
+  ins = metrics.instruments(preset="economy")
+
+  def grad(s, p):
+    probe = ins.grad(s, losses_fn, p, x, y)
+    return probe.loss, probe.grads
+
+  loss, grads = jax.jit(grad)(ins.init(params), params)
+  ref_loss, ref_grads = nnx.value_and_grad(
+    lambda m: losses_fn(nnx.state(m, nnx.Param), x, y).mean()
+  )(model)
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8), grads, ref_grads
+  )
+
+
+# ------------------------------------------------------- the reference loop, same seed
+
+
+@pytest.mark.slow
+def test_train_state_loop_records_what_the_reference_loop_records(tmp_path):
+  """The user's Linen + TrainState loop of docs/your-loop.md, on the zoo's mlp with the
+  reference loop's seed, data order and loss, records the reference loop's values."""
+  from jaxscope import History, data, models
+  from jaxscope.run import TrainConfig
+  from jaxscope.train import train
+
+  steps, batch, lr, seed = 4, 64, 0.1, 3
+  config = TrainConfig(
+    model="mlp", dataset="digits", optimizer="sgd", lr=lr, steps=steps, batch_size=batch,
+    seed=seed, metrics="economy", quiet=True, out=str(tmp_path / "ref"),
+  )  # fmt: skip
+  ref = History.load(train(config).run_dir)
+
+  ds = data.load("digits")
+  model = models.build("mlp", ds.train_x.shape[1:], ds.num_classes)
+  params = model.init(jax.random.key(seed), jnp.asarray(ds.train_x[:1]))["params"]
+  tx = transforms.monitored(optax.sgd(lr), metrics.scope(preset="economy"))
+  state = TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+
+  @jax.jit
+  def train_step(state, x, y):
+    def loss_fn(p):
+      logits, _ = state.apply_fn({"params": p}, x, train=True, rng=None)
+      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    state = transforms.apply_gradients(state, grads=grads, value=loss)
+    return state, {"loss": loss, **transforms.monitored_metrics(state.opt_state)}
+
+  order = np.random.default_rng([seed, 0]).permutation(len(ds.train_x))  # the loop's epoch 0
+  with Recorder(tmp_path / "mine") as rec:
+    for step in range(steps):
+      idx = order[step * batch : (step + 1) * batch]
+      state, values = train_step(state, ds.train_x[idx], ds.train_y[idx])
+      rec.write(step, values)
+  mine = History.load(tmp_path / "mine")
+  per_layer = [k for k in mine.keys() if k.count("/") >= 2]
+  assert len(per_layer) >= 20 and set(per_layer) <= set(ref.keys())
+  for key in ["loss", *per_layer]:
+    np.testing.assert_array_equal(mine.steps(key), ref.steps(key))
+    np.testing.assert_allclose(mine[key], ref[key], rtol=2e-5, atol=1e-9, err_msg=key)
