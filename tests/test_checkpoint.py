@@ -363,3 +363,27 @@ def test_restore_keeps_a_runs_sharding(tmp_path):
   assert len(out["errors"]) == 3
   assert "do not match" in out["errors"][0] and "opt_state" in out["errors"][1]
   assert "jax.sharding.Sharding leaves" in out["errors"][2]
+
+
+def test_zero_size_arrays_round_trip(tmp_path):
+  """orbax cannot save arrays of size 0 (the preconditioner's rank-0 factor of a
+  one-element leaf made `--optimizer adaptive_sgd` on a 1-output model exit 2)."""
+  from jaxscope.checkpoint import CheckpointWriter
+
+  state = {
+    "w": jnp.arange(6.0).reshape(2, 3),
+    "U": {"bias": jnp.zeros((0, 1)), "kernel": jnp.ones((1, 4))},
+    "i": jnp.zeros((0,), jnp.int32),
+  }
+  writer = CheckpointWriter(tmp_path / "ckpt")
+  writer.save(5, state, {"step": 5})
+  writer.close()
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+  reader = CheckpointWriter(tmp_path / "ckpt")
+  index, got, meta = reader.restore_latest([target])
+  reader.close()
+  assert index == 0 and meta == {"step": 5}
+  assert jax.tree.structure(got) == jax.tree.structure(state)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(state), strict=True):
+    assert a.shape == b.shape and a.dtype == b.dtype
+    np.testing.assert_array_equal(a, b)

@@ -2,12 +2,49 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+
 __all__ = ["CheckpointWriter"]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Empty:
+  """A zero-size array's place in a saved tree: orbax cannot save arrays of size 0 (a
+  rank-0 factor of the preconditioner for a one-element leaf), so its shape and dtype
+  travel as static structure and the array is rebuilt on restore."""
+
+  shape: tuple[int, ...]
+  dtype: str
+
+
+jax.tree_util.register_static(_Empty)
+
+
+def _is_empty(x: Any) -> bool:
+  shape = getattr(x, "shape", None)
+  return shape is not None and hasattr(x, "dtype") and math.prod(shape) == 0
+
+
+def _hide_empty(tree: Any) -> Any:
+  """``tree`` with each zero-size array replaced by an :class:`_Empty` (no leaves)."""
+  return jax.tree.map(lambda x: _Empty(tuple(x.shape), str(x.dtype)) if _is_empty(x) else x, tree)
+
+
+def _rebuild_empty(tree: Any) -> Any:
+  """The inverse of :func:`_hide_empty`."""
+  return jax.tree.map(
+    lambda x: jnp.zeros(x.shape, x.dtype) if isinstance(x, _Empty) else x,
+    tree,
+    is_leaf=lambda x: isinstance(x, _Empty),
+  )
 
 
 class CheckpointWriter:
@@ -46,7 +83,7 @@ class CheckpointWriter:
     self.manager.save(
       step,
       args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(dict(meta))
+        state=ocp.args.StandardSave(_hide_empty(state)), meta=ocp.args.JsonSave(dict(meta))
       ),
       force=True,
     )
@@ -64,13 +101,14 @@ class CheckpointWriter:
           r = self.manager.restore(
             step,
             args=ocp.args.Composite(
-              state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()
+              state=ocp.args.StandardRestore(_hide_empty(target)),
+              meta=ocp.args.JsonRestore(),
             ),
           )
         except Exception as e:  # A damaged step: fall back to an older one.
           error = error or e
           continue
-        return i, r.state, dict(r.meta)
+        return i, _rebuild_empty(r.state), dict(r.meta)
       warnings.warn(
         f"checkpoint {step} could not be restored ({error}); trying older.", stacklevel=3
       )
