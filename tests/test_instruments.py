@@ -433,7 +433,11 @@ def test_bad_input() -> None:
 _EIGHT = textwrap.dedent(
   """
   import os
-  os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+  # Eight devices, and XLA's CPU backend at -O0 for every program (FAST_COMPILE's flag; the
+  # initial states' and the batches' too, not just the steps').
+  os.environ["XLA_FLAGS"] = (
+    "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
+  )
   import jax, jax.numpy as jnp, numpy as np, optax
   from jax.sharding import NamedSharding, PartitionSpec as P
   sys_path = {root!r}
@@ -450,17 +454,22 @@ _EIGHT = textwrap.dedent(
     vals, s = inst.update(s, probe, upd)
     return optax.apply_updates(p, upd), o, s, vals
 
+  # One jitted step for both runs (traced once: the layouts share its jaxpr, each compiled),
+  # and the initial states as one program, computed once (both runs start from them).
+  fn = jax.jit(step, compiler_options=FAST_COMPILE)
+  states = jax.jit(lambda p: (tx.init(p), inst.init(p)), compiler_options=FAST_COMPILE)
+  o0, s0 = states(_params())
+
   def run(shard):
     params = _params()
     batches = [_data(0), _data(1), _data(2)]
     # batch 12 does not split over 8 devices: use 16 examples (numpy's, no compilation)
     batches = [(np.concatenate([x, x[:4]]), np.concatenate([y, y[:4]])) for x, y in batches]
-    fn = jax.jit(step, compiler_options=FAST_COMPILE)
     if shard:
       mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
       dsh = NamedSharding(mesh, P("data"))
       batches = [(jax.device_put(x, dsh), jax.device_put(y, dsh)) for x, y in batches]
-    p, o, s = params, tx.init(params), inst.init(params)
+    p, o, s = params, o0, s0
     if shard:  # replicated from the start, as every step returns them: one program, not two
       p, o, s = jax.device_put((p, o, s), NamedSharding(mesh, P()))
     for x, y in batches:
