@@ -158,6 +158,45 @@ def _run(tmp_path, name, **kw):
   return train(dataclasses.replace(FAST, out=str(tmp_path / name), **kw))
 
 
+#: XLA flags of the tests run by ``_in_fresh_process``: LLVM at -O0, which about halves the
+#: compilations that are most of their time (the runs a test compares are compiled alike).
+FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0"
+
+
+def _in_fresh_process(body, tmp_path):
+  """``body(tmp_path)``, runs and assertions, in a new interpreter whose XLA flags hold
+  ``FAST_COMPILE_FLAGS`` (the loop's jits take no compiler options, and the flag set for the
+  whole test process changes other tests' floats), with every program in the persistent
+  compilation cache: a run repeating an earlier one's configuration (same seed, resumed)
+  loads its programs instead of compiling them. The cache is the test process's when it has
+  one (``make test``), else one in ``tmp_path``."""
+  env = {
+    **os.environ,
+    "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE_FLAGS}".strip(),
+    "JAX_PLATFORMS": "cpu",
+    "PYTHONPATH": str(ROOT),
+    "JAX_COMPILATION_CACHE_DIR": os.environ.get(
+      "JAX_COMPILATION_CACHE_DIR", str(tmp_path / "compiled")
+    ),
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+  }
+  code = (
+    "import sys, pathlib\n"
+    f"from tests.{Path(__file__).stem} import {body.__name__} as body\n"
+    "body(pathlib.Path(sys.argv[1]))"
+  )
+  proc = subprocess.run(
+    [sys.executable, "-c", code, str(tmp_path)],
+    env=env,
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert proc.returncode == 0, proc.stderr[-4000:]
+
+
 @pytest.mark.slow
 def test_run_directory_is_complete(tmp_path):
   r = _run(tmp_path, "run", epochs=2, checkpoint_every=10, every=5)
@@ -184,6 +223,10 @@ def test_run_directory_is_complete(tmp_path):
 
 @pytest.mark.slow
 def test_same_seed_same_metrics_file_bit_for_bit(tmp_path):
+  _in_fresh_process(_same_seed_same_metrics_file, tmp_path)
+
+
+def _same_seed_same_metrics_file(tmp_path):
   # Dropout, the per-layer scope and Cockpit's instruments (per-example pass, α, histograms),
   # over two evaluations (a run costs its compilations; the steps are cheap either way).
   kw = dict(steps=6, model="alexnet_mini", metrics="economy", eval_every=3)
@@ -298,6 +341,10 @@ def _finite(h, key):
 
 @pytest.mark.slow
 def test_full_preset_records_cockpit_and_activation_health(tmp_path):
+  _in_fresh_process(_full_preset_records, tmp_path)
+
+
+def _full_preset_records(tmp_path):
   # A narrow MLP (682 parameters: curvature="auto" computes the traces exactly, and the
   # preset's step compiles in about half the time of the default 17 k-parameter MLP's, whose
   # Hutchinson path test_cli's business run takes).
@@ -335,6 +382,10 @@ def test_full_preset_records_cockpit_and_activation_health(tmp_path):
 
 @pytest.mark.slow
 def test_instruments_resume_every_2_and_leave_training_unchanged(tmp_path):
+  _in_fresh_process(_instruments_resume_every_2, tmp_path)
+
+
+def _instruments_resume_every_2(tmp_path):
   kw = dict(batch_size=32, metrics="economy", every=2, checkpoint_every=0)
   full = _run(tmp_path, "full", steps=7, **kw)
   h = History.load(full.run_dir)
@@ -366,6 +417,10 @@ def test_instruments_resume_every_2_and_leave_training_unchanged(tmp_path):
 
 @pytest.mark.slow
 def test_instruments_with_a_hessian_vector_product_optimizer(tmp_path):
+  _in_fresh_process(_instruments_with_hvp, tmp_path)
+
+
+def _instruments_with_hvp(tmp_path):
   kw = dict(steps=4, batch_size=32, optimizer="preconditioned_sgd", checkpoint_every=0)
   r = _run(tmp_path, "pre", metrics="economy", **kw)
   plain = _run(tmp_path, "plain", metrics="none", **kw)
@@ -392,7 +447,11 @@ def test_metric_lists_run_no_instruments():
 
 
 @pytest.mark.slow
-def test_resume_from_a_checkpoint_without_instrument_state(tmp_path, monkeypatch):
+def test_resume_from_a_checkpoint_without_instrument_state(tmp_path):
+  _in_fresh_process(_resume_without_instrument_state, tmp_path)
+
+
+def _resume_without_instrument_state(tmp_path):
   # Checkpoints written before TrainState.instruments existed hold four fields.
   from jaxscope.checkpoint import CheckpointWriter
 
@@ -402,7 +461,7 @@ def test_resume_from_a_checkpoint_without_instrument_state(tmp_path, monkeypatch
     save(self, step, {f: getattr(state, f) for f in state._fields[:4]}, meta)
 
   kw = dict(batch_size=32, checkpoint_every=0)
-  with monkeypatch.context() as m:
+  with pytest.MonkeyPatch.context() as m:
     m.setattr(CheckpointWriter, "save", legacy_save)
     _run(tmp_path, "old", steps=2, **kw)
   with pytest.warns(UserWarning, match="instruments start afresh"):
