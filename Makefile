@@ -17,13 +17,14 @@ $(STAMP): pyproject.toml constraints.txt
 
 # The default run: LeNet-5 on the embedded digits, economy metrics, checkpoints, plots,
 # then the checkpoint analyses (paths, landscape, trajectory, robustness) in runs/demo/analysis,
-# then the diagnosis of the run (runs/demo/diagnosis.json, diagnosis.png).
+# then the diagnosis of the run (runs/demo/diagnosis.json, diagnosis.png; its exit status 1
+# means "a problem was found", which is a result, not a failure of the demo).
 demo: $(STAMP)
 	rm -rf runs/demo
 	MPLBACKEND=Agg $(VENV)/bin/jaxscope train --out runs/demo --no-plots
 	MPLBACKEND=Agg $(VENV)/bin/jaxscope plot runs/demo
 	MPLBACKEND=Agg $(VENV)/bin/jaxscope analyze runs/demo all --grid -1:1:11 --eval-examples 300
-	MPLBACKEND=Agg $(VENV)/bin/jaxscope diagnose runs/demo
+	MPLBACKEND=Agg $(VENV)/bin/jaxscope diagnose runs/demo || test $$? -eq 1
 
 # Tests share XLA's persistent compilation cache (also across the CLI subprocesses they
 # start): the same programs are compiled by many tests, and a cache hit costs a file read

@@ -31,7 +31,8 @@ def test_diverging_run_is_diagnosed_live_and_by_the_command(tmp_path: Path, caps
   err = capsys.readouterr().err
   assert "jaxscope [critical] divergence" in err  # the live warning, printed once
   assert err.count("] divergence") == 1
-  assert cli_main(["diagnose", str(run), "--set", "divergence_factor=10"]) == 0
+  # A problem found: exit 1 (0 only when none is).
+  assert cli_main(["diagnose", str(run), "--set", "divergence_factor=10"]) == 1
   out = capsys.readouterr().out
   assert "divergence" in out
   data = json.loads((run / "diagnosis.json").read_text())
@@ -44,3 +45,39 @@ def test_diverging_run_is_diagnosed_live_and_by_the_command(tmp_path: Path, caps
     cli_main(["diagnose", str(run), "--set", "no_such_threshold=1"])
   assert e.value.code == 2
   assert "no_such_threshold" in capsys.readouterr().err
+
+
+def test_exit_status_healthy_findings_unreadable(tmp_path, capsys):
+  """0 healthy, 1 findings, 2 an unreadable log with one clear line (issue 21)."""
+  import json
+
+  def write(name, lines):
+    d = tmp_path / name
+    d.mkdir()
+    (d / "metrics.jsonl").write_text("".join(lines))
+    return str(d)
+
+  # A smoothly falling loss: healthy, also at its fast-falling start (it was "instability").
+  smooth = write(
+    "smooth", [json.dumps({"step": s, "values": {"loss": 2.0 * 0.97**s}}) + "\n" for s in range(50)]
+  )
+  assert cli_main(["diagnose", smooth]) == 0
+  assert "No problem found" in capsys.readouterr().out
+  # A loss that explodes and then turns NaN: the finding names the NaN and the layer.
+  recs = []
+  for s in range(30):
+    loss = 2.0 * 1.5**s if s < 20 else "NaN"
+    g0 = 2.0**s if s < 18 else "NaN"
+    recs.append(json.dumps({"step": s, "values": {"loss": loss, "grads/norm/Dense_0/kernel": g0}}))
+  nan = write("nan", [r + "\n" for r in recs])
+  assert cli_main(["diagnose", nan]) == 1
+  out = capsys.readouterr().out
+  assert "from step 20 it is NaN" in out and "'grads/norm/Dense_0/kernel'" in out
+  assert "at step 18" in out
+  # Records of the wrong shape: exit 2, one line naming the file and the expected form.
+  bad = write("bad", ['{"step": 0, "loss": 1.0}\n', '{"step": 1, "loss": 0.9}\n'])
+  with pytest.raises(SystemExit) as e:
+    cli_main(["diagnose", bad])
+  assert e.value.code == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "holds no readable record (2 unreadable line(s)" in err[0]

@@ -64,6 +64,11 @@ def _stable_loss(h: History, th: Thresholds) -> tuple[np.ndarray, np.ndarray] | 
   return (steps, loss) if steps.size else None
 
 
+def _nonfinite_name(x: float) -> str:
+  """``"NaN"``, ``"+Inf"`` or ``"-Inf"``."""
+  return "NaN" if np.isnan(x) else ("+Inf" if x > 0 else "-Inf")
+
+
 def _first_nonfinite(h: History, div: int | None) -> tuple[tuple[int, str, str] | None, list[str]]:
   """The first non-finite per-layer value at or before ``div`` (any step if ``None``).
 
@@ -112,6 +117,10 @@ def _rule_divergence(h: History, th: Thresholds) -> list[Finding]:
   """
   div = _divergence_step(h, th)
   first, layers = _first_nonfinite(h, div)
+  if first is None and div is not None:
+    # The loss exploded before anything was non-finite: the NaN/Inf, if one followed,
+    # and the layer it started in are still what the user needs to know.
+    first, _ = _first_nonfinite(h, None)
   if div is None and first is None:
     return []
   values: dict[str, Any] = {}
@@ -131,10 +140,15 @@ def _rule_divergence(h: History, th: Thresholds) -> list[Finding]:
     initial = float(finite[0]) if finite.size else float("nan")
     values.update(initial_loss=initial, loss_at_step=at, divergence_step=div)
     what = (
-      "is non-finite"
+      f"is {_nonfinite_name(at)}"
       if not np.isfinite(at)
       else (f"is {_fmt(at)}, above {_fmt(th.divergence_factor)} × the initial {_fmt(initial)}")
     )
+    later = ~np.isfinite(loss) & (steps > div)
+    if np.isfinite(at) and later.any():
+      nan_at = int(steps[np.argmax(later)])
+      values.update(nonfinite_loss_step=nan_at)
+      what += f"; from step {nan_at} it is {_nonfinite_name(loss[np.argmax(later)])}"
     summary = f"The loss diverges: at step {div} it {what}{where}."
     return [
       _finding(
@@ -189,7 +203,7 @@ def _loss_residual(steps: np.ndarray, loss: np.ndarray, th: Thresholds) -> _Resi
     y = y[:m].reshape(-1, block).max(axis=1)  # The maximum keeps the spikes.
     dt *= block
   window = max(5, int(th.trend_fraction * y.size)) | 1
-  return _Residual(y, y - _moving_median(y, window), dt, block, window, use_log)
+  return _Residual(y, y - _moving_median(y, window, edge="linear"), dt, block, window, use_log)
 
 
 def _periodic_spikes(steps: np.ndarray, res: _Residual, th: Thresholds) -> Finding | None:

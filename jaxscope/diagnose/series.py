@@ -90,11 +90,28 @@ def _layer_tail_medians(
   return med, first
 
 
-def _moving_median(y: np.ndarray, window: int, *, edge: bool = True) -> np.ndarray:
-  """Centred moving median; pads with the median of the 5 edge values (a trend), or by
-  reflection (``edge=False``: a stationary scale)."""
+def _linear_pad(y: np.ndarray, half: int) -> np.ndarray:
+  """``y`` extended by ``half`` points each side along its robust edge trends: anchored at
+  the median of the 5 edge values, sloped by the median step over ``half + 1`` values."""
+  m, k = min(5, y.size), min(half + 1, y.size)
+  idx = np.arange(1, half + 1, dtype=np.float64)
+  a0, b0 = float(np.median(y[:m])), float(np.median(np.diff(y[:k])))
+  a1, b1 = float(np.median(y[-m:])), float(np.median(np.diff(y[-k:])))
+  c = (m - 1) / 2
+  head = a0 - b0 * (idx[::-1] + c)
+  tail = a1 + b1 * (idx + c)
+  return np.concatenate([head, y, tail])
+
+
+def _moving_median(y: np.ndarray, window: int, *, edge: bool | str = True) -> np.ndarray:
+  """Centred moving median; pads with the median of the 5 edge values (a trend), along
+  the edges' robust linear trends (``edge="linear"``: a trend that is still falling at
+  the start, so a smoothly decaying loss has no residual there), or by reflection
+  (``edge=False``: a stationary scale)."""
   half = min(max(window // 2, 1), max(y.size - 1, 1))
-  if edge or y.size < 2:
+  if edge == "linear" and y.size >= 3:
+    padded = _linear_pad(y, half)
+  elif edge or y.size < 2:
     padded = np.pad(y, half, mode="median", stat_length=min(5, y.size))
   else:
     padded = np.pad(y, half, mode="reflect")
