@@ -563,7 +563,7 @@ def _variant_signature(fixed: tuple[str, ...]) -> inspect.Signature:
   The variants take ``**kwargs``; ``optax.inject_hyperparams`` binds the factory's
   signature and would pass ``kwargs=`` as one argument, so they carry the full one.
   """
-  sig = inspect.signature(probabilistic_preconditioner)
+  sig = inspect.signature(probabilistic_preconditioner, eval_str=True)
   return sig.replace(parameters=[p for n, p in sig.parameters.items() if n not in fixed])
 
 
