@@ -539,3 +539,31 @@ def test_a_diverged_run_is_not_called_overfitting() -> None:
   recs += [(s, {"test/loss": 2.0 + s}) for s in range(0, 40, 5)]
   names = [f.name for f in diagnose(History(recs))]
   assert "divergence" in names and "overfitting" not in names
+
+
+@pytest.mark.parametrize(
+  ("ev", "falling", "expect"),
+  [
+    (42.0, True, "edge_of_stability"),  # lr·λ = 2.1: at the limit, loss falling: healthy
+    (42.0, False, "lr_above_curvature_limit"),  # at the limit but the loss rises
+    (60.0, True, "lr_above_curvature_limit"),  # 3.0 > 1.2 · 2: well above the limit
+  ],
+)
+def test_edge_of_stability_is_not_a_fault(ev, falling, expect):
+  """Full-batch gradient descent settles where lr · λ_max ≈ 2 and keeps making progress
+  (Cohen et al. 2021); only a product well above the limit, or one with a loss that does
+  not fall, is a warning (issue 21)."""
+  base = _base(23)
+  base["lr"] = np.full(N, 0.05)
+  base["hess_max_ev"] = np.full(N, ev)
+  t = np.arange(N)
+  base["loss"] = 2.0 * np.exp(-t / N) if falling else 1.0 + 0.5 * t / N
+  findings = diagnose(_history(base, config={"optimizer": "sgd", "lr": 0.05}))
+  names = _names(findings)
+  assert expect in names
+  other = {"edge_of_stability", "lr_above_curvature_limit"} - {expect}
+  assert not other & set(names)
+  if expect == "edge_of_stability":
+    f = _one(findings, "edge_of_stability")
+    assert f.severity == "info"
+    assert f.evidence["values"]["median_product"] == pytest.approx(2.1)

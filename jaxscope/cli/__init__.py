@@ -13,10 +13,10 @@ Sub-commands::
 ``jaxscope train --help`` lists the training flags; they mirror the fields of
 :class:`jaxscope.train.TrainConfig`; ``jaxscope analyze --help`` the analyses' options.
 Exit status (:data:`EXIT_CODES`; also in ``jaxscope --help``): 0 success (``diagnose``: no
-problem found); 1 some analyses of ``analyze RUN all`` failed (the others are written), or
-``diagnose`` found a problem; 2 a bad argument (the message names the flag), a run the
-command cannot use (e.g. one without checkpoints or without a readable record) or a refused
-resume;
+problem found, or only info findings); 1 some analyses of ``analyze RUN all`` failed (the
+others are written), or ``diagnose`` has a warning or critical finding; 2 a bad argument (the
+message names the flag), a run the command cannot use (e.g. one without checkpoints or
+without a readable record) or a refused resume;
 74 the run directory cannot be written (no space, read-only, no permission: ``OSError``);
 75 the run directory is in use by another run (its lock); 130 a run stopped by Ctrl-C and
 143 one stopped by SIGTERM (both after writing their logs and a final checkpoint). Every
@@ -47,7 +47,7 @@ _RANGE_PARSERS = (_axis, _grid)
 #: The exit status of ``jaxscope`` and what it means.
 EXIT_CODES = {
   0: "success",
-  1: "some analyses failed (the others are written); diagnose: a problem was found",
+  1: "some analyses failed (the others are written); diagnose: a warning or critical finding",
   2: "bad argument, unusable run directory or refused resume (the message says which)",
   74: "the run directory cannot be written (no space, read-only, no permission)",
   75: "the run directory is in use by another run (its lock names it)",
@@ -126,7 +126,7 @@ def _diagnose(args: argparse.Namespace) -> int:
   fig = diagnosis_figure(history, findings)
   fig.savefig(out.diagnosis_figure, dpi=args.dpi)
   print(f"wrote {out.diagnosis} and {out.diagnosis_figure}")
-  return 1 if findings else 0
+  return 1 if any(f.severity != "info" for f in findings) else 0
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -142,6 +142,41 @@ def _lr_at(
   return e_steps, lam, np.full(lam.shape, float(base))
 
 
+def _falling(steps: np.ndarray, loss: np.ndarray) -> bool:
+  """Whether the loss's last quarter lies below its second quarter (medians), all finite."""
+  n = loss.size
+  if n < 8 or not np.all(np.isfinite(loss)):
+    return False
+  q = n // 4
+  return float(np.median(loss[-q:])) < float(np.median(loss[q : 2 * q]))
+
+
+def _edge_of_stability(
+  h: History, steps: np.ndarray, product: np.ndarray, limit: float, th: Thresholds
+) -> Finding | None:
+  """The info ``edge_of_stability`` when ``lr · λ_max`` hovers at the limit (median of the
+  over-limit steps ≤ ``eos_band · limit``) and the loss keeps falling; else ``None``."""
+  loss = _series(h, "loss")
+  if loss is None or float(np.median(product)) > th.eos_band * limit:
+    return None
+  if not _falling(*loss):
+    return None
+  med = float(np.median(product))
+  summary = (
+    f"lr · λ_max is at the stability limit ({_fmt(limit)}; median {_fmt(med)} on the "
+    f"{steps.size} steps above it) while the loss keeps falling: the edge of stability of "
+    "gradient descent (Cohen et al. 2021), which is healthy."
+  )
+  return _finding(
+    "edge_of_stability",
+    "info",
+    summary,
+    metric=["lr", "hess_max_ev"],
+    steps=steps,
+    values={"limit": limit, "median_product": med, "eos_band": th.eos_band},
+  )
+
+
 def _rule_lr_curvature(h: History, th: Thresholds) -> list[Finding]:
   """Learning rate above the curvature limit.
 
@@ -159,6 +194,11 @@ def _rule_lr_curvature(h: History, th: Thresholds) -> list[Finding]:
   over the limit, and the evidence counts them (``values["ignored_noise"]`` of
   ``values["measured"]``, with ``values["noise_rule"]``). When every reading is noise the
   rule does not fire; it returns the info ``curvature_not_judged`` instead.
+  Edge of stability: when the median product over the steps above the limit is within
+  ``eos_band ×`` the limit and the loss keeps falling (:func:`_edge_of_stability`), the
+  run sits where gradient descent settles by itself (Cohen et al. 2021): the info
+  ``edge_of_stability``, not a warning.
+
   Warning. Source: the classical quadratic stability bound; Cockpit's ``hess_max_ev``.
   """
   ev = _series(h, "hess_max_ev")
@@ -185,6 +225,9 @@ def _rule_lr_curvature(h: History, th: Thresholds) -> list[Finding]:
   frac = float(over.mean())
   if frac <= th.curvature_fraction:
     return []
+  eos = _edge_of_stability(h, e_steps[over], product[over], limit, th)
+  if eos is not None:
+    return [eos]
   worst = int(np.argmax(product))
   summary = (
     f"The learning rate is above the curvature limit: lr · λ_max > {_fmt(limit)} on "

@@ -33,7 +33,8 @@ class Finding:
       ``"vanishing_gradients"``, ``"exploding_gradients"``, ``"update_ratio_high"``,
       ``"update_ratio_low"``, ``"dead_units"``, ``"saturation"``, ``"stalled_layers"``,
       ``"lr_above_curvature_limit"``, ``"lost_updates"``; the info
-      ``"curvature_not_judged"`` (every λ_max reading within its error bar's noise).
+      ``"curvature_not_judged"`` (every λ_max reading within its error bar's noise),
+      ``"edge_of_stability"`` (``lr · λ_max`` at the limit while the loss falls: healthy).
     severity: ``"critical"``, ``"warning"`` or ``"info"``.
     summary: one readable sentence with the numbers.
     evidence: JSON-serialisable dict: ``"metric"`` (the key or keys read), ``"layers"``,
@@ -162,6 +163,11 @@ class Thresholds:
   curvature_fraction: float = 0.5
   """Curvature: reported when the limit is exceeded on more than this fraction of the
   steps where ``hess_max_ev`` was measured."""
+  eos_band: float = 1.2
+  """Curvature: ``lr · λ_max`` whose median over the steps above the limit stays within
+  ``eos_band ×`` the limit while the loss keeps falling is the edge of stability of
+  gradient descent (Cohen et al. 2021), not a fault: reported as the info
+  ``edge_of_stability``."""
 
 
 # --------------------------------------------------------------------------- advice
@@ -240,6 +246,10 @@ _ADVICE: dict[str, list[str]] = {
   "lr_above_curvature_limit": [
     "lower the learning rate below the curvature limit (2/λ_max for SGD)",
     "use a warm-up or a decaying learning rate",
+  ],
+  "edge_of_stability": [
+    "nothing to fix: gradient descent settles where lr · λ_max ≈ 2 and keeps making progress "
+    "(Cohen et al. 2021); lower the learning rate only if the loss stops falling",
   ],
   "curvature_not_judged": [
     "measure λ_max with a residual check (instruments(max_ev_tol=0.05), the default) or "
