@@ -567,3 +567,27 @@ def test_edge_of_stability_is_not_a_fault(ev, falling, expect):
     f = _one(findings, "edge_of_stability")
     assert f.severity == "info"
     assert f.evidence["values"]["median_product"] == pytest.approx(2.1)
+
+
+def test_instability_needs_evidence_and_real_jumps():
+  """A 40-step healthy run (minibatch noise on a short plateau) and small jumps (+10 %)
+  are not instability; +100 % jumps on 5 % of a long run are (issue 21)."""
+  # The loss of a real 40-step LeNet-5/digits run (jaxscope train --steps 40 --seed 2),
+  # which the rule called "unstable" (3 of 40 points above 6 MAD of the noise).
+  real = [2.317, 2.297, 2.328, 2.322, 2.281, 2.272, 2.297, 2.261, 2.263, 2.265, 2.247, 2.305,
+          2.268, 2.227, 2.223, 2.216, 2.199, 2.19, 2.146, 2.104, 2.102, 2.119, 2.017, 1.985,
+          1.934, 1.85, 1.814, 1.736, 1.676, 1.617, 1.387, 1.243, 1.325, 1.135, 1.095, 0.966,
+          1.368, 0.923, 1.503, 1.513]  # fmt: skip
+  assert "instability" not in _names(diagnose(_history({"loss": np.array(real)})))
+  rng = np.random.default_rng(29)
+  jumps = rng.random(N) < 0.05
+  jumps[:3] = False
+  for factor, unstable in ((1.1, False), (2.0, True)):
+    base = _base(29)
+    base["loss"] = base["loss"] * np.where(jumps, factor, 1.0)
+    assert ("instability" in _names(diagnose(_history(base)))) == unstable, factor
+  short = _base(31, n=60)
+  short["loss"] = short["loss"] * np.where(jumps[:60], 3.0, 1.0)
+  h = _history(short)
+  assert "instability" not in _names(diagnose(h))  # fewer than instability_min_points
+  assert "instability" in _names(diagnose(h, instability_min_points=50))

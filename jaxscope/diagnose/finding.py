@@ -105,6 +105,13 @@ class Thresholds:
   moving median absolute deviation (MAD; 6 MAD ≈ 4 σ for Gaussian noise)."""
   instability_fraction: float = 0.02
   """Instability: reported when more than this fraction of the steps are spikes."""
+  spike_min_rel: float = 0.2
+  """Instability: a spike also rises at least this fraction above the trend (log domain:
+  ``log(1 + spike_min_rel)``): minibatch noise of a few percent on a flat stretch is not
+  instability, however small the local MAD."""
+  instability_min_points: int = 100
+  """Instability: fewest loss points to judge a fraction of spikes (at 40 points one
+  spike is 2.5 %, which says nothing)."""
   # plateaus
   min_points: int = 10
   """Plateaus and overfitting: fewest points a window needs; shorter windows are skipped."""

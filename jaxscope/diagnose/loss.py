@@ -247,7 +247,10 @@ def _instability(steps: np.ndarray, res: _Residual, th: Thresholds) -> Finding |
   # MAD (a few equal residuals near the edges must not make the scale vanish).
   mad = _moving_median(np.abs(resid), 2 * res.window + 1, edge=False)
   floor = max(0.25 * float(np.median(np.abs(resid))), 1e-12 * float(np.max(np.abs(res.y))), 1e-300)
-  spikes = resid > th.spike_factor * np.maximum(mad, floor)
+  if resid.size < th.instability_min_points:
+    return None
+  rel = math.log1p(th.spike_min_rel) if res.use_log else th.spike_min_rel * np.abs(res.y - resid)
+  spikes = (resid > th.spike_factor * np.maximum(mad, floor)) & (resid > rel)
   frac = float(spikes.mean())
   if frac <= th.instability_fraction:
     return None
@@ -280,8 +283,10 @@ def _rule_oscillation(h: History, th: Thresholds) -> list[Finding]:
   its equally strong harmonics (fallback: the strongest bin). Warning ``"oscillation"``.
   Instability (only without a periodic finding): the fraction of points with
   ``r > spike_factor × MAD`` (MAD a moving median of ``|r|`` over twice the trend
-  window, at least a quarter of the global median of ``|r|``) exceeds
-  ``instability_fraction``. Warning ``"instability"``.
+  window, at least a quarter of the global median of ``|r|``) and ``r`` above
+  ``log(1 + spike_min_rel)`` (a jump of at least ``spike_min_rel`` of the trend) exceeds
+  ``instability_fraction``, judged on at least ``instability_min_points`` points (minimum
+  evidence). Warning ``"instability"``.
   Source: the lecture's "periodic spikes: online learning on unshuffled or imbalanced
   data" and "unstable loss: stuck between minima, large gradients".
   """
