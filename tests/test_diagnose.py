@@ -591,3 +591,70 @@ def test_instability_needs_evidence_and_real_jumps():
   h = _history(short)
   assert "instability" not in _names(diagnose(h))  # fewer than instability_min_points
   assert "instability" in _names(diagnose(h, instability_min_points=50))
+
+
+# --------------------------------------------------------------------------- the data
+
+
+def _data_run(**stats):
+  """A healthy history whose config holds data_stats (jaxscope.data.data_stats's form)."""
+  data = {
+    "examples": 1000,
+    "inputs": {"mean": 0.3, "std": 0.4, "min": 0.0, "max": 1.0, "nonfinite_fraction": 0.0},
+    "labels": {"class_fractions": [0.25] * 4, "ignored_fraction": 0.0, "sequence": False},
+  }
+  data.update(stats)
+  return _history(_base(37), config={"optimizer": "adam", "data_stats": data})
+
+
+DATA_RULES = {"nonfinite_data", "unnormalised_inputs", "class_imbalance"}
+
+
+def _fl(mean, std, lo, hi, nonfinite=0.0):
+  return {"mean": mean, "std": std, "min": lo, "max": hi, "nonfinite_fraction": nonfinite}
+
+
+def _lab(fractions, sequence=False):
+  return {"labels": {"class_fractions": fractions, "sequence": sequence}}
+
+
+@pytest.mark.parametrize(
+  ("stats", "expect"),
+  [
+    ({}, None),
+    ({"inputs": _fl(33.0, 78.0, 0.0, 255.0)}, "unnormalised_inputs"),  # raw pixels
+    ({"inputs": _fl(0.5, 1e-5, 0.5, 0.5)}, "unnormalised_inputs"),  # constant
+    ({"inputs": _fl(0.3, 0.4, 0.0, 1.0, 0.01)}, "nonfinite_data"),
+    (_lab([0.7, 0.2, 0.05, 0.05]), "class_imbalance"),
+    (_lab([0.7, 0.2, 0.1, 0.0]), "class_imbalance"),  # a class without examples
+    (_lab([0.9, 0.05, 0.05], sequence=True), None),  # tokens: imbalanced by nature
+    ({"targets": _fl(5e3, 1e3, 1e3, 9e3)}, "unnormalised_inputs"),
+  ],
+)
+def test_data_rules(stats, expect):
+  found = DATA_RULES & set(_names(diagnose(_data_run(**stats))))
+  assert found == ({expect} if expect else set())
+  if expect == "nonfinite_data":
+    assert _one(diagnose(_data_run(**stats)), expect).severity == "critical"
+
+
+def test_data_stats_match_numpy():
+  from jaxscope.data import Dataset, data_stats
+
+  rng = np.random.default_rng(41)
+  x = rng.normal(3.0, 2.0, (50, 4)).astype(np.float32)
+  x[7, 1] = np.nan
+  y = np.array([0] * 30 + [1] * 15 + [2] * 5, np.int32)
+  ds = Dataset(x, y, x[:2], y[:2], 4, "toy")
+  s = data_stats(ds)
+  finite = x[np.isfinite(x)].astype(np.float64)
+  assert s["examples"] == 50
+  assert s["inputs"]["nonfinite_fraction"] == pytest.approx(1 / 200)
+  assert s["inputs"]["mean"] == pytest.approx(finite.mean())
+  assert s["inputs"]["std"] == pytest.approx(finite.std())
+  assert s["inputs"]["max"] == pytest.approx(finite.max())
+  assert s["labels"]["class_fractions"] == pytest.approx([0.6, 0.3, 0.1, 0.0])
+  assert s["labels"]["sequence"] is False
+  # The run's record of it drives the rules: class 3 has no example; a NaN entry.
+  h = _history(_base(43), config={"data_stats": s})
+  assert {"nonfinite_data", "class_imbalance"} <= set(_names(diagnose(h)))

@@ -26,11 +26,13 @@ from jaxscope.data.digits import Dataset, batches, load_digits
 from jaxscope.data.mnist import IDX_FILES, load_fashion_mnist, load_mnist, read_idx
 from jaxscope.data.mnist1d import load_mnist1d
 from jaxscope.data.sine import load_sine
+from jaxscope.data.stats import data_stats
 from jaxscope.data.text import load_shakespeare
 
 __all__ = [
   "Dataset",
   "batches",
+  "data_stats",
   "describe",
   "embedded",
   "load",

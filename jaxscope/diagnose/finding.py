@@ -32,7 +32,8 @@ class Finding:
       ``"early_plateau"``, ``"late_plateau"``, ``"overfitting"``,
       ``"vanishing_gradients"``, ``"exploding_gradients"``, ``"update_ratio_high"``,
       ``"update_ratio_low"``, ``"dead_units"``, ``"saturation"``, ``"stalled_layers"``,
-      ``"lr_above_curvature_limit"``, ``"lost_updates"``; the info
+      ``"lr_above_curvature_limit"``, ``"lost_updates"``, ``"nonfinite_data"``,
+      ``"unnormalised_inputs"``, ``"class_imbalance"``; the info
       ``"curvature_not_judged"`` (every λ_max reading within its error bar's noise),
       ``"edge_of_stability"`` (``lr · λ_max`` at the limit while the loss falls: healthy).
     severity: ``"critical"``, ``"warning"`` or ``"info"``.
@@ -170,6 +171,15 @@ class Thresholds:
   curvature_fraction: float = 0.5
   """Curvature: reported when the limit is exceeded on more than this fraction of the
   steps where ``hess_max_ev`` was measured."""
+  # data (config["data_stats"])
+  input_scale_max: float = 20.0
+  """Data: inputs reaching ``|x|`` above this are unnormalised (raw 0–255 pixels)."""
+  input_std_min: float = 1e-3
+  """Data: inputs whose standard deviation is below this barely vary."""
+  target_scale_max: float = 100.0
+  """Data: regression targets reaching ``|y|`` above this are unnormalised."""
+  imbalance_ratio: float = 0.1
+  """Data: the rarest class's share below this × the commonest's is an imbalance."""
   eos_band: float = 1.2
   """Curvature: ``lr · λ_max`` whose median over the steps above the limit stays within
   ``eos_band ×`` the limit while the loss keeps falling is the edge of stability of
@@ -253,6 +263,19 @@ _ADVICE: dict[str, list[str]] = {
   "lr_above_curvature_limit": [
     "lower the learning rate below the curvature limit (2/λ_max for SGD)",
     "use a warm-up or a decaying learning rate",
+  ],
+  "nonfinite_data": [
+    "find and drop (or impute) the examples with NaN/Inf entries before training",
+    "check the data pipeline: a division by zero, log of 0 or an overflow in preprocessing",
+  ],
+  "unnormalised_inputs": [
+    "standardise the inputs (subtract the mean, divide by the standard deviation) or scale "
+    "pixels to [0, 1]",
+    "scale regression targets to unit variance (and undo it for predictions)",
+  ],
+  "class_imbalance": [
+    "re-weight the loss by inverse class frequency, or over-sample the rare classes",
+    "judge the model by a balanced metric (per-class recall), not only accuracy",
   ],
   "edge_of_stability": [
     "nothing to fix: gradient descent settles where lr · λ_max ≈ 2 and keeps making progress "

@@ -15,6 +15,7 @@ import numpy as np
 
 from jaxscope.diagnose.activations import _rule_dead_units, _rule_saturation
 from jaxscope.diagnose.curvature import _rule_lr_curvature
+from jaxscope.diagnose.data import _rule_class_imbalance, _rule_nonfinite_data, _rule_unnormalised
 from jaxscope.diagnose.finding import Finding, Thresholds
 from jaxscope.diagnose.gradients import (
   _rule_gradients,
@@ -49,6 +50,9 @@ RULES: dict[str, Callable[[History, Thresholds], list[Finding]]] = {
   "stalled_layers": _rule_stalled_layers,
   "lost_updates": _rule_lost_updates,
   "lr_above_curvature_limit": _rule_lr_curvature,
+  "nonfinite_data": _rule_nonfinite_data,
+  "unnormalised_inputs": _rule_unnormalised,
+  "class_imbalance": _rule_class_imbalance,
 }
 
 

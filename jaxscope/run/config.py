@@ -501,6 +501,8 @@ DERIVED_KEYS: dict[str, str] = {
   "optimizer_hparams": "optimizer_args with the optimizer's defaults filled in",
   "device_count": "devices the run's state and batches are placed on (1 without a mesh)",
   "process_count": "JAX processes (hosts) taking part in the run",
+  "data_stats": "the training split's input scale, non-finite entries and class balance "
+  "(jaxscope.data.data_stats), which the diagnoses read",
   "config_history": "one entry per resume that changed the config: the first step computed "
   "with the new values, the time, and each changed field's old and new value "
   "(jaxscope.run.resume)",

@@ -23,6 +23,7 @@ import numpy as np
 import optax
 
 from jaxscope.checkpoint import CheckpointWriter
+from jaxscope.data.stats import data_stats
 from jaxscope.diagnose.live import LiveDiagnosis
 from jaxscope.metrics.instruments import Instruments
 from jaxscope.metrics.scope import Scope
@@ -406,6 +407,7 @@ def _start(
       num_classes=int(s.dataset.num_classes),
       device_count=1 if s.mesh is None else int(s.mesh.size),
       process_count=jax.process_count(),
+      data_stats=data_stats(s.dataset),
       config_history=[  # ...unless it changes: then the change is recorded.
         *plan.old.get("config_history", []),
         *([history_entry(start, changes)] if changes else []),
