@@ -658,3 +658,18 @@ def test_data_stats_match_numpy():
   # The run's record of it drives the rules: class 3 has no example; a NaN entry.
   h = _history(_base(43), config={"data_stats": s})
   assert {"nonfinite_data", "class_imbalance"} <= set(_names(diagnose(h)))
+
+
+def test_too_few_steps():
+  """A loss still falling fast at the end (the run stopped early) against the healthy
+  base run, which has converged (its last fifth gives 2 % of its improvement)."""
+  rng = np.random.default_rng(47)
+  t = np.arange(N, dtype=np.float64)
+  base = _base(47)
+  base["loss"] = (2.3 * np.exp(-t / 900) + 0.05) * np.exp(0.05 * rng.standard_normal(N))
+  f = _one(diagnose(_history(base)), "too_few_steps")
+  # Last fifth: 2.3·(e^{-800/900} − e^{-1000/900}) = 0.20 of 2.3·(1 − e^{-1000/900}) = 1.55.
+  assert f.evidence["values"]["recent_fraction"] == pytest.approx(0.13, abs=0.03)
+  assert f.severity == "warning"
+  assert "too_few_steps" not in _names(diagnose(_history(_base(47))))
+  assert "too_few_steps" not in _names(diagnose(_history(base), still_improving=0.2))

@@ -33,7 +33,7 @@ class Finding:
       ``"vanishing_gradients"``, ``"exploding_gradients"``, ``"update_ratio_high"``,
       ``"update_ratio_low"``, ``"dead_units"``, ``"saturation"``, ``"stalled_layers"``,
       ``"lr_above_curvature_limit"``, ``"lost_updates"``, ``"nonfinite_data"``,
-      ``"unnormalised_inputs"``, ``"class_imbalance"``; the info
+      ``"unnormalised_inputs"``, ``"class_imbalance"``, ``"too_few_steps"``; the info
       ``"curvature_not_judged"`` (every λ_max reading within its error bar's noise),
       ``"edge_of_stability"`` (``lr · λ_max`` at the limit while the loss falls: healthy).
     severity: ``"critical"``, ``"warning"`` or ``"info"``.
@@ -121,7 +121,11 @@ class Thresholds:
   early_fraction: float = 0.1
   """Early plateau: the first ``early_fraction`` of the run."""
   late_fraction: float = 0.2
-  """Late plateau: the last ``late_fraction`` of the run."""
+  """Late plateau: the last ``late_fraction`` of the run (also the stretch the too-few-steps
+  rule reads)."""
+  still_improving: float = 0.1
+  """Too few steps: the loss's fall over the last ``late_fraction`` of the run above this
+  fraction of the run's whole improvement."""
   late_acc: float = 0.9
   """Late plateau: "still far from good" when the median training accuracy of the window is
   below this (used when ``train/accuracy`` is recorded)."""
@@ -263,6 +267,10 @@ _ADVICE: dict[str, list[str]] = {
   "lr_above_curvature_limit": [
     "lower the learning rate below the curvature limit (2/λ_max for SGD)",
     "use a warm-up or a decaying learning rate",
+  ],
+  "too_few_steps": [
+    "train for more steps: the loss had not stopped falling",
+    "with a fixed budget, raise the learning rate or decay it later",
   ],
   "nonfinite_data": [
     "find and drop (or impute) the examples with NaN/Inf entries before training",

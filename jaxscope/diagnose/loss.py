@@ -475,3 +475,50 @@ def _rule_overfitting(h: History, th: Thresholds) -> list[Finding]:
       },
     )
   ]
+
+
+# --------------------------------------------------------------------------- too few steps
+
+
+def _rule_too_few_steps(h: History, th: Thresholds) -> list[Finding]:
+  """Too few steps: the loss is still falling at the end of the run.
+
+  On the finite loss of a run that did not diverge, with at least ``min_series`` points and
+  ``min_points`` in its last ``late_fraction``: a least-squares line through that last
+  stretch (in ``log(loss)`` when positive, :func:`_rel_drop`) falls by more than
+  ``still_improving`` of the run's whole improvement (from the median of its first five
+  points to the line's end). Warning. Source: "too few epochs", one of the most common real
+  faults of the DeepFD study.
+  """
+  if _divergence_step(h, th) is not None:
+    return []
+  s = _stable_loss(h, th)
+  if s is None or s[0].size < th.min_series:
+    return []
+  steps, loss = s
+  t_steps, t_loss = _tail(steps, loss, th.late_fraction)
+  if t_steps.size < th.min_points:
+    return []
+  first = float(np.median(loss[:5]))
+  t_start, t_end, _ = _rel_drop(t_steps, t_loss)
+  total = first - t_end
+  if total <= 0:
+    return []
+  recent = (t_start - t_end) / total
+  if recent <= th.still_improving:
+    return []
+  summary = (
+    f"The loss is still falling at the end: over steps {int(t_steps[0])}–{int(t_steps[-1])} "
+    f"it goes from {_fmt(t_start)} to {_fmt(t_end)}, {recent:.0%} of the run's whole "
+    f"improvement (more than {th.still_improving:.0%}): the run stopped before it converged."
+  )
+  return [
+    _finding(
+      "too_few_steps",
+      "warning",
+      summary,
+      metric="loss",
+      steps=[t_steps[0], t_steps[-1]],
+      values={"recent_fraction": recent, "start": t_start, "end": t_end, "first": first},
+    )
+  ]

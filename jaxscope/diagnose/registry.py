@@ -29,6 +29,7 @@ from jaxscope.diagnose.loss import (
   _rule_late_plateau,
   _rule_oscillation,
   _rule_overfitting,
+  _rule_too_few_steps,
 )
 from jaxscope.diagnose.reporting import _sort_key
 from jaxscope.record import History
@@ -43,6 +44,7 @@ RULES: dict[str, Callable[[History, Thresholds], list[Finding]]] = {
   "early_plateau": _rule_early_plateau,
   "late_plateau": _rule_late_plateau,
   "overfitting": _rule_overfitting,
+  "too_few_steps": _rule_too_few_steps,
   "gradients": _rule_gradients,
   "update_ratio": _rule_update_ratio,
   "dead_units": _rule_dead_units,
