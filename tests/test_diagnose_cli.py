@@ -81,3 +81,46 @@ def test_exit_status_healthy_findings_unreadable(tmp_path, capsys):
   assert e.value.code == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and "holds no readable record (2 unreadable line(s)" in err[0]
+
+
+def test_divergence_guard_reads_one_step_behind():
+  from jaxscope.train.guard import DivergenceGuard
+
+  g = DivergenceGuard(factor=10)
+  assert g.check(0, 2.0) is None  # nothing before step 0
+  assert g.check(1, 3.0) is None  # step 0: 2.0 is the initial loss
+  assert g.check(2, 25.0) is None  # step 1: 3.0
+  assert "step 2 is 25, above 10 × the initial 2" in g.check(3, float("nan"))
+  g = DivergenceGuard()
+  g.check(0, float("inf"))
+  assert g.check(1, 1.0) == "the loss at step 0 is inf"
+
+
+@pytest.mark.slow
+def test_stop_on_divergence_stops_before_the_nan_is_recorded(tmp_path, capsys):
+  """lr 1e4 explodes the loss: --stop-on divergence stops one step after it went above
+  10 × the initial loss, so the log holds only that step of the diverged run (issue 21)."""
+  import json
+
+  from jaxscope.run import TrainConfig
+  from jaxscope.train import train
+
+  cfg = dict(model="mlp", dataset="digits", lr=1e4, steps=20, batch_size=64, metrics="none")
+  result = train(TrainConfig(**cfg, quiet=True, stop_on="divergence", out=str(tmp_path / "a")))
+  assert result.diverged is not None and "above 10 × the initial" in result.diverged
+  assert result.steps < 20
+  err = capsys.readouterr().err
+  assert "stopped at step" in err and "--stop-on divergence" in err
+
+  def losses(run_dir):
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["values"]["loss"] for r in lines if "loss" in r["values"]]
+
+  guarded = losses(result.run_dir)
+  assert all(isinstance(v, float) for v in guarded)  # no "NaN"/"Infinity" recorded
+  high = [v > 10 * guarded[0] for v in guarded]
+  assert high[-1] and not any(high[:-1])  # only the step that diverged is in the log
+  # Without the option the same run goes on recording the diverged loss.
+  plain = train(TrainConfig(**cfg, quiet=True, live_diagnosis=False, out=str(tmp_path / "b")))
+  assert plain.diverged is None and plain.steps == 20
+  assert sum(not (isinstance(v, float) and v <= 10 * guarded[0]) for v in losses(plain.run_dir)) > 5

@@ -14,7 +14,8 @@ Sub-commands::
 :class:`jaxscope.train.TrainConfig`; ``jaxscope analyze --help`` the analyses' options.
 Exit status (:data:`EXIT_CODES`; also in ``jaxscope --help``): 0 success (``diagnose``: no
 problem found, or only info findings); 1 some analyses of ``analyze RUN all`` failed (the
-others are written), or ``diagnose`` has a warning or critical finding; 2 a bad argument (the
+others are written), ``diagnose`` has a warning or critical finding, or ``train --stop-on
+divergence`` stopped a diverging run; 2 a bad argument (the
 message names the flag), a run the command cannot use (e.g. one without checkpoints or
 without a readable record) or a refused resume;
 74 the run directory cannot be written (no space, read-only, no permission: ``OSError``);
@@ -47,7 +48,8 @@ _RANGE_PARSERS = (_axis, _grid)
 #: The exit status of ``jaxscope`` and what it means.
 EXIT_CODES = {
   0: "success",
-  1: "some analyses failed (the others are written); diagnose: a warning or critical finding",
+  1: "some analyses failed (the others are written); diagnose: a warning or critical finding; "
+  "train: stopped by --stop-on divergence",
   2: "bad argument, unusable run directory or refused resume (the message says which)",
   74: "the run directory cannot be written (no space, read-only, no permission)",
   75: "the run directory is in use by another run (its lock names it)",

@@ -140,7 +140,7 @@ def _train(args: argparse.Namespace) -> int:
   from jaxscope.train import train
 
   result = train(TrainConfig(**_train_fields(args)))
-  code = 128 + int(result.stop_signal) if result.stop_signal else 0
+  code = 128 + int(result.stop_signal) if result.stop_signal else (1 if result.diverged else 0)
   if jax.process_index() != 0:
     return code
   if not args.no_plots:
@@ -149,7 +149,7 @@ def _train(args: argparse.Namespace) -> int:
     paths = save_run_plots(result.run_dir, RunLayout(result.run_dir).plots)
   if not args.quiet:
     evals = ", ".join(f"{k} {v:.4f}" for k, v in sorted(result.final_eval.items()))
-    state = "stopped" if result.interrupted else "finished"
+    state = "stopped" if result.interrupted or result.diverged else "finished"
     print(f"{state} at step {result.steps} in {result.wall_time:.1f} s: {evals}")
     print(f"run directory: {result.run_dir}")
     if not args.no_plots:

@@ -376,6 +376,14 @@ class TrainConfig:
     help="run the diagnosis rules at each evaluation and print each new critical finding "
     "once (warnings at the final evaluation)",
   )
+  stop_on: str = _opt(
+    "none",
+    group=_OPTIM,
+    choices=("none", "divergence"),
+    help="divergence: stop the run when its loss is non-finite or above 10 x the first one "
+    "(read one step behind, so the step is not stalled), before the next step is recorded; "
+    "the command exits 1",
+  )
   capacity: str | None = _opt(
     None,
     group=_OPTIM,

@@ -13,7 +13,7 @@ import sys
 import threading
 from typing import Any
 
-__all__ = ["StopFlag", "orbax_quiet"]
+__all__ = ["DivergenceGuard", "StopFlag", "orbax_quiet"]
 
 
 class StopFlag:
@@ -101,3 +101,44 @@ def _storage_error(error: ValueError) -> Exception:
   path = re.search(r'Error writing (?:local )?file "([^"]+)"', text)
   number = int(code.group(1))
   return OSError(number, os.strerror(number), path.group(1) if path else None)
+
+
+class DivergenceGuard:
+  """``--stop-on divergence``: stops a run whose loss has diverged, one step behind.
+
+  Each :meth:`check` is given the loss of the step just dispatched (a device scalar) and
+  reads the previous step's, which the device has finished (so the step is not stalled):
+  a non-finite loss, or one above ``factor ×`` the first finite loss (the divergence rule
+  of :mod:`jaxscope.diagnose`, default 10), is a divergence. The loop then stops before it
+  records the step after it, so an explosion that precedes the NaN leaves no NaN step in
+  the log.
+
+  Args:
+    factor: the divergence factor (``Thresholds.divergence_factor``).
+  """
+
+  def __init__(self, factor: float = 10.0) -> None:
+    self.factor = float(factor)
+    self.initial: float | None = None
+    self._pending: Any = None
+    self._pending_step = -1
+
+  def check(self, step: int, loss: Any) -> str | None:
+    """Remembers ``loss`` of ``step``; returns why the run diverged at the previous step,
+    or ``None``."""
+    prev, prev_step = self._pending, self._pending_step
+    self._pending, self._pending_step = loss, step
+    if prev is None:
+      return None
+    value = float(prev)
+    if value != value or value in (float("inf"), float("-inf")):
+      return f"the loss at step {prev_step} is {value}"
+    if self.initial is None:
+      self.initial = value
+      return None
+    if self.initial > 0 and value > self.factor * self.initial:
+      return (
+        f"the loss at step {prev_step} is {value:.3g}, above {self.factor:g} × the initial "
+        f"{self.initial:.3g}"
+      )
+    return None

@@ -36,7 +36,7 @@ from jaxscope.run.lock import RunLock
 from jaxscope.run.resume import clear_run, describe_changes, history_entry
 from jaxscope.train import sharding
 from jaxscope.train.evaluate import make_evaluate
-from jaxscope.train.guard import StopFlag, orbax_quiet
+from jaxscope.train.guard import DivergenceGuard, StopFlag, orbax_quiet
 from jaxscope.train.measure import (
   make_activation_scope,
   make_instruments,
@@ -67,6 +67,9 @@ class TrainResult(NamedTuple):
   stop_signal: int | None = None
   """The signal that stopped the run (``signal.SIGINT`` or ``signal.SIGTERM``), else
   ``None``; the command line exits with ``128 + stop_signal`` (130, 143)."""
+  diverged: str | None = None
+  """Why ``stop_on="divergence"`` stopped the run (no final evaluation or checkpoint of
+  the diverged state is written), else ``None``; the command line exits 1."""
 
 
 def _versions() -> dict[str, str]:
@@ -443,6 +446,8 @@ class _Loop:
     self.last_eval_step = -1
     self.bar: Any = None
     self.live: LiveDiagnosis | None = None
+    self.guard = DivergenceGuard() if s.config.stop_on == "divergence" else None
+    self.diverged: str | None = None
 
   def _emit(self, msg: str) -> None:
     if self.bar is not None:
@@ -502,6 +507,7 @@ class _Loop:
       stop.requested,
       time.perf_counter() - self.t_start,
       stop.signum,
+      self.diverged,
     )
 
   def checkpoint(self, step: int) -> None:
@@ -511,6 +517,19 @@ class _Loop:
     if jax.process_index() == 0:
       drop_rewound(self.run_dir, step)
     self.ckpt.save(step, self.state, self.meta(step))
+
+  def _diverged(self, step: int, loss: Any) -> bool:
+    """``stop_on="divergence"``: whether the previous step diverged (then said once)."""
+    why = self.guard.check(step, loss)  # type: ignore[union-attr]
+    if why is None:
+      return False
+    self.diverged = why
+    self.recorder.flush()
+    self._emit(
+      f"jaxscope: stopped at step {step} (--stop-on divergence): {why}; "
+      f"jaxscope diagnose {self.run_dir} names where it started."
+    )
+    return True
 
   def _steps(self, step: int, stop: StopFlag) -> int:
     """Steps from ``step`` until the end or a stop request; returns the last step."""
@@ -527,6 +546,8 @@ class _Loop:
       phase = s.optimizer.phase_of(step) if s.optimizer.phase_of is not None else None
       measure = measuring and step % c.every == 0
       self.state, values = self.step_fn(self.state, x, y, measure=measure, phase=phase)
+      if self.guard is not None and self._diverged(step, values["loss"]):
+        return step
       if "alpha" in values and not (step >= self.alpha_from and (step - 1) % c.every == 0):
         # α of the update of step t - 1 is known at step t; other steps repeat an old one.
         values = {k: v for k, v in values.items() if k != "alpha"}
