@@ -314,3 +314,22 @@ def test_the_docs_example_runs(tmp_path, monkeypatch, capsys):
   assert main([*command[2:], "--out", "cli", "-q"]) == 0
   assert (tmp_path / "cli" / "path.npz").is_file()
   sys.modules.pop("my_loop", None)
+
+
+def test_recorded_data_dir_of_an_embedded_set_gives_no_warning(tmp_path):
+  """A run trained on an embedded set with --data-dir recorded that directory; reading the
+  run's dataset back warned that an embedded set reads no files (the warning belongs to
+  the training command, once). An explicit data_dir= still warns."""
+  import warnings
+
+  import jaxscope
+
+  config = {"dataset": "sine", "data_dir": str(tmp_path / "nowhere")}
+  config["data_args"] = {"num_train": 8, "num_test": 4}
+  (tmp_path / "config.json").write_text(json.dumps(config))
+  (tmp_path / "metrics.jsonl").write_text('{"step":0,"values":{"loss":1.0}}\n')
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    assert jaxscope.load_run(tmp_path).dataset.train_x.shape == (8, 1)
+  with pytest.warns(UserWarning, match="is embedded and reads no files"):
+    assert jaxscope.load_run(tmp_path, data_dir=tmp_path).dataset.num_classes == 1

@@ -251,7 +251,9 @@ class Run:
       config = self._need("dataset")
       from jaxscope import data as jdata
 
-      where = self._data_dir if self._data_dir is not None else config.get("data_dir")
+      where = self._data_dir
+      if where is None and not _embedded(jdata, config["dataset"]):
+        where = config.get("data_dir")  # An embedded set reads no files: no warning.
       same = self._recorded.get("dataset") == config["dataset"]
       args = config.get("data_args", {}) if same else {}
       self._dataset = jdata.load(config["dataset"], where, **args)
@@ -379,3 +381,11 @@ def load_run(
 
 
 _UNSET = object()
+
+
+def _embedded(jdata: Any, name: str) -> bool:
+  """Whether the dataset ``name`` is embedded (``False`` for one of one's own)."""
+  try:
+    return bool(jdata.embedded(name))
+  except (KeyError, ValueError):
+    return False
