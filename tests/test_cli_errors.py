@@ -203,3 +203,20 @@ def test_train_warns_once_that_data_dir_is_unused_unless_it_is_jaxscope_data(
     warnings.simplefilter("always")
     assert main([*BASE, "--out", str(tmp_path / "b")]) == 0
   assert not [w for w in got if "is not used" in str(w.message)]
+
+
+@pytest.mark.parametrize(
+  ("text", "expected"),
+  [
+    ("a=1,b=0.9,c=true,d=none,name=x", {"a": 1, "b": 0.9, "c": True, "d": None, "name": "x"}),
+    ("hidden_sizes=(64,32),dropout=0.1", {"hidden_sizes": (64, 32), "dropout": 0.1}),
+    ("l=[1,[2,3]],m={'k':1,'j':2}", {"l": [1, [2, 3]], "m": {"k": 1, "j": 2}}),
+    ("name='a,b',n=2", {"name": "a,b", "n": 2}),
+  ],
+)
+def test_kv_pairs_keeps_commas_inside_brackets_and_quotes(text, expected):
+  """--model-args hidden_sizes=(64,32) split the tuple at its comma ("expected key=value
+  pairs, got '32)'")."""
+  from jaxscope.run.config import kv_pairs
+
+  assert kv_pairs(text) == expected

@@ -77,10 +77,30 @@ def optional_float(text: str) -> float | None:
     raise ValueError(f"expected a number or 'none', got {text!r}") from None
 
 
+def _top_level_split(text: str) -> list[str]:
+  """``text`` split at the commas outside brackets and quotes (``"a=(1,2),b=3"`` → 2 parts)."""
+  parts, depth, quote, start = [], 0, "", 0
+  for i, ch in enumerate(text):
+    if quote:
+      quote = "" if ch == quote else quote
+    elif ch in "'\"":
+      quote = ch
+    elif ch in "([{":
+      depth += 1
+    elif ch in ")]}":
+      depth = max(depth - 1, 0)
+    elif ch == "," and depth == 0:
+      parts.append(text[start:i])
+      start = i + 1
+  parts.append(text[start:])
+  return parts
+
+
 def kv_pairs(text: str) -> dict[str, Any]:
-  """Parses ``"a=1,b=0.9,c=true,name=x"`` into a dict of Python literals."""
+  """Parses ``"a=1,b=0.9,c=true,name=x,sizes=(64,32)"`` into a dict of Python literals
+  (commas inside brackets or quotes belong to the value)."""
   out: dict[str, Any] = {}
-  for part in filter(None, (p.strip() for p in text.split(","))):
+  for part in filter(None, (p.strip() for p in _top_level_split(text))):
     key, eq, value = part.partition("=")
     if not eq or not key.strip():
       raise ValueError(f"expected key=value pairs, got {part!r}")
