@@ -220,3 +220,15 @@ def test_kv_pairs_keeps_commas_inside_brackets_and_quotes(text, expected):
   from jaxscope.run.config import kv_pairs
 
   assert kv_pairs(text) == expected
+
+
+def test_out_that_cannot_be_created_is_exit_74(tmp_path, capsys):
+  """--out below a file (or under /proc) cannot be created: the output is unwritable (74),
+  not a missing input (2)."""
+  (tmp_path / "file").write_text("x")
+  out = tmp_path / "file" / "run"
+  with pytest.raises(SystemExit) as e:
+    main(["train", "--steps", "1", "--out", str(out), "--quiet", "--no-plots"])
+  assert e.value.code == 74
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and f"cannot write {out}" in err[0] and "cannot be created" in err[0]

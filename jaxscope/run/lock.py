@@ -26,7 +26,13 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-__all__ = ["RunLock", "RunLockedError"]
+__all__ = ["RunDirError", "RunLock", "RunLockedError"]
+
+
+class RunDirError(OSError):
+  """The run directory cannot be created (e.g. under ``/proc``, or below a file): an
+  ``OSError`` that is not a ``FileNotFoundError``, since the path is an output, not an input
+  that is missing (the command line exits 74, not 2)."""
 
 
 class RunLockedError(RuntimeError):
@@ -105,7 +111,12 @@ class RunLock:
     """
     if self._fd is not None:
       return self
-    self.path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+      self.path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileNotFoundError, NotADirectoryError) as e:
+      raise RunDirError(
+        e.errno, f"{e.strerror} (the run directory cannot be created there)", e.filename
+      ) from None
     fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
       import fcntl
