@@ -33,7 +33,8 @@ class Finding:
       ``"vanishing_gradients"``, ``"exploding_gradients"``, ``"update_ratio_high"``,
       ``"update_ratio_low"``, ``"dead_units"``, ``"saturation"``, ``"stalled_layers"``,
       ``"lr_above_curvature_limit"``, ``"lost_updates"``, ``"nonfinite_data"``,
-      ``"unnormalised_inputs"``, ``"class_imbalance"``, ``"too_few_steps"``; the info
+      ``"unnormalised_inputs"``, ``"class_imbalance"``, ``"too_few_steps"``,
+      ``"loss_output_mismatch"``; the info
       ``"curvature_not_judged"`` (every λ_max reading within its error bar's noise),
       ``"edge_of_stability"`` (``lr · λ_max`` at the limit while the loss falls: healthy).
     severity: ``"critical"``, ``"warning"`` or ``"info"``.
@@ -123,6 +124,10 @@ class Thresholds:
   late_fraction: float = 0.2
   """Late plateau: the last ``late_fraction`` of the run (also the stretch the too-few-steps
   rule reads)."""
+  mismatch_acc: float = 0.8
+  """Loss/output mismatch: the median accuracy of the last ``late_fraction`` at least this..."""
+  mismatch_loss_fraction: float = 0.5
+  """...while the median loss there is above this fraction of the initial loss."""
   still_improving: float = 0.1
   """Too few steps: the loss's fall over the last ``late_fraction`` of the run above this
   fraction of the run's whole improvement."""
@@ -267,6 +272,11 @@ _ADVICE: dict[str, list[str]] = {
   "lr_above_curvature_limit": [
     "lower the learning rate below the curvature limit (2/λ_max for SGD)",
     "use a warm-up or a decaying learning rate",
+  ],
+  "loss_output_mismatch": [
+    "return logits from the model when the loss applies (log-)softmax itself "
+    "(optax.softmax_cross_entropy*): remove the final softmax",
+    "for a model that outputs probabilities, use a loss on their logarithm, not on logits",
   ],
   "too_few_steps": [
     "train for more steps: the loss had not stopped falling",
