@@ -9,17 +9,15 @@ matplotlib.use("Agg")
 import contextlib
 import io
 import json
-import os
 import pickle
 import re
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import matplotlib.image as mpimg
 import numpy as np
 import pytest
+from _fresh import run_fresh
 
 from jaxscope import cli, data, models
 from jaxscope.analysis import (
@@ -74,11 +72,6 @@ def _train(run_dir, steps):
   return run_dir
 
 
-#: XLA flags of the process that makes ``both``: LLVM at -O0, which about halves the
-#: compilations that are most of its time (the CLI's and the API's programs compiled alike).
-FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0"
-
-
 def _analyze_both(base):
   """Trains the run, analyses it with the CLI and with the API, and pickles the API's report,
   the CLI's output and the API's echo to ``base/both.pickle``."""
@@ -97,36 +90,13 @@ def _analyze_both(base):
 def both(tmp_path_factory):
   """One run analysed by ``jaxscope analyze`` and by the API, into two directories.
 
-  Made in a new interpreter whose XLA flags hold ``FAST_COMPILE_FLAGS`` (set for the whole
+  Made in a new -O0 interpreter (:func:`_fresh.run_fresh`; the flag, set for the whole
   test process, the flag changes other tests' floats), with every program in the persistent
   compilation cache: the API loads the programs the CLI compiled (the test process's cache
   when it has one, ``make test``, else one in the fixture's folder). The report comes back
   pickled: the result objects of :func:`analyze`, arrays and all."""
   base = tmp_path_factory.mktemp("api")
-  env = {
-    **os.environ,
-    "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE_FLAGS}".strip(),
-    "JAX_PLATFORMS": "cpu",
-    "MPLBACKEND": "Agg",
-    "PYTHONPATH": str(ROOT),
-    "JAX_COMPILATION_CACHE_DIR": os.environ.get("JAX_COMPILATION_CACHE_DIR", str(base / "jax")),
-    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
-  }
-  code = (
-    "import sys, pathlib\n"
-    f"from tests.{Path(__file__).stem} import _analyze_both\n"
-    "_analyze_both(pathlib.Path(sys.argv[1]))"
-  )
-  proc = subprocess.run(
-    [sys.executable, "-c", code, str(base)],
-    env=env,
-    cwd=ROOT,
-    capture_output=True,
-    text=True,
-    timeout=600,
-  )
-  assert proc.returncode == 0, proc.stderr[-4000:]
+  run_fresh(__file__, "_analyze_both", base, cache=base / "jax")
   report, stdout, echoed = pickle.loads((base / "both.pickle").read_bytes())
   return base, report, stdout, echoed
 

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from _fresh import run_fresh
 
 from jaxscope.checkpoint import RunCheckpoints
 from jaxscope.record import History
@@ -158,43 +159,11 @@ def _run(tmp_path, name, **kw):
   return train(dataclasses.replace(FAST, out=str(tmp_path / name), **kw))
 
 
-#: XLA flags of the tests run by ``_in_fresh_process``: LLVM at -O0, which about halves the
-#: compilations that are most of their time (the runs a test compares are compiled alike).
-FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0"
-
-
 def _in_fresh_process(body, tmp_path):
-  """``body(tmp_path)``, runs and assertions, in a new interpreter whose XLA flags hold
-  ``FAST_COMPILE_FLAGS`` (the loop's jits take no compiler options, and the flag set for the
-  whole test process changes other tests' floats), with every program in the persistent
-  compilation cache: a run repeating an earlier one's configuration (same seed, resumed)
-  loads its programs instead of compiling them. The cache is the test process's when it has
-  one (``make test``), else one in ``tmp_path``."""
-  env = {
-    **os.environ,
-    "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE_FLAGS}".strip(),
-    "JAX_PLATFORMS": "cpu",
-    "PYTHONPATH": str(ROOT),
-    "JAX_COMPILATION_CACHE_DIR": os.environ.get(
-      "JAX_COMPILATION_CACHE_DIR", str(tmp_path / "compiled")
-    ),
-    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
-  }
-  code = (
-    "import sys, pathlib\n"
-    f"from tests.{Path(__file__).stem} import {body.__name__} as body\n"
-    "body(pathlib.Path(sys.argv[1]))"
-  )
-  proc = subprocess.run(
-    [sys.executable, "-c", code, str(tmp_path)],
-    env=env,
-    cwd=ROOT,
-    capture_output=True,
-    text=True,
-    timeout=600,
-  )
-  assert proc.returncode == 0, proc.stderr[-4000:]
+  """``body(tmp_path)``, runs and assertions, in a new -O0 interpreter with every program in
+  the persistent compilation cache (:func:`_fresh.run_fresh`): a run repeating an earlier
+  one's configuration (same seed, resumed) loads its programs instead of compiling them."""
+  run_fresh(__file__, body.__name__, tmp_path, cache=tmp_path / "compiled")
 
 
 @pytest.mark.slow

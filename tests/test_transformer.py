@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import functools
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _fresh import run_fresh
 from jax.sharding import PartitionSpec as P
 
 from jaxscope import models
@@ -265,36 +263,12 @@ def test_registry_options_and_errors():
   assert m.module.dtype == jnp.bfloat16 and m.module.param_dtype == jnp.bfloat16
 
 
-#: XLA flags of ``test_train_runs_end_to_end``'s run: LLVM at -O0, which about halves the
-#: compilations of the loop's programs (the economy preset's step most), its time.
-FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0"
-
-
 @pytest.mark.slow
 def test_train_runs_end_to_end(tmp_path):
-  """The run and its assertions in a new interpreter with ``FAST_COMPILE_FLAGS`` (the loop's
+  """The run and its assertions in a new -O0 interpreter (:func:`_fresh.run_fresh`: the loop's
   jits take no compiler options, and the flag set for the whole test process changes other
   tests' floats)."""
-  env = {
-    **os.environ,
-    "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE_FLAGS}".strip(),
-    "JAX_PLATFORMS": "cpu",
-    "PYTHONPATH": str(ROOT),
-  }
-  code = (
-    "import sys, pathlib\n"
-    f"from tests.{Path(__file__).stem} import _train_end_to_end\n"
-    "_train_end_to_end(pathlib.Path(sys.argv[1]))"
-  )
-  proc = subprocess.run(
-    [sys.executable, "-c", code, str(tmp_path)],
-    env=env,
-    cwd=ROOT,
-    capture_output=True,
-    text=True,
-    timeout=600,
-  )
-  assert proc.returncode == 0, proc.stderr[-4000:]
+  run_fresh(__file__, "_train_end_to_end", tmp_path)
 
 
 def _train_end_to_end(tmp_path):
