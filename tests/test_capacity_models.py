@@ -8,6 +8,7 @@ convolution, and the initialiser's known standard deviation for re-initialisatio
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -19,11 +20,14 @@ import pytest
 from jaxscope import models
 from jaxscope.models.capacity import (
   CAPACITY,
+  INITIALIZERS,
   CapacityConv,
   CapacityDense,
   CapacityInfo,
+  CapacityMLP,
   CapacityResidualBlock,
   capacity_layers,
+  initializer,
   reinit_chunk,
   trainable_mask,
   unit_mask,
@@ -286,8 +290,11 @@ def test_expansion_under_jit_does_not_retrace():
 # --------------------------------------------------------------------------- trainable_mask
 
 
-def _mlp_expected(case: str) -> dict:
-  """Hand-written masks of capacity_mlp widths=(6, 6), chunks=3 (chunk size 2), 4 → 2."""
+def _mlp_expected(case: str, keep: str = "new") -> dict:
+  """Hand-written masks of capacity_mlp widths=(6, 6), chunks=3 (chunk size 2), 4 → 2.
+
+  ``keep``: once a chunk is frozen, the output layer's bias (``"bias"``) or its whole
+  active part (``"output"``) stays trainable too."""
   z = functools.partial(np.zeros, dtype=bool)
   k0, b0, k1, b1, k2, b2 = z((4, 6)), z(6), z((6, 6)), z(6), z((6, 2)), z(2)
   if case == "active2_frozen1":  # both layers: units 0-3 active, 2-3 new
@@ -303,6 +310,10 @@ def _mlp_expected(case: str) -> dict:
     k0[:, 4:6] = b0[4:6] = True
     k1[:, 0:2] = b1[0:2] = True  # all its active units are new; reads of 4-5 are inside
     k2[0:2, :] = True
+  if case != "active1_frozen0" and keep in ("bias", "output"):
+    b2[:] = True
+  if keep == "output":  # the rows that read active units of CapacityDense_1
+    k2[: 2 * {"active2_frozen1": 2, "mixed": 1}[case], :] = True
   return {
     "CapacityDense_0": {"kernel": k0, "bias": b0},
     "CapacityDense_1": {"kernel": k1, "bias": b1},
@@ -311,21 +322,24 @@ def _mlp_expected(case: str) -> dict:
 
 
 @pytest.mark.parametrize(
-  "case, active, frozen",
+  "case, active, frozen, keep",
   [
-    ("active2_frozen1", (2, 2), (1, 1)),
-    ("active1_frozen0", (1, 1), (0, 0)),
-    ("mixed", (3, 1), (2, 0)),
+    ("active2_frozen1", (2, 2), (1, 1), "new"),
+    ("active2_frozen1", (2, 2), (1, 1), "bias"),
+    ("active2_frozen1", (2, 2), (1, 1), "output"),
+    ("active1_frozen0", (1, 1), (0, 0), "bias"),
+    ("mixed", (3, 1), (2, 0), "bias"),
+    ("mixed", (3, 1), (2, 0), "output"),
   ],
 )
 @pytest.mark.slow
-def test_trainable_mask_mlp(case, active, frozen):
+def test_trainable_mask_mlp(case, active, frozen, keep):
   _, variables = _model("capacity_mlp", (4,), 2, widths=(6, 6), chunks=3)
   names = ("CapacityDense_0", "CapacityDense_1")
   cap = _with_active(variables[CAPACITY], dict(zip(names, active, strict=True)))
   fro = {n: jnp.asarray(f, jnp.int32) for n, f in zip(names, frozen, strict=True)}
-  got = jax.jit(trainable_mask)(variables["params"], cap, fro)
-  want = _mlp_expected(case)
+  got = jax.jit(functools.partial(trainable_mask, keep=keep))(variables["params"], cap, fro)
+  want = _mlp_expected(case, keep)
   assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(want)
   for (path, g), w in zip(
     jax.tree_util.tree_leaves_with_path(got), jax.tree_util.tree_leaves(want), strict=True
@@ -347,6 +361,8 @@ def test_trainable_mask_errors_and_missing_keys():
   )
   with pytest.raises(ValueError, match="capacity"):
     trainable_mask(variables["params"], {}, {})
+  with pytest.raises(ValueError, match=r"keep must be one of \('new', 'bias', 'output'\)"):
+    trainable_mask(variables["params"], variables[CAPACITY], {}, keep="head")
 
 
 @pytest.mark.slow
@@ -369,7 +385,7 @@ def test_trainable_mask_conv_flatten_dense():
   want_conv[:, :, 2:4, :] = True  # rows that read new channels of CapacityConv_0
   np.testing.assert_array_equal(got["CapacityConv_1"]["kernel"], want_conv)
   np.testing.assert_array_equal(got["Dense_0"]["kernel"], np.repeat([[0], [0], [1], [1]], 3, 1) > 0)
-  assert not np.any(got["Dense_0"]["bias"])
+  assert np.all(got["Dense_0"]["bias"])  # the output bias keeps training (keep="bias")
 
   # The flatten layout agrees with the model: with channels 3-5 of CapacityConv_1 inactive,
   # every row that the (unfrozen) mask calls inactive gets exactly zero gradient.
@@ -533,6 +549,77 @@ def test_capacity_cnn_zoo_model_digits(shape):
   out, new_state = model.apply(variables, x, train=True)
   assert out.shape == (3, 10) and new_state == {}
   assert np.all(np.isfinite(np.asarray(out)))
+
+
+# --------------------------------------------------------------------------- initialisers
+
+
+def test_kernel_init_draws_the_full_width():
+  # A masked layer draws its weights for the FULL width: its initial kernel is that of an
+  # unmasked layer of full width with the same initialiser and key, whatever is active.
+  x = jnp.zeros((2, 3))
+  glorot = nn.initializers.glorot_uniform()
+  masked = CapacityDense(500, chunks=5, kernel_init="glorot_uniform").init(KEY, x)["params"]
+  dense = nn.Dense(500, kernel_init=glorot).init(KEY, x)["params"]
+  np.testing.assert_array_equal(masked["kernel"], dense["kernel"])
+  np.testing.assert_array_equal(masked["bias"], np.zeros(500))
+  # Glorot uniform's fans are those of the full kernel (3 in, 500 out): |w| <= sqrt(6 / 503)
+  # and the draws fill that range; a chunk's own fans (3, 100) would allow sqrt(6 / 103).
+  w = np.abs(np.asarray(masked["kernel"], np.float64))
+  bound = np.sqrt(6 / 503)
+  assert w.max() <= bound and w.max() > 0.99 * bound
+  xi = jnp.zeros((1, 6, 6, 2))
+  conv = CapacityConv(10, 3, chunks=5, kernel_init="xavier_normal", bias_init="ones")
+  got = conv.init(KEY, xi)["params"]
+  glorot_normal = nn.initializers.glorot_normal()
+  ref = nn.Conv(10, (3, 3), kernel_init=glorot_normal, bias_init=nn.initializers.ones)
+  want = ref.init(KEY, xi)["params"]
+  np.testing.assert_array_equal(got["kernel"], want["kernel"])
+  np.testing.assert_array_equal(got["bias"], np.ones(10))
+
+
+class _SineNet(nn.Module):
+  """The unmasked reference of CapacityMLP(widths=(500,)): nn.Dense layers of the same names."""
+
+  init_fn: Any
+
+  @nn.compact
+  def __call__(self, x):
+    h = jnp.tanh(nn.Dense(500, kernel_init=self.init_fn, name="CapacityDense_0")(x))
+    return nn.Dense(1, kernel_init=self.init_fn, name="Dense_0")(h)
+
+
+@pytest.mark.parametrize(
+  "name, init_fn",
+  [
+    ("glorot_uniform", nn.initializers.glorot_uniform()),
+    (None, nn.initializers.lecun_normal()),  # the default: LeCun normal, as before the option
+  ],
+)
+def test_zoo_kernel_init_applies_to_every_layer(name, init_fn):
+  x = jnp.zeros((2, 1))
+  kw = {} if name is None else {"kernel_init": name}
+  got = CapacityMLP(widths=(500,), **kw).init(KEY, x)["params"]
+  want = _SineNet(init_fn).init(KEY, x)["params"]
+  for (path, a), b in zip(
+    jax.tree_util.tree_leaves_with_path(got), jax.tree_util.tree_leaves(want), strict=True
+  ):
+    np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+
+
+def test_initializer_names_and_errors():
+  assert {"glorot_uniform", "glorot_normal", "lecun_normal", "he_normal"} <= set(INITIALIZERS)
+  # he_normal: variance 2 / fan_in (fan_in = 50), sampled (truncated normal rescaled to it).
+  w = np.asarray(initializer("he_normal")(KEY, (50, 400)), np.float64)
+  assert abs(w.std() / np.sqrt(2 / 50) - 1) < 0.03
+  f = nn.initializers.zeros_init()
+  assert initializer(f) is f
+  with pytest.raises(ValueError, match=r"kernel_init must be one of .*'glorot_uniform'.*'glorot'"):
+    models.build("capacity_mlp", (1,), 1, kernel_init="glorot")
+  with pytest.raises(ValueError, match=r"bias_init must be one of .*got 3"):
+    models.build("capacity_cnn", (8, 8, 1), 10, bias_init=3)
+  with pytest.raises(ValueError, match=r"CapacityDense: kernel_init must be one of"):
+    CapacityDense(4, chunks=2, kernel_init="nope").init(KEY, jnp.zeros((1, 2)))
 
 
 def test_zoo_build_errors():

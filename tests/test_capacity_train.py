@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -77,7 +78,9 @@ def test_capacity_cli_and_errors(tmp_path: Path) -> None:
       "--optimizer",
       "adam",
       "--capacity",
-      "chunks=5,patience=3,policy=activation-std",
+      "chunks=5,patience=3,policy=activation-std,cooldown=2,reinit=false,reset=true,keep=output",
+      "--model-args",
+      "kernel_init=glorot_uniform",
       "--metrics",
       "none",
       "--out",
@@ -89,6 +92,8 @@ def test_capacity_cli_and_errors(tmp_path: Path) -> None:
   assert rc == 0
   rows = [r for r in _rows(out) if "capacity/expansions" in r]
   assert rows[-1]["capacity/expansions"] >= 1
+  events = [r["step"] for r in rows if r["capacity/expanded"]]
+  assert all(b - a > 2 for a, b in itertools.pairwise(events))  # cooldown 2
   with pytest.raises(ValueError, match="capacity layers"):
     train(_config(tmp_path / "x", model="mlp", model_args={}))
   with pytest.raises(ValueError, match="unknown key"):
@@ -98,3 +103,14 @@ def test_capacity_cli_and_errors(tmp_path: Path) -> None:
   with pytest.raises(ValueError, match="chunks must be >= 2"):
     parse_capacity("chunks=1")
   assert parse_capacity("patience=3")["chunks"] == 5
+  spec = parse_capacity("reinit=false,reset=0,keep=new,cooldown=300")
+  got = (spec["reinit"], spec["reset"], spec["keep"], spec["cooldown"])
+  assert got == (False, False, "new", 300)
+  defaults = parse_capacity("")
+  assert (defaults["reinit"], defaults["reset"], defaults["keep"]) == (True, True, "bias")
+  with pytest.raises(ValueError, match="reinit must be true or false, got 'maybe'"):
+    parse_capacity("reinit=maybe")
+  with pytest.raises(ValueError, match="keep must be one of"):
+    parse_capacity("keep=head")
+  with pytest.raises(ValueError, match="kernel_init must be one of"):
+    train(_config(tmp_path / "y", model_args={"widths": (16,), "kernel_init": "glorot"}))

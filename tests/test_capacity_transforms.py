@@ -18,6 +18,7 @@ from jaxscope.transforms import (
   plateau_init,
   plateau_update,
 )
+from jaxscope.transforms.capacity import plateau_restart
 
 # ------------------------------------------------------------------- plateau reference
 
@@ -193,6 +194,25 @@ def test_plateau_state_structure_is_stable():
   # Updates pass through unchanged.
   u, _ = tx.update({"w": jnp.arange(3.0)}, s0, params, value=1.0)
   np.testing.assert_array_equal(u["w"], [0.0, 1.0, 2.0])
+
+
+def test_plateau_restart_forgets_the_level_and_keeps_the_counts():
+  s = plateau_init()
+  for v in (3.0, 2.0, 2.0, 2.0):  # raw values, patience 2: fires at the fourth; cooldown 5
+    s = plateau_update(s, v, patience=2, cooldown=5, smoothing=1.0)
+  assert bool(s.fired) and int(s.fires) == 1 and int(s.cooldown) == 5
+  r = plateau_restart(s)
+  assert float(r.average) == 0.0 and math.isinf(float(r.best)) and int(r.since_best) == 0
+  assert (int(r.count), int(r.cooldown), bool(r.fired), int(r.fires)) == (4, 5, True, 1)
+  assert jax.tree_util.tree_structure(r) == jax.tree_util.tree_structure(s)
+  assert [a.dtype for a in r] == [a.dtype for a in s]
+  # The next value re-initialises the average and is an improvement; without the restart
+  # the EMA (weight 0.5) mixes it with the old level, 0.5 · 4 + 0.5 · 2 = 3, and the bar
+  # stays at the level of the plateau, 2.
+  after = plateau_update(r, 4.0, patience=2, cooldown=5, smoothing=0.5)
+  assert (float(after.average), float(after.best)) == (4.0, 4.0)
+  kept = plateau_update(s, 4.0, patience=2, cooldown=5, smoothing=0.5)
+  assert (float(kept.average), float(kept.best)) == (3.0, 2.0)
 
 
 def test_plateau_errors():

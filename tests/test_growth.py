@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -71,7 +73,9 @@ def test_activation_std_policy_grows_the_layer_with_the_highest_std() -> None:
   _, params, capacity = _model(chunks=2)
   state = growth.growth_init(params, capacity)
   stds = {"CapacityDense_0": jnp.float32(0.3), "CapacityDense_1": jnp.float32(0.9)}
-  for i in range(5):
+  # Constant values, patience 2: plateaus at steps 2 and 5 (the first value after an
+  # expansion restarts the rule and counts as an improvement).
+  for i in range(6):
     params, capacity, state = growth.growth_update(
       state,
       value=1.0,
@@ -173,3 +177,124 @@ def test_capacity_and_growth_state_survive_a_checkpoint(tmp_path) -> None:
   mask_b = growth.trainable(restored["params"], restored["capacity"], restored["growth"])
   for a, b in zip(jax.tree.leaves(mask_a), jax.tree.leaves(mask_b), strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def _plateau_steps_reset(
+  values: list[float], patience: int, cooldown: int, chunks: int, reset: bool
+) -> list[int]:
+  """Expansion steps of the rule with cooldown (raw values), restarted after each expansion
+  when ``reset``, re-implemented in plain Python; ``chunks - 1`` expansions at most."""
+  best, since, cool, grown = float("inf"), 0, 0, []
+  for i, v in enumerate(values):
+    improved = v < best
+    if improved:
+      best = v
+    in_cooldown = cool > 0
+    since = 0 if improved or in_cooldown else since + 1
+    cool = max(cool - 1, 0)
+    if not in_cooldown and since >= patience:
+      since, best, cool = 0, v, cooldown
+      if len(grown) < chunks - 1:
+        grown.append(i)
+        if reset:
+          best = float("inf")
+  return grown
+
+
+@pytest.mark.parametrize("reset", [True, False])
+def test_detector_waits_the_cooldown_after_an_expansion(reset: bool) -> None:
+  # A constructed loss: falls to 1.0 and stays (plateau); after the expansion at step 7 it
+  # jumps to 3.0 and falls by 0.05 a step back to 1.0 (the new chunk training), then stays.
+  values = [5.0, 4.0, 3.0, 2.0, 1.0, 1.0, 1.0, 1.0]
+  values += [3.0 - 0.05 * k for k in range(41)] + [1.0] * 30
+  patience, cooldown = 3, 10
+  _, params, capacity = _model(widths=(8,), chunks=4)
+  state = growth.growth_init(params, capacity)
+  step = jax.jit(
+    lambda s, v, p, c: growth.growth_update(
+      s, value=v, params=p, capacity=c, key=jax.random.key(0), patience=patience,
+      cooldown=cooldown, smoothing=1.0, reset=reset,
+    )
+  )  # fmt: skip
+  grown = []
+  for i, v in enumerate(values):
+    params, capacity, state = step(state, jnp.float32(v), params, capacity)
+    if bool(state.expanded):
+      grown.append(i)
+  assert grown == _plateau_steps_reset(values, patience, cooldown, 4, reset)
+  assert grown[0] == 7  # three flat values after the last improvement (step 4)
+  # Never again within the cooldown after an expansion.
+  assert all(b - a > cooldown for a, b in itertools.pairwise(grown))
+  if reset:
+    # The falling loss keeps improving on its new level: the next plateau is the flat part
+    # (first flat value at step 49, +3), then cooldown + patience later as it persists.
+    assert grown == [7, 51, 64]
+  else:
+    # Without the restart the jump never improves on the old level: the rule fires as soon
+    # as the cooldown is over, while the new chunk is still learning (the bug).
+    assert grown[:2] == [7, 7 + cooldown + patience]
+
+
+def test_reset_reinitialises_the_moving_average() -> None:
+  _, params, capacity = _model(widths=(8,), chunks=4)
+  for reset, want in ((True, 3.0), (False, 0.5 * 3.0 + 0.5 * 1.0)):
+    state = growth.growth_init(params, capacity)
+    p, c = params, capacity
+    for v in (1.0, 1.0, 1.0, 3.0):  # patience 2: the plateau fires at the third value
+      p, c, state = growth.growth_update(
+        state, value=v, params=p, capacity=c, key=jax.random.key(0), patience=2, smoothing=0.5,
+        reset=reset,
+      )  # fmt: skip
+    assert int(state.expansions) == 1
+    np.testing.assert_allclose(float(state.plateau.average), want)
+
+
+@pytest.mark.parametrize("reinit", [False, True])
+def test_reinit_false_keeps_the_predrawn_chunk_and_the_output_bias_trains(reinit: bool) -> None:
+  model = cap.CapacityMLP(widths=(8,), chunks=4, num_outputs=1, kernel_init="glorot_uniform")
+  variables = model.init(jax.random.key(0), jnp.zeros((4, 3)))
+  params, capacity = variables["params"], variables["capacity"]
+  params0 = params
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.uniform(-2, 2, size=(32, 3)), jnp.float32)
+  y = jnp.sin(x.sum(1, keepdims=True))
+  tx = transforms.masked_freeze(optax.adam(0.05))
+  opt_state = tx.init(params)
+  gstate = growth.growth_init(params, capacity)
+
+  @jax.jit
+  def step(params, opt_state, capacity, gstate, value):
+    def loss_fn(p):
+      return jnp.mean((model.apply({"params": p, "capacity": capacity}, x) - y) ** 2)
+
+    grads = jax.grad(loss_fn)(params)
+    mask = growth.trainable(params, capacity, gstate)
+    updates, opt_state = tx.update(grads, opt_state, params, trainable=mask)
+    params = optax.apply_updates(params, updates)
+    params, capacity, gstate = growth.growth_update(
+      gstate, value=value, params=params, capacity=capacity, key=jax.random.key(7),
+      patience=2, smoothing=1.0, reinit=reinit, init="glorot_uniform",
+    )  # fmt: skip
+    return params, opt_state, capacity, gstate
+
+  # The constructed value falls for 5 steps, then is flat: the plateau fires at step 6.
+  values = [5.0, 4.0, 3.0, 2.0, 1.0, 1.0, 1.0]
+  for v in values:
+    params, opt_state, capacity, gstate = step(params, opt_state, capacity, gstate, v)
+  assert bool(gstate.expanded) and int(gstate.frozen["CapacityDense_0"]) == 1
+  k0 = np.asarray(params0["CapacityDense_0"]["kernel"])
+  k_now = np.asarray(params["CapacityDense_0"]["kernel"])
+  assert not np.array_equal(k_now[:, :2], k0[:, :2])  # the first chunk trained
+  if reinit:  # re-drawn (zero bias), within Glorot's bound for the 3 x 8 kernel
+    assert not np.any(k_now[:, 2:4] == k0[:, 2:4])
+    assert np.abs(k_now[:, 2:4]).max() <= np.sqrt(6 / 11)
+    np.testing.assert_array_equal(np.asarray(params["CapacityDense_0"]["bias"])[2:4], 0.0)
+  else:  # the weights the full-width initialisation drew, untouched while inactive
+    np.testing.assert_array_equal(k_now[:, 2:8], k0[:, 2:8])
+  # After the expansion the output bias still trains (keep="bias"); the old chunk does not.
+  b_before = np.asarray(params["Dense_0"]["bias"])
+  params, opt_state, capacity, gstate = step(params, opt_state, capacity, gstate, 1.0)
+  assert not np.array_equal(np.asarray(params["Dense_0"]["bias"]), b_before)
+  k_next = np.asarray(params["CapacityDense_0"]["kernel"])
+  np.testing.assert_array_equal(k_next[:, :2], k_now[:, :2])
+  assert not np.array_equal(k_next[:, 2:4], k_now[:, 2:4])

@@ -41,10 +41,13 @@ from jax import lax
 
 from jaxscope.models.capacity_chunks import (
   _LECUN_NORMAL,
+  INITIALIZERS,
+  KEEP,
   CapacityInfo,
   Initializer,
   _check_chunks,
   capacity_layers,
+  initializer,
   reinit_chunk,
   trainable_mask,
   unit_mask,
@@ -52,6 +55,8 @@ from jaxscope.models.capacity_chunks import (
 
 __all__ = [
   "CAPACITY",
+  "INITIALIZERS",
+  "KEEP",
   "CapacityCNN",
   "CapacityConv",
   "CapacityDense",
@@ -59,6 +64,7 @@ __all__ = [
   "CapacityMLP",
   "CapacityResidualBlock",
   "capacity_layers",
+  "initializer",
   "reinit_chunk",
   "trainable_mask",
   "unit_mask",
@@ -80,6 +86,15 @@ _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {"relu": nn.relu, "t
 def _masked(y: jax.Array, mask: jax.Array) -> jax.Array:
   """``y ⊙ mask`` on the last axis, as an exact zero (``where``, so ``inf·0`` cannot leak)."""
   return jnp.where(mask, y, jnp.zeros((), y.dtype))
+
+
+def _inits(module: nn.Module) -> tuple[Initializer, Initializer]:
+  """The module's ``kernel_init`` and ``bias_init``, names resolved (:func:`initializer`)."""
+  where = type(module).__name__
+  return (
+    initializer(module.kernel_init, what=f"{where}: kernel_init"),
+    initializer(module.bias_init, what=f"{where}: bias_init"),
+  )
 
 
 def _declare(module: nn.Module, features: int, chunks: int, initial_chunks: int) -> jax.Array:
@@ -107,25 +122,29 @@ class CapacityDense(nn.Module):
     chunks: number of equal chunks (must divide ``features``).
     initial_chunks: chunks active at initialisation.
     use_bias: whether to add a bias.
-    kernel_init: kernel initialiser (LeCun normal, as ``nn.Dense``).
-    bias_init: bias initialiser (zeros).
+    kernel_init: kernel initialiser or its name in :data:`INITIALIZERS` (LeCun normal, as
+      ``nn.Dense``), drawn for the full width: the initial kernel is that of an
+      ``nn.Dense(features)`` with the same initialiser and key (Glorot's fans are
+      ``in`` and ``features``, not the active width).
+    bias_init: bias initialiser or its name (zeros).
   """
 
   features: int
   chunks: int = 5
   initial_chunks: int = 1
   use_bias: bool = True
-  kernel_init: Initializer = _LECUN_NORMAL
-  bias_init: Initializer = _ZEROS
+  kernel_init: Initializer | str = _LECUN_NORMAL
+  bias_init: Initializer | str = _ZEROS
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     mask = _declare(self, self.features, self.chunks, self.initial_chunks)
-    kernel = self.param("kernel", self.kernel_init, (jnp.shape(x)[-1], self.features), jnp.float32)
+    kernel_init, bias_init = _inits(self)
+    kernel = self.param("kernel", kernel_init, (jnp.shape(x)[-1], self.features), jnp.float32)
     dtype = jnp.result_type(x, kernel)
     y = jnp.dot(jnp.asarray(x, dtype), jnp.asarray(kernel, dtype))
     if self.use_bias:
-      y = y + jnp.asarray(self.param("bias", self.bias_init, (self.features,), jnp.float32), dtype)
+      y = y + jnp.asarray(self.param("bias", bias_init, (self.features,), jnp.float32), dtype)
     return _masked(y, mask)
 
 
@@ -177,8 +196,9 @@ class CapacityConv(nn.Module):
     chunks: number of equal chunks (must divide ``features``).
     initial_chunks: chunks active at initialisation.
     use_bias: whether to add a bias.
-    kernel_init: kernel initialiser (LeCun normal).
-    bias_init: bias initialiser (zeros).
+    kernel_init: kernel initialiser or its name in :data:`INITIALIZERS` (LeCun normal),
+      drawn for all ``features`` output channels.
+    bias_init: bias initialiser or its name (zeros).
   """
 
   features: int
@@ -188,8 +208,8 @@ class CapacityConv(nn.Module):
   chunks: int = 5
   initial_chunks: int = 1
   use_bias: bool = True
-  kernel_init: Initializer = _LECUN_NORMAL
-  bias_init: Initializer = _ZEROS
+  kernel_init: Initializer | str = _LECUN_NORMAL
+  bias_init: Initializer | str = _ZEROS
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -203,7 +223,8 @@ class CapacityConv(nn.Module):
     window = _tuple(self.kernel_size, n, "CapacityConv: kernel_size")
     strides = _tuple(self.strides, n, "CapacityConv: strides")
     shape = (*window, jnp.shape(x)[-1], self.features)
-    kernel = self.param("kernel", self.kernel_init, shape, jnp.float32)
+    kernel_init, bias_init = _inits(self)
+    kernel = self.param("kernel", kernel_init, shape, jnp.float32)
     dtype = jnp.result_type(x, kernel)
     y = lax.conv_general_dilated(
       jnp.asarray(x, dtype),
@@ -213,7 +234,7 @@ class CapacityConv(nn.Module):
       dimension_numbers=_conv_dimension_numbers(jnp.ndim(x)),
     )
     if self.use_bias:
-      y = y + jnp.asarray(self.param("bias", self.bias_init, (self.features,), jnp.float32), dtype)
+      y = y + jnp.asarray(self.param("bias", bias_init, (self.features,), jnp.float32), dtype)
     return _masked(y, mask)
 
 
@@ -245,8 +266,8 @@ class CapacityResidualBlock(nn.Module):
     initial_chunks: chunks active at initialisation.
     strides: stride of ``conv1`` and of the projection.
     use_bias: whether the three layers have biases.
-    kernel_init: kernel initialiser (LeCun normal).
-    bias_init: bias initialiser (zeros).
+    kernel_init: kernel initialiser or its name in :data:`INITIALIZERS` (LeCun normal).
+    bias_init: bias initialiser or its name (zeros).
   """
 
   features: int
@@ -254,13 +275,14 @@ class CapacityResidualBlock(nn.Module):
   initial_chunks: int = 1
   strides: int = 1
   use_bias: bool = True
-  kernel_init: Initializer = _LECUN_NORMAL
-  bias_init: Initializer = _ZEROS
+  kernel_init: Initializer | str = _LECUN_NORMAL
+  bias_init: Initializer | str = _ZEROS
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     mask = _declare(self, self.features, self.chunks, self.initial_chunks)
-    inits = dict(use_bias=self.use_bias, kernel_init=self.kernel_init, bias_init=self.bias_init)
+    kernel_init, bias_init = _inits(self)
+    inits = dict(use_bias=self.use_bias, kernel_init=kernel_init, bias_init=bias_init)
     n = jnp.ndim(x) - 2
     if n < 0:
       raise ValueError(f"CapacityResidualBlock: x must be batched, got shape {jnp.shape(x)}.")
@@ -301,7 +323,9 @@ class CapacityMLP(nn.Module):
   ``Dense_0`` (natural order = call order, as :func:`trainable_mask` needs). The defaults —
   one hidden layer of 500 units in 5 chunks of 100, ``tanh``, one output — are the
   thesis's sine-regression network. Both activations have ``f(0) = 0``, so inactive units
-  stay exactly zero after the activation.
+  stay exactly zero after the activation. ``kernel_init`` and ``bias_init`` apply to every
+  layer, the capacity layers at their full width (the thesis: Xavier/Glorot,
+  ``kernel_init="glorot_uniform"``).
 
   Attributes:
     widths: maximum widths of the hidden layers.
@@ -309,6 +333,8 @@ class CapacityMLP(nn.Module):
     activation: ``'tanh'`` or ``'relu'``.
     num_outputs: outputs (1 for regression, the class count for classification).
     initial_chunks: chunks active at initialisation.
+    kernel_init: kernel initialiser or its name in :data:`INITIALIZERS` (LeCun normal).
+    bias_init: bias initialiser or its name (zeros).
   """
 
   widths: Sequence[int] = (500,)
@@ -316,6 +342,8 @@ class CapacityMLP(nn.Module):
   activation: str = "tanh"
   num_outputs: int = 1
   initial_chunks: int = 1
+  kernel_init: Initializer | str = "lecun_normal"
+  bias_init: Initializer | str = "zeros"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -325,10 +353,12 @@ class CapacityMLP(nn.Module):
         f"CapacityMLP: activation must be one of {sorted(_ACTIVATIONS)}, got {self.activation!r}."
       )
     act = _ACTIVATIONS[self.activation]
+    kernel_init, bias_init = _inits(self)
+    inits = dict(kernel_init=kernel_init, bias_init=bias_init)
     x = jnp.asarray(x, jnp.float32).reshape(jnp.shape(x)[0], -1)
     for width in self.widths:
-      x = act(CapacityDense(width, self.chunks, self.initial_chunks)(x))
-    return nn.Dense(self.num_outputs)(x)
+      x = act(CapacityDense(width, self.chunks, self.initial_chunks, **inits)(x))
+    return nn.Dense(self.num_outputs, **inits)(x)
 
 
 class CapacityCNN(nn.Module):
@@ -340,7 +370,8 @@ class CapacityCNN(nn.Module):
   tenths) follow the thesis's MNIST CNN, with the usual 32/64/128 widths rounded to
   multiples of 10 so that the chunks are equal. Layers are named ``CapacityConv_0``,
   ``CapacityConv_1``, ``CapacityDense_0``, ``Dense_0``. Works on images ``[B, H, W, C]`` and
-  1-D signals ``[B, L, C]``.
+  1-D signals ``[B, L, C]``. ``kernel_init`` and ``bias_init`` apply to every layer, the
+  capacity layers at their full width.
 
   Attributes:
     features: maximum channels of the two convolutions.
@@ -348,6 +379,8 @@ class CapacityCNN(nn.Module):
     chunks: chunks per capacity layer (must divide every width).
     num_classes: number of outputs.
     initial_chunks: chunks active at initialisation.
+    kernel_init: kernel initialiser or its name in :data:`INITIALIZERS` (LeCun normal).
+    bias_init: bias initialiser or its name (zeros).
   """
 
   features: Sequence[int] = (30, 60)
@@ -355,15 +388,19 @@ class CapacityCNN(nn.Module):
   chunks: int = 10
   num_classes: int = 10
   initial_chunks: int = 1
+  kernel_init: Initializer | str = "lecun_normal"
+  bias_init: Initializer | str = "zeros"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     del train
+    kernel_init, bias_init = _inits(self)
+    inits = dict(kernel_init=kernel_init, bias_init=bias_init)
     x = jnp.asarray(x, jnp.float32)
     n = x.ndim - 2
     for f in self.features:
-      x = nn.relu(CapacityConv(f, 3, chunks=self.chunks, initial_chunks=self.initial_chunks)(x))
-      x = nn.max_pool(x, (2,) * n, (2,) * n, padding="SAME")
+      conv = CapacityConv(f, 3, chunks=self.chunks, initial_chunks=self.initial_chunks, **inits)
+      x = nn.max_pool(nn.relu(conv(x)), (2,) * n, (2,) * n, padding="SAME")
     x = x.reshape(x.shape[0], -1)
-    x = nn.relu(CapacityDense(self.hidden, self.chunks, self.initial_chunks)(x))
-    return nn.Dense(self.num_classes)(x)
+    x = nn.relu(CapacityDense(self.hidden, self.chunks, self.initial_chunks, **inits)(x))
+    return nn.Dense(self.num_classes, **inits)(x)

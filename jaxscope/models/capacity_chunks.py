@@ -44,8 +44,11 @@ import numpy as np
 from jaxscope.tree import path_name
 
 __all__ = [
+  "INITIALIZERS",
+  "KEEP",
   "CapacityInfo",
   "capacity_layers",
+  "initializer",
   "reinit_chunk",
   "trainable_mask",
   "unit_mask",
@@ -54,6 +57,60 @@ __all__ = [
 Initializer = Callable[..., jax.Array]
 
 _LECUN_NORMAL = nn.initializers.lecun_normal()
+
+#: Initialisers by name (factories of :mod:`jax.nn.initializers`), for the capacity layers,
+#: the zoo's capacity models and the command line (``--model-args kernel_init=glorot_uniform``).
+#: ``glorot_*`` (alias ``xavier_*``): variance ``2 / (fan_in + fan_out)`` (Glorot & Bengio,
+#: AISTATS 2010; TensorFlow's default for dense and convolutional layers); ``lecun_*``:
+#: ``1 / fan_in`` (LeCun et al. 1998; Flax's default); ``he_*`` (alias ``kaiming_*``):
+#: ``2 / fan_in`` (He et al., ICCV 2015). Fans are those of the full kernel shape: a capacity
+#: layer draws its weights for its full width.
+INITIALIZERS: dict[str, Callable[[], Initializer]] = {
+  "glorot_uniform": nn.initializers.glorot_uniform,
+  "glorot_normal": nn.initializers.glorot_normal,
+  "xavier_uniform": nn.initializers.glorot_uniform,
+  "xavier_normal": nn.initializers.glorot_normal,
+  "lecun_normal": nn.initializers.lecun_normal,
+  "lecun_uniform": nn.initializers.lecun_uniform,
+  "he_normal": nn.initializers.he_normal,
+  "he_uniform": nn.initializers.he_uniform,
+  "kaiming_normal": nn.initializers.he_normal,
+  "kaiming_uniform": nn.initializers.he_uniform,
+  "zeros": nn.initializers.zeros_init,
+  "ones": nn.initializers.ones_init,
+}
+
+#: What stays trainable after an expansion besides the new chunks (:func:`trainable_mask`).
+KEEP = ("new", "bias", "output")
+
+
+def initializer(spec: str | Initializer, *, what: str = "init") -> Initializer:
+  """An initialiser from its name in :data:`INITIALIZERS`, or ``spec`` itself if callable.
+
+  Args:
+    spec: a name (``"glorot_uniform"``, ``"xavier_normal"``, ``"he_normal"``, …) or an
+      initialiser ``init(key, shape, dtype)``.
+    what: the argument's name for the error message.
+
+  Raises:
+    ValueError: an unknown name or something that is neither a name nor callable.
+
+  >>> initializer("xavier_uniform")(jax.random.key(0), (2, 3)).shape
+  (2, 3)
+  """
+  if isinstance(spec, str):
+    if spec not in INITIALIZERS:
+      raise ValueError(
+        f"{what} must be one of {sorted(INITIALIZERS)} or an initialiser function, got {spec!r}."
+      )
+    return INITIALIZERS[spec]()
+  if not callable(spec):
+    raise ValueError(
+      f"{what} must be one of {sorted(INITIALIZERS)} or an initialiser function, got {spec!r}."
+    )
+  return spec
+
+
 # The sub-layer of a CapacityResidualBlock that reads the block's own units.
 _BLOCK_INNER = "conv2"
 
@@ -301,7 +358,7 @@ def _frozen_values(frozen: Any, infos: dict[str, CapacityInfo]) -> dict[str, jax
   return {k: jnp.asarray(frozen.get(k, 0), jnp.int32) for k in infos}
 
 
-def trainable_mask(params: Any, capacity: Any, frozen: Any) -> Any:
+def trainable_mask(params: Any, capacity: Any, frozen: Any, *, keep: str = "bias") -> Any:
   """Which parameter entries may still change, given the active and frozen chunks.
 
   Per capacity layer ``l`` with chunk index ``c_l(j)`` of unit ``j``:
@@ -320,22 +377,34 @@ def trainable_mask(params: Any, capacity: Any, frozen: Any) -> Any:
   other leaf of a capacity layer whose last axis has ``features`` entries):
   ``new_out(j) ∨ (¬F ∧ act_out(j))``; other leaves: ``¬F``.
 
+  ``keep`` says what else stays trainable once something is frozen, in the layers that are
+  *not* capacity layers (in the zoo's models: the output layer):
+
+  * ``"new"``: nothing else (the rules above);
+  * ``"bias"`` (default): their biases (leaves named ``bias``) stay trainable;
+  * ``"output"``: all their parameters stay trainable: a kernel entry iff
+    ``act_in(i) ∧ act_out(j)`` (rows that read an inactive unit stay excluded), other
+    leaves always.
+
   Consequences: before any freezing (``F`` false) every active entry is trainable; inactive
   entries (reading or writing an inactive unit) never are; once something is frozen, an
-  entry is trainable iff it writes a new unit or reads one, so layers that are not capacity
-  layers and read no new unit are frozen entirely.
+  entry of a capacity layer is trainable iff it writes a new unit or reads one, and the
+  layers that are not capacity layers keep what ``keep`` says.
 
   Args:
     params: ``variables['params']``.
     capacity: ``variables['capacity']`` (may be traced).
     frozen: ``{layer_key: int32 scalar}`` (may be traced), keys from :func:`capacity_layers`.
+    keep: ``"new"``, ``"bias"`` or ``"output"`` (:data:`KEEP`).
 
   Returns:
     A pytree of ``bool`` arrays with the structure and shapes of ``params``. Jittable.
 
   Raises:
-    ValueError: for a key of ``frozen`` that is not a capacity layer.
+    ValueError: for a key of ``frozen`` that is not a capacity layer, or an unknown ``keep``.
   """
+  if keep not in KEEP:
+    raise ValueError(f"trainable_mask: keep must be one of {KEEP}, got {keep!r}.")
   infos, active, _, edges = _analyse(params, capacity)
   fro = _frozen_values(frozen, infos)
   any_frozen = jnp.any(jnp.stack([f > 0 for f in fro.values()]))
@@ -360,12 +429,16 @@ def trainable_mask(params: Any, capacity: Any, frozen: Any) -> Any:
         act_in, new_in = jnp.ones(n_in, bool), jnp.zeros(n_in, bool)
       ai, ni = act_in[:, None], new_in[:, None]
       ao, no = act_out[None, :], new_out[None, :]
-      m = (no & ai) | (ni & ao) | (~any_frozen & ai & ao)
+      kept = ~any_frozen | (keep == "output" and edge.owner is None)
+      m = (no & ai) | (ni & ao) | (kept & ai & ao)
       return jnp.broadcast_to(m, shape)
     owner = _owner(_module_of(name), keys)
     if owner is not None and len(shape) >= 1 and shape[-1] == infos[owner].features:
       act_out, new_out = _unit_state(infos[owner], active[owner], fro[owner], None, False)
       return jnp.broadcast_to(new_out | (~any_frozen & act_out), shape)
+    is_bias = name.rpartition("/")[2] == "bias"
+    if owner is None and (keep == "output" or (keep == "bias" and is_bias)):
+      return jnp.ones(shape, bool)
     return jnp.broadcast_to(~any_frozen, shape)
 
   return jax.tree_util.tree_map_with_path(mask, params)
@@ -378,7 +451,7 @@ def reinit_chunk(
   layer_key: str,
   chunk: int | jax.Array,
   *,
-  init: Initializer = _LECUN_NORMAL,
+  init: Initializer | str = _LECUN_NORMAL,
 ) -> Any:
   """Re-initialises chunk ``chunk`` of capacity layer ``layer_key`` for its active fan-in.
 
@@ -407,8 +480,8 @@ def reinit_chunk(
     capacity: ``variables['capacity']`` (may be traced).
     layer_key: a key of :func:`capacity_layers`.
     chunk: the chunk index (``int`` or traced ``int32`` scalar).
-    init: the kernel initialiser (default ``nn.initializers.lecun_normal()``), evaluated at
-      the kernel's full shape and rescaled.
+    init: the kernel initialiser or its name in :data:`INITIALIZERS` (default
+      ``nn.initializers.lecun_normal()``), evaluated at the kernel's full shape and rescaled.
 
   Returns:
     ``params`` with the chunk's columns and bias entries replaced. Jittable.
@@ -416,6 +489,7 @@ def reinit_chunk(
   Raises:
     ValueError: for an unknown ``layer_key`` or a static ``chunk`` out of range.
   """
+  init = initializer(init, what="reinit_chunk: init")
   infos, active, _, edges = _analyse(params, capacity)
   if layer_key not in infos:
     raise ValueError(

@@ -5,7 +5,9 @@ model's ``capacity`` collection (:mod:`jaxscope.models.capacity`), so a jitted t
 expands without recompiling:
 
 1. the moving average of the training error (here: the value passed, e.g. the loss) is
-   tracked by :func:`jaxscope.transforms.plateau_update`;
+   tracked by :func:`jaxscope.transforms.plateau_update`; after an expansion it is started
+   afresh (:func:`jaxscope.transforms.capacity.plateau_restart`) and a ``cooldown`` gives
+   the new chunk time to train before the next plateau can be signalled;
 2. when it has not improved for ``patience`` steps (a plateau), the next chunk of a
    capacity layer is activated: of **every** layer that has room (``policy="all"``, as the
    thesis did), or of the one whose activations have the highest standard deviation
@@ -13,9 +15,11 @@ expands without recompiling:
    analysis);
 3. the chunks trained so far are frozen (``frozen = old active``), so the new chunk
    learns the residual mistakes of the old ones: feed :func:`trainable` to
-   :func:`jaxscope.transforms.masked_freeze`;
+   :func:`jaxscope.transforms.masked_freeze` (the output layer's bias keeps training by
+   default, ``keep=``);
 4. the new chunk is re-initialised for its active fan-in
-   (:func:`jaxscope.models.capacity.reinit_chunk`).
+   (:func:`jaxscope.models.capacity.reinit_chunk`), or keeps the weights the full-width
+   initialisation drew for it (``reinit=False``, as the thesis).
 
 Example:
   >>> import jax, jax.numpy as jnp
@@ -40,7 +44,12 @@ import jax.numpy as jnp
 
 from jaxscope import tree as jtree
 from jaxscope.models import capacity as cap
-from jaxscope.transforms.capacity import PlateauState, plateau_init, plateau_update
+from jaxscope.transforms.capacity import (
+  PlateauState,
+  plateau_init,
+  plateau_restart,
+  plateau_update,
+)
 
 __all__ = [
   "POLICIES",
@@ -105,9 +114,14 @@ def growth_init(params: Any, capacity: Any) -> GrowthState:
   )
 
 
-def trainable(params: Any, capacity: Any, state: GrowthState) -> Any:
-  """The boolean mask of entries that train now (for ``masked_freeze(..., trainable=)``)."""
-  return cap.trainable_mask(params, capacity, state.frozen)
+def trainable(params: Any, capacity: Any, state: GrowthState, *, keep: str = "bias") -> Any:
+  """The boolean mask of entries that train now (for ``masked_freeze(..., trainable=)``).
+
+  ``keep`` (``"new"``, ``"bias"``, ``"output"``): what stays trainable after an expansion
+  in the layers that are not capacity layers, see
+  :func:`jaxscope.models.capacity.trainable_mask`.
+  """
+  return cap.trainable_mask(params, capacity, state.frozen, keep=keep)
 
 
 def growth_update(
@@ -124,8 +138,20 @@ def growth_update(
   min_delta: float = 0.0,
   smoothing: float = 0.1,
   reinit: bool = True,
+  reset: bool = True,
+  init: cap.Initializer | str | None = None,
 ) -> tuple[Any, Any, GrowthState]:
   """Folds one training-error value in; on a plateau grows, freezes and re-initialises.
+
+  The plateau rule is :func:`jaxscope.transforms.plateau_update` (EMA of the value with
+  weight ``smoothing``, a plateau after ``patience`` counted steps without a relative
+  improvement of ``min_delta``). On a plateau that grew a layer: the new chunks are
+  activated, the old ones frozen, the new ones re-initialised (``reinit``); with ``reset``
+  the rule is started afresh (:func:`jaxscope.transforms.capacity.plateau_restart`: the
+  average re-initialised by the next value, the patience counter cleared), and for
+  ``cooldown`` steps after the expansion no plateau is counted or signalled. So with a
+  constant loss the expansions come every ``cooldown + patience`` steps; set ``cooldown``
+  to the steps a new chunk needs to train.
 
   Args:
     state: the controller's state.
@@ -139,10 +165,17 @@ def growth_update(
       ``activations/std/{layer}`` of a scope over :mod:`jaxscope.capture`); needed by
       ``"activation-std"``.
     patience: steps without improvement of the moving average that make a plateau.
-    cooldown: steps after a plateau during which none is signalled.
+    cooldown: steps after a plateau during which none is counted or signalled.
     min_delta: relative improvement needed.
-    smoothing: weight of the newest value in the moving average.
-    reinit: re-initialise the new chunk for its active fan-in.
+    smoothing: weight ``γ`` of the newest value in the moving average (an EMA of span
+      ``N = 2/γ − 1`` steps: 0.1 ≈ 19 steps).
+    reinit: re-initialise the new chunk for its active fan-in (``False``: it keeps the
+      weights the full-width initialisation drew, never trained while inactive).
+    reset: restart the plateau rule after an expansion (``False``: the reference level of
+      the plateau stays, so the jump of the loss after an expansion counts as no
+      improvement: the behaviour before the fix).
+    init: the kernel initialiser (or its name) of the re-initialisation; ``None``: LeCun
+      normal (:func:`jaxscope.models.capacity.reinit_chunk`). Give the model's.
 
   Returns:
     ``(params, capacity, state)``; ``state.expanded`` and ``state.grown`` tell what happened.
@@ -188,11 +221,15 @@ def growth_update(
   frozen = {k: jnp.where(grow[k], active[k], state.frozen[k]) for k in layers}
   new_capacity = set_active(capacity, new_active)
   if reinit:
+    kw = {} if init is None else {"init": init}
     keys_ = jax.random.split(key, max(len(layers), 1))
     for (k, _), sub in zip(layers.items(), keys_, strict=False):
-      fresh = cap.reinit_chunk(sub, params, new_capacity, k, active[k])
+      fresh = cap.reinit_chunk(sub, params, new_capacity, k, active[k], **kw)
       params = jax.tree.map(lambda a, b, g=grow[k]: jnp.where(g, a, b), fresh, params)
   expanded = jnp.any(jnp.stack(list(grow.values())))
+  if reset:
+    restarted = plateau_restart(plateau)
+    plateau = jax.tree.map(lambda r, p: jnp.where(expanded, r, p), restarted, plateau)
   return (
     params,
     new_capacity,

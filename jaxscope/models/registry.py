@@ -17,7 +17,7 @@ from jaxscope.models.base import (
   check_num_classes,
   linen_model_def,
 )
-from jaxscope.models.capacity import CapacityCNN, CapacityMLP
+from jaxscope.models.capacity import CapacityCNN, CapacityMLP, initializer
 from jaxscope.models.conv import AlexNetMini, LeNet5, ThreeC3D, TwoC2D
 from jaxscope.models.densenet import DenseNetBC
 from jaxscope.models.external import build_external, import_object, is_external
@@ -231,6 +231,12 @@ def _capacity_chunks(name: str, widths: tuple[int, ...], chunks: Any, initial_ch
     )
 
 
+def _capacity_inits(name: str, kernel_init: Any, bias_init: Any) -> None:
+  """Names unknown to :data:`jaxscope.models.capacity.INITIALIZERS` fail here, naming the option."""
+  initializer(kernel_init, what=f"build({name!r}): kernel_init")
+  initializer(bias_init, what=f"build({name!r}): bias_init")
+
+
 def _capacity_mlp(
   name: str,
   input_shape: tuple[int, ...],
@@ -240,17 +246,22 @@ def _capacity_mlp(
   chunks: int = 5,
   activation: str = "tanh",
   initial_chunks: int = 1,
+  kernel_init: Any = "lecun_normal",
+  bias_init: Any = "zeros",
 ) -> ModelDef:
   w = _positive_ints(name, "widths", widths)
   _capacity_chunks(name, w, chunks, initial_chunks)
   if activation not in ("tanh", "relu"):
     raise ValueError(f"build({name!r}): activation must be 'tanh' or 'relu', got {activation!r}.")
+  _capacity_inits(name, kernel_init, bias_init)
   module = CapacityMLP(
     widths=w,
     chunks=int(chunks),
     activation=activation,
     num_outputs=num_classes,
     initial_chunks=int(initial_chunks),
+    kernel_init=kernel_init,
+    bias_init=bias_init,
   )
   return linen_model_def(
     name, module, input_shape, num_classes, has_batch_stats=False, has_dropout=False
@@ -266,16 +277,21 @@ def _capacity_cnn(
   hidden: int = 120,
   chunks: int = 10,
   initial_chunks: int = 1,
+  kernel_init: Any = "lecun_normal",
+  bias_init: Any = "zeros",
 ) -> ModelDef:
   f = _positive_ints(name, "features", features)
   (h,) = _positive_ints(name, "hidden", (hidden,))
   _capacity_chunks(name, (*f, h), chunks, initial_chunks)
+  _capacity_inits(name, kernel_init, bias_init)
   module = CapacityCNN(
     features=f,
     hidden=h,
     chunks=int(chunks),
     num_classes=num_classes,
     initial_chunks=int(initial_chunks),
+    kernel_init=kernel_init,
+    bias_init=bias_init,
   )
   return linen_model_def(
     name, module, input_shape, num_classes, has_batch_stats=False, has_dropout=False
@@ -479,12 +495,14 @@ _REGISTRY: dict[str, _Entry] = {
     _CONV_RANKS,
   ),
   "capacity_mlp": _Entry(
-    "Dynamic-capacity MLP: CapacityDense widths=(500,) in chunks=5, tanh; sine network",
+    "Dynamic-capacity MLP: CapacityDense widths=(500,) in chunks=5, tanh; sine network; "
+    "kernel_init (e.g. glorot_uniform, the thesis's Xavier), bias_init",
     _capacity_mlp,
     (1, 2, 3),
   ),
   "capacity_cnn": _Entry(
-    "Dynamic-capacity CNN: 2 CapacityConv3x3 (30, 60) + maxpool, CapacityDense 120, in tenths",
+    "Dynamic-capacity CNN: 2 CapacityConv3x3 (30, 60) + maxpool, CapacityDense 120, in tenths; "
+    "kernel_init, bias_init",
     _capacity_cnn,
     _CONV_RANKS,
   ),
@@ -552,8 +570,11 @@ def build(name: str, input_shape: Sequence[int], num_classes: int, **kwargs: Any
       ``resnet``: ``depth``, ``widths``; ``resnet20``/``resnet56``: ``widths``;
       ``densenet_bc``: ``depth``, ``growth_rate``, ``compression``, ``block_sizes``;
       ``nnx_cnn``: ``features``, ``hidden``, ``dropout_rate``; ``capacity_mlp``:
-      ``widths``, ``chunks``, ``activation``, ``initial_chunks``; ``capacity_cnn``:
-      ``features``, ``hidden``, ``chunks``, ``initial_chunks`` (their variables hold a
+      ``widths``, ``chunks``, ``activation``, ``initial_chunks``, ``kernel_init``,
+      ``bias_init``; ``capacity_cnn``: ``features``, ``hidden``, ``chunks``,
+      ``initial_chunks``, ``kernel_init``, ``bias_init`` (initialisers by name, e.g.
+      ``"glorot_uniform"``, see :data:`jaxscope.models.capacity.INITIALIZERS`, applied to
+      every layer, the capacity layers at full width; their variables hold a
       ``'capacity'`` collection next to ``'params'``, see :mod:`jaxscope.models.capacity`);
       ``transformer_lm`` (input ``(T,)`` int32 token ids, ``num_classes`` = vocabulary):
       ``d_model``, ``num_heads``, ``n_layers``, ``mlp_ratio``, ``scan``,

@@ -265,6 +265,8 @@ def setup(config: TrainConfig) -> Setup:
     if config.optimizer in HVP_OPTIMIZERS:
       raise ValueError(f"train: --capacity cannot be combined with {config.optimizer!r}.")
     model_args.setdefault("chunks", capacity["chunks"])
+    # A re-drawn chunk uses the model's initialiser (the zoo's default: LeCun normal).
+    capacity = {**capacity, "init": model_args.get("kernel_init", "lecun_normal")}
   model = _build_model(config, tuple(ds.train_x.shape[1:]), ds.num_classes, **model_args)
   stacked = stacked_of(model)  # Layer-stacked (scanned) models are measured per layer.
   sc = make_scope(

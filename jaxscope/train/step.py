@@ -201,8 +201,10 @@ def make_train_step(
       :class:`~jaxscope.models.growth.GrowthState`, ``tx`` is wrapped in
       :func:`jaxscope.transforms.masked_freeze`): the step passes the trainable mask,
       then folds the loss into the plateau rule and grows, freezes and re-initialises on a
-      plateau (:func:`jaxscope.models.growth.growth_update`); ``values`` gets
-      ``capacity/active/{layer}``, ``capacity/frozen/{layer}``, ``capacity/expanded``.
+      plateau (:func:`jaxscope.models.growth.growth_update`; the key ``init``, added by
+      :func:`jaxscope.train.setup`, is the model's ``kernel_init`` for ``reinit``);
+      ``values`` gets ``capacity/active/{layer}``, ``capacity/frozen/{layer}``,
+      ``capacity/expanded``.
   """
   if task not in ("classification", "regression"):
     raise ValueError(f"task must be 'classification' or 'regression', got {task!r}.")
@@ -223,7 +225,10 @@ def make_train_step(
       extra["measure"] = measure
     if capacity is not None:
       extra["trainable"] = growth.trainable(
-        state.params, state.model_state["capacity"], state.instruments["growth"]
+        state.params,
+        state.model_state["capacity"],
+        state.instruments["growth"],
+        keep=capacity.get("keep", "bias"),
       )
     updates, opt_state = tx.update(g.grads, state.opt_state, state.params, **extra)
     params = optax.apply_updates(state.params, updates)
@@ -381,5 +386,8 @@ def _grow(
     cooldown=capacity["cooldown"],
     min_delta=capacity["min_delta"],
     smoothing=capacity["smoothing"],
+    reinit=capacity.get("reinit", True),
+    reset=capacity.get("reset", True),
+    init=capacity.get("init"),
   )
   return params, cap_vars, gstate, growth.growth_values(gstate, cap_vars)

@@ -7,7 +7,8 @@ are already trained may be frozen. This module holds the two device-side pieces 
 loop; both are pure functions of arrays, so they run inside ``jit`` and ``lax.scan``:
 
 * :func:`plateau_detector` (with :func:`plateau_init` / :func:`plateau_update` to use the
-  rule without optax) signals a plateau of a scalar value such as the training loss or
+  rule without optax, and :func:`plateau_restart` to start it afresh after the caller
+  acted on a plateau) signals a plateau of a scalar value such as the training loss or
   error, as ``optax.contrib.reduce_on_plateau`` does, but only *signals* it (the
   ``fired`` flag in its state): what to do on a plateau (activate a chunk, cut the rate)
   is the caller's choice.
@@ -33,6 +34,7 @@ __all__ = [
   "masked_freeze",
   "plateau_detector",
   "plateau_init",
+  "plateau_restart",
   "plateau_update",
 ]
 
@@ -96,6 +98,24 @@ def plateau_init() -> PlateauState:
     cooldown=jnp.zeros((), jnp.int32),
     fired=jnp.zeros((), jnp.bool_),
     fires=jnp.zeros((), jnp.int32),
+  )
+
+
+def plateau_restart(state: PlateauState) -> PlateauState:
+  """The rule started afresh, for a value whose level has just changed (e.g. after the
+  network grew): the moving average and the reference level are forgotten, the patience
+  counter is cleared; the cooldown left, ``count``, ``fired`` and ``fires`` are kept.
+
+  ``a ← 0``, ``b ← +inf``, ``since_best ← 0``, as in :func:`plateau_init`: the next finite
+  value re-initialises the average (``a ← v``) and counts as an improvement (``b ← a``),
+  so a jump of the value after the restart is not a plateau, and a value that falls from
+  its new level keeps improving on it. Jittable; select it with ``jnp.where`` to restart
+  conditionally (``jax.tree.map(lambda r, s: jnp.where(c, r, s), plateau_restart(s), s)``).
+  """
+  return state._replace(
+    average=jnp.zeros_like(state.average),
+    best=jnp.full_like(state.best, jnp.inf),
+    since_best=jnp.zeros_like(state.since_best),
   )
 
 
