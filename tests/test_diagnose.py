@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from jaxscope.diagnose import (
+  CONFIDENCES,
   RULES,
   Finding,
   Thresholds,
@@ -308,7 +309,8 @@ def test_update_ratio_high_and_low_per_layer():
   assert high.evidence["layers"] == ["Dense_1/kernel"]
   assert low.evidence["layers"] == ["Dense_2/kernel"]
   assert high.evidence["values"]["median/Dense_1/kernel"] == pytest.approx(0.1)
-  medians = np.median(base["updates/ratio/Dense_0/kernel"][500:])
+  # The last half of the steps after the warm-up (ratio_warmup=50): steps 525-999.
+  medians = np.median(base["updates/ratio/Dense_0/kernel"][525:])
   assert high.evidence["values"]["median/Dense_0/kernel"] == pytest.approx(medians)
   assert "bias" not in json.dumps(high.to_dict())  # Biases (ratio 3e-2) are left out.
   assert "update_ratio_high" not in _names(diagnose(_history(base), ratio_high=0.5))
@@ -469,14 +471,16 @@ def _problem_run() -> History:
   return _history(base, {"test/loss": _test_loss(best=400)})
 
 
-def test_ordering_by_severity_then_step():
+def test_ordering_by_severity_then_confidence_then_step():
+  """Most severe first; within a severity low confidence last, then by confidence, then by
+  the first step (issue 21: the order was severity, then step)."""
   findings = diagnose(_problem_run())
   assert findings[0].name == "divergence"
   ranks = [("critical", "warning", "info").index(f.severity) for f in findings]
   assert ranks == sorted(ranks)
   warnings = [f for f in findings if f.severity == "warning"]
-  firsts = [min(f.evidence["steps"]) for f in warnings]
-  assert firsts == sorted(firsts)
+  keys = [(CONFIDENCES.index(f.confidence), min(f.evidence["steps"])) for f in warnings]
+  assert keys == sorted(keys)
   assert {"dead_units", "update_ratio_high", "overfitting"} <= set(_names(findings))
 
 
@@ -488,12 +492,12 @@ def test_json_round_trip_and_report():
   assert back == findings
   assert findings_to_json(back) == data
   for d in data:
-    assert set(d) == {"name", "severity", "summary", "evidence", "advice"}
+    assert set(d) == {"name", "severity", "summary", "evidence", "advice", "confidence"}
     assert set(d["evidence"]) == {"metric", "layers", "steps", "values"}
-    assert d["advice"]
+    assert d["advice"] and d["confidence"] in CONFIDENCES
   text = report(findings)
   assert text.splitlines()[0].startswith(f"{len(findings)} finding")
-  assert text.index("[CRITICAL] divergence") < text.index("[WARNING]")
+  assert text.index("[CRITICAL] divergence (high confidence): ") < text.index("[WARNING]")
   assert "Dense_0" in text and "try:" in text
   assert report([]).startswith("No problem found")
 
@@ -691,3 +695,262 @@ def test_loss_output_mismatch():
   assert "loss_output_mismatch" not in _names(diagnose(_history(_base(53))))  # on logits
   low_acc = dict(base, **{"train/accuracy": np.full(N, 0.5)})  # a hard task: not judged
   assert "loss_output_mismatch" not in _names(diagnose(_history(low_acc)))
+
+
+# --------------------------------------------------------------------------- confidence
+
+
+def test_confidence_from_margin_and_points():
+  from jaxscope.diagnose.finding import _confidence, _margin
+
+  # margin: value / bound above, bound / value below; inf when past a positive bound by
+  # any factor (0 or less for a "below" rule, a non-finite value).
+  assert _margin(0.8, 0.5, above=True) == pytest.approx(1.6)
+  assert _margin(1e-4, 1e-3, above=False) == pytest.approx(10.0)
+  assert _margin(-0.01, 0.05, above=False) == _margin(float("nan"), 1.0, above=True) == np.inf
+  assert [_confidence(m) for m in (1.0, 1.24, 1.25, 1.99, 2.0, np.inf)] == [
+    "low", "low", "medium", "medium", "high", "high",
+  ]  # fmt: skip
+  # High needs twice the minimum evidence; low does not depend on it.
+  assert _confidence(5.0, points=19, min_points=10) == "medium"
+  assert _confidence(5.0, points=20, min_points=10) == "high"
+  assert _confidence(1.1, points=1000, min_points=10) == "low"
+  with pytest.raises(ValueError, match="confidence"):
+    Finding("x", "warning", "s", {}, [], "certain")
+  old = {"name": "x", "severity": "info", "summary": "s", "evidence": {}, "advice": []}
+  assert Finding.from_dict(old).confidence == "medium"  # written before confidences
+  assert Finding("x", "info", "s").confidence == "medium"  # the constructor's default
+
+
+@pytest.mark.parametrize(("dead", "expect"), [(0.6, "low"), (0.8, "medium"), (1.0, "high")])
+def test_confidence_follows_the_evidence_margin(dead, expect):
+  base = _base(61, n=200)
+  base["activations/dead_fraction/Dense_0"] = np.full(200, dead)  # bound 0.5
+  f = _one(diagnose(_history(base)), "dead_units")
+  assert f.confidence == expect
+  # The same margin on fewer points than twice the minimum evidence is not "high".
+  short = _base(61, n=30)
+  short["activations/dead_fraction/Dense_0"] = np.full(30, dead)
+  f = _one(diagnose(_history(short)), "dead_units")  # 15 points in the last half
+  assert f.confidence == ("medium" if expect == "high" else expect)
+
+
+# --------------------------------------------------------------------------- divergence first
+
+
+def test_findings_after_a_divergence_are_consequences():
+  """Dead units that appear only after the NaN step are reported with confidence low and
+  a note; dead units present before it are a finding like any other (issue 21)."""
+  n = 400
+  base = _base(67, n=n)
+  base["loss"][300:] = np.nan
+  base["activations/dead_fraction/Dense_0"] = np.where(np.arange(n) < 300, 0.05, 1.0)
+  base["updates/ratio/Dense_1/kernel"] = np.where(np.arange(n) < 300, 1e-3, 0.0)
+  findings = diagnose(_history(base))
+  assert findings[0].name == "divergence"
+  dead = _one(findings, "dead_units")
+  assert dead.confidence == "low"
+  assert "after the divergence at step 300" in dead.summary
+  assert dead.evidence["values"]["after_divergence_step"] == 300
+  assert findings[-1].confidence == "low"  # consequences come last
+  assert "too_few_steps" not in _names(findings)  # a diverged run did not stop early
+  # Present before the divergence: judged on the steps before it, not marked.
+  base["activations/dead_fraction/Dense_0"] = np.full(n, 0.9)
+  dead = _one(diagnose(_history(base)), "dead_units")
+  assert dead.confidence != "low" and "after the divergence" not in dead.summary
+  assert dead.evidence["steps"] == [150]  # the last half of steps 0-299
+
+
+# --------------------------------------------------------------------------- short runs
+
+
+def test_short_runs_update_ratio_and_too_few_steps():
+  """A 30-step run: its update ratios are in the early transient (not update_ratio_high),
+  and its still-falling loss is judged by too_few_steps on its last 6 steps (issue 21)."""
+  t = np.arange(30, dtype=np.float64)
+  rng = np.random.default_rng(71)
+  arrays = {
+    "loss": 2.3 * np.exp(-t / 40),
+    **{f"updates/ratio/{lay}/kernel": np.full(30, 0.03) for lay in LAYERS},
+  }
+  findings = diagnose(_history(arrays))
+  assert "update_ratio_high" not in _names(findings)
+  f = _one(findings, "too_few_steps")
+  assert f.evidence["steps"] == [24, 29]  # the last fifth of steps 0-29: 23.2 on
+  # Last stretch 2.3·(e^{-24/40} - e^{-29/40}) = 0.149 of 2.3·(e^{-2/40} - e^{-29/40}) = 1.07.
+  assert f.evidence["values"]["recent_fraction"] == pytest.approx(0.1384, abs=0.001)
+  assert f.confidence == "medium"  # 1.38 × still_improving, on 6 points
+  # The same ratios on a long run are judged (after ratio_warmup), and a 30-step run that
+  # has converged has no too_few_steps.
+  assert "update_ratio_high" in _names(diagnose(_history(arrays), ratio_warmup=0))
+  flat = {"loss": np.where(t < 8, 2.3 - 0.28 * t, 0.06) * np.exp(0.02 * rng.standard_normal(30))}
+  assert "too_few_steps" not in _names(diagnose(_history(flat)))
+  twelve = {"loss": 2.3 * np.exp(-np.arange(12) / 10.0)}  # judged on its last 5 points
+  f = _one(diagnose(_history(twelve)), "too_few_steps")
+  assert f.evidence["steps"] == [7, 11]
+  # 2.3·(e^{-0.7} - e^{-1.1}) = 0.376 of 2.3·(e^{-0.2} - e^{-1.1}) = 1.12.
+  assert f.evidence["values"]["recent_fraction"] == pytest.approx(0.337, abs=0.002)
+  assert diagnose(_history({"loss": 2.3 * np.exp(-np.arange(9) / 10.0)})) == []  # < 10 points
+
+
+# --------------------------------------------------------------------------- the run's setup
+
+SETUP_N = 300
+NORMALISED = {"mean": 0.3, "std": 0.4, "min": 0.0, "max": 1.0, "nonfinite_fraction": 0.0}
+
+
+def _setup_run(
+  *,
+  loss=None,
+  train_acc=None,
+  test_acc=0.95,
+  test_loss=0.2,
+  ratio=3e-3,
+  std0=(0.5, 0.35, 0.2),
+  dead0=0.05,
+  dead=0.05,
+  inputs=NORMALISED,
+  **config,
+) -> History:
+  """A healthy 300-step classification run with the keys and config the setup rules read
+  (a digits-like MLP: three layers, evaluations every 30 steps and after the last step)."""
+  n, rng = SETUP_N, np.random.default_rng(79)
+  t = np.arange(n, dtype=np.float64)
+  arrays = {
+    "loss": (2.3 * np.exp(-t / 40) + 0.1) * np.exp(0.05 * rng.standard_normal(n))
+    if loss is None
+    else np.asarray(loss, np.float64),
+    "train/accuracy": 0.97 - 0.87 * np.exp(-t / 40) if train_acc is None else train_acc + 0 * t,
+  }
+  for i, lay in enumerate(LAYERS):
+    arrays[f"updates/ratio/{lay}/kernel"] = ratio * np.exp(0.2 * rng.standard_normal(n))
+    arrays[f"activations/std/{lay}"] = np.full(n, 0.5) if i else np.full(n, 0.6)
+    arrays[f"activations/std/{lay}"][0] = std0[i]
+    arrays[f"activations/dead_fraction/{lay}"] = np.full(n, dead)
+    arrays[f"activations/dead_fraction/{lay}"][0] = dead0
+  records = [(s, {k: float(v[s]) for k, v in arrays.items()}) for s in range(n)]
+  for s in range(0, n + 1, 30):  # the final evaluation after the last step too
+    records.append((s, {"test/accuracy": 0.1 if s == 0 else test_acc}))
+    records.append((s, {"test/loss": 2.3 if s == 0 else test_loss}))
+  cfg = {"lr": 0.05, "optimizer": "momentum", "num_classes": 10, "task": "classification"}
+  cfg["data_stats"] = {"examples": 1000, "inputs": inputs}
+  cfg.update(config)
+  return History(records, config=cfg)
+
+
+SETUP_RULES = {"lr_too_low", "bad_init_scale", "label_noise", "dropout_too_strong"}
+
+
+def test_setup_run_is_healthy():
+  assert diagnose(_setup_run()) == []
+  for model_args in ({"dropout": 0.5}, {"dropout_rate": 0.2}):
+    assert diagnose(_setup_run(model_args=model_args)) == []
+  assert diagnose(_setup_run(model="alexnet_mini")) == []
+
+
+def test_lr_too_low():
+  t = np.arange(SETUP_N)
+  slow = 2.3 - 0.4 * t / SETUP_N  # falls steadily, slowly
+  acc = 0.35
+  h = _setup_run(loss=slow, train_acc=acc, test_acc=0.36, test_loss=2.0, ratio=2e-4, lr=1e-3)
+  findings = diagnose(h)
+  f = _one(findings, "lr_too_low")
+  assert f is findings[0]  # a cause before the plateau it explains
+  assert f.confidence == "high"  # every layer ≈ 2e-4: 5 × below lr_low_ratio
+  assert f.evidence["values"]["suggested_factor"] == 5  # 1e-3 / 2e-4
+  assert f.evidence["values"]["lr"] == 1e-3
+  assert "lr 0.001 (momentum)" in f.summary and "×5" in f.summary
+  assert f.advice[0] == "raise the learning rate by about ×5 (from 0.001 to ≈ 0.005)"
+  assert set(f.evidence["layers"]) == {f"{lay}/kernel" for lay in LAYERS}
+  # Closer to the usual ratio: less confident; above it, or the loss fitted, or dead units
+  # explaining the small updates: not this rule.
+  h = _setup_run(loss=slow, train_acc=acc, test_acc=0.36, test_loss=2.0, ratio=7e-4)
+  assert _one(diagnose(h), "lr_too_low").confidence == "medium"
+  assert "lr_too_low" not in _names(diagnose(_setup_run(ratio=2e-4)))
+  h = _setup_run(loss=slow, train_acc=acc, test_acc=0.36, test_loss=2.0, ratio=2e-3)
+  assert "lr_too_low" not in _names(diagnose(h))
+  h = _setup_run(loss=slow, train_acc=acc, test_acc=0.36, test_loss=2.0, ratio=2e-4, dead=0.9)
+  names = _names(diagnose(h))
+  assert "dead_units" in names and "lr_too_low" not in names
+
+
+def test_bad_init_scale_by_first_loss_and_depth_profile():
+  loss = (2.3 * np.exp(-np.arange(SETUP_N) / 40) + 0.1) * 1.0
+  loss[0] = 30.0  # 30 / ln(10) = 13 × the chance level
+  f = _one(diagnose(_setup_run(loss=loss)), "bad_init_scale")
+  assert f.evidence["values"]["first_loss"] == 30.0
+  assert f.evidence["values"]["chance_loss"] == pytest.approx(np.log(10))
+  assert f.confidence == "high"  # 30 / (3 ln 10) = 4.3
+  assert "ln(10)" in f.summary and f.evidence["steps"] == [0]
+  # Unnormalised inputs explain a large first loss: unnormalised_inputs names them.
+  raw = {"mean": 80.0, "std": 90.0, "min": 0.0, "max": 255.0, "nonfinite_fraction": 0.0}
+  names = _names(diagnose(_setup_run(loss=loss, inputs=raw)))
+  assert "unnormalised_inputs" in names and "bad_init_scale" not in names
+  # The layers' output std at the first step: ×4 per layer (every layer growing).
+  f = _one(diagnose(_setup_run(std0=(1.0, 4.0, 16.0))), "bad_init_scale")
+  assert f.evidence["values"]["std_growth_per_layer"] == pytest.approx(4.0)
+  assert f.confidence == "medium" and "grows 4× per layer" in f.summary
+  f = _one(diagnose(_setup_run(std0=(1.0, 0.1, 0.01))), "bad_init_scale")
+  assert "shrinks 0.1× per layer" in f.summary and f.confidence == "high"  # 0.4 / 0.1
+  # Both pieces of evidence: one level up. Not monotone, or dead units at the first step
+  # (dead_units names that collapse), or a healthy profile: no finding.
+  both = _setup_run(loss=loss, std0=(1.0, 4.0, 16.0))
+  assert _one(diagnose(both), "bad_init_scale").confidence == "high"
+  for std0, dead0 in (((1.0, 8.0, 4.0), 0.05), ((1.0, 0.1, 0.01), 0.9), ((0.5, 0.35, 0.2), 0.05)):
+    assert "bad_init_scale" not in _names(diagnose(_setup_run(std0=std0, dead0=dead0)))
+
+
+def _noisy(**config) -> History:
+  """Noisy labels as measured: training accuracy 0.5 against test 0.88, the training loss
+  1.75 against the test loss 0.95 (50 % of the digits labels random, 150 steps)."""
+  t = np.arange(SETUP_N)
+  loss = 1.75 + 0.55 * np.exp(-t / 30)
+  return _setup_run(loss=loss, train_acc=0.5, test_acc=0.88, test_loss=0.95, **config)
+
+
+def test_label_noise_and_dropout_too_strong():
+  f = _one(diagnose(_noisy()), "label_noise")
+  # η ≈ (a - a_train) / (a - 1/K) = (0.88 - 0.5) / (0.88 - 0.1)
+  assert f.evidence["values"]["noise_estimate"] == pytest.approx(0.38 / 0.78)
+  assert f.confidence == "high"  # a gap of 0.38: 3.8 × noise_gap
+  assert f.evidence["steps"] == [240, 270, 300]  # the evaluations of the last fifth
+  assert "about 49% of the training labels" in f.summary
+  assert "dropout_too_strong" not in _names(diagnose(_noisy()))
+  # A recorded dropout of at least dropout_rate_min takes the gap; a small one does not.
+  findings = diagnose(_noisy(model_args={"dropout": 0.8}))
+  f = _one(findings, "dropout_too_strong")
+  assert "label_noise" not in _names(findings)
+  assert f.evidence["values"]["dropout_rate"] == 0.8 and "model_args dropout" in f.summary
+  assert "label_noise" in _names(diagnose(_noisy(model_args={"dropout_rate": 0.2})))
+  # Every label moved to the next class: fitted (0.97) but below chance on the test labels.
+  shifted = _setup_run(train_acc=0.97, test_acc=0.02, test_loss=6.0)
+  f = _one(diagnose(shifted), "label_noise")
+  assert f.evidence["values"]["systematic"] is True and "below the chance level 0.1" in f.summary
+  assert f.confidence == "high"  # 0.05 / 0.02 = 2.5
+  f = _one(diagnose(_noisy(model="alexnet_mini")), "dropout_too_strong")
+  assert f.evidence["values"]["dropout_rate"] == 0.5 and "alexnet_mini" in f.summary
+  # A gap below noise_gap is not judged; regression: the loss ratio alone.
+  assert not SETUP_RULES & set(_names(diagnose(_noisy(), noise_gap=0.4)))
+  t = np.arange(SETUP_N)
+  arrays = {"loss": 0.5 + np.exp(-t / 30)}
+  test = {"test/loss": {s: 0.2 for s in range(0, SETUP_N + 1, 30)}}
+  cfg = {"task": "regression", "model_args": {"dropout": 0.5}}
+  f = _one(diagnose(_history(arrays, test, config=cfg)), "dropout_too_strong")
+  assert f.evidence["values"]["train_loss"] == pytest.approx(0.5, abs=0.01)
+  assert f.confidence == "medium"  # 0.5 / 0.2 = 2.5 = 1.67 × dropout_loss_ratio
+  cfg["model_args"] = {"dropout": 0.1}
+  assert diagnose(_history(arrays, test, config=cfg)) == []
+
+
+def test_zoo_dropout_rates_match_the_models():
+  import inspect
+  import re
+
+  from jaxscope.diagnose.causes import ZOO_DROPOUT
+  from jaxscope.models.conv import AlexNetMini
+  from jaxscope.models.nnx_models import NNXCNN
+
+  rates = [float(r) for r in re.findall(r"nn\.Dropout\(([\d.]+)", inspect.getsource(AlexNetMini))]
+  assert ZOO_DROPOUT["alexnet_mini"] == max(rates) == 0.5
+  default = inspect.signature(NNXCNN.__init__).parameters["dropout_rate"].default
+  assert ZOO_DROPOUT["nnx_cnn"] == default

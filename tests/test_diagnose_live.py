@@ -46,7 +46,9 @@ def test_critical_findings_are_emitted_at_once_and_only_once(tmp_path):
   new = live(N - 1)
   assert [f.name for f in new] == ["divergence"]
   assert len(lines) == 1
-  assert lines[0].startswith("jaxscope [critical] divergence: The loss diverges: at step 150")
+  assert lines[0].startswith(
+    "jaxscope [critical] divergence (high confidence): The loss diverges: at step 150"
+  )
   assert lines[0].endswith(f"(jaxscope diagnose {tmp_path})")
   assert live.reported == {"divergence"}
   assert live(N) == [] and live(1000) == []  # Reported before: not again.
@@ -62,7 +64,7 @@ def test_warnings_wait_for_the_final_evaluation(tmp_path):
   new = live(N)
   assert [f.name for f in new] == ["dead_units"]
   assert lines == [live.message(new[0])]
-  assert lines[0].startswith("jaxscope [warning] dead_units: ")
+  assert lines[0].startswith("jaxscope [warning] dead_units (medium confidence): ")
   assert live(N + 10) == []
 
 

@@ -4,9 +4,14 @@
 (or a run directory, or a mapping ``key -> (steps, values)``) and returns the
 :class:`Finding` objects, most severe first. Each rule reads only the keys the training
 loop writes (``loss``, ``train/accuracy``, ``test/loss``, ``lr``, ``hess_max_ev`` and the
-per-layer ``{topic}/{stat}/{layer}`` metrics, see :mod:`jaxscope.train`) and skips
-silently when they were not recorded. Every threshold is a field of :class:`Thresholds`
-and can be overridden by name: ``diagnose(history, dead_fraction=0.3)``.
+per-layer ``{topic}/{stat}/{layer}`` metrics, see :mod:`jaxscope.train`) and the run's
+``config.json`` (``lr``, ``num_classes``, ``model_args``, ``data_stats``), and skips
+silently when they were not recorded or are too few (every rule has a minimum evidence).
+Every threshold is a field of :class:`Thresholds` and can be overridden by name:
+``diagnose(history, dead_fraction=0.3)``. Every finding states its confidence
+(``"high"``, ``"medium"``, ``"low"``: how far its evidence is past the threshold, on how
+many points). After a divergence, every rule but the divergence and the data rules reads
+only the steps before it. The table of every finding is ``docs/diagnose-rules.md``.
 
 The rules and their advice follow a training lecture's catalogue of loss-curve shapes,
 their causes and what to try (divergence, oscillation, plateaus, overfitting), and the
@@ -35,7 +40,8 @@ Conventions:
 Modules: :mod:`~jaxscope.diagnose.finding` (:class:`Finding`, :class:`Thresholds`, advice),
 :mod:`~jaxscope.diagnose.series` (series helpers), the rules by family
 (:mod:`~jaxscope.diagnose.loss`, :mod:`~jaxscope.diagnose.gradients`,
-:mod:`~jaxscope.diagnose.activations`, :mod:`~jaxscope.diagnose.curvature`),
+:mod:`~jaxscope.diagnose.activations`, :mod:`~jaxscope.diagnose.curvature`,
+:mod:`~jaxscope.diagnose.data`, :mod:`~jaxscope.diagnose.causes`),
 :mod:`~jaxscope.diagnose.registry` (:data:`RULES`, :func:`diagnose`),
 :mod:`~jaxscope.diagnose.reporting` (:func:`report`, :func:`findings_to_json`) and
 :mod:`~jaxscope.diagnose.live` (:class:`LiveDiagnosis`, during training).
@@ -47,12 +53,13 @@ Example:
   ['divergence']
 """
 
-from jaxscope.diagnose.finding import SEVERITIES, Finding, Thresholds
+from jaxscope.diagnose.finding import CONFIDENCES, SEVERITIES, Finding, Thresholds
 from jaxscope.diagnose.live import LiveDiagnosis
 from jaxscope.diagnose.registry import RULES, diagnose
 from jaxscope.diagnose.reporting import findings_to_json, report
 
 __all__ = [
+  "CONFIDENCES",
   "RULES",
   "SEVERITIES",
   "Finding",

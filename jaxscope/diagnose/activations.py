@@ -2,12 +2,13 @@
 
 They read ``activations/dead_fraction/{layer}`` and ``activations/saturation_fraction/{layer}``
 and leave out the output layer (the logits) with ``Thresholds.exclude_output_layer``: the
-layers named in :data:`OUTPUT_LAYER_NAMES`, else the last in depth order.
+layers named in :data:`OUTPUT_LAYER_NAMES`, else the last in depth order. Confidence: the
+worst layer's median against the bound (:func:`~jaxscope.diagnose.finding._confidence`).
 """
 
 from __future__ import annotations
 
-from jaxscope.diagnose.finding import Finding, Thresholds, _finding
+from jaxscope.diagnose.finding import Finding, Thresholds, _confidence, _finding, _margin
 from jaxscope.diagnose.series import _layer_tail_medians, _layers
 from jaxscope.record import History
 
@@ -26,10 +27,14 @@ def _activation_rule(
   if th.exclude_output_layer and len(layers) > 1:
     named = [lay for lay in layers if lay.rsplit("/", 1)[-1] in OUTPUT_LAYER_NAMES]
     layers = [lay for lay in layers if lay not in named] if named else layers[:-1]
-  med, first = _layer_tail_medians(h, f"activations/{stat}", layers)
+  med, first, points = _layer_tail_medians(
+    h, f"activations/{stat}", layers, min_points=th.min_points
+  )
   bad = [lay for lay, m in med.items() if m > bound]
   if not bad:
     return []
+  worst = max(bad, key=lambda lay: med[lay])
+  confidence = _confidence(_margin(med[worst], bound, above=True), points[worst], th.min_points)
   shown = ", ".join(f"{lay} {med[lay]:.0%}" for lay in bad[:5])
   summary = (
     f"{what} in {len(bad)} layer(s) (median fraction over the last half above "
@@ -44,13 +49,15 @@ def _activation_rule(
       layers=bad,
       steps=[min(first[lay] for lay in bad)],
       values={f"median/{lay}": m for lay, m in med.items()},
+      confidence=confidence,
     )
   ]
 
 
 def _rule_dead_units(h: History, th: Thresholds) -> list[Finding]:
-  """Dead ReLU units: median ``activations/dead_fraction/{layer}`` over the last half above
-  ``dead_fraction`` (a unit is dead when its pre-activation is ``≤ 0`` for the whole batch).
+  """Dead ReLU units: median ``activations/dead_fraction/{layer}`` over the last half (at
+  least ``min_points`` points) above ``dead_fraction`` (a unit is dead when its
+  pre-activation is ``≤ 0`` for the whole batch).
   The output layer is left out with ``exclude_output_layer``. Warning. Source: the
   lecture's dying-ReLU diagnosis; Cockpit-style activation health."""
   return _activation_rule(h, th, "dead_fraction", "dead_units", th.dead_fraction, "Dead units")
@@ -58,7 +65,8 @@ def _rule_dead_units(h: History, th: Thresholds) -> list[Finding]:
 
 def _rule_saturation(h: History, th: Thresholds) -> list[Finding]:
   """Saturated units: median ``activations/saturation_fraction/{layer}`` (entries with
-  ``|y| > 3``) over the last half above ``saturation_fraction``. The output layer is left
+  ``|y| > 3``) over the last half (at least ``min_points`` points) above
+  ``saturation_fraction``. The output layer is left
   out with ``exclude_output_layer``. Warning. Source: the lecture's saturating
   sigmoid/tanh diagnosis."""
   return _activation_rule(

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxscope.diagnose.finding import Finding, Thresholds, _finding, _fmt
+from jaxscope.diagnose.finding import Finding, Thresholds, _confidence, _finding, _fmt, _margin
 from jaxscope.diagnose.series import _finite, _series
 from jaxscope.record import History
 from jaxscope.transforms.aliases import optimizer_hparams
@@ -112,6 +112,7 @@ def _not_judged(steps: np.ndarray, error_key: str, rule: str, limit: float) -> F
     "curvature_not_judged",
     "info",
     summary,
+    confidence="high",  # A fact about the readings, not a judgement of them.
     metric=["hess_max_ev"],
     steps=steps,
     values={
@@ -152,7 +153,7 @@ def _falling(steps: np.ndarray, loss: np.ndarray) -> bool:
 
 
 def _edge_of_stability(
-  h: History, steps: np.ndarray, product: np.ndarray, limit: float, th: Thresholds
+  h: History, steps: np.ndarray, product: np.ndarray, limit: float, th: Thresholds, frac: float
 ) -> Finding | None:
   """The info ``edge_of_stability`` when ``lr · λ_max`` hovers at the limit (median of the
   over-limit steps ≤ ``eos_band · limit``) and the loss keeps falling; else ``None``."""
@@ -174,6 +175,9 @@ def _edge_of_stability(
     metric=["lr", "hess_max_ev"],
     steps=steps,
     values={"limit": limit, "median_product": med, "eos_band": th.eos_band},
+    confidence=_confidence(
+      _margin(frac, th.curvature_fraction, above=True), steps.size, th.curvature_min_points
+    ),
   )
 
 
@@ -183,7 +187,9 @@ def _rule_lr_curvature(h: History, th: Thresholds) -> list[Finding]:
   With ``hess_max_ev`` (largest Hessian eigenvalue ``λ_max``) and the learning rate (key
   ``lr`` at the same or the last earlier step, else ``config["lr"]``): the product
   ``lr · λ_max`` exceeds the stability limit on more than ``curvature_fraction`` of the
-  measured steps. The limit is ``curvature_limit`` (2: gradient descent on a quadratic
+  measured steps (at least ``curvature_min_points`` trusted readings). Confidence: the
+  smaller of the two margins, the fraction over ``curvature_fraction`` and the median
+  product over the limit. The limit is ``curvature_limit`` (2: gradient descent on a quadratic
   diverges along the top eigenvector when ``lr > 2/λ_max``), ``2(1 + β)`` for heavy-ball
   momentum β and ``2(1 + β)/(1 + 2β)`` for Nesterov momentum (``config["optimizer"]`` and
   ``config["optimizer_args"]``, β = 0.9 for ``"momentum"``/``"nesterov"``); the rule is
@@ -218,16 +224,20 @@ def _rule_lr_curvature(h: History, th: Thresholds) -> list[Finding]:
   if at is None:
     return []
   e_steps, lam, lr = at
-  if e_steps.size == 0:
+  if e_steps.size < max(th.curvature_min_points, 1):
     return []
   product = lr * lam
   over = product > limit
   frac = float(over.mean())
   if frac <= th.curvature_fraction:
     return []
-  eos = _edge_of_stability(h, e_steps[over], product[over], limit, th)
+  eos = _edge_of_stability(h, e_steps[over], product[over], limit, th, frac)
   if eos is not None:
     return [eos]
+  margin = min(
+    _margin(frac, th.curvature_fraction, above=True),
+    _margin(float(np.median(product[over])), limit, above=True),
+  )
   worst = int(np.argmax(product))
   summary = (
     f"The learning rate is above the curvature limit: lr · λ_max > {_fmt(limit)} on "
@@ -256,5 +266,6 @@ def _rule_lr_curvature(h: History, th: Thresholds) -> list[Finding]:
       metric=["lr", "hess_max_ev"],
       steps=e_steps[over],
       values=values,
+      confidence=_confidence(margin, e_steps.size, th.curvature_min_points),
     )
   ]

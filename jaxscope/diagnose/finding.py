@@ -9,6 +9,7 @@ non-finite numbers as ``"NaN"``, ``"Infinity"``, ``"-Infinity"``).
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -16,6 +17,14 @@ from jaxscope.record import to_jsonable
 
 #: Severities, most severe first.
 SEVERITIES: tuple[str, ...] = ("critical", "warning", "info")
+
+#: Confidences, most certain first (see :func:`_confidence`).
+CONFIDENCES: tuple[str, ...] = ("high", "medium", "low")
+
+#: Confidence "high": the evidence is at least this factor past its threshold...
+HIGH_MARGIN = 2.0
+#: ...confidence "low": less than this factor past it.
+LOW_MARGIN = 1.25
 
 _MAX_STEPS_SHOWN = 20  # Steps listed in an evidence dict at most.
 
@@ -34,7 +43,8 @@ class Finding:
       ``"update_ratio_low"``, ``"dead_units"``, ``"saturation"``, ``"stalled_layers"``,
       ``"lr_above_curvature_limit"``, ``"lost_updates"``, ``"nonfinite_data"``,
       ``"unnormalised_inputs"``, ``"class_imbalance"``, ``"too_few_steps"``,
-      ``"loss_output_mismatch"``; the info
+      ``"loss_output_mismatch"``, ``"lr_too_low"``, ``"bad_init_scale"``, ``"label_noise"``,
+      ``"dropout_too_strong"``; the info
       ``"curvature_not_judged"`` (every λ_max reading within its error bar's noise),
       ``"edge_of_stability"`` (``lr · λ_max`` at the limit while the loss falls: healthy).
     severity: ``"critical"``, ``"warning"`` or ``"info"``.
@@ -44,6 +54,10 @@ class Finding:
       Non-finite numbers are the strings ``"NaN"``, ``"Infinity"``, ``"-Infinity"`` (the
       JSON convention of :mod:`jaxscope.record.jsonio`).
     advice: what to try, most promising first.
+    confidence: ``"high"``, ``"medium"`` or ``"low"``: how far the evidence is past the
+      rule's threshold and how many points it rests on (:func:`_confidence`; the criteria
+      per rule are in ``docs/diagnose-rules.md``). ``"low"`` also marks a finding that
+      only the steps after a divergence show (a consequence, not a cause).
   """
 
   name: str
@@ -51,10 +65,15 @@ class Finding:
   summary: str
   evidence: dict[str, Any] = dataclasses.field(default_factory=dict)
   advice: list[str] = dataclasses.field(default_factory=list)
+  confidence: str = "medium"
 
   def __post_init__(self) -> None:
     if self.severity not in SEVERITIES:
       raise ValueError(f"Finding: severity must be one of {SEVERITIES}, got {self.severity!r}.")
+    if self.confidence not in CONFIDENCES:
+      raise ValueError(
+        f"Finding: confidence must be one of {CONFIDENCES}, got {self.confidence!r}."
+      )
 
   def to_dict(self) -> dict[str, Any]:
     """The finding as a JSON-serialisable dict (``json.dumps(..., allow_nan=False)`` works)."""
@@ -64,17 +83,20 @@ class Finding:
       "summary": self.summary,
       "evidence": to_jsonable(self.evidence),
       "advice": list(self.advice),
+      "confidence": self.confidence,
     }
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> Finding:
-    """The inverse of :meth:`to_dict`."""
+    """The inverse of :meth:`to_dict`; a dict without ``"confidence"`` (written before
+    findings had one) gets ``"medium"``."""
     return cls(
       name=d["name"],
       severity=d["severity"],
       summary=d["summary"],
       evidence=dict(d.get("evidence", {})),
       advice=list(d.get("advice", [])),
+      confidence=d.get("confidence", "medium"),
     )
 
 
@@ -131,6 +153,10 @@ class Thresholds:
   still_improving: float = 0.1
   """Too few steps: the loss's fall over the last ``late_fraction`` of the run above this
   fraction of the run's whole improvement."""
+  tail_min_points: int = 5
+  """Too few steps: the last stretch is the last ``late_fraction`` of the run widened to at
+  least this many points, and the run needs twice as many (a 12-step run is judged on its
+  last 5 points)."""
   late_acc: float = 0.9
   """Late plateau: "still far from good" when the median training accuracy of the window is
   below this (used when ``train/accuracy`` is recorded)."""
@@ -156,6 +182,14 @@ class Thresholds:
   """Update ratio: median ‖Δθ‖/‖θ‖ over the last half above this (target ≈ 1e-3)."""
   ratio_low: float = 1e-5
   """Update ratio: median ‖Δθ‖/‖θ‖ over the last half below this."""
+  ratio_warmup: int = 50
+  """Update ratio (and ``lr_too_low``): the first steps of the run are left out (the
+  transient of the first steps, when momentum builds up and the loss falls fastest: the
+  ratios of healthy digits runs peak near 3e-2 at steps 25–30); the rules read the last
+  half of the remaining steps and need ``min_points`` there."""
+  lr_low_ratio: float = 1e-3
+  """Learning rate too low: the median ‖Δθ‖/‖θ‖ of every weight layer below this (the
+  usual ≈ 1e-3) while the loss falls slowly and stays far from a good fit."""
   # activations
   dead_fraction: float = 0.5
   """Dead units: median of ``activations/dead_fraction`` over the last half above this."""
@@ -180,15 +214,38 @@ class Thresholds:
   curvature_fraction: float = 0.5
   """Curvature: reported when the limit is exceeded on more than this fraction of the
   steps where ``hess_max_ev`` was measured."""
+  curvature_min_points: int = 5
+  """Curvature: fewest trusted ``hess_max_ev`` readings to judge a fraction over the limit."""
   # data (config["data_stats"])
   input_scale_max: float = 20.0
   """Data: inputs reaching ``|x|`` above this are unnormalised (raw 0–255 pixels)."""
   input_std_min: float = 1e-3
   """Data: inputs whose standard deviation is below this barely vary."""
+  input_std_max: float = 4.0
+  """Data: inputs whose standard deviation is above this are unnormalised (standardised
+  inputs have 1, pixels in [0, 1] about 0.3; sklearn's 0–16 digits 6)."""
   target_scale_max: float = 100.0
   """Data: regression targets reaching ``|y|`` above this are unnormalised."""
   imbalance_ratio: float = 0.1
   """Data: the rarest class's share below this × the commonest's is an imbalance."""
+  # the run's setup: initialisation, labels, dropout
+  init_loss_factor: float = 3.0
+  """Bad initial scale: the first loss of a classification run above this × the chance
+  level ``ln(num_classes)`` (large initial logits) while the inputs are normalised."""
+  init_growth: float = 2.5
+  """Bad initial scale: the standard deviation of the layers' outputs at the first step
+  grows (or shrinks) by more than this factor per layer (geometric mean through depth,
+  every consecutive layer in the same direction, at least 3 layers)."""
+  noise_gap: float = 0.1
+  """Label noise / dropout: the test accuracy above the training accuracy (measured on the
+  training batches, against their labels) by more than this over the last
+  ``late_fraction``, while the training loss stays above the test loss."""
+  dropout_rate_min: float = 0.3
+  """Dropout too strong: a recorded dropout rate of at least this takes the train–test gap
+  (below it the gap is read as label noise)."""
+  dropout_loss_ratio: float = 1.5
+  """Dropout too strong, without an accuracy (regression): the training loss above this ×
+  the test loss."""
   eos_band: float = 1.2
   """Curvature: ``lr · λ_max`` whose median over the steps above the limit stays within
   ``eos_band ×`` the limit while the loss keeps falling is the edge of stability of
@@ -295,6 +352,34 @@ _ADVICE: dict[str, list[str]] = {
     "re-weight the loss by inverse class frequency, or over-sample the rare classes",
     "judge the model by a balanced metric (per-class recall), not only accuracy",
   ],
+  "lr_too_low": [
+    "raise the learning rate (the suggested factor brings ‖Δθ‖/‖θ‖ near 1e-3); compare a "
+    "short sweep around it",
+    "with a fixed step budget, use a schedule with a higher peak (warm-up then decay)",
+    "if the learning rate cannot change, train for many more steps",
+  ],
+  "bad_init_scale": [
+    "use an initialisation scaled to the activation and fan-in (He for ReLU, "
+    "LeCun/Glorot for tanh and linear layers): the layers' outputs should keep a standard "
+    "deviation near 1 through depth and the first loss near ln(num_classes)",
+    "scale the output layer down (zero or small init of the last layer) so the first "
+    "logits are small",
+    "add normalisation layers (batch or layer normalisation)",
+  ],
+  "label_noise": [
+    "check the training labels: look at the examples whose loss stays highest (they are "
+    "often mislabelled) and fix or drop them",
+    "use a loss that is robust to noisy labels (label smoothing, bootstrapping, "
+    "generalised cross-entropy), or stop early before the model memorises the noise",
+    "check that the training labels are aligned with the inputs (a shuffle or shift "
+    "applied to one but not the other)",
+  ],
+  "dropout_too_strong": [
+    "lower the dropout rate (e.g. halve it, or 0.1–0.3 for small layers)",
+    "apply dropout to fewer or wider layers, or regularise with weight decay instead",
+    "if a lower rate does not close the train–test gap, check the training labels "
+    "(noisy labels look the same in the record)",
+  ],
   "edge_of_stability": [
     "nothing to fix: gradient descent settles where lr · λ_max ≈ 2 and keeps making progress "
     "(Cohen et al. 2021); lower the learning rate only if the loss stops falling",
@@ -319,9 +404,12 @@ def _finding(
   layers: Sequence[str] = (),
   steps: Iterable[Any] = (),
   values: Mapping[str, Any] | None = None,
+  confidence: str = "medium",
+  advice: Sequence[str] = (),
 ) -> Finding:
-  """A :class:`Finding` with the advice of ``name`` and the evidence dict
-  ``{"metric", "layers", "steps" (the first 20), "values"}`` in strict-JSON values."""
+  """A :class:`Finding` with the advice of ``name`` (after ``advice``, run-specific lines
+  such as a suggested factor) and the evidence dict ``{"metric", "layers", "steps" (the
+  first 20), "values"}`` in strict-JSON values."""
   steps = [int(s) for s in steps][:_MAX_STEPS_SHOWN]
   evidence = {
     "metric": metric if isinstance(metric, str) else list(metric),
@@ -329,7 +417,45 @@ def _finding(
     "steps": steps,
     "values": dict(values or {}),
   }
-  return Finding(name, severity, summary, to_jsonable(evidence), list(_ADVICE.get(name, [])))
+  tips = [*advice, *_ADVICE.get(name, [])]
+  return Finding(name, severity, summary, to_jsonable(evidence), tips, confidence)
+
+
+def _margin(value: float, bound: float, *, above: bool) -> float:
+  """How far ``value`` is past ``bound``, as a factor (``≥ 1`` when it is past it).
+
+  ``value / bound`` for a rule that fires above ``bound``, ``bound / value`` for one that
+  fires below it; ``inf`` when the value is past a positive bound by any factor (a value
+  of 0 or below for a "below" rule, a non-finite one) and 0 when ``bound`` is not positive.
+  """
+  if not math.isfinite(value):
+    return math.inf
+  if bound <= 0:
+    return 0.0 if not above or value <= 0 else math.inf
+  if above:
+    return value / bound
+  return bound / value if value > 0 else math.inf
+
+
+def _confidence(margin: float, points: int | None = None, min_points: int = 1) -> str:
+  """The confidence of a finding from its evidence.
+
+  Args:
+    margin: how far the measured value is past the rule's threshold, as a factor
+      (:func:`_margin`; ``≥ 1`` when the rule fires).
+    points: how many points the measurement rests on (``None``: not a sample of a noisy
+      series, e.g. the data statistics or a configuration value).
+    min_points: the rule's minimum evidence (fewer points and the rule does not judge).
+
+  Returns:
+    ``"high"`` when ``margin ≥ HIGH_MARGIN`` (2) and the evidence holds at least twice the
+    minimum number of points; ``"low"`` when ``margin < LOW_MARGIN`` (1.25: just past the
+    threshold, where noise could have put it); ``"medium"`` otherwise.
+  """
+  if margin < LOW_MARGIN:
+    return "low"
+  enough = points is None or points >= 2 * max(int(min_points), 1)
+  return "high" if margin >= HIGH_MARGIN and enough else "medium"
 
 
 def _fmt(x: float) -> str:

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from jaxscope.diagnose.finding import Finding, Thresholds, _finding, _fmt
+from jaxscope.diagnose.finding import Finding, Thresholds, _confidence, _finding, _fmt, _margin
 from jaxscope.diagnose.series import (
   _finite,
   _head,
@@ -40,7 +40,7 @@ def _depth_ratio(
   num, den = s1[1][i1], s2[1][i2]
   ok = np.isfinite(num) & np.isfinite(den) & (den > 0)
   c_steps, ratio = _tail(common[ok], num[ok] / den[ok], 0.5)
-  if not ratio.size:
+  if ratio.size < max(th.min_points, 1):
     return None
   med = float(np.median(ratio))
   if med < th.vanishing_ratio:
@@ -49,6 +49,7 @@ def _depth_ratio(
     name, title, word, bound = "exploding_gradients", "Exploding", "above", th.exploding_ratio
   else:
     return None
+  margin = _margin(med, bound, above=word == "above")
   vals = {
     "median_ratio": med,
     f"median/{first}": float(np.median(_tail(common[ok], num[ok], 0.5)[1])),
@@ -67,6 +68,7 @@ def _depth_ratio(
     layers=[first, last],
     steps=[c_steps[0]],
     values=vals,
+    confidence=_confidence(margin, ratio.size, th.min_points),
   )
 
 
@@ -77,6 +79,7 @@ def _growth(
   its steps) exceeds ``exploding_growth ×`` its median over the first 10 %, or ``None``."""
   growing: dict[str, float] = {}
   first_step: list[int] = []
+  points: list[int] = []
   for lay in layers:
     steps, values = _finite(*_series(h, f"{prefix}/{lay}"))  # type: ignore[misc]
     if steps.size < th.min_points:
@@ -87,6 +90,7 @@ def _growth(
     if h0 > 0 and h1 > th.exploding_growth * h0:
       growing[lay] = h1 / h0
       first_step.append(int(t_steps[0]))
+      points.append(int(steps.size))
   if not growing:
     return None
   names = list(growing)
@@ -105,6 +109,9 @@ def _growth(
     layers=names,
     steps=[min(first_step)],
     values={f"growth/{lay}": g for lay, g in growing.items()},
+    confidence=_confidence(
+      _margin(max(growing.values()), th.exploding_growth, above=True), max(points), th.min_points
+    ),
   )
 
 
@@ -142,40 +149,47 @@ def _rule_gradients(h: History, th: Thresholds) -> list[Finding]:
 # --------------------------------------------------------------------------- update ratio
 
 
-def _stalled(h: History, th: Thresholds) -> tuple[list[str], dict[str, float], int | None]:
-  """Stalled weight layers (while another moves), their maxima, first step of the window."""
+def _stalled(h: History, th: Thresholds) -> tuple[list[str], dict[str, float], int | None, int]:
+  """Stalled weight layers (while another moves), their maxima, the first step of the
+  window and the fewest points a stalled layer's window holds (at least ``min_points``)."""
   layers = _layers(h, "updates", "ratio", weights=True)
   maxima: dict[str, float] = {}
   moving = False
   first: int | None = None
+  points = 0
   for lay in layers:
     steps, values = _finite(*_series(h, f"updates/ratio/{lay}"))  # type: ignore[misc]
     if steps.size == 0:
       continue
     t_steps, tail = _tail(steps, values, th.stall_fraction)
     top = float(np.max(np.abs(tail)))
-    if top < th.stall_ratio:
+    if top >= th.stall_ratio:
+      moving = True
+    elif tail.size >= max(th.min_points, 1):
       maxima[lay] = top
       first = int(t_steps[0]) if first is None else min(first, int(t_steps[0]))
-    else:
-      moving = True
+      points = min(points, int(tail.size)) if points else int(tail.size)
   if not moving:
-    return [], {}, None
-  return list(maxima), maxima, first
+    return [], {}, None, 0
+  return list(maxima), maxima, first, points
 
 
 def _rule_update_ratio(h: History, th: Thresholds) -> list[Finding]:
   """Update/weight ratio ``‖Δθ‖/‖θ‖`` per layer far from the target ``1e-3``.
 
-  The median of ``updates/ratio/{layer}`` over the last half of its steps, per weight
-  layer: above ``ratio_high`` → ``"update_ratio_high"`` (learning rate too high for the
-  layer); below ``ratio_low`` → ``"update_ratio_low"`` (too low, the layer hardly learns;
-  layers reported as stalled are left out). Warnings. Source: the ikkuna thesis (update
-  ratio around 1e-3, Karpathy's rule of thumb).
+  The median of ``updates/ratio/{layer}`` over the last half of its steps after the first
+  ``ratio_warmup`` steps (the early transient, when the ratios of a healthy run are
+  naturally high), with at least ``min_points`` points, per weight layer: above
+  ``ratio_high`` → ``"update_ratio_high"`` (learning rate too high for the layer); below
+  ``ratio_low`` → ``"update_ratio_low"`` (too low, the layer hardly learns; layers
+  reported as stalled are left out). Warnings; the confidence from the worst layer.
+  Source: the ikkuna thesis (update ratio around 1e-3, Karpathy's rule of thumb).
   """
   layers = _layers(h, "updates", "ratio", weights=True)
   stalled = set(_stalled(h, th)[0])
-  med, first = _layer_tail_medians(h, "updates/ratio", layers)
+  med, first, points = _layer_tail_medians(
+    h, "updates/ratio", layers, warmup=th.ratio_warmup, min_points=th.min_points
+  )
   findings: list[Finding] = []
   for name, pick, word, bound in (
     ("update_ratio_high", lambda m: m > th.ratio_high, "above", th.ratio_high),
@@ -184,6 +198,9 @@ def _rule_update_ratio(h: History, th: Thresholds) -> list[Finding]:
     bad = [lay for lay, m in med.items() if pick(m) and lay not in stalled]
     if not bad:
       continue
+    above = name == "update_ratio_high"
+    margin = max(_margin(med[lay], bound, above=above) for lay in bad)
+    worst = max(bad, key=lambda lay: _margin(med[lay], bound, above=above))
     shown = ", ".join(f"{lay} {_fmt(med[lay])}" for lay in bad[:5])
     summary = (
       f"Update/weight ratio {word} {_fmt(bound)} in {len(bad)} layer(s) (median over the "
@@ -198,6 +215,7 @@ def _rule_update_ratio(h: History, th: Thresholds) -> list[Finding]:
         layers=bad,
         steps=[min(first[lay] for lay in bad)],
         values={f"median/{lay}": m for lay, m in med.items()},
+        confidence=_confidence(margin, points[worst], th.min_points),
       )
     )
   return findings
@@ -207,13 +225,14 @@ def _rule_stalled_layers(h: History, th: Thresholds) -> list[Finding]:
   """Layers that stopped moving while others still move.
 
   A weight layer whose ``updates/ratio/{layer}`` stays below ``stall_ratio`` (absolute)
-  at every step of the last ``stall_fraction`` of its steps, while at least one other
-  layer is above it. Warning (expected for layers frozen on purpose). Source: ikkuna's
-  per-layer update ratio; the capacity thesis's frozen layers.
+  at every step of the last ``stall_fraction`` of its steps (at least ``min_points``),
+  while at least one other layer is above it. Warning (expected for layers frozen on
+  purpose). Source: ikkuna's per-layer update ratio; the capacity thesis's frozen layers.
   """
-  layers, maxima, first = _stalled(h, th)
+  layers, maxima, first, points = _stalled(h, th)
   if not layers:
     return []
+  margin = min(_margin(m, th.stall_ratio, above=False) for m in maxima.values())
   summary = (
     f"{len(layers)} layer(s) stopped moving ({', '.join(layers[:5])}"
     f"{', …' if len(layers) > 5 else ''}): ‖Δθ‖/‖θ‖ < {_fmt(th.stall_ratio)} over the last "
@@ -229,6 +248,7 @@ def _rule_stalled_layers(h: History, th: Thresholds) -> list[Finding]:
       layers=layers,
       steps=[first],
       values={f"max/{lay}": m for lay, m in maxima.items()},
+      confidence=_confidence(margin, points, th.min_points),
     )
   ]
 
@@ -241,18 +261,23 @@ def _rule_lost_updates(h: History, th: Thresholds) -> list[Finding]:
 
   Per layer, the median of ``updates/lost_fraction/{layer}`` (the fraction of non-zero
   updates that leave the stored parameter unchanged, :func:`jaxscope.metrics.lost_fraction`)
-  over the last half of its steps above ``lost_fraction``, → ``"lost_updates"``, with the
-  realised ratio ``updates/realised_ratio/{layer}`` beside the intended
-  ``updates/ratio/{layer}`` when recorded. Warning. Typical of bfloat16 parameters (8
+  over the last half of its steps (at least ``min_points``) above ``lost_fraction``,
+  → ``"lost_updates"``, with the realised ratio ``updates/realised_ratio/{layer}`` beside
+  the intended ``updates/ratio/{layer}`` when recorded. Warning. Typical of bfloat16 parameters (8
   mantissa bits: an update below ``2⁻⁹ |θᵢ|`` rounds to nothing) with a small learning rate.
   """
   layers = _layers(h, "updates", "lost_fraction")
-  med, first = _layer_tail_medians(h, "updates/lost_fraction", layers)
+  med, first, points = _layer_tail_medians(
+    h, "updates/lost_fraction", layers, min_points=th.min_points
+  )
   bad = [lay for lay, m in med.items() if m > th.lost_fraction]
   if not bad:
     return []
-  realised, _ = _layer_tail_medians(h, "updates/realised_ratio", bad)
-  intended, _ = _layer_tail_medians(h, "updates/ratio", bad)
+  worst = max(bad, key=lambda lay: med[lay])
+  margin = _margin(med[worst], th.lost_fraction, above=True)
+  confidence = _confidence(margin, points[worst], th.min_points)
+  realised = _layer_tail_medians(h, "updates/realised_ratio", bad).med
+  intended = _layer_tail_medians(h, "updates/ratio", bad).med
   shown = ", ".join(f"{lay} {med[lay]:.0%}" for lay in bad[:5])
   summary = (
     f"Updates lost to rounding in {len(bad)} layer(s): more than {th.lost_fraction:.0%} of "
@@ -271,5 +296,6 @@ def _rule_lost_updates(h: History, th: Thresholds) -> list[Finding]:
       layers=bad,
       steps=[min(first[lay] for lay in bad)],
       values=values,
+      confidence=confidence,
     )
   ]

@@ -28,7 +28,8 @@ class LiveDiagnosis:
   diagnosis that fails (an unreadable log, a bug in a rule) is reported with
   :func:`warnings.warn` and never raised: it must not stop training.
 
-  The line reads ``jaxscope [{severity}] {name}: {summary} (jaxscope diagnose {run_dir})``.
+  The line reads ``jaxscope [{severity}] {name} ({confidence} confidence): {summary}
+  (jaxscope diagnose {run_dir})``.
 
   A training loop uses it as::
 
@@ -66,7 +67,8 @@ class LiveDiagnosis:
   def message(self, finding: Finding) -> str:
     """The line emitted for ``finding``."""
     return (
-      f"jaxscope [{finding.severity}] {finding.name}: {finding.summary} "
+      f"jaxscope [{finding.severity}] {finding.name} ({finding.confidence} confidence): "
+      f"{finding.summary} "
       f"(jaxscope diagnose {self.run_dir})"
     )
 

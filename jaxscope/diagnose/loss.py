@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from jaxscope.diagnose.finding import Finding, Thresholds, _finding, _fmt
+from jaxscope.diagnose.finding import Finding, Thresholds, _confidence, _finding, _fmt, _margin
 from jaxscope.diagnose.series import (
   _acf_period,
   _finite,
@@ -150,9 +150,20 @@ def _rule_divergence(h: History, th: Thresholds) -> list[Finding]:
       values.update(nonfinite_loss_step=nan_at)
       what += f"; from step {nan_at} it is {_nonfinite_name(loss[np.argmax(later)])}"
     summary = f"The loss diverges: at step {div} it {what}{where}."
+    # Certain when the loss (or a value inside the network) is non-finite; an explosion by
+    # its factor over divergence_factor × the initial loss.
+    nonfinite = not np.isfinite(at) or later.any() or first is not None
+    margin = math.inf if nonfinite else _margin(at, th.divergence_factor * abs(initial), above=True)
     return [
       _finding(
-        "divergence", "critical", summary, metric="loss", layers=layers, steps=[div], values=values
+        "divergence",
+        "critical",
+        summary,
+        metric="loss",
+        layers=layers,
+        steps=[div],
+        values=values,
+        confidence=_confidence(margin),
       )
     ]
   assert first is not None
@@ -166,6 +177,7 @@ def _rule_divergence(h: History, th: Thresholds) -> list[Finding]:
       layers=layers,
       steps=[first[0]],
       values=values,
+      confidence="high",
     )
   ]
 
@@ -237,6 +249,7 @@ def _periodic_spikes(steps: np.ndarray, res: _Residual, th: Thresholds) -> Findi
     metric="loss",
     steps=[int(steps[0])],
     values={"period_steps": period_steps, "power_ratio": ratio, "log_domain": res.use_log},
+    confidence=_confidence(_margin(ratio, th.spike_power_ratio, above=True), n, th.min_series),
   )
 
 
@@ -267,6 +280,9 @@ def _instability(steps: np.ndarray, res: _Residual, th: Thresholds) -> Finding |
     metric="loss",
     steps=spike_steps,
     values={"spike_fraction": frac, "num_spikes": int(idx.size), "log_domain": res.use_log},
+    confidence=_confidence(
+      _margin(frac, th.instability_fraction, above=True), resid.size, th.instability_min_points
+    ),
   )
 
 
@@ -325,6 +341,7 @@ def _rule_early_plateau(h: History, th: Thresholds) -> list[Finding]:
     f"{_fmt(start)} to {_fmt(end)} ({drop:.1%} drop, less than "
     f"{th.plateau_rel_change:.1%})."
   )
+  margin = _margin(drop, th.plateau_rel_change, above=False)
   return [
     _finding(
       "early_plateau",
@@ -333,6 +350,7 @@ def _rule_early_plateau(h: History, th: Thresholds) -> list[Finding]:
       metric="loss",
       steps=[steps[0], steps[-1]],
       values={"start": start, "end": end, "relative_drop": drop},
+      confidence=_confidence(margin, steps.size, th.min_points),
     )
   ]
 
@@ -377,6 +395,7 @@ def _rule_late_plateau(h: History, th: Thresholds) -> list[Finding]:
     metric.append("train/accuracy")
     values["train_accuracy"] = level
     why = f"training accuracy {level:.3g} < {_fmt(th.late_acc)}"
+    far = _margin(level, th.late_acc, above=False)
   else:
     initial = float(np.median(all_loss[:5]))
     level = float(np.median(loss))
@@ -384,6 +403,8 @@ def _rule_late_plateau(h: History, th: Thresholds) -> list[Finding]:
       return []
     values["initial_loss"] = initial
     why = f"loss {_fmt(level)} > {_fmt(th.late_loss_fraction)} × initial {_fmt(initial)}"
+    far = _margin(level, th.late_loss_fraction * initial, above=True)
+  margin = min(_margin(drop, th.plateau_rel_change, above=False), far)
   summary = (
     f"The loss is stuck late: over steps {int(steps[0])}–{int(steps[-1])} it falls by only "
     f"{drop:.1%} while still far from a good fit ({why})."
@@ -396,6 +417,7 @@ def _rule_late_plateau(h: History, th: Thresholds) -> list[Finding]:
       metric=metric,
       steps=[steps[0], steps[-1]],
       values=values,
+      confidence=_confidence(margin, steps.size, th.min_points),
     )
   ]
 
@@ -473,6 +495,7 @@ def _rule_overfitting(h: History, th: Thresholds) -> list[Finding]:
         "gap_slope": gap_slope,
         "train_slope": train_slope,
       },
+      confidence=_confidence(_margin(above, th.overfit_rel, above=True), t_steps.size, w),
     )
   ]
 
@@ -483,22 +506,25 @@ def _rule_overfitting(h: History, th: Thresholds) -> list[Finding]:
 def _rule_too_few_steps(h: History, th: Thresholds) -> list[Finding]:
   """Too few steps: the loss is still falling at the end of the run.
 
-  On the finite loss of a run that did not diverge, with at least ``min_series`` points and
-  ``min_points`` in its last ``late_fraction``: a least-squares line through that last
-  stretch (in ``log(loss)`` when positive, :func:`_rel_drop`) falls by more than
-  ``still_improving`` of the run's whole improvement (from the median of its first five
-  points to the line's end). Warning. Source: "too few epochs", one of the most common real
-  faults of the DeepFD study.
+  On the finite loss of a run that did not diverge, with at least ``2 × tail_min_points``
+  points: the last stretch is its last ``late_fraction``, widened to the last
+  ``tail_min_points`` points when it holds fewer (so a 12-step run is judged on its last 5
+  steps, a 150-step run on its last 30). A least-squares line through that stretch (in
+  ``log(loss)`` when positive, :func:`_rel_drop`) falls by more than ``still_improving``
+  of the run's whole improvement (from the median of its first five points to the line's
+  end). Warning. Source: "too few epochs", one of the most common real faults of the
+  DeepFD study.
   """
   if _divergence_step(h, th) is not None:
     return []
   s = _stable_loss(h, th)
-  if s is None or s[0].size < th.min_series:
+  need = max(th.tail_min_points, 2)
+  if s is None or s[0].size < 2 * need:
     return []
   steps, loss = s
   t_steps, t_loss = _tail(steps, loss, th.late_fraction)
-  if t_steps.size < th.min_points:
-    return []
+  if t_steps.size < need:
+    t_steps, t_loss = steps[-need:], loss[-need:]
   first = float(np.median(loss[:5]))
   t_start, t_end, _ = _rel_drop(t_steps, t_loss)
   total = first - t_end
@@ -520,6 +546,7 @@ def _rule_too_few_steps(h: History, th: Thresholds) -> list[Finding]:
       metric="loss",
       steps=[t_steps[0], t_steps[-1]],
       values={"recent_fraction": recent, "start": t_start, "end": t_end, "first": first},
+      confidence=_confidence(_margin(recent, th.still_improving, above=True), t_steps.size, need),
     )
   ]
 
@@ -559,6 +586,8 @@ def _rule_loss_output_mismatch(h: History, th: Thresholds) -> list[Finding]:
     "softmax before a loss that takes logits bounds the loss from below)."
   )
   values = {"accuracy": acc_end, "loss": loss_end, "initial_loss": first}
+  # The accuracy is a gate (a task that is learnt); the evidence is the loss's floor.
+  margin = _margin(loss_end, th.mismatch_loss_fraction * first, above=True)
   return [
     _finding(
       "loss_output_mismatch",
@@ -567,5 +596,6 @@ def _rule_loss_output_mismatch(h: History, th: Thresholds) -> list[Finding]:
       metric=["loss"],
       steps=[t_steps[0], t_steps[-1]],
       values=values,
+      confidence=_confidence(margin, t_steps.size, th.min_points),
     )
   ]

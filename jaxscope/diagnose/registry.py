@@ -2,6 +2,11 @@
 
 A rule is ``rule(history, thresholds) -> list[Finding]``; the registry's order is the order
 in which the rules run (the findings are sorted afterwards, so it matters only for ties).
+
+After a divergence (the first non-finite or exploding loss step, ``divergence_factor``)
+what the layers do is a consequence, not a cause: every rule but those of
+:data:`WHOLE_RUN` judges only the steps before it. A finding that only the whole run shows
+is still reported, with confidence ``"low"`` and a note "after the divergence at step N".
 """
 
 from __future__ import annotations
@@ -14,6 +19,12 @@ from typing import Any
 import numpy as np
 
 from jaxscope.diagnose.activations import _rule_dead_units, _rule_saturation
+from jaxscope.diagnose.causes import (
+  _rule_bad_init_scale,
+  _rule_dropout_too_strong,
+  _rule_label_noise,
+  _rule_lr_too_low,
+)
 from jaxscope.diagnose.curvature import _rule_lr_curvature
 from jaxscope.diagnose.data import _rule_class_imbalance, _rule_nonfinite_data, _rule_unnormalised
 from jaxscope.diagnose.finding import Finding, Thresholds
@@ -24,6 +35,7 @@ from jaxscope.diagnose.gradients import (
   _rule_update_ratio,
 )
 from jaxscope.diagnose.loss import (
+  _divergence_step,
   _rule_divergence,
   _rule_early_plateau,
   _rule_late_plateau,
@@ -57,7 +69,19 @@ RULES: dict[str, Callable[[History, Thresholds], list[Finding]]] = {
   "nonfinite_data": _rule_nonfinite_data,
   "unnormalised_inputs": _rule_unnormalised,
   "class_imbalance": _rule_class_imbalance,
+  "lr_too_low": _rule_lr_too_low,
+  "bad_init_scale": _rule_bad_init_scale,
+  "label_noise": _rule_label_noise,
+  "dropout_too_strong": _rule_dropout_too_strong,
 }
+
+#: Rules that read the whole run, a divergence included: the divergence itself, the rules
+#: on the training data (``config["data_stats"]``, a cause that precedes any step) and
+#: ``too_few_steps``, which does not judge a run that diverged (it broke; it did not stop
+#: too early).
+WHOLE_RUN = frozenset(
+  {"divergence", "nonfinite_data", "unnormalised_inputs", "class_imbalance", "too_few_steps"}
+)
 
 
 # --------------------------------------------------------------------------- entry point
@@ -80,6 +104,49 @@ def _as_history(history: Any) -> History:
     "diagnose: history must be a History, a run directory or a mapping "
     f"key -> (steps, values), got {type(history).__name__}."
   )
+
+
+def _before(h: History, step: int) -> History:
+  """The records of ``h`` at steps before ``step`` (same config and run directory); keys
+  whose values change shape between steps are left out (no rule reads them)."""
+  by_step: dict[int, dict[str, Any]] = {}
+  for key in h.keys():
+    try:
+      steps, values = h.series(key)
+    except ValueError:
+      continue
+    for s, v in zip(steps.tolist(), values, strict=True):
+      if s < step:
+        by_step.setdefault(int(s), {})[key] = v
+  return History(sorted(by_step.items()), config=h.config, run_dir=h.run_dir)
+
+
+def _after_divergence(f: Finding, step: int) -> Finding:
+  """``f`` as a consequence of the divergence at ``step``: confidence ``"low"``, a note in
+  its summary and ``values["after_divergence_step"]``."""
+  evidence = dict(f.evidence)
+  evidence["values"] = {**dict(evidence.get("values", {})), "after_divergence_step": step}
+  note = f" (after the divergence at step {step}: a consequence, not a cause)"
+  summary = f.summary[:-1] + note + "." if f.summary.endswith(".") else f.summary + note
+  return dataclasses.replace(f, summary=summary, evidence=evidence, confidence="low")
+
+
+def _run_rules(h: History, th: Thresholds) -> list[Finding]:
+  """Every rule of :data:`RULES` over ``h``; after a divergence, those not in
+  :data:`WHOLE_RUN` over the steps before it, and what only the whole run shows marked
+  by :func:`_after_divergence`."""
+  div = _divergence_step(h, th)
+  before = _before(h, div) if div is not None else h
+  findings: list[Finding] = []
+  for name, rule in RULES.items():
+    if div is None or name in WHOLE_RUN:
+      findings.extend(rule(h, th))
+      continue
+    early = rule(before, th)
+    findings.extend(early)
+    seen = {f.name for f in early}
+    findings.extend(_after_divergence(f, div) for f in rule(h, th) if f.name not in seen)
+  return findings
 
 
 def _thresholds(thresholds: Thresholds | None, overrides: Mapping[str, Any]) -> Thresholds:
@@ -119,16 +186,15 @@ def diagnose(
     **overrides: thresholds to change by name, e.g. ``dead_fraction=0.3``.
 
   Returns:
-    The findings, most severe first (critical, warning, info), then by the first step of
-    their evidence, then by name. Empty when nothing was found.
+    The findings in the order of :func:`~jaxscope.diagnose.reporting._sort_key`: most
+    severe first (critical, warning, info); within a severity, findings of confidence
+    ``"low"`` last, those that name a cause (:data:`~jaxscope.diagnose.reporting.CAUSES`)
+    before those that describe a symptom, then by confidence, by the first step of their
+    evidence and by name. Empty when nothing was found.
 
   Raises:
     TypeError: an override names no field of :class:`Thresholds`, or ``history`` has an
       unsupported type.
   """
   th = _thresholds(thresholds, overrides)
-  h = _as_history(history)
-  findings: list[Finding] = []
-  for rule in RULES.values():
-    findings.extend(rule(h, th))
-  return sorted(findings, key=_sort_key)
+  return sorted(_run_rules(_as_history(history), th), key=_sort_key)

@@ -1,4 +1,5 @@
-"""Findings out: their order (most severe first, then by first step), JSON and a text report.
+"""Findings out: their order (most severe first, causes before symptoms, most certain first,
+then by first step), JSON and a text report.
 
 (Named ``reporting`` so that the submodule does not shadow the function
 :func:`jaxscope.diagnose.report` on the package.)
@@ -10,14 +11,42 @@ import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from jaxscope.diagnose.finding import SEVERITIES, Finding
+from jaxscope.diagnose.finding import CONFIDENCES, SEVERITIES, Finding
+
+#: Findings that name a cause in the training data or the run's setup (what to change
+#: before training again). Within a severity they come before the findings that describe a
+#: symptom (a curve's shape, a layer's state), which several causes can produce: the first
+#: finding of a report is the likeliest cause.
+CAUSES = frozenset(
+  {
+    "nonfinite_data",
+    "unnormalised_inputs",
+    "class_imbalance",
+    "label_noise",
+    "bad_init_scale",
+    "lr_too_low",
+    "lr_above_curvature_limit",
+    "dropout_too_strong",
+    "loss_output_mismatch",
+    "too_few_steps",
+  }
+)
 
 
-def _sort_key(f: Finding) -> tuple[int, float, str]:
-  """Severity (most severe first), then the first step of the evidence, then the name."""
+def _sort_key(f: Finding) -> tuple[int, bool, bool, int, float, str]:
+  """Severity (most severe first); within it findings of confidence ``"low"`` last (just
+  past a threshold, or seen only after a divergence), causes (:data:`CAUSES`) before
+  symptoms, then by confidence, the first step of the evidence and the name."""
   steps = f.evidence.get("steps") or []
   first = min(steps) if steps else math.inf
-  return SEVERITIES.index(f.severity), first, f.name
+  return (
+    SEVERITIES.index(f.severity),
+    f.confidence == "low",
+    f.name not in CAUSES,
+    CONFIDENCES.index(f.confidence),
+    first,
+    f.name,
+  )
 
 
 def findings_to_json(findings: Iterable[Finding]) -> list[dict[str, Any]]:
@@ -26,7 +55,8 @@ def findings_to_json(findings: Iterable[Finding]) -> list[dict[str, Any]]:
 
 
 def report(findings: Sequence[Finding]) -> str:
-  """A readable text report of the findings, most severe first.
+  """A readable text report of the findings in the order of :func:`_sort_key`, each with
+  its severity, name, confidence, summary, evidence layers and steps, and advice.
 
   Returns ``"No problem found."`` when there is none.
   """
@@ -38,7 +68,7 @@ def report(findings: Sequence[Finding]) -> str:
   lines = [f"{len(findings)} finding(s) ({head}):"]
   for f in findings:
     lines.append("")
-    lines.append(f"[{f.severity.upper()}] {f.name}: {f.summary}")
+    lines.append(f"[{f.severity.upper()}] {f.name} ({f.confidence} confidence): {f.summary}")
     ev = f.evidence
     if ev.get("layers"):
       lines.append(f"  layers: {', '.join(ev['layers'])}")

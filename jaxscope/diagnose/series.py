@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -73,21 +73,38 @@ def _finite(steps: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarr
   return steps[ok], values[ok]
 
 
+class _TailMedians(NamedTuple):
+  """Per-layer medians over the last half of a series (:func:`_layer_tail_medians`)."""
+
+  med: dict[str, float]
+  """The median per layer."""
+  first: dict[str, int]
+  """The first step of the half per layer."""
+  points: dict[str, int]
+  """The number of points of the half per layer."""
+
+
 def _layer_tail_medians(
-  h: History, prefix: str, layers: Sequence[str]
-) -> tuple[dict[str, float], dict[str, int]]:
+  h: History, prefix: str, layers: Sequence[str], *, warmup: int = 0, min_points: int = 1
+) -> _TailMedians:
   """Per layer, the median of ``{prefix}/{layer}`` over the last half of its finite
-  values and the first step of that half (layers without a finite value are left out)."""
-  med: dict[str, float] = {}
-  first: dict[str, int] = {}
+  values from step ``first recorded step + warmup`` on, the first step of that half and
+  its number of points; layers with fewer than ``min_points`` there are left out."""
+  out = _TailMedians({}, {}, {})
   for lay in layers:
     steps, values = _finite(*_series(h, f"{prefix}/{lay}"))  # type: ignore[misc]
+    if steps.size and warmup > 0:
+      keep = steps >= steps[0] + warmup
+      steps, values = steps[keep], values[keep]
     if steps.size == 0:
       continue
     t_steps, tail = _tail(steps, values, 0.5)
-    med[lay] = float(np.median(tail))
-    first[lay] = int(t_steps[0])
-  return med, first
+    if tail.size < max(int(min_points), 1):
+      continue
+    out.med[lay] = float(np.median(tail))
+    out.first[lay] = int(t_steps[0])
+    out.points[lay] = int(tail.size)
+  return out
 
 
 def _linear_pad(y: np.ndarray, half: int) -> np.ndarray:
