@@ -805,6 +805,7 @@ def _setup_run(
   train_acc=None,
   test_acc=0.95,
   test_loss=0.2,
+  test_loss0=2.3,
   ratio=3e-3,
   std0=(0.5, 0.35, 0.2),
   dead0=0.05,
@@ -813,7 +814,8 @@ def _setup_run(
   **config,
 ) -> History:
   """A healthy 300-step classification run with the keys and config the setup rules read
-  (a digits-like MLP: three layers, evaluations every 30 steps and after the last step)."""
+  (an MLP: three hidden layers and a ``head``, evaluations every 30 steps and after the
+  last step)."""
   n, rng = SETUP_N, np.random.default_rng(79)
   t = np.arange(n, dtype=np.float64)
   arrays = {
@@ -828,10 +830,12 @@ def _setup_run(
     arrays[f"activations/std/{lay}"][0] = std0[i]
     arrays[f"activations/dead_fraction/{lay}"] = np.full(n, dead)
     arrays[f"activations/dead_fraction/{lay}"][0] = dead0
+  arrays["activations/std/head"] = np.full(n, 0.2)  # the output layer: not in the profile
+  arrays["activations/dead_fraction/head"] = np.full(n, 0.0)
   records = [(s, {k: float(v[s]) for k, v in arrays.items()}) for s in range(n)]
   for s in range(0, n + 1, 30):  # the final evaluation after the last step too
     records.append((s, {"test/accuracy": 0.1 if s == 0 else test_acc}))
-    records.append((s, {"test/loss": 2.3 if s == 0 else test_loss}))
+    records.append((s, {"test/loss": test_loss0 if s == 0 else test_loss}))
   cfg = {"lr": 0.05, "optimizer": "momentum", "num_classes": 10, "task": "classification"}
   cfg["data_stats"] = {"examples": 1000, "inputs": inputs}
   cfg.update(config)
@@ -875,16 +879,25 @@ def test_lr_too_low():
 
 
 def test_bad_init_scale_by_first_loss_and_depth_profile():
-  loss = (2.3 * np.exp(-np.arange(SETUP_N) / 40) + 0.1) * 1.0
-  loss[0] = 30.0  # 30 / ln(10) = 13 × the chance level
-  f = _one(diagnose(_setup_run(loss=loss)), "bad_init_scale")
+  # The initial parameters' test loss: 30 / ln(10) = 13 × the chance level.
+  f = _one(diagnose(_setup_run(test_loss0=30.0)), "bad_init_scale")
   assert f.evidence["values"]["first_loss"] == 30.0
+  assert f.evidence["values"]["first_loss_key"] == "test/loss"
   assert f.evidence["values"]["chance_loss"] == pytest.approx(np.log(10))
   assert f.confidence == "high"  # 30 / (3 ln 10) = 4.3
-  assert "ln(10)" in f.summary and f.evidence["steps"] == [0]
+  assert "initial test loss is 30" in f.summary and f.evidence["steps"] == [0]
+  assert f.advice[0].startswith("scale the initial weights down")
+  # One training batch's loss does not outvote the evaluation of the initial parameters;
+  # without one, the first training loss is read.
+  loss = 2.3 * np.exp(-np.arange(SETUP_N) / 40) + 0.1
+  loss[0] = 30.0
+  assert "bad_init_scale" not in _names(diagnose(_setup_run(loss=loss)))
+  h = _history({"loss": loss}, config={"num_classes": 10, "data_stats": {"inputs": NORMALISED}})
+  f = _one(diagnose(h), "bad_init_scale")
+  assert f.evidence["values"]["first_loss_key"] == "loss" and "first loss is 30" in f.summary
   # Unnormalised inputs explain a large first loss: unnormalised_inputs names them.
   raw = {"mean": 80.0, "std": 90.0, "min": 0.0, "max": 255.0, "nonfinite_fraction": 0.0}
-  names = _names(diagnose(_setup_run(loss=loss, inputs=raw)))
+  names = _names(diagnose(_setup_run(test_loss0=30.0, inputs=raw)))
   assert "unnormalised_inputs" in names and "bad_init_scale" not in names
   # The layers' output std at the first step: ×4 per layer (every layer growing).
   f = _one(diagnose(_setup_run(std0=(1.0, 4.0, 16.0))), "bad_init_scale")
@@ -892,9 +905,10 @@ def test_bad_init_scale_by_first_loss_and_depth_profile():
   assert f.confidence == "medium" and "grows 4× per layer" in f.summary
   f = _one(diagnose(_setup_run(std0=(1.0, 0.1, 0.01))), "bad_init_scale")
   assert "shrinks 0.1× per layer" in f.summary and f.confidence == "high"  # 0.4 / 0.1
+  assert f.advice[0].startswith("scale the initial weights up")
   # Both pieces of evidence: one level up. Not monotone, or dead units at the first step
   # (dead_units names that collapse), or a healthy profile: no finding.
-  both = _setup_run(loss=loss, std0=(1.0, 4.0, 16.0))
+  both = _setup_run(test_loss0=30.0, std0=(1.0, 4.0, 16.0))
   assert _one(diagnose(both), "bad_init_scale").confidence == "high"
   for std0, dead0 in (((1.0, 8.0, 4.0), 0.05), ((1.0, 0.1, 0.01), 0.9), ((0.5, 0.35, 0.2), 0.05)):
     assert "bad_init_scale" not in _names(diagnose(_setup_run(std0=std0, dead0=dead0)))
@@ -922,6 +936,10 @@ def test_label_noise_and_dropout_too_strong():
   assert "label_noise" not in _names(findings)
   assert f.evidence["values"]["dropout_rate"] == 0.8 and "model_args dropout" in f.summary
   assert "label_noise" in _names(diagnose(_noisy(model_args={"dropout_rate": 0.2})))
+  # A network that learnt nothing (test accuracy at chance, a batch accuracy of 0 on
+  # batches of 8) is no evidence of noisy labels.
+  dead = _setup_run(loss=np.full(SETUP_N, 2.5), train_acc=0.0, test_acc=0.1, test_loss=2.4)
+  assert "label_noise" not in _names(diagnose(dead))
   # Every label moved to the next class: fitted (0.97) but below chance on the test labels.
   shifted = _setup_run(train_acc=0.97, test_acc=0.02, test_loss=6.0)
   f = _one(diagnose(shifted), "label_noise")
@@ -954,3 +972,16 @@ def test_zoo_dropout_rates_match_the_models():
   assert ZOO_DROPOUT["alexnet_mini"] == max(rates) == 0.5
   default = inspect.signature(NNXCNN.__init__).parameters["dropout_rate"].default
   assert ZOO_DROPOUT["nnx_cnn"] == default
+
+
+def test_overfitting_needs_a_rise_that_persists():
+  """A test loss that rises over the last three evaluations only (a small test set's loss
+  wanders by 20 % between evaluations: two healthy moons runs were called overfitting) is
+  not judged; overfit_window evaluations after the minimum are (issue 21)."""
+  test = {s: 2.0 - 0.002 * s for s in range(0, 850, 50)}  # 0.4 at step 800
+  test.update({850: 0.5, 900: 0.55, 950: 0.6})
+  h = _history(_base(83), {"test/loss": test})
+  assert "overfitting" not in _names(diagnose(h))
+  f = _one(diagnose(h, overfit_window=3), "overfitting")
+  assert f.evidence["values"]["best_step"] == 800
+  assert f.confidence == "medium"  # 37.5 % above the minimum, 3 evaluations after it

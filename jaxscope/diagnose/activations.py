@@ -18,15 +18,21 @@ from jaxscope.record import History
 OUTPUT_LAYER_NAMES = frozenset({"head", "lm_head", "logits", "output", "classifier"})
 
 
+def _hidden_layers(layers: list[str], th: Thresholds) -> list[str]:
+  """``layers`` (depth order) without the output layer when ``exclude_output_layer`` and
+  more than one is recorded: the layers named in :data:`OUTPUT_LAYER_NAMES`, else the last."""
+  if th.exclude_output_layer and len(layers) > 1:
+    named = [lay for lay in layers if lay.rsplit("/", 1)[-1] in OUTPUT_LAYER_NAMES]
+    return [lay for lay in layers if lay not in named] if named else layers[:-1]
+  return layers
+
+
 def _activation_rule(
   h: History, th: Thresholds, stat: str, name: str, bound: float, what: str
 ) -> list[Finding]:
   """Finding ``name`` for the layers whose median ``activations/{stat}/{layer}`` over the
   last half is above ``bound``; ``what`` opens the summary."""
-  layers = _layers(h, "activations", stat)
-  if th.exclude_output_layer and len(layers) > 1:
-    named = [lay for lay in layers if lay.rsplit("/", 1)[-1] in OUTPUT_LAYER_NAMES]
-    layers = [lay for lay in layers if lay not in named] if named else layers[:-1]
+  layers = _hidden_layers(_layers(h, "activations", stat), th)
   med, first, points = _layer_tail_medians(
     h, f"activations/{stat}", layers, min_points=th.min_points
   )

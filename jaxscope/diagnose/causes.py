@@ -31,7 +31,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from jaxscope.diagnose.activations import _rule_dead_units, _rule_saturation
+from jaxscope.diagnose.activations import _hidden_layers, _rule_dead_units, _rule_saturation
 from jaxscope.diagnose.data import _inputs_normalised, _stats
 from jaxscope.diagnose.finding import (
   Finding,
@@ -47,7 +47,6 @@ from jaxscope.diagnose.series import (
   _finite,
   _layer_tail_medians,
   _layers,
-  _natural_key,
   _rel_drop,
   _series,
   _tail,
@@ -208,11 +207,14 @@ def _rule_lr_too_low(h: History, th: Thresholds) -> list[Finding]:
 # --------------------------------------------------------------------------- initial scale
 
 
-def _first_scales(h: History) -> tuple[int, list[str], np.ndarray, np.ndarray] | None:
-  """``(step, layers, std, dead fraction)`` of the captured layers (depth order) at the
-  first step where ``activations/std`` of every one of them is recorded and finite (dead
-  fraction NaN where not recorded), or ``None``."""
-  layers = sorted(_layers(h, "activations", "std"), key=_natural_key)
+def _first_scales(
+  h: History, th: Thresholds
+) -> tuple[int, list[str], np.ndarray, np.ndarray] | None:
+  """``(step, layers, std, dead fraction)`` of the captured layers (depth order, the output
+  layer left out with ``exclude_output_layer``: a few units, often scaled down on purpose)
+  at the first step where ``activations/std`` of every one of them is recorded and finite
+  (dead fraction NaN where not recorded), or ``None``."""
+  layers = _hidden_layers(_layers(h, "activations", "std"), th)
   if not layers:
     return None
   series = [_series(h, f"activations/std/{lay}") for lay in layers]
@@ -235,7 +237,7 @@ def _depth_growth(h: History, th: Thresholds) -> tuple[float, str, int, dict[str
   """The per-layer factor of the layers' output std at the first step when it grows or
   shrinks beyond ``init_growth`` (see :func:`_rule_bad_init_scale`): ``(margin, sentence,
   step, values)``, or ``None``."""
-  first = _first_scales(h)
+  first = _first_scales(h, th)
   if first is None or len(first[1]) < 3:
     return None
   step, layers, std, dead = first
@@ -247,7 +249,7 @@ def _depth_growth(h: History, th: Thresholds) -> tuple[float, str, int, dict[str
     word, margin = "grows", _margin(g, th.init_growth, above=True)
   elif g < 1.0 / th.init_growth and np.all(ratios < 1):
     # Dead ReLUs at the first step also collapse the signal: dead_units names that.
-    if np.any(dead[:-1] > th.dead_fraction):
+    if np.any(dead > th.dead_fraction):
       return None
     word, margin = "shrinks", _margin(g, 1.0 / th.init_growth, above=False)
   else:
@@ -262,28 +264,46 @@ def _depth_growth(h: History, th: Thresholds) -> tuple[float, str, int, dict[str
   return margin, sentence, step, values
 
 
+def _initial_loss(h: History, th: Thresholds) -> tuple[int, float, str] | None:
+  """``(step, loss, key)`` of the initial parameters: ``test/loss`` evaluated at or before
+  the first training step (the whole test set: no minibatch noise), else the first
+  (pre-divergence) training loss."""
+  s = _stable_loss(h, th)
+  if s is None:
+    return None
+  first = int(s[0][0])
+  test = _series(h, "test/loss")
+  if test is not None:
+    t_steps, t_loss = _finite(*test)
+    if t_steps.size and t_steps[0] <= first:
+      return int(t_steps[0]), float(t_loss[0]), "test/loss"
+  return first, float(s[1][0]), "loss"
+
+
 def _large_first_loss(h: History, th: Thresholds) -> tuple[float, str, int, dict[str, Any]] | None:
-  """The first loss of a classification run far above ``ln(num_classes)`` with normalised
+  """The initial loss of a classification run far above ``ln(num_classes)`` with normalised
   inputs (see :func:`_rule_bad_init_scale`): ``(margin, sentence, step, values)`` or ``None``."""
   k = h.config.get("num_classes")
   if h.config.get("task") == "regression" or not isinstance(k, int) or k < 2:
     return None
   if not _inputs_normalised(h, th):
     return None  # Unnormalised inputs (or none recorded) would explain a large loss.
-  s = _stable_loss(h, th)
-  if s is None:
+  initial = _initial_loss(h, th)
+  if initial is None:
     return None
-  step, loss0 = int(s[0][0]), float(s[1][0])
+  step, loss0, key = initial
   chance = math.log(k)
   if loss0 <= th.init_loss_factor * chance:
     return None
   x = _stats(h)["inputs"]  # type: ignore[index]
+  what = "the initial test loss" if key == "test/loss" else "the first loss"
   sentence = (
-    f"the first loss is {_fmt(loss0)}, {_fmt(loss0 / chance)} × the chance level "
+    f"{what} is {_fmt(loss0)}, {_fmt(loss0 / chance)} × the chance level "
     f"ln({k}) = {_fmt(chance)} (large initial logits) while the inputs are normalised (std "
     f"{_fmt(x['std'])}, |x| ≤ {_fmt(max(abs(x['min']), abs(x['max'])))})"
   )
-  values = {"first_loss": loss0, "chance_loss": chance, "input_std": float(x["std"])}
+  values = {"first_loss": loss0, "first_loss_key": key, "chance_loss": chance}
+  values["input_std"] = float(x["std"])
   return _margin(loss0, th.init_loss_factor * chance, above=True), sentence, step, values
 
 
@@ -292,13 +312,15 @@ def _rule_bad_init_scale(h: History, th: Thresholds) -> list[Finding]:
 
   Two independent pieces of evidence, each enough:
 
-  * **first loss** (classification, ``config["num_classes"] = K``): the first finite loss
-    above ``init_loss_factor × ln K`` (the loss of uniform predictions; a first loss that
-    high means large initial logits) while ``data_stats`` shows normalised inputs (no
-    ``unnormalised_inputs`` problem: inputs scaled up give a large first loss too, and
-    that rule names them); not judged without ``data_stats``;
+  * **initial loss** (classification, ``config["num_classes"] = K``): the loss of the
+    initial parameters (``test/loss`` evaluated at or before the first step, else the first
+    finite training loss, :func:`_initial_loss`) above ``init_loss_factor × ln K`` (the
+    loss of uniform predictions; a first loss that high means large initial logits)
+    while ``data_stats`` shows normalised inputs (no ``unnormalised_inputs`` problem:
+    inputs scaled up give a large first loss too, and that rule names them); not judged
+    without ``data_stats``;
   * **depth profile**: at the first step where ``activations/std/{layer}`` of every
-    captured layer (at least 3, depth order) is finite, the per-layer factor
+    captured layer but the output layer (at least 3, depth order) is finite, the per-layer factor
     ``g = (σ_last/σ_first)^(1/(L−1))`` above ``init_growth`` with every consecutive layer
     growing, or below ``1/init_growth`` with every one shrinking and no layer dead at that
     step (more than ``dead_fraction`` dead units: ``dead_units`` names that collapse).
@@ -317,12 +339,18 @@ def _rule_bad_init_scale(h: History, th: Thresholds) -> list[Finding]:
     confidence = "high" if confidence != "low" else "medium"
   sentences = "; ".join(e[1] for e in found)
   summary = f"The initial scale is wrong: {sentences}."
+  if any("first_loss" in e[3] or e[3]["std_growth_per_layer"] > 1 for e in found):
+    tip = "scale the initial weights down (the output layer's to zero or near it) so that the "
+    tip += "first logits are small"
+  else:
+    tip = "scale the initial weights up (He: variance 2/fan-in for ReLU) so that the signal "
+    tip += "keeps its size through depth"
   values: dict[str, Any] = {}
   for e in found:
     values.update(e[3])
   metric = []
-  if any("first_loss" in e[3] for e in found):
-    metric.append("loss")
+  if "first_loss_key" in values:
+    metric.append(values["first_loss_key"])
   if any("std_growth_per_layer" in e[3] for e in found):
     metric += [k.replace("std/", "activations/std/") for k in values if k.startswith("std/")]
   return [
@@ -334,6 +362,7 @@ def _rule_bad_init_scale(h: History, th: Thresholds) -> list[Finding]:
       steps=[min(e[2] for e in found)],
       values=values,
       confidence=confidence,
+      advice=[tip],
     )
   ]
 
@@ -404,14 +433,19 @@ def _train_test_gap(h: History, th: Thresholds) -> _Gap | None:
   )
 
 
-def _gap_evidence(gap: _Gap, th: Thresholds, *, regression_ok: bool) -> tuple[float, str] | None:
+def _gap_evidence(
+  gap: _Gap, th: Thresholds, chance: float, *, regression_ok: bool
+) -> tuple[float, str] | None:
   """``(margin, sentence)`` when training stays far behind test (see the module
-  docstring), or ``None``: test accuracy above training accuracy by more than
-  ``noise_gap`` with the training loss above the test loss; without accuracies (and
+  docstring), or ``None``: test accuracy above the chance level ``chance`` and above the
+  training accuracy, both by more than ``noise_gap``, with the training loss above the
+  test loss (a network that learnt nothing is at chance on both); without accuracies (and
   ``regression_ok``), the training loss above ``dropout_loss_ratio ×`` the test loss."""
   if gap.train_acc is not None and gap.test_acc is not None:
     diff = gap.test_acc - gap.train_acc
-    if diff <= th.noise_gap or (gap.test_loss is not None and gap.train_loss <= gap.test_loss):
+    if diff <= th.noise_gap or gap.test_acc - chance <= th.noise_gap:
+      return None
+    if gap.test_loss is not None and gap.train_loss <= gap.test_loss:
       return None
     loss = (
       f", training loss {_fmt(gap.train_loss)} against test loss {_fmt(gap.test_loss)}"
@@ -433,6 +467,12 @@ def _gap_evidence(gap: _Gap, th: Thresholds, *, regression_ok: bool) -> tuple[fl
     f"{_fmt(gap.test_loss)} (more than {_fmt(th.dropout_loss_ratio)}×)"
   )
   return _margin(ratio, th.dropout_loss_ratio, above=True), sentence
+
+
+def _chance(h: History) -> float:
+  """The chance accuracy ``1/num_classes`` (0 when ``num_classes`` is not recorded)."""
+  k = h.config.get("num_classes")
+  return 1.0 / k if isinstance(k, int) and not isinstance(k, bool) and k >= 2 else 0.0
 
 
 def _window(gap: _Gap) -> str:
@@ -463,9 +503,10 @@ def _rule_label_noise(h: History, th: Thresholds) -> list[Finding]:
   least ``min_points`` training points and 2 evaluations), either
 
   * **random noise**: the median test accuracy exceeds the median training accuracy
-    (``train/accuracy``, measured against the training labels) by more than ``noise_gap``
-    while the training loss stays above the test loss, and no dropout of at least
-    ``dropout_rate_min`` is recorded (that gap is ``dropout_too_strong``'s). With
+    (``train/accuracy``, measured against the training labels) and the chance level
+    ``1/K`` by more than ``noise_gap`` while the training loss stays above the test
+    loss, and no dropout of at least ``dropout_rate_min`` is recorded (that gap is
+    ``dropout_too_strong``'s). With
     symmetric noise of a fraction ``η`` over ``K`` classes the training accuracy is about
     ``a(1 − η) + η/K`` for a test accuracy ``a``, so the summary estimates
     ``η ≈ (a − a_train)/(a − 1/K)``; or
@@ -480,8 +521,7 @@ def _rule_label_noise(h: History, th: Thresholds) -> list[Finding]:
   gap = _train_test_gap(h, th)
   if gap is None or gap.train_acc is None or gap.test_acc is None:
     return []
-  k = h.config.get("num_classes")
-  chance = 1.0 / k if isinstance(k, int) and k >= 2 else 0.0
+  chance = _chance(h)
   rate = _dropout_rate(h.config)
   values: dict[str, Any] = {
     "train_accuracy": gap.train_acc,
@@ -496,7 +536,7 @@ def _rule_label_noise(h: History, th: Thresholds) -> list[Finding]:
   else:
     if rate is not None and rate[0] >= th.dropout_rate_min:
       return []
-    found = _gap_evidence(gap, th, regression_ok=False)
+    found = _gap_evidence(gap, th, chance, regression_ok=False)
     if found is None:
       return []
     eta = float(np.clip((gap.test_acc - gap.train_acc) / max(gap.test_acc - chance, 1e-9), 0, 1))
@@ -533,7 +573,7 @@ def _rule_dropout_too_strong(h: History, th: Thresholds) -> list[Finding]:
   if rate is None or rate[0] < th.dropout_rate_min:
     return []
   gap = _train_test_gap(h, th)
-  found = _gap_evidence(gap, th, regression_ok=True) if gap is not None else None
+  found = _gap_evidence(gap, th, _chance(h), regression_ok=True) if gap is not None else None
   if gap is None or found is None:
     return []
   margin, sentence = found

@@ -353,8 +353,8 @@ _ADVICE: dict[str, list[str]] = {
     "judge the model by a balanced metric (per-class recall), not only accuracy",
   ],
   "lr_too_low": [
-    "raise the learning rate (the suggested factor brings ‖Δθ‖/‖θ‖ near 1e-3); compare a "
-    "short sweep around it",
+    "compare a short sweep around the suggested learning rate (÷3, ×1, ×3): the factor "
+    "brings ‖Δθ‖/‖θ‖ near 1e-3 if the ratio scales with the learning rate",
     "with a fixed step budget, use a schedule with a higher peak (warm-up then decay)",
     "if the learning rate cannot change, train for many more steps",
   ],
@@ -362,8 +362,6 @@ _ADVICE: dict[str, list[str]] = {
     "use an initialisation scaled to the activation and fan-in (He for ReLU, "
     "LeCun/Glorot for tanh and linear layers): the layers' outputs should keep a standard "
     "deviation near 1 through depth and the first loss near ln(num_classes)",
-    "scale the output layer down (zero or small init of the last layer) so the first "
-    "logits are small",
     "add normalisation layers (batch or layer normalisation)",
   ],
   "label_noise": [

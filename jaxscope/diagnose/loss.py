@@ -444,7 +444,11 @@ def _rule_overfitting(h: History, th: Thresholds) -> list[Finding]:
   the previous evaluation) are both positive, the training loss does not rise by more
   than ``overfit_rel`` (relative, fitted), and the final test loss (median of the last
   three evaluations) exceeds the minimum test loss by more than ``overfit_rel``
-  (relative). Suggests early stopping at the step of the minimum test loss. Warning.
+  (relative), with at least ``overfit_window`` evaluations after the minimum (minimum
+  evidence: a rise that persists, not the last evaluations' noise; a small test set's loss
+  wanders by 20 % from one evaluation to the next). Suggests early stopping at the step of
+  the minimum test loss. Warning. Confidence: the rise over ``overfit_rel``, on the
+  evaluations after the minimum (high from twice ``overfit_window``).
   Source: the lecture's "training loss falls, validation loss rises". In a diverged run
   only the evaluations before the divergence step count.
   """
@@ -473,7 +477,8 @@ def _rule_overfitting(h: History, th: Thresholds) -> list[Finding]:
   above = (final - best_loss) / abs(best_loss) if best_loss != 0 else math.inf
   if not (test_slope > 0 and gap_slope > 0 and train_rise <= th.overfit_rel):
     return []
-  if above <= th.overfit_rel:
+  after = int(t_steps.size - 1 - best)
+  if above <= th.overfit_rel or after < w:
     return []
   summary = (
     f"Overfitting: the test loss rises to {_fmt(final)}, {above:.1%} above its minimum "
@@ -495,7 +500,7 @@ def _rule_overfitting(h: History, th: Thresholds) -> list[Finding]:
         "gap_slope": gap_slope,
         "train_slope": train_slope,
       },
-      confidence=_confidence(_margin(above, th.overfit_rel, above=True), t_steps.size, w),
+      confidence=_confidence(_margin(above, th.overfit_rel, above=True), after, w),
     )
   ]
 
