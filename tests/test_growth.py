@@ -235,6 +235,29 @@ def test_detector_waits_the_cooldown_after_an_expansion(reset: bool) -> None:
     assert grown[:2] == [7, 7 + cooldown + patience]
 
 
+def test_cooldown_at_the_start() -> None:
+  # Constant values, patience 2, cooldown 3 from growth_init: values 0-2 are the cooldown,
+  # 3 and 4 the counted steps without improvement, so the first plateau is at step 4 (without
+  # the initial cooldown: at step 2, hand-traced in plateau_update's docstring).
+  _, params, capacity = _model(widths=(8,), chunks=4)
+  step = jax.jit(
+    lambda s, p, c: growth.growth_update(
+      s, value=1.0, params=p, capacity=c, key=jax.random.key(0), patience=2, cooldown=3,
+      smoothing=1.0,
+    )
+  )  # fmt: skip
+  for cooldown, want in ((3, 4), (0, 2)):
+    state = growth.growth_init(params, capacity, cooldown=cooldown)
+    p, c, grown = params, capacity, []
+    for i in range(5):
+      p, c, state = step(state, p, c)
+      if bool(state.expanded):
+        grown.append(i)
+    assert grown[0] == want
+  with pytest.raises(ValueError, match="cooldown must be a non-negative integer, got -1"):
+    growth.growth_init(params, capacity, cooldown=-1)
+
+
 def test_reset_reinitialises_the_moving_average() -> None:
   _, params, capacity = _model(widths=(8,), chunks=4)
   for reset, want in ((True, 3.0), (False, 0.5 * 3.0 + 0.5 * 1.0)):

@@ -101,12 +101,19 @@ def set_active(capacity: Any, active: Mapping[str, jax.Array]) -> Any:
   return jax.tree_util.tree_map_with_path(replace, capacity)
 
 
-def growth_init(params: Any, capacity: Any) -> GrowthState:
-  """The initial state: nothing frozen, no plateau seen."""
+def growth_init(params: Any, capacity: Any, *, cooldown: int = 0) -> GrowthState:
+  """The initial state: nothing frozen, no plateau seen.
+
+  ``cooldown``: steps at the start during which no plateau is counted or signalled, as
+  after an expansion (the first chunk, too, needs time to train); pass the ``cooldown`` of
+  :func:`growth_update`. 0 (the default): the first plateau may come at step ``patience``.
+  """
+  if isinstance(cooldown, bool) or not isinstance(cooldown, int) or cooldown < 0:
+    raise ValueError(f"growth_init: cooldown must be a non-negative integer, got {cooldown!r}.")
   layers = cap.capacity_layers(params, capacity)
   zero = {k: jnp.zeros((), jnp.int32) for k in layers}
   return GrowthState(
-    plateau=plateau_init(),
+    plateau=plateau_init()._replace(cooldown=jnp.asarray(cooldown, jnp.int32)),
     frozen=zero,
     expansions=jnp.zeros((), jnp.int32),
     expanded=jnp.zeros((), jnp.bool_),

@@ -48,8 +48,8 @@ def parse_capacity(spec: str | Mapping[str, Any]) -> dict[str, Any]:
   * ``policy``: ``all`` (every layer with room grows on a plateau, as the thesis did) or
     ``activation-std`` (the layer whose active units' outputs have the highest standard
     deviation);
-  * ``cooldown``: steps after an expansion during which no plateau is counted or
-    signalled (the time a new chunk needs to train), ≥ 0;
+  * ``cooldown``: steps at the start and after each expansion during which no plateau is
+    counted or signalled (the time a new chunk needs to train), ≥ 0;
   * ``min_delta``: relative improvement of the average that counts, ≥ 0;
   * ``smoothing``: weight of the newest loss in the moving average, in (0, 1];
   * ``reinit``: re-draw a new chunk for its active fan-in with the model's ``kernel_init``

@@ -136,7 +136,9 @@ class Setup(NamedTuple):
     if self.capacity is not None:
       inst_state = {
         **(inst_state or {}),
-        "growth": growth.growth_init(params, model_state["capacity"]),
+        "growth": growth.growth_init(
+          params, model_state["capacity"], cooldown=self.capacity["cooldown"]
+        ),
       }
     return TrainState(
       jnp.zeros((), jnp.int32), params, model_state, self.optimizer.tx.init(params), inst_state
