@@ -554,6 +554,7 @@ def test_capacity_cnn_zoo_model_digits(shape):
 # --------------------------------------------------------------------------- initialisers
 
 
+@pytest.mark.slow
 def test_kernel_init_draws_the_full_width():
   # A masked layer draws its weights for the FULL width: its initial kernel is that of an
   # unmasked layer of full width with the same initialiser and key, whatever is active.

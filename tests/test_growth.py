@@ -272,6 +272,7 @@ def test_reset_reinitialises_the_moving_average() -> None:
     np.testing.assert_allclose(float(state.plateau.average), want)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("reinit", [False, True])
 def test_reinit_false_keeps_the_predrawn_chunk_and_the_output_bias_trains(reinit: bool) -> None:
   model = cap.CapacityMLP(widths=(8,), chunks=4, num_outputs=1, kernel_init="glorot_uniform")
