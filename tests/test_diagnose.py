@@ -985,3 +985,20 @@ def test_overfitting_needs_a_rise_that_persists():
   f = _one(diagnose(h, overfit_window=3), "overfitting")
   assert f.evidence["values"]["best_step"] == 800
   assert f.confidence == "medium"  # 37.5 % above the minimum, 3 evaluations after it
+
+
+def test_a_fast_first_fall_is_no_plateau_and_sets_the_improvement():
+  """A two-class run whose loss falls from ln 2 to 0.3 in five steps and then wanders in
+  minibatch noise (the first 15 losses of a healthy moons run): the line through its first
+  tenth is flat (early_plateau said 4 %), and the median of its first five losses (0.35)
+  hid half of its improvement from too_few_steps. The initial test loss (step 0) sets both
+  (issue 21: healthy moons runs were flagged)."""
+  head = [0.575, 0.446, 0.352, 0.368, 0.316, 0.267, 0.391, 0.192, 0.349, 0.285, 0.263, 0.361,
+          0.301, 0.465, 0.598]  # fmt: skip
+  loss = np.concatenate([head, 0.30 - 0.0014 * np.arange(135)])  # 0.30 -> 0.11 at the end
+  test = {s: 0.568 if s == 0 else 0.3 for s in range(0, 151, 15)}
+  assert diagnose(_history({"loss": loss}, {"test/loss": test})) == []
+  # Without the initial test loss: a 4 % early drop, and the last fifth's fall (0.153 ->
+  # 0.112) is 17 % of 0.352 - 0.112 (9 % of 0.568 - 0.112 with it).
+  names = _names(diagnose(_history({"loss": loss})))
+  assert {"early_plateau", "too_few_steps"} <= set(names)

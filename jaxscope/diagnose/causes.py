@@ -42,7 +42,7 @@ from jaxscope.diagnose.finding import (
   _margin,
 )
 from jaxscope.diagnose.gradients import _rule_gradients, _stalled
-from jaxscope.diagnose.loss import _divergence_step, _stable_loss
+from jaxscope.diagnose.loss import _divergence_step, _initial_test_loss, _stable_loss
 from jaxscope.diagnose.series import (
   _finite,
   _layer_tail_medians,
@@ -266,18 +266,13 @@ def _depth_growth(h: History, th: Thresholds) -> tuple[float, str, int, dict[str
 
 def _initial_loss(h: History, th: Thresholds) -> tuple[int, float, str] | None:
   """``(step, loss, key)`` of the initial parameters: ``test/loss`` evaluated at or before
-  the first training step (the whole test set: no minibatch noise), else the first
-  (pre-divergence) training loss."""
-  s = _stable_loss(h, th)
-  if s is None:
-    return None
-  first = int(s[0][0])
-  test = _series(h, "test/loss")
+  the first training step (:func:`_initial_test_loss`: the whole test set, no minibatch
+  noise), else the first (pre-divergence) training loss."""
+  test = _initial_test_loss(h, th)
   if test is not None:
-    t_steps, t_loss = _finite(*test)
-    if t_steps.size and t_steps[0] <= first:
-      return int(t_steps[0]), float(t_loss[0]), "test/loss"
-  return first, float(s[1][0]), "loss"
+    return test[0], test[1], "test/loss"
+  s = _stable_loss(h, th)
+  return (int(s[0][0]), float(s[1][0]), "loss") if s is not None else None
 
 
 def _large_first_loss(h: History, th: Thresholds) -> tuple[float, str, int, dict[str, Any]] | None:

@@ -64,6 +64,20 @@ def _stable_loss(h: History, th: Thresholds) -> tuple[np.ndarray, np.ndarray] | 
   return (steps, loss) if steps.size else None
 
 
+def _initial_test_loss(h: History, th: Thresholds) -> tuple[int, float] | None:
+  """``(step, value)`` of ``test/loss`` evaluated at or before the first (pre-divergence)
+  training step: the loss of the initial parameters on the whole test set, free of the
+  minibatch noise of the first training losses; ``None`` when not recorded."""
+  s = _stable_loss(h, th)
+  test = _series(h, "test/loss")
+  if s is None or test is None:
+    return None
+  t_steps, t_loss = _finite(*test)
+  if not t_steps.size or t_steps[0] > s[0][0]:
+    return None
+  return int(t_steps[0]), float(t_loss[0])
+
+
 def _nonfinite_name(x: float) -> str:
   """``"NaN"``, ``"+Inf"`` or ``"-Inf"``."""
   return "NaN" if np.isnan(x) else ("+Inf" if x > 0 else "-Inf")
@@ -324,7 +338,11 @@ def _rule_early_plateau(h: History, th: Thresholds) -> list[Finding]:
   Over the first ``early_fraction`` of the (finite, pre-divergence) loss, with at least
   ``min_points`` points, the relative drop ``(start − end)/|start|`` of a least-squares
   line through the window (in ``log(loss)`` when positive) is below
-  ``plateau_rel_change``. Warning.
+  ``plateau_rel_change``, and so is the drop from the initial test loss (``test/loss``
+  evaluated at the first step, when recorded) to the line's end: a loss that fell fast in
+  its first steps and then wanders in minibatch noise is not a plateau (the line through
+  the window is flat, but the loss is far below where it started). Warning. Confidence:
+  ``plateau_rel_change`` over the larger drop, on the window's points.
   Source: the lecture's "plateau at the start: bad initialisation".
   """
   s = _stable_loss(h, th)
@@ -334,6 +352,9 @@ def _rule_early_plateau(h: History, th: Thresholds) -> list[Finding]:
   if steps.size < th.min_points:
     return []
   start, end, drop = _rel_drop(steps, loss)
+  initial = _initial_test_loss(h, th)
+  if initial is not None and initial[1] != 0:
+    drop = max(drop, (initial[1] - end) / abs(initial[1]))
   if drop >= th.plateau_rel_change:
     return []
   summary = (
@@ -516,9 +537,10 @@ def _rule_too_few_steps(h: History, th: Thresholds) -> list[Finding]:
   ``tail_min_points`` points when it holds fewer (so a 12-step run is judged on its last 5
   steps, a 150-step run on its last 30). A least-squares line through that stretch (in
   ``log(loss)`` when positive, :func:`_rel_drop`) falls by more than ``still_improving``
-  of the run's whole improvement (from the median of its first five points to the line's
-  end). Warning. Source: "too few epochs", one of the most common real faults of the
-  DeepFD study.
+  of the run's whole improvement (from the initial loss to the line's end; the initial
+  loss is the test loss evaluated at the first step when recorded, else the median of the
+  first five training losses, which a fast first fall makes too low). Warning. Source: "too
+  few epochs", one of the most common real faults of the DeepFD study.
   """
   if _divergence_step(h, th) is not None:
     return []
@@ -530,7 +552,8 @@ def _rule_too_few_steps(h: History, th: Thresholds) -> list[Finding]:
   t_steps, t_loss = _tail(steps, loss, th.late_fraction)
   if t_steps.size < need:
     t_steps, t_loss = steps[-need:], loss[-need:]
-  first = float(np.median(loss[:5]))
+  initial = _initial_test_loss(h, th)
+  first = initial[1] if initial is not None else float(np.median(loss[:5]))
   t_start, t_end, _ = _rel_drop(t_steps, t_loss)
   total = first - t_end
   if total <= 0:
