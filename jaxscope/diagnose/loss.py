@@ -539,8 +539,11 @@ def _rule_too_few_steps(h: History, th: Thresholds) -> list[Finding]:
   ``log(loss)`` when positive, :func:`_rel_drop`) falls by more than ``still_improving``
   of the run's whole improvement (from the initial loss to the line's end; the initial
   loss is the test loss evaluated at the first step when recorded, else the median of the
-  first five training losses, which a fast first fall makes too low). Warning. Source: "too
-  few epochs", one of the most common real faults of the DeepFD study.
+  first five training losses, which a fast first fall makes too low), and by at least
+  ``plateau_rel_change`` of its own start (a stretch that falls less is a plateau: a run
+  that never learnt shows noise there, not progress). Warning. Confidence: the smaller of
+  the two margins, on the stretch's points. Source: "too few epochs", one of the most
+  common real faults of the DeepFD study.
   """
   if _divergence_step(h, th) is not None:
     return []
@@ -554,10 +557,10 @@ def _rule_too_few_steps(h: History, th: Thresholds) -> list[Finding]:
     t_steps, t_loss = steps[-need:], loss[-need:]
   initial = _initial_test_loss(h, th)
   first = initial[1] if initial is not None else float(np.median(loss[:5]))
-  t_start, t_end, _ = _rel_drop(t_steps, t_loss)
+  t_start, t_end, drop = _rel_drop(t_steps, t_loss)
   total = first - t_end
-  if total <= 0:
-    return []
+  if total <= 0 or drop < th.plateau_rel_change:
+    return []  # No improvement to speak of, or a last stretch on a plateau (late_plateau).
   recent = (t_start - t_end) / total
   if recent <= th.still_improving:
     return []
@@ -574,7 +577,14 @@ def _rule_too_few_steps(h: History, th: Thresholds) -> list[Finding]:
       metric="loss",
       steps=[t_steps[0], t_steps[-1]],
       values={"recent_fraction": recent, "start": t_start, "end": t_end, "first": first},
-      confidence=_confidence(_margin(recent, th.still_improving, above=True), t_steps.size, need),
+      confidence=_confidence(
+        min(
+          _margin(recent, th.still_improving, above=True),
+          _margin(drop, th.plateau_rel_change, above=True),
+        ),
+        t_steps.size,
+        need,
+      ),
     )
   ]
 

@@ -14,9 +14,10 @@ from typing import Any
 from jaxscope.diagnose.finding import CONFIDENCES, SEVERITIES, Finding
 
 #: Findings that name a cause in the training data or the run's setup (what to change
-#: before training again). Within a severity they come before the findings that describe a
-#: symptom (a curve's shape, a layer's state), which several causes can produce: the first
-#: finding of a report is the likeliest cause.
+#: before training again; ``stalled_layers``: layers that get no update, a stop_gradient,
+#: mask or per-layer learning rate of 0). Within a severity they come before the findings
+#: that describe a symptom (a curve's shape, a layer's state), which several causes can
+#: produce: the first finding of a report is the likeliest cause.
 CAUSES = frozenset(
   {
     "nonfinite_data",
@@ -29,6 +30,7 @@ CAUSES = frozenset(
     "dropout_too_strong",
     "loss_output_mismatch",
     "too_few_steps",
+    "stalled_layers",
   }
 )
 
