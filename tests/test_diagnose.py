@@ -631,6 +631,7 @@ def _lab(fractions, sequence=False):
     ({"inputs": _fl(0.3, 0.4, 0.0, 1.0, 0.01)}, "nonfinite_data"),
     (_lab([0.7, 0.2, 0.05, 0.05]), "class_imbalance"),
     (_lab([0.7, 0.2, 0.1, 0.0]), "class_imbalance"),  # a class without examples
+    (_lab([0.5, 0.45, 0.05 + 1e-3]), None),  # 1:9.8
     (_lab([0.9, 0.05, 0.05], sequence=True), None),  # tokens: imbalanced by nature
     ({"targets": _fl(5e3, 1e3, 1e3, 9e3)}, "unnormalised_inputs"),
   ],
@@ -779,12 +780,21 @@ def test_short_runs_update_ratio_and_too_few_steps():
   assert f.evidence["steps"] == [24, 29]  # the last fifth of steps 0-29: 23.2 on
   # Last stretch 2.3·(e^{-24/40} - e^{-29/40}) = 0.149 of 2.3·(e^{-2/40} - e^{-29/40}) = 1.07.
   assert f.evidence["values"]["recent_fraction"] == pytest.approx(0.1384, abs=0.001)
-  assert f.confidence == "medium"  # 1.38 × still_improving, on 6 points
+  assert f.confidence == "medium"  # 3 × ratio_high but on 6 points (fewer than 2 × 5)
+  # Its ratios are the second piece of evidence: it stopped in the early transient.
+  assert "early transient" in f.summary
+  assert f.evidence["values"]["median_ratio/Dense_0/kernel"] == pytest.approx(0.03)
   # The same ratios on a long run are judged (after ratio_warmup), and a 30-step run that
-  # has converged has no too_few_steps.
+  # has converged has no too_few_steps, unless its updates are still those of the transient.
   assert "update_ratio_high" in _names(diagnose(_history(arrays), ratio_warmup=0))
   flat = {"loss": np.where(t < 8, 2.3 - 0.28 * t, 0.06) * np.exp(0.02 * rng.standard_normal(30))}
   assert "too_few_steps" not in _names(diagnose(_history(flat)))
+  ratios = {k: v for k, v in arrays.items() if k.startswith("updates/")}
+  f = _one(diagnose(_history({**flat, **ratios})), "too_few_steps")
+  assert "recent_fraction" not in f.evidence["values"] and "early transient" in f.summary
+  long = {k: np.concatenate([v, np.full(70, v[-1])]) for k, v in {**flat, **ratios}.items()}
+  names = _names(diagnose(_history(long)))  # 100 steps: past the transient, a real finding
+  assert "update_ratio_high" in names and "too_few_steps" not in names
   twelve = {"loss": 2.3 * np.exp(-np.arange(12) / 10.0)}  # judged on its last 5 points
   f = _one(diagnose(_history(twelve)), "too_few_steps")
   assert f.evidence["steps"] == [7, 11]

@@ -41,7 +41,8 @@ Modules: :mod:`~jaxscope.diagnose.finding` (:class:`Finding`, :class:`Thresholds
 :mod:`~jaxscope.diagnose.series` (series helpers), the rules by family
 (:mod:`~jaxscope.diagnose.loss`, :mod:`~jaxscope.diagnose.gradients`,
 :mod:`~jaxscope.diagnose.activations`, :mod:`~jaxscope.diagnose.curvature`,
-:mod:`~jaxscope.diagnose.data`, :mod:`~jaxscope.diagnose.causes`),
+:mod:`~jaxscope.diagnose.data`, :mod:`~jaxscope.diagnose.causes`,
+:mod:`~jaxscope.diagnose.budget`),
 :mod:`~jaxscope.diagnose.registry` (:data:`RULES`, :func:`diagnose`),
 :mod:`~jaxscope.diagnose.reporting` (:func:`report`, :func:`findings_to_json`) and
 :mod:`~jaxscope.diagnose.live` (:class:`LiveDiagnosis`, during training).

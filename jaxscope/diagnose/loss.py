@@ -1,5 +1,5 @@
 """Rules on the loss curves: divergence and NaN/Inf, oscillation and instability, early and
-late plateaus, overfitting.
+late plateaus, overfitting, a loss that does not match the output.
 
 They read ``loss``, ``train/accuracy``, ``test/loss`` and, for the first non-finite value
 inside the network, every per-layer ``{topic}/{stat}/{layer}`` key. Every rule but the
@@ -522,69 +522,6 @@ def _rule_overfitting(h: History, th: Thresholds) -> list[Finding]:
         "train_slope": train_slope,
       },
       confidence=_confidence(_margin(above, th.overfit_rel, above=True), after, w),
-    )
-  ]
-
-
-# --------------------------------------------------------------------------- too few steps
-
-
-def _rule_too_few_steps(h: History, th: Thresholds) -> list[Finding]:
-  """Too few steps: the loss is still falling at the end of the run.
-
-  On the finite loss of a run that did not diverge, with at least ``2 × tail_min_points``
-  points: the last stretch is its last ``late_fraction``, widened to the last
-  ``tail_min_points`` points when it holds fewer (so a 12-step run is judged on its last 5
-  steps, a 150-step run on its last 30). A least-squares line through that stretch (in
-  ``log(loss)`` when positive, :func:`_rel_drop`) falls by more than ``still_improving``
-  of the run's whole improvement (from the initial loss to the line's end; the initial
-  loss is the test loss evaluated at the first step when recorded, else the median of the
-  first five training losses, which a fast first fall makes too low), and by at least
-  ``plateau_rel_change`` of its own start (a stretch that falls less is a plateau: a run
-  that never learnt shows noise there, not progress). Warning. Confidence: the smaller of
-  the two margins, on the stretch's points. Source: "too few epochs", one of the most
-  common real faults of the DeepFD study.
-  """
-  if _divergence_step(h, th) is not None:
-    return []
-  s = _stable_loss(h, th)
-  need = max(th.tail_min_points, 2)
-  if s is None or s[0].size < 2 * need:
-    return []
-  steps, loss = s
-  t_steps, t_loss = _tail(steps, loss, th.late_fraction)
-  if t_steps.size < need:
-    t_steps, t_loss = steps[-need:], loss[-need:]
-  initial = _initial_test_loss(h, th)
-  first = initial[1] if initial is not None else float(np.median(loss[:5]))
-  t_start, t_end, drop = _rel_drop(t_steps, t_loss)
-  total = first - t_end
-  if total <= 0 or drop < th.plateau_rel_change:
-    return []  # No improvement to speak of, or a last stretch on a plateau (late_plateau).
-  recent = (t_start - t_end) / total
-  if recent <= th.still_improving:
-    return []
-  summary = (
-    f"The loss is still falling at the end: over steps {int(t_steps[0])}–{int(t_steps[-1])} "
-    f"it goes from {_fmt(t_start)} to {_fmt(t_end)}, {recent:.0%} of the run's whole "
-    f"improvement (more than {th.still_improving:.0%}): the run stopped before it converged."
-  )
-  return [
-    _finding(
-      "too_few_steps",
-      "warning",
-      summary,
-      metric="loss",
-      steps=[t_steps[0], t_steps[-1]],
-      values={"recent_fraction": recent, "start": t_start, "end": t_end, "first": first},
-      confidence=_confidence(
-        min(
-          _margin(recent, th.still_improving, above=True),
-          _margin(drop, th.plateau_rel_change, above=True),
-        ),
-        t_steps.size,
-        need,
-      ),
     )
   ]
 

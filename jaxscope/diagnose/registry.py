@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from jaxscope.diagnose.activations import _rule_dead_units, _rule_saturation
+from jaxscope.diagnose.budget import _rule_too_few_steps
 from jaxscope.diagnose.causes import (
   _rule_bad_init_scale,
   _rule_dropout_too_strong,
@@ -42,7 +43,6 @@ from jaxscope.diagnose.loss import (
   _rule_loss_output_mismatch,
   _rule_oscillation,
   _rule_overfitting,
-  _rule_too_few_steps,
 )
 from jaxscope.diagnose.reporting import _sort_key
 from jaxscope.record import History
