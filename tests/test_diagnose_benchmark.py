@@ -132,6 +132,10 @@ def test_precision_by_confidence_partitions_the_flagged_runs():
   assert (by["low"]["k"], by["low"]["n"]) == (0, 1)
   assert (by["none"]["k"], by["none"]["n"]) == (1, 1) and by["medium"]["n"] == 0
   assert sum(w["n"] for w in by.values()) == score.scores(rows)["flagged"]
+  high = score.scores(rows)["high_confidence_only"]  # only the two high alarms count
+  assert (high["recall"]["k"], high["recall"]["n"]) == (2, 3)
+  assert (high["precision"]["k"], high["precision"]["n"]) == (2, 2)
+  assert (high["false_alarm_healthy"]["k"], high["false_alarm_healthy"]["n"]) == (0, 1)
 
 
 # ------------------------------------------------------------------------- reruns

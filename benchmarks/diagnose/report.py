@@ -186,6 +186,13 @@ def _overall_lines(result: dict[str, Any]) -> list[str]:
       f"{_pct(cal['precision_by_confidence'][level])} | "
       f"{_pct(held['precision_by_confidence'][level])} | |"
     )
+  for key in ("recall", "precision", "false_alarm_healthy", "false_alarm_stress"):
+    name = _NAMES[key].split(" (")[0]
+    lines.append(
+      f"| {name}, high-confidence alarms only | {_pct(o['high_confidence_only'][key])} | "
+      f"{_pct(cal['high_confidence_only'][key])} | {_pct(held['high_confidence_only'][key])} "
+      "| |"
+    )
   lines += ["", "### Per task", "", "| task | runs | faulty | recall | precision | "
             "false alarms healthy | false alarms stress | top-1 | top-3 |", "|---|---|---|---|"
             "---|---|---|---|---|"]  # fmt: skip

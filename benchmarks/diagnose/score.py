@@ -117,6 +117,19 @@ def scores(rows: list[dict[str, Any]]) -> dict[str, Any]:
   for level in CONFIDENCES:
     sub = [r for r in flagged if _top_confidence(r) == level]
     by_conf[level] = wilson(sum(r["faulty"] for r in sub), len(sub))
+  # Were only high-confidence alarms reported: a run is flagged when one of them is.
+  high = [r for r in flagged if _top_confidence(r) == "high"]
+
+  def far_high(pool: str) -> dict[str, Any]:
+    clean = [r for r in rows if r["pool"] == pool and not r["faulty"]]
+    return wilson(sum(r in high for r in clean), len(clean))
+
+  high_only = {
+    "recall": wilson(sum(r in high for r in faulty), len(faulty)),
+    "precision": wilson(sum(r["faulty"] for r in high), len(high)),
+    "false_alarm_healthy": far_high("healthy"),
+    "false_alarm_stress": far_high("stress"),
+  }
   return {
     "runs": len(rows),
     "faulty": len(faulty),
@@ -129,6 +142,7 @@ def scores(rows: list[dict[str, Any]]) -> dict[str, Any]:
     "top1": wilson(sum(r["top1"] for r in injected_faulty), len(injected_faulty)),
     "top3": wilson(sum(r["top3"] for r in injected_faulty), len(injected_faulty)),
     "precision_by_confidence": by_conf,
+    "high_confidence_only": high_only,
     "detection_prefix_counts": prefixes,
     "detection_prefix_median": (
       statistics.median(r["detection_prefix"] for r in found) if found else None
