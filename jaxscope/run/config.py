@@ -408,9 +408,12 @@ class TrainConfig:
     None,
     group=_OPTIM,
     help="dynamic capacity for capacity_mlp / capacity_cnn: chunks=5,patience=10,"
-    "policy=all|activation-std (also cooldown, min_delta, smoothing). On a plateau of the "
+    "policy=all|activation-std (also cooldown, min_delta, smoothing; reinit=true|false: "
+    "redraw a new chunk or keep its full-width init; reset=true|false: restart the detector "
+    "after an expansion; keep=bias|new|output: what stays trainable). On a plateau of the "
     "moving-average training loss the next chunk of a layer is activated and the trained "
-    "chunks are frozen; events are logged as capacity/expanded",
+    "chunks are frozen; the cool-down also holds at the start; events are logged as "
+    "capacity/expanded",
   )
   model_args: dict[str, Any] = _opt(  # noqa: RUF009 (a field with metadata)
     group=_DATA,
