@@ -128,6 +128,7 @@ class Config:
   exact_max_params: int
   curvature_decay: float
   seed: int
+  hvp_chunk: int | None = None
 
   def __post_init__(self) -> None:
     """Checks the settings (the quantities are checked where they are gathered)."""
@@ -159,6 +160,12 @@ class Config:
     if not isinstance(self.max_ev_refine_iters, int) or self.max_ev_refine_iters < 2:
       raise ValueError(
         f"instruments: max_ev_refine_iters must be an int >= 2, got {self.max_ev_refine_iters!r}."
+      )
+    if self.hvp_chunk is not None and (
+      not isinstance(self.hvp_chunk, int) or isinstance(self.hvp_chunk, bool) or self.hvp_chunk < 1
+    ):
+      raise ValueError(
+        f"instruments: hvp_chunk must be a positive int or None, got {self.hvp_chunk!r}."
       )
     if not 0.0 <= self.curvature_decay < 1.0:
       raise ValueError(

@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from jaxscope import capture
 from jaxscope.metrics import hvp, noise
@@ -241,13 +242,22 @@ def _measure(
   params = batch.params
   hvp_lin = hvp_batch = probes = None
   if cfg.need_hvp and cfg.fast_hvp(params):
-    # One forward-over-reverse pass for every probe and the power vector: the primal
-    # (gradient and captures) once, the tangents batched by vmap.
     tangents, probes = hessian.hvp_tangents(cfg, state, probe_key, params)
-    grads, hvp_batch, (loss, losses, aux, captured) = hvp.jvp_grad(
-      grads_and_capture, params, tangents, has_aux=True
-    )
-    hvp_lin = _fresh_hvp(_mean_loss_fn(batch), params)  # For a λ_max refinement only.
+    k = jax.tree.leaves(tangents)[0].shape[0]
+    if cfg.hvp_chunk is None or cfg.hvp_chunk >= k:
+      # One forward-over-reverse pass for every probe and the power vector: the primal
+      # (gradient and captures) once, the tangents batched by vmap.
+      grads, hvp_batch, (loss, losses, aux, captured) = hvp.jvp_grad(
+        grads_and_capture, params, tangents, has_aux=True
+      )
+      hvp_lin = _fresh_hvp(_mean_loss_fn(batch), params)  # For a λ_max refinement only.
+    else:
+      # Bounded memory: the primal and its linearisation once, the tangents through it
+      # hvp_chunk at a time.
+      grads, hvp_lin, (loss, losses, aux, captured) = hvp.linearize_grad(
+        grads_and_capture, params, has_aux=True
+      )
+      hvp_batch = lax.map(hvp_lin, tangents, batch_size=cfg.hvp_chunk)
   elif cfg.need_hvp:
     grads, hvp_lin, (loss, losses, aux, captured) = hvp.linearize_grad(
       grads_and_capture, params, has_aux=True
