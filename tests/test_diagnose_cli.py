@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from jaxscope.cli import main as cli_main
@@ -124,3 +125,74 @@ def test_stop_on_divergence_stops_before_the_nan_is_recorded(tmp_path, capsys):
   plain = train(TrainConfig(**cfg, quiet=True, live_diagnosis=False, out=str(tmp_path / "b")))
   assert plain.diverged is None and plain.steps == 20
   assert sum(not (isinstance(v, float) and v <= 10 * guarded[0]) for v in losses(plain.run_dir)) > 5
+
+
+def test_divergence_guard_holds_a_nonfinite_step_back():
+  """The record of a step is written once its loss is read; a non-finite one becomes a
+  ``stop/nonfinite_loss`` record naming nothing non-finite (issue 21)."""
+  from jaxscope.train.guard import DivergenceGuard, nonfinite_examples
+
+  g = DivergenceGuard()
+  assert g.check(0, 2.0) is None and g.release(False) is None
+  g.hold(0, {"loss": 2.0})
+  assert g.check(1, float("nan")) is None  # step 0 is fine
+  assert g.release(False) == (0, {"loss": 2.0})
+  vals = {"loss": float("nan"), "grads/norm/Dense_10": np.nan, "grads/norm/Dense_2": np.inf,
+          "updates/ratio/Dense_0": np.inf, "grads/norm/Dense_0": 1.0}  # fmt: skip
+  g.hold(1, vals)
+  why = g.settle()
+  assert why == "the loss at step 1 is nan"
+  assert DivergenceGuard.nonfinite_keys(vals) == [
+    "grads/norm/Dense_2",
+    "grads/norm/Dense_10",
+    "loss",
+  ]
+  assert g.release(True) == (1, {"stop/nonfinite_loss": 1.0})
+  g.hold(2, {"loss": 50.0})  # an explosion that stays finite is recorded as it is
+  assert g.release(True) == (2, {"loss": 50.0})
+  x = np.zeros((5, 3), np.float32)
+  x[3, 1] = np.nan
+  y = np.array([0.0, np.inf, 0.0, 0.0, 0.0])
+  assert nonfinite_examples(x, y).tolist() == [1, 3]
+  assert nonfinite_examples(x, np.arange(5)).tolist() == [3]  # integer labels are finite
+  g = DivergenceGuard(bad_examples=[3])
+  assert g.check_batch(0, np.array([0, 1, 2])) is None
+  assert "index 3" in g.check_batch(4, np.array([4, 3]))
+  assert DivergenceGuard().check_batch(0, np.array([3])) is None
+
+
+@pytest.mark.slow
+def test_stop_on_divergence_stops_before_a_batch_with_nan_data(tmp_path, capsys):
+  """A NaN in one training example: --stop-on divergence stops before the step whose batch
+  holds it, the log holds no non-finite loss, and the diagnosis names the stop and the
+  data (issue 21)."""
+  import json
+
+  from jaxscope.diagnose import diagnose
+  from jaxscope.record import History
+  from jaxscope.run import TrainConfig
+  from jaxscope.train import train
+
+  faults = "benchmarks.diagnose.faults"
+  cfg = dict(model=f"{faults}:faulty_mlp", dataset=f"{faults}:load_faulty",
+             data_args={"task": "moons", "seed": 0, "nan_fraction": 1e-3}, lr=0.05,
+             optimizer="momentum", steps=60, batch_size=64, metrics="economy")  # fmt: skip
+  result = train(TrainConfig(**cfg, quiet=True, stop_on="divergence", out=str(tmp_path / "a")))
+  assert result.diverged is not None and "non-finite input or target" in result.diverged
+  assert 0 < result.steps < 60
+  err = capsys.readouterr().err
+  assert f"stopped at step {result.steps}" in err
+  # The live diagnosis names the data at step 0, before any step has run.
+  assert err.index("[critical] nonfinite_data") < err.index("stopped at step")
+  lines = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+  losses = [r["values"]["loss"] for r in lines if "loss" in r["values"]]
+  assert len(losses) == result.steps and all(isinstance(v, float) for v in losses)
+  assert lines[-1] == {"step": result.steps, "values": {"stop/nonfinite_batch": 1.0}}
+  names = {f.name: f for f in diagnose(History.load(result.run_dir))}
+  assert names["divergence"].severity == "critical"
+  assert f"stopped at step {result.steps}" in names["divergence"].summary
+  assert "nonfinite_data" in names
+  # Without the option the same run records NaN losses from that step on.
+  plain = train(TrainConfig(**cfg, quiet=True, live_diagnosis=False, out=str(tmp_path / "b")))
+  plain_lines = [json.loads(x) for x in (plain.run_dir / "metrics.jsonl").read_text().splitlines()]
+  assert any(r["values"].get("loss") == "NaN" for r in plain_lines)

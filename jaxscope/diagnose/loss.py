@@ -119,6 +119,38 @@ def _first_nonfinite(h: History, div: int | None) -> tuple[tuple[int, str, str] 
   return first, sorted(set(bad_layers[first[0]]), key=_natural_key)
 
 
+#: Records ``--stop-on divergence`` writes in place of a step it did not record:
+#: ``key -> what happened at that step``.
+_STOP_KEYS = {
+  "stop/nonfinite_loss": "its loss was non-finite (the step was not recorded)",
+  "stop/nonfinite_batch": "its batch held a training example with a non-finite input or "
+  "target (the step was not run)",
+}
+
+
+def _stop_record(h: History) -> tuple[int, str] | None:
+  """``(step, key)`` of the first ``stop/*`` record of :data:`_STOP_KEYS`, or ``None``."""
+  found = []
+  for key in _STOP_KEYS:
+    s = _series(h, key)
+    if s is not None and s[0].size:
+      found.append((int(s[0][0]), key))
+  return min(found) if found else None
+
+
+def _stopped_finding(step: int, key: str) -> Finding:
+  summary = f"The run was stopped at step {step} by --stop-on divergence: {_STOP_KEYS[key]}."
+  return _finding(
+    "divergence",
+    "critical",
+    summary,
+    metric=key,
+    steps=[step],
+    values={"divergence_step": step, "stop": key},
+    confidence="high",
+  )
+
+
 def _rule_divergence(h: History, th: Thresholds) -> list[Finding]:
   """Divergence: the loss becomes non-finite or explodes.
 
@@ -127,9 +159,14 @@ def _rule_divergence(h: History, th: Thresholds) -> list[Finding]:
   per-layer value (any ``{topic}/{stat}/{layer}`` key) that is non-finite, or a
   ``*/nonfinite_fraction/*`` above 0, at or before ``s*``: the layer where the NaN/Inf
   started. When the loss stays finite but per-layer values are non-finite, that is
-  reported too. Critical. Source: the lecture's "loss explodes / NaN" shape.
+  reported too. A run stopped by ``--stop-on divergence`` before it recorded a non-finite
+  step (a ``stop/nonfinite_loss`` or ``stop/nonfinite_batch`` record) is reported at that
+  step. Critical. Source: the lecture's "loss explodes / NaN" shape.
   """
   div = _divergence_step(h, th)
+  stopped = _stop_record(h)
+  if stopped is not None and (div is None or stopped[0] < div):
+    return [_stopped_finding(*stopped)]
   first, layers = _first_nonfinite(h, div)
   if first is None and div is not None:
     # The loss exploded before anything was non-finite: the NaN/Inf, if one followed,

@@ -36,7 +36,7 @@ from jaxscope.run.lock import RunLock
 from jaxscope.run.resume import clear_run, describe_changes, history_entry
 from jaxscope.train import sharding
 from jaxscope.train.evaluate import make_evaluate
-from jaxscope.train.guard import DivergenceGuard, StopFlag, orbax_quiet
+from jaxscope.train.guard import DivergenceGuard, StopFlag, nonfinite_examples, orbax_quiet
 from jaxscope.train.measure import (
   make_activation_scope,
   make_instruments,
@@ -450,7 +450,11 @@ class _Loop:
     self.last_eval_step = -1
     self.bar: Any = None
     self.live: LiveDiagnosis | None = None
-    self.guard = DivergenceGuard() if s.config.stop_on == "divergence" else None
+    self.guard = (
+      DivergenceGuard(bad_examples=nonfinite_examples(s.dataset.train_x, s.dataset.train_y))
+      if c.stop_on == "divergence"
+      else None
+    )
     self.diverged: str | None = None
 
   def _emit(self, msg: str) -> None:
@@ -464,7 +468,7 @@ class _Loop:
     self.recorder.write(step, values)
     self.last_eval = {k: float(v) for k, v in values.items()}
     self.last_eval_step = step
-    if self.live is not None and step > 0:
+    if self.live is not None:
       self.live(step)
 
   def meta(self, step: int) -> dict[str, Any]:
@@ -522,17 +526,57 @@ class _Loop:
       drop_rewound(self.run_dir, step)
     self.ckpt.save(step, self.state, self.meta(step))
 
-  def _diverged(self, step: int, loss: Any) -> bool:
-    """``stop_on="divergence"``: whether the previous step diverged (then said once)."""
-    why = self.guard.check(step, loss)  # type: ignore[union-attr]
+  def _stop_if(self, why: str | None) -> bool:
+    """``stop_on="divergence"``: writes the held record (a ``stop/nonfinite_loss`` record
+    instead when ``why`` says it diverged with a non-finite loss); whether the run stops (then said
+    once, naming the values that were non-finite)."""
+    guard = self.guard
+    assert guard is not None
+    bad = DivergenceGuard.nonfinite_keys(guard.held[1]) if why and guard.held else []
+    at = guard.held[0] + 1 if guard.held else 0
+    record = guard.release(why is not None)
+    if record is not None:
+      self.recorder.write(*record)
     if why is None:
       return False
+    if bad:
+      why += f"; non-finite: {', '.join(bad[:4])}{', …' if len(bad) > 4 else ''}"
+    self._say_stop(at, why)
+    return True
+
+  def _say_stop(self, step: int, why: str) -> None:
     self.diverged = why
     self.recorder.flush()
     self._emit(
       f"jaxscope: stopped at step {step} (--stop-on divergence): {why}; "
       f"jaxscope diagnose {self.run_dir} names where it started."
     )
+
+  def _settle(self) -> bool:
+    """Reads the held step's loss (waiting for it) and writes its record; whether the run
+    diverged there (``stop_on="divergence"``; without it, ``False``)."""
+    return self.guard is not None and self._stop_if(self.guard.settle())
+
+  def _write(self, step: int, values: dict[str, Any]) -> bool:
+    """Records ``step``; with ``stop_on="divergence"`` holds it back until its loss is read
+    and writes the step before; whether the run stops."""
+    if self.guard is None:
+      self.recorder.write(step, values)
+      return False
+    if self._stop_if(self.guard.check(step, values["loss"])):
+      return True
+    self.guard.hold(step, values)
+    return False
+
+  def _bad_batch(self, step: int, indices: np.ndarray) -> bool:
+    """``stop_on="divergence"``: whether the batch of ``step`` holds a non-finite example
+    (the run then stops before the step, with a ``stop/nonfinite_batch`` record at it)."""
+    why = self.guard.check_batch(step, indices) if self.guard is not None else None
+    if why is None:
+      return False
+    if not self._settle():
+      self.recorder.write(step, {"stop/nonfinite_batch": 1.0})
+      self._say_stop(step, why)
     return True
 
   def _steps(self, step: int, stop: StopFlag) -> int:
@@ -546,16 +590,18 @@ class _Loop:
       epoch, i = divmod(step, s.steps_per_epoch)
       if epoch != order_epoch:
         order, order_epoch = _epoch_order(c.seed, epoch, n_train), epoch
-      x, y = self.gather(order[i * c.batch_size : (i + 1) * c.batch_size])  # type: ignore[index]
+      indices = order[i * c.batch_size : (i + 1) * c.batch_size]  # type: ignore[index]
+      if self._bad_batch(step, indices):
+        return step
+      x, y = self.gather(indices)
       phase = s.optimizer.phase_of(step) if s.optimizer.phase_of is not None else None
       measure = measuring and step % c.every == 0
       self.state, values = self.step_fn(self.state, x, y, measure=measure, phase=phase)
-      if self.guard is not None and self._diverged(step, values["loss"]):
-        return step
       if "alpha" in values and not (step >= self.alpha_from and (step - 1) % c.every == 0):
         # α of the update of step t - 1 is known at step t; other steps repeat an old one.
         values = {k: v for k, v in values.items() if k != "alpha"}
-      self.recorder.write(step, values)
+      if self._write(step, values):
+        return step
       if self.bar is not None:
         if pending_loss is not None and (step % 10 == 0 or step == total - 1):
           shown = {k.replace("/", "_"): f"{v:.4f}" for k, v in self.last_eval.items()}
@@ -563,8 +609,13 @@ class _Loop:
         pending_loss = values["loss"]
         self.bar.update(1)
       step += 1
-      if step % self.eval_every == 0 or step == total or stop.requested:
+      evaluate = step % self.eval_every == 0 or step == total or stop.requested
+      save = (self.ckpt_every and step % self.ckpt_every == 0) or step == total or stop.requested
+      if (evaluate or save) and self._settle():
+        return step
+      if evaluate:
         self.run_eval(step)
-      if (self.ckpt_every and step % self.ckpt_every == 0) or step == total or stop.requested:
+      if save:
         self.checkpoint(step)
+    self._settle()
     return step

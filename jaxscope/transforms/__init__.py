@@ -5,6 +5,7 @@ from jaxscope.transforms.capacity import (
   masked_freeze,
   plateau_detector,
   plateau_init,
+  plateau_restart,
   plateau_update,
 )
 from jaxscope.transforms.monitor import MonitoredState, monitored, monitored_metrics
@@ -43,6 +44,7 @@ __all__ = [
   "only_adaptive_sgd",
   "plateau_detector",
   "plateau_init",
+  "plateau_restart",
   "plateau_update",
   "preconditioned_sgd",
   "preconditioner_log",
