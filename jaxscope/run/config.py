@@ -400,9 +400,10 @@ class TrainConfig:
     "none",
     group=_OPTIM,
     choices=("none", "divergence"),
-    help="divergence: stop the run when its loss is non-finite or above 10 x the first one "
-    "(read one step behind, so the step is not stalled), before the next step is recorded; "
-    "the command exits 1",
+    help="divergence: stop the run when its loss is non-finite or above 10 x the first one, "
+    "or before a step whose batch holds a non-finite training example; each step's record "
+    "waits until its loss is read (one step behind: the device is not stalled), so no "
+    "non-finite step is recorded (a stop/* record marks it); the command exits 1",
   )
   capacity: str | None = _opt(
     None,
