@@ -484,6 +484,20 @@ def test_ordering_by_severity_then_confidence_then_step():
   assert {"dead_units", "update_ratio_high", "overfitting"} <= set(_names(findings))
 
 
+def test_a_cause_comes_before_the_divergence_it_made():
+  """Raw-pixel inputs (a warning) that made the loss diverge (critical): the cause leads,
+  so its advice is the first to try; info findings stay last (issue 21)."""
+  base = _base(41)
+  base["loss"][600:] = np.nan
+  data = {"examples": 1000, "inputs": _fl(33.0, 78.0, 0.0, 255.0)}
+  findings = diagnose(_history(base, config={"optimizer": "adam", "data_stats": data}))
+  names = _names(findings)
+  assert names[:2] == ["unnormalised_inputs", "divergence"]
+  assert [f.severity for f in findings[:2]] == ["warning", "critical"]
+  sev = [f.severity == "info" for f in findings]
+  assert sev == sorted(sev)
+
+
 def test_json_round_trip_and_report():
   findings = diagnose(_problem_run())
   data = findings_to_json(findings)

@@ -154,8 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     "diagnose",
     help="name what is going wrong in a run, with the evidence and what to try",
     description="Runs jaxscope.diagnose's rules over a run's metrics.jsonl, prints the "
-    "findings (most severe first), and writes diagnosis.json and diagnosis.png (the metrics "
-    "behind each finding, its steps marked).",
+    "findings (the likeliest cause first), and writes diagnosis.json and diagnosis.png (the "
+    "metrics behind each finding, its steps marked).",
   )
   p.add_argument("run", help="run directory (holding metrics.jsonl)")
   p.add_argument("--out", default=None, help="output directory (default: RUN)")

@@ -2,7 +2,7 @@
 
 :func:`diagnose` runs every rule of :data:`RULES` over a :class:`~jaxscope.record.History`
 (or a run directory, or a mapping ``key -> (steps, values)``) and returns the
-:class:`Finding` objects, most severe first. Each rule reads only the keys the training
+:class:`Finding` objects, the likeliest cause first. Each rule reads only the keys the training
 loop writes (``loss``, ``train/accuracy``, ``test/loss``, ``lr``, ``hess_max_ev`` and the
 per-layer ``{topic}/{stat}/{layer}`` metrics, see :mod:`jaxscope.train`) and the run's
 ``config.json`` (``lr``, ``num_classes``, ``model_args``, ``data_stats``), and skips

@@ -186,10 +186,10 @@ def diagnose(
     **overrides: thresholds to change by name, e.g. ``dead_fraction=0.3``.
 
   Returns:
-    The findings in the order of :func:`~jaxscope.diagnose.reporting._sort_key`: most
-    severe first (critical, warning, info); within a severity, findings of confidence
-    ``"low"`` last, those that name a cause (:data:`~jaxscope.diagnose.reporting.CAUSES`)
-    before those that describe a symptom, then by confidence, by the first step of their
+    The findings in the order of :func:`~jaxscope.diagnose.reporting._sort_key`: alarms
+    (critical, warning) before info; among them findings of confidence ``"low"`` last,
+    those that name a cause (:data:`~jaxscope.diagnose.reporting.CAUSES`) before those
+    that describe a symptom, then by severity, by confidence, by the first step of their
     evidence and by name. Empty when nothing was found.
 
   Raises:

@@ -1,5 +1,5 @@
-"""Findings out: their order (most severe first, causes before symptoms, most certain first,
-then by first step), JSON and a text report.
+"""Findings out: their order (alarms first, causes before symptoms, most severe and most
+certain first, then by first step), JSON and a text report.
 
 (Named ``reporting`` so that the submodule does not shadow the function
 :func:`jaxscope.diagnose.report` on the package.)
@@ -35,16 +35,19 @@ CAUSES = frozenset(
 )
 
 
-def _sort_key(f: Finding) -> tuple[int, bool, bool, int, float, str]:
-  """Severity (most severe first); within it findings of confidence ``"low"`` last (just
-  past a threshold, or seen only after a divergence), causes (:data:`CAUSES`) before
-  symptoms, then by confidence, the first step of the evidence and the name."""
+def _sort_key(f: Finding) -> tuple[bool, bool, bool, int, int, float, str]:
+  """Alarms (critical and warning) before info; within them findings of confidence
+  ``"low"`` last (just past a threshold, or seen only after a divergence), causes
+  (:data:`CAUSES`) before symptoms (an input scale or initialisation that made the loss
+  diverge comes before the divergence, whatever their severities), then by severity,
+  confidence, the first step of the evidence and the name."""
   steps = f.evidence.get("steps") or []
   first = min(steps) if steps else math.inf
   return (
-    SEVERITIES.index(f.severity),
+    f.severity == "info",
     f.confidence == "low",
     f.name not in CAUSES,
+    SEVERITIES.index(f.severity),
     CONFIDENCES.index(f.confidence),
     first,
     f.name,

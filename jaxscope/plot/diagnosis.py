@@ -16,7 +16,7 @@ from jaxscope.record import History
 __all__ = ["diagnosis_figure"]
 
 MAX_PANELS = 8
-"""Findings beyond the first (most severe) eight are not drawn."""
+"""Findings beyond the first eight (the likeliest causes) are not drawn."""
 SEVERITY_COLOURS = {"critical": "tab:red", "warning": "tab:orange", "info": "tab:blue"}
 """The colour of a finding's step markers by its severity."""
 
@@ -73,7 +73,7 @@ def _draw_finding(ax: Any, history: History, finding: Any) -> None:
 def diagnosis_figure(history: History | str | Path, findings: Sequence[Any]) -> Figure:
   """One page with the metrics behind each finding of :func:`jaxscope.diagnose.diagnose`.
 
-  One panel per finding (most severe first, at most 8): the recorded series its evidence
+  One panel per finding (in the order of the diagnosis, at most 8): the recorded series its evidence
   names (``evidence["metric"]`` and ``evidence["layers"]``), log scale when they span
   decades, the steps in ``evidence["steps"]`` marked by vertical lines, titled with the
   finding's severity, name and summary. With no finding, the loss with "no problem found".
