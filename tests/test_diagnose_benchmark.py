@@ -351,3 +351,27 @@ def test_doc_remedy_table_is_the_code_table():
   text = (ROOT / "docs" / "diagnose.md").read_text(encoding="utf-8")
   for name, action in REMEDY.items():
     assert f"| `{name}` | {f'`{action}`' if action else '–'} |" in text, name
+
+
+def test_train_remedy_repeats_while_the_rerun_diverges() -> None:
+  """lr_down is applied again while the rerun is stopped by a divergence, at most
+  REPEAT times; other actions run once (issue 21: lr 10 needs more than x 0.1)."""
+  from benchmarks.diagnose.remedy import REPEAT, train_remedy
+
+  seen = []
+
+  def fake(job: dict) -> dict:
+    lr = job["fields"]["lr"]
+    seen.append(lr)
+    return {"id": job["id"], "stopped": "diverged" if lr > 0.05 else None, "test_loss": lr}
+
+  job = {"id": "digits/x", "task": "digits", "fields": {"lr": 10.0}}
+  down = {**apply_action(job, "lr_down"), "repeat": ("lr_down", REPEAT["lr_down"])}
+  row = train_remedy(down, fake)
+  assert seen == pytest.approx([1.0, 0.1, 0.01]) and row["tries"] == 3 and not row["stopped"]
+  seen.clear()
+  row = train_remedy({**apply_action({**job, "fields": {"lr": 1e3}}, "lr_down"),
+                      "repeat": ("lr_down", 3)}, fake)  # fmt: skip
+  assert seen == pytest.approx([100.0, 10.0, 1.0]) and row["stopped"] and row["tries"] == 3
+  seen.clear()
+  assert train_remedy(apply_action(job, "lr_up"), fake)["tries"] == 1 and seen == [100.0]

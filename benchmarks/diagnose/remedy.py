@@ -18,7 +18,9 @@ import zlib
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["ACTIONS", "NOT_AUTOMATIC", "REMEDY", "apply_action", "other_action"]
+__all__ = [
+  "ACTIONS", "NOT_AUTOMATIC", "REMEDY", "REPEAT", "apply_action", "other_action", "train_remedy",
+]  # fmt: skip
 
 
 def _lr(factor: float) -> Callable[[dict[str, Any], dict[str, Any]], None]:
@@ -65,7 +67,7 @@ def _schedule(name: str) -> Callable[[dict[str, Any], dict[str, Any]], None]:
 
 #: The actions: ``name -> (what it changes, function(fields, job) changing fields in place)``.
 ACTIONS: dict[str, tuple[str, Callable[[dict[str, Any], dict[str, Any]], None]]] = {
-  "lr_down": ("learning rate x 0.1", _lr(0.1)),
+  "lr_down": ("learning rate x 0.1, again while the rerun diverges (up to 3 times)", _lr(0.1)),
   "lr_up": ("learning rate x 10", _lr(10.0)),
   "more_steps": ("steps x 4", _steps(4.0)),
   "lr_decay": ("cosine learning-rate decay over the run", _schedule("cosine")),
@@ -140,3 +142,27 @@ def other_action(run_id: str, exclude: str | None, classification: bool = True) 
     if a != exclude and (classification or a not in ("rebalance", "logits_output"))
   ]  # fmt: skip
   return random.Random(zlib.crc32(run_id.encode())).choice(pool)
+
+
+#: Actions the advice says to repeat while the rerun still diverges (the divergence
+#: advice: "lower the learning rate by 10×, and again while it still diverges"): ``action
+#: -> most tries``. Their reruns train with ``stop_on="divergence"``, so a try that
+#: diverges ends there.
+REPEAT: dict[str, int] = {"lr_down": 3}
+
+
+def train_remedy(
+  job: dict[str, Any], train: Callable[[dict[str, Any]], dict[str, Any]]
+) -> dict[str, Any]:
+  """``train(job)``; for a job with ``job["repeat"] = (action, tries)``, the action applied
+  again and the job retrained while the rerun was stopped by a divergence, up to ``tries``
+  runs in all. The row's ``tries`` says how many ran."""
+  row = train(job)
+  tries = 1
+  if "repeat" in job:
+    action, most = job["repeat"]
+    while row.get("stopped") and tries < most:
+      job = apply_action(job, action)
+      row = train(job)
+      tries += 1
+  return {**row, "tries": tries}

@@ -58,6 +58,7 @@ if "jax" not in sys.modules:
 
 import argparse
 import concurrent.futures
+import functools
 import json
 import multiprocessing
 import platform
@@ -87,7 +88,15 @@ from benchmarks.diagnose.grid import (  # noqa: E402
   stress,
   train_one,
 )  # fmt: skip
-from benchmarks.diagnose.remedy import ACTIONS, NOT_AUTOMATIC, REMEDY, apply_action, other_action  # noqa: E402
+from benchmarks.diagnose.remedy import (  # noqa: E402
+  ACTIONS,
+  NOT_AUTOMATIC,
+  REMEDY,
+  REPEAT,
+  apply_action,
+  other_action,
+  train_remedy,
+)  # fmt: skip
 from benchmarks.diagnose.score import (  # noqa: E402
   ALARM,
   N_STD,
@@ -319,7 +328,11 @@ def remedies(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     if action is not None:
       entry["other_action"] = other_action(r["id"], action, TASKS[r["task"]].classification)
       for which in ("top", "other"):
-        job = apply_action(_job(r, rerun_dir / f"{r['id']}-{which}"), entry[f"{which}_action"])
+        act = entry[f"{which}_action"]
+        job = apply_action(_job(r, rerun_dir / f"{r['id']}-{which}"), act)
+        if act in REPEAT:
+          job["repeat"] = (act, REPEAT[act])
+          job["overrides"] = {"stop_on": "divergence"}
         jobs.append({**job, "id": f"{r['id']}:{which}"})
     plan.append(entry)
   stops = [r for r in rows if any(v is not None for v in r["loss_events"].values())]
@@ -328,7 +341,8 @@ def remedies(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     jobs.append({**_job(r, rerun_dir / f"{r['id']}-stop"), "id": f"{r['id']}:stop",
                  "overrides": overrides})  # fmt: skip
   print(f"{len(jobs)} reruns, {args.jobs} processes", flush=True)
-  done = {j["id"]: row for j, row in zip(jobs, run_jobs(jobs, args.jobs, train_one), strict=True)}
+  fn = functools.partial(train_remedy, train=train_one)
+  done = {j["id"]: row for j, row in zip(jobs, run_jobs(jobs, args.jobs, fn), strict=True)}
   ref = result["reference"]
   for e in plan:
     for which in ("top", "other"):
@@ -336,6 +350,7 @@ def remedies(args: argparse.Namespace, out: Path) -> dict[str, Any]:
       if rerun is not None:
         e[f"{which}_fixed"] = not label(rerun, ref[e["task"]])
         e[f"{which}_outcome"] = [rerun["test_loss"], rerun["test_accuracy"]]
+        e[f"{which}_tries"] = rerun["tries"]
   stop_rows = []
   for r in stops:
     rerun = done[f"{r['id']}:stop"]
@@ -357,6 +372,7 @@ def remedies(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     "stale": 0,
     "table": REMEDY,
     "actions": {a: d for a, (d, _) in ACTIONS.items()},
+    "repeat": REPEAT,
     "not_automatic": NOT_AUTOMATIC,
     "runs": plan,
     "scores": remedy_scores(plan),

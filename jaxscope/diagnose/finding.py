@@ -257,7 +257,8 @@ class Thresholds:
 
 _ADVICE: dict[str, list[str]] = {
   "divergence": [
-    "lower the learning rate (e.g. by 10×) or add a warm-up",
+    "lower the learning rate by 10×, and again while it still diverges (with --stop-on "
+    "divergence each try ends where it diverges), or add a warm-up",
     "clip gradients (optax.clip_by_global_norm)",
     "check the inputs (NaN/Inf, scaling) and the initialisation",
   ],
