@@ -238,7 +238,25 @@ def test_late_plateau(accuracy, found):
     if accuracy is not None:
       assert f.evidence["values"]["train_accuracy"] == pytest.approx(accuracy)
     else:
-      assert f.evidence["values"]["initial_loss"] > 2
+      assert f.evidence["values"]["reference_loss"] > 2
+
+
+@pytest.mark.parametrize(("level", "found"), [(1.05, False), (1.9, True)])
+def test_late_plateau_needs_a_loss_far_above_chance(level, found):
+  """A 10-class run that levels off at 60 % training accuracy: at 0.46 × ln(10) it learned
+  what the model allows (healthy MNIST-1D MLPs, issue 21), at 0.83 × ln(10) it is stuck."""
+  rng = np.random.default_rng(8)
+  t = np.arange(N, dtype=np.float64)
+  base = _base(8)
+  base["loss"] = (1.4 * np.exp(-t / 100) + level) * np.exp(0.05 * rng.standard_normal(N))
+  base["train/accuracy"] = np.full(N, 0.6)
+  config = {"task": "classification", "num_classes": 10}
+  findings = diagnose(_history(base, config=config))
+  assert ("late_plateau" in _names(findings)) == found
+  if found:
+    f = _one(findings, "late_plateau")
+    assert f.evidence["values"]["reference_loss"] == pytest.approx(np.log(10))
+    assert "chance level ln(10)" in f.summary and "training accuracy 0.6" in f.summary
 
 
 # --------------------------------------------------------------------------- overfitting
@@ -353,6 +371,21 @@ def test_dead_units_and_threshold_override():
   base["activations/dead_fraction/ln_f"] = np.full(N, 0.9)
   f = _one(diagnose(_history(base)), "dead_units")
   assert f.evidence["layers"] == ["Dense_0", "Dense_2", "ln_f"]
+
+
+@pytest.mark.parametrize(("final", "severity"), [(0.05, "info"), (0.45, "warning")])
+def test_dead_units_warn_only_while_the_fit_is_poor(final, severity):
+  """A regression net on 1-D inputs fitting a sine keeps 60 % of its second layer's ReLUs
+  dead on every batch and fits well (info); the same dead units in a run that stays above
+  half its initial loss are a warning (issue 21: healthy sine runs were flagged)."""
+  base = _base(16)
+  t = np.arange(N, dtype=np.float64)
+  base["loss"] = (0.5 - final) * np.exp(-t / 100) + final
+  del base["train/accuracy"]
+  base["activations/dead_fraction/Dense_1"] = np.full(N, 0.6)
+  f = _one(diagnose(_history(base)), "dead_units")
+  assert f.severity == severity
+  assert ("does not hold" in f.summary or "do not hold" in f.summary) == (severity == "info")
 
 
 def test_saturation():

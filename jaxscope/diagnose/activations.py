@@ -4,12 +4,19 @@ They read ``activations/dead_fraction/{layer}`` and ``activations/saturation_fra
 and leave out the output layer (the logits) with ``Thresholds.exclude_output_layer``: the
 layers named in :data:`OUTPUT_LAYER_NAMES`, else the last in depth order. Confidence: the
 worst layer's median against the bound (:func:`~jaxscope.diagnose.finding._confidence`).
+A warning when the run is still far from a good fit
+(:func:`~jaxscope.diagnose.loss._far_from_good`), else info: a network of one-dimensional
+inputs fitting a sine well has 50–70 % of its second layer's ReLUs dead on every batch
+(their kinks sit outside the data), and the units it needs are alive.
 """
 
 from __future__ import annotations
 
+import numpy as np
+
 from jaxscope.diagnose.finding import Finding, Thresholds, _confidence, _finding, _margin
-from jaxscope.diagnose.series import _layer_tail_medians, _layers
+from jaxscope.diagnose.loss import _far_from_good, _stable_loss
+from jaxscope.diagnose.series import _layer_tail_medians, _layers, _tail
 from jaxscope.record import History
 
 #: Names of output layers (the logits, no non-linearity after them), left out with
@@ -46,10 +53,14 @@ def _activation_rule(
     f"{what} in {len(bad)} layer(s) (median fraction over the last half above "
     f"{bound:.0%}: {shown}{', …' if len(bad) > 5 else ''})."
   )
+  severity, fit = "warning", _fits(h, th)
+  if fit is not None:
+    severity = "info"
+    summary += f" The run still fits the data ({fit}): they do not hold training back."
   return [
     _finding(
       name,
-      "warning",
+      severity,
       summary,
       metric=[f"activations/{stat}/{lay}" for lay in bad],
       layers=bad,
@@ -58,6 +69,22 @@ def _activation_rule(
       confidence=confidence,
     )
   ]
+
+
+def _fits(h: History, th: Thresholds) -> str | None:
+  """How the run fits the data when it is not far from a good fit over the last
+  ``late_fraction`` of its loss (:func:`~jaxscope.diagnose.loss._far_from_good`), else
+  ``None`` (far from it, or no loss to judge)."""
+  s = _stable_loss(h, th)
+  if s is None:
+    return None
+  steps, loss = _tail(*s, th.late_fraction)
+  if steps.size < th.min_points:
+    return None
+  level = float(np.median(loss))
+  if _far_from_good(h, th, steps[0], s[1], level) is not None:
+    return None
+  return f"median loss {level:.3g} over steps {int(steps[0])}–{int(steps[-1])}"
 
 
 def _rule_dead_units(h: History, th: Thresholds) -> list[Finding]:

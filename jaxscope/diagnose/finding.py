@@ -158,11 +158,11 @@ class Thresholds:
   least this many points, and the run needs twice as many (a 12-step run is judged on its
   last 5 points)."""
   late_acc: float = 0.9
-  """Late plateau: "still far from good" when the median training accuracy of the window is
-  below this (used when ``train/accuracy`` is recorded)."""
+  """Late plateau, dead units, saturation: "still far from a good fit" needs the median
+  training accuracy of the last stretch below this (when ``train/accuracy`` is recorded)..."""
   late_loss_fraction: float = 0.5
-  """Late plateau: "still far from good" when the median loss of the window is above this
-  fraction of the initial loss (used without ``train/accuracy``)."""
+  """...and its median loss above this fraction of the loss of a model that learned
+  nothing (``ln(num_classes)`` for classification, else the run's initial loss)."""
   # overfitting
   overfit_window: int = 5
   """Overfitting: number of last evaluations over which the slopes are fitted."""
