@@ -204,6 +204,56 @@ def test_random_spikes_are_instability_not_oscillation():
   assert diagnose(_history(base), instability_fraction=0.2) == []
 
 
+def _catapult_loss(recover: bool) -> np.ndarray:
+  t = np.arange(N, dtype=np.float64)
+  loss = 0.5 * np.exp(-t / 100) + 0.02
+  bump = np.exp(-(((t - 300) / 4.0) ** 2))  # Steps ~292-308 thrown up to 30 x the start.
+  loss = loss + 15.0 * bump
+  if not recover:
+    loss[300:] = 15.0
+  return loss
+
+
+@pytest.mark.parametrize("recover", [True, False])
+def test_a_recovered_spike_is_a_catapult_not_a_divergence(recover):
+  """Full-batch GD a little above 2/λ_max throws the loss up and converges (issue 21:
+  healthy full-batch sine runs were called diverged and unstable)."""
+  base = _base(17)
+  base["loss"] = _catapult_loss(recover)
+  names = _names(diagnose(_history(base)))
+  if recover:
+    f = _one(diagnose(_history(base)), "catapult")
+    assert f.severity == "info" and f.evidence["steps"][1] == 300
+    assert f.evidence["values"]["peak"] == pytest.approx(15.0 + 0.5 * np.exp(-3) + 0.02)
+    assert "divergence" not in names and "instability" not in names
+  else:
+    assert "divergence" in names and "catapult" not in names
+
+
+def test_one_burst_of_spikes_is_not_instability():
+  """Four neighbouring steps of 120 spiking (3 %) are one event; 30 spikes spread over a
+  run are instability (issue 21: a catapult's few steps were called unstable)."""
+  rng = np.random.default_rng(18)
+  n = 120
+  base = _base(18, n=n)
+  t = np.arange(n, dtype=np.float64)
+  smooth = (2.3 * np.exp(-t / 250) + 0.05) * np.exp(0.02 * rng.standard_normal(n))
+  burst = np.zeros(n, bool)
+  burst[60:64] = True
+  base["loss"] = smooth * np.where(burst, 3.0, 1.0)
+  assert "instability" not in _names(diagnose(_history(base)))
+  assert "instability" in _names(diagnose(_history(base), instability_min_events=1))
+  base = _base(18)
+  t = np.arange(N, dtype=np.float64)
+  smooth = (2.3 * np.exp(-t / 250) + 0.05) * np.exp(0.02 * rng.standard_normal(N))
+  spread = np.zeros(N, bool)
+  spread[rng.choice(N, 30, replace=False)] = True
+  base["loss"] = smooth * np.where(spread, 3.0, 1.0)
+  f = _one(diagnose(_history(base)), "instability")
+  runs = int(spread[0]) + int(np.count_nonzero(spread[1:] & ~spread[:-1]))
+  assert f.evidence["values"]["spike_events"] == runs > 20
+
+
 # --------------------------------------------------------------------------- plateaus
 
 

@@ -46,7 +46,8 @@ class Finding:
       ``"loss_output_mismatch"``, ``"lr_too_low"``, ``"bad_init_scale"``, ``"label_noise"``,
       ``"dropout_too_strong"``; the info
       ``"curvature_not_judged"`` (every λ_max reading within its error bar's noise),
-      ``"edge_of_stability"`` (``lr · λ_max`` at the limit while the loss falls: healthy).
+      ``"edge_of_stability"`` (``lr · λ_max`` at the limit while the loss falls: healthy),
+      ``"catapult"`` (the loss spiked above the divergence factor and recovered).
     severity: ``"critical"``, ``"warning"`` or ``"info"``.
     summary: one readable sentence with the numbers.
     evidence: JSON-serialisable dict: ``"metric"`` (the key or keys read), ``"layers"``,
@@ -133,6 +134,9 @@ class Thresholds:
   """Instability: a spike also rises at least this fraction above the trend (log domain:
   ``log(1 + spike_min_rel)``): minibatch noise of a few percent on a flat stretch is not
   instability, however small the local MAD."""
+  instability_min_events: int = 3
+  """Instability: fewest separate spike events (runs of consecutive spiking points): one
+  excursion of a few steps, such as a catapult, is not a loss that keeps jumping."""
   instability_min_points: int = 100
   """Instability: fewest loss points to judge a fraction of spikes (at 40 points one
   spike is 2.5 %, which says nothing)."""
@@ -256,6 +260,10 @@ class Thresholds:
 # --------------------------------------------------------------------------- advice
 
 _ADVICE: dict[str, list[str]] = {
+  "catapult": [
+    "nothing needs to change: the run recovered and converges",
+    "a slightly lower learning rate or a short warm-up avoids the spike",
+  ],
   "divergence": [
     "lower the learning rate by 10×, and again while it still diverges (with --stop-on "
     "divergence each try ends where it diverges), or add a warm-up",

@@ -36,7 +36,8 @@ _RATIO_STATS = ("ratio", "ratio_new", "elementwise_ratio", "realised_ratio")
 
 
 def _divergence_step(h: History, th: Thresholds) -> int | None:
-  """The first step where ``loss`` is non-finite or above ``divergence_factor × |initial|``."""
+  """The first step where ``loss`` is non-finite or above ``divergence_factor × |initial|``,
+  leaving out an explosion the run recovers from (:func:`_catapult`)."""
   s = _series(h, "loss")
   if s is None:
     return None
@@ -45,9 +46,35 @@ def _divergence_step(h: History, th: Thresholds) -> int | None:
   bad = ~finite
   if finite.any():
     initial = loss[np.argmax(finite)]
-    if initial > 0:
+    if initial > 0 and _catapult(loss, th) is None:
       bad |= finite & (loss > th.divergence_factor * initial)
   return int(steps[np.argmax(bad)]) if bad.any() else None
+
+
+def _catapult(loss: np.ndarray, th: Thresholds) -> tuple[int, int, float] | None:
+  """A loss that rises above ``divergence_factor ×`` its first finite value and recovers:
+  finite from then on, with the median of the last ``late_fraction`` of the run below the
+  first value. Returns ``(index of the first point above, index of its peak, peak)`` or
+  ``None``. The catapult of Lewkowycz et al. (2020): a learning rate a little above the
+  stability limit ``2/λ_max`` throws the loss up, the curvature falls, and training
+  converges (full-batch sine runs at lr 0.05 in the fault benchmark, issue 21)."""
+  finite = np.isfinite(loss)
+  if not finite.any():
+    return None
+  start = int(np.argmax(finite))
+  initial = float(loss[start])
+  above = finite & (loss > th.divergence_factor * initial)
+  if initial <= 0 or not above.any():
+    return None
+  k = int(np.argmax(above))
+  after = loss[k:]
+  tail = loss[-max(1, math.ceil(th.late_fraction * loss.size)) :]
+  if not np.isfinite(after).all() or k + 1 >= loss.size or np.median(tail) >= initial:
+    return None
+  if np.argmax(loss[::-1] > th.divergence_factor * initial) < tail.size:
+    return None  # Still above the factor within the last stretch: not recovered.
+  peak = k + int(np.argmax(after))
+  return k, peak, float(loss[peak])
 
 
 def _stable_loss(h: History, th: Thresholds) -> tuple[np.ndarray, np.ndarray] | None:
@@ -151,6 +178,28 @@ def _stopped_finding(step: int, key: str) -> Finding:
   )
 
 
+def _catapult_finding(
+  steps: np.ndarray, loss: np.ndarray, c: tuple[int, int, float], th: Thresholds
+) -> Finding:
+  k, peak, value = c
+  initial = float(loss[np.isfinite(loss)][0])
+  summary = (
+    f"The loss spiked and recovered: at step {int(steps[k])} it rose above "
+    f"{_fmt(th.divergence_factor)} × the initial {_fmt(initial)} (peak {_fmt(value)} at step "
+    f"{int(steps[peak])}) and then fell to {_fmt(float(loss[-1]))}: a catapult, the loss's "
+    "answer to a learning rate just above the stability limit; not a divergence."
+  )
+  return _finding(
+    "catapult",
+    "info",
+    summary,
+    metric="loss",
+    steps=[steps[k], steps[peak]],
+    values={"initial_loss": initial, "peak": value, "final_loss": float(loss[-1])},
+    confidence="high",
+  )
+
+
 def _rule_divergence(h: History, th: Thresholds) -> list[Finding]:
   """Divergence: the loss becomes non-finite or explodes.
 
@@ -159,7 +208,9 @@ def _rule_divergence(h: History, th: Thresholds) -> list[Finding]:
   per-layer value (any ``{topic}/{stat}/{layer}`` key) that is non-finite, or a
   ``*/nonfinite_fraction/*`` above 0, at or before ``s*``: the layer where the NaN/Inf
   started. When the loss stays finite but per-layer values are non-finite, that is
-  reported too. A run stopped by ``--stop-on divergence`` before it recorded a non-finite
+  reported too. An explosion the run recovers from (finite afterwards, the last stretch
+  below the initial loss) is the info ``"catapult"`` instead (:func:`_catapult`). A run
+  stopped by ``--stop-on divergence`` before it recorded a non-finite
   step (a ``stop/nonfinite_loss`` or ``stop/nonfinite_batch`` record) is reported at that
   step. Critical. Source: the lecture's "loss explodes / NaN" shape.
   """
@@ -167,6 +218,8 @@ def _rule_divergence(h: History, th: Thresholds) -> list[Finding]:
   stopped = _stop_record(h)
   if stopped is not None and (div is None or stopped[0] < div):
     return [_stopped_finding(*stopped)]
+  if div is None and (s := _series(h, "loss")) is not None and (c := _catapult(s[1], th)):
+    return [_catapult_finding(s[0], s[1], c, th)]
   first, layers = _first_nonfinite(h, div)
   if first is None and div is not None:
     # The loss exploded before anything was non-finite: the NaN/Inf, if one followed,
@@ -304,8 +357,11 @@ def _periodic_spikes(steps: np.ndarray, res: _Residual, th: Thresholds) -> Findi
   )
 
 
-def _instability(steps: np.ndarray, res: _Residual, th: Thresholds) -> Finding | None:
-  """The ``"instability"`` finding when too many points spike above the trend, or ``None``."""
+def _instability(
+  steps: np.ndarray, res: _Residual, th: Thresholds, quiet: tuple[int, int] | None = None
+) -> Finding | None:
+  """The ``"instability"`` finding when too many points spike above the trend, or ``None``;
+  spikes in the samples ``quiet = (start, stop)`` (a catapult) do not count."""
   resid = res.resid
   # The scale: a moving MAD over twice the trend window, at least a quarter of the global
   # MAD (a few equal residuals near the edges must not make the scale vanish).
@@ -315,8 +371,11 @@ def _instability(steps: np.ndarray, res: _Residual, th: Thresholds) -> Finding |
     return None
   rel = math.log1p(th.spike_min_rel) if res.use_log else th.spike_min_rel * np.abs(res.y - resid)
   spikes = (resid > th.spike_factor * np.maximum(mad, floor)) & (resid > rel)
+  if quiet is not None:
+    spikes[quiet[0] : quiet[1]] = False
   frac = float(spikes.mean())
-  if frac <= th.instability_fraction:
+  events = int(spikes[0]) + int(np.count_nonzero(spikes[1:] & ~spikes[:-1]))
+  if frac <= th.instability_fraction or events < th.instability_min_events:
     return None
   idx = np.flatnonzero(spikes)
   spike_steps = steps[idx * res.block]  # The first step of each spiking block.
@@ -330,7 +389,12 @@ def _instability(steps: np.ndarray, res: _Residual, th: Thresholds) -> Finding |
     summary,
     metric="loss",
     steps=spike_steps,
-    values={"spike_fraction": frac, "num_spikes": int(idx.size), "log_domain": res.use_log},
+    values={
+      "spike_fraction": frac,
+      "num_spikes": int(idx.size),
+      "spike_events": events,
+      "log_domain": res.use_log,
+    },
     confidence=_confidence(
       _margin(frac, th.instability_fraction, above=True), resid.size, th.instability_min_points
     ),
@@ -352,8 +416,10 @@ def _rule_oscillation(h: History, th: Thresholds) -> list[Finding]:
   ``r > spike_factor × MAD`` (MAD a moving median of ``|r|`` over twice the trend
   window, at least a quarter of the global median of ``|r|``) and ``r`` above
   ``log(1 + spike_min_rel)`` (a jump of at least ``spike_min_rel`` of the trend) exceeds
-  ``instability_fraction``, judged on at least ``instability_min_points`` points (minimum
-  evidence). Warning ``"instability"``.
+  ``instability_fraction`` in at least ``instability_min_events`` separate runs of
+  spiking points, judged on at least ``instability_min_points`` points (minimum
+  evidence); the excursion of a catapult (:func:`_catapult`) does not count. Warning
+  ``"instability"``.
   Source: the lecture's "periodic spikes: online learning on unshuffled or imbalanced
   data" and "unstable loss: stuck between minima, large gradients".
   """
@@ -362,7 +428,18 @@ def _rule_oscillation(h: History, th: Thresholds) -> list[Finding]:
     return []
   steps, loss = s
   res = _loss_residual(steps, loss, th)
-  found = _periodic_spikes(steps, res, th) or _instability(steps, res, th)
+  quiet = None
+  if (c := _catapult(loss, th)) is not None:
+    # The catapult's excursion (from the start of its rise until the loss is back within
+    # spike_min_rel of where it started) is one event, reported on its own: its bumps are
+    # not instability.
+    k, peak, _ = c
+    while k > 0 and loss[k - 1] < loss[k]:
+      k -= 1  # The rise starts where the loss stopped falling.
+    back = np.flatnonzero(loss[peak:] <= (1 + th.spike_min_rel) * loss[k])
+    end = peak + (int(back[0]) if back.size else loss.size)
+    quiet = (k // res.block, -(-end // res.block))
+  found = _periodic_spikes(steps, res, th) or _instability(steps, res, th, quiet)
   return [found] if found is not None else []
 
 
