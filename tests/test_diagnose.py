@@ -869,7 +869,7 @@ def test_short_runs_update_ratio_and_too_few_steps():
   rng = np.random.default_rng(71)
   arrays = {
     "loss": 2.3 * np.exp(-t / 40),
-    **{f"updates/ratio/{lay}/kernel": np.full(30, 0.03) for lay in LAYERS},
+    **{f"updates/ratio/{lay}/kernel": np.full(30, 0.05) for lay in LAYERS},
   }
   findings = diagnose(_history(arrays))
   assert "update_ratio_high" not in _names(findings)
@@ -877,10 +877,10 @@ def test_short_runs_update_ratio_and_too_few_steps():
   assert f.evidence["steps"] == [24, 29]  # the last fifth of steps 0-29: 23.2 on
   # Last stretch 2.3·(e^{-24/40} - e^{-29/40}) = 0.149 of 2.3·(e^{-2/40} - e^{-29/40}) = 1.07.
   assert f.evidence["values"]["recent_fraction"] == pytest.approx(0.1384, abs=0.001)
-  assert f.confidence == "medium"  # 3 × ratio_high but on 6 points (fewer than 2 × 5)
+  assert f.confidence == "medium"  # 5 × transient_ratio but on 6 points (fewer than 2 × 5)
   # Its ratios are the second piece of evidence: it stopped in the early transient.
   assert "early transient" in f.summary
-  assert f.evidence["values"]["median_ratio/Dense_0/kernel"] == pytest.approx(0.03)
+  assert f.evidence["values"]["median_ratio/Dense_0/kernel"] == pytest.approx(0.05)
   # The same ratios on a long run are judged (after ratio_warmup), and a 30-step run that
   # has converged has no too_few_steps, unless its updates are still those of the transient.
   assert "update_ratio_high" in _names(diagnose(_history(arrays), ratio_warmup=0))

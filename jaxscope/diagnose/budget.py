@@ -57,7 +57,7 @@ def _still_moving(
   """``(margin, sentence, values)`` when the run is too short for the update-ratio rules
   (no weight layer has ``min_points`` ratios in the last half of its steps after
   ``ratio_warmup``) and a weight layer's median ``updates/ratio`` over the last stretch
-  (from ``t_steps[0]``, at least ``len(t_steps)`` points) is above ``ratio_high``: the run
+  (from ``t_steps[0]``, at least ``len(t_steps)`` points) is above ``transient_ratio``: the run
   stopped in its early transient, while the parameters still moved fast; else ``None``."""
   layers = _layers(h, "updates", "ratio", weights=True)
   settled = _layer_tail_medians(
@@ -71,17 +71,17 @@ def _still_moving(
     last = values[steps >= t_steps[0]]
     if last.size >= t_steps.size:
       med[lay] = float(np.median(last))
-  high = {lay: m for lay, m in med.items() if m > th.ratio_high}
+  high = {lay: m for lay, m in med.items() if m > th.transient_ratio}
   if not high:
     return None
   shown = ", ".join(f"{lay} {_fmt(m)}" for lay, m in list(high.items())[:5])
   sentence = (
     f"the run ended inside its early transient: the update/weight ratio over its last "
-    f"steps is still above {_fmt(th.ratio_high)} ({shown}; a run settles near 1e-3 after "
+    f"steps is still above {_fmt(th.transient_ratio)} ({shown}; a run settles near 1e-3 after "
     f"its first {th.ratio_warmup} steps)"
   )
   values = {f"median_ratio/{lay}": m for lay, m in high.items()}
-  return _margin(max(high.values()), th.ratio_high, above=True), sentence, values
+  return _margin(max(high.values()), th.transient_ratio, above=True), sentence, values
 
 
 def _rule_too_few_steps(h: History, th: Thresholds) -> list[Finding]:
@@ -101,13 +101,13 @@ def _rule_too_few_steps(h: History, th: Thresholds) -> list[Finding]:
     plateau: a run that never learnt shows noise there, not progress);
   * **still moving** (:func:`_still_moving`): a run too short for the update-ratio rules
     (fewer than ``ratio_warmup`` steps plus their minimum evidence) whose update/weight
-    ratio over the stretch is above ``ratio_high`` in some weight layer: it stopped in the
+    ratio over the stretch is above ``transient_ratio`` in some weight layer: it stopped in the
     early transient where every run's ratios are high (the evidence that
     ``update_ratio_high`` no longer takes from short runs).
 
   Warning. Confidence: the larger margin (still falling: the smaller of ``recent /
   still_improving`` and ``drop / plateau_rel_change``; still moving: the ratio over
-  ``ratio_high``), on the stretch's points. Source: "too few epochs", one of the most
+  ``transient_ratio``), on the stretch's points. Source: "too few epochs", one of the most
   common real faults of the DeepFD study.
   """
   if _divergence_step(h, th) is not None:
