@@ -1067,6 +1067,28 @@ def test_label_noise_and_dropout_too_strong():
   assert diagnose(_history(arrays, test, config=cfg)) == []
 
 
+def test_dropout_rate_high_names_a_run_that_diverged_or_learnt_nothing():
+  """Dropout 0.8 in a regression net whose loss explodes (inverted dropout scales the kept
+  units by 5): the rate is the cause and leads the report; 0.8 in a run that fits, or
+  0.5 in the diverging run, says nothing (issue 21: 11/32 dropout faults named)."""
+  t = np.arange(SETUP_N, dtype=np.float64)
+  diverging = {"loss": np.where(t < 20, 0.5 * np.exp(t / 3), np.nan)}
+  cfg = {"task": "regression", "model_args": {"dropout": 0.8}}
+  findings = diagnose(_history(diverging, config=cfg))
+  assert _names(findings)[:2] == ["dropout_too_strong", "divergence"]
+  f = findings[0]
+  assert f.confidence == "medium" and f.evidence["values"]["dropout_rate"] == 0.8
+  assert "keeps 20% of the units" in f.summary and "diverged at step" in f.summary
+  cfg["model_args"] = {"dropout": 0.5}
+  assert "dropout_too_strong" not in _names(diagnose(_history(diverging, config=cfg)))
+  # Far from a fit: 10 classes at 0.9 x ln(10) and 20 % accuracy.
+  stuck = _setup_run(loss=np.full(SETUP_N, 2.1), train_acc=0.2, test_acc=0.2, test_loss=2.1,
+                     model_args={"dropout": 0.9})  # fmt: skip
+  f = _one(diagnose(stuck), "dropout_too_strong")
+  assert "still far from a good fit" in f.summary
+  assert "dropout_too_strong" not in _names(diagnose(_setup_run(model_args={"dropout": 0.8})))
+
+
 def test_zoo_dropout_rates_match_the_models():
   import inspect
   import re

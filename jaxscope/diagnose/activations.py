@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from jaxscope.diagnose.divergence import _stable_loss
 from jaxscope.diagnose.finding import Finding, Thresholds, _confidence, _finding, _margin
-from jaxscope.diagnose.loss import _far_from_good, _stable_loss
+from jaxscope.diagnose.loss import _far_from_good
 from jaxscope.diagnose.series import _layer_tail_medians, _layers, _tail
 from jaxscope.record import History
 

@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from jaxscope.diagnose.divergence import _divergence_step, _initial_test_loss, _stable_loss
 from jaxscope.diagnose.finding import Finding, Thresholds, _confidence, _finding, _fmt, _margin
-from jaxscope.diagnose.loss import _divergence_step, _initial_test_loss, _stable_loss
 from jaxscope.diagnose.series import (
   _finite,
   _layer_tail_medians,

@@ -33,6 +33,7 @@ import numpy as np
 
 from jaxscope.diagnose.activations import _hidden_layers, _rule_dead_units, _rule_saturation
 from jaxscope.diagnose.data import _inputs_normalised, _stats
+from jaxscope.diagnose.divergence import _divergence_step, _initial_test_loss, _stable_loss
 from jaxscope.diagnose.finding import (
   Finding,
   Thresholds,
@@ -42,8 +43,9 @@ from jaxscope.diagnose.finding import (
   _margin,
 )
 from jaxscope.diagnose.gradients import _rule_gradients, _stalled
-from jaxscope.diagnose.loss import _divergence_step, _initial_test_loss, _stable_loss
+from jaxscope.diagnose.loss import _far_from_good
 from jaxscope.diagnose.series import (
+  _before,
   _finite,
   _layer_tail_medians,
   _layers,
@@ -594,5 +596,46 @@ def _rule_dropout_too_strong(h: History, th: Thresholds) -> list[Finding]:
       steps=gap.steps,
       values=values,
       confidence=confidence,
+    )
+  ]
+
+
+def _rule_dropout_rate_high(h: History, th: Thresholds) -> list[Finding]:
+  """Dropout too strong by its rate alone: a recorded rate of at least
+  ``dropout_rate_high`` in a run that diverged or is still far from a good fit
+  (:func:`~jaxscope.diagnose.loss._far_from_good` over the last ``late_fraction``), when
+  the train–test gap of :func:`_rule_dropout_too_strong` is not there to read (under such
+  rates the evaluation mode fails as well, or the loss blows up first: inverted dropout
+  scales the kept units by ``1/(1 − p)``). Reads the whole run (a divergence included):
+  the rate is set before any step. Warning, confidence medium."""
+  rate = _dropout_rate(h.config)
+  if rate is None or rate[0] < th.dropout_rate_high:
+    return []
+  div = _divergence_step(h, th)
+  if _rule_dropout_too_strong(_before(h, div) if div is not None else h, th):
+    return []  # the gap says it, with its evidence
+  if div is not None:
+    why, steps = f"its loss diverged at step {div}", [div]
+  else:
+    s = _stable_loss(h, th)
+    if s is None or (tail := _tail(*s, th.late_fraction))[0].size < th.min_points:
+      return []
+    far = _far_from_good(h, th, tail[0][0], s[1], float(np.median(tail[1])))
+    if far is None:
+      return []
+    why, steps = f"it is still far from a good fit ({far[0]})", [tail[0][0], tail[0][-1]]
+  summary = (
+    f"Dropout looks too strong: a rate of {_fmt(rate[0])} ({rate[1]}) keeps "
+    f"{1 - rate[0]:.0%} of the units at each step, and {why}."
+  )
+  return [
+    _finding(
+      "dropout_too_strong",
+      "warning",
+      summary,
+      metric="loss",
+      steps=steps,
+      values={"dropout_rate": rate[0]},
+      confidence="medium",
     )
   ]

@@ -252,6 +252,9 @@ class Thresholds:
   dropout_rate_min: float = 0.3
   """Dropout too strong: a recorded dropout rate of at least this takes the train–test gap
   (below it the gap is read as label noise)."""
+  dropout_rate_high: float = 0.7
+  """Dropout too strong by its rate alone: a rate of at least this in a run that diverged
+  or is still far from a good fit."""
   dropout_loss_ratio: float = 1.5
   """Dropout too strong, without an accuracy (regression): the training loss above this ×
   the test loss."""

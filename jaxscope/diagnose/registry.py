@@ -22,12 +22,14 @@ from jaxscope.diagnose.activations import _rule_dead_units, _rule_saturation
 from jaxscope.diagnose.budget import _rule_too_few_steps
 from jaxscope.diagnose.causes import (
   _rule_bad_init_scale,
+  _rule_dropout_rate_high,
   _rule_dropout_too_strong,
   _rule_label_noise,
   _rule_lr_too_low,
 )
 from jaxscope.diagnose.curvature import _rule_lr_curvature
 from jaxscope.diagnose.data import _rule_class_imbalance, _rule_nonfinite_data, _rule_unnormalised
+from jaxscope.diagnose.divergence import _divergence_step, _rule_divergence
 from jaxscope.diagnose.finding import Finding, Thresholds
 from jaxscope.diagnose.gradients import (
   _rule_gradients,
@@ -36,8 +38,6 @@ from jaxscope.diagnose.gradients import (
   _rule_update_ratio,
 )
 from jaxscope.diagnose.loss import (
-  _divergence_step,
-  _rule_divergence,
   _rule_early_plateau,
   _rule_late_plateau,
   _rule_loss_output_mismatch,
@@ -45,6 +45,7 @@ from jaxscope.diagnose.loss import (
   _rule_overfitting,
 )
 from jaxscope.diagnose.reporting import _sort_key
+from jaxscope.diagnose.series import _before
 from jaxscope.record import History
 
 #: The rules by name: ``rule(history, thresholds) -> list[Finding]``. A rule may return
@@ -73,14 +74,22 @@ RULES: dict[str, Callable[[History, Thresholds], list[Finding]]] = {
   "bad_init_scale": _rule_bad_init_scale,
   "label_noise": _rule_label_noise,
   "dropout_too_strong": _rule_dropout_too_strong,
+  "dropout_rate": _rule_dropout_rate_high,
 }
 
 #: Rules that read the whole run, a divergence included: the divergence itself, the rules
 #: on the training data (``config["data_stats"]``, a cause that precedes any step) and
 #: ``too_few_steps``, which does not judge a run that diverged (it broke; it did not stop
-#: too early).
+#: too early), and ``dropout_rate`` (a rate set before any step).
 WHOLE_RUN = frozenset(
-  {"divergence", "nonfinite_data", "unnormalised_inputs", "class_imbalance", "too_few_steps"}
+  {
+    "divergence",
+    "nonfinite_data",
+    "unnormalised_inputs",
+    "class_imbalance",
+    "too_few_steps",
+    "dropout_rate",
+  }
 )
 
 
@@ -104,21 +113,6 @@ def _as_history(history: Any) -> History:
     "diagnose: history must be a History, a run directory or a mapping "
     f"key -> (steps, values), got {type(history).__name__}."
   )
-
-
-def _before(h: History, step: int) -> History:
-  """The records of ``h`` at steps before ``step`` (same config and run directory); keys
-  whose values change shape between steps are left out (no rule reads them)."""
-  by_step: dict[int, dict[str, Any]] = {}
-  for key in h.keys():
-    try:
-      steps, values = h.series(key)
-    except ValueError:
-      continue
-    for s, v in zip(steps.tolist(), values, strict=True):
-      if s < step:
-        by_step.setdefault(int(s), {})[key] = v
-  return History(sorted(by_step.items()), config=h.config, run_dir=h.run_dir)
 
 
 def _after_divergence(f: Finding, step: int) -> Finding:

@@ -186,3 +186,18 @@ def _slope(x: np.ndarray, y: np.ndarray) -> float:
   if x.size < 2 or np.ptp(x) == 0:
     return 0.0
   return float(np.polyfit(x.astype(np.float64), y, 1)[0])
+
+
+def _before(h: History, step: int) -> History:
+  """The records of ``h`` at steps before ``step`` (same config and run directory); keys
+  whose values change shape between steps are left out (no rule reads them)."""
+  by_step: dict[int, dict[str, Any]] = {}
+  for key in h.keys():
+    try:
+      steps, values = h.series(key)
+    except ValueError:
+      continue
+    for s, v in zip(steps.tolist(), values, strict=True):
+      if s < step:
+        by_step.setdefault(int(s), {})[key] = v
+  return History(sorted(by_step.items()), config=h.config, run_dir=h.run_dir)
