@@ -19,8 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 __all__ = [
-  "ACTIONS", "NOT_AUTOMATIC", "REMEDY", "REPEAT", "apply_action", "other_action",
-  "still_flagged", "train_remedy",
+  "ACTIONS", "NOT_AUTOMATIC", "REMEDY", "REPEAT", "apply_action", "other_action", "train_remedy",
 ]  # fmt: skip
 
 
@@ -69,8 +68,8 @@ def _schedule(name: str) -> Callable[[dict[str, Any], dict[str, Any]], None]:
 #: The actions: ``name -> (what it changes, function(fields, job) changing fields in place)``.
 ACTIONS: dict[str, tuple[str, Callable[[dict[str, Any], dict[str, Any]], None]]] = {
   "lr_down": ("learning rate x 0.1, again while the rerun diverges (up to 3 times)", _lr(0.1)),
-  "lr_up": ("learning rate x 10, again while its finding is raised (up to 3 times)", _lr(10.0)),
-  "more_steps": ("steps x 4, again while its finding is raised (up to 3 times)", _steps(4.0)),
+  "lr_up": ("learning rate x 10", _lr(10.0)),
+  "more_steps": ("steps x 4", _steps(4.0)),
   "lr_decay": ("cosine learning-rate decay over the run", _schedule("cosine")),
   "standardize": ("inputs standardised (training mean and std)", _data(standardize=True)),
   "drop_nonfinite": ("training examples with NaN/Inf dropped", _data(drop_nonfinite=True)),
@@ -145,43 +144,24 @@ def other_action(run_id: str, exclude: str | None, classification: bool = True) 
   return random.Random(zlib.crc32(run_id.encode())).choice(pool)
 
 
-#: Actions the advice says how to repeat: lower the learning rate "by 10×, and again while
-#: it still diverges"; raise it, or train longer, while the finding that asked for it is
-#: still raised. ``action -> most tries``. The reruns train with ``stop_on="divergence"``,
-#: so a try that diverges ends there.
-REPEAT: dict[str, int] = {"lr_down": 3, "lr_up": 3, "more_steps": 3}
-
-
-def still_flagged(row: dict[str, Any], finding: str | None) -> bool:
-  """Whether a rerun calls for the action again: it was stopped by a divergence, or the
-  diagnosis of its run directory still raises ``finding`` as an alarm."""
-  if row.get("stopped"):
-    return True
-  if finding is None:
-    return False
-  from jaxscope.diagnose import diagnose
-
-  return any(
-    f.name == finding and f.severity in ("critical", "warning") for f in diagnose(row["run_dir"])
-  )
+#: Actions the advice says to repeat while the rerun still diverges (the divergence
+#: advice: "lower the learning rate by 10×, and again while it still diverges"): ``action
+#: -> most tries``. Their reruns train with ``stop_on="divergence"``, so a try that
+#: diverges ends there.
+REPEAT: dict[str, int] = {"lr_down": 3}
 
 
 def train_remedy(
-  job: dict[str, Any],
-  train: Callable[[dict[str, Any]], dict[str, Any]],
-  still: Callable[[dict[str, Any], str | None], bool] | None = None,
+  job: dict[str, Any], train: Callable[[dict[str, Any]], dict[str, Any]]
 ) -> dict[str, Any]:
-  """``train(job)``; for a job with ``job["repeat"] = (action, tries, finding)``, the action
-  applied again and the job retrained while ``still(row, finding)`` (the rerun diverged, or
-  its diagnosis still raises ``finding``, the first alarm that chose the remedy), up to
-  ``tries`` runs in all (``still`` defaults to :func:`still_flagged`). The row's ``tries``
-  says how many ran."""
-  still = still or still_flagged
+  """``train(job)``; for a job with ``job["repeat"] = (action, tries)``, the action applied
+  again and the job retrained while the rerun was stopped by a divergence, up to ``tries``
+  runs in all. The row's ``tries`` says how many ran."""
   row = train(job)
   tries = 1
   if "repeat" in job:
-    action, most, finding = job["repeat"]
-    while tries < most and still(row, finding):
+    action, most = job["repeat"]
+    while row.get("stopped") and tries < most:
       job = apply_action(job, action)
       row = train(job)
       tries += 1

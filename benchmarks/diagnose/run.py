@@ -331,7 +331,7 @@ def remedies(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         act = entry[f"{which}_action"]
         job = apply_action(_job(r, rerun_dir / f"{r['id']}-{which}"), act)
         if act in REPEAT:
-          job["repeat"] = (act, REPEAT[act], top)
+          job["repeat"] = (act, REPEAT[act])
           job["overrides"] = {"stop_on": "divergence"}
         jobs.append({**job, "id": f"{r['id']}:{which}"})
     plan.append(entry)
