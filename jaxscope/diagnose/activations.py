@@ -12,12 +12,9 @@ inputs fitting a sine well has 50–70 % of its second layer's ReLUs dead on eve
 
 from __future__ import annotations
 
-import numpy as np
-
-from jaxscope.diagnose.divergence import _stable_loss
 from jaxscope.diagnose.finding import Finding, Thresholds, _confidence, _finding, _margin
-from jaxscope.diagnose.loss import _far_from_good
-from jaxscope.diagnose.series import _layer_tail_medians, _layers, _tail
+from jaxscope.diagnose.loss import _last_stretch_fit
+from jaxscope.diagnose.series import _layer_tail_medians, _layers
 from jaxscope.record import History
 
 #: Names of output layers (the logits, no non-linearity after them), left out with
@@ -76,16 +73,10 @@ def _fits(h: History, th: Thresholds) -> str | None:
   """How the run fits the data when it is not far from a good fit over the last
   ``late_fraction`` of its loss (:func:`~jaxscope.diagnose.loss._far_from_good`), else
   ``None`` (far from it, or no loss to judge)."""
-  s = _stable_loss(h, th)
-  if s is None:
+  fit = _last_stretch_fit(h, th)
+  if fit is None or fit.far is not None:
     return None
-  steps, loss = _tail(*s, th.late_fraction)
-  if steps.size < th.min_points:
-    return None
-  level = float(np.median(loss))
-  if _far_from_good(h, th, steps[0], s[1], level) is not None:
-    return None
-  return f"median loss {level:.3g} over steps {int(steps[0])}–{int(steps[-1])}"
+  return f"median loss {fit.level:.3g} over steps {int(fit.steps[0])}–{int(fit.steps[-1])}"
 
 
 def _rule_dead_units(h: History, th: Thresholds) -> list[Finding]:

@@ -43,7 +43,7 @@ from jaxscope.diagnose.finding import (
   _margin,
 )
 from jaxscope.diagnose.gradients import _rule_gradients, _stalled
-from jaxscope.diagnose.loss import _far_from_good
+from jaxscope.diagnose.loss import _last_stretch_fit
 from jaxscope.diagnose.series import (
   _before,
   _finite,
@@ -617,13 +617,10 @@ def _rule_dropout_rate_high(h: History, th: Thresholds) -> list[Finding]:
   if div is not None:
     why, steps = f"its loss diverged at step {div}", [div]
   else:
-    s = _stable_loss(h, th)
-    if s is None or (tail := _tail(*s, th.late_fraction))[0].size < th.min_points:
+    fit = _last_stretch_fit(h, th)
+    if fit is None or fit.far is None:
       return []
-    far = _far_from_good(h, th, tail[0][0], s[1], float(np.median(tail[1])))
-    if far is None:
-      return []
-    why, steps = f"it is still far from a good fit ({far[0]})", [tail[0][0], tail[0][-1]]
+    why, steps = f"it is still far from a good fit ({fit.far[0]})", [fit.steps[0], fit.steps[-1]]
   summary = (
     f"Dropout looks too strong: a rate of {_fmt(rate[0])} ({rate[1]}) keeps "
     f"{1 - rate[0]:.0%} of the units at each step, and {why}."

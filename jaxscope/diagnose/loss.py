@@ -273,6 +273,30 @@ def _far_from_good(
   return why, margin, values, metrics
 
 
+class _Fit(NamedTuple):
+  """How a run fits over the last ``late_fraction`` of its stable loss."""
+
+  steps: np.ndarray
+  """The steps of that last stretch."""
+  level: float
+  """The median loss there."""
+  far: tuple[str, float, dict[str, Any], list[str]] | None
+  """:func:`_far_from_good` of the stretch: ``None`` when the run fits."""
+
+
+def _last_stretch_fit(h: History, th: Thresholds) -> _Fit | None:
+  """:class:`_Fit` of the run, or ``None`` without a stable loss of at least
+  ``min_points`` points in its last ``late_fraction``."""
+  s = _stable_loss(h, th)
+  if s is None:
+    return None
+  steps, loss = _tail(*s, th.late_fraction)
+  if steps.size < th.min_points:
+    return None
+  level = float(np.median(loss))
+  return _Fit(steps, level, _far_from_good(h, th, steps[0], s[1], level))
+
+
 def _rule_late_plateau(h: History, th: Thresholds) -> list[Finding]:
   """Late plateau: the loss stopped improving while still far from a good fit.
 
