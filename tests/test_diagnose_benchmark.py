@@ -264,11 +264,12 @@ def _run(tmp_path: Path, *extra: str) -> dict:
 
 def _fake_train(job: dict) -> dict:
   """A rerun without training: NaN inputs dropped (or a stop) give a healthy outcome."""
-  stop = job.get("overrides", {}).get("stop_on") == "divergence"
+  stop = job["id"].endswith(":stop")
   healthy = stop or job["fields"].get("data_args", {}).get("drop_nonfinite", False)
   return {
-    "id": job["id"], "steps": 3 if stop else 100, "test_loss": 0.1 if healthy else None,
-    "test_accuracy": 0.97 if healthy else 0.5, "stopped": "diverged" if stop else None,
+    "id": job["id"], "run_dir": job["run_dir"], "steps": 3 if stop else 100,
+    "test_loss": 0.1 if healthy else None, "test_accuracy": 0.97 if healthy else 0.5,
+    "stopped": "diverged" if stop else None,
     "loss_events": {"first_nonfinite_step": None, "first_explosion_step": None},
   }  # fmt: skip
 
@@ -286,7 +287,7 @@ def _stored(family: str, seed: int, alarms: list[str], events: tuple, **kw) -> d
 
 
 def test_remedies_stage_on_stored_diagnoses(tmp_path: Path, monkeypatch) -> None:
-  from benchmarks.diagnose import run
+  from benchmarks.diagnose import remedy, run
 
   runs = [
     _stored("nan_data", 0, ["nonfinite_data", "divergence"], (0, None)),
@@ -298,7 +299,12 @@ def test_remedies_stage_on_stored_diagnoses(tmp_path: Path, monkeypatch) -> None
   stored = {"runs": runs, "reference": ref, "runs_base": "OUT", "rules_commit": "abc"}
   (tmp_path / "diagnose.json").write_text(json.dumps(stored))
   monkeypatch.setattr(run, "train_one", _fake_train)
-  args = argparse.Namespace(runs=None, rerun_seeds=2, jobs=1)
+  stored = {r["run_dir"]: r["alarm_names"] for r in runs}
+  base = tmp_path.resolve()  # runs_base "OUT": the run dirs lie under the result's folder
+  monkeypatch.setattr(run, "first_alarm",
+                      lambda d: (stored[str(Path(d).relative_to(base))][0], {}))  # fmt: skip
+  monkeypatch.setattr(remedy, "first_alarm", lambda d: (None, {}))  # reruns: no alarm
+  args = argparse.Namespace(runs=None, rerun_seeds=2, jobs=1, rounds=3)
   result = run.remedies(args, tmp_path)
   plan = {e["id"]: e for e in result["remedies"]["runs"]}
   assert set(plan) == {"moons/nan_data-s2-seed0", "moons/label_noise-s2-seed1"}
@@ -353,25 +359,55 @@ def test_doc_remedy_table_is_the_code_table():
     assert f"| `{name}` | {f'`{action}`' if action else '–'} |" in text, name
 
 
-def test_train_remedy_repeats_while_the_rerun_diverges() -> None:
-  """lr_down is applied again while the rerun is stopped by a divergence, at most
-  REPEAT times; other actions run once (issue 21: lr 10 needs more than x 0.1)."""
-  from benchmarks.diagnose.remedy import REPEAT, train_remedy
+def test_train_remedy_follows_the_reruns_advice() -> None:
+  """An advice chain: the rerun is diagnosed and the remedy of its first alarm applied on
+  top while an alarm is raised, at most ``rounds`` runs; lr_up takes the finding's
+  suggested factor; a stopped run with no alarm counts as a divergence (issue 21)."""
+  from benchmarks.diagnose.remedy import train_remedy
 
-  seen = []
+  seen: list[tuple[str, float]] = []
 
   def fake(job: dict) -> dict:
     lr = job["fields"]["lr"]
-    seen.append(lr)
-    return {"id": job["id"], "stopped": "diverged" if lr > 0.05 else None, "test_loss": lr}
+    seen.append((job["run_dir"], lr))
+    return {"id": job["id"], "run_dir": job["run_dir"], "test_loss": lr,
+            "stopped": "diverged" if lr > 1.0 else None}  # fmt: skip
 
-  job = {"id": "digits/x", "task": "digits", "fields": {"lr": 10.0}}
-  down = {**apply_action(job, "lr_down"), "repeat": ("lr_down", REPEAT["lr_down"])}
-  row = train_remedy(down, fake)
-  assert seen == pytest.approx([1.0, 0.1, 0.01]) and row["tries"] == 3 and not row["stopped"]
-  seen.clear()
-  row = train_remedy({**apply_action({**job, "fields": {"lr": 1e3}}, "lr_down"),
-                      "repeat": ("lr_down", 3)}, fake)  # fmt: skip
-  assert seen == pytest.approx([100.0, 10.0, 1.0]) and row["stopped"] and row["tries"] == 3
-  seen.clear()
-  assert train_remedy(apply_action(job, "lr_up"), fake)["tries"] == 1 and seen == [100.0]
+  def alarm(run_dir: str) -> tuple:
+    lr = dict(seen)[run_dir]
+    return ("lr_too_low", {"suggested_factor": 10.0}) if lr < 0.01 else (None, {})
+
+  job = {"id": "digits/x:top", "task": "digits", "fields": {"lr": 1e-4}, "run_dir": "d"}
+  row = train_remedy({**job, "chain": ("top", "lr_up", {"suggested_factor": 30.0}, 3)},
+                     fake, alarm)  # fmt: skip
+  assert [lr for _, lr in seen] == pytest.approx([3e-3, 3e-2])  # x30, then x10: no alarm
+  assert [d for d, _ in seen] == ["d-r1", "d-r2"]
+  assert [r["action"] for r in row["rounds"]] == ["lr_up", "lr_up"]
+  assert row["test_loss"] == pytest.approx(3e-2)
+  seen.clear()  # at most `rounds` runs, however many alarms
+  row = train_remedy({**job, "chain": ("top", "lr_up", {}, 2)}, fake,
+                     lambda d: ("lr_too_low", {"suggested_factor": 2.0}))  # fmt: skip
+  assert [lr for _, lr in seen] == pytest.approx([1e-3, 2e-3]) and len(row["rounds"]) == 2
+  seen.clear()  # a diverged rerun with no alarm: the divergence advice, lr x 0.1
+  big = {**job, "fields": {"lr": 30.0}}
+  row = train_remedy({**big, "chain": ("top", "more_steps", {}, 3)}, fake, lambda d: (None, {}))
+  assert [lr for _, lr in seen] == pytest.approx([30.0, 3.0, 0.3])
+  assert [r["action"] for r in row["rounds"]] == ["more_steps", "lr_down", "lr_down"]
+  seen.clear()  # an alarm with no automatic remedy ends the advice chain
+  row = train_remedy({**job, "chain": ("top", "lr_up", {}, 3)}, fake,
+                     lambda d: ("label_noise", {}))  # fmt: skip
+  assert len(row["rounds"]) == 1
+  seen.clear()  # the random chain: another action than the advised one, without its values
+  row = train_remedy({**job, "chain": ("other", "stop_early", {}, 3)}, fake,
+                     lambda d: ("lr_too_low", {"suggested_factor": 1e6}))  # fmt: skip
+  acts = [r["action"] for r in row["rounds"]]
+  assert len(acts) == 3 and "lr_up" not in acts[1:]
+  assert acts[1] == other_action("digits/x:top#1", "lr_up")
+  assert max(lr for _, lr in seen) < 1.0  # no factor of 1e6 was read
+
+
+def test_lr_up_reads_the_suggested_factor() -> None:
+  job = {"id": "digits/x", "task": "digits", "fields": {"lr": 1e-3}}
+  assert apply_action(job, "lr_up", {"suggested_factor": 50.0})["fields"]["lr"] == 0.05
+  assert apply_action(job, "lr_up", {"lr": 3.0})["fields"]["lr"] == pytest.approx(1e-2)
+  assert apply_action(job, "lr_down", {"suggested_factor": 50.0})["fields"]["lr"] == 1e-4

@@ -3,11 +3,17 @@
 :data:`REMEDY` maps a finding name to an *action*, a named change of the run's config
 (:data:`ACTIONS`): the first item of the finding's advice (``jaxscope.diagnose``) that a
 config change can express, or the benchmark's chosen reading of it. Findings whose advice
-no config change expresses map to ``None`` (:data:`NOT_AUTOMATIC` says why). The
-benchmark re-runs a flagged faulty run with the action of its first alarm and, as the
-baseline, with a random *other* action (drawn uniformly among the actions that differ from
-it, seeded by the run's id), and counts a rerun as fixed when its outcome is healthy by the
-same ground-truth rule.
+no config change expresses map to ``None`` (:data:`NOT_AUTOMATIC` says why). An action
+may read the finding's ``values`` (``lr_up`` takes the ``suggested_factor`` that
+``lr_too_low`` states).
+
+The benchmark re-runs a flagged faulty run with the action of its first alarm and then,
+as a user would, diagnoses the rerun and follows the advice of *its* first alarm, on top,
+while the diagnosis still raises an alarm, up to :data:`ROUNDS` runs
+(:func:`train_remedy`). The baseline does the same with a random *other* action in each
+round (drawn uniformly among the actions that differ from the advised one, seeded by the
+run's id and the round). A rerun is fixed when the outcome of its last round is healthy by
+the same ground-truth rule; the first round's outcome is reported too.
 """
 
 from __future__ import annotations
@@ -19,56 +25,66 @@ from collections.abc import Callable
 from typing import Any
 
 __all__ = [
-  "ACTIONS", "NOT_AUTOMATIC", "REMEDY", "REPEAT", "apply_action", "other_action", "train_remedy",
+  "ACTIONS", "NOT_AUTOMATIC", "REMEDY", "ROUNDS", "apply_action", "first_alarm", "other_action",
+  "train_remedy",
 ]  # fmt: skip
 
+#: An action: changes a job's ``fields`` in place, given the job and the values of the
+#: finding whose advice it follows (``{}`` for a random action).
+Action = Callable[[dict[str, Any], dict[str, Any], dict[str, Any]], None]
 
-def _lr(factor: float) -> Callable[[dict[str, Any], dict[str, Any]], None]:
-  def act(fields: dict[str, Any], job: dict[str, Any]) -> None:
+
+def _lr(factor: float, suggested: bool = False) -> Action:
+  """Learning rate times ``factor``; with ``suggested``, times the finding's
+  ``suggested_factor`` when it states one."""
+
+  def act(fields: dict[str, Any], job: dict[str, Any], values: dict[str, Any]) -> None:
     from benchmarks.diagnose.tasks import TASKS
 
-    fields["lr"] = fields.get("lr", TASKS[job["task"]].lr) * factor
+    f = float(values.get("suggested_factor") or factor) if suggested else factor
+    fields["lr"] = fields.get("lr", TASKS[job["task"]].lr) * f
 
   return act
 
 
-def _steps(factor: float) -> Callable[[dict[str, Any], dict[str, Any]], None]:
-  def act(fields: dict[str, Any], job: dict[str, Any]) -> None:
+def _steps(factor: float) -> Action:
+  def act(fields: dict[str, Any], job: dict[str, Any], values: dict[str, Any]) -> None:
     fields["steps_frac"] = fields.get("steps_frac", 1.0) * factor
 
   return act
 
 
-def _data(**kw: Any) -> Callable[[dict[str, Any], dict[str, Any]], None]:
-  def act(fields: dict[str, Any], job: dict[str, Any]) -> None:
+def _data(**kw: Any) -> Action:
+  def act(fields: dict[str, Any], job: dict[str, Any], values: dict[str, Any]) -> None:
     fields["data_args"] = {**fields.get("data_args", {}), **kw}
 
   return act
 
 
-def _model(**kw: Any) -> Callable[[dict[str, Any], dict[str, Any]], None]:
-  def act(fields: dict[str, Any], job: dict[str, Any]) -> None:
+def _model(**kw: Any) -> Action:
+  def act(fields: dict[str, Any], job: dict[str, Any], values: dict[str, Any]) -> None:
     fields["model_args"] = {**fields.get("model_args", {}), **kw}
 
   return act
 
 
-def _less_dropout(fields: dict[str, Any], job: dict[str, Any]) -> None:
+def _less_dropout(fields: dict[str, Any], job: dict[str, Any], values: dict[str, Any]) -> None:
   model_args = fields.get("model_args", {})
   fields["model_args"] = {**model_args, "dropout": min(0.1, model_args.get("dropout", 0.0))}
 
 
-def _schedule(name: str) -> Callable[[dict[str, Any], dict[str, Any]], None]:
-  def act(fields: dict[str, Any], job: dict[str, Any]) -> None:
+def _schedule(name: str) -> Action:
+  def act(fields: dict[str, Any], job: dict[str, Any], values: dict[str, Any]) -> None:
     fields["schedule"] = name
 
   return act
 
 
 #: The actions: ``name -> (what it changes, function(fields, job) changing fields in place)``.
-ACTIONS: dict[str, tuple[str, Callable[[dict[str, Any], dict[str, Any]], None]]] = {
-  "lr_down": ("learning rate x 0.1, again while the rerun diverges (up to 3 times)", _lr(0.1)),
-  "lr_up": ("learning rate x 10", _lr(10.0)),
+ACTIONS: dict[str, tuple[str, Action]] = {
+  "lr_down": ("learning rate x 0.1", _lr(0.1)),
+  "lr_up": ("learning rate x the finding's suggested factor (x 10 when it states none)",
+            _lr(10.0, suggested=True)),
   "more_steps": ("steps x 4", _steps(4.0)),
   "lr_decay": ("cosine learning-rate decay over the run", _schedule("cosine")),
   "standardize": ("inputs standardised (training mean and std)", _data(standardize=True)),
@@ -122,13 +138,16 @@ NOT_AUTOMATIC = {
 }
 
 
-def apply_action(job: dict[str, Any], action: str) -> dict[str, Any]:
-  """A copy of ``job`` whose ``fields`` carry ``action`` (a key of :data:`ACTIONS`)."""
+def apply_action(
+  job: dict[str, Any], action: str, values: dict[str, Any] | None = None
+) -> dict[str, Any]:
+  """A copy of ``job`` whose ``fields`` carry ``action`` (a key of :data:`ACTIONS`),
+  reading ``values`` (the values of the finding whose advice it follows)."""
   if action not in ACTIONS:
     raise ValueError(f"apply_action: action must be one of {sorted(ACTIONS)}, got {action!r}.")
   out = copy.deepcopy(job)
   fields = dict(out["fields"])
-  ACTIONS[action][1](fields, out)
+  ACTIONS[action][1](fields, out, dict(values or {}))
   out["fields"] = fields
   return out
 
@@ -144,25 +163,63 @@ def other_action(run_id: str, exclude: str | None, classification: bool = True) 
   return random.Random(zlib.crc32(run_id.encode())).choice(pool)
 
 
-#: Actions the advice says to repeat while the rerun still diverges (the divergence
-#: advice: "lower the learning rate by 10×, and again while it still diverges"): ``action
-#: -> most tries``. Their reruns train with ``stop_on="divergence"``, so a try that
-#: diverges ends there.
-REPEAT: dict[str, int] = {"lr_down": 3}
+#: Most runs of one advice chain: the first remedy, then the remedies of the reruns'
+#: first alarms while the diagnosis still raises one.
+ROUNDS = 3
+
+
+def first_alarm(run_dir: str) -> tuple[str | None, dict[str, Any]]:
+  """The name and values of the first alarm (critical or warning) of ``run_dir``'s
+  diagnosis, or ``(None, {})`` when it raises none."""
+  from jaxscope.diagnose import diagnose
+
+  for f in diagnose(run_dir):
+    if f.severity in ("critical", "warning"):
+      return f.name, dict(f.evidence.get("values") or {})
+  return None, {}
 
 
 def train_remedy(
-  job: dict[str, Any], train: Callable[[dict[str, Any]], dict[str, Any]]
+  job: dict[str, Any],
+  train: Callable[[dict[str, Any]], dict[str, Any]],
+  alarm: Callable[[str], tuple[str | None, dict[str, Any]]] | None = None,
 ) -> dict[str, Any]:
-  """``train(job)``; for a job with ``job["repeat"] = (action, tries)``, the action applied
-  again and the job retrained while the rerun was stopped by a divergence, up to ``tries``
-  runs in all. The row's ``tries`` says how many ran."""
-  row = train(job)
-  tries = 1
-  if "repeat" in job:
-    action, most = job["repeat"]
-    while row.get("stopped") and tries < most:
-      job = apply_action(job, action)
-      row = train(job)
-      tries += 1
-  return {**row, "tries": tries}
+  """One advice chain: ``job["chain"] = (which, action, values, rounds)``.
+
+  Round 1 trains ``job`` with ``action`` (reading ``values``). After each round the
+  rerun is diagnosed (``alarm(run_dir)``, default :func:`first_alarm`; a run stopped by
+  a divergence with no alarm counts as ``"divergence"``). While it raises an alarm and
+  fewer than ``rounds`` runs have trained, the next round applies, on top of the last
+  config, the remedy of that alarm (``which="top"``; the chain ends when it has none) or
+  a random other action (``which="other"``, :func:`other_action` seeded by the run's id
+  and the round). Round ``k`` trains in ``job["run_dir"] + "-r{k}"``.
+
+  Returns:
+    The last round's row, with ``rounds``: per round ``{"action", "row"}``.
+  """
+  from benchmarks.diagnose.tasks import TASKS
+
+  alarm = alarm or first_alarm
+  which, action, values, most = job["chain"]
+  base = {k: v for k, v in job.items() if k != "chain"}
+  classification = TASKS[job["task"]].classification
+  done: list[dict[str, Any]] = []
+  while True:
+    base = apply_action(base, action, values)
+    row = train({**base, "run_dir": f"{job['run_dir']}-r{len(done) + 1}"})
+    done.append({"action": action, "row": row})
+    if len(done) >= most:
+      break
+    name, values = alarm(row["run_dir"])
+    if name is None and row.get("stopped"):
+      name, values = "divergence", {}
+    if name is None:
+      break
+    advised = REMEDY.get(name)
+    if which == "top":
+      if advised is None:
+        break
+      action = advised
+    else:
+      action, values = other_action(f"{job['id']}#{len(done)}", advised, classification), {}
+  return {**row, "rounds": done}

@@ -58,7 +58,6 @@ if "jax" not in sys.modules:
 
 import argparse
 import concurrent.futures
-import functools
 import json
 import multiprocessing
 import platform
@@ -92,8 +91,8 @@ from benchmarks.diagnose.remedy import (  # noqa: E402
   ACTIONS,
   NOT_AUTOMATIC,
   REMEDY,
-  REPEAT,
-  apply_action,
+  ROUNDS,
+  first_alarm,
   other_action,
   train_remedy,
 )  # fmt: skip
@@ -320,7 +319,10 @@ def remedies(args: argparse.Namespace, out: Path) -> dict[str, Any]:
   for r in rows:
     if not (r["flagged"] and r["faulty"]):
       continue
-    top = r["alarm_names"][0]
+    top, values = first_alarm(str(base / r["run_dir"]))
+    if top != r["alarm_names"][0]:  # the stored diagnosis is of other rules
+      raise SystemExit(f"--remedies: {r['id']}'s stored first alarm {r['alarm_names'][0]} is "
+                       f"not its diagnosis now ({top}); run --rediagnose first.")  # fmt: skip
     action = REMEDY.get(top)
     entry = {"id": r["id"], "task": r["task"], "half": r["half"], "family": r["family"],
              "top_finding": top, "top_action": action, "top_fixed": None,
@@ -329,10 +331,9 @@ def remedies(args: argparse.Namespace, out: Path) -> dict[str, Any]:
       entry["other_action"] = other_action(r["id"], action, TASKS[r["task"]].classification)
       for which in ("top", "other"):
         act = entry[f"{which}_action"]
-        job = apply_action(_job(r, rerun_dir / f"{r['id']}-{which}"), act)
-        if act in REPEAT:
-          job["repeat"] = (act, REPEAT[act])
-          job["overrides"] = {"stop_on": "divergence"}
+        job = _job(r, rerun_dir / f"{r['id']}-{which}")
+        job["chain"] = (which, act, values if which == "top" else {}, args.rounds)
+        job["overrides"] = {"stop_on": "divergence"}
         jobs.append({**job, "id": f"{r['id']}:{which}"})
     plan.append(entry)
   stops = [r for r in rows if any(v is not None for v in r["loss_events"].values())]
@@ -341,16 +342,16 @@ def remedies(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     jobs.append({**_job(r, rerun_dir / f"{r['id']}-stop"), "id": f"{r['id']}:stop",
                  "overrides": overrides})  # fmt: skip
   print(f"{len(jobs)} reruns, {args.jobs} processes", flush=True)
-  fn = functools.partial(train_remedy, train=train_one)
-  done = {j["id"]: row for j, row in zip(jobs, run_jobs(jobs, args.jobs, fn), strict=True)}
+  done = {j["id"]: row for j, row in zip(jobs, run_jobs(jobs, args.jobs, _rerun), strict=True)}
   ref = result["reference"]
   for e in plan:
     for which in ("top", "other"):
       rerun = done.get(f"{e['id']}:{which}")
       if rerun is not None:
-        e[f"{which}_fixed"] = not label(rerun, ref[e["task"]])
-        e[f"{which}_outcome"] = [rerun["test_loss"], rerun["test_accuracy"]]
-        e[f"{which}_tries"] = rerun["tries"]
+        rounds = [_round(k, ref[e["task"]]) for k in rerun["rounds"]]
+        e[f"{which}_fixed"] = rounds[-1]["fixed"]
+        e[f"{which}_fixed_first"] = rounds[0]["fixed"]
+        e[f"{which}_rounds"] = rounds
   stop_rows = []
   for r in stops:
     rerun = done[f"{r['id']}:stop"]
@@ -372,7 +373,7 @@ def remedies(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     "stale": 0,
     "table": REMEDY,
     "actions": {a: d for a, (d, _) in ACTIONS.items()},
-    "repeat": REPEAT,
+    "rounds": args.rounds,
     "not_automatic": NOT_AUTOMATIC,
     "runs": plan,
     "scores": remedy_scores(plan),
@@ -380,6 +381,17 @@ def remedies(args: argparse.Namespace, out: Path) -> dict[str, Any]:
   }
   result["divergence_stop"] = {"runs": stop_rows, "scores": divergence_scores(stop_rows)}
   return result
+
+
+def _round(k: dict[str, Any], ref: dict[str, Any]) -> dict[str, Any]:
+  row = k["row"]
+  return {"action": k["action"], "outcome": [row["test_loss"], row["test_accuracy"]],
+          "stopped": row["stopped"], "fixed": not label(row, ref)}  # fmt: skip
+
+
+def _rerun(job: dict[str, Any]) -> dict[str, Any]:
+  """A rerun (in a worker process): an advice chain, or one plain run (the stop reruns)."""
+  return train_remedy(job, train_one) if "chain" in job else train_one(job)
 
 
 def _job(row: dict[str, Any], run_dir: Path) -> dict[str, Any]:
@@ -449,10 +461,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   )
   p.add_argument("--rerun-seeds", type=int, default=2,
                  help="--remedies: rerun the runs of seeds below this (default 2)")  # fmt: skip
+  p.add_argument("--rounds", type=int, default=ROUNDS,
+                 help=f"--remedies: most runs of one advice chain (default {ROUNDS})")  # fmt: skip
   args = p.parse_args(argv)
   args.argv = sys.argv[1:] if argv is None else argv
   if args.jobs < 1:
     p.error(f"--jobs must be >= 1, got {args.jobs}")
+  if args.rounds < 1:
+    p.error(f"--rounds must be >= 1, got {args.rounds}")
   out = Path(args.out) if args.out else RESULTS
   if args.rediagnose:
     result = rediagnose(args, out)

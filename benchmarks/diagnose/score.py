@@ -197,13 +197,15 @@ def all_scores(rows: list[dict[str, Any]], families: list[str]) -> dict[str, Any
 
 def remedy_scores(reruns: list[dict[str, Any]]) -> dict[str, Any]:
   """Fix rates of the advice reruns. Each entry: ``family``, ``half``, ``top_action``
-  (None: no automatic remedy), ``top_fixed`` (None when not rerun), ``other_action``,
-  ``other_fixed``.
+  (None: no automatic remedy), ``top_fixed`` (after the whole advice chain; None when not
+  rerun), ``other_action``, ``other_fixed``, and optionally ``top_fixed_first`` /
+  ``other_fixed_first`` (after the chain's first run; default: the chain's outcome).
 
   ``top``: fixed / reruns with an automatic remedy; ``top_all``: fixed / all flagged faulty
   runs (no remedy counts as not fixed); ``other``: the random other advice, over the same
   runs as ``top``; ``paired``: ``b`` (top fixed, other not), ``c`` (other fixed, top not)
-  and the exact McNemar p-value of ``b`` vs ``c``.
+  and the exact McNemar p-value of ``b`` vs ``c``; ``top_first`` / ``other_first``: the
+  rates of ``top`` / ``other`` after the first run of each chain.
   """
 
   def block(rs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -217,6 +219,10 @@ def remedy_scores(reruns: list[dict[str, Any]]) -> dict[str, Any]:
       "top_all": wilson(sum(r["top_fixed"] for r in done), len(rs)),
       "other": wilson(sum(r["other_fixed"] for r in done), len(done)),
       "paired": {"b": b, "c": c, "p": mcnemar_p(b, c)},
+      "top_first": wilson(sum(r.get("top_fixed_first", r["top_fixed"]) for r in done), len(done)),
+      "other_first": wilson(
+        sum(r.get("other_fixed_first", r["other_fixed"]) for r in done), len(done)
+      ),
     }
 
   out = {"overall": block(reruns)}
