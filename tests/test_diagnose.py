@@ -362,6 +362,17 @@ def test_exploding_gradients_by_ratio_and_by_growth():
     base["grads/norm/Dense_1/kernel"][:100]
   )
   assert f.evidence["values"]["growth/Dense_1/kernel"] == pytest.approx(growth, rel=0.05)
+  # The same growth out of an early plateau, in a run that ends fitting the data: a
+  # network leaving a flat start (a small init), not an explosion (issue 21).
+  t = np.arange(N, dtype=np.float64)
+  flat = np.where(t < 150, 2.3, 2.3 * np.exp(-(t - 150) / 100) + 0.05)
+  base["loss"] = flat * np.exp(0.01 * np.random.default_rng(0).standard_normal(N))
+  findings = diagnose(_history(base))
+  assert "early_plateau" in _names(findings)
+  assert "exploding_gradients" not in _names(findings)
+  base["loss"] = np.where(t < 150, 2.3, 2.3 * np.exp(-(t - 150) / 2000))  # far from a fit
+  base["train/accuracy"] = np.full(N, 0.3)
+  assert "exploding_gradients" in _names(diagnose(_history(base)))
 
 
 # --------------------------------------------------------------------------- update ratio

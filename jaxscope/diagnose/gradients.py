@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from jaxscope.diagnose.finding import Finding, Thresholds, _confidence, _finding, _fmt, _margin
+from jaxscope.diagnose.loss import _last_stretch_fit, _rule_early_plateau
 from jaxscope.diagnose.series import (
   _finite,
   _head,
@@ -115,6 +116,15 @@ def _growth(
   )
 
 
+def _left_flat_start(h: History, th: Thresholds) -> bool:
+  """The loss plateaued early (:func:`~jaxscope.diagnose.loss._rule_early_plateau`) and the
+  run ends fitting the data (:func:`~jaxscope.diagnose.loss._last_stretch_fit`)."""
+  if not _rule_early_plateau(h, th):
+    return False
+  fit = _last_stretch_fit(h, th)
+  return fit is not None and fit.far is None
+
+
 def _rule_gradients(h: History, th: Thresholds) -> list[Finding]:
   """Vanishing and exploding gradients through depth.
 
@@ -123,7 +133,10 @@ def _rule_gradients(h: History, th: Thresholds) -> list[Finding]:
   of the last half, its median below ``vanishing_ratio`` → ``"vanishing_gradients"``,
   above ``exploding_ratio`` → ``"exploding_gradients"``. Independently, for any layer,
   the median norm of the last 10 % of its steps above ``exploding_growth ×`` the median of
-  the first 10 % (positive) → ``"exploding_gradients"``. Warnings. Source: the lecture's
+  the first 10 % (positive) → ``"exploding_gradients"``, unless the run left a flat start
+  (:func:`_left_flat_start`): gradients that grew from the tiny ones of an early plateau
+  while the run came to fit the data are a network leaving a flat region (a small
+  initialisation), not an explosion. Warnings. Source: the lecture's
   vanishing/exploding gradients; per-layer gradient norms as in ikkuna. A run with only
   the instruments' ``cockpit/grad_norm/{leaf}`` is read from those.
   """
@@ -141,7 +154,7 @@ def _rule_gradients(h: History, th: Thresholds) -> list[Finding]:
       findings.append(depth)
   if not any(f.name == "exploding_gradients" for f in findings):
     growth = _growth(h, th, _layers(h, topic, stat), prefix)
-    if growth is not None:
+    if growth is not None and not _left_flat_start(h, th):
       findings.append(growth)
   return findings
 
