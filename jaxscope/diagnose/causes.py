@@ -143,8 +143,9 @@ def _rule_lr_too_low(h: History, th: Thresholds) -> list[Finding]:
   to ``log(loss)``) and ends far from a good fit (:func:`_far_from_fit`); and nothing
   explains small updates: no ``dead_units``, ``saturation``, ``vanishing_gradients`` or
   stalled layer. The summary names the recorded learning rate and a factor:
-  ``lr_low_ratio`` over the median layer's ratio (at least 2, one significant digit),
-  which brings that layer near 1e-3 if the ratio scales with the learning rate. Warning.
+  ``lr_target_ratio`` (a healthy run's ratio) over the median layer's ratio (at least 2,
+  one significant digit), which brings that layer there if the ratio scales with the
+  learning rate (it grows more slowly, so the factor is a lower bound). Warning.
   Confidence: ``lr_low_ratio`` over the largest layer's ratio. Source: "learning rate too
   low", a common real fault of the DeepFD study; the update-ratio target of ikkuna.
   """
@@ -170,7 +171,7 @@ def _rule_lr_too_low(h: History, th: Thresholds) -> list[Finding]:
   if explained:
     return []
   median = float(np.median(list(tm.med.values())))
-  factor = _nice(max(2.0, th.lr_low_ratio / median))
+  factor = _nice(max(2.0, th.lr_target_ratio / median))
   lr = _lr(h.config)
   shown = ", ".join(f"{lay} {_fmt(m)}" for lay, m in list(tm.med.items())[:5])
   opt = h.config.get("optimizer")

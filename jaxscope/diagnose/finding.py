@@ -199,6 +199,13 @@ class Thresholds:
   lr_low_ratio: float = 1e-3
   """Learning rate too low: the median ‖Δθ‖/‖θ‖ of every weight layer below this (the
   usual ≈ 1e-3) while the loss falls slowly and stays far from a good fit."""
+  lr_target_ratio: float = 3e-3
+  """Learning rate too low: the ratio its suggested factor aims the median layer at, the
+  median layer's ratio of healthy runs (3.3e-3 on the benchmark's calibration tasks,
+  digits and moons, SGD with momentum 0.9 at lr 0.05). The ratio grows more slowly than
+  the learning rate (a slower run keeps larger gradients), so aiming at the threshold
+  ``lr_low_ratio`` undershot: factors of 3 and 30 for learning rates 50× and 500× below
+  the healthy one."""
   # activations
   dead_fraction: float = 0.5
   """Dead units: median of ``activations/dead_fraction`` over the last half above this."""

@@ -198,7 +198,8 @@ def _rule_early_plateau(h: History, th: Thresholds) -> list[Finding]:
   Over the first ``early_fraction`` of the (finite, pre-divergence) loss, with at least
   ``min_points`` points, the relative drop ``(start − end)/|start|`` of a least-squares
   line through the window (in ``log(loss)`` when positive) is below
-  ``plateau_rel_change``, and so is the drop from the initial test loss (``test/loss``
+  ``plateau_rel_change`` in size (a loss that rises by more is no plateau), and so is the
+  drop from the initial test loss (``test/loss``
   evaluated at the first step, when recorded) to the line's end: a loss that fell fast in
   its first steps and then wanders in minibatch noise is not a plateau (the line through
   the window is flat, but the loss is far below where it started). Warning. Confidence:
@@ -215,7 +216,7 @@ def _rule_early_plateau(h: History, th: Thresholds) -> list[Finding]:
   initial = _initial_test_loss(h, th)
   if initial is not None and initial[1] != 0:
     drop = max(drop, (initial[1] - end) / abs(initial[1]))
-  if drop >= th.plateau_rel_change:
+  if abs(drop) >= th.plateau_rel_change:  # it falls, or it rises: no plateau either way
     return []
   summary = (
     f"The loss plateaus early: over steps {int(steps[0])}–{int(steps[-1])} it goes from "
