@@ -577,3 +577,47 @@ def test_hvp_chunk_gives_the_products_of_one_batched_pass() -> None:
 def test_hvp_chunk_must_be_a_positive_int(bad: Any) -> None:
   with pytest.raises(ValueError, match="hvp_chunk"):
     instruments(["hess_trace"], hvp_chunk=bad)
+
+
+def test_projections_on_wide_layers_match_forward_mode() -> None:
+  """Wide Dense layers and a small batch: the projections on the gradient go through Gram
+  matrices, those on the last update through the captured layers; both must equal the
+  forward-mode projections of ``capture_layers=False`` (issue 22)."""
+
+  class Wide(nn.Module):
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+      return nn.Dense(C)(nn.relu(nn.Dense(48)(x)))
+
+  model = Wide()
+  rng = np.random.default_rng(3)
+  batches = [(jnp.asarray(rng.normal(size=(4, 40)), jnp.float32),
+              jnp.asarray(rng.integers(0, C, size=4), jnp.int32)) for _ in range(3)]  # fmt: skip
+  params = model.init(jax.random.key(1), batches[0][0])["params"]
+
+  def wide_losses(p: dict, x: jax.Array, y: jax.Array) -> jax.Array:
+    return optax.softmax_cross_entropy_with_integer_labels(model.apply({"params": p}, x), y)
+
+  out = {}
+  for capture in (True, False):
+    inst = instruments(["alpha", "inner_test", "ortho_test"], capture_layers=capture)
+    tx = optax.sgd(0.2, momentum=0.9)
+
+    @jax.jit
+    def step(p: dict, o: Any, s: InstrumentsState, x: jax.Array, y: jax.Array, inst=inst, tx=tx):
+      probe = inst.grad(s, wide_losses, p, x, y)
+      upd, o = tx.update(probe.grads, o, p)
+      vals, s = inst.update(s, probe, upd)
+      return optax.apply_updates(p, upd), o, s, vals
+
+    p, o, s = params, tx.init(params), inst.init(params)
+    vals = []
+    for x, y in batches:
+      p, o, s, v = step(p, o, s, x, y)
+      vals.append({k: float(v[k]) for k in ("alpha", "inner_test", "ortho_test")})
+    out[capture] = vals
+  for t in range(3):
+    for k in ("inner_test", "ortho_test", "alpha"):
+      if t == 0 and k == "alpha":
+        continue  # no update before step 0: NaN on both routes
+      np.testing.assert_allclose(out[True][t][k], out[False][t][k], rtol=1e-4, atol=1e-6)

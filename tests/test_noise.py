@@ -294,3 +294,31 @@ def _split_like(params: dict, v: np.ndarray) -> list[np.ndarray]:
     out.append(v[:, start : start + leaf.size].reshape((v.shape[0], *leaf.shape)))
     start += leaf.size
   return out
+
+
+@pytest.mark.parametrize("batch", [4, 64])
+def test_grad_projections_by_gram_match_float64(batch: int) -> None:
+  """gᵢᵀg on the mean gradient: Gram matrices for a wide layer (B = 4: 4·28 < 16·12),
+  the contraction for a narrow one and for every layer at B = 64; against float64."""
+  rng = np.random.default_rng(7)
+  shapes = [(16, 12, True), (3, 2, False)]
+  xs = [rng.standard_normal((batch, i)).astype(np.float32) for i, _, _ in shapes]
+  ds = [rng.standard_normal((batch, o)).astype(np.float32) / batch for _, o, _ in shapes]
+  # Leaves: Dense_0/bias, Dense_0/kernel, Dense_1/kernel.
+  layers = [noise.DenseLayer(jnp.asarray(xs[0]), jnp.asarray(ds[0]), 1, 0),
+            noise.DenseLayer(jnp.asarray(xs[1]), jnp.asarray(ds[1]), 2, None)]  # fmt: skip
+  rows = []
+  for i in range(batch):
+    d0, d1 = ds[0][i] * batch, ds[1][i] * batch  # δᵢ = B·∂L/∂yᵢ
+    rows.append(np.concatenate([d0, np.outer(xs[0][i], d0).ravel(),
+                                np.outer(xs[1][i], d1).ravel()]).astype(np.float64))  # fmt: skip
+  gi = np.stack(rows)
+  g = gi.mean(0)
+  leaves = [jnp.asarray(g[:12], jnp.float32), jnp.asarray(g[12:204].reshape(16, 12), jnp.float32),
+            jnp.asarray(g[204:].reshape(3, 2), jnp.float32)]  # fmt: skip
+  got = noise.layer_grad_projections(layers, [], leaves)
+  np.testing.assert_allclose(np.asarray(got), gi @ g, rtol=2e-5, atol=1e-6 * np.abs(gi @ g).max())
+  contracted = noise.layer_projections(layers, [], [leaf[None] for leaf in leaves])[0]
+  np.testing.assert_allclose(np.asarray(got), np.asarray(contracted), rtol=2e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="no Dense or Conv layer"):
+    noise.layer_grad_projections([], [], leaves)

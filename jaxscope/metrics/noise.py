@@ -60,6 +60,7 @@ __all__ = [
   "histogram_range",
   "histogram_sample",
   "inner_test",
+  "layer_grad_projections",
   "layer_projections",
   "mean_gsnr",
   "norm_test",
@@ -239,6 +240,46 @@ def layer_projections(
     total = part if total is None else total + part
   if total is None:
     raise ValueError("layer_projections: no Dense or Conv layer given.")
+  return total
+
+
+def layer_grad_projections(
+  dense: Sequence[DenseLayer], convs: Sequence[Any], grad_leaves: Sequence[jax.Array]
+) -> jax.Array:
+  """Per-example ``gᵢᵀg`` on the mean gradient ``g`` itself, restricted to the captured
+  Dense and Conv leaves: ``[B]``.
+
+  A Dense layer's ``g = (1/B) Σⱼ xⱼ ⊗ δⱼ``, so ``gᵢ(W)ᵀg(W) = (1/B) Σⱼ (xᵢᵀxⱼ)(δᵢᵀδⱼ)``
+  and ``gᵢ(b)ᵀg(b) = (1/B) Σⱼ δᵢᵀδⱼ``: two Gram matrices, ``2B²(in + out)`` FLOPs
+  against ``2B·in·out`` for contracting with the gradient (:func:`dense_projections`).
+  Each layer takes the cheaper of the two; the values agree to float32 rounding when the
+  leaves' gradient is the mean of the per-example gradients (what the Dense route
+  assumes in any case). Convolutions contract their per-example gradients with ``g``.
+
+  Args:
+    dense: the captured Dense layers.
+    convs: the captured convolutions (:class:`ConvLayer`).
+    grad_leaves: ``jax.tree.leaves`` of the mean gradient (no leading axis).
+  """
+  total = None
+  contract = []
+  for layer in dense:
+    b, n_in = layer.inputs.shape
+    n_out = layer.output_grads.shape[1]
+    if b * (n_in + n_out) >= n_in * n_out:  # the contraction is no dearer
+      contract.append(layer)
+      continue
+    x = layer.inputs.astype(_F32)
+    d = layer.output_grads.astype(_F32) * b
+    gd = d @ d.T
+    gram = (x @ x.T + (1.0 if layer.bias is not None else 0.0)) * gd
+    part = jnp.sum(gram, axis=1) / b
+    total = part if total is None else total + part
+  if contract or convs:
+    rest = layer_projections(contract, convs, [leaf[None] for leaf in grad_leaves])[0]
+    total = rest if total is None else total + rest
+  if total is None:
+    raise ValueError("layer_grad_projections: no Dense or Conv layer given.")
   return total
 
 

@@ -281,6 +281,10 @@ def _measure(
       cfg, state, batch, names, grads, loss, losses, captured, curv
     )
     vals.update(pe_vals)
+  elif (cfg.need_proj_grad or cfg.need_alpha) and captured is not None:
+    # The projections read the captured layers too (no forward-mode pass of the model).
+    dense = tuple(noise.dense_layers(params, captured))
+    convs = tuple(noise.conv_layers(params, captured))
   vals = {k: v.astype(template[k].dtype) for k, v in vals.items()}
   out = _GradSide(
     loss=loss,

@@ -115,7 +115,9 @@ def _measure(
   if "cabs" in want:
     vals["cabs"] = (vals["cabs"] * learning_rate).astype(F32)
   tangents, slots = [], {}
-  if cfg.need_proj_grad:
+  if cfg.need_proj_grad or cfg.need_alpha:
+    # α's update is in the span of the gradient (SGD) or of it and the last update
+    # (momentum), and the gradient's projections are cheap (Gram matrices).
     slots["g"] = len(tangents)
     tangents.append(grads)
   if cfg.need_alpha:
@@ -187,21 +189,33 @@ def _project(probe: Probe, tangents: list[Any]) -> jax.Array:
   """Per-example projections ``gᵢᵀv`` on each tangent: ``float32[k, B]``.
 
   Dense and Conv leaves from their per-example gradients (when the probe holds them);
-  forward mode for the rest.
+  on the gradient itself (a tangent that *is* ``probe.grads``) the Dense leaves go
+  through Gram matrices where that is cheaper
+  (:func:`~jaxscope.metrics.noise.layer_grad_projections`); forward mode for the rest.
   """
   params = probe.params
-  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *tangents)
   dense, convs = probe.dense, probe.convs
   if not dense and not convs:
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *tangents)
     return noise.projections(
       probe.losses_fn, params, probe.args, stacked, has_aux=probe.has_aux
     ).astype(F32)
-  t_leaves, treedef = jax.tree.flatten(stacked)
-  p_leaves = jax.tree.leaves(params)
+  p_leaves, treedef = jax.tree.flatten(params)
+  t_leaves = [jax.tree.leaves(t) for t in tangents]
+  is_grad = [t is probe.grads for t in tangents]
+  rows: list[jax.Array | None] = [
+    noise.layer_grad_projections(dense, convs, leaves) if g else None
+    for g, leaves in zip(is_grad, t_leaves, strict=True)
+  ]
+  others = [k for k, r in enumerate(rows) if r is None]
+  if others:
+    stacked = [jnp.stack(xs) for xs in zip(*(t_leaves[k] for k in others), strict=True)]
+    for k, row in zip(others, noise.layer_projections(dense, convs, stacked), strict=True):
+      rows[k] = row
+  out = jnp.stack(rows)
   covered = {layer.kernel for layer in (*dense, *convs)} | {
     layer.bias for layer in (*dense, *convs) if layer.bias is not None
   }
-  out = noise.layer_projections(dense, convs, t_leaves)
   rest = [i for i in range(len(p_leaves)) if i not in covered]
   if rest:
 
@@ -215,7 +229,7 @@ def _project(probe: Probe, tangents: list[Any]) -> jax.Array:
       rest_losses,
       [p_leaves[i] for i in rest],
       probe.args,
-      [t_leaves[i] for i in rest],
+      [jnp.stack([leaves[i] for leaves in t_leaves]) for i in rest],
       has_aux=probe.has_aux,
     )
   return out.astype(F32)
