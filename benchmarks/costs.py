@@ -36,7 +36,10 @@ spectral norm (one warm power iteration)   4 Σ n_l            8 Σ n_l (W v, th
 loss                                       0                  0 (the step has it)
 grad_norm, update_size                     2P                 4P
 distance                                   3P                 8P (params and origin)
-alpha                                      4P                 8P (g·u at both ends)
+alpha                                      Σ 2B T_l n_l + 4P  8P + (*) (gᵢ·u_prev: one
+                                                                  contraction; no Gram
+                                                                  matrix of this batch
+                                                                  gives it)
 per-example norms ‖gᵢ‖² (norm test)       Σ min(2B T_l²(d_in+d_out), 2B T_l n_l)    (*)
 inner_test gᵢ·ḡ (all pairs by Gram)        Σ min(2B² T_l²(d_in+d_out), 2B T_l n_l)   (*)
 second moment Σᵢ gᵢ² (variance, GSNR,      Σ 2B T_l n_l (one weight-gradient          (*)
@@ -230,7 +233,10 @@ def floor(name: str, f: dict[str, Any], k_probes: int = 8, hist_sample: int = 20
     "grad_norm": (2 * P, F32 * P),
     "update_size": (2 * P, F32 * P),
     "distance": (3 * P, 2 * F32 * P),
-    "alpha": (4 * P, 2 * F32 * P),
+    # α's end point needs every example's projection on the previous update, which no
+    # Gram matrix of this batch gives: one weight-gradient-sized contraction (its start
+    # point, the update, is combined from the gradient's projections: inner_test's).
+    "alpha": (contraction[0] + 4 * P, contraction[1] + 2 * F32 * P),
     "norm_test": pe_norms,
     "ortho_test": (pe_norms[0] + inner[0], pe_norms[1]),
     "per_example_norms": pe_norms,
