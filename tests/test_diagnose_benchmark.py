@@ -393,6 +393,10 @@ def test_train_remedy_follows_the_reruns_advice() -> None:
   row = train_remedy({**big, "chain": ("top", "more_steps", {}, 3)}, fake, lambda d: (None, {}))
   assert [lr for _, lr in seen] == pytest.approx([30.0, 3.0, 0.3])
   assert [r["action"] for r in row["rounds"]] == ["more_steps", "lr_down", "lr_down"]
+  seen.clear()  # the same finding again after its remedy: the advice's next item
+  row = train_remedy({**job, "chain": ("top", "scaled_init", {}, 3)}, fake,
+                     lambda d: ("dead_units", {}))  # fmt: skip
+  assert [r["action"] for r in row["rounds"]] == ["scaled_init", "lr_down", "lr_down"]
   seen.clear()  # an alarm with no automatic remedy ends the advice chain
   row = train_remedy({**job, "chain": ("top", "lr_up", {}, 3)}, fake,
                      lambda d: ("label_noise", {}))  # fmt: skip
@@ -411,3 +415,21 @@ def test_lr_up_reads_the_suggested_factor() -> None:
   assert apply_action(job, "lr_up", {"suggested_factor": 50.0})["fields"]["lr"] == 0.05
   assert apply_action(job, "lr_up", {"lr": 3.0})["fields"]["lr"] == pytest.approx(1e-2)
   assert apply_action(job, "lr_down", {"suggested_factor": 50.0})["fields"]["lr"] == 1e-4
+
+
+def test_next_remedy_takes_the_follow_up_once_the_first_was_applied() -> None:
+  """A finding raised again after its remedy: a repeatable remedy again (lr x 0.1 once
+  more), else the next advice item a config change expresses, else the chain ends."""
+  from benchmarks.diagnose.remedy import FOLLOW_UP, REPEATABLE, next_remedy
+
+  assert next_remedy("dead_units", []) == "scaled_init"
+  assert next_remedy("dead_units", ["scaled_init"]) == "lr_down"
+  assert next_remedy("dead_units", ["scaled_init", "lr_down"]) == "lr_down"  # repeatable
+  assert next_remedy("early_plateau", ["lr_up"]) == "lr_up"
+  assert next_remedy("late_plateau", ["lr_decay"]) == "scaled_init"
+  assert next_remedy("late_plateau", ["lr_decay", "scaled_init"]) is None
+  assert next_remedy("class_imbalance", ["rebalance"]) is None
+  assert next_remedy("label_noise", []) is None
+  for name, actions in FOLLOW_UP.items():
+    assert name in REMEDY and all(a in ACTIONS for a in actions), name
+  assert REPEATABLE <= set(ACTIONS)

@@ -25,8 +25,8 @@ from collections.abc import Callable
 from typing import Any
 
 __all__ = [
-  "ACTIONS", "NOT_AUTOMATIC", "REMEDY", "ROUNDS", "apply_action", "first_alarm", "other_action",
-  "train_remedy",
+  "ACTIONS", "FOLLOW_UP", "NOT_AUTOMATIC", "REMEDY", "REPEATABLE", "ROUNDS", "apply_action",
+  "first_alarm", "next_remedy", "other_action", "train_remedy",
 ]  # fmt: skip
 
 #: An action: changes a job's ``fields`` in place, given the job and the values of the
@@ -131,6 +131,20 @@ REMEDY: dict[str, str | None] = {
   "lost_updates": None,
 }
 
+#: The later advice items a config change expresses, in the advice's order: a chain takes
+#: them when the finding is raised again after its first remedy was applied (that remedy
+#: changes nothing the second time, unless it is :data:`REPEATABLE`).
+FOLLOW_UP: dict[str, tuple[str, ...]] = {
+  "dead_units": ("lr_down",),  # its first item: large steps push ReLU units into the dead zone
+  "early_plateau": ("scaled_init", "standardize"),  # its first and second items
+  "late_plateau": ("scaled_init",),  # try another initialisation
+  "saturation": ("standardize",),  # normalise the inputs
+}
+
+#: Actions that change the config again each time they are applied (the others, applied
+#: twice, change nothing).
+REPEATABLE = frozenset({"lr_down", "lr_up", "more_steps"})
+
 #: Why a finding has no automatic remedy.
 NOT_AUTOMATIC = {
   "label_noise": "relabelling the data is no config change",
@@ -179,6 +193,16 @@ def first_alarm(run_dir: str) -> tuple[str | None, dict[str, Any]]:
   return None, {}
 
 
+def next_remedy(finding: str, applied: list[str]) -> str | None:
+  """The remedy a chain applies for ``finding`` after ``applied``: the first of its remedy
+  and :data:`FOLLOW_UP` that is :data:`REPEATABLE` or not applied yet; ``None`` when it
+  has no automatic remedy or all of them were applied."""
+  for action in (REMEDY.get(finding), *FOLLOW_UP.get(finding, ())):
+    if action is not None and (action in REPEATABLE or action not in applied):
+      return action
+  return None
+
+
 def train_remedy(
   job: dict[str, Any],
   train: Callable[[dict[str, Any]], dict[str, Any]],
@@ -190,7 +214,8 @@ def train_remedy(
   rerun is diagnosed (``alarm(run_dir)``, default :func:`first_alarm`; a run stopped by
   a divergence with no alarm counts as ``"divergence"``). While it raises an alarm and
   fewer than ``rounds`` runs have trained, the next round applies, on top of the last
-  config, the remedy of that alarm (``which="top"``; the chain ends when it has none) or
+  config, the remedy of that alarm (``which="top"``, :func:`next_remedy`: its first
+  remedy, or a follow-up once that was applied; the chain ends when it has none) or
   a random other action (``which="other"``, :func:`other_action` seeded by the run's id
   and the round). Round ``k`` trains in ``job["run_dir"] + "-r{k}"``.
 
@@ -215,7 +240,7 @@ def train_remedy(
       name, values = "divergence", {}
     if name is None:
       break
-    advised = REMEDY.get(name)
+    advised = next_remedy(name, [r["action"] for r in done])
     if which == "top":
       if advised is None:
         break
