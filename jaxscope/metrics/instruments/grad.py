@@ -282,9 +282,10 @@ def _measure(
     )
     vals.update(pe_vals)
   elif (cfg.need_proj_grad or cfg.need_alpha) and captured is not None:
-    # The projections read the captured layers too (no forward-mode pass of the model).
+    # The projections read the captured Dense layers too (no forward-mode pass for their
+    # leaves). Convolutions stay in forward mode here: their per-example gradients
+    # (B × K × c_out floats a layer) are formed only when per-example statistics need them.
     dense = tuple(noise.dense_layers(params, captured))
-    convs = tuple(noise.conv_layers(params, captured))
   vals = {k: v.astype(template[k].dtype) for k, v in vals.items()}
   out = _GradSide(
     loss=loss,
