@@ -36,7 +36,10 @@ grid points (spread over the grid), interleaved with the kernel's repetitions in
 order. Reported: median seconds per point of each variant (and the loop's restore /
 combine / evaluate split), the ratio ``loop / kernel``, compile times, and a check that both
 give the same losses and accuracies at the shared points (``rtol 1e-4``). The target is
-``≥ 20×`` faster per point. The 1-minute load average is recorded before, during and after
+``≥ 20×`` faster per point. ``forward``, timed in the same rotation, is one jitted forward
+pass over the whole evaluation set at fixed parameters (loss and accuracy, no combination,
+no restore): issue 22's floor, against which a kernel point should cost at most ``1.5×``
+(``over_forward``). The 1-minute load average is recorded before, during and after
 the measurement; by default the script waits (up to ``--wait`` seconds) for it to fall
 below ``--max-load`` before measuring.
 """
@@ -58,6 +61,7 @@ if str(_ROOT) not in sys.path:
   sys.path.insert(0, str(_ROOT))
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
@@ -68,6 +72,11 @@ from jaxscope.train import train  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "landscape-cpu.json"
 TARGET = 20.0
+#: Issue 22: a grid point within this factor of one batched forward pass over the
+#: evaluation set at fixed parameters.
+TARGET_OVER_FORWARD = 1.5
+#: Forward-pass calls timed per repetition.
+FORWARD_CALLS = 20
 RTOL = 1e-4
 
 
@@ -221,6 +230,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
       if name == "kernel":
         kernel_loss, kernel_acc = first["loss"], first["accuracy"]
 
+    # Issue 22's floor: one batched forward pass over the whole evaluation set at a
+    # fixed parameter vector (no combination, no restore), the least a grid point costs.
+    @jax.jit
+    def forward(params: Any, xe: jax.Array, ye: jax.Array) -> tuple[jax.Array, jax.Array]:
+      logits = model.apply({"params": params}, xe, train=False)[0]
+      per = optax.softmax_cross_entropy_with_integer_labels(logits, ye)
+      return per.mean(), (logits.argmax(-1) == ye).mean()
+
+    theta_dev, xe, ye = jax.device_put(theta), jnp.asarray(x), jnp.asarray(y)
+    jax.block_until_ready(forward(theta_dev, xe, ye))  # compile
     loop = Loop(model, ckpts, final_step, [dx, dy], x, y, args.loop_batch_size)
     loop_compile_s = loop.warm_up()
     print(f"  loop: per-batch function compiled and warmed up ({loop_compile_s:.2f} s)")
@@ -233,11 +252,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
       picks[-1] = centre
     shares = np.array_split(np.asarray(picks), args.reps)
 
-    times: dict[str, list[float]] = {"kernel": [], "kernel-c1": [], "loop": []}
+    times: dict[str, list[float]] = {"kernel": [], "kernel-c1": [], "loop": [], "forward": []}
     parts: dict[str, list[float]] = {"restore": [], "combine": [], "evaluate": []}
     loop_loss, loop_acc = {}, {}
     loads = []
-    order = ["kernel", "kernel-c1", "loop"]
+    order = ["kernel", "kernel-c1", "loop", "forward"]
     for rep in range(args.reps):
       loads.append(os.getloadavg()[0])
       shift = rep % len(order)
@@ -250,6 +269,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for key, v in split.items():
               parts[key].append(v)
             loop_loss[int(p)], loop_acc[int(p)] = loss, acc
+        elif name == "forward":
+          for _ in range(FORWARD_CALLS):
+            t0 = time.perf_counter()
+            jax.block_until_ready(forward(theta_dev, xe, ye))
+            times["forward"].append(time.perf_counter() - t0)
         else:
           t0 = time.perf_counter()
           out = variants[name].evaluate(coeffs)
@@ -283,6 +307,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {"median_s": float(np.median(arr)), "iqr_s": iqr(arr), "n": len(arr)}
 
   loop_pp = float(np.median(times["loop"]))
+  fwd_pp = float(np.median(times["forward"]))
   kernels = {}
   compile_s = {}
   for name in ("kernel", "kernel-c1"):
@@ -294,6 +319,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
       "compile_s": compile_s[name],
       "per_point_incl_compile_s": pp + compile_s[name] / n_points,
       "ratio": loop_pp / pp,
+      "over_forward": pp / fwd_pp,
       "ratio_incl_compile": loop_pp / (pp + compile_s[name] / n_points),
       "per_point_incl_compile_51x51_s": pp + compile_s[name] / 51**2,
     }
@@ -339,7 +365,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
       "split_median_s": {k: float(np.median(v)) for k, v in parts.items()},
       "compile_s": loop_compile_s,
     },
+    "forward": {"per_call": stat(times["forward"]), "batch": len(x)},
     "check": check,
+    "target_over_forward": TARGET_OVER_FORWARD,
+    "target_over_forward_met": kernels["kernel"]["over_forward"] <= TARGET_OVER_FORWARD,
     "target": TARGET,
     "target_met": kernels["kernel"]["ratio"] >= TARGET,
     "target_met_chunk1": kernels["kernel-c1"]["ratio"] >= TARGET,
@@ -369,6 +398,12 @@ def format_table(r: dict[str, Any]) -> str:
   lines.append(
     f"{'per-point loop':<22} {lp['per_point']['median_s']:>10.5f} "
     f"{lp['per_point']['iqr_s']:>10.5f} {lp['compile_s']:>10.2f} {1.0:>9.1f}x"
+  )
+  fw = r["forward"]["per_call"]
+  lines.append(
+    f"{'one forward pass':<22} {fw['median_s']:>10.5f} {fw['iqr_s']:>10.5f} {'':>10} "
+    f"{'':>10}  (kernel / forward: {r['kernel']['over_forward']:.2f}x, target <= "
+    f"{r['target_over_forward']:.1f}x)"
   )
   sp = lp["split_median_s"]
   lines.append(
