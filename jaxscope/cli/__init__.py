@@ -223,6 +223,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   except OSError as e:
     # Orbax's failed writes report themselves again when collected, up to the exit.
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    # ...and a write cut short leaves its coroutine unawaited, which Python reports at exit.
+    warnings.filterwarnings("ignore", "coroutine .* was never awaited", RuntimeWarning)
     parser.exit(74, f"jaxscope {args.command}: error: {_os_error(e, args)}\n")
   except KeyboardInterrupt:
     print("jaxscope: interrupted.", file=sys.stderr)
