@@ -1,5 +1,5 @@
-"""Rules that name a cause in the run's setup: a learning rate too low, a bad initial scale,
-noisy training labels, too strong a dropout.
+"""Rules that name a cause in the run's setup: a learning rate too low, noisy training
+labels, too strong a dropout (a bad initial scale: :mod:`jaxscope.diagnose.init_scale`).
 
 They read the log next to the run's configuration (``config.json``: ``lr``, ``optimizer``,
 ``num_classes``, ``task``, ``model``, ``model_args`` and the ``data_stats`` of
@@ -9,9 +9,6 @@ passes them that part of the run).
 * ``lr_too_low``: every weight layer's update/weight ratio far below the usual ≈ 1e-3
   while the loss falls slowly, with no dead units, saturation, vanishing gradients or
   stalled layers that would explain small updates.
-* ``bad_init_scale``: at the first step, a classification loss far above the chance level
-  ``ln(num_classes)`` with normalised inputs (large initial logits), and/or the standard
-  deviation of the layers' outputs growing or shrinking by a large factor per layer.
 * ``label_noise`` and ``dropout_too_strong``: the training accuracy (measured on the
   training batches against their labels, in training mode) stays far below the test
   accuracy (clean labels, evaluation mode) while the training loss stays above the test
@@ -31,9 +28,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from jaxscope.diagnose.activations import _hidden_layers, _rule_dead_units, _rule_saturation
-from jaxscope.diagnose.data import _inputs_normalised, _stats
-from jaxscope.diagnose.divergence import _divergence_step, _initial_test_loss, _stable_loss
+from jaxscope.diagnose.activations import _rule_dead_units, _rule_saturation
+from jaxscope.diagnose.divergence import _divergence_step, _stable_loss
 from jaxscope.diagnose.finding import (
   Finding,
   Thresholds,
@@ -202,164 +198,6 @@ def _rule_lr_too_low(h: History, th: Thresholds) -> list[Finding]:
       confidence=_confidence(
         _margin(top, th.lr_low_ratio, above=False), tm.points[worst], th.min_points
       ),
-      advice=[tip],
-    )
-  ]
-
-
-# --------------------------------------------------------------------------- initial scale
-
-
-def _first_scales(
-  h: History, th: Thresholds
-) -> tuple[int, list[str], np.ndarray, np.ndarray] | None:
-  """``(step, layers, std, dead fraction)`` of the captured layers (depth order, the output
-  layer left out with ``exclude_output_layer``: a few units, often scaled down on purpose)
-  at the first step where ``activations/std`` of every one of them is recorded and finite
-  (dead fraction NaN where not recorded), or ``None``."""
-  layers = _hidden_layers(_layers(h, "activations", "std"), th)
-  if not layers:
-    return None
-  series = [_series(h, f"activations/std/{lay}") for lay in layers]
-  common = series[0][0]  # type: ignore[index]
-  for st, _ in series[1:]:  # type: ignore[misc]
-    common = np.intersect1d(common, st)
-  for step in common:
-    std = np.array([v[np.searchsorted(st, step)] for st, v in series])  # type: ignore[misc]
-    if np.all(np.isfinite(std)):
-      dead = np.full(std.shape, np.nan)
-      for i, lay in enumerate(layers):
-        d = _series(h, f"activations/dead_fraction/{lay}")
-        if d is not None and step in d[0]:
-          dead[i] = d[1][np.searchsorted(d[0], step)]
-      return int(step), layers, std, dead
-  return None
-
-
-def _depth_growth(h: History, th: Thresholds) -> tuple[float, str, int, dict[str, Any]] | None:
-  """The per-layer factor of the layers' output std at the first step when it grows or
-  shrinks beyond ``init_growth`` (see :func:`_rule_bad_init_scale`): ``(margin, sentence,
-  step, values)``, or ``None``."""
-  first = _first_scales(h, th)
-  if first is None or len(first[1]) < 3:
-    return None
-  step, layers, std, dead = first
-  if np.any(std <= 0):
-    return None
-  ratios = std[1:] / std[:-1]
-  g = float((std[-1] / std[0]) ** (1.0 / (len(std) - 1)))
-  if g > th.init_growth and np.all(ratios > 1):
-    word, margin = "grows", _margin(g, th.init_growth, above=True)
-  elif g < 1.0 / th.init_growth and np.all(ratios < 1):
-    # Dead ReLUs at the first step also collapse the signal: dead_units names that.
-    if np.any(dead > th.dead_fraction):
-      return None
-    word, margin = "shrinks", _margin(g, 1.0 / th.init_growth, above=False)
-  else:
-    return None
-  profile = " → ".join(f"{lay} {_fmt(v)}" for lay, v in zip(layers, std, strict=True))
-  sentence = (
-    f"the standard deviation of the layers' outputs at step {step} {word} {_fmt(g)}× per "
-    f"layer ({profile}; beyond {_fmt(th.init_growth)}×)"
-  )
-  values = {f"std/{lay}": float(v) for lay, v in zip(layers, std, strict=True)}
-  values["std_growth_per_layer"] = g
-  return margin, sentence, step, values
-
-
-def _initial_loss(h: History, th: Thresholds) -> tuple[int, float, str] | None:
-  """``(step, loss, key)`` of the initial parameters: ``test/loss`` evaluated at or before
-  the first training step (:func:`_initial_test_loss`: the whole test set, no minibatch
-  noise), else the first (pre-divergence) training loss."""
-  test = _initial_test_loss(h, th)
-  if test is not None:
-    return test[0], test[1], "test/loss"
-  s = _stable_loss(h, th)
-  return (int(s[0][0]), float(s[1][0]), "loss") if s is not None else None
-
-
-def _large_first_loss(h: History, th: Thresholds) -> tuple[float, str, int, dict[str, Any]] | None:
-  """The initial loss of a classification run far above ``ln(num_classes)`` with normalised
-  inputs (see :func:`_rule_bad_init_scale`): ``(margin, sentence, step, values)`` or ``None``."""
-  k = h.config.get("num_classes")
-  if h.config.get("task") == "regression" or not isinstance(k, int) or k < 2:
-    return None
-  if not _inputs_normalised(h, th):
-    return None  # Unnormalised inputs (or none recorded) would explain a large loss.
-  initial = _initial_loss(h, th)
-  if initial is None:
-    return None
-  step, loss0, key = initial
-  chance = math.log(k)
-  if loss0 <= th.init_loss_factor * chance:
-    return None
-  x = _stats(h)["inputs"]  # type: ignore[index]
-  what = "the initial test loss" if key == "test/loss" else "the first loss"
-  sentence = (
-    f"{what} is {_fmt(loss0)}, {_fmt(loss0 / chance)} × the chance level "
-    f"ln({k}) = {_fmt(chance)} (large initial logits) while the inputs are normalised (std "
-    f"{_fmt(x['std'])}, |x| ≤ {_fmt(max(abs(x['min']), abs(x['max'])))})"
-  )
-  values = {"first_loss": loss0, "first_loss_key": key, "chance_loss": chance}
-  values["input_std"] = float(x["std"])
-  return _margin(loss0, th.init_loss_factor * chance, above=True), sentence, step, values
-
-
-def _rule_bad_init_scale(h: History, th: Thresholds) -> list[Finding]:
-  """Bad initial scale: the network starts with outputs far too large (or small).
-
-  Two independent pieces of evidence, each enough:
-
-  * **initial loss** (classification, ``config["num_classes"] = K``): the loss of the
-    initial parameters (``test/loss`` evaluated at or before the first step, else the first
-    finite training loss, :func:`_initial_loss`) above ``init_loss_factor × ln K`` (the
-    loss of uniform predictions; a first loss that high means large initial logits)
-    while ``data_stats`` shows normalised inputs (no ``unnormalised_inputs`` problem:
-    inputs scaled up give a large first loss too, and that rule names them); not judged
-    without ``data_stats``;
-  * **depth profile**: at the first step where ``activations/std/{layer}`` of every
-    captured layer but the output layer (at least 3, depth order) is finite, the per-layer factor
-    ``g = (σ_last/σ_first)^(1/(L−1))`` above ``init_growth`` with every consecutive layer
-    growing, or below ``1/init_growth`` with every one shrinking and no layer dead at that
-    step (more than ``dead_fraction`` dead units: ``dead_units`` names that collapse).
-
-  Warning. Confidence: the larger margin; one level up (low → medium → high) when both
-  hold. Minimum evidence: the first step (an initialisation is judged where it is).
-  Source: "bad initialisation", a common real fault of the DeepFD study; the layer
-  response analysis of He et al. (2016).
-  """
-  found = [e for e in (_large_first_loss(h, th), _depth_growth(h, th)) if e is not None]
-  if not found:
-    return []
-  margin = max(e[0] for e in found)
-  confidence = _confidence(margin)
-  if len(found) == 2 and margin >= 1.0:
-    confidence = "high" if confidence != "low" else "medium"
-  sentences = "; ".join(e[1] for e in found)
-  summary = f"The initial scale is wrong: {sentences}."
-  if any("first_loss" in e[3] or e[3]["std_growth_per_layer"] > 1 for e in found):
-    tip = "scale the initial weights down (the output layer's to zero or near it) so that the "
-    tip += "first logits are small"
-  else:
-    tip = "scale the initial weights up (He: variance 2/fan-in for ReLU) so that the signal "
-    tip += "keeps its size through depth"
-  values: dict[str, Any] = {}
-  for e in found:
-    values.update(e[3])
-  metric = []
-  if "first_loss_key" in values:
-    metric.append(values["first_loss_key"])
-  if any("std_growth_per_layer" in e[3] for e in found):
-    metric += [k.replace("std/", "activations/std/") for k in values if k.startswith("std/")]
-  return [
-    _finding(
-      "bad_init_scale",
-      "warning",
-      summary,
-      metric=metric,
-      steps=[min(e[2] for e in found)],
-      values=values,
-      confidence=confidence,
       advice=[tip],
     )
   ]

@@ -21,7 +21,6 @@ import numpy as np
 from jaxscope.diagnose.activations import _rule_dead_units, _rule_saturation
 from jaxscope.diagnose.budget import _rule_too_few_steps
 from jaxscope.diagnose.causes import (
-  _rule_bad_init_scale,
   _rule_dropout_rate_high,
   _rule_dropout_too_strong,
   _rule_label_noise,
@@ -37,6 +36,7 @@ from jaxscope.diagnose.gradients import (
   _rule_stalled_layers,
   _rule_update_ratio,
 )
+from jaxscope.diagnose.init_scale import _rule_bad_init_scale
 from jaxscope.diagnose.loss import (
   _rule_early_plateau,
   _rule_late_plateau,
