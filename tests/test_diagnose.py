@@ -151,6 +151,36 @@ def test_divergence_by_factor_and_nonfinite_fraction():
   assert f.evidence["layers"] == ["Dense_2/kernel"]
 
 
+def test_divergence_of_a_squared_loss_estimates_how_far_to_lower_the_learning_rate():
+  # The first update multiplies the loss by r = 9: (1 − lr·λ_max)² ≥ 9, lr·λ_max ≥ 4, and
+  # a learning rate ×1/4 (0.2 to one significant digit) brings lr·λ_max to at most 1.
+  loss = np.array([0.5, 4.5, 40.0, 400.0, np.nan, np.nan])
+  regression = {"lr": 0.5, "optimizer": "momentum", "task": "regression"}
+  f = _one(diagnose(_history({"loss": loss}, config=regression)), "divergence")
+  values = f.evidence["values"]
+  assert values["first_update_loss_ratio"] == pytest.approx(9.0)
+  assert values["lr_curvature_at_least"] == pytest.approx(4.0)
+  assert values["suggested_factor"] == 0.2
+  assert f.advice[0].startswith("lower the learning rate by about ×0.2 (from 0.5 to 0.1)")
+  assert "lr·λ_max ≥ 4" in f.advice[0] and len(f.advice) == 4  # before the usual three
+  # A run stopped by --stop-on divergence says the same.
+  stopped = _history({"loss": loss[:2]}, {"stop/nonfinite_loss": {1: 1.0}}, config=regression)
+  f = _one(diagnose(stopped), "divergence")
+  assert f.evidence["values"]["suggested_factor"] == 0.2 and f.evidence["values"]["stop"]
+  # No estimate: a cross-entropy (the ratio says little of lr·λ_max), a first update that
+  # lowered the loss, or no first two consecutive steps.
+  for config, arrays in (
+    ({**regression, "task": "classification"}, {"loss": loss}),
+    (regression, {"loss": np.array([0.5, 0.4, 40.0, np.nan])}),
+  ):
+    f = _one(diagnose(_history(arrays, config=config)), "divergence")
+    assert "suggested_factor" not in f.evidence["values"]
+    assert f.advice[0].startswith("lower the learning rate by 10×")
+  records = [(0, {"loss": 0.5}), (10, {"loss": 4.5}), (20, {"loss": np.nan})]
+  sparse = History(records, config=regression)
+  assert "suggested_factor" not in _one(diagnose(sparse), "divergence").evidence["values"]
+
+
 # --------------------------------------------------------------------------- oscillation
 
 
@@ -1042,6 +1072,30 @@ def test_bad_init_scale_by_first_loss_and_depth_profile():
   assert _one(diagnose(both), "bad_init_scale").confidence == "high"
   for std0, dead0 in (((1.0, 8.0, 4.0), 0.05), ((1.0, 0.1, 0.01), 0.9), ((0.5, 0.35, 0.2), 0.05)):
     assert "bad_init_scale" not in _names(diagnose(_setup_run(std0=std0, dead0=dead0)))
+
+
+def test_bad_init_scale_of_a_regression_run_by_the_loss_of_predicting_zero():
+  # Targets of mean 0.1 and std 0.7: predicting zero costs E[y²] = 0.01 + 0.49 = 0.5.
+  targets = {"mean": 0.1, "std": 0.7, "min": -1.0, "max": 1.0, "nonfinite_fraction": 0.0}
+  stats = {"examples": 1000, "inputs": NORMALISED, "targets": targets}
+  t = np.arange(SETUP_N)
+
+  def run(test_loss0, **config):
+    cfg = {"task": "regression", "num_classes": None, "data_stats": stats, **config}
+    loss = 0.5 * np.exp(-t / 40) + 0.01
+    return _setup_run(loss=loss, test_loss=0.02, test_loss0=test_loss0, **cfg)
+
+  f = _one(diagnose(run(20.0)), "bad_init_scale")  # 40 × the loss of predicting zero
+  assert f.evidence["values"]["chance_loss"] == pytest.approx(0.5)
+  assert "40 × the loss of predicting zero E[y²] = 0.5" in f.summary
+  assert "large initial outputs" in f.summary and f.confidence == "high"  # 20 / 1.5 = 13
+  assert f.advice[0].startswith("scale the initial weights down")
+  assert "bad_init_scale" not in _names(diagnose(run(1.4)))  # 2.8 × ≤ init_loss_factor 3
+  assert "bad_init_scale" not in _names(
+    diagnose(run(1.4 * 1e4, data_stats={**stats, "targets": {**targets, "mean": 100.0}}))
+  )  # unscaled targets: predicting zero costs 1e4 as well
+  no_targets = {"examples": 1000, "inputs": NORMALISED}
+  assert "bad_init_scale" not in _names(diagnose(run(20.0, data_stats=no_targets)))
 
 
 def _noisy(**config) -> History:

@@ -410,11 +410,15 @@ def test_train_remedy_follows_the_reruns_advice() -> None:
   assert max(lr for _, lr in seen) < 1.0  # no factor of 1e6 was read
 
 
-def test_lr_up_reads_the_suggested_factor() -> None:
+def test_lr_up_and_down_read_the_suggested_factor() -> None:
   job = {"id": "digits/x", "task": "digits", "fields": {"lr": 1e-3}}
   assert apply_action(job, "lr_up", {"suggested_factor": 50.0})["fields"]["lr"] == 0.05
   assert apply_action(job, "lr_up", {"lr": 3.0})["fields"]["lr"] == pytest.approx(1e-2)
+  assert apply_action(job, "lr_down", {"suggested_factor": 0.04})["fields"]["lr"] == 4e-5
+  assert apply_action(job, "lr_down", {})["fields"]["lr"] == pytest.approx(1e-4)
+  # A stated factor on the wrong side of 1 is not read: each action keeps its direction.
   assert apply_action(job, "lr_down", {"suggested_factor": 50.0})["fields"]["lr"] == 1e-4
+  assert apply_action(job, "lr_up", {"suggested_factor": 0.5})["fields"]["lr"] == 1e-2
 
 
 def test_next_remedy_takes_the_follow_up_once_the_first_was_applied() -> None:

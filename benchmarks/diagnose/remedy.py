@@ -5,7 +5,7 @@
 config change can express, or the benchmark's chosen reading of it. Findings whose advice
 no config change expresses map to ``None`` (:data:`NOT_AUTOMATIC` says why). An action
 may read the finding's ``values`` (``lr_up`` takes the ``suggested_factor`` that
-``lr_too_low`` states).
+``lr_too_low`` states, ``lr_down`` the one a regression run's ``divergence`` states).
 
 The benchmark re-runs a flagged faulty run with the action of its first alarm and then,
 as a user would, diagnoses the rerun and follows the advice of *its* first alarm, on top,
@@ -36,12 +36,14 @@ Action = Callable[[dict[str, Any], dict[str, Any], dict[str, Any]], None]
 
 def _lr(factor: float, suggested: bool = False) -> Action:
   """Learning rate times ``factor``; with ``suggested``, times the finding's
-  ``suggested_factor`` when it states one."""
+  ``suggested_factor`` when it states one on the same side of 1."""
 
   def act(fields: dict[str, Any], job: dict[str, Any], values: dict[str, Any]) -> None:
     from benchmarks.diagnose.tasks import TASKS
 
     f = float(values.get("suggested_factor") or factor) if suggested else factor
+    if (f - 1.0) * (factor - 1.0) <= 0:  # A stated factor that turns the change around.
+      f = factor
     fields["lr"] = fields.get("lr", TASKS[job["task"]].lr) * f
 
   return act
@@ -82,7 +84,8 @@ def _schedule(name: str) -> Action:
 
 #: The actions: ``name -> (what it changes, function(fields, job) changing fields in place)``.
 ACTIONS: dict[str, tuple[str, Action]] = {
-  "lr_down": ("learning rate x 0.1", _lr(0.1)),
+  "lr_down": ("learning rate x the finding's suggested factor (x 0.1 when it states none)",
+              _lr(0.1, suggested=True)),
   "lr_up": ("learning rate x the finding's suggested factor (x 10 when it states none)",
             _lr(10.0, suggested=True)),
   "more_steps": ("steps x 4", _steps(4.0)),

@@ -21,7 +21,6 @@ metrics carry no mark of the mode they were computed in), so no rule claims it.
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Mapping
 from typing import Any, NamedTuple
@@ -37,6 +36,7 @@ from jaxscope.diagnose.finding import (
   _finding,
   _fmt,
   _margin,
+  _nice,
 )
 from jaxscope.diagnose.gradients import _rule_gradients, _stalled
 from jaxscope.diagnose.loss import _last_stretch_fit
@@ -98,14 +98,6 @@ def _dropout_rate(config: Mapping[str, Any]) -> tuple[float, str] | None:
   if isinstance(model, str) and model in ZOO_DROPOUT:
     return ZOO_DROPOUT[model], f"the {model} model's own dropout"
   return None
-
-
-def _nice(x: float) -> float:
-  """``x`` rounded to one significant digit (2.8 → 3, 16 → 20)."""
-  if x <= 0 or not math.isfinite(x):
-    return x
-  p = 10 ** math.floor(math.log10(x))
-  return round(x / p) * p
 
 
 # --------------------------------------------------------------------------- lr too low

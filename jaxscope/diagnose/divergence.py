@@ -9,12 +9,21 @@ inside the network, every per-layer ``{topic}/{stat}/{layer}`` key.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
 import numpy as np
 
-from jaxscope.diagnose.finding import Finding, Thresholds, _confidence, _finding, _fmt, _margin
+from jaxscope.diagnose.finding import (
+  Finding,
+  Thresholds,
+  _confidence,
+  _finding,
+  _fmt,
+  _margin,
+  _nice,
+)
 from jaxscope.diagnose.series import _finite, _natural_key, _series
 from jaxscope.record import History
 
@@ -191,6 +200,59 @@ def _catapult_finding(
   )
 
 
+def _first_update_estimate(h: History) -> dict[str, float] | None:
+  """How far to lower the learning rate, from the first update of a squared loss.
+
+  On a quadratic ``L(θ) = ½ Σᵢ λᵢ xᵢ²`` one gradient step multiplies each ``xᵢ`` by
+  ``1 − lr·λᵢ``, so the loss after it is ``r = Σᵢ (1 − lr·λᵢ)² wᵢ`` times the loss before
+  (``wᵢ`` the share of direction ``i``). When ``r > 1`` the step overshot along the top
+  curvature: ``(1 − lr·λ_max)² ≥ r``, so ``lr·λ_max ≥ 1 + √r``, and a learning rate
+  ``1 / (1 + √r)`` times the current one brings ``lr·λ_max`` down to at most 1 (for the
+  λ_max the first batch saw; a larger one still diverges, and the rule says so again).
+  Read only for regression runs (mean squared error, ``config["task"] == "regression"``),
+  where the quadratic is the loss's own shape; a cross-entropy grows only linearly in
+  large logits, so its first-step ratio says little of ``lr·λ_max``. Needs the losses
+  of the first two consecutive steps, finite and positive (``loss`` at step ``s`` is the
+  batch loss before update ``s``).
+
+  Returns:
+    ``{"first_update_loss_ratio": r, "lr_curvature_at_least": 1 + √r,
+    "suggested_factor": 1 / (1 + √r) to one significant digit}``, or ``None``.
+  """
+  if h.config.get("task") != "regression":
+    return None
+  s = _series(h, "loss")
+  if s is None or s[0].size < 2 or int(s[0][1]) != int(s[0][0]) + 1:
+    return None
+  before, after = float(s[1][0]), float(s[1][1])
+  if not (math.isfinite(before) and math.isfinite(after)) or before <= 0 or after <= before:
+    return None
+  r = after / before
+  curvature = 1.0 + math.sqrt(r)
+  return {
+    "first_update_loss_ratio": r,
+    "lr_curvature_at_least": curvature,
+    "suggested_factor": _nice(1.0 / curvature),
+  }
+
+
+def _with_lr_estimate(f: Finding, h: History) -> Finding:
+  """``f`` with :func:`_first_update_estimate`'s values and, first in its advice, the
+  learning rate it suggests; ``f`` itself when there is no estimate."""
+  est = _first_update_estimate(h)
+  if est is None:
+    return f
+  factor, lr = est["suggested_factor"], h.config.get("lr")
+  to = f" (from {_fmt(lr)} to {_fmt(lr * factor)})" if isinstance(lr, int | float) else ""
+  tip = (
+    f"lower the learning rate by about ×{_fmt(factor)}{to}: the first update multiplied the "
+    f"squared loss by {_fmt(est['first_update_loss_ratio'])}, so lr·λ_max ≥ "
+    f"{_fmt(est['lr_curvature_at_least'])} (stable below 2)"
+  )
+  evidence = {**f.evidence, "values": {**f.evidence["values"], **est}}
+  return dataclasses.replace(f, evidence=evidence, advice=[tip, *f.advice])
+
+
 def _rule_divergence(h: History, th: Thresholds) -> list[Finding]:
   """Divergence: the loss becomes non-finite or explodes.
 
@@ -208,7 +270,7 @@ def _rule_divergence(h: History, th: Thresholds) -> list[Finding]:
   div = _divergence_step(h, th)
   stopped = _stop_record(h)
   if stopped is not None and (div is None or stopped[0] < div):
-    return [_stopped_finding(*stopped)]
+    return [_with_lr_estimate(_stopped_finding(*stopped), h)]
   if div is None and (s := _series(h, "loss")) is not None and (c := _catapult(s[1], th)):
     return [_catapult_finding(s[0], s[1], c, th)]
   first, layers = _first_nonfinite(h, div)
@@ -249,18 +311,17 @@ def _rule_divergence(h: History, th: Thresholds) -> list[Finding]:
     # its factor over divergence_factor × the initial loss.
     nonfinite = not np.isfinite(at) or later.any() or first is not None
     margin = math.inf if nonfinite else _margin(at, th.divergence_factor * abs(initial), above=True)
-    return [
-      _finding(
-        "divergence",
-        "critical",
-        summary,
-        metric="loss",
-        layers=layers,
-        steps=[div],
-        values=values,
-        confidence=_confidence(margin),
-      )
-    ]
+    found = _finding(
+      "divergence",
+      "critical",
+      summary,
+      metric="loss",
+      layers=layers,
+      steps=[div],
+      values=values,
+      confidence=_confidence(margin),
+    )
+    return [_with_lr_estimate(found, h)]
   assert first is not None
   summary = f"Non-finite values inside the network while the loss stays finite{where}."
   return [

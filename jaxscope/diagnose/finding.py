@@ -443,6 +443,13 @@ def _finding(
   return Finding(name, severity, summary, to_jsonable(evidence), tips, confidence)
 
 
+def _nice(x: float) -> float:
+  """``x`` rounded to one significant digit (2.8 → 3, 16 → 20)."""
+  if x <= 0 or not math.isfinite(x):
+    return x
+  return float(f"{x:.1g}")  # Rounds half to even, as round() does; no 0.0009000000000000001.
+
+
 def _margin(value: float, bound: float, *, above: bool) -> float:
   """How far ``value`` is past ``bound``, as a factor (``≥ 1`` when it is past it).
 

@@ -3,14 +3,16 @@
 
 ``bad_init_scale`` reads the first step of the log next to the run's configuration
 (``config.json``: ``num_classes``, ``task`` and the ``data_stats`` of
-:func:`jaxscope.data.data_stats`): a classification loss far above the chance level
-``ln(num_classes)`` with normalised inputs (large initial logits), and/or the standard
+:func:`jaxscope.data.data_stats`): an initial loss far above that of a model that learned
+nothing (the chance level ``ln(num_classes)``; for regression, the mean squared error of
+predicting zero) with normalised inputs (large initial outputs), and/or the standard
 deviation of the layers' outputs growing or shrinking by a large factor per layer.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -91,11 +93,29 @@ def _initial_loss(h: History, th: Thresholds) -> tuple[int, float, str] | None:
   return (int(s[0][0]), float(s[1][0]), "loss") if s is not None else None
 
 
-def _large_first_loss(h: History, th: Thresholds) -> tuple[float, str, int, dict[str, Any]] | None:
-  """The initial loss of a classification run far above ``ln(num_classes)`` with normalised
-  inputs (see :func:`_rule_bad_init_scale`): ``(margin, sentence, step, values)`` or ``None``."""
+def _learned_nothing_loss(h: History) -> tuple[float, str] | None:
+  """The loss of a model that learned nothing and a phrase naming it: ``ln K`` for a
+  classification run of ``K`` classes (uniform predictions); for a regression run (mean
+  squared error) ``E[y²] = mean² + std²`` of the recorded training targets (predicting zero,
+  which a network with small initial outputs does); ``None`` when the run says neither."""
+  if h.config.get("task") == "regression":
+    y = (_stats(h) or {}).get("targets")
+    if not isinstance(y, Mapping) or "std" not in y or "mean" not in y:
+      return None
+    zero = float(y["mean"]) ** 2 + float(y["std"]) ** 2
+    return (zero, f"the loss of predicting zero E[y²] = {_fmt(zero)}") if zero > 0 else None
   k = h.config.get("num_classes")
-  if h.config.get("task") == "regression" or not isinstance(k, int) or k < 2:
+  if not isinstance(k, int) or k < 2:
+    return None
+  return math.log(k), f"the chance level ln({k}) = {_fmt(math.log(k))}"
+
+
+def _large_first_loss(h: History, th: Thresholds) -> tuple[float, str, int, dict[str, Any]] | None:
+  """The initial loss far above that of a model that learned nothing
+  (:func:`_learned_nothing_loss`) with normalised inputs (see :func:`_rule_bad_init_scale`):
+  ``(margin, sentence, step, values)`` or ``None``."""
+  nothing = _learned_nothing_loss(h)
+  if nothing is None:
     return None
   if not _inputs_normalised(h, th):
     return None  # Unnormalised inputs (or none recorded) would explain a large loss.
@@ -103,15 +123,17 @@ def _large_first_loss(h: History, th: Thresholds) -> tuple[float, str, int, dict
   if initial is None:
     return None
   step, loss0, key = initial
-  chance = math.log(k)
+  chance, name = nothing
   if loss0 <= th.init_loss_factor * chance:
     return None
   x = _stats(h)["inputs"]  # type: ignore[index]
   what = "the initial test loss" if key == "test/loss" else "the first loss"
+  large = (
+    "large initial outputs" if h.config.get("task") == "regression" else "large initial logits"
+  )
   sentence = (
-    f"{what} is {_fmt(loss0)}, {_fmt(loss0 / chance)} × the chance level "
-    f"ln({k}) = {_fmt(chance)} (large initial logits) while the inputs are normalised (std "
-    f"{_fmt(x['std'])}, |x| ≤ {_fmt(max(abs(x['min']), abs(x['max'])))})"
+    f"{what} is {_fmt(loss0)}, {_fmt(loss0 / chance)} × {name} ({large}) while the inputs "
+    f"are normalised (std {_fmt(x['std'])}, |x| ≤ {_fmt(max(abs(x['min']), abs(x['max'])))})"
   )
   values = {"first_loss": loss0, "first_loss_key": key, "chance_loss": chance}
   values["input_std"] = float(x["std"])
@@ -123,13 +145,14 @@ def _rule_bad_init_scale(h: History, th: Thresholds) -> list[Finding]:
 
   Two independent pieces of evidence, each enough:
 
-  * **initial loss** (classification, ``config["num_classes"] = K``): the loss of the
-    initial parameters (``test/loss`` evaluated at or before the first step, else the first
-    finite training loss, :func:`_initial_loss`) above ``init_loss_factor × ln K`` (the
-    loss of uniform predictions; a first loss that high means large initial logits)
-    while ``data_stats`` shows normalised inputs (no ``unnormalised_inputs`` problem:
-    inputs scaled up give a large first loss too, and that rule names them); not judged
-    without ``data_stats``;
+  * **initial loss**: the loss of the initial parameters (``test/loss`` evaluated at or
+    before the first step, else the first finite training loss, :func:`_initial_loss`)
+    above ``init_loss_factor ×`` the loss of a model that learned nothing: ``ln K`` for
+    classification (``config["num_classes"] = K``, uniform predictions; a first loss that
+    high means large initial logits), ``E[y²]`` of the recorded targets for regression
+    (mean squared error of predicting zero: large initial outputs), while ``data_stats``
+    shows normalised inputs (no ``unnormalised_inputs`` problem: inputs scaled up give a
+    large first loss too, and that rule names them); not judged without ``data_stats``;
   * **depth profile**: at the first step where ``activations/std/{layer}`` of every
     captured layer but the output layer (at least 3, depth order) is finite, the per-layer factor
     ``g = (σ_last/σ_first)^(1/(L−1))`` above ``init_growth`` with every consecutive layer
