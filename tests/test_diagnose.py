@@ -428,6 +428,16 @@ def test_update_ratio_high_and_low_per_layer():
   assert high.evidence["values"]["median/Dense_0/kernel"] == pytest.approx(medians)
   assert "bias" not in json.dumps(high.to_dict())  # Biases (ratio 3e-2) are left out.
   assert "update_ratio_high" not in _names(diagnose(_history(base), ratio_high=0.5))
+  assert "suggested_factor" not in high.evidence["values"]
+  # Every layer far below: the factor that brings the median layer (3e-6) to a healthy
+  # run's 3e-3 (lr_target_ratio), as lr_too_low states it.
+  for i, ratio in enumerate((2e-6, 3e-6, 6e-6)):
+    base[f"updates/ratio/Dense_{i}/kernel"] = np.full(N, ratio)
+  low = _one(diagnose(_history(base)), "update_ratio_low")
+  assert low.evidence["values"]["suggested_factor"] == 1000
+  assert low.advice[0].startswith("raise the learning rate by about ×1000: the median layer's")
+  low = _one(diagnose(_history(base), lr_target_ratio=1e-5), "update_ratio_low")
+  assert low.evidence["values"]["suggested_factor"] == 3  # 1e-5 / 3e-6 = 3.3
 
 
 def test_stalled_layers_and_all_stalled():

@@ -245,7 +245,7 @@ def _with_lr_estimate(f: Finding, h: History) -> Finding:
   factor, lr = est["suggested_factor"], h.config.get("lr")
   to = f" (from {_fmt(lr)} to {_fmt(lr * factor)})" if isinstance(lr, int | float) else ""
   tip = (
-    f"lower the learning rate by about ×{_fmt(factor)}{to}: the first update multiplied the "
+    f"lower the learning rate by about ×{factor:g}{to}: the first update multiplied the "
     f"squared loss by {_fmt(est['first_update_loss_ratio'])}, so lr·λ_max ≥ "
     f"{_fmt(est['lr_curvature_at_least'])} (stable below 2)"
   )

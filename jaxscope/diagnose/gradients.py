@@ -9,10 +9,19 @@ matrices when any are recorded (see :data:`~jaxscope.diagnose.series._WEIGHT_NAM
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
-from jaxscope.diagnose.finding import Finding, Thresholds, _confidence, _finding, _fmt, _margin
+from jaxscope.diagnose.finding import (
+  Finding,
+  Thresholds,
+  _confidence,
+  _finding,
+  _fmt,
+  _margin,
+  _nice,
+)
 from jaxscope.diagnose.loss import _last_stretch_fit, _rule_early_plateau
 from jaxscope.diagnose.series import (
   _finite,
@@ -219,6 +228,8 @@ def _rule_update_ratio(h: History, th: Thresholds) -> list[Finding]:
       f"Update/weight ratio {word} {_fmt(bound)} in {len(bad)} layer(s) (median over the "
       f"last half: {shown}{', …' if len(bad) > 5 else ''}; target ≈ 1e-3)."
     )
+    values: dict[str, Any] = {f"median/{lay}": m for lay, m in med.items()}
+    tips = [] if above else _raise_lr_tip(med, th, values)
     findings.append(
       _finding(
         name,
@@ -227,11 +238,28 @@ def _rule_update_ratio(h: History, th: Thresholds) -> list[Finding]:
         metric=[f"updates/ratio/{lay}" for lay in bad],
         layers=bad,
         steps=[min(first[lay] for lay in bad)],
-        values={f"median/{lay}": m for lay, m in med.items()},
+        values=values,
         confidence=_confidence(margin, points[worst], th.min_points),
+        advice=tips,
       )
     )
   return findings
+
+
+def _raise_lr_tip(med: dict[str, float], th: Thresholds, values: dict[str, Any]) -> list[str]:
+  """The learning-rate factor that brings the median layer's update ratio to a healthy
+  run's (``lr_target_ratio``, at least ×2), as ``lr_too_low`` states it: added to
+  ``values`` as ``suggested_factor`` and returned as an advice line; none when the median
+  layer does not move at all."""
+  median = float(np.median(list(med.values())))
+  if not median > 0:
+    return []
+  factor = _nice(max(2.0, th.lr_target_ratio / median))
+  values["suggested_factor"] = factor
+  return [
+    f"raise the learning rate by about ×{factor:g}: the median layer's ratio "
+    f"{_fmt(median)} is that far below a healthy run's ≈ {_fmt(th.lr_target_ratio)}"
+  ]
 
 
 def _rule_stalled_layers(h: History, th: Thresholds) -> list[Finding]:
