@@ -1056,7 +1056,8 @@ def test_bad_init_scale_by_first_loss_and_depth_profile():
   assert f.evidence["values"]["chance_loss"] == pytest.approx(np.log(10))
   assert f.confidence == "high"  # 30 / (3 ln 10) = 4.3
   assert "initial test loss is 30" in f.summary and f.evidence["steps"] == [0]
-  assert f.advice[0].startswith("scale the initial weights down")
+  assert f.advice[0].startswith("scale the initial weights down to the standard fan-in scale")
+  assert f.evidence["values"]["initial_scale"] == "too large"
   # One training batch's loss does not outvote the evaluation of the initial parameters;
   # without one, the first training loss is read.
   loss = 2.3 * np.exp(-np.arange(SETUP_N) / 40) + 0.1
@@ -1076,6 +1077,7 @@ def test_bad_init_scale_by_first_loss_and_depth_profile():
   f = _one(diagnose(_setup_run(std0=(1.0, 0.1, 0.01))), "bad_init_scale")
   assert "shrinks 0.1× per layer" in f.summary and f.confidence == "high"  # 0.4 / 0.1
   assert f.advice[0].startswith("scale the initial weights up")
+  assert f.evidence["values"]["initial_scale"] == "too small"
   # Both pieces of evidence: one level up. Not monotone, or dead units at the first step
   # (dead_units names that collapse), or a healthy profile: no finding.
   both = _setup_run(test_loss0=30.0, std0=(1.0, 4.0, 16.0))

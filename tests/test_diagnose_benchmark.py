@@ -155,6 +155,9 @@ def test_apply_action_changes_the_config_fields():
   plain = {"id": "sine/y", "task": "sine", "fields": {"steps_frac": 0.25}}
   assert apply_action(plain, "lr_up")["fields"]["lr"] == pytest.approx(TASKS["sine"].lr * 10)
   assert apply_action(plain, "more_steps")["fields"]["steps_frac"] == 1.0
+  scaled = {"id": "z", "task": "digits", "fields": {"model_args": {"kernel_scale": 5.0}}}
+  standard = apply_action(scaled, "fan_in_init")["fields"]["model_args"]
+  assert standard == {"init_mode": "lecun", "kernel_scale": 1.0, "hidden_bias": 0.0}
   data = apply_action(job, "standardize")["fields"]["data_args"]
   assert data == {"label_noise": 0.5, "standardize": True}
   strong = {"id": "z", "task": "digits", "fields": {"model_args": {"dropout": 0.9}}}
@@ -434,6 +437,11 @@ def test_next_remedy_takes_the_follow_up_once_the_first_was_applied() -> None:
   assert next_remedy("late_plateau", ["lr_decay", "scaled_init"]) is None
   assert next_remedy("class_imbalance", ["rebalance"]) is None
   assert next_remedy("label_noise", []) is None
+  # bad_init_scale: down to the fan-in scale, or up (He) when the finding measured too small.
+  assert next_remedy("bad_init_scale", []) == "fan_in_init"
+  assert next_remedy("bad_init_scale", [], {"initial_scale": "too large"}) == "fan_in_init"
+  assert next_remedy("bad_init_scale", [], {"initial_scale": "too small"}) == "scaled_init"
+  assert next_remedy("bad_init_scale", ["fan_in_init"], {"initial_scale": "too large"}) is None
   for name, actions in FOLLOW_UP.items():
     assert name in REMEDY and all(a in ACTIONS for a in actions), name
   assert REPEATABLE <= set(ACTIONS)

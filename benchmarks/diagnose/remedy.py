@@ -25,8 +25,8 @@ from collections.abc import Callable
 from typing import Any
 
 __all__ = [
-  "ACTIONS", "FOLLOW_UP", "NOT_AUTOMATIC", "REMEDY", "REPEATABLE", "ROUNDS", "apply_action",
-  "first_alarm", "next_remedy", "other_action", "train_remedy",
+  "ACTIONS", "BY_VALUE", "FOLLOW_UP", "NOT_AUTOMATIC", "REMEDY", "REPEATABLE", "ROUNDS",
+  "apply_action", "first_alarm", "next_remedy", "other_action", "remedy_of", "train_remedy",
 ]  # fmt: skip
 
 #: An action: changes a job's ``fields`` in place, given the job and the values of the
@@ -98,6 +98,11 @@ ACTIONS: dict[str, tuple[str, Action]] = {
     "biases",
     _model(init_mode="scaled", kernel_scale=1.0, hidden_bias=0.0),
   ),
+  "fan_in_init": (
+    "the standard fan-in init (LeCun normal: variance 1/fan-in, Flax's Dense default), kernel "
+    "scale 1, zero biases",
+    _model(init_mode="lecun", kernel_scale=1.0, hidden_bias=0.0),
+  ),
   "logits_output": ("the model returns logits (final softmax/sigmoid removed)",
                     _model(output="logits")),
   "unfreeze": ("stop_gradient removed (every layer trains)", _model(frozen=0)),
@@ -124,7 +129,7 @@ REMEDY: dict[str, str | None] = {
   "nonfinite_data": "drop_nonfinite",
   "class_imbalance": "rebalance",  # over-sample the rare classes
   "dead_units": "scaled_init",  # (lower lr: the benchmark's reading is) He init, zero biases
-  "bad_init_scale": "scaled_init",
+  "bad_init_scale": "fan_in_init",  # scale down to the fan-in scale (too small: BY_VALUE)
   "saturation": "scaled_init",  # an initialisation scaled to the activation
   "vanishing_gradients": "scaled_init",  # an initialisation scaled to the activation
   "loss_output_mismatch": "logits_output",  # remove the final softmax
@@ -133,6 +138,22 @@ REMEDY: dict[str, str | None] = {
   "label_noise": None,
   "lost_updates": None,
 }
+
+#: ``finding name -> (value name, value, action)``: the remedy when the finding states that
+#: value, in place of :data:`REMEDY`'s (the advice differs by the direction it measured).
+BY_VALUE: dict[str, tuple[str, Any, str]] = {
+  "bad_init_scale": ("initial_scale", "too small", "scaled_init"),  # scale up: He
+}
+
+
+def remedy_of(finding: str, values: dict[str, Any] | None = None) -> str | None:
+  """The remedy of ``finding`` whose values are ``values``: :data:`BY_VALUE`'s where the
+  finding states its value, else :data:`REMEDY`'s (``None``: no automatic remedy)."""
+  key, value, action = BY_VALUE.get(finding, (None, None, None))
+  if key is not None and (values or {}).get(key) == value:
+    return action
+  return REMEDY.get(finding)
+
 
 #: The later advice items a config change expresses, in the advice's order: a chain takes
 #: them when the finding is raised again after its first remedy was applied (that remedy
@@ -196,11 +217,14 @@ def first_alarm(run_dir: str) -> tuple[str | None, dict[str, Any]]:
   return None, {}
 
 
-def next_remedy(finding: str, applied: list[str]) -> str | None:
-  """The remedy a chain applies for ``finding`` after ``applied``: the first of its remedy
-  and :data:`FOLLOW_UP` that is :data:`REPEATABLE` or not applied yet; ``None`` when it
-  has no automatic remedy or all of them were applied."""
-  for action in (REMEDY.get(finding), *FOLLOW_UP.get(finding, ())):
+def next_remedy(
+  finding: str, applied: list[str], values: dict[str, Any] | None = None
+) -> str | None:
+  """The remedy a chain applies for ``finding`` (with ``values``) after ``applied``: the
+  first of its remedy (:func:`remedy_of`) and :data:`FOLLOW_UP` that is
+  :data:`REPEATABLE` or not applied yet; ``None`` when it has no automatic remedy or all of
+  them were applied."""
+  for action in (remedy_of(finding, values), *FOLLOW_UP.get(finding, ())):
     if action is not None and (action in REPEATABLE or action not in applied):
       return action
   return None
@@ -243,7 +267,7 @@ def train_remedy(
       name, values = "divergence", {}
     if name is None:
       break
-    advised = next_remedy(name, [r["action"] for r in done])
+    advised = next_remedy(name, [r["action"] for r in done], values)
     if which == "top":
       if advised is None:
         break

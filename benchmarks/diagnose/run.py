@@ -94,6 +94,7 @@ from benchmarks.diagnose.remedy import (  # noqa: E402
   ROUNDS,
   first_alarm,
   other_action,
+  remedy_of,
   train_remedy,
 )  # fmt: skip
 from benchmarks.diagnose.score import (  # noqa: E402
@@ -323,7 +324,7 @@ def remedies(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     if top != r["alarm_names"][0]:  # the stored diagnosis is of other rules
       raise SystemExit(f"--remedies: {r['id']}'s stored first alarm {r['alarm_names'][0]} is "
                        f"not its diagnosis now ({top}); run --rediagnose first.")  # fmt: skip
-    action = REMEDY.get(top)
+    action = remedy_of(top, values)
     entry = {"id": r["id"], "task": r["task"], "half": r["half"], "family": r["family"],
              "top_finding": top, "top_action": action, "top_fixed": None,
              "other_action": None, "other_fixed": None}  # fmt: skip

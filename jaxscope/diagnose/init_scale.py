@@ -173,13 +173,15 @@ def _rule_bad_init_scale(h: History, th: Thresholds) -> list[Finding]:
     confidence = "high" if confidence != "low" else "medium"
   sentences = "; ".join(e[1] for e in found)
   summary = f"The initial scale is wrong: {sentences}."
-  if any("first_loss" in e[3] or e[3]["std_growth_per_layer"] > 1 for e in found):
-    tip = "scale the initial weights down (the output layer's to zero or near it) so that the "
-    tip += "first logits are small"
+  large = any("first_loss" in e[3] or e[3]["std_growth_per_layer"] > 1 for e in found)
+  if large:
+    tip = "scale the initial weights down to the standard fan-in scale (LeCun normal, variance "
+    tip += "1/fan-in, Flax's Dense default; the output layer's smaller still, even zero) so "
+    tip += "that the first outputs are small"
   else:
     tip = "scale the initial weights up (He: variance 2/fan-in for ReLU) so that the signal "
     tip += "keeps its size through depth"
-  values: dict[str, Any] = {}
+  values: dict[str, Any] = {"initial_scale": "too large" if large else "too small"}
   for e in found:
     values.update(e[3])
   metric = []
