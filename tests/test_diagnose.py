@@ -479,6 +479,27 @@ def test_dead_units_and_threshold_override():
   assert f.evidence["layers"] == ["Dense_0", "Dense_2", "ln_f"]
 
 
+def test_dead_units_from_the_first_step_advise_the_biases_first():
+  base = _base(14)
+  base["activations/dead_fraction/Dense_0"] = np.full(N, 0.8)  # dead from step 0 on
+  f = _one(diagnose(_history(base)), "dead_units")
+  assert f.evidence["values"]["dead_from_start"] is True
+  assert f.evidence["values"]["first/Dense_0"] == pytest.approx(0.8)
+  assert f.advice[0].startswith("initialise the hidden biases at zero or small positive")
+  assert f.advice[1].startswith("lower the learning rate")
+  assert "dead from the first step" in f.summary
+  # Alive at the first step (0.2 < dead_fraction 0.5), dead later: the learning rate first.
+  base["activations/dead_fraction/Dense_0"] = np.where(np.arange(N) < 50, 0.2, 0.8)
+  f = _one(diagnose(_history(base)), "dead_units")
+  assert f.evidence["values"]["dead_from_start"] is False
+  assert f.advice[0].startswith("lower the learning rate") and "first step" not in f.summary
+  # Every dead layer must have started dead.
+  base["activations/dead_fraction/Dense_1"] = np.full(N, 0.9)
+  f = _one(diagnose(_history(base)), "dead_units")
+  assert f.evidence["layers"] == ["Dense_0", "Dense_1"]
+  assert f.evidence["values"]["dead_from_start"] is False
+
+
 @pytest.mark.parametrize(("final", "severity"), [(0.05, "info"), (0.45, "warning")])
 def test_dead_units_warn_only_while_the_fit_is_poor(final, severity):
   """A regression net on 1-D inputs fitting a sine keeps 60 % of its second layer's ReLUs

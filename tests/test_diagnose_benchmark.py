@@ -429,9 +429,14 @@ def test_next_remedy_takes_the_follow_up_once_the_first_was_applied() -> None:
   more), else the next advice item a config change expresses, else the chain ends."""
   from benchmarks.diagnose.remedy import FOLLOW_UP, REPEATABLE, next_remedy
 
-  assert next_remedy("dead_units", []) == "scaled_init"
-  assert next_remedy("dead_units", ["scaled_init"]) == "lr_down"
-  assert next_remedy("dead_units", ["scaled_init", "lr_down"]) == "lr_down"  # repeatable
+  # dead_units: died during training -> the learning rate (again while they die); dead
+  # from the first step -> biases, then He init, then the learning rate.
+  assert next_remedy("dead_units", []) == "lr_down"
+  assert next_remedy("dead_units", ["lr_down"]) == "lr_down"  # repeatable
+  start = {"dead_from_start": True}
+  assert next_remedy("dead_units", [], start) == "positive_biases"
+  assert next_remedy("dead_units", ["positive_biases"], start) == "scaled_init"
+  assert next_remedy("dead_units", ["positive_biases", "scaled_init"], start) == "lr_down"
   assert next_remedy("early_plateau", ["lr_up"]) == "lr_up"
   assert next_remedy("late_plateau", ["lr_decay"]) == "scaled_init"
   assert next_remedy("late_plateau", ["lr_decay", "scaled_init"]) is None

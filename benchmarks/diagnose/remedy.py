@@ -98,6 +98,7 @@ ACTIONS: dict[str, tuple[str, Action]] = {
     "biases",
     _model(init_mode="scaled", kernel_scale=1.0, hidden_bias=0.0),
   ),
+  "positive_biases": ("hidden biases initialised at 0.01", _model(hidden_bias=0.01)),
   "fan_in_init": (
     "the standard fan-in init (LeCun normal: variance 1/fan-in, Flax's Dense default), kernel "
     "scale 1, zero biases",
@@ -128,7 +129,7 @@ REMEDY: dict[str, str | None] = {
   "unnormalised_inputs": "standardize",
   "nonfinite_data": "drop_nonfinite",
   "class_imbalance": "rebalance",  # over-sample the rare classes
-  "dead_units": "scaled_init",  # (lower lr: the benchmark's reading is) He init, zero biases
+  "dead_units": "lr_down",  # lower the learning rate (dead from the start: BY_VALUE)
   "bad_init_scale": "fan_in_init",  # scale down to the fan-in scale (too small: BY_VALUE)
   "saturation": "scaled_init",  # an initialisation scaled to the activation
   "vanishing_gradients": "scaled_init",  # an initialisation scaled to the activation
@@ -140,9 +141,10 @@ REMEDY: dict[str, str | None] = {
 }
 
 #: ``finding name -> (value name, value, action)``: the remedy when the finding states that
-#: value, in place of :data:`REMEDY`'s (the advice differs by the direction it measured).
+#: value, in place of :data:`REMEDY`'s (its advice opens differently by what it measured).
 BY_VALUE: dict[str, tuple[str, Any, str]] = {
   "bad_init_scale": ("initial_scale", "too small", "scaled_init"),  # scale up: He
+  "dead_units": ("dead_from_start", True, "positive_biases"),  # the init put them there
 }
 
 
@@ -159,7 +161,7 @@ def remedy_of(finding: str, values: dict[str, Any] | None = None) -> str | None:
 #: them when the finding is raised again after its first remedy was applied (that remedy
 #: changes nothing the second time, unless it is :data:`REPEATABLE`).
 FOLLOW_UP: dict[str, tuple[str, ...]] = {
-  "dead_units": ("lr_down",),  # its first item: large steps push ReLU units into the dead zone
+  "dead_units": ("scaled_init", "lr_down"),  # He init, zero biases; the learning rate
   "early_plateau": ("scaled_init", "standardize"),  # its first and second items
   "late_plateau": ("scaled_init",),  # try another initialisation
   "saturation": ("standardize",),  # normalise the inputs

@@ -12,9 +12,13 @@ inputs fitting a sine well has 50–70 % of its second layer's ReLUs dead on eve
 
 from __future__ import annotations
 
+from typing import Any
+
+import numpy as np
+
 from jaxscope.diagnose.finding import Finding, Thresholds, _confidence, _finding, _margin
 from jaxscope.diagnose.loss import _last_stretch_fit
-from jaxscope.diagnose.series import _layer_tail_medians, _layers
+from jaxscope.diagnose.series import _layer_tail_medians, _layers, _series
 from jaxscope.record import History
 
 #: Names of output layers (the logits, no non-linearity after them), left out with
@@ -55,6 +59,12 @@ def _activation_rule(
   if fit is not None:
     severity = "info"
     summary += f" The run still fits the data ({fit}): they do not hold training back."
+  values: dict[str, Any] = {f"median/{lay}": m for lay, m in med.items()}
+  tips: list[str] = []
+  if stat == "dead_fraction":
+    tips = _dead_from_start(h, bad, bound, values)
+    if tips:
+      summary += " They are dead from the first step: the initialisation put them there."
   return [
     _finding(
       name,
@@ -63,9 +73,32 @@ def _activation_rule(
       metric=[f"activations/{stat}/{lay}" for lay in bad],
       layers=bad,
       steps=[min(first[lay] for lay in bad)],
-      values={f"median/{lay}": m for lay, m in med.items()},
+      values=values,
       confidence=confidence,
+      advice=tips,
     )
+  ]
+
+
+def _dead_from_start(h: History, bad: list[str], bound: float, values: dict[str, Any]) -> list[str]:
+  """Whether the dead layers ``bad`` were dead already at their first recorded step (the
+  fraction above ``bound`` in every one): adds ``values["dead_from_start"]`` and each
+  layer's ``first/{layer}`` fraction, and returns the advice that comes first then (the
+  initialisation, not the learning rate, killed them: a negative bias or a bad scale)."""
+  firsts = {}
+  for lay in bad:
+    s = _series(h, f"activations/dead_fraction/{lay}")
+    if s is None or not s[1].size or not np.isfinite(s[1][0]):
+      return []
+    firsts[lay] = float(s[1][0])
+  start = all(v > bound for v in firsts.values())
+  values["dead_from_start"] = start
+  values.update({f"first/{lay}": v for lay, v in firsts.items()})
+  if not start:
+    return []
+  return [
+    "initialise the hidden biases at zero or small positive values (e.g. 0.01) so that "
+    "the units start active; a negative bias or a bad scale put them in the dead zone"
   ]
 
 
@@ -82,7 +115,10 @@ def _fits(h: History, th: Thresholds) -> str | None:
 def _rule_dead_units(h: History, th: Thresholds) -> list[Finding]:
   """Dead ReLU units: median ``activations/dead_fraction/{layer}`` over the last half (at
   least ``min_points`` points) above ``dead_fraction`` (a unit is dead when its
-  pre-activation is ``≤ 0`` for the whole batch).
+  pre-activation is ``≤ 0`` for the whole batch). ``values["dead_from_start"]`` says
+  whether every such layer was dead at its first recorded step too: then the
+  initialisation put them there (a negative bias, a bad scale) and the advice opens with
+  the biases; else they died during training and it opens with the learning rate.
   The output layer is left out with ``exclude_output_layer``. Warning. Source: the
   lecture's dying-ReLU diagnosis; Cockpit-style activation health."""
   return _activation_rule(h, th, "dead_fraction", "dead_units", th.dead_fraction, "Dead units")
