@@ -223,8 +223,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   except OSError as e:
     # Orbax's failed writes report themselves again when collected, up to the exit.
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)
-    # ...and a write cut short leaves its coroutine unawaited, which Python reports at exit.
+    # ...and a write cut short leaves its coroutine unawaited, which Python reports at exit
+    # (as a warning, or as an exception ignored in a finaliser): the one line says it all.
     warnings.filterwarnings("ignore", "coroutine .* was never awaited", RuntimeWarning)
+    sys.unraisablehook = lambda unraisable: None
     parser.exit(74, f"jaxscope {args.command}: error: {_os_error(e, args)}\n")
   except KeyboardInterrupt:
     print("jaxscope: interrupted.", file=sys.stderr)
