@@ -36,9 +36,8 @@ from jaxscope.diagnose.finding import (
   _finding,
   _fmt,
   _margin,
-  _nice,
 )
-from jaxscope.diagnose.gradients import _rule_gradients, _stalled
+from jaxscope.diagnose.gradients import _raise_factor, _rule_gradients, _stalled
 from jaxscope.diagnose.loss import _last_stretch_fit
 from jaxscope.diagnose.series import (
   _before,
@@ -159,7 +158,7 @@ def _rule_lr_too_low(h: History, th: Thresholds) -> list[Finding]:
   if explained:
     return []
   median = float(np.median(list(tm.med.values())))
-  factor = _nice(max(2.0, th.lr_target_ratio / median))
+  factor = _raise_factor(median, th)
   lr = _lr(h.config)
   shown = ", ".join(f"{lay} {_fmt(m)}" for lay, m in list(tm.med.items())[:5])
   opt = h.config.get("optimizer")

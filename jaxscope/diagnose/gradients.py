@@ -246,6 +246,13 @@ def _rule_update_ratio(h: History, th: Thresholds) -> list[Finding]:
   return findings
 
 
+def _raise_factor(median: float, th: Thresholds) -> float:
+  """The learning-rate factor that brings an update ratio ``median`` to a healthy run's
+  (``lr_target_ratio``), at least ×2, to one significant digit; ``lr_too_low`` and
+  ``update_ratio_low`` state it."""
+  return _nice(max(2.0, th.lr_target_ratio / median))
+
+
 def _raise_lr_tip(med: dict[str, float], th: Thresholds, values: dict[str, Any]) -> list[str]:
   """The learning-rate factor that brings the median layer's update ratio to a healthy
   run's (``lr_target_ratio``, at least ×2), as ``lr_too_low`` states it: added to
@@ -254,7 +261,7 @@ def _raise_lr_tip(med: dict[str, float], th: Thresholds, values: dict[str, Any])
   median = float(np.median(list(med.values())))
   if not median > 0:
     return []
-  factor = _nice(max(2.0, th.lr_target_ratio / median))
+  factor = _raise_factor(median, th)
   values["suggested_factor"] = factor
   return [
     f"raise the learning rate by about ×{factor:g}: the median layer's ratio "
