@@ -25,7 +25,8 @@ The package's modules: :mod:`~jaxscope.train.optim` (optimizers and schedules by
 :mod:`~jaxscope.train.measure` (the scope, instruments and activation health of a
 ``metrics`` setting), :mod:`~jaxscope.train.step` (the pure train step),
 :mod:`~jaxscope.train.evaluate` (the test-split evaluation, the analyses' kernel) and
-:mod:`~jaxscope.train.loop` (:func:`setup` and :func:`train`). The configuration,
+:mod:`~jaxscope.train.build` (:func:`setup`: what a run is built from) and
+:mod:`~jaxscope.train.loop` (:func:`train`). The configuration,
 :class:`~jaxscope.run.TrainConfig`, is the run directory's schema (:mod:`jaxscope.run`).
 The lower-level pieces (:func:`make_optimizer`, :func:`make_schedule`,
 :func:`make_scope`, :func:`make_train_step`, :func:`make_evaluate`) are public, for
@@ -33,8 +34,9 @@ loops of your own and for the benchmarks.
 """
 
 from jaxscope.run.config import CAPACITY_DEFAULTS, TrainConfig, parse_capacity
+from jaxscope.train.build import Setup, setup
 from jaxscope.train.evaluate import make_evaluate
-from jaxscope.train.loop import Setup, TrainResult, setup, train
+from jaxscope.train.loop import TrainResult, train
 from jaxscope.train.measure import (
   ACTIVATION_METRICS,
   PRESET_SCOPES,
