@@ -192,6 +192,18 @@ def _limit_file_size(limit: int) -> Any:
 
 
 @pytest.mark.slow
+def test_after_a_failed_write_only_its_oserror_is_kept_quiet_at_exit():
+  import types
+
+  from jaxscope.cli import _quiet_oserror
+
+  seen = []
+  hook = _quiet_oserror(seen.append)
+  for exc in (OSError(27, "File too large"), ValueError("other")):
+    hook(types.SimpleNamespace(exc_value=exc))
+  assert [type(u.exc_value) for u in seen] == [ValueError]
+
+
 def test_full_disk_is_one_line_and_loses_nothing_written(reference, tmp_path):
   run = tmp_path / "run"
   # Files may grow to 6 kB: the log fills after a few steps, mid-run.

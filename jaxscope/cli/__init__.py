@@ -192,6 +192,17 @@ def _one_line_warning(message: Any, category: Any, *args: Any, **kwargs: Any) ->
   return f"jaxscope: warning: {message}\n"
 
 
+def _quiet_oserror(previous: Any) -> Any:
+  """An unraisable-exception hook that drops the ``OSError`` of a write cut short (already
+  reported in one line) and hands anything else to ``previous``."""
+
+  def hook(unraisable: Any) -> None:
+    if not isinstance(unraisable.exc_value, OSError):
+      previous(unraisable)
+
+  return hook
+
+
 def _os_error(error: OSError, args: argparse.Namespace) -> str:
   """One line for an ``OSError``: what failed, on which file (else the command's directory),
   and the system's reason."""
@@ -224,9 +235,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Orbax's failed writes report themselves again when collected, up to the exit.
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     # ...and a write cut short leaves its coroutine unawaited, which Python reports at exit
-    # (as a warning, or as an exception ignored in a finaliser): the one line says it all.
+    # (as a warning, or as its OSError ignored in a finaliser): the one line says it all.
     warnings.filterwarnings("ignore", "coroutine .* was never awaited", RuntimeWarning)
-    sys.unraisablehook = lambda unraisable: None
+    sys.unraisablehook = _quiet_oserror(sys.unraisablehook)
     parser.exit(74, f"jaxscope {args.command}: error: {_os_error(e, args)}\n")
   except KeyboardInterrupt:
     print("jaxscope: interrupted.", file=sys.stderr)
