@@ -22,6 +22,12 @@ statistic of the scope on its own, the scope presets, every Cockpit quantity of
   repetition gives each variant one turn, in a rotated order), after warm-up, with
   donated parameters as in a training loop;
 * **ratio** measured / floor, and the whole step's ratio to the bare step.
+* **extra / XLA floor** (the scope's ``economy`` and ``ratio`` rows): the measured extra
+  against that of the least XLA program that computes the same sums in the same step
+  (:data:`XLA_FLOORS`, rows ``xla_floor/…``). On XLA:CPU each full reduction is its own
+  loop, and those over a weight gradient (stored column-major by its ``dot``) run as
+  tiled reduce-windows at a fraction of ``R_red``; the roofline cannot see that, this
+  floor does.
 
 The floors (``P`` parameters, ``B`` examples, per kernel ``l``: ``n_l`` elements and
 ``T_l`` output positions, ``T_l = 1`` for a Dense layer, fan-in ``d_in`` and fan-out
@@ -255,6 +261,8 @@ def floor(name: str, f: dict[str, Any], k_probes: int = 8, hist_sample: int = 20
     "tic_trace": (k_probes * f["F_hvp"] + contraction[0], contraction[1]),
     "hess_max_ev": (f["F_hvp"], 0.0),
   }
+  if name.startswith("xla_floor/"):
+    return floor(name.split("/", 1)[1], f, k_probes, hist_sample)
   if name.startswith("scope/") and name.endswith(("economy", "full")):
     parts = [table[f"scope/{t}_moments"] for t in ("params", "grads", "updates")]
     parts.append(table["scope/ratio"])
@@ -339,6 +347,37 @@ def scope_step(problem: problems.Problem, sc: Any) -> tuple[Step, tuple]:
   return jax.jit(step, donate_argnums=(0, 1)), (copy_tree(problem.params), tx.init(problem.params))
 
 
+#: The least XLA program for a scope row: ``{row: (topics, sums)}``. The program is the bare
+#: SGD step plus, for each leaf of each topic, the sums the row's statistics are made of
+#: (``Σx``, ``Σx²``), returned as one vector: no per-layer scalar work, no state, no
+#: check. What it costs over the bare step is what these reductions cost in this step on
+#: this backend, the floor that the scope's own code can approach but not pass.
+XLA_FLOORS: dict[str, tuple[tuple[str, ...], tuple[int, ...]]] = {
+  "scope/economy": (("params", "grads", "updates"), (1, 2)),
+  "scope/ratio": (("params", "updates"), (2,)),
+}
+
+
+def xla_floor_step(problem: problems.Problem, row: str) -> tuple[Step, tuple]:
+  """The jitted SGD step computing only the sums of :data:`XLA_FLOORS` ``[row]``."""
+  topics, powers = XLA_FLOORS[row]
+  tx = optax.sgd(LEARNING_RATE)
+
+  def step(params: Any, opt_state: Any, x: jax.Array, y: jax.Array) -> Any:
+    loss, grads = jax.value_and_grad(problem.loss)(params, x, y)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    trees = {"params": params, "grads": grads, "updates": updates}
+    sums = [
+      jnp.sum(leaf if k == 1 else jnp.square(leaf))
+      for t in topics
+      for leaf in jax.tree.leaves(trees[t])
+      for k in powers
+    ]
+    return optax.apply_updates(params, updates), opt_state, (loss, jnp.stack(sums))
+
+  return jax.jit(step, donate_argnums=(0, 1)), (copy_tree(problem.params), tx.init(problem.params))
+
+
 def instrument_step(problem: problems.Problem, quantities: Sequence[str]) -> tuple[Step, tuple]:
   """The jitted SGD step measuring ``quantities`` with :func:`metrics.instruments`."""
   tx = optax.sgd(LEARNING_RATE)
@@ -370,6 +409,8 @@ def variants(problem: problems.Problem, which: str) -> dict[str, Callable[[], tu
     )
     for preset in ("economy", "full"):
       out[f"scope/{preset}"] = lambda p=preset: scope_step(problem, metrics.scope(preset=p))
+    for row in XLA_FLOORS:
+      out[f"xla_floor/{row}"] = lambda r=row: xla_floor_step(problem, r)
   if which in ("all", "instruments"):
     for q in QUANTITIES:
       out[q] = lambda q=q: instrument_step(problem, (q,))
@@ -471,6 +512,10 @@ def run(names: Sequence[str], reps: int | None, which: str, block: int = 1) -> d
           "extra_over_floor": extra / f_ms if f_ms > 0 else None,
         }
       )
+      if f"xla_floor/{v}" in times:
+        xla_extra = float(np.median(times[f"xla_floor/{v}"])) - base
+        rows[-1]["xla_floor_extra_ms"] = xla_extra
+        rows[-1]["extra_over_xla_floor"] = extra / xla_extra if xla_extra > 0 else None
     report["problems"][name] = {
       "facts": {k: v for k, v in facts.items() if k not in ("leaf_sizes",)},
       "rates": rates,
@@ -497,16 +542,18 @@ def format_table(report: dict[str, Any]) -> str:
     )
     lines.append(
       "| measurement | floor GFLOP | floor MB | floor ms | extra ms | extra / floor "
-      "| step / bare | floor step / bare |"
+      "| step / bare | floor step / bare | extra / XLA floor |"
     )
-    lines.append("|---|---|---|---|---|---|---|---|")
+    lines.append("|---|---|---|---|---|---|---|---|---|")
     for row in r["rows"]:
       ratio = row["extra_over_floor"]
       ratio_s = "–" if ratio is None else f"{ratio:.1f}×"
+      xla = row.get("extra_over_xla_floor")
+      xla_s = "–" if xla is None else f"{xla:.2f}×"
       lines.append(
         f"| {row['measurement']} | {row['floor_flops'] / 1e9:.3f} | "
         f"{row['floor_bytes'] / 1e6:.1f} | {row['floor_ms']:.3f} | {row['extra_ms']:.2f} | "
-        f"{ratio_s} | {row['step_ratio']:.2f}× | {row['floor_step_ratio']:.2f}× |"
+        f"{ratio_s} | {row['step_ratio']:.2f}× | {row['floor_step_ratio']:.2f}× | {xla_s} |"
       )
   return "\n".join(lines)
 

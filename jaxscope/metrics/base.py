@@ -27,11 +27,14 @@ import jax.numpy as jnp
 from jaxscope.tree import LeafInfo, as_matrix, input_axes, leaf_infos
 
 __all__ = [
+  "SUMS",
   "Metric",
+  "Moments",
   "evaluate",
   "group_max",
   "group_min",
   "group_sum",
+  "moments",
   "stateless",
   "takes",
   "tree_norm",
@@ -41,6 +44,36 @@ __all__ = [
 
 Leaves = Sequence[jax.Array]
 Value = jax.Array | dict[str, jax.Array]
+
+#: The sums a :class:`Moments` statistic can read, per layer: ``s1 = Σx``, ``s2 = Σx²``,
+#: ``ss = Σ(x − mean)²`` (exact, see :mod:`jaxscope.metrics.moments`) and ``ref_s2``, the
+#: ``Σθ²`` of the matching parameters.
+SUMS = ("s1", "s2", "ss", "ref_s2")
+
+
+class Moments(NamedTuple):
+  """A statistic that is a function of a layer's element count and sums only.
+
+  A scope evaluates such a metric for all layers of a topic at once
+  (:mod:`jaxscope.metrics.moments`): each sum is computed once per leaf whatever the
+  number of metrics reading it, and ``finish`` runs once on the vectors of all layers.
+  The metric's ``apply`` still computes the same value for one layer (for
+  :func:`evaluate` and for any other caller).
+  """
+
+  needs: frozenset[str]
+  """The sums read, a subset of :data:`SUMS`."""
+  finish: Callable[[Mapping[str, jax.Array], Any], jax.Array]
+  """``finish(sums, n)``: the values of all layers from ``{sum: float32[K]}`` and the
+  element counts ``n`` (``float32[K]``, a numpy array), element-wise over the ``K`` layers."""
+
+
+def moments(needs: Sequence[str], finish: Callable[..., jax.Array]) -> Moments:
+  """Builds a :class:`Moments`, checking the sums' names."""
+  bad = [s for s in needs if s not in SUMS]
+  if bad:
+    raise ValueError(f"moments: unknown sum(s) {bad}; sums: {', '.join(SUMS)}.")
+  return Moments(frozenset(needs), finish)
 
 
 class Metric(NamedTuple):
@@ -62,6 +95,9 @@ class Metric(NamedTuple):
   """``apply`` gets each leaf as its matrix view ``[fan_in, fan_out]``
   (:func:`jaxscope.tree.as_matrix` with :func:`jaxscope.tree.input_axes` of the leaf's
   name), and ``init`` the views' shapes."""
+  moments: Moments | None = None
+  """For a stateless statistic of the layer's sums: how a scope evaluates it for all
+  layers at once (:class:`Moments`)."""
 
 
 def takes(metric: Metric, shape: Sequence[int], kind: str) -> bool:
@@ -130,6 +166,7 @@ def stateless(
   min_ndim: int = 0,
   kernels_only: bool = False,
   matrix: bool = False,
+  moments: Moments | None = None,
 ) -> Metric:
   """Builds a :class:`Metric` without state from ``fn(leaves)`` or ``fn(leaves, ref)``.
 
@@ -141,6 +178,8 @@ def stateless(
     min_ndim: leaves of lower rank are excluded.
     kernels_only: only leaves of kind ``"kernel"`` are measured (see :class:`Metric`).
     matrix: ``fn`` gets the leaves' matrix views (see :class:`Metric`).
+    moments: the same statistic as a function of the layer's sums (:class:`Moments`),
+      which a scope evaluates for all layers at once; it must agree with ``fn``.
 
   Returns:
     A :class:`Metric`.
@@ -158,7 +197,7 @@ def stateless(
       return fn(leaves, reference), state
     return fn(leaves), state
 
-  return Metric(name, _no_state, apply, needs_params, min_ndim, kernels_only, matrix)
+  return Metric(name, _no_state, apply, needs_params, min_ndim, kernels_only, matrix, moments)
 
 
 def evaluate(metric: Metric, tree: Any, reference: Any = None, state: Any = None) -> Value:

@@ -56,7 +56,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxscope import tree as jtree
-from jaxscope.metrics import registry, stacked
+from jaxscope.metrics import moments, registry, stacked
 from jaxscope.metrics.base import Metric, takes, view
 from jaxscope.metrics.network import NetworkMetric
 
@@ -291,7 +291,14 @@ def _measure_tensors(
   ref_leaves = jax.tree_util.tree_leaves(data["params"]) if data.get("params") is not None else None
   for topic in spec.topic_metrics:
     leaves = jax.tree_util.tree_leaves(data[topic])
-    for item in stacked.families(_plan(spec, topic, data[topic]), data[topic]):
+    items = stacked.families(_plan(spec, topic, data[topic]), data[topic])
+    together = [it for it in items if moments.batched(it.metric)]
+    if together:
+      values.update(moments.measure(together, leaves, ref_leaves))
+      new_state.update({k: metric_state[k] for it in together for k in it.keys})
+    for item in items:
+      if moments.batched(item.metric):
+        continue
       states = [metric_state[k] for k in item.keys]
       vals, news = stacked.measure(item, leaves, ref_leaves, states, spec.matrix_axes)
       for key, value, state in zip(item.keys, vals, news, strict=True):

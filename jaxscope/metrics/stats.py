@@ -16,8 +16,17 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from jaxscope.metrics.base import Leaves, Metric, group_max, group_min, group_sum, stateless
+from jaxscope.metrics.base import (
+  Leaves,
+  Metric,
+  group_max,
+  group_min,
+  group_sum,
+  moments,
+  stateless,
+)
 
 __all__ = [
   "elementwise_ratio",
@@ -65,13 +74,13 @@ def _mean(leaves: Leaves) -> jax.Array:
 
 def mean() -> Metric:
   """Mean of the layer's elements: ``mean = (1/N) Σᵢ xᵢ``."""
-  return stateless("mean", _mean)
+  return stateless("mean", _mean, moments=moments(("s1",), lambda s, n: s["s1"] / n))
 
 
 def total() -> Metric:
   """Sum of the layer's elements: ``Σᵢ xᵢ`` (registered, and keyed, as ``"sum"``, ikkuna's
   name; the function is ``total`` so that it does not shadow the builtin ``sum``)."""
-  return stateless("sum", _sum)
+  return stateless("sum", _sum, moments=moments(("s1",), lambda s, n: s["s1"]))
 
 
 def _variance(leaves: Leaves, ddof: int) -> jax.Array:
@@ -108,7 +117,14 @@ def variance(ddof: int = 0) -> Metric:
   """
   if ddof < 0:
     raise ValueError(f"variance: ddof must be >= 0, got {ddof}.")
-  return stateless("variance", lambda leaves: _variance(leaves, ddof))
+
+  def finish(s: dict[str, jax.Array], n: np.ndarray) -> jax.Array:
+    dof = n - ddof
+    return jnp.where(dof > 0, jnp.maximum(s["ss"], 0.0) / np.maximum(dof, 1), jnp.nan)
+
+  return stateless(
+    "variance", lambda leaves: _variance(leaves, ddof), moments=moments(("ss",), finish)
+  )
 
 
 def _norm(leaves: Leaves, ord: int | float) -> jax.Array:
@@ -133,12 +149,17 @@ def norm(ord: int | float | str = 2) -> Metric:
   if ord not in (1, 2, float("inf")):
     raise ValueError(f"norm: ord must be 1, 2 or inf, got {ord!r}.")
   name = {1: "norm1", 2: "norm"}.get(ord, "norminf")  # type: ignore[call-overload]
-  return stateless(name, lambda leaves: _norm(leaves, ord))
+  two = moments(("s2",), lambda s, n: jnp.sqrt(s["s2"])) if ord == 2 else None
+  return stateless(name, lambda leaves: _norm(leaves, ord), moments=two)
 
 
 def rms() -> Metric:
   """Root mean square: ``sqrt((1/N) Σᵢ xᵢ²) = ‖x‖₂ / √N``."""
-  return stateless("rms", lambda leaves: jnp.sqrt(_sumsq(leaves) / _count(leaves)))
+  return stateless(
+    "rms",
+    lambda leaves: jnp.sqrt(_sumsq(leaves) / _count(leaves)),
+    moments=moments(("s2",), lambda s, n: jnp.sqrt(s["s2"] / n)),
+  )
 
 
 def max_abs() -> Metric:
@@ -210,7 +231,10 @@ def ratio_to_params(denominator: str = "old") -> Metric:
     ref = _reference(leaves, reference, denominator)
     return _safe_div(jnp.sqrt(_sumsq(leaves)), jnp.sqrt(_sumsq(ref)))
 
-  return stateless("ratio" if denominator == "old" else "ratio_new", fn, needs_params=True)
+  if denominator == "new":
+    return stateless("ratio_new", fn, needs_params=True)
+  old = moments(("s2", "ref_s2"), lambda s, n: _safe_div(jnp.sqrt(s["s2"]), jnp.sqrt(s["ref_s2"])))
+  return stateless("ratio", fn, needs_params=True, moments=old)
 
 
 def elementwise_ratio(denominator: str = "old") -> Metric:

@@ -1,0 +1,33 @@
+"""benchmarks/costs.py: the XLA-floor programs compute the sums the scope's rows are made of."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from benchmarks import costs, problems
+
+
+def test_xla_floor_program_computes_the_economy_sums_the_scope_reports():
+  problem = problems.mnist_mlp()
+  step, state = costs.xla_floor_step(problem, "scope/economy")
+  params64 = [np.asarray(x, np.float64) for x in jax.tree.leaves(problem.params)]
+  grads = jax.grad(problem.loss)(problem.params, problem.x, problem.y)
+  grads64 = [np.asarray(g, np.float64) for g in jax.tree.leaves(grads)]
+  updates64 = [-costs.LEARNING_RATE * g for g in grads64]
+  _, _, (_, sums) = step(*state, problem.x, problem.y)
+  want = [f(x) for t in (params64, grads64, updates64) for x in t for f in (np.sum, _sumsq)]
+  np.testing.assert_allclose(np.asarray(sums), want, rtol=2e-4, atol=1e-6)
+  # The scope's step measures the same tensors: its norms are the square roots of the
+  # floor program's Σx² (same parameters, same batch).
+  sc_step, sc_state = costs.scope_step(problem, costs.metrics.scope(preset="economy"))
+  _, _, (_, values) = sc_step(*sc_state, problem.x, problem.y)
+  names = [n for n in sorted(values) if n.startswith("grads/norm/")]
+  assert len(names) == len(grads64) == 8
+  np.testing.assert_allclose(
+    [values[n] for n in names], [np.sqrt(_sumsq(g)) for g in grads64], rtol=2e-4
+  )
+
+
+def _sumsq(x: np.ndarray) -> float:
+  return float(np.sum(np.square(x)))
