@@ -621,3 +621,28 @@ def test_projections_on_wide_layers_match_forward_mode() -> None:
       if t == 0 and k == "alpha":
         continue  # no update before step 0: NaN on both routes
       np.testing.assert_allclose(out[True][t][k], out[False][t][k], rtol=1e-4, atol=1e-6)
+
+
+def test_span_fit_accepts_only_updates_in_the_span_everywhere() -> None:
+  # The update's coefficients are fitted on a strided sample of each leaf; the residual
+  # over every coordinate decides. SGD/momentum-like updates pass, an Adam-like one and
+  # one that agrees with the span on the sample only do not.
+  from jaxscope.metrics.instruments.update import SPAN_SAMPLE, span_fit
+
+  rng = np.random.default_rng(5)
+  shapes = {"a": (300, 50), "b": (7,)}  # 15000 > SPAN_SAMPLE coordinates: a sample.
+  assert 300 * 50 > SPAN_SAMPLE
+  g = {k: jnp.asarray(rng.normal(size=s), jnp.float32) for k, s in shapes.items()}
+  p = {k: jnp.asarray(rng.normal(size=s), jnp.float32) for k, s in shapes.items()}
+  fit = jax.jit(span_fit)
+  momentum = jax.tree.map(lambda x, y: -0.3 * x + 0.9 * y, g, p)
+  coef, ok = fit([g, p], momentum)
+  assert bool(ok)
+  np.testing.assert_allclose(coef, [-0.3, 0.9], rtol=1e-5)
+  coef, ok = fit([g, jax.tree.map(jnp.zeros_like, p)], jax.tree.map(lambda x: -0.1 * x, g))
+  assert bool(ok) and abs(float(coef[0]) + 0.1) < 1e-6  # First step: no previous update.
+  adam = jax.tree.map(lambda x: x / (jnp.abs(x) + 1e-3), g)
+  assert not bool(fit([g, p], adam)[1])
+  off_sample = dict(momentum)
+  off_sample["a"] = momentum["a"].at[1, 1].add(1e-2)  # Row 1 is not in the strided sample.
+  assert not bool(fit([g, p], off_sample)[1])
