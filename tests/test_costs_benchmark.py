@@ -31,3 +31,21 @@ def test_xla_floor_program_computes_the_economy_sums_the_scope_reports():
 
 def _sumsq(x: np.ndarray) -> float:
   return float(np.sum(np.square(x)))
+
+
+def test_ratio_lr_floor_reads_each_kernel_and_leaves_the_update_unchanged():
+  from benchmarks import ratio_lr
+
+  rng = np.random.default_rng(0)
+  params = {
+    "Dense_0": {"kernel": rng.normal(size=(6, 4)), "bias": rng.normal(size=(4,))},
+    "Dense_1": {"kernel": rng.normal(size=(4, 2)), "bias": rng.normal(size=(2,))},
+  }
+  params = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
+  updates = jax.tree.map(lambda x: 0.1 * x + 1.0, params)
+  tx = ratio_lr.xla_floor()
+  out, sums = jax.jit(tx.update)(updates, tx.init(params), params)
+  want = [_sumsq(t[k]["kernel"]) for k in ("Dense_0", "Dense_1") for t in (updates, params)]
+  np.testing.assert_allclose(np.asarray(sums), want, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(updates), strict=True):
+    np.testing.assert_array_equal(a, b)
