@@ -15,7 +15,8 @@ statistic of the scope on its own, the scope presets, every Cockpit quantity of
   (``[B, d_in] @ [d_in, d_out]`` and with ``8B`` rows, the faster), ``R_red`` that of a
   plain jitted ``sum`` over a float32 array of the model's size; both are measured in the
   same process.
-* **measured**: ``median(step with it) − median(its base step)`` (the bare SGD step for
+* **measured**: the median over repetitions of ``(its turn − its base step's turn)``, the
+  median time of a turn's counted calls (:func:`_paired_extra`; the bare SGD step for
   the scope's rows, the instruments' step measuring only the loss for theirs:
   :func:`_bases`), the variants timed in turns of ``--block`` (4) calls back to back,
   the first of each turn not counted (:func:`time_interleaved`), and interleaved (every
@@ -24,7 +25,8 @@ statistic of the scope on its own, the scope presets, every Cockpit quantity of
 * **ratio** measured / floor, and the whole step's ratio to the bare step.
 * **extra / XLA floor** (the scope's ``economy`` and ``ratio`` rows): the measured extra
   against that of the least XLA program that computes the same sums in the same step
-  (:data:`XLA_FLOORS`, rows ``xla_floor/…``). On XLA:CPU each full reduction is its own
+  (:data:`XLA_FLOORS`, rows ``xla_floor/…``), and the paired difference of the two
+  (``extra_minus_xla_floor_ms``). On XLA:CPU each full reduction is its own
   loop, and those over a weight gradient (stored column-major by its ``dot``) run as
   tiled reduce-windows at a fraction of ``R_red``; the roofline cannot see that, this
   floor does.
@@ -455,6 +457,23 @@ def time_interleaved(
 # --------------------------------------------------------------------------- report
 
 
+def _per_turn(t: np.ndarray, block: int) -> np.ndarray:
+  """The median of each turn's counted calls (one value per repetition)."""
+  per = max(block - 1, 1)
+  return np.median(t.reshape(-1, per), axis=1)
+
+
+def _paired_extra(turns: np.ndarray, base_turns: np.ndarray) -> float:
+  """The median over repetitions of (this variant's turn − its base's turn).
+
+  The shared 2-core machine drifts between a fast and a slow state (every step ~1.4×
+  slower in the latter, memory-bound work more) for seconds at a time; turns of one
+  repetition run close together, so their difference cancels most of it where a
+  difference of medians does not (it gave negative extras for cheap rows).
+  """
+  return float(np.median(turns - base_turns))
+
+
 def _bases(times: dict[str, np.ndarray]) -> Callable[[str], str]:
   """Each measurement's base: ``bare`` (the plain SGD step) for the scope's rows; for the
   instruments' rows the ``loss`` variant, the same step through
@@ -484,6 +503,7 @@ def run(names: Sequence[str], reps: int | None, which: str, block: int = 1) -> d
           f"R_red = {rates['R_red_gbps']:.1f} GB/s", flush=True)  # fmt: skip
     n = reps or problem.default_reps
     times = time_interleaved(problem, variants(problem, which), n, block)
+    turns = {k: _per_turn(t, block) for k, t in times.items()}
     bare = float(np.median(times["bare"]))
     base_of = _bases(times)
     rows = []
@@ -495,7 +515,7 @@ def run(names: Sequence[str], reps: int | None, which: str, block: int = 1) -> d
       med = float(np.median(t))
       fl = floor(v, facts)
       f_ms = floor_ms(fl, rates)
-      extra = med - base
+      extra = _paired_extra(turns[v], turns[base_name])
       rows.append(
         {
           "measurement": v,
@@ -507,15 +527,17 @@ def run(names: Sequence[str], reps: int | None, which: str, block: int = 1) -> d
           "step_ms": med,
           "step_iqr_ms": iqr(t),
           "extra_ms": extra,
-          "step_ratio": med / base,
+          "step_ratio": (base + extra) / base,
           "floor_step_ratio": (base + f_ms) / base,
           "extra_over_floor": extra / f_ms if f_ms > 0 else None,
         }
       )
       if f"xla_floor/{v}" in times:
-        xla_extra = float(np.median(times[f"xla_floor/{v}"])) - base
+        xla_extra = _paired_extra(turns[f"xla_floor/{v}"], turns[base_name])
         rows[-1]["xla_floor_extra_ms"] = xla_extra
         rows[-1]["extra_over_xla_floor"] = extra / xla_extra if xla_extra > 0 else None
+        # Directly: the row's turn against the floor program's turn of the same repetition.
+        rows[-1]["extra_minus_xla_floor_ms"] = _paired_extra(turns[v], turns[f"xla_floor/{v}"])
     report["problems"][name] = {
       "facts": {k: v for k, v in facts.items() if k not in ("leaf_sizes",)},
       "rates": rates,
@@ -549,7 +571,7 @@ def format_table(report: dict[str, Any]) -> str:
       ratio = row["extra_over_floor"]
       ratio_s = "–" if ratio is None else f"{ratio:.1f}×"
       xla = row.get("extra_over_xla_floor")
-      xla_s = "–" if xla is None else f"{xla:.2f}×"
+      xla_s = "–" if xla is None else f"{xla:.2f}× ({row['extra_minus_xla_floor_ms']:+.2f} ms)"
       lines.append(
         f"| {row['measurement']} | {row['floor_flops'] / 1e9:.3f} | "
         f"{row['floor_bytes'] / 1e6:.1f} | {row['floor_ms']:.3f} | {row['extra_ms']:.2f} | "
