@@ -300,10 +300,11 @@ def dense_projections(
     x = layer.inputs.astype(_F32)
     d = layer.output_grads.astype(_F32) * x.shape[0]
     v = tangent_leaves[layer.kernel].astype(_F32)  # [k, in, out]
-    # One plain [B, in] @ [in, out] product per direction, the kernel in its own layout: an
-    # einsum over the stacked [k, in, out] had XLA:CPU transpose each kernel first (a
-    # copy as dear as the product on the MLP's first layer).
-    part = jnp.stack([jnp.sum((x @ v[j]) * d, axis=1) for j in range(v.shape[0])])
+    # One contraction per direction, the kernel in its own layout: an einsum over the
+    # stacked [k, in, out] had XLA:CPU transpose each kernel first (a copy as dear as the
+    # product on the MLP's first layer). A plain (x @ V) · d instead made the SPMD
+    # partitioner gather a sharded layer's activations; the einsum does not.
+    part = jnp.stack([jnp.einsum("bi,io,bo->b", x, v[j], d) for j in range(v.shape[0])])
     if layer.bias is not None:
       part = part + jnp.einsum("ko,bo->kb", tangent_leaves[layer.bias].astype(_F32), d)
     total = part if total is None else total + part

@@ -128,7 +128,7 @@ class Config:
   exact_max_params: int
   curvature_decay: float
   seed: int
-  hvp_chunk: int | None = None
+  hvp_chunk: int | None = 1
 
   def __post_init__(self) -> None:
     """Checks the settings (the quantities are checked where they are gathered)."""

@@ -230,6 +230,27 @@ def _fresh_hvp(mean_loss: Callable[[Any], Any], params: Any) -> Callable[[Any], 
   return hvp_fn
 
 
+def _in_turns(fn: Callable[[Any], Any], tangents: Any, chunk: int) -> Any:
+  """``vmap(fn)`` over the leading axis of ``tangents``, ``chunk`` at a time, in turn.
+
+  Straight-line code, not a loop: XLA:CPU ran the products inside ``lax.map``'s loop many
+  times slower than outside it (69 s against 5 s per business step on the 3c3d). Each
+  turn's input waits for the previous turn's output (``optimization_barrier``), so the
+  turns run one after the other and at most ``chunk`` tangents are live at once. On the
+  3c3d at batch 128, one at a time is both the leanest and the fastest: business 3.0 s
+  per step and 1.0 GB of XLA temporaries, against 4.1 s and 2.9 GB for all nine tangents
+  in one batched pass (2-core CPU, 2026-12-05).
+  """
+  k = jax.tree.leaves(tangents)[0].shape[0]
+  outs: list[Any] = []
+  for start in range(0, k, chunk):
+    part = jax.tree.map(lambda a, s=start: a[s : s + chunk], tangents)
+    if outs:
+      part, _ = lax.optimization_barrier((part, outs[-1]))
+    outs.append(jax.vmap(fn)(part))
+  return jax.tree.map(lambda *xs: jnp.concatenate(xs), *outs)
+
+
 def _measure(
   cfg: Config,
   state: InstrumentsState,
@@ -257,7 +278,7 @@ def _measure(
       grads, hvp_lin, (loss, losses, aux, captured) = hvp.linearize_grad(
         grads_and_capture, params, has_aux=True
       )
-      hvp_batch = lax.map(hvp_lin, tangents, batch_size=cfg.hvp_chunk)
+      hvp_batch = _in_turns(hvp_lin, tangents, cfg.hvp_chunk)
   elif cfg.need_hvp:
     grads, hvp_lin, (loss, losses, aux, captured) = hvp.linearize_grad(
       grads_and_capture, params, has_aux=True

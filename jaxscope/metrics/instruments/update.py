@@ -239,11 +239,16 @@ def _project(probe: Probe, tangents: list[Any]) -> jax.Array:
 SPAN_SAMPLE = 4096
 
 
-def _span_sample(tree: Any) -> jax.Array:
+def _span_sample(tree: Any) -> list[jax.Array]:
   """A strided sample of at most :data:`SPAN_SAMPLE` coordinates of every leaf, in float32
-  (the same coordinates for trees of the same structure)."""
-  parts = [stats._subsample(x.astype(F32), SPAN_SAMPLE).reshape(-1) for x in jax.tree.leaves(tree)]
-  return jnp.concatenate(parts)
+  (the same coordinates for trees of the same structure). Each sample keeps its leaf's
+  other axes, so a sharded leaf is sampled shard by shard and never gathered."""
+  return [stats._subsample(x.astype(F32), SPAN_SAMPLE) for x in jax.tree.leaves(tree)]
+
+
+def _sample_dot(a: list[jax.Array], b: list[jax.Array]) -> jax.Array:
+  """``Σ aᵢ bᵢ`` over the leaves' samples (a sum per leaf: partial sums, no gather)."""
+  return sum(jnp.sum(x * y) for x, y in zip(a, b, strict=True))  # type: ignore[return-value]
 
 
 def span_fit(basis: list[Any], d: Any) -> tuple[jax.Array, jax.Array]:
@@ -257,8 +262,8 @@ def span_fit(basis: list[Any], d: Any) -> tuple[jax.Array, jax.Array]:
   """
   basis_s = [_span_sample(b) for b in basis]
   d_s = _span_sample(d)
-  gram = jnp.stack([jnp.stack([jnp.vdot(a, b) for b in basis_s]) for a in basis_s])
-  rhs = jnp.stack([jnp.vdot(a, d_s) for a in basis_s])
+  gram = jnp.stack([jnp.stack([_sample_dot(a, b) for b in basis_s]) for a in basis_s])
+  rhs = jnp.stack([_sample_dot(a, d_s) for a in basis_s])
   scale = jnp.maximum(jnp.max(jnp.abs(jnp.diag(gram))), 1e-30)
   coef = jnp.linalg.lstsq(gram / scale, rhs / scale)[0]
   approx = jax.tree.map(lambda *xs: sum(c * x for c, x in zip(coef, xs, strict=True)), *basis)
