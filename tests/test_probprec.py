@@ -626,3 +626,23 @@ def test_train_with_preconditioned_sgd(tmp_path):
     from jaxscope.train import train
 
     train(optimizer="adaptive_sgd", schedule="cosine", out=str(tmp_path / "x"), steps=2)
+
+
+def test_grad_norm_is_logged_only_when_asked():
+  # Off by default (one more pass over the gradients per step); with log_grad_norm=True it
+  # is ‖g‖ while estimating and ‖P g‖ = ‖update‖ / lr in phase D (wd = 0).
+  A = _hessian()
+  loss, _ = _noisy_quadratic(A, 0.3)
+  theta = np.random.default_rng(4).normal(size=N)
+  plain = _drive(probabilistic_preconditioner(), loss, theta, 3)
+  assert plain[-1][1].grad_norm == ()
+  assert "probprec/grad_norm" not in preconditioner_log(plain[-1][1])
+  out = _drive(probabilistic_preconditioner(log_grad_norm=True), loss, theta, 17)
+  for k, (updates, state, grads) in enumerate(out):
+    g = np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(grads)])
+    u = np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(updates)])
+    want = np.linalg.norm(g) if k < 14 else np.linalg.norm(u) / float(state.lr[0])
+    np.testing.assert_allclose(float(state.grad_norm), want, rtol=1e-5, err_msg=str(k))
+    assert preconditioner_log(state)["probprec/grad_norm"] == state.grad_norm
+  with pytest.raises(ValueError, match="log_grad_norm"):
+    probabilistic_preconditioner(log_grad_norm=1)

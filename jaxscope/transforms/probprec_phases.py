@@ -65,6 +65,8 @@ class Settings(NamedTuple):
   """The parameter groups (a label tree or callable), used by the transform."""
   reestimate_every: int | None
   """Used by the transform."""
+  log_grad_norm: bool = False
+  """Keep the gradient's global norm in the state (one more pass per step)."""
 
 
 class Step(NamedTuple):
@@ -401,7 +403,8 @@ def apply(
   if not plain:  # Heavy ball; with μ = 0 there is no trace to write.
     tr = [cfg.momentum * b + t for b, t in zip(_flat(s.trace), tr, strict=True)]
   upd = [-s.lr[st.gid[i]].astype(tr[i].dtype) * tr[i] for i in range(len(tr))]
-  s = s._replace(grad_norm=_gnorm(st, gt))
+  if cfg.log_grad_norm:
+    s = s._replace(grad_norm=_gnorm(st, gt))
   return upd, (s if plain else s._replace(trace=_unflat(st, tr)))
 
 
@@ -420,9 +423,10 @@ def run_phase(
   P, M = cfg.P, cfg.M
 
   def estimating(s: PreconditionerState, code: int) -> tuple[Any, PreconditionerState]:
-    return _zero_updates(st), s._replace(
-      phase=jnp.asarray(code, jnp.int32), grad_norm=_gnorm(st, st.g)
-    )
+    s = s._replace(phase=jnp.asarray(code, jnp.int32))
+    if cfg.log_grad_norm:
+      s = s._replace(grad_norm=_gnorm(st, st.g))
+    return _zero_updates(st), s
 
   def branch_prior(s: PreconditionerState) -> tuple[Any, PreconditionerState]:
     return estimating(prior_step(cfg, st, s), 0)
