@@ -39,6 +39,7 @@ import numpy as np
 
 from jaxscope import tree as jtree
 from jaxscope.metrics.base import Metric
+from jaxscope.metrics.stats import _f
 
 __all__ = ["batched", "measure"]
 
@@ -62,10 +63,6 @@ class _Column(NamedTuple):
   """``1``, or ``L`` for a stack."""
   count: int
   """Elements per layer, ``N``."""
-
-
-def _f(x: jax.Array) -> jax.Array:
-  return x.astype(_F32) if x.dtype != _F32 else x
 
 
 def _axes(info: jtree.LeafInfo, family: bool, ndim: int) -> tuple[int, ...]:

@@ -15,7 +15,7 @@ import optax
 
 from jaxscope import tree as jtree
 from jaxscope.metrics import curvature, noise, stats
-from jaxscope.metrics.base import tree_norm
+from jaxscope.metrics.base import tree_norm, tree_vdot
 from jaxscope.metrics.instruments.config import F32, Config, leaf_names, leaf_norms
 from jaxscope.metrics.instruments.state import InstrumentsState, Probe
 
@@ -246,11 +246,6 @@ def _span_sample(tree: Any) -> list[jax.Array]:
   return [stats._subsample(x.astype(F32), SPAN_SAMPLE) for x in jax.tree.leaves(tree)]
 
 
-def _sample_dot(a: list[jax.Array], b: list[jax.Array]) -> jax.Array:
-  """``Σ aᵢ bᵢ`` over the leaves' samples (a sum per leaf: partial sums, no gather)."""
-  return sum(jnp.sum(x * y) for x, y in zip(a, b, strict=True))  # type: ignore[return-value]
-
-
 def span_fit(basis: list[Any], d: Any) -> tuple[jax.Array, jax.Array]:
   """``(c, in_span)``: the coefficients of ``d ≈ Σₖ cₖ basisₖ`` and whether they reproduce
   ``d`` over every coordinate (relative squared residual ≤ 1e-10).
@@ -262,8 +257,8 @@ def span_fit(basis: list[Any], d: Any) -> tuple[jax.Array, jax.Array]:
   """
   basis_s = [_span_sample(b) for b in basis]
   d_s = _span_sample(d)
-  gram = jnp.stack([jnp.stack([_sample_dot(a, b) for b in basis_s]) for a in basis_s])
-  rhs = jnp.stack([_sample_dot(a, d_s) for a in basis_s])
+  gram = jnp.stack([jnp.stack([tree_vdot(a, b) for b in basis_s]) for a in basis_s])
+  rhs = jnp.stack([tree_vdot(a, d_s) for a in basis_s])
   scale = jnp.maximum(jnp.max(jnp.abs(jnp.diag(gram))), 1e-30)
   coef = jnp.linalg.lstsq(gram / scale, rhs / scale)[0]
   approx = jax.tree.map(lambda *xs: sum(c * x for c, x in zip(coef, xs, strict=True)), *basis)
