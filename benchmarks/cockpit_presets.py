@@ -112,9 +112,11 @@ def make_step(problem: problems.Problem, preset: str | None) -> tuple[Step, Any,
   )
 
 
-def time_variants(problem: problems.Problem, reps: int) -> dict[str, np.ndarray]:
-  """Interleaved timings per variant (ms)."""
-  names = ["bare", *PRESETS]
+def time_variants(
+  problem: problems.Problem, reps: int, variants: Sequence[str] = ("bare", *PRESETS)
+) -> dict[str, np.ndarray]:
+  """Interleaved timings per variant (ms): ``bare`` and instrument presets."""
+  names = list(variants)
   steps, states = {}, {}
   for name in names:
     step, opt_state, istate = make_step(problem, None if name == "bare" else name)

@@ -6,11 +6,17 @@ Layers (imports only point downwards; docs/architecture.md): ``tree`` (base) →
 owner: :func:`load_run`) → ``train`` (the reference loop) and ``cli`` (app).
 """
 
-from jaxscope import capture, metrics, record, transforms, tree
-from jaxscope.metrics import scope
-from jaxscope.record import History, Recorder
-from jaxscope.run import Run, load_run
-from jaxscope.transforms import monitored
+# First, while no JAX backend runs: XLA:CPU's memory-minimising scheduler and the release of
+# freed compiler memory (jaxscope/xla.py; JAXSCOPE_XLA_DEFAULTS=0 leaves both alone).
+from jaxscope import xla
+
+xla.apply_defaults()
+
+from jaxscope import capture, metrics, record, transforms, tree  # noqa: E402
+from jaxscope.metrics import scope  # noqa: E402
+from jaxscope.record import History, Recorder  # noqa: E402
+from jaxscope.run import Run, load_run  # noqa: E402
+from jaxscope.transforms import monitored  # noqa: E402
 
 # jaxscope.plot (matplotlib) and jaxscope.data (scikit-learn) are imported on demand;
 # diagnoses: `from jaxscope.diagnose import diagnose` (not re-exported: the function
@@ -31,4 +37,5 @@ __all__ = [
   "scope",
   "transforms",
   "tree",
+  "xla",
 ]

@@ -111,6 +111,7 @@ def write_options_table() -> None:
 #: The layers of docs/architecture.md: a module may import its own rank and those below.
 RANKS = {
   "tree": 0,
+  "xla": 0,
   "metrics": 1,
   "transforms": 1,
   "capture": 1,
