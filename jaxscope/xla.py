@@ -19,9 +19,7 @@ Two process-wide defaults, chosen by ``benchmarks/xla_defaults.py`` (README, "Me
    that glibc's ``malloc`` keeps after the compiler frees them; the step's temporaries
    are then allocated on top, and the process's peak is their sum. After each backend
    compilation, ``malloc_trim(0)`` hands the free blocks back (a few ms, once per
-   compilation), and ``malloc`` keeps at most :data:`ARENA_MAX` arenas (unless
-   ``MALLOC_ARENA_MAX`` is set), so that the compiler's threads share their free blocks.
-   Linux with glibc only; elsewhere nothing is installed.
+   compilation). Linux with glibc only; elsewhere nothing is installed.
 
 The environment variable ``JAXSCOPE_XLA_DEFAULTS``, read on import, chooses: unset or
 ``1``, both; ``trim``, only the release of compiler memory (XLA's own scheduler, which
@@ -75,14 +73,6 @@ def _add_scheduler_flag(environ: Any) -> bool:
   return True
 
 
-#: glibc's ``mallopt`` parameter number of ``M_ARENA_MAX`` (``malloc.h``).
-_M_ARENA_MAX = -8
-#: Arenas glibc may create (default 8 per core): threads share them, so a block the
-#: compiler's threads free is reused by the next allocation instead of lying in an
-#: arena of its own.
-ARENA_MAX = 2
-
-
 def _libc() -> Any:
   """glibc (``None`` off Linux or where it has no ``malloc_trim``)."""
   if not sys.platform.startswith("linux"):
@@ -96,14 +86,13 @@ def _libc() -> Any:
 
 
 def _malloc_trim() -> Any:
-  """glibc's ``malloc_trim`` after capping the arenas at :data:`ARENA_MAX` (``None`` where
-  the C library is not glibc)."""
+  """glibc's ``malloc_trim`` (``None`` where the C library is not glibc).
+
+  Capping glibc's arenas as well (``mallopt(M_ARENA_MAX, 2)``) took another ~100 MB off
+  the 3c3d full step's peak but made every step on the MNIST MLP 11–14 % slower (its
+  threads then wait for each other's ``malloc``), so it is not done."""
   libc = _libc()
-  if libc is None:
-    return None
-  if "MALLOC_ARENA_MAX" not in os.environ:  # The user's own setting wins.
-    libc.mallopt(_M_ARENA_MAX, ARENA_MAX)
-  return libc.malloc_trim
+  return None if libc is None else libc.malloc_trim
 
 
 def _install_trim(trim: Any = None) -> Any:
