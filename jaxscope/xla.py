@@ -73,26 +73,18 @@ def _add_scheduler_flag(environ: Any) -> bool:
   return True
 
 
-def _libc() -> Any:
-  """glibc (``None`` off Linux or where it has no ``malloc_trim``)."""
-  if not sys.platform.startswith("linux"):
-    return None
-  try:
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    libc.malloc_trim  # noqa: B018  (glibc only: musl has none)
-    return libc
-  except (OSError, AttributeError):
-    return None
-
-
 def _malloc_trim() -> Any:
-  """glibc's ``malloc_trim`` (``None`` where the C library is not glibc).
+  """glibc's ``malloc_trim`` (``None`` off Linux or where the C library has none, e.g. musl).
 
   Capping glibc's arenas as well (``mallopt(M_ARENA_MAX, 2)``) took another ~100 MB off
   the 3c3d full step's peak but made every step on the MNIST MLP 11–14 % slower (its
   threads then wait for each other's ``malloc``), so it is not done."""
-  libc = _libc()
-  return None if libc is None else libc.malloc_trim
+  if not sys.platform.startswith("linux"):
+    return None
+  try:
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+  except (OSError, AttributeError):
+    return None
 
 
 def _install_trim(trim: Any = None) -> Any:
