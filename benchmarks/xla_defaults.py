@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -80,10 +81,11 @@ def _time_child(mlp_reps: int, cnn_reps: int) -> None:
 
   out: dict[str, float] = {}
   mlp = problems.get("mnist_mlp")
-  builders = {
-    "bare": lambda: costs.scope_step(mlp, None),
-    "scope/economy": lambda: costs.scope_step(mlp, metrics.scope(preset="economy")),
-    "scope/full": lambda: costs.scope_step(mlp, metrics.scope(preset="full")),
+  builders = {  # "scope/<preset>" measures that scope preset, "bare" none.
+    v: lambda v=v: costs.scope_step(
+      mlp, None if v == "bare" else metrics.scope(preset=v.removeprefix("scope/"))
+    )
+    for v in MLP_VARIANTS
   }
   times = costs.time_interleaved(mlp, builders, mlp_reps)
   out.update({f"mnist_mlp/{k}": float(np.median(v)) for k, v in times.items()})
@@ -134,7 +136,9 @@ def run(rounds: int, mlp_reps: int, cnn_reps: int, memory: bool) -> dict[str, An
       per_round[setting].append(_run_child(["--time-child", f"{mlp_reps}:{cnn_reps}"], setting))
       print(f"round {r} {setting}: {time.perf_counter() - t0:.0f} s", flush=True)
   keys = list(per_round["on"][0])
-  median = {s: {k: float(_median([x[k] for x in per_round[s]])) for k in keys} for s in SETTINGS}
+  median = {
+    s: {k: float(statistics.median(x[k] for x in per_round[s])) for k in keys} for s in SETTINGS
+  }
   report: dict[str, Any] = {
     "environment": environment(),
     "rounds": rounds,
@@ -155,12 +159,6 @@ def run(rounds: int, mlp_reps: int, cnn_reps: int, memory: bool) -> dict[str, An
         print(f"{setting} {v}: {mem[setting][v]}", flush=True)
     report["memory_cifar10_3c3d"] = mem
   return report
-
-
-def _median(xs: Sequence[float]) -> float:
-  s = sorted(xs)
-  n = len(s)
-  return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
 
 
 def format_table(report: dict[str, Any]) -> str:

@@ -1,6 +1,7 @@
 """The XLA:CPU setting and the memory release jaxscope installs on import.
 
-Two process-wide defaults, chosen by ``benchmarks/xla_defaults.py`` (README, "Memory"):
+Two process-wide defaults, measured by ``benchmarks/xla_defaults.py`` (README, "Memory:
+XLA:CPU's scheduler and the compiler's freed memory"):
 
 1. **XLA:CPU's memory-minimising scheduler.** XLA:CPU orders a program's instructions
    with a breadth-first scheduler "optimized for concurrency" by default. In a step
@@ -18,14 +19,13 @@ Two process-wide defaults, chosen by ``benchmarks/xla_defaults.py`` (README, "Me
    hundreds of MB in small blocks (600–1000 MB for the ``full`` preset on the 3c3d)
    that glibc's ``malloc`` keeps after the compiler frees them; the step's temporaries
    are then allocated on top, and the process's peak is their sum. After each backend
-   compilation, ``malloc_trim(0)`` hands the free blocks back (a few ms, once per
+   compilation, ``malloc_trim(0)`` hands the free blocks back (under 1 ms, once per
    compilation). Linux with glibc only; elsewhere nothing is installed.
 
 The environment variable ``JAXSCOPE_XLA_DEFAULTS``, read on import, chooses: unset or
 ``1``, both; ``trim``, only the release of compiler memory (XLA's own scheduler, which
 runs independent work side by side: up to 10 % faster for the heavy presets, at the
-memory cost above); ``0``, neither. :func:`defaults` says what was applied. Measured
-trade-off: README, "Memory and XLA:CPU's scheduler".
+memory cost above); ``0``, neither. :func:`defaults` says what was applied.
 
 Example:
   >>> import jaxscope
@@ -48,6 +48,8 @@ SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 #: The environment variable that chooses the defaults: ``1`` (or unset) both, ``trim`` only
 #: the release of compiler memory, ``0`` neither.
 ENV_OPT_OUT = "JAXSCOPE_XLA_DEFAULTS"
+#: jax's ``dispatch.BACKEND_COMPILE_EVENT`` (private there); a rename fails
+#: ``tests/test_xla_defaults.py``, which checks that a compilation triggers the trim.
 _COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
 _applied: dict[str, bool] = {"scheduler_flag": False, "release_compiler_memory": False}
