@@ -344,6 +344,52 @@ def test_late_plateau_needs_a_loss_far_above_chance(level, found):
     assert "chance level ln(10)" in f.summary and "training accuracy 0.6" in f.summary
 
 
+@pytest.mark.parametrize(
+  ("hparams", "held"),
+  [({"weight_decay": 0.1}, True), ({"weight_decay": 1e-3}, False), ({}, False), (None, False)],
+)
+def test_late_plateau_held_by_weight_decay_is_info(hparams, held):
+  """A plateau where decoupled weight decay (lr · wd per step) is a large share of the
+  update ratio is the regularised optimum the run asked for (issue 21's stress runs: AdamW
+  with weight decay 1.0): the info ``regularised_plateau``, not a warning. ``{}`` is AdamW
+  with optax's default 1e-4 (share 0.005), ``None`` SGD with no weight decay."""
+  rng = np.random.default_rng(7)
+  t = np.arange(N, dtype=np.float64)
+  base = _base(7)
+  base["loss"] = (0.5 * np.exp(-t / 100) + 1.8) * np.exp(0.05 * rng.standard_normal(N))
+  base["train/accuracy"] = np.full(N, 0.5)
+  config: dict = {"lr": 0.05, "optimizer": "sgd" if hparams is None else "adamw"}
+  if hparams is not None:
+    config["optimizer_hparams"] = hparams
+  findings = diagnose(_history(base, config=config))
+  names = _names(findings)
+  assert ("regularised_plateau" in names) is held and ("late_plateau" in names) is not held
+  if held:
+    f = _one(findings, "regularised_plateau")
+    assert f.severity == "info" and f.evidence["steps"] == [800, 999]
+    # The share by hand: lr · wd over the median of the layers' window medians.
+    window = slice(800, N)
+    ratio = np.median([np.median(base[f"updates/ratio/{lay}/kernel"][window]) for lay in LAYERS])
+    values = f.evidence["values"]
+    assert values["decay_per_step"] == pytest.approx(0.05 * 0.1)
+    assert values["decay_share"] == pytest.approx(0.005 / ratio)
+    assert f.confidence == "high"  # a share of about 5 against 0.25, 200 points
+    # A threshold above the share gives the warning back.
+    assert "late_plateau" in _names(diagnose(_history(base, config=config), decay_share=10.0))
+
+
+def test_weight_decay_read_from_the_config_or_the_optax_default():
+  from jaxscope.diagnose.regularisation import _weight_decay
+
+  assert _weight_decay({"optimizer": "adamw", "optimizer_hparams": {"weight_decay": 0.5}}) == 0.5
+  assert _weight_decay({"optimizer": "adamw", "optimizer_args": {"weight_decay": 2}}) == 2.0
+  assert _weight_decay({"optimizer": "adamw"}) == pytest.approx(1e-4)  # optax's default
+  assert _weight_decay({"optimizer": "sgd"}) is None  # optax.sgd takes none
+  assert _weight_decay({"optimizer": "momentum"}) is None  # not an optax name
+  assert _weight_decay({"optimizer": "adamw", "optimizer_hparams": {"weight_decay": True}}) is None
+  assert _weight_decay({}) is None
+
+
 # --------------------------------------------------------------------------- overfitting
 
 

@@ -47,7 +47,9 @@ class Finding:
       ``"dropout_too_strong"``; the info
       ``"curvature_not_judged"`` (every λ_max reading within its error bar's noise),
       ``"edge_of_stability"`` (``lr · λ_max`` at the limit while the loss falls: healthy),
-      ``"catapult"`` (the loss spiked above the divergence factor and recovered).
+      ``"catapult"`` (the loss spiked above the divergence factor and recovered),
+      ``"regularised_plateau"`` (a late plateau where decoupled weight decay holds the
+      weights).
     severity: ``"critical"``, ``"warning"`` or ``"info"``.
     summary: one readable sentence with the numbers.
     evidence: JSON-serialisable dict: ``"metric"`` (the key or keys read), ``"layers"``,
@@ -167,6 +169,12 @@ class Thresholds:
   late_loss_fraction: float = 0.5
   """...and its median loss above this fraction of the loss of a model that learned
   nothing (``ln(num_classes)`` for classification, else the run's initial loss)."""
+  decay_share: float = 0.25
+  """Late plateau held by the regularisation: decoupled weight decay (``lr · wd`` per step)
+  at least this share of the weight layers' median update/weight ratio over the stretch
+  makes the plateau the info ``regularised_plateau`` (the weights sit where the decay
+  balances the gradient). Typical AdamW settings (lr 1e-3, wd 1e-4–0.1) give 1e-4–0.1; the
+  fault benchmark's heavy-weight-decay stress runs (lr 3e-3, wd 1.0) 0.36–1."""
   # overfitting
   overfit_window: int = 5
   """Overfitting: number of last evaluations over which the slopes are fitted."""
@@ -301,6 +309,11 @@ _ADVICE: dict[str, list[str]] = {
     "use a more robust initialisation (He/Glorot scaled to the activation)",
     "normalise the inputs, add batch or layer normalisation",
     "try a slightly larger learning rate",
+  ],
+  "regularised_plateau": [
+    "nothing needs to change if the test metrics are good: the weight decay trades "
+    "training loss for smaller weights",
+    "lower weight_decay (optimizer_args) if the training loss should fall further",
   ],
   "late_plateau": [
     "decay the learning rate (higher at the start, lower later)",

@@ -20,6 +20,7 @@ from jaxscope.diagnose.divergence import (
   _stable_loss,
 )
 from jaxscope.diagnose.finding import Finding, Thresholds, _confidence, _finding, _fmt, _margin
+from jaxscope.diagnose.regularisation import DecayShare, _held_by_decay
 from jaxscope.diagnose.series import (
   _acf_period,
   _finite,
@@ -311,6 +312,12 @@ def _rule_late_plateau(h: History, th: Thresholds) -> list[Finding]:
   the model allow (MNIST-1D's MLPs level off near 60 % accuracy at 0.46 × chance level).
   Warning. Source: the lecture's "stuck early then overfitting late → decaying learning
   rate, other initialisation".
+
+  When decoupled weight decay is at least ``decay_share`` of the weight layers' update
+  ratio over the stretch (:mod:`jaxscope.diagnose.regularisation`), the plateau is where
+  the regularisation holds the loss, which the run was configured for: the info
+  ``regularised_plateau`` instead, with the decay's share (confidence: the share over
+  ``decay_share``).
   """
   s = _stable_loss(h, th)
   if s is None:
@@ -327,6 +334,9 @@ def _rule_late_plateau(h: History, th: Thresholds) -> list[Finding]:
     return []
   why, far_margin, far_values, far_metrics = far
   values: dict[str, Any] = {"start": start, "end": end, "relative_drop": drop, **far_values}
+  held = _held_by_decay(h, th, steps[0])
+  if held is not None:
+    return [_regularised_plateau(steps, drop, why, values, held, far_metrics, th)]
   margin = min(_margin(drop, th.plateau_rel_change, above=False), far_margin)
   summary = (
     f"The loss is stuck late: over steps {int(steps[0])}–{int(steps[-1])} it falls by only "
@@ -343,6 +353,42 @@ def _rule_late_plateau(h: History, th: Thresholds) -> list[Finding]:
       confidence=_confidence(margin, steps.size, th.min_points),
     )
   ]
+
+
+def _regularised_plateau(
+  steps: np.ndarray,
+  drop: float,
+  why: str,
+  values: dict[str, Any],
+  held: DecayShare,
+  far_metrics: list[str],
+  th: Thresholds,
+) -> Finding:
+  """The info ``regularised_plateau``: a late plateau held by decoupled weight decay."""
+  summary = (
+    f"The loss levels off late (over steps {int(steps[0])}–{int(steps[-1])} it falls by "
+    f"{drop:.1%}; {why}) where the weight decay holds it: lr · weight_decay = "
+    f"{_fmt(held.per_step)} per step is {held.share:.0%} of the weight layers' median "
+    f"update/weight ratio {_fmt(held.update_ratio)}, so the weights sit where the decay "
+    "balances the gradient."
+  )
+  values = {
+    **values,
+    "decay_per_step": held.per_step,
+    "update_ratio": held.update_ratio,
+    "decay_share": held.share,
+  }
+  return _finding(
+    "regularised_plateau",
+    "info",
+    summary,
+    metric=["loss", "lr", "updates/ratio", *far_metrics],
+    steps=[steps[0], steps[-1]],
+    values=values,
+    confidence=_confidence(
+      _margin(held.share, th.decay_share, above=True), held.points, th.min_points
+    ),
+  )
 
 
 def _train_at(steps: np.ndarray, loss: np.ndarray, at: np.ndarray) -> np.ndarray:
