@@ -27,6 +27,12 @@ The environment variable ``JAXSCOPE_XLA_DEFAULTS``, read on import, chooses: uns
 runs independent work side by side: up to 10 % faster for the heavy presets, at the
 memory cost above); ``0``, neither. :func:`defaults` says what was applied.
 
+XLA aborts the process on a flag it does not know (``Unknown flag in XLA_FLAGS``), and
+its CPU flags come and go between releases. So when ``JAXSCOPE_XLA_DEFAULTS`` is unset,
+the flag is added only under a jaxlib whose ``major.minor`` is in
+:data:`VERIFIED_JAXLIB` (where it was checked to exist); ``JAXSCOPE_XLA_DEFAULTS=1``
+adds it under any version.
+
 Example:
   >>> import jaxscope
   >>> sorted(jaxscope.xla.defaults())
@@ -37,17 +43,21 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import importlib.metadata
 import os
 import sys
 from typing import Any
 
-__all__ = ["ENV_OPT_OUT", "SCHEDULER_FLAG", "apply_defaults", "defaults"]
+__all__ = ["ENV_OPT_OUT", "SCHEDULER_FLAG", "VERIFIED_JAXLIB", "apply_defaults", "defaults"]
 
 #: The XLA:CPU flag jaxscope adds to ``XLA_FLAGS`` (see the module docstring).
 SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 #: The environment variable that chooses the defaults: ``1`` (or unset) both, ``trim`` only
 #: the release of compiler memory, ``0`` neither.
 ENV_OPT_OUT = "JAXSCOPE_XLA_DEFAULTS"
+#: The jaxlib ``(major, minor)`` versions whose XLA knows :data:`SCHEDULER_FLAG` (checked:
+#: an unknown flag aborts the process when the backend starts).
+VERIFIED_JAXLIB: tuple[tuple[int, int], ...] = ((0, 10),)
 #: jax's ``dispatch.BACKEND_COMPILE_EVENT`` (private there); a rename fails
 #: ``tests/test_xla_defaults.py``, which checks that a compilation triggers the trim.
 _COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
@@ -73,6 +83,15 @@ def _add_scheduler_flag(environ: Any) -> bool:
     return False
   environ["XLA_FLAGS"] = f"{flags} {SCHEDULER_FLAG}".strip()
   return True
+
+
+def _jaxlib_verified() -> bool:
+  """Whether the installed jaxlib's ``major.minor`` is in :data:`VERIFIED_JAXLIB`."""
+  try:
+    parts = importlib.metadata.version("jaxlib").split(".")[:2]
+    return (int(parts[0]), int(parts[1])) in VERIFIED_JAXLIB
+  except (importlib.metadata.PackageNotFoundError, ValueError, IndexError):
+    return False
 
 
 def _malloc_trim() -> Any:
@@ -116,12 +135,13 @@ def apply_defaults(environ: Any = None) -> dict[str, bool]:
     ``{"scheduler_flag": bool, "release_compiler_memory": bool}``: what is in effect.
   """
   environ = os.environ if environ is None else environ
-  choice = environ.get(ENV_OPT_OUT, "1").strip().lower()
+  choice = environ.get(ENV_OPT_OUT, "").strip().lower()
   if choice not in ("1", "true", "yes", "on", "", "trim", "0", "false", "no", "off"):
     raise ValueError(f"{ENV_OPT_OUT} must be 1, trim or 0, got {choice!r}.")
   if choice in ("0", "false", "no", "off"):
     return defaults()
-  if choice != "trim" and not _applied["scheduler_flag"]:
+  flag = choice not in ("trim", "") or (choice == "" and _jaxlib_verified())
+  if flag and not _applied["scheduler_flag"]:
     _applied["scheduler_flag"] = _add_scheduler_flag(environ)
   if not _applied["release_compiler_memory"]:
     _applied["release_compiler_memory"] = _install_trim() is not None

@@ -112,3 +112,28 @@ def test_trim_choice_keeps_xla_scheduler(monkeypatch):
 def test_unknown_choice_is_an_error():
   with pytest.raises(ValueError, match="JAXSCOPE_XLA_DEFAULTS must be 1, trim or 0, got 'maybe'"):
     xla.apply_defaults({xla.ENV_OPT_OUT: "maybe"})
+
+
+@pytest.mark.parametrize(
+  ("version", "choice", "flag"),
+  [
+    ("0.10.2", "", True),  # The tested jaxlib: the flag by default.
+    ("0.99.0", "", False),  # Not verified: XLA might abort on a flag it no longer knows.
+    ("0.99.0", "1", True),  # Asked for explicitly: added under any version.
+    ("not-a-version", "", False),
+  ],
+)
+def test_the_flag_by_default_only_under_a_verified_jaxlib(monkeypatch, version, choice, flag):
+  monkeypatch.setattr(xla, "_applied", {"scheduler_flag": False, "release_compiler_memory": False})
+  monkeypatch.setattr(xla, "_backends_running", lambda: False)
+  monkeypatch.setattr(xla, "_install_trim", lambda: object())
+  monkeypatch.setattr(xla.importlib.metadata, "version", lambda name: version)
+  env = {xla.ENV_OPT_OUT: choice} if choice else {}
+  assert xla.apply_defaults(env) == {"scheduler_flag": flag, "release_compiler_memory": True}
+  assert (env.get("XLA_FLAGS") == xla.SCHEDULER_FLAG) is flag
+
+
+def test_the_installed_jaxlib_is_verified():
+  """The pinned set (constraints.txt) is what the flag was checked with; a new pin needs
+  the check again (``VERIFIED_JAXLIB``)."""
+  assert xla._jaxlib_verified()
