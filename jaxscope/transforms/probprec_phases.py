@@ -166,12 +166,15 @@ def prior_step(cfg: Settings, st: Step, s: PreconditionerState) -> Preconditione
   v = [gi + cfg.wd * th for gi, th in zip(st.g, st.theta, strict=True)]
   h = st.hvp(v)
   sum_v = [a + b for a, b in zip(_leaves(s.sum_v), v, strict=True)]
-  sum_h = [a + b for a, b in zip(_leaves(s.sum_h), h, strict=True)]
-  abc = [
-    old + jnp.stack([jnp.vdot(vi, vi), jnp.vdot(vi, hi), jnp.vdot(hi, hi)]).astype(st.sdt)
-    for old, vi, hi in zip(_leaves(s.abc), v, h, strict=True)
+  rows = [
+    jnp.stack([jnp.vdot(vi, vi), jnp.vdot(vi, hi), jnp.vdot(hi, hi)])
+    for vi, hi in zip(v, h, strict=True)
   ]
-  return s._replace(sum_v=_tree_of(st, sum_v), sum_h=_tree_of(st, sum_h), abc=_tree_of(st, abc))
+  s = s._replace(sum_v=_tree_of(st, sum_v), abc=s.abc + jnp.stack(rows).astype(st.sdt))
+  if not cfg.estimate_hessian:  # Only the posterior's first column reads the sum of h.
+    return s
+  sum_h = [a + b for a, b in zip(_leaves(s.sum_h), h, strict=True)]
+  return s._replace(sum_h=_tree_of(st, sum_h))
 
 
 def _prior_scales(
@@ -179,7 +182,7 @@ def _prior_scales(
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """``α = B/C``, ``w = B/A`` and ``λ`` per group from the prior sums (module docstring)."""
   n = float(cfg.P)
-  abc = jnp.stack(_leaves(s.abc))  # [L, 3]
+  abc = s.abc  # [L, 3]
   A = _group_sum(st, list(abc[:, 0]))
   B = _group_sum(st, list(abc[:, 1]))
   C = _group_sum(st, list(abc[:, 2]))
@@ -370,8 +373,7 @@ def build(cfg: Settings, st: Step, s: PreconditionerState) -> PreconditionerStat
   """Phase C: ``U``, ``σ`` of the preconditioner, the learning rate, a fresh momentum."""
   if cfg.estimate_hessian:
     Us, sig = _factorise(cfg, st, s)
-  else:
-    Us, sig = _leaves(s.U), _leaves(s.sigma)
+    s = s._replace(U=_tree_of(st, Us), sigma=_tree_of(st, sig))
   lr = s.alpha
   if cfg.initial_lr is not None:
     lr = jnp.where(s.cycle == 0, jnp.asarray(cfg.initial_lr, st.sdt), lr)
@@ -380,23 +382,17 @@ def build(cfg: Settings, st: Step, s: PreconditionerState) -> PreconditionerStat
   valid = jnp.isfinite(s.alpha) & (s.alpha > 0)
   last = jnp.where(valid, s.alpha, s.last_alpha)
   trace = jax.tree.map(jnp.zeros_like, s.trace)
-  return s._replace(
-    U=_tree_of(st, Us), sigma=_tree_of(st, sig), lr=lr, last_alpha=last, trace=trace
-  )
+  return s._replace(lr=lr, last_alpha=last, trace=trace)
 
 
 def apply(
   cfg: Settings, st: Step, s: PreconditionerState
 ) -> tuple[list[jax.Array], PreconditionerState]:
   """Phase D: ``g̃ = g + U (diag(σ^{-1/2}) − I) Uᵀ g``, ``b ← μ b + g̃ + wd·θ``, ``−lr·b``."""
-  gt = []
-  for gi, Ui, si in zip(st.g, _leaves(s.U), _leaves(s.sigma), strict=True):
-    if cfg.apply_preconditioner and Ui.shape[0] > 0:
-      scale = jnp.where(si > 0, 1.0 / jnp.sqrt(jnp.where(si > 0, si, 1.0)) - 1.0, 0.0)
-      # Row by row (k dot products, then k fused axpys): no transpose of U.
-      coef = [scale[j].astype(gi.dtype) * jnp.vdot(Ui[j], gi) for j in range(Ui.shape[0])]
-      gi = gi + sum(c * Ui[j] for j, c in enumerate(coef))
-    gt.append(gi)
+  if not (cfg.apply_preconditioner and cfg.estimate_hessian):  # No U to apply.
+    gt = list(st.g)
+  else:
+    gt = _preconditioned(st, s)
   plain = _is_zero(cfg.momentum)
   decay = not _is_zero(cfg.wd)
   tr = [gi + cfg.wd * th if decay else gi for gi, th in zip(gt, st.theta, strict=True)]
@@ -406,6 +402,19 @@ def apply(
   if cfg.log_grad_norm:
     s = s._replace(grad_norm=_gnorm(st, gt))
   return upd, (s if plain else s._replace(trace=_unflat(st, tr)))
+
+
+def _preconditioned(st: Step, s: PreconditionerState) -> list[jax.Array]:
+  """``g + U (diag(σ^{-1/2}) − I) Uᵀ g`` per leaf (leaves of rank 0 unchanged)."""
+  gt = []
+  for gi, Ui, si in zip(st.g, _leaves(s.U), _leaves(s.sigma), strict=True):
+    if Ui.shape[0] > 0:
+      scale = jnp.where(si > 0, 1.0 / jnp.sqrt(jnp.where(si > 0, si, 1.0)) - 1.0, 0.0)
+      # Row by row (k dot products, then k fused axpys): no transpose of U.
+      coef = [scale[j].astype(gi.dtype) * jnp.vdot(Ui[j], gi) for j in range(Ui.shape[0])]
+      gi = gi + sum(c * Ui[j] for j, c in enumerate(coef))
+    gt.append(gi)
+  return gt
 
 
 def _flat(tree: Any) -> list[jax.Array]:
