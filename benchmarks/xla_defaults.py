@@ -2,15 +2,16 @@
 
 Run from the repository root::
 
-    .venv/bin/python benchmarks/xla_defaults.py               # ~25 min on 2 cores
+    .venv/bin/python benchmarks/xla_defaults.py               # ~45 min on 2 cores
     .venv/bin/python benchmarks/xla_defaults.py --rounds 1 --no-memory
 
 The defaults are process-wide (a flag read when the CPU backend starts, a listener on
 compilations), so the two settings cannot be interleaved in one process. Each setting
 runs in fresh child processes instead, ``on`` (the defaults, as installed), ``trim``
-(``JAXSCOPE_XLA_DEFAULTS=trim``: XLA's own scheduler, compiler memory released) and
-``off`` (``JAXSCOPE_XLA_DEFAULTS=0``), in turn for ``--rounds`` rounds (the order
-reversed every other round):
+(``JAXSCOPE_XLA_DEFAULTS=trim``: XLA's own scheduler, compiler memory released),
+``off`` (``JAXSCOPE_XLA_DEFAULTS=0``) and ``emitters`` (the defaults with
+``XLA_FLAGS=--xla_cpu_use_fusion_emitters=false``, XLA:CPU's older fusion emitters), in
+turn for ``--rounds`` rounds (the order reversed every other round):
 
 * **time**: one child per setting and round times, interleaved in that process, the
   mnist_mlp SGD step bare and with the scope presets ``economy`` and ``full``
@@ -47,6 +48,9 @@ SETTINGS = {
   "on": {},
   "trim": {"JAXSCOPE_XLA_DEFAULTS": "trim"},
   "off": {"JAXSCOPE_XLA_DEFAULTS": "0"},
+  # The defaults plus XLA:CPU's older fusion emitters (README: halves the compilation's
+  # memory; an option, not a default).
+  "emitters": {"XLA_FLAGS": "--xla_cpu_use_fusion_emitters=false"},
 }
 MLP_VARIANTS = ("bare", "scope/economy", "scope/full")
 CNN_VARIANTS = ("bare", "economy", "business")
