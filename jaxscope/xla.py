@@ -23,9 +23,10 @@ XLA:CPU's scheduler and the compiler's freed memory"):
    compilation). Linux with glibc only; elsewhere nothing is installed.
 
 The environment variable ``JAXSCOPE_XLA_DEFAULTS``, read on import, chooses: unset or
-``1``, both; ``trim``, only the release of compiler memory (XLA's own scheduler, which
-runs independent work side by side: up to 10 % faster for the heavy presets, at the
-memory cost above); ``0``, neither. :func:`defaults` says what was applied.
+``1``, both (unset: the flag only under a verified jaxlib, below); ``trim``, only the
+release of compiler memory (XLA's own scheduler, which runs independent work side by
+side: up to 10 % faster for the heavy presets, at the memory cost above); ``0``, neither.
+:func:`defaults` says what was applied.
 
 XLA aborts the process on a flag it does not know (``Unknown flag in XLA_FLAGS``), and
 its CPU flags come and go between releases. So when ``JAXSCOPE_XLA_DEFAULTS`` is unset,
@@ -52,8 +53,9 @@ __all__ = ["ENV_OPT_OUT", "SCHEDULER_FLAG", "VERIFIED_JAXLIB", "apply_defaults",
 
 #: The XLA:CPU flag jaxscope adds to ``XLA_FLAGS`` (see the module docstring).
 SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
-#: The environment variable that chooses the defaults: ``1`` (or unset) both, ``trim`` only
-#: the release of compiler memory, ``0`` neither.
+#: The environment variable that chooses the defaults: unset, both (the flag only under a
+#: jaxlib in :data:`VERIFIED_JAXLIB`); ``1``, both under any jaxlib; ``trim``, only the
+#: release of compiler memory; ``0``, neither.
 ENV_OPT_OUT = "JAXSCOPE_XLA_DEFAULTS"
 #: The jaxlib ``(major, minor)`` versions whose XLA knows :data:`SCHEDULER_FLAG` (checked:
 #: an unknown flag aborts the process when the backend starts).
