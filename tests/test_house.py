@@ -112,6 +112,7 @@ def write_options_table() -> None:
 RANKS = {
   "tree": 0,
   "xla": 0,
+  "packed": 0,
   "metrics": 1,
   "transforms": 1,
   "capture": 1,

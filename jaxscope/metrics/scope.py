@@ -6,10 +6,13 @@ A scope is an optax-style pair of pure functions,
 * ``update(state, *, params, grads, updates, activations, layer_grads, loss, logits,
   labels) -> (values, state)``
 
-where ``values`` is one flat ``dict[str, jax.Array]`` with keys
+where ``values`` is one flat read-only mapping ``{str: jax.Array}`` with keys
 ``"{topic}/{stat}/{layer}"`` (e.g. ``"grads/norm/Dense_0/kernel"``), network-level
 keys (``"loss"``, ``"accuracy"``) and the reserved key ``"measured"`` (a bool telling
-whether this step was measured). The state's structure, shapes and dtypes are fixed
+whether this step was measured). It is a :class:`jaxscope.packed.PackedValues`: one
+stacked array per dtype and shape, so a step that returns it (or keeps it in its
+state) has a few leaves rather than one per value; read it on the host after
+``jax.device_get``. The state's structure, shapes and dtypes are fixed
 by ``init``, so a scope works inside ``jit``, ``lax.scan`` and ``lax.cond`` without
 retracing and restores with orbax into the structure ``init`` built.
 
@@ -59,6 +62,7 @@ from jaxscope import tree as jtree
 from jaxscope.metrics import moments, registry, stacked
 from jaxscope.metrics.base import Metric, takes, view
 from jaxscope.metrics.network import NetworkMetric
+from jaxscope.packed import PackedValues
 
 __all__ = [
   "CAPTURE_TOPICS",
@@ -89,8 +93,10 @@ class ScopeState(NamedTuple):
   """``int32``: number of ``update`` calls so far."""
   measured: jax.Array
   """``bool``: whether the last ``update`` measured (else ``values`` are older)."""
-  values: dict[str, jax.Array]
-  """The latest measured values, keyed ``{topic}/{stat}/{layer}``."""
+  values: PackedValues
+  """The latest measured values, keyed ``{topic}/{stat}/{layer}``: a read-only mapping held
+  as one array per dtype and shape (:class:`jaxscope.packed.PackedValues`), so that a jitted
+  step carries two or three state leaves for them rather than one per value."""
   metric_state: dict[str, Any]
   """Per-metric, per-layer state (e.g. power-iteration warm starts)."""
 
@@ -99,15 +105,15 @@ class Scope(NamedTuple):
   """A bundle of metrics; see the module docstring."""
 
   init: Callable[..., ScopeState]
-  update: Callable[..., tuple[dict[str, jax.Array], ScopeState]]
+  update: Callable[..., tuple[PackedValues, ScopeState]]
   topics: tuple[str, ...]
   """The tensor topics this scope needs (a subset of :data:`TOPICS`)."""
   every: int
 
 
-def scope_values(state: ScopeState) -> dict[str, jax.Array]:
-  """The flat values dict of a scope state, with the ``measured`` flag."""
-  return {**state.values, MEASURED: state.measured}
+def scope_values(state: ScopeState) -> PackedValues:
+  """The flat values of a scope state, with the ``measured`` flag (no array is copied)."""
+  return state.values | {MEASURED: state.measured}
 
 
 MetricSpec = Metric | NetworkMetric | str
@@ -366,7 +372,8 @@ def _init_state(spec: _Spec, params: Any, activations: Any, layer_grads: Any) ->
   values = {k: jnp.zeros(s.shape, s.dtype) for k, s in value_shapes.items()}
   for m in spec.net:
     values[m.name] = jnp.zeros((), jnp.float32)
-  return ScopeState(jnp.zeros((), jnp.int32), jnp.zeros((), jnp.bool_), values, metric_state)
+  packed = PackedValues.pack(values)
+  return ScopeState(jnp.zeros((), jnp.int32), jnp.zeros((), jnp.bool_), packed, metric_state)
 
 
 def _update_trees(spec: _Spec, trees: dict[str, Any], inputs: Mapping[str, Any]) -> dict[str, Any]:
@@ -406,7 +413,7 @@ def _update_state(
   trees: Mapping[str, Any],
   inputs: Mapping[str, Any],
   measure: bool | None,
-) -> tuple[dict[str, jax.Array], ScopeState]:
+) -> tuple[PackedValues, ScopeState]:
   """``scope.update`` on checked trees: measures (or skips) and advances the state."""
   data = {t: trees[t] for t in spec.topic_metrics}
   if spec.needs_params:
@@ -415,20 +422,19 @@ def _update_state(
 
   def measure_fn(
     operand: tuple[Mapping[str, Any], Mapping[str, Any], Mapping[str, Any]],
-  ) -> tuple[dict[str, jax.Array], dict[str, Any]]:
+  ) -> tuple[PackedValues, dict[str, Any]]:
     data_, metric_state, net_in = operand
     values, new_ms = _measure_tensors(spec, data_, metric_state)
     for m in spec.net:
       values[m.name] = m.fn(**net_in).astype(jnp.float32)
-    # Keep dtypes exactly as init built them (a weak-typed value must not flip).
-    values = {k: v.astype(state.values[k].dtype) for k, v in values.items()}
-    return values, new_ms
+    # Keep the layout and dtypes exactly as init built them.
+    return PackedValues.pack(values, like=state.values), new_ms
 
   def skip(
     operand: tuple[Mapping[str, Any], Mapping[str, Any], Mapping[str, Any]],
-  ) -> tuple[dict[str, jax.Array], dict[str, Any]]:
+  ) -> tuple[PackedValues, dict[str, Any]]:
     del operand
-    return dict(state.values), dict(state.metric_state)
+    return state.values, dict(state.metric_state)
 
   planned = {key for topic in spec.topic_metrics for key, _, _ in _plan(spec, topic, trees[topic])}
   if planned != set(state.metric_state):
@@ -550,7 +556,7 @@ def scope(
     logits: jax.Array | None = None,
     labels: jax.Array | None = None,
     measure: bool | None = None,
-  ) -> tuple[dict[str, jax.Array], ScopeState]:
+  ) -> tuple[PackedValues, ScopeState]:
     if measure is not None and not isinstance(measure, bool):
       raise TypeError(
         "scope.update: measure must be a Python bool or None (static), "

@@ -18,6 +18,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from jaxscope.packed import PackedValues, unpack
 from jaxscope.record.jsonio import dumps_line, write_json
 
 __all__ = ["CONFIG_FILE", "METRICS_FILE", "TENSORBOARD_DIR", "Recorder"]
@@ -33,7 +34,7 @@ _MEASURED = "measured"  # Same as jaxscope.metrics.MEASURED (kept import-free: h
 _Record = tuple[int, dict[str, Any]]
 # A pending write: (step, values) from write(); (steps, values) from write_stacked(), with
 # the steps as a tuple of host ints or a 1-D device array, and a leading steps axis on values.
-_Entry = tuple[int | tuple[int, ...] | jax.Array, dict[str, Any]]
+_Entry = tuple[int | tuple[int, ...] | jax.Array, Mapping[str, Any]]
 _WRITE = "Recorder.write"
 _STACKED = "Recorder.write_stacked"
 
@@ -62,9 +63,18 @@ def _check_step(step: Any, where: str = _WRITE, name: str = "step") -> int:
   return int(step)
 
 
-def _check_values(values: Any, where: str = _WRITE) -> dict[str, Any]:
+def _check_values(values: Any, where: str = _WRITE) -> Mapping[str, Any]:
   if not isinstance(values, Mapping):
     raise TypeError(f"{where}: values must be a Mapping[str, array], got {type(values).__name__}.")
+  if isinstance(values, PackedValues):  # Checked by its arrays: reading entries would slice.
+    if "" in values:
+      raise ValueError(f"{where}: got an empty key.")
+    if any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves(values)):
+      raise TypeError(
+        f"{where}: the values are tracers; call {where.removeprefix('Recorder.')}() outside "
+        "jit, with the values returned by the jitted step."
+      )
+    return values
   out: dict[str, Any] = {}
   for key, value in values.items():
     if not isinstance(key, str):
@@ -89,11 +99,26 @@ def _shape(value: Any) -> tuple[int, ...]:
   return tuple(getattr(value, "shape", ()))
 
 
-def _steps_axis(values: dict[str, Any]) -> int | None:
+def _shapes(values: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+  """Each value's shape, read without a device transfer or a slice."""
+  if isinstance(values, PackedValues):
+    return values.shapes()
+  return {k: _shape(v) for k, v in values.items()}
+
+
+def _leaves(values: Mapping[str, Any]) -> list[tuple[str, Any]]:
+  """The arrays that hold the values, named (a packed mapping's by its groups)."""
+  if isinstance(values, PackedValues):
+    flat = jax.tree_util.tree_flatten_with_path(values)[0]
+    return [(f"{len(values)} packed values ({p[0].key})", a) for p, a in flat]
+  return list(values.items())
+
+
+def _steps_axis(values: Mapping[str, Any]) -> int | None:
   """``T``, the leading axis every stacked value shares (``None`` for no values)."""
   first: tuple[str, tuple[int, ...]] | None = None
-  for key, value in values.items():
-    shape = _shape(value)
+  shapes = _shapes(values)
+  for key, shape in shapes.items():
     if not shape:
       raise ValueError(
         f"{_STACKED}: value of {key!r} has shape () and no leading steps axis; every value "
@@ -106,10 +131,8 @@ def _steps_axis(values: dict[str, Any]) -> int | None:
         f"{_STACKED}: values have different leading (steps) axes: {key!r} has shape {shape}, "
         f"{first[0]!r} has shape {first[1]}."
       )
-  if _MEASURED in values and len(_shape(values[_MEASURED])) != 1:
-    raise ValueError(
-      f"{_STACKED}: {_MEASURED!r} must have shape (T,), got {_shape(values[_MEASURED])}."
-    )
+  if _MEASURED in shapes and len(shapes[_MEASURED]) != 1:
+    raise ValueError(f"{_STACKED}: {_MEASURED!r} must have shape (T,), got {shapes[_MEASURED]}.")
   return None if first is None else first[1][0]
 
 
@@ -165,16 +188,17 @@ def _rows(entry: _Entry, host: tuple[Any, list[Any]]) -> list[_Record]:
   """The ``(step, host values)`` rows of a transferred entry (one for ``write``)."""
   steps, device_values = entry
   host_steps, host_values = host
+  if isinstance(host_values, PackedValues):
+    values = unpack(host_values)  # numpy views
+  else:
+    values = dict(zip(device_values, host_values, strict=True))
   if isinstance(steps, int):
-    return [(steps, dict(zip(device_values, host_values, strict=True)))]
+    return [(steps, values)]
   if isinstance(steps, jax.Array):  # Only now on the host.
     host_steps = _check_host_steps(host_steps, len(steps), name="steps (device array)")
   else:
     host_steps = steps
-  return [
-    (step, {k: v[i] for k, v in zip(device_values, host_values, strict=True)})
-    for i, step in enumerate(host_steps)
-  ]
+  return [(step, {k: v[i] for k, v in values.items()}) for i, step in enumerate(host_steps)]
 
 
 def _to_json_value(key: str, value: Any) -> Any:
@@ -313,9 +337,10 @@ class Recorder:
     """
     step = _check_step(step)
     values = _check_values(values)
-    if _MEASURED in values and _shape(values[_MEASURED]) != ():
+    measured_shape = _shapes(values).get(_MEASURED, ())
+    if measured_shape != ():
       raise ValueError(
-        f"{_WRITE}: {_MEASURED!r} has shape {_shape(values[_MEASURED])}, not a scalar: the "
+        f"{_WRITE}: {_MEASURED!r} has shape {measured_shape}, not a scalar: the "
         "values of several steps stacked on a leading axis (e.g. the outputs of lax.scan)? "
         "Write them with write_stacked(steps, values)."
       )
@@ -371,7 +396,7 @@ class Recorder:
       ([0, 2, 4, 6], [1.225, 0.306, 0.077, 0.019])
     """
     values = _check_values(values, _STACKED)
-    for key, value in values.items():
+    for key, value in _leaves(values):
       if not isinstance(value, jax.Array | np.ndarray):
         raise TypeError(
           f"{_STACKED}: value of {key!r} must be an array with a leading steps axis, "
@@ -380,13 +405,13 @@ class Recorder:
     steps = _check_stacked_steps(steps, _steps_axis(values))
     self._append(steps, values, _STACKED)
 
-  def _append(self, steps: Any, values: dict[str, Any], where: str) -> None:
+  def _append(self, steps: Any, values: Mapping[str, Any], where: str) -> None:
     """Keeps checked values pending; transfers the older ones once enough are pending."""
     if self._closed:
       raise ValueError(f"{where}: the recorder is closed.")
     if not self._active:
       return
-    for value in [*values.values(), steps]:
+    for _, value in [*_leaves(values), ("steps", steps)]:
       if isinstance(value, jax.Array):
         # Start the copy; the result is read later. A deleted array fails here and is
         # reported with a clear message at transfer time.
@@ -446,7 +471,7 @@ class Recorder:
 
   def _transfer(self, batch: list[_Entry]) -> None:
     for steps, values in batch:
-      for key, value in [*values.items(), ("steps", steps)]:
+      for key, value in [*_leaves(values), ("steps", steps)]:
         if isinstance(value, jax.Array) and value.is_deleted():
           at = f"step {steps}" if isinstance(steps, int) else "the stacked steps"
           raise RuntimeError(
@@ -454,10 +479,17 @@ class Recorder:
             "transferred (donated to a later jitted call?). Return the metrics from the "
             "jitted step instead of reading them from a donated state."
           )
-    # Lists, not dicts: pytree flattening would sort the keys, and the file keeps their order.
-    # Steps travel only when on the device (write_stacked given a device array).
+    # Lists, not dicts: pytree flattening would sort the keys, and the file keeps their order
+    # (a packed mapping keeps it itself). Steps travel only when on the device (write_stacked
+    # given a device array).
     host = jax.device_get(
-      [(s if isinstance(s, jax.Array) else None, list(v.values())) for s, v in batch]
+      [
+        (
+          s if isinstance(s, jax.Array) else None,
+          v if isinstance(v, PackedValues) else list(v.values()),
+        )
+        for s, v in batch
+      ]
     )
     rows = [row for entry, h in zip(batch, host, strict=True) for row in _rows(entry, h)]
     lines = []

@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxscope.metrics.scope import MEASURED, Scope, ScopeState, scope_values
+from jaxscope.metrics.scope import MEASURED, Scope, ScopeState
+from jaxscope.packed import PackedValues
 
 __all__ = ["MonitorName", "MonitoredState", "monitored", "monitored_metrics"]
 
@@ -137,7 +138,7 @@ def _unwrap(x: Any) -> Any:
   )
 
 
-def monitored_metrics(opt_state: Any) -> dict[str, jax.Array]:
+def monitored_metrics(opt_state: Any) -> PackedValues:
   """Returns the latest scope values held in an optimizer state.
 
   Works on the state of :func:`monitored` wherever it sits: inside ``optax.chain``,
@@ -154,8 +155,14 @@ def monitored_metrics(opt_state: Any) -> dict[str, jax.Array]:
   Inside ``optax.MultiSteps``, a monitor counts as measured only on the step its inner
   optimizer ran (``mini_step == 0`` after the update).
 
+  The values come packed (:class:`jaxscope.packed.PackedValues`, a read-only mapping held as
+  one array per dtype and shape): returned from a jitted step as they are, they cost its
+  dispatch a few leaves rather than one per value. ``values | {"loss": loss}`` adds
+  entries without unpacking; on the host, read them after ``jax.device_get``.
+
   Returns:
-    The flat dict plus ``"measured"`` (bool: whether the values are from the latest step).
+    The flat mapping plus ``"measured"`` (bool: whether the values are from the latest
+    step).
 
   Raises:
     ValueError: if the state holds no monitor, or two monitors with the same name.
@@ -168,18 +175,16 @@ def monitored_metrics(opt_state: Any) -> dict[str, jax.Array]:
     )
   names = _names(found)
   if len(found) == 1 and names[0] is None:
-    return _values(found[0])
-  out: dict[str, jax.Array] = {}
+    values, measured = _values(found[0])
+    return values | {MEASURED: measured}
+  out = PackedValues.pack({})
   flags = []
   for name, f in zip(names, found, strict=True):
-    values = _values(f)
-    flags.append(values[MEASURED])
-    out.update({f"{name}/{k}": v for k, v in values.items()})
-  if len(found) > 1:
-    out[MEASURED] = jnp.any(jnp.stack([jnp.asarray(x) for x in flags]))
-  else:
-    out[MEASURED] = flags[0]
-  return out
+    values, measured = _values(f)
+    flags.append(measured)
+    out = out | values.prefixed(f"{name}/") | {f"{name}/{MEASURED}": measured}
+  measured = jnp.any(jnp.stack(flags)) if len(found) > 1 else flags[0]
+  return out | {MEASURED: measured}
 
 
 _NAME = re.compile(r"[A-Za-z0-9_.\-]+")
@@ -227,10 +232,9 @@ def _names(found: list[_Found]) -> list[str | None]:
   return names
 
 
-def _values(f: _Found) -> dict[str, jax.Array]:
-  values = _unwrap(scope_values(f.scope))
-  measured = jnp.asarray(values[MEASURED])
+def _values(f: _Found) -> tuple[PackedValues, jax.Array]:
+  """A monitor's values and its measured flag (false on a ``MultiSteps`` mini-step)."""
+  measured = jnp.asarray(_unwrap(f.scope.measured))
   for m in f.mini_steps:
     measured = measured & (jnp.asarray(_unwrap(m)) == 0)
-  values[MEASURED] = measured
-  return values
+  return _unwrap(f.scope.values), measured
