@@ -23,13 +23,13 @@ statistic of the scope on its own, the scope presets, every Cockpit quantity of
   repetition gives each variant one turn, in a rotated order), after warm-up, with
   donated parameters as in a training loop;
 * **ratio** measured / floor, and the whole step's ratio to the bare step.
-* **extra / XLA floor** (the scope's ``economy`` and ``ratio`` rows): the measured extra
-  against that of the least XLA program that computes the same sums in the same step
-  (:data:`XLA_FLOORS`, rows ``xla_floor/…``), and the paired difference of the two
-  (``extra_minus_xla_floor_ms``). On XLA:CPU each full reduction is its own
-  loop, and those over a weight gradient (stored column-major by its ``dot``) run as
-  tiled reduce-windows at a fraction of ``R_red``; the roofline cannot see that, this
-  floor does.
+* **extra / XLA floor** (the scope's ``economy``, ``ratio`` and ``full`` rows): the measured
+  extra against that of the least XLA program that computes the same sums in the same step
+  (:data:`XLA_FLOORS` and :mod:`benchmarks.scope_floor`, rows ``xla_floor/…``), and the
+  paired difference of the two (``extra_minus_xla_floor_ms``). On XLA:CPU each full
+  reduction is its own loop, and those over a weight gradient (stored column-major by its
+  ``dot``) run as tiled reduce-windows at a fraction of ``R_red``; the roofline cannot see
+  that, this floor does.
 
 The floors (``P`` parameters, ``B`` examples, per kernel ``l``: ``n_l`` elements and
 ``T_l`` output positions, ``T_l = 1`` for a Dense layer, fan-in ``d_in`` and fan-out
@@ -84,7 +84,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from benchmarks import problems  # noqa: E402
+from benchmarks import problems, scope_floor  # noqa: E402
 from benchmarks.common import copy_tree, environment, iqr, problem_list, write_json  # noqa: E402
 from jaxscope import metrics, transforms  # noqa: E402
 from jaxscope.metrics import instruments as make_instruments  # noqa: E402
@@ -413,6 +413,7 @@ def variants(problem: problems.Problem, which: str) -> dict[str, Callable[[], tu
       out[f"scope/{preset}"] = lambda p=preset: scope_step(problem, metrics.scope(preset=p))
     for row in XLA_FLOORS:
       out[f"xla_floor/{row}"] = lambda r=row: xla_floor_step(problem, r)
+    out["xla_floor/scope/full"] = lambda: scope_floor.full_step(problem, LEARNING_RATE)
   if which in ("all", "instruments"):
     for q in QUANTITIES:
       out[q] = lambda q=q: instrument_step(problem, (q,))

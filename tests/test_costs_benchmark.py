@@ -49,3 +49,29 @@ def test_ratio_lr_floor_reads_each_kernel_and_leaves_the_update_unchanged():
   np.testing.assert_allclose(np.asarray(sums), want, rtol=1e-5)
   for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(updates), strict=True):
     np.testing.assert_array_equal(a, b)
+
+
+def test_full_floor_program_computes_what_the_full_scope_is_made_of():
+  from benchmarks import scope_floor
+
+  problem = problems.mnist_mlp()
+  step, state = scope_floor.full_step(problem, costs.LEARNING_RATE)
+  params64 = [np.asarray(x, np.float64) for x in jax.tree.leaves(problem.params)]
+  _, _, (_, sums, counts, spectral) = step(*state, problem.x, problem.y)
+  n = len(params64)
+  assert sums.shape == (3 * 2 * n + 2 * n,) and counts.shape == (3 * n, scope_floor.BINS)
+  np.testing.assert_allclose(np.asarray(sums[: 2 * n : 2]), [x.sum() for x in params64], rtol=2e-4)
+  # Every sampled element is counted once: the scope's histogram of the same leaf (a
+  # strided sample of the same size) counts as many.
+  sc_step, sc_state = costs.scope_step(problem, costs.metrics.scope(preset="full"))
+  _, _, (_, values) = sc_step(*sc_state, problem.x, problem.y)
+  hist = [k for k in values if k.startswith("params/histogram_counts/")]
+  assert len(hist) == n
+  np.testing.assert_array_equal(
+    np.asarray(counts[:n]).sum(1), [int(np.asarray(values[k]).sum()) for k in hist]
+  )
+  # One power-iteration pair from a flat start: ‖WᵀW v‖ ≤ σ_max², and above 0.
+  kernels = [x for x in params64 if x.ndim == 2]
+  sigma = [np.linalg.norm(w, 2) for w in kernels]
+  assert np.all(np.asarray(spectral) <= np.square(sigma) * (1 + 1e-4))
+  assert np.all(np.asarray(spectral) > 0)
