@@ -52,7 +52,7 @@ through :func:`jaxscope.transforms.monitored`, the instruments around it (``grad
     avals, astate = p.activations.update(
       astate, activations=dict(probe.captured.outputs), layer_grads=dict(probe.captured.grads)
     )
-    values = {**transforms.monitored_metrics(opt_state), **ivals, **avals}
+    values = transforms.monitored_metrics(opt_state) | ivals | avals
     return optax.apply_updates(params, updates), opt_state, istate, astate, values
 
 

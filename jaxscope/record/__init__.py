@@ -57,7 +57,7 @@ Example:
   ...   loss, grads = jax.value_and_grad(lambda p: jnp.sum(p["w"] ** 2))(params)
   ...   updates, opt_state = tx.update(grads, opt_state, params)
   ...   params = optax.apply_updates(params, updates)
-  ...   return params, opt_state, {**transforms.monitored_metrics(opt_state), "loss": loss}
+  ...   return params, opt_state, transforms.monitored_metrics(opt_state) | {"loss": loss}
   >>> run_dir = tempfile.mkdtemp()
   >>> with Recorder(run_dir, config={"lr": 0.1}) as rec:
   ...   for step in range(3):
@@ -65,7 +65,7 @@ Example:
   ...     rec.write(step, values)
   >>> history = History.load(run_dir)
   >>> history.keys()
-  ['loss', 'params/norm/w']
+  ['params/norm/w', 'loss']
   >>> history.steps("loss").tolist()
   [0, 1, 2]
   >>> history["loss"].round(3).tolist()
