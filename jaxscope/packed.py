@@ -46,11 +46,12 @@ __all__ = ["PackedValues", "unpack"]
 
 
 class _Group(NamedTuple):
-  """One stacked array: its entries' dtype and shape, and their keys in member order."""
+  """One stacked array: its entries' dtype and shape, and their keys in member order
+  (``None`` for a member :meth:`PackedValues.without` hid: still stored, not an entry)."""
 
   dtype: str
   shape: tuple[int, ...]
-  keys: tuple[str, ...]
+  keys: tuple[str | None, ...]
 
   def name(self) -> str:
     """The group's key in the pytree (and orbax's parameter name): ``float32``,
@@ -73,9 +74,14 @@ def _grouped(mapping: Mapping[str, Any]) -> tuple[_Group, ...]:
 
 
 def _stack(group: _Group, mapping: Mapping[str, Any]) -> jax.Array:
+  def member(k: str | None) -> jax.Array:
+    if k is None:  # A hidden member of ``like``'s layout: kept as zeros.
+      return jnp.zeros(group.shape, group.dtype)
+    return jnp.asarray(mapping[k], group.dtype)
+
   if len(group.keys) == 1:  # A reshape, not a concatenation.
-    return jnp.asarray(mapping[group.keys[0]], group.dtype)[None]
-  return jnp.stack([jnp.asarray(mapping[k], group.dtype) for k in group.keys])
+    return member(group.keys[0])[None]
+  return jnp.stack([member(k) for k in group.keys])
 
 
 @jax.tree_util.register_pytree_with_keys_class
@@ -125,7 +131,7 @@ class PackedValues(Mapping[str, Any]):
       groups, order = like._groups, like._order
       for g in groups:
         for k in g.keys:
-          if tuple(np.shape(mapping[k])) != g.shape:
+          if k is not None and tuple(np.shape(mapping[k])) != g.shape:
             raise ValueError(
               f"PackedValues.pack: {k!r} has shape {tuple(np.shape(mapping[k]))}, like's "
               f"has {g.shape}."
@@ -136,7 +142,10 @@ class PackedValues(Mapping[str, Any]):
   def _lookup(self) -> dict[str, tuple[int, int, int]]:
     if self._index is None:
       self._index = {
-        k: (gi, i, len(g.shape)) for gi, g in enumerate(self._groups) for i, k in enumerate(g.keys)
+        k: (gi, i, len(g.shape))
+        for gi, g in enumerate(self._groups)
+        for i, k in enumerate(g.keys)
+        if k is not None
       }
     return self._index
 
@@ -163,7 +172,7 @@ class PackedValues(Mapping[str, Any]):
     out: dict[str, tuple[int, ...]] = {}
     for g, a in zip(self._groups, self._arrays, strict=True):
       lead = tuple(np.shape(a))[: np.ndim(a) - len(g.shape) - 1]
-      out.update((k, (*lead, *g.shape)) for k in g.keys)
+      out.update((k, (*lead, *g.shape)) for k in g.keys if k is not None)
     return {k: out[k] for k in self._order}
 
   # Building new ones without unstacking.
@@ -191,15 +200,21 @@ class PackedValues(Mapping[str, Any]):
     order = tuple(fn(k) for k in self._order)
     if len(set(order)) != len(order):
       raise ValueError("PackedValues.renamed: two keys got the same name.")
-    groups = tuple(g._replace(keys=tuple(fn(k) for k in g.keys)) for g in self._groups)
+    groups = tuple(
+      g._replace(keys=tuple(None if k is None else fn(k) for k in g.keys)) for g in self._groups
+    )
     return PackedValues(groups, self._arrays, order)
 
   def without(self, *keys: str) -> PackedValues:
-    """The entries but ``keys`` (absent ones ignored); repacks only if one was present."""
+    """The entries but ``keys`` (absent ones ignored), on the same arrays: a dropped entry
+    stays in its array, hidden (no slicing, so it is cheap on device arrays too)."""
     drop = {k for k in keys if k in self}
     if not drop:
       return self
-    return PackedValues.pack({k: v for k, v in unpack(self).items() if k not in drop})
+    groups = tuple(
+      g._replace(keys=tuple(None if k in drop else k for k in g.keys)) for g in self._groups
+    )
+    return PackedValues(groups, self._arrays, tuple(k for k in self._order if k not in drop))
 
   # Pytree.
   def tree_flatten_with_keys(self) -> tuple[list[tuple[Any, Any]], Any]:

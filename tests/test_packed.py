@@ -102,7 +102,15 @@ def test_or_prefix_rename_without():
   assert list(p.prefixed("opt/")) == ["opt/a", "opt/b"]
   with pytest.raises(ValueError, match="same name"):
     p.renamed(lambda k: "x")
-  assert list(q.without("a", "zz")) == ["b", "m"]
+  w = q.without("a", "zz")
+  assert list(w) == ["b", "m"] and "a" not in w and w.shapes() == {"b": (), "m": ()}
+  assert jax.tree.leaves(w)[0] is jax.tree.leaves(q)[0]  # hidden, not sliced out
+  with pytest.raises(KeyError):
+    w["a"]
+  assert float(w["b"]) == 2.0 and list(w.prefixed("p/")) == ["p/b", "p/m"]
+  again = PackedValues.pack({"b": 3.0, "m": True}, like=w)  # the hidden member is zero
+  assert float(again["b"]) == 3.0 and float(jax.tree.leaves(again)[0][0]) == 0.0
+  assert float((w | {"a": jnp.float32(9)})["a"]) == 9.0
   assert q.without("zz") is q
   assert PackedValues.pack(q) is q
   assert dict(PackedValues.pack({})) == {}

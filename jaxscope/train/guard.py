@@ -12,8 +12,10 @@ import re
 import signal
 import sys
 import threading
+from collections.abc import Mapping
 from typing import Any
 
+import jax
 import numpy as np
 
 __all__ = ["DivergenceGuard", "StopFlag", "nonfinite_examples", "orbax_quiet"]
@@ -136,7 +138,7 @@ class DivergenceGuard:
     self.bad_examples = np.unique(np.asarray(bad_examples, dtype=np.int64))
     self._pending: Any = None
     self._pending_step = -1
-    self.held: tuple[int, dict[str, Any]] | None = None
+    self.held: tuple[int, Mapping[str, Any]] | None = None
     """The record of the last step dispatched, not yet written."""
 
   def check(self, step: int, loss: Any) -> str | None:
@@ -168,13 +170,13 @@ class DivergenceGuard:
       )
     return None
 
-  def hold(self, step: int, values: dict[str, Any]) -> tuple[int, dict[str, Any]] | None:
+  def hold(self, step: int, values: Mapping[str, Any]) -> tuple[int, Mapping[str, Any]] | None:
     """Holds the record of ``step`` back; returns the one held before (to be written once
     :meth:`check` has passed it), or ``None``."""
     out, self.held = self.held, (step, values)
     return out
 
-  def release(self, diverged: bool) -> tuple[int, dict[str, Any]] | None:
+  def release(self, diverged: bool) -> tuple[int, Mapping[str, Any]] | None:
     """The held record as it may be written: as it is, unless ``diverged`` with a
     non-finite loss; then a ``stop/nonfinite_loss`` record at its step. ``None`` if none is
     held."""
@@ -188,12 +190,13 @@ class DivergenceGuard:
     return step, {"stop/nonfinite_loss": 1.0}
 
   @staticmethod
-  def nonfinite_keys(values: dict[str, Any]) -> list[str]:
+  def nonfinite_keys(values: Mapping[str, Any]) -> list[str]:
     """The keys of ``values`` whose value is NaN/Inf (update/weight ratios left out: a
     zero-initialised bias gives +Inf), per-layer keys in depth order first."""
     from jaxscope.diagnose.series import _natural_key
 
     bad = []
+    values = jax.device_get(values)  # One transfer (of a packed mapping's few arrays).
     for k, v in values.items():
       if k.split("/")[1:2] in (["ratio"], ["ratio_new"]):
         continue

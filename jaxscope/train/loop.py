@@ -14,7 +14,7 @@ import dataclasses
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -344,7 +344,7 @@ class _Loop:
     diverged there (``stop_on="divergence"``; without it, ``False``)."""
     return self.guard is not None and self._stop_if(self.guard.settle())
 
-  def _write(self, step: int, values: dict[str, Any]) -> bool:
+  def _write(self, step: int, values: Mapping[str, Any]) -> bool:
     """Records ``step``; with ``stop_on="divergence"`` holds it back until its loss is read
     and writes the step before; whether the run stops."""
     if self.guard is None:
@@ -386,7 +386,7 @@ class _Loop:
       self.state, values = self.step_fn(self.state, x, y, measure=measure, phase=phase)
       if "alpha" in values and not (step >= self.alpha_from and (step - 1) % c.every == 0):
         # α of the update of step t - 1 is known at step t; other steps repeat an old one.
-        values = {k: v for k, v in values.items() if k != "alpha"}
+        values = values.without("alpha")
       if self._write(step, values):
         return step
       if self.bar is not None:

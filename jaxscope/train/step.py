@@ -31,6 +31,7 @@ from jaxscope.analysis.kernel import per_example_losses, token_sums
 from jaxscope.metrics.instruments import Instruments, InstrumentsState
 from jaxscope.metrics.scope import MEASURED, Scope
 from jaxscope.models import growth
+from jaxscope.packed import PackedValues
 
 __all__ = ["TrainState", "init_instruments", "make_train_step"]
 
@@ -154,10 +155,12 @@ def make_train_step(
   activation_scope: Scope | None = None,
   learning_rate: float | None = None,
   capacity: Mapping[str, Any] | None = None,
-) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
+) -> Callable[..., tuple[TrainState, PackedValues]]:
   """Builds the pure train step ``step(state, x, y, measure=True) -> (state, values)``.
 
-  ``values`` holds ``loss`` (mean over the batch), ``train/accuracy`` (classification),
+  ``values`` (a read-only mapping held as one array per dtype and shape,
+  :class:`jaxscope.packed.PackedValues`) holds ``loss`` (mean over the batch),
+  ``train/accuracy`` (classification),
   ``lr`` (when ``schedule`` is given, or read from a
   :func:`jaxscope.transforms.ratio_adaptive_lr` state in ``tx`` with its
   ``ratio_lr/…`` values, see :func:`jaxscope.transforms.ratio_lr_values`) and, when
@@ -261,7 +264,8 @@ def make_train_step(
     new_state = TrainState(
       optax.safe_increment(state.step), params, model_state, opt_state, inst_state
     )
-    return new_state, {k: _at_least_float32(v) for k, v in values.items()}
+    # One array per dtype and shape: the step returns a few leaves, not one per value.
+    return new_state, PackedValues.pack({k: _at_least_float32(v) for k, v in values.items()})
 
   return step
 
