@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 from jaxscope.metrics import curvature, noise
 from jaxscope.metrics.instruments.config import F32, Config, value_specs
+from jaxscope.packed import PackedValues
 
 __all__ = ["Instruments", "InstrumentsState", "Probe", "init"]
 
@@ -23,8 +24,8 @@ class InstrumentsState(NamedTuple):
   """PRNG key for Hutchinson probes."""
   measured: jax.Array
   """``bool``: whether ``values`` were measured at the last step."""
-  values: dict[str, jax.Array]
-  """The latest values."""
+  values: PackedValues
+  """The latest values, packed as one array per dtype and shape."""
   init_params: Any
   """The parameters at ``init`` (for ``distance``), else ``()``."""
   prev_update: Any
@@ -81,7 +82,7 @@ class Instruments(NamedTuple):
 
   init: Callable[..., InstrumentsState]
   grad: Callable[..., Probe]
-  update: Callable[..., tuple[dict[str, jax.Array], InstrumentsState]]
+  update: Callable[..., tuple[PackedValues, InstrumentsState]]
   quantities: tuple[str, ...]
   every: int
 
@@ -99,7 +100,7 @@ def init(cfg: Config, params: Any) -> InstrumentsState:
     count=jnp.zeros((), jnp.int32),
     key=key,
     measured=jnp.zeros((), jnp.bool_),
-    values=values,
+    values=PackedValues.pack(values),
     init_params=jax.tree.map(jnp.array, params) if "distance" in want else (),
     prev_update=jax.tree.map(jnp.zeros_like, params) if cfg.need_alpha else (),
     alpha_start=jnp.zeros((6,), F32).at[5].set(-1.0),  # No start point yet.

@@ -18,10 +18,11 @@ from jaxscope.metrics import curvature, noise, stats
 from jaxscope.metrics.base import tree_norm, tree_vdot
 from jaxscope.metrics.instruments.config import F32, Config, leaf_names, leaf_norms
 from jaxscope.metrics.instruments.state import InstrumentsState, Probe
+from jaxscope.packed import PackedValues, unpack
 
 __all__ = ["update"]
 
-_Measured = tuple[dict[str, jax.Array], Any, jax.Array]
+_Measured = tuple[Any, Any, jax.Array]
 """``(values, prev_update, alpha_start)``: what one branch of the update side returns."""
 
 
@@ -32,7 +33,7 @@ def update(
   updates: Any,
   *,
   learning_rate: jax.Array | float | None = None,
-) -> tuple[dict[str, jax.Array], InstrumentsState]:
+) -> tuple[PackedValues, InstrumentsState]:
   """Finishes the step's measurements once the optimizer's ``updates`` are known.
 
   Args:
@@ -43,7 +44,8 @@ def update(
     learning_rate: SGD's learning rate, needed by ``cabs`` only.
 
   Returns:
-    ``(values, new_state)``; ``values`` includes ``"measured"``.
+    ``(values, new_state)``; ``values`` (a :class:`jaxscope.packed.PackedValues`, one
+    array per dtype and shape) includes ``"measured"``.
   """
   if not isinstance(probe, Probe):
     raise TypeError(f"instruments.update: probe must come from grad(), got {type(probe).__name__}.")
@@ -52,16 +54,18 @@ def update(
   jtree.check_same_structure(probe.params, updates, ref_name="params", other_name="updates")
 
   def measure(_: Any) -> _Measured:
-    return _measure(cfg, state, probe, updates, learning_rate)
+    vals, prev_update, alpha_start = _measure(cfg, state, probe, updates, learning_rate)
+    # Packed as init built them: the branches return two or three arrays, not one per value.
+    return PackedValues.pack(vals, like=state.values), prev_update, alpha_start
 
   def alpha_end(_: Any) -> _Measured:
-    vals = dict(state.values)
     proj = _project(probe, [state.prev_update])
-    vals["alpha"] = _alpha_from(state, probe, state.alpha_start, proj[0])
+    alpha = _alpha_from(state, probe, state.alpha_start, proj[0])
+    vals = PackedValues.pack({**unpack(state.values), "alpha": alpha}, like=state.values)
     return vals, state.prev_update, state.alpha_start
 
   def skip(_: Any) -> _Measured:
-    return dict(state.values), state.prev_update, state.alpha_start
+    return state.values, state.prev_update, state.alpha_start
 
   if cfg.every == 1:
     vals, prev_update, alpha_start = measure(None)
@@ -78,7 +82,6 @@ def update(
     else:
       mode = measured.astype(jnp.int32)
     vals, prev_update, alpha_start = jax.lax.switch(mode, branches, None)
-  vals = {k: v.astype(state.values[k].dtype) for k, v in vals.items()}
   new_state = InstrumentsState(
     count=optax.safe_increment(state.count),
     key=probe.key,
@@ -92,7 +95,7 @@ def update(
     diag_steps=probe.diag_steps,
     diag_var_ema=probe.diag_var_ema,
   )
-  return {**vals, "measured": measured}, new_state
+  return vals | {"measured": measured}, new_state
 
 
 def _measure(
@@ -106,7 +109,7 @@ def _measure(
   want = cfg.want
   params, grads = probe.params, probe.grads
   names = leaf_names(params)
-  vals = {**state.values, **probe.values}
+  vals = {**unpack(state.values), **probe.values}
   if "distance" in want:
     diff = jax.tree.map(lambda p, q: p - q, params, state.init_params)
     vals.update(leaf_norms("cockpit/distance", names, diff))
