@@ -426,3 +426,37 @@ def test_rademacher_signs_are_fair_and_independent() -> None:
   assert abs(np.mean(flat[:-1] * flat[1:])) < 4 / np.sqrt(flat.size)
   other = np.asarray(rademacher((4, 25_000), jax.random.key(4)))
   assert abs(np.mean(z * other)) < 4 / np.sqrt(z.size)
+
+
+@pytest.mark.parametrize("k, chunk", [(8, 1), (8, 3), (8, 8), (1, 1), (5, 2)])
+def test_streamed_estimate_is_the_batched_one_without_the_k_by_p_arrays(k, chunk):
+  """The same probes (51 parameters: leaves of 28, 7, 14, 2, none a multiple of 32) pushed
+  through in turns give the batched estimate; the per-entry variance against numpy."""
+  from jaxscope.metrics.hutchinson import probes_like, streamed_estimate, trace_estimate
+
+  params, key = _params(), jax.random.PRNGKey(3)
+  probes = probes_like(params, key, k)
+  products = jax.vmap(_hvp())(probes)
+  want = trace_estimate(probes, products)
+  got, last = jax.jit(lambda key: streamed_estimate(_hvp(), params, key, k, chunk=chunk))(key)
+  assert got.samples is None
+  for field in ("trace", "trace_stderr", "diag", "leaf_traces", "leaf_stderr", "diag_variance"):
+    np.testing.assert_allclose(
+      _flat(getattr(got, field)), _flat(getattr(want, field)), rtol=2e-5, atol=1e-6, err_msg=field
+    )
+  # The last turn's products are those of the last turn's probes.
+  first = (k - 1) // chunk * chunk
+  np.testing.assert_allclose(
+    _flat(jax.tree.map(lambda a: a[first:], products)), _flat(last), rtol=1e-5, atol=1e-6
+  )
+  # Var of each diag entry: K/(K−1)·(mean d² − d̄²)/K from the samples, in float64.
+  d = np.stack([_flat(jax.tree.map(lambda s, i=i: s[i], want.samples)) for i in range(k)], 0)
+  d = d.astype(np.float64)
+  ref = (
+    np.full(d.shape[1], np.inf)
+    if k == 1
+    else np.maximum((d**2).mean(0) - d.mean(0) ** 2, 0) / (k - 1)
+  )
+  np.testing.assert_allclose(_flat(got.diag_variance), ref, rtol=1e-4, atol=1e-7)
+  with pytest.raises(ValueError, match="chunk"):
+    streamed_estimate(_hvp(), params, key, k, chunk=0)

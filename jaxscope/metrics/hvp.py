@@ -121,6 +121,13 @@ def jvp_grad(
   def one(t: PyTree) -> tuple[Any, ...]:
     return jax.jvp(grad_fn, (params,), (_like(t, params),), has_aux=has_aux)
 
+  if all(a.shape[0] == 1 for a in jax.tree.leaves(tangents)):
+    # One tangent without vmap: XLA:CPU runs the product's matmuls slower with a batch
+    # axis of 1 (one HVP of the MNIST MLP at batch 128: 13.6 ms through vmap, 12.4 ms
+    # without, jitted on its own).
+    out = one(jax.tree.map(lambda a: a[0], tangents))
+    products = jax.tree.map(lambda a: a[None], out[1])
+    return out[0], products, out[2] if has_aux else None
   if has_aux:
     return jax.vmap(one, out_axes=(None, 0, None))(tangents)
   grads, products = jax.vmap(one, out_axes=(None, 0))(tangents)

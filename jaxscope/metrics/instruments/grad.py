@@ -13,7 +13,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from jaxscope import capture
 from jaxscope.metrics import hvp, noise
@@ -230,27 +229,6 @@ def _fresh_hvp(mean_loss: Callable[[Any], Any], params: Any) -> Callable[[Any], 
   return hvp_fn
 
 
-def _in_turns(fn: Callable[[Any], Any], tangents: Any, chunk: int) -> Any:
-  """``vmap(fn)`` over the leading axis of ``tangents``, ``chunk`` at a time, in turn.
-
-  Straight-line code, not a loop: XLA:CPU ran the products inside ``lax.map``'s loop many
-  times slower than outside it (69 s against 5 s per business step on the 3c3d). Each
-  turn's input waits for the previous turn's output (``optimization_barrier``), so the
-  turns run one after the other and at most ``chunk`` tangents are live at once. On the
-  3c3d at batch 128, one at a time is both the leanest and the fastest: business 3.0 s
-  per step and 1.0 GB of XLA temporaries, against 4.1 s and 2.9 GB for all nine tangents
-  in one batched pass (2-core CPU, 2026-12-05).
-  """
-  k = jax.tree.leaves(tangents)[0].shape[0]
-  outs: list[Any] = []
-  for start in range(0, k, chunk):
-    part = jax.tree.map(lambda a, s=start: a[s : s + chunk], tangents)
-    if outs:
-      part, _ = lax.optimization_barrier((part, outs[-1]))
-    outs.append(jax.vmap(fn)(part))
-  return jax.tree.map(lambda *xs: jnp.concatenate(xs), *outs)
-
-
 def _measure(
   cfg: Config,
   state: InstrumentsState,
@@ -261,24 +239,25 @@ def _measure(
 ) -> tuple[_GradSide, tuple[noise.DenseLayer, ...], tuple[noise.ConvLayer, ...]]:
   """A measured step's gradient side; also the captured Dense and Conv layers."""
   params = batch.params
-  hvp_lin = hvp_batch = probes = None
+  hvp_lin = None
+  products = hessian.Products(None, None)
   if cfg.need_hvp and cfg.fast_hvp(params):
-    tangents, probes = hessian.hvp_tangents(cfg, state, probe_key, params)
-    k = jax.tree.leaves(tangents)[0].shape[0]
-    if cfg.hvp_chunk is None or cfg.hvp_chunk >= k:
+    if cfg.hvp_chunk is None or cfg.hvp_chunk >= hessian.num_tangents(cfg):
       # One forward-over-reverse pass for every probe and the power vector: the primal
       # (gradient and captures) once, the tangents batched by vmap.
+      tangents, probes = hessian.hvp_tangents(cfg, state, probe_key, params)
       grads, hvp_batch, (loss, losses, aux, captured) = hvp.jvp_grad(
         grads_and_capture, params, tangents, has_aux=True
       )
       hvp_lin = _fresh_hvp(_mean_loss_fn(batch), params)  # For a λ_max refinement only.
+      products = hessian.batched_products(cfg, probes, hvp_batch)
     else:
       # Bounded memory: the primal and its linearisation once, the tangents through it
-      # hvp_chunk at a time.
+      # hvp_chunk at a time, their sums kept as they come.
       grads, hvp_lin, (loss, losses, aux, captured) = hvp.linearize_grad(
         grads_and_capture, params, has_aux=True
       )
-      hvp_batch = _in_turns(hvp_lin, tangents, cfg.hvp_chunk)
+      products = hessian.streamed_products(cfg, state, probe_key, params, hvp_lin)
   elif cfg.need_hvp:
     grads, hvp_lin, (loss, losses, aux, captured) = hvp.linearize_grad(
       grads_and_capture, params, has_aux=True
@@ -293,7 +272,7 @@ def _measure(
     vals.update(leaf_norms("cockpit/grad_norm", names, grads))
   curv = hessian.empty(state)
   if cfg.need_hvp:
-    curv = hessian.measure(cfg, state, params, names, probe_key, hvp_lin, hvp_batch, probes)
+    curv = hessian.measure(cfg, state, params, names, probe_key, hvp_lin, products)
   vals.update(curv.values)
   sq_norms = jnp.zeros_like(losses)
   dense, convs = (), ()

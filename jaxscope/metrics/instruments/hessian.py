@@ -16,10 +16,20 @@ import optax
 
 from jaxscope.metrics import curvature, hutchinson
 from jaxscope.metrics.base import tree_norm
+from jaxscope.metrics.hvp import Hvp
 from jaxscope.metrics.instruments.config import F32, Config
 from jaxscope.metrics.instruments.state import InstrumentsState
 
-__all__ = ["Curvature", "hvp_tangents", "measure", "tic_values"]
+__all__ = [
+  "Curvature",
+  "Products",
+  "batched_products",
+  "hvp_tangents",
+  "measure",
+  "num_tangents",
+  "streamed_products",
+  "tic_values",
+]
 
 
 class Curvature(NamedTuple):
@@ -48,6 +58,20 @@ def empty(state: InstrumentsState) -> Curvature:
   )
 
 
+def num_tangents(cfg: Config) -> int:
+  """How many tangents a measured step pushes through the HVP: the Hutchinson probes and
+  (for ``hess_max_ev``) the power iteration's vector."""
+  return cfg.hutchinson_probes * cfg.need_hutchinson + ("hess_max_ev" in cfg.want)
+
+
+def _power_unit(state: InstrumentsState) -> Any:
+  """The power iteration's vector, normalised (left as it is when its norm is 0 or NaN)."""
+  vec = state.max_ev.vector
+  vnorm = tree_norm(vec)
+  ok = jnp.isfinite(vnorm) & (vnorm > 0)
+  return jax.tree.map(lambda a: jnp.where(ok, a / jnp.where(ok, vnorm, 1.0), a), vec)
+
+
 def hvp_tangents(
   cfg: Config, state: InstrumentsState, probe_key: jax.Array, params: Any
 ) -> tuple[Any, Any]:
@@ -63,16 +87,57 @@ def hvp_tangents(
     probes = hutchinson.probes_like(params, probe_key, cfg.hutchinson_probes)
     parts.append(jax.tree.leaves(probes))
   if "hess_max_ev" in cfg.want:
-    vec = state.max_ev.vector
-    vnorm = tree_norm(vec)
-    ok = jnp.isfinite(vnorm) & (vnorm > 0)
-    unit = jax.tree.map(lambda a: jnp.where(ok, a / jnp.where(ok, vnorm, 1.0), a), vec)
-    parts.append([a[None] for a in jax.tree.leaves(unit)])
+    parts.append([a[None] for a in jax.tree.leaves(_power_unit(state))])
   del leaves
   stacked = jax.tree.unflatten(
     treedef, [jnp.concatenate(ls, axis=0) for ls in zip(*parts, strict=True)]
   )
   return stacked, probes
+
+
+class Products(NamedTuple):
+  """What the step's HVP pass gave the curvature: the Hutchinson estimate and the power
+  iteration's product ``H v`` (each ``None`` when not measured, or left to :func:`measure`)."""
+
+  estimate: hutchinson.HutchinsonEstimate | None
+  power: Any
+
+
+def batched_products(cfg: Config, probes: Any, hvp_batch: Any) -> Products:
+  """The :class:`Products` of one batched pass over :func:`hvp_tangents`' tangents."""
+  est = power = None
+  if cfg.need_hutchinson:
+    k = cfg.hutchinson_probes
+    est = hutchinson.trace_estimate(probes, jax.tree.map(lambda hz: hz[:k], hvp_batch))
+  if "hess_max_ev" in cfg.want:
+    power = jax.tree.map(lambda a: a[-1], hvp_batch)
+  return Products(est, power)
+
+
+def streamed_products(
+  cfg: Config, state: InstrumentsState, probe_key: jax.Array, params: Any, hvp_fn: Hvp
+) -> Products:
+  """The :class:`Products` from a linearisation, ``cfg.hvp_chunk`` tangents at a time.
+
+  The probes go through :func:`~jaxscope.metrics.hutchinson.streamed_estimate` (no
+  ``[K, P]`` probes or products are formed), then the power vector, after them.
+  Straight-line code in turns, not a loop: XLA:CPU ran the products inside ``lax.map``'s
+  loop many times slower than outside it (69 s against 5 s per business step on the
+  3c3d). On the 3c3d at batch 128, one tangent at a time is both the leanest and the
+  fastest: business 3.0 s per step and 1.0 GB of XLA temporaries, against 4.1 s and
+  2.9 GB for all nine tangents in one batched pass (2-core CPU, 2026-12-05).
+  """
+  est = power = last = None
+  if cfg.need_hutchinson:
+    est, last = hutchinson.streamed_estimate(
+      hvp_fn, params, probe_key, cfg.hutchinson_probes, chunk=cfg.hvp_chunk or 1
+    )
+  if "hess_max_ev" in cfg.want:
+    unit = _power_unit(state)
+    if last is not None:
+      unit, _ = jax.lax.optimization_barrier((unit, last))
+    power = hvp_fn(unit)
+  return Products(est, power)
 
 
 def _ema(
@@ -100,22 +165,6 @@ def _ema(
   )
 
 
-def _mean_variance(samples: Any, k: int) -> Any:
-  """Per entry, the variance of the mean of ``k`` single-probe diagonals ``zₖ ⊙ Hzₖ``.
-
-  ``Var[(z ⊙ Hz)ᵢ] = Σ_{j≠i} Hᵢⱼ²``; ``E[dₖᵢ²] = Σⱼ Hᵢⱼ²`` and ``E[d̄ᵢ²] = Hᵢᵢ² + Var/k``,
-  so ``k/(k−1)·(mean dₖᵢ² − d̄ᵢ²)`` is unbiased for it; divided by ``k`` for the mean. One
-  probe cannot measure it (``d²`` in its place covered the exact TIC in only 4–22% of draws,
-  ``docs/fidelity.md``): ``inf``, so ``tic_diag`` reads as noise.
-  """
-  if k == 1:
-    return jax.tree.map(lambda s: jnp.full(s.shape[1:], jnp.inf, F32), samples)
-  return jax.tree.map(
-    lambda s: jnp.maximum(jnp.mean(s * s, 0) - jnp.square(jnp.mean(s, 0)), 0.0) / (k - 1),
-    samples,
-  )
-
-
 def measure(
   cfg: Config,
   state: InstrumentsState,
@@ -123,8 +172,7 @@ def measure(
   names: list[str],
   probe_key: jax.Array,
   hvp_fn: Callable[[Any], Any],
-  hvp_batch: Any,
-  probes: Any,
+  products: Products,
 ) -> Curvature:
   """Trace and diagonal (exact or Hutchinson, with standard errors) and ``λ_max``.
 
@@ -135,9 +183,8 @@ def measure(
     names: their leaf names.
     probe_key: the key of this step's Hutchinson probes.
     hvp_fn: ``v ↦ H v`` (a linearisation, or a fresh forward-over-reverse pass per call).
-    hvp_batch: the products of :func:`hvp_tangents`' tangents when the batched pass ran
-      (``None`` otherwise: everything from ``hvp_fn``).
-    probes: the Hutchinson probes among those tangents.
+    products: what the step's HVP pass already gave (:func:`batched_products`,
+      :func:`streamed_products`); what it leaves ``None`` comes from ``hvp_fn``.
   """
   want = cfg.want
   vals: dict[str, jax.Array] = {}
@@ -156,16 +203,15 @@ def measure(
       leaf_se = [jnp.zeros((), F32) for _ in leaf_tr]
       trace, trace_se = jnp.asarray(sum(leaf_tr), F32), jnp.zeros((), F32)
     else:
-      if hvp_batch is not None:
-        k = cfg.hutchinson_probes
-        est = hutchinson.trace_estimate(probes, jax.tree.map(lambda hz: hz[:k], hvp_batch))
-      else:
+      est = products.estimate
+      if est is None:
         est = hutchinson.hutchinson_estimate(hvp_fn, params, probe_key, cfg.hutchinson_probes)
       trace, trace_se, diag = est.trace, est.trace_stderr, est.diag
       leaf_tr, leaf_se = jax.tree.leaves(est.leaf_traces), jax.tree.leaves(est.leaf_stderr)
       if "tic_diag" in want:
-        var = _mean_variance(est.samples, cfg.hutchinson_probes)
-        diag_ema, var_ema, diag_steps, diag, diag_var = _ema(cfg, state, est.diag, var)
+        diag_ema, var_ema, diag_steps, diag, diag_var = _ema(
+          cfg, state, est.diag, est.diag_variance
+        )
     if "hess_trace" in want:
       vals["hess_trace"] = trace
       vals["hess_trace_stderr"] = trace_se
@@ -173,15 +219,12 @@ def measure(
         vals[f"hessian/trace/{n}"] = t.astype(F32)
         vals[f"hessian/trace_stderr/{n}"] = se.astype(F32)
   if "hess_max_ev" in want:
-    product = None
-    if hvp_batch is not None:
-      product = jax.tree.map(lambda a: a[-1], hvp_batch)
     max_ev = curvature.max_eigenvalue_update(
       hvp_fn,
       state.max_ev,
       iters=cfg.max_ev_iters,
       method=cfg.max_ev_method,
-      product=product,
+      product=products.power,
       tol=cfg.max_ev_tol,
       refine_iters=cfg.max_ev_refine_iters,
     )
