@@ -218,7 +218,13 @@ class PackedValues(Mapping[str, Any]):
 
   # Pytree.
   def tree_flatten_with_keys(self) -> tuple[list[tuple[Any, Any]], Any]:
-    keys = [jax.tree_util.DictKey(g.name()) for g in self._groups]
+    names = [g.name() for g in self._groups]
+    # Groups joined by ``|`` may share a dtype and shape: number the repeats (orbax and
+    # other path users need distinct names).
+    names = [
+      n if names[:i].count(n) == 0 else f"{n}_{names[:i].count(n)}" for i, n in enumerate(names)
+    ]
+    keys = [jax.tree_util.DictKey(n) for n in names]
     return list(zip(keys, self._arrays, strict=True)), (self._groups, self._order)
 
   def tree_flatten(self) -> tuple[tuple[Any, ...], Any]:

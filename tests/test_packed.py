@@ -113,6 +113,9 @@ def test_or_prefix_rename_without():
   assert float((w | {"a": jnp.float32(9)})["a"]) == 9.0
   assert q.without("zz") is q
   assert PackedValues.pack(q) is q
+  twice = q | {"n": jnp.bool_(True)}  # a second bool group: its path is numbered
+  paths = [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path(twice)[0]]
+  assert paths == ["['float32']", "['bool']", "['bool_1']"]
   assert dict(PackedValues.pack({})) == {}
 
 
