@@ -4,6 +4,8 @@ Run from the repository root::
 
     .venv/bin/python benchmarks/costs.py                                  # both problems
     .venv/bin/python benchmarks/costs.py --problems mnist_mlp --reps 20   # one, fewer reps
+    .venv/bin/python benchmarks/costs.py --problems cifar10_3c3d --which instruments \
+        --floors-only --out benchmarks/results/costs-floors-cpu-cifar10_3c3d.json
 
 For each problem (``benchmarks/problems.py``) and each measurement — every per-layer
 statistic of the scope on its own, the scope presets, every Cockpit quantity of
@@ -581,8 +583,54 @@ def format_table(report: dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
+def floors_only(names: Sequence[str], reps: int | None, which: str) -> dict[str, Any]:
+  """The floors without timing the measurements: each row's floor and the step its floor
+  alone would make (``floor_step_ratio``), against its base step timed here (medians of
+  ``reps``, default 5). For a problem whose measured steps take seconds (the 3c3d's
+  Hessian presets), this says in a minute whether a target can be met at all."""
+  report: dict[str, Any] = {"environment": environment(), "floors_only": True, "problems": {}}
+  for name in names:
+    problem = problems.get(name)
+    facts = shape_facts(problem)
+    rates = machine_rates(problem, facts)
+    bases = {}
+    for base, (step, state) in {
+      "bare": scope_step(problem, None),
+      "loss": instrument_step(problem, ("loss",)),
+    }.items():
+      times = []
+      for i in range(WARMUP + (reps or 5)):
+        t0 = time.perf_counter()
+        out = step(*state, problem.x, problem.y)
+        jax.block_until_ready(out)
+        state = out[: len(state)]
+        if i >= WARMUP:
+          times.append((time.perf_counter() - t0) * 1e3)
+      bases[base] = float(np.median(times))
+    base_of = _bases(bases)
+    rows = []
+    for v in variants(problem, which):
+      if v in ("bare", "loss") or v.startswith("xla_floor/"):
+        continue
+      fl = floor(v, facts)
+      f_ms, b_ms = floor_ms(fl, rates), bases[base_of(v)]
+      rows.append(
+        {"measurement": v, "base": base_of(v), "base_ms": b_ms, "floor_ms": f_ms,
+         "floor_step_ratio": (b_ms + f_ms) / b_ms, "floor_flops": fl["flops"],
+         "floor_bytes": fl["bytes"]}
+      )  # fmt: skip
+      print(f"{name} {v}: floor {f_ms:.1f} ms, floor step {rows[-1]['floor_step_ratio']:.2f}x")
+    report["problems"][name] = {
+      "facts": facts,
+      "rates": rates,
+      "base_ms": bases,
+      "rows": rows,
+    }
+  return report
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-  """Command line: ``--problems``, ``--reps``, ``--which``, ``--out``."""
+  """Command line: ``--problems``, ``--reps``, ``--which``, ``--out``, ``--floors-only``."""
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--problems", type=problem_list, default=["mnist_mlp", "cifar10_3c3d"])
   ap.add_argument("--reps", type=int, default=None, help="timed repetitions per variant")
@@ -592,11 +640,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     "--block", type=int, default=4,
     help="calls per turn of a variant, back to back; the first of each is not counted",
   )  # fmt: skip
+  ap.add_argument(
+    "--floors-only", action="store_true",
+    help="compute the floors and time only the base steps (no measurement is timed)",
+  )  # fmt: skip
   args = ap.parse_args(argv)
   if args.reps is not None and args.reps < 1:
     ap.error(f"--reps must be >= 1, got {args.reps}")
   if args.block < 1:
     ap.error(f"--block must be >= 1, got {args.block}")
+  if args.floors_only:
+    report = floors_only(args.problems, args.reps, args.which)
+    write_json(report, args.out)
+    print(f"\nwrote {args.out}")
+    return report
   report = run(args.problems, args.reps, args.which, args.block)
   print(format_table(report))
   write_json(report, args.out)

@@ -75,3 +75,18 @@ def test_full_floor_program_computes_what_the_full_scope_is_made_of():
   sigma = [np.linalg.norm(w, 2) for w in kernels]
   assert np.all(np.asarray(spectral) <= np.square(sigma) * (1 + 1e-4))
   assert np.all(np.asarray(spectral) > 0)
+
+
+def test_floors_only_reports_each_rows_floor_against_its_timed_base():
+  report = costs.floors_only(["mnist_mlp"], reps=1, which="scope")
+  r = report["problems"]["mnist_mlp"]
+  assert report["floors_only"] and set(r["base_ms"]) == {"bare", "loss"}
+  rows = {row["measurement"]: row for row in r["rows"]}
+  assert "scope/economy" in rows and not any(k.startswith("xla_floor/") for k in rows)
+  econ = rows["scope/economy"]
+  want = costs.floor_ms(costs.floor("scope/economy", r["facts"]), r["rates"])
+  np.testing.assert_allclose(econ["floor_ms"], want)
+  assert econ["base"] == "bare"
+  np.testing.assert_allclose(
+    econ["floor_step_ratio"], (r["base_ms"]["bare"] + want) / r["base_ms"]["bare"]
+  )
