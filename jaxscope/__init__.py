@@ -1,9 +1,9 @@
 """jaxscope: live introspection of neural-network training in JAX.
 
-Layers (imports only point downwards; docs/architecture.md): ``tree`` (base) → ``metrics``,
-``transforms``, ``capture`` (device side) → ``record``, ``checkpoint``, ``analysis``,
-``diagnose``, ``plot`` (host side) → ``models``, ``data`` → ``run`` (the run directory's
-owner: :func:`load_run`) → ``train`` (the reference loop) and ``cli`` (app).
+Layers (imports only point downwards; docs/architecture.md): ``tree``, ``packed`` (base)
+→ ``metrics``, ``transforms``, ``capture`` (device side) → ``record``, ``checkpoint``,
+``analysis``, ``diagnose``, ``plot`` (host side) → ``models``, ``data`` → ``run`` (the run
+directory's owner: :func:`load_run`) → ``train`` (the reference loop) and ``cli`` (app).
 """
 
 # First, while no JAX backend runs: XLA:CPU's memory-minimising scheduler and the release of
@@ -12,8 +12,9 @@ from jaxscope import xla
 
 xla.apply_defaults()
 
-from jaxscope import capture, metrics, record, transforms, tree  # noqa: E402
+from jaxscope import capture, metrics, packed, record, transforms, tree  # noqa: E402
 from jaxscope.metrics import scope  # noqa: E402
+from jaxscope.packed import PackedValues  # noqa: E402
 from jaxscope.record import History, Recorder  # noqa: E402
 from jaxscope.run import Run, load_run  # noqa: E402
 from jaxscope.transforms import monitored  # noqa: E402
@@ -26,6 +27,7 @@ __version__ = "0.1.0"
 
 __all__ = [
   "History",
+  "PackedValues",
   "Recorder",
   "Run",
   "__version__",
@@ -33,6 +35,7 @@ __all__ = [
   "load_run",
   "metrics",
   "monitored",
+  "packed",
   "record",
   "scope",
   "transforms",
