@@ -44,6 +44,8 @@ import numpy as np
 
 __all__ = ["PackedValues", "unpack"]
 
+_SHOWN = 6  # Entries shown by repr().
+
 
 class _Group(NamedTuple):
   """One stacked array: its entries' dtype and shape, and their keys in member order
@@ -165,7 +167,14 @@ class PackedValues(Mapping[str, Any]):
 
   def __repr__(self) -> str:
     groups = ", ".join(f"{g.name()}[{len(g.keys)}]" for g in self._groups)
-    return f"PackedValues({len(self)} entries in {len(self._groups)} arrays: {groups})"
+    head = f"PackedValues({len(self)} entries in {len(self._groups)} arrays: {groups}"
+    if any(isinstance(a, jax.core.Tracer) for a in self._arrays):
+      return head + ")"
+    # A few entries, read on the host (one transfer): what a dict's repr would start with.
+    host = jax.device_get(self)
+    shown = [f"{k!r}: {_short(np.asarray(host[k]))}" for k in self._order[:_SHOWN]]
+    more = ", …" if len(self) > _SHOWN else ""
+    return head + "; " + ", ".join(shown) + more + ")"
 
   def shapes(self) -> dict[str, tuple[int, ...]]:
     """Each entry's shape (leading scan/vmap axes included), read without slicing."""
@@ -234,6 +243,10 @@ class PackedValues(Mapping[str, Any]):
   def tree_unflatten(cls, aux: Any, children: Any) -> PackedValues:
     groups, order = aux
     return cls(groups, tuple(children), order)
+
+
+def _short(a: np.ndarray) -> str:
+  return repr(a.item()) if a.ndim == 0 else np.array2string(a, threshold=6)
 
 
 def unpack(values: Mapping[str, Any]) -> dict[str, Any]:

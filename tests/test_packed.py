@@ -38,7 +38,9 @@ def test_groups_by_dtype_and_shape_and_reads_back_every_entry():
   _same(p, ref)
   _same(jax.device_get(p), ref)
   assert p.shapes() == {k: np.shape(v) for k, v in ref.items()}
-  assert "6 entries in 4 arrays" in repr(p)
+  assert repr(p).startswith("PackedValues(6 entries in 4 arrays: float32[3], bool[1], float32_4[1]")
+  assert "'b': 2.5, 'a': -1.0, 'flag': True, 'hist': [0. 1. 2. 3.]" in repr(p)
+  jax.jit(lambda v: print(repr(v)) or v["a"])(p)  # a traced one shows its layout only
   with pytest.raises(KeyError):
     p["nope"]
 
