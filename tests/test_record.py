@@ -400,3 +400,41 @@ def test_json_reads_what_earlier_versions_wrote(tmp_path: Path) -> None:
   back = record.loads('{"v": ["nan", "inf", "-inf"], "w": null, "s": "nanny"}')
   assert math.isnan(back["v"][0]) and back["v"][1:] == [math.inf, -math.inf]
   assert back["w"] is None and back["s"] == "nanny"
+
+
+def test_packed_values_give_the_file_a_dict_gives(tmp_path: Path) -> None:
+  """A PackedValues is written as the dict of its entries would be (one device_get of its
+  few arrays); stacked rows and a false `measured` are handled the same; a donated one
+  fails with a clear message."""
+  from jaxscope.packed import PackedValues
+
+  def values(step: int) -> dict:
+    return {
+      "loss": jnp.float32(1.0 / (step + 1)),
+      "measured": jnp.bool_(step != 1),
+      "hist": jnp.arange(3.0) * step,
+      "count": jnp.int32(step),
+    }
+
+  for name, wrap in (("dict", dict), ("packed", PackedValues.pack)):
+    with Recorder(tmp_path / name) as rec:
+      for step in range(3):
+        rec.write(step, wrap(values(step)))
+      stacked = jax.lax.scan(lambda c, _, w=wrap: (c + 1, w(values(c))), 0, length=3)[1]
+      rec.write_stacked(10, stacked)
+  # The same records (a dict through jit comes back with its keys sorted, so the order of
+  # keys within a record may differ).
+  records = {
+    n: [json.loads(line) for line in (tmp_path / n / "metrics.jsonl").read_text().splitlines()]
+    for n in ("dict", "packed")
+  }
+  assert records["packed"] == records["dict"]
+  assert [r["step"] for r in records["packed"]] == [0, 2, 10, 12]
+
+  donated = jax.jit(lambda v: v, donate_argnums=0)
+  live = PackedValues.pack(values(0))
+  with pytest.raises(RuntimeError, match=r"'4 packed values \(float32\)' at step 0 was deleted"):
+    with Recorder(tmp_path / "gone", transfer_every=1) as rec:
+      rec.write(0, live)
+      donated(live)
+      rec.write(1, values(1))
