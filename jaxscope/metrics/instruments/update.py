@@ -22,7 +22,7 @@ from jaxscope.packed import PackedValues, unpack
 
 __all__ = ["update"]
 
-_Measured = tuple[Any, Any, jax.Array]
+_Measured = tuple[PackedValues, Any, jax.Array]
 """``(values, prev_update, alpha_start)``: what one branch of the update side returns."""
 
 
@@ -104,7 +104,7 @@ def _measure(
   probe: Probe,
   updates: Any,
   learning_rate: jax.Array | float | None,
-) -> _Measured:
+) -> tuple[dict[str, jax.Array], Any, jax.Array]:
   """A measured step's update side: distance, update size, projections, α's start (and end)."""
   want = cfg.want
   params, grads = probe.params, probe.grads
