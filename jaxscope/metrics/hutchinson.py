@@ -246,7 +246,9 @@ def streamed_estimate(
     last = hz
     d = [a.astype(_F32) * b.astype(_F32) for a, b in zip(z, hz, strict=True)]
     sum_d = [s + jnp.sum(x, 0) for s, x in zip(sum_d, d, strict=True)]
-    sum_d2 = [s + jnp.sum(jnp.square(x), 0) for s, x in zip(sum_d2, d, strict=True)]
+    # dₖ² = (Hzₖ)² exactly, as zₖ = ±1: this pass need not read the probes.
+    sq = [jnp.square(b.astype(_F32)) for b in hz]
+    sum_d2 = [s + jnp.sum(x, 0) for s, x in zip(sum_d2, sq, strict=True)]
     sum_hz2 = [s + _sumsq(b.astype(_F32)) for s, b in zip(sum_hz2, hz, strict=True)]
   unflat = lambda xs: jax.tree.unflatten(treedef, xs)  # noqa: E731
   est = _from_sums(num_probes, unflat(sum_d), unflat(sum_d2), unflat(sum_hz2), None)
