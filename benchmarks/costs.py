@@ -288,16 +288,22 @@ def floor(name: str, f: dict[str, Any], k_probes: int = 8, hist_sample: int = 20
 def _preset_parts(quantities: Sequence[str], table: dict) -> list[tuple[float, float]]:
   """The floors of a preset's quantities, the shared passes counted once: the
   elementwise second moment (``grad_variance``, ``mean_gsnr``, ``cabs``,
-  ``early_stopping``, the TICs) and the histograms' per-example entries are computed once
-  for all quantities that read them."""
+  ``early_stopping``, the TICs), the histograms' per-example entries and the ``k``
+  Hutchinson probes' HVPs (``hess_trace``, ``tic_diag`` and ``tic_trace`` read the same
+  products) are computed once for all quantities that read them."""
   shared = {"grad_variance", "mean_gsnr", "cabs", "early_stopping"}
   hists = {"grad_hist_1d", "grad_hist_2d"}
-  parts, contraction_done, hist_done = [], False, False
+  hutchinson = {"hess_trace", "tic_diag", "tic_trace"}
+  parts, contraction_done, hist_done, probes_done = [], False, False, False
   for q in quantities:
     flops, nbytes = table[q]
     if q in {"tic_diag", "tic_trace"}:
       flops -= table["grad_variance"][0]
       nbytes = 0.0
+    if q in hutchinson:
+      if probes_done:
+        continue
+      probes_done = True
     if q in shared:
       if contraction_done:
         continue

@@ -90,3 +90,30 @@ def test_floors_only_reports_each_rows_floor_against_its_timed_base():
   np.testing.assert_allclose(
     econ["floor_step_ratio"], (r["base_ms"]["bare"] + want) / r["base_ms"]["bare"]
   )
+
+
+def test_preset_floor_counts_the_shared_hutchinson_probes_once():
+  # hess_trace, tic_diag and tic_trace read the same k probes' HVPs (one streamed pass):
+  # a preset with all three pays k HVPs and one second moment, not 3k HVPs.
+  facts = {
+    "P": 1000,
+    "B": 8,
+    "kernels": [{"layer": "d", "size": 900, "d_in": 30, "d_out": 30, "positions": 1}],
+    "leaf_sizes": [900, 30, 70],
+    "F_hvp": 1e6,
+  }
+  k = 8
+  hvps = k * facts["F_hvp"]
+  second_moment = 2 * 8 * 900  # Σ 2B T_l n_l
+  parts = costs._preset_parts(["hess_trace", "tic_diag", "tic_trace"], costs_table(facts, k))
+  assert costs._sum_floors(parts)["flops"] == hvps + second_moment
+  parts = costs._preset_parts(["tic_diag"], costs_table(facts, k))
+  assert costs._sum_floors(parts)["flops"] == hvps + second_moment
+  parts = costs._preset_parts(["hess_trace", "hess_max_ev"], costs_table(facts, k))
+  assert costs._sum_floors(parts)["flops"] == hvps + facts["F_hvp"]
+
+
+def costs_table(facts: dict, k: int) -> dict:
+  """The per-quantity floors ``{name: (flops, bytes)}`` of :func:`costs.floor`."""
+  names = ["hess_trace", "tic_diag", "tic_trace", "hess_max_ev", "grad_variance"]
+  return {n: tuple(costs.floor(n, facts, k_probes=k).values()) for n in names}
