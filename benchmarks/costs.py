@@ -31,7 +31,10 @@ statistic of the scope on its own, the scope presets, every Cockpit quantity of
   paired difference of the two (``extra_minus_xla_floor_ms``). On XLA:CPU each full
   reduction is its own loop, and those over a weight gradient (stored column-major by its
   ``dot``) run as tiled reduce-windows at a fraction of ``R_red``; the roofline cannot see
-  that, this floor does.
+  that, this floor does. The instruments' rows with Hessian-vector products are set
+  against their products at the timed cost of one product in the least XLA program that
+  computes ``k`` of them (:mod:`benchmarks.hvp_floor`, row ``xla_floor/hvps``) plus the
+  roofline floor of the rest (``xla_floor_extra_ms``; :func:`_hvp_floors`).
 
 The floors (``P`` parameters, ``B`` examples, per kernel ``l``: ``n_l`` elements and
 ``T_l`` output positions, ``T_l = 1`` for a Dense layer, fan-in ``d_in`` and fan-out
@@ -86,7 +89,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from benchmarks import problems, scope_floor  # noqa: E402
+from benchmarks import hvp_floor, problems, scope_floor  # noqa: E402
 from benchmarks.common import copy_tree, environment, iqr, problem_list, write_json  # noqa: E402
 from jaxscope import metrics, transforms  # noqa: E402
 from jaxscope.metrics import instruments as make_instruments  # noqa: E402
@@ -96,6 +99,7 @@ from jaxscope.metrics.registry import HISTOGRAM_SAMPLE  # noqa: E402
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "costs-cpu.json"
 LEARNING_RATE = 0.01
 WARMUP = 3
+K_PROBES = 8  # The instruments' default ``hutchinson_probes``.
 F32 = 4  # bytes
 
 Step = Callable[..., tuple[Any, ...]]
@@ -264,6 +268,7 @@ def floor(name: str, f: dict[str, Any], k_probes: int = 8, hist_sample: int = 20
     "tic_diag": (k_probes * f["F_hvp"] + contraction[0], contraction[1]),
     "tic_trace": (k_probes * f["F_hvp"] + contraction[0], contraction[1]),
     "hess_max_ev": (f["F_hvp"], 0.0),
+    "hvps": (k_probes * f["F_hvp"], 0.0),  # hvp_floor's program: the probes' products only.
   }
   if name.startswith("xla_floor/"):
     return floor(name.split("/", 1)[1], f, k_probes, hist_sample)
@@ -427,6 +432,7 @@ def variants(problem: problems.Problem, which: str) -> dict[str, Callable[[], tu
       out[q] = lambda q=q: instrument_step(problem, (q,))
     for preset, qs in INSTRUMENT_PRESETS.items():
       out[f"instruments/{preset}"] = lambda qs=qs: instrument_step(problem, qs)
+    out["xla_floor/hvps"] = lambda: hvp_floor.hvps_step(problem, K_PROBES, LEARNING_RATE)
   return out
 
 
@@ -501,6 +507,28 @@ def _bases(times: dict[str, np.ndarray]) -> Callable[[str], str]:
   return base_of
 
 
+def _quantities(row: str) -> tuple[str, ...]:
+  """The instrument quantities a row measures (none for the scope's rows)."""
+  if row.startswith("instruments/"):
+    return INSTRUMENT_PRESETS[row.split("/", 1)[1]]
+  return (row,) if row in QUANTITIES else ()
+
+
+def _hvp_floors(rows: list[dict], facts: dict, rates: dict, hvps_extra_ms: float) -> None:
+  """Sets each row that computes Hessian-vector products against the XLA floor of
+  :mod:`benchmarks.hvp_floor`: its ``n`` products at the timed cost of one plain product,
+  plus the roofline floor of the rest (``xla_floor_extra_ms``, ``extra_over_xla_floor``)."""
+  per_hvp = hvps_extra_ms / K_PROBES
+  for row in rows:
+    n = hvp_floor.hvp_count(_quantities(row["measurement"]), K_PROBES)
+    if n == 0:
+      continue
+    rest = {"flops": row["floor_flops"] - n * facts["F_hvp"], "bytes": row["floor_bytes"]}
+    xla = hvp_floor.xla_floor_ms(n, per_hvp, floor_ms(rest, rates))
+    row["xla_floor_extra_ms"] = xla
+    row["extra_over_xla_floor"] = row["extra_ms"] / xla if xla > 0 else None
+
+
 def run(names: Sequence[str], reps: int | None, which: str, block: int = 1) -> dict[str, Any]:
   """Measures every problem of ``names``; returns the JSON report."""
   report: dict[str, Any] = {"environment": environment(), "block": block, "problems": {}}
@@ -547,6 +575,8 @@ def run(names: Sequence[str], reps: int | None, which: str, block: int = 1) -> d
         rows[-1]["extra_over_xla_floor"] = extra / xla_extra if xla_extra > 0 else None
         # Directly: the row's turn against the floor program's turn of the same repetition.
         rows[-1]["extra_minus_xla_floor_ms"] = _paired_extra(turns[v], turns[f"xla_floor/{v}"])
+    if "xla_floor/hvps" in turns:
+      _hvp_floors(rows, facts, rates, _paired_extra(turns["xla_floor/hvps"], turns["bare"]))
     report["problems"][name] = {
       "facts": {k: v for k, v in facts.items() if k not in ("leaf_sizes",)},
       "rates": rates,
@@ -580,7 +610,12 @@ def format_table(report: dict[str, Any]) -> str:
       ratio = row["extra_over_floor"]
       ratio_s = "–" if ratio is None else f"{ratio:.1f}×"
       xla = row.get("extra_over_xla_floor")
-      xla_s = "–" if xla is None else f"{xla:.2f}× ({row['extra_minus_xla_floor_ms']:+.2f} ms)"
+      if xla is None:
+        xla_s = "–"
+      elif "extra_minus_xla_floor_ms" in row:  # A floor program of its own, timed in pairs.
+        xla_s = f"{xla:.2f}× ({row['extra_minus_xla_floor_ms']:+.2f} ms)"
+      else:  # Products at the timed cost of hvp_floor's, the rest at its roofline floor.
+        xla_s = f"{xla:.2f}× (of {row['xla_floor_extra_ms']:.1f} ms)"
       lines.append(
         f"| {row['measurement']} | {row['floor_flops'] / 1e9:.3f} | "
         f"{row['floor_bytes'] / 1e6:.1f} | {row['floor_ms']:.3f} | {row['extra_ms']:.2f} | "

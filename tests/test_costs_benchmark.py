@@ -117,3 +117,44 @@ def costs_table(facts: dict, k: int) -> dict:
   """The per-quantity floors ``{name: (flops, bytes)}`` of :func:`costs.floor`."""
   names = ["hess_trace", "tic_diag", "tic_trace", "hess_max_ev", "grad_variance"]
   return {n: tuple(costs.floor(n, facts, k_probes=k).values()) for n in names}
+
+
+def test_hvp_floor_program_sums_each_probes_quadratic_form_of_the_dense_hessian():
+  import flax.linen as nn
+  import jax.numpy as jnp
+  from jax.flatten_util import ravel_pytree
+
+  from benchmarks import hvp_floor
+
+  model = nn.Dense(3)
+  x = jax.random.normal(jax.random.key(1), (5, 4))
+  y = jnp.array([0, 1, 2, 1, 0])
+  params = model.init(jax.random.key(2), x)["params"]
+  problem = problems.Problem("tiny", model, params, x, y, 1)
+  step, state = hvp_floor.hvps_step(problem, 3, 0.0)
+  total = float(step(*state, x, y)[2])
+  flat, unravel = ravel_pytree(params)
+  h = np.asarray(jax.hessian(lambda f: problem.loss(unravel(f), x, y))(flat), np.float64)
+  zs = [np.asarray(ravel_pytree(hvp_floor.probe(params, i))[0], np.float64) for i in range(3)]
+  assert all(set(np.unique(z)) == {-1.0, 1.0} for z in zs)
+  np.testing.assert_allclose(total, sum(z @ h @ z for z in zs), rtol=1e-5)
+  # Products per row: the shared probes once, the power vector's one.
+  assert hvp_floor.hvp_count(["hess_trace", "tic_diag", "alpha"], 8) == 8
+  assert hvp_floor.hvp_count(["tic_trace", "hess_max_ev"], 8) == 9
+  assert hvp_floor.hvp_count(["hess_max_ev"], 8) == 1
+  assert hvp_floor.hvp_count(["alpha"], 8) == 0
+
+
+def test_hvp_rows_are_set_against_timed_products_plus_the_rest_of_their_floor():
+  facts = {"F_hvp": 2e9}
+  rates = {"R_mm_gflops": 100.0, "R_red_gbps": 10.0}
+  # business: 8 products (16 ms at the roofline) + 1 GFLOP of the rest (10 ms).
+  rows = [
+    {"measurement": "instruments/business", "floor_flops": 17e9, "floor_bytes": 0.0,
+     "extra_ms": 200.0},
+    {"measurement": "alpha", "floor_flops": 1e9, "floor_bytes": 0.0, "extra_ms": 3.0},
+  ]  # fmt: skip
+  costs._hvp_floors(rows, facts, rates, hvps_extra_ms=80.0)
+  assert rows[0]["xla_floor_extra_ms"] == 8 * 10.0 + 10.0
+  assert rows[0]["extra_over_xla_floor"] == 200.0 / 90.0
+  assert "xla_floor_extra_ms" not in rows[1]
