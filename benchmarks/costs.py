@@ -409,8 +409,11 @@ def instrument_step(problem: problems.Problem, quantities: Sequence[str]) -> tup
   return jax.jit(step, donate_argnums=(0, 1, 2)), state
 
 
-def variants(problem: problems.Problem, which: str) -> dict[str, Callable[[], tuple]]:
-  """Builders of every measured variant by name (``which``: all, scope or instruments)."""
+def variants(
+  problem: problems.Problem, which: str, rows: Sequence[str] | None = None
+) -> dict[str, Callable[[], tuple]]:
+  """Builders of every measured variant by name (``which``: all, scope or instruments;
+  ``rows``: only these and the base steps)."""
   out: dict[str, Callable[[], tuple]] = {"bare": lambda: scope_step(problem, None)}
   if which in ("all", "scope"):
     for topic in ("params", "grads", "updates"):
@@ -433,6 +436,12 @@ def variants(problem: problems.Problem, which: str) -> dict[str, Callable[[], tu
     for preset, qs in INSTRUMENT_PRESETS.items():
       out[f"instruments/{preset}"] = lambda qs=qs: instrument_step(problem, qs)
     out["xla_floor/hvps"] = lambda: hvp_floor.hvps_step(problem, K_PROBES, LEARNING_RATE)
+  if rows is not None:
+    unknown = sorted(set(rows) - set(out))
+    if unknown:
+      raise ValueError(f"costs: --rows {unknown} are not rows of --which {which}: {sorted(out)}")
+    bases = {"bare"} | ({"loss"} if "loss" in out else set())
+    out = {k: v for k, v in out.items() if k in bases or k in rows}
   return out
 
 
@@ -529,8 +538,14 @@ def _hvp_floors(rows: list[dict], facts: dict, rates: dict, hvps_extra_ms: float
     row["extra_over_xla_floor"] = row["extra_ms"] / xla if xla > 0 else None
 
 
-def run(names: Sequence[str], reps: int | None, which: str, block: int = 1) -> dict[str, Any]:
-  """Measures every problem of ``names``; returns the JSON report."""
+def run(
+  names: Sequence[str],
+  reps: int | None,
+  which: str,
+  block: int = 1,
+  rows_only: Sequence[str] | None = None,
+) -> dict[str, Any]:
+  """Measures every problem of ``names`` (``rows_only``: those rows); returns the report."""
   report: dict[str, Any] = {"environment": environment(), "block": block, "problems": {}}
   for name in names:
     problem = problems.get(name)
@@ -539,7 +554,7 @@ def run(names: Sequence[str], reps: int | None, which: str, block: int = 1) -> d
     print(f"{name}: P = {facts['P']:,}, R_mm = {rates['R_mm_gflops']:.1f} GFLOP/s, "
           f"R_red = {rates['R_red_gbps']:.1f} GB/s", flush=True)  # fmt: skip
     n = reps or problem.default_reps
-    times = time_interleaved(problem, variants(problem, which), n, block)
+    times = time_interleaved(problem, variants(problem, which, rows_only), n, block)
     turns = {k: _per_turn(t, block) for k, t in times.items()}
     bare = float(np.median(times["bare"]))
     base_of = _bases(times)
@@ -624,7 +639,9 @@ def format_table(report: dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
-def floors_only(names: Sequence[str], reps: int | None, which: str) -> dict[str, Any]:
+def floors_only(
+  names: Sequence[str], reps: int | None, which: str, rows_only: Sequence[str] | None = None
+) -> dict[str, Any]:
   """The floors without timing the measurements: each row's floor and the step its floor
   alone would make (``floor_step_ratio``), against its base step timed here (medians of
   ``reps``, default 5). For a problem whose measured steps take seconds (the 3c3d's
@@ -650,7 +667,7 @@ def floors_only(names: Sequence[str], reps: int | None, which: str) -> dict[str,
       bases[base] = float(np.median(times))
     base_of = _bases(bases)
     rows = []
-    for v in variants(problem, which):
+    for v in variants(problem, which, rows_only):
       if v in ("bare", "loss") or v.startswith("xla_floor/"):
         continue
       fl = floor(v, facts)
@@ -671,7 +688,8 @@ def floors_only(names: Sequence[str], reps: int | None, which: str) -> dict[str,
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-  """Command line: ``--problems``, ``--reps``, ``--which``, ``--out``, ``--floors-only``."""
+  """Command line: ``--problems``, ``--reps``, ``--which``, ``--rows``, ``--out``,
+  ``--floors-only``."""
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--problems", type=problem_list, default=["mnist_mlp", "cifar10_3c3d"])
   ap.add_argument("--reps", type=int, default=None, help="timed repetitions per variant")
@@ -680,6 +698,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   ap.add_argument(
     "--block", type=int, default=4,
     help="calls per turn of a variant, back to back; the first of each is not counted",
+  )  # fmt: skip
+  ap.add_argument(
+    "--rows", type=lambda v: [r for r in v.split(",") if r], default=None,
+    help="comma-separated rows to measure (the base steps are always timed)",
   )  # fmt: skip
   ap.add_argument(
     "--floors-only", action="store_true",
@@ -691,11 +713,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   if args.block < 1:
     ap.error(f"--block must be >= 1, got {args.block}")
   if args.floors_only:
-    report = floors_only(args.problems, args.reps, args.which)
+    report = floors_only(args.problems, args.reps, args.which, args.rows)
     write_json(report, args.out)
     print(f"\nwrote {args.out}")
     return report
-  report = run(args.problems, args.reps, args.which, args.block)
+  try:
+    report = run(args.problems, args.reps, args.which, args.block, args.rows)
+  except ValueError as e:
+    ap.error(str(e))
   print(format_table(report))
   write_json(report, args.out)
   print(f"\nwrote {args.out}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import numpy as np
+import pytest
 
 from benchmarks import costs, problems
 
@@ -158,3 +159,11 @@ def test_hvp_rows_are_set_against_timed_products_plus_the_rest_of_their_floor():
   assert rows[0]["xla_floor_extra_ms"] == 8 * 10.0 + 10.0
   assert rows[0]["extra_over_xla_floor"] == 200.0 / 90.0
   assert "xla_floor_extra_ms" not in rows[1]
+
+
+def test_rows_keep_only_the_named_rows_and_the_base_steps():
+  problem = problems.mnist_mlp()
+  kept = costs.variants(problem, "instruments", ["instruments/business", "xla_floor/hvps"])
+  assert set(kept) == {"bare", "loss", "instruments/business", "xla_floor/hvps"}
+  with pytest.raises(ValueError, match="instruments/business"):
+    costs.variants(problem, "scope", ["instruments/business"])
