@@ -210,8 +210,9 @@ def _add_turn(sum_d: list, sum_d2: list, z: list, hz: list, words: jax.Array) ->
   which the kernel-gradient ``dot`` leaves them (``jvp(transpose(...))``: ``[out, in]``
   for an ``[in, out]`` kernel), one cache line per float. An ``optimization_barrier``
   orders the turns but is expanded into control dependencies before fusion, so it does
-  not stop this. A loop body is a computation of its own: the turn's products are read
-  once, while they are still in the cache, and the sums are materialised. The trip count
+  not stop this. A loop body is a computation of its own, so the sums are materialised
+  each turn; XLA forms the loop's operands ``z ⊙ Hz`` and ``(Hz)²`` just before it, from
+  products that are still in the cache, and no later fusion reads them. The trip count
   is ``min(w, 0) + 1 = 1`` for an unsigned word ``w`` of the probes, exact, but not a
   constant XLA folds. On the MNIST MLP (8 probes) the instruments' ``hess_trace`` plus
   ``tic_diag`` step went from 193 to 93 ms over its loss-only step (2-core CPU, one
