@@ -7,7 +7,7 @@ the gradient once, so the primal pass is shared, as the instruments share it), a
 else: no per-leaf sums, no error bars, no state. Its extra over the bare step, divided by
 ``k``, is what one product of this model costs on this machine when XLA computes nothing
 but products. The roofline floor counts a product's FLOPs at the best rate of a plain
-matmul (:func:`benchmarks.costs.machine_rates`, with ``8B`` rows), a rate that a product of
+matmul (:func:`benchmarks.floors.machine_rates`, with ``8B`` rows), a rate that a product of
 one tangent at batch ``B`` does not reach on XLA:CPU; a row with ``n`` products is set
 against ``n`` of these plus the roofline floor of what else it computes
 (:func:`xla_floor_ms`).

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from benchmarks import costs, problems
+from benchmarks import costs, floors, problems
 
 
 def test_xla_floor_program_computes_the_economy_sums_the_scope_reports():
@@ -106,18 +106,18 @@ def test_preset_floor_counts_the_shared_hutchinson_probes_once():
   k = 8
   hvps = k * facts["F_hvp"]
   second_moment = 2 * 8 * 900  # Σ 2B T_l n_l
-  parts = costs._preset_parts(["hess_trace", "tic_diag", "tic_trace"], costs_table(facts, k))
-  assert costs._sum_floors(parts)["flops"] == hvps + second_moment
-  parts = costs._preset_parts(["tic_diag"], costs_table(facts, k))
-  assert costs._sum_floors(parts)["flops"] == hvps + second_moment
-  parts = costs._preset_parts(["hess_trace", "hess_max_ev"], costs_table(facts, k))
-  assert costs._sum_floors(parts)["flops"] == hvps + facts["F_hvp"]
+  parts = floors._preset_parts(["hess_trace", "tic_diag", "tic_trace"], costs_table(facts, k))
+  assert floors._sum_floors(parts)["flops"] == hvps + second_moment
+  parts = floors._preset_parts(["tic_diag"], costs_table(facts, k))
+  assert floors._sum_floors(parts)["flops"] == hvps + second_moment
+  parts = floors._preset_parts(["hess_trace", "hess_max_ev"], costs_table(facts, k))
+  assert floors._sum_floors(parts)["flops"] == hvps + facts["F_hvp"]
 
 
 def costs_table(facts: dict, k: int) -> dict:
-  """The per-quantity floors ``{name: (flops, bytes)}`` of :func:`costs.floor`."""
+  """The per-quantity floors ``{name: (flops, bytes)}`` of :func:`floors.floor`."""
   names = ["hess_trace", "tic_diag", "tic_trace", "hess_max_ev", "grad_variance"]
-  return {n: tuple(costs.floor(n, facts, k_probes=k).values()) for n in names}
+  return {n: tuple(floors.floor(n, facts, k_probes=k).values()) for n in names}
 
 
 def test_hvp_floor_program_sums_each_probes_quadratic_form_of_the_dense_hessian():
