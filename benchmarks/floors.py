@@ -49,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import problems
+from benchmarks.hvp_floor import HUTCHINSON
 from jaxscope.metrics.instruments import INSTRUMENT_PRESETS
 from jaxscope.metrics.registry import HISTOGRAM_SAMPLE
 
@@ -248,14 +249,13 @@ def _preset_parts(quantities: Sequence[str], table: dict) -> list[tuple[float, f
   products) are computed once for all quantities that read them."""
   shared = {"grad_variance", "mean_gsnr", "cabs", "early_stopping"}
   hists = {"grad_hist_1d", "grad_hist_2d"}
-  hutchinson = {"hess_trace", "tic_diag", "tic_trace"}
   parts, contraction_done, hist_done, probes_done = [], False, False, False
   for q in quantities:
     flops, nbytes = table[q]
     if q in {"tic_diag", "tic_trace"}:
       flops -= table["grad_variance"][0]
       nbytes = 0.0
-    if q in hutchinson:
+    if q in HUTCHINSON:
       if probes_done:
         continue
       probes_done = True
