@@ -462,16 +462,16 @@ def test_streamed_estimate_is_the_batched_one_without_the_k_by_p_arrays(k, chunk
     streamed_estimate(_hvp(), params, key, k, chunk=0)
 
 
-def test_streamed_sums_are_added_in_a_loop_per_turn_on_the_cpu():
+def test_streamed_sums_are_added_in_a_branch_per_turn_on_the_cpu():
   """XLA:CPU would fuse every turn's sums into each reader of them (reading all products
-  again, transposed); each turn's sums are materialised in a one-trip loop instead."""
+  again, transposed); each turn's sums are materialised in a branch of their own instead."""
   from jaxscope.metrics.hutchinson import streamed_estimate
 
   if jax.default_backend() != "cpu":
-    pytest.skip("the one-trip loops are XLA:CPU's; other backends add the sums directly")
+    pytest.skip("the branches are XLA:CPU's; other backends add the sums directly")
   params, key = _params(), jax.random.PRNGKey(3)
   fn = jax.jit(lambda key: streamed_estimate(_hvp(), params, key, 3)[0].diag_variance)
   hlo = fn.lower(key).compile().as_text()
-  # One loop per turn, carrying the sums of the 4 leaves twice (threefry's loops carry u32).
-  loops = [ln for ln in hlo.splitlines() if " while(" in ln and "f32[" in ln.split(" while(")[0]]
-  assert len(loops) == 3
+  # One conditional per turn, returning the sums of the 4 leaves twice.
+  conds = [ln for ln in hlo.splitlines() if " conditional(" in ln and "f32[" in ln.split("=")[1]]
+  assert len(conds) == 3
