@@ -129,13 +129,11 @@ def trace_estimate(probes: PyTree, products: PyTree) -> HutchinsonEstimate:
   """
   k = int(jax.tree.leaves(probes)[0].shape[0])
   samples = jax.tree.map(lambda z, hz: z.astype(_F32) * hz.astype(_F32), probes, products)
-  return _from_sums(
-    k,
-    jax.tree.map(lambda d: jnp.sum(d, axis=0), samples),
-    jax.tree.map(lambda d: jnp.sum(jnp.square(d), axis=0), samples),
-    jax.tree.map(lambda hz: _sumsq(hz.astype(_F32)), products),
-    samples,
-  )
+  sum_d2 = jax.tree.map(lambda d: jnp.sum(jnp.square(d), axis=0), samples)
+  # Σₖ ‖H zₖ‖² of a leaf is the sum of its Σₖ dₖ² entries (dₖ² = (H zₖ)², as zₖ = ±1).
+  sum_hz2 = jax.tree.map(jnp.sum, sum_d2)
+  sum_d = jax.tree.map(lambda d: jnp.sum(d, axis=0), samples)
+  return _from_sums(k, sum_d, sum_d2, sum_hz2, samples)
 
 
 def _sumsq(x: jax.Array) -> jax.Array:
