@@ -80,8 +80,11 @@ WARMUP_MAX_EV = 100
 Step = Callable[..., tuple[Any, ...]]
 
 
-def make_step(problem: problems.Problem, preset: str | None) -> tuple[Step, Any, Any]:
-  """The jitted step ``(params, opt_state, istate, x, y) -> (params, opt_state, istate, out)``."""
+def make_step(
+  problem: problems.Problem, preset: str | None, compiler_options: dict[str, Any] | None = None
+) -> tuple[Step, Any, Any]:
+  """The jitted step ``(params, opt_state, istate, x, y) -> (params, opt_state, istate, out)``
+  (``compiler_options``: XLA's options for this program, ``jax.jit``'s argument)."""
   tx = optax.sgd(LEARNING_RATE)
 
   def losses_fn(params: Any, x: jax.Array, y: jax.Array) -> jax.Array:
@@ -95,7 +98,8 @@ def make_step(problem: problems.Problem, preset: str | None) -> tuple[Step, Any,
       updates, opt_state = tx.update(grads, opt_state, params)
       return optax.apply_updates(params, updates), opt_state, istate, loss
 
-    return jax.jit(bare, donate_argnums=(0, 1)), tx.init(problem.params), ()
+    jitted = jax.jit(bare, donate_argnums=(0, 1), compiler_options=compiler_options)
+    return jitted, tx.init(problem.params), ()
 
   inst = instruments(preset=preset)
 
@@ -106,7 +110,7 @@ def make_step(problem: problems.Problem, preset: str | None) -> tuple[Step, Any,
     return optax.apply_updates(params, updates), opt_state, istate, values
 
   return (
-    jax.jit(step, donate_argnums=(0, 1, 2)),
+    jax.jit(step, donate_argnums=(0, 1, 2), compiler_options=compiler_options),
     tx.init(problem.params),
     inst.init(problem.params),
   )

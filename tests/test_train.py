@@ -243,6 +243,23 @@ def test_bad_configurations_are_named(tmp_path):
     _run(tmp_path, "x", layers="(")
   with pytest.raises(ValueError, match="give epochs or steps"):
     _run(tmp_path, "x", epochs=None)
+  with pytest.raises(ValueError, match="xla options: unknown name 'fast'; expected some of"):
+    _run(tmp_path, "x", xla_options=["fast"])
+
+
+def test_xla_options_compile_the_same_step(tmp_path):
+  """``--xla-options``: the step's program compiled with both per-program options trains
+  as the default one does (same losses and gradient norms up to float rounding)."""
+  kw = dict(steps=6, metrics="economy")
+  a = History.load(_run(tmp_path, "a", **kw).run_dir)
+  run_b = _run(tmp_path, "b", xla_options=["fewer_copies", "lean_compile"], **kw)
+  b = History.load(run_b.run_dir)
+  assert json.loads((run_b.run_dir / "config.json").read_text())["xla_options"] == [
+    "fewer_copies",
+    "lean_compile",
+  ]
+  for key in ("loss", "grads/norm/fc1/kernel"):
+    np.testing.assert_allclose(b[key], a[key], rtol=1e-5, err_msg=key)
 
 
 @pytest.mark.slow

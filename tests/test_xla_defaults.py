@@ -137,3 +137,86 @@ def test_the_installed_jaxlib_is_verified():
   """The pinned set (constraints.txt) is what the flag was checked with; a new pin needs
   the check again (``VERIFIED_JAXLIB``)."""
   assert xla._jaxlib_verified()
+
+
+def _instrumented_step(options: dict | None, preset: str = "business"):
+  """A donated SGD step of a 256-128-10 MLP with the instruments of ``preset``."""
+  import flax.linen as nn
+  import optax
+
+  from jaxscope.metrics import instruments
+
+  class Mlp(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      x = nn.relu(nn.Dense(128)(x))
+      return nn.Dense(10)(x)
+
+  model = Mlp()
+  x = jax.random.normal(jax.random.key(0), (32, 256))
+  y = jax.random.randint(jax.random.key(1), (32,), 0, 10)
+  params = model.init(jax.random.key(2), x)["params"]
+  tx = optax.sgd(0.1)
+  inst = instruments(preset=preset)
+
+  def losses_fn(p, x, y):
+    return optax.softmax_cross_entropy_with_integer_labels(model.apply({"params": p}, x), y)
+
+  def step(params, opt_state, istate, x, y):
+    probe = inst.grad(istate, losses_fn, params, x, y)
+    updates, opt_state = tx.update(probe.grads, opt_state, params)
+    values, istate = inst.update(istate, probe, updates)
+    return optax.apply_updates(params, updates), opt_state, istate, values
+
+  state = (params, tx.init(params), inst.init(params))
+  jitted = jax.jit(step, donate_argnums=(0, 1, 2), compiler_options=options)
+  return jitted, state, (x, y)
+
+
+def _fresh(tree):
+  return jax.tree.map(lambda a: jnp.array(a, copy=True), tree)
+
+
+@pytest.mark.parametrize("name", ["FEWER_COPIES", "LEAN_COMPILE"])
+def test_per_program_options_change_no_result(name):
+  """Two steps compiled with an option give the default program's values and state."""
+  outs = []
+  for options in (None, getattr(xla, name)):
+    step, state, (x, y) = _instrumented_step(options)
+    state = _fresh(state)
+    for _ in range(2):
+      *state, values = step(*state, x, y)
+    outs.append((state, values))
+  for a, b in zip(jax.tree.leaves(outs[0]), jax.tree.leaves(outs[1]), strict=True):
+    assert jnp.asarray(a).dtype == jnp.asarray(b).dtype
+    if jnp.issubdtype(jnp.asarray(a).dtype, jnp.floating):
+      assert jnp.allclose(a, b, rtol=1e-5, atol=1e-6, equal_nan=True), name
+    else:
+      assert jnp.array_equal(a, b), name
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="an XLA:CPU option")
+def test_fewer_copies_keeps_no_copy_of_the_donated_parameters():
+  """With the instruments' per-turn branches, XLA:CPU's default copy insertion copies the
+  donated kernels before the step reads them; region-based live ranges do not."""
+
+  def kernel_copies(options: dict | None) -> int:
+    step, state, (x, y) = _instrumented_step(options)
+    hlo = step.lower(*state, x, y).compile().as_text()
+    return sum(
+      1
+      for line in hlo.splitlines()
+      if " copy(" in line and "f32[256,128]" in line.split("copy(")[0] and "params" in line
+    )
+
+  assert kernel_copies(None) >= 1  # The finding the option is for (jax 0.10's XLA:CPU).
+  assert kernel_copies(xla.FEWER_COPIES) == 0
+
+
+def test_compiler_options_by_name():
+  assert xla.compiler_options(None) is None and xla.compiler_options([]) is None
+  both = xla.compiler_options(["fewer_copies", "lean_compile"])
+  assert both == {**xla.FEWER_COPIES, **xla.LEAN_COMPILE} and len(both) == 2
+  assert xla.compiler_options("lean_compile") == xla.LEAN_COMPILE
+  with pytest.raises(ValueError, match=r"unknown name 'fast'; expected some of \['fewer_copies'"):
+    xla.compiler_options(["lean_compile", "fast"])

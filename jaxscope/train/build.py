@@ -12,6 +12,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jaxscope import xla
 from jaxscope.metrics.instruments import Instruments
 from jaxscope.metrics.scope import Scope
 from jaxscope.models import growth
@@ -117,6 +118,7 @@ class Setup(NamedTuple):
       ),
       static_argnames=("measure", "phase"),
       donate_argnums=0,
+      compiler_options=xla.compiler_options(c.xla_options),
       **layout,
     )
 
