@@ -94,6 +94,15 @@ def test_lists(capsys):
   assert "digits" in text and "needs --data-dir" in text and "embedded" in text
 
 
+@pytest.mark.parametrize("command", ["train", "plot", "diagnose", "list-metrics"])
+def test_help_of_every_option_renders(command, capsys):
+  """argparse formats each help text with ``%``: a bare percent sign in one breaks --help."""
+  with pytest.raises(SystemExit) as e:
+    main([command, "--help"])
+  assert e.value.code == 0
+  assert "usage:" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
   "argv, message",
   [
@@ -104,6 +113,7 @@ def test_lists(capsys):
     (["train", "--model", "vgg99", "--steps", "1"], "vgg99"),
     (["train", "--dataset", "mnist", "--steps", "1"], "data"),
     (["train", "--opt-args", "momentum", "--steps", "1"], "key=value"),
+    (["train", "--xla-options", "fast", "--steps", "1"], "unknown name 'fast'"),
     (["plot", "/nonexistent/run"], "not a run directory"),
   ],
 )
