@@ -34,12 +34,13 @@ are XLA:CPU debug options that :func:`jax.jit` takes for one program
   parameter update and copies the parameters and the previous update first; on the MNIST
   MLP the ``business`` step's temporaries are 51 MB with the copies and 25 MB without,
   under glibc's 32 MB limit for memory it keeps, so the step stops faulting fresh pages
-  in on every call. On the 3c3d CNN the same option raises the temporaries (355 to
-  611 MB for ``business``).
+  in on every call (106 against 84 ms). On the 3c3d CNN the same option raises the
+  temporaries (355 to 611 MB for ``business``), and the MLP's bare SGD step is slower
+  with it (6.8 against 5.5 ms).
 * :data:`LEAN_COMPILE`, XLA:CPU's older elemental emitters in place of its MLIR fusion
   emitters. Compiling the 3c3d ``full`` step takes the process from 500 to 800 MB
-  instead of 1770 MB, and that step's ``business`` form runs 7 % faster; on the MNIST
-  MLP the instruments' steps run about 10 % slower with it.
+  instead of 1770 MB (the run's peak 1320 against 1748 MB), and the 3c3d ``business``
+  step runs 7 % faster; on the MNIST MLP the instruments' steps run 11–24 % slower.
 
 The environment variable ``JAXSCOPE_XLA_DEFAULTS``, read on import, chooses: unset or
 ``1``, both (unset: the flag only under a verified jaxlib, below); ``trim``, only the
