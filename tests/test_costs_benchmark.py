@@ -167,3 +167,19 @@ def test_rows_keep_only_the_named_rows_and_the_base_steps():
   assert set(kept) == {"bare", "loss", "instruments/business", "xla_floor/hvps"}
   with pytest.raises(ValueError, match="instruments/business"):
     costs.variants(problem, "scope", ["instruments/business"])
+
+
+@pytest.mark.slow
+def test_compiler_options_memory_children_compile_with_their_option():
+  """Each fresh process of ``benchmarks/compiler_options.py --memory`` compiles the step
+  with its own option: its XLA temporaries are the ones the option gives in this process."""
+  from benchmarks import compiler_options as co
+
+  rows = co.memory_rows(["mnist_mlp:bare:1"])
+  assert [r["option"] for r in rows] == list(co.OPTIONS)
+  problem = problems.mnist_mlp()
+  for r in rows:
+    assert r["rss_before_mb"] < r["rss_after_compile_mb"] <= r["peak_rss_mb"]
+    assert r["temp_mb"] == pytest.approx(co.temp_mb(problem, None, r["option"]), abs=0.05)
+  temps = {r["option"]: r["temp_mb"] for r in rows}
+  assert temps["fewer_copies"] < temps["default"]  # The bare step's kernel copies (README).
