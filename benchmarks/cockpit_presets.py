@@ -61,6 +61,7 @@ from benchmarks.common import (  # noqa: E402
   problem_list,
   write_json,
 )
+from jaxscope import xla  # noqa: E402
 from jaxscope.metrics import curvature, instruments  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "cockpit-presets-cpu.json"
@@ -117,13 +118,18 @@ def make_step(
 
 
 def time_variants(
-  problem: problems.Problem, reps: int, variants: Sequence[str] = ("bare", *PRESETS)
+  problem: problems.Problem,
+  reps: int,
+  variants: Sequence[str] = ("bare", *PRESETS),
+  xla_options: Sequence[str] = (),
 ) -> dict[str, np.ndarray]:
-  """Interleaved timings per variant (ms): ``bare`` and instrument presets."""
+  """Interleaved timings per variant (ms): ``bare`` and instrument presets, each step
+  compiled with the named :data:`jaxscope.xla.STEP_OPTIONS`."""
+  options = xla.compiler_options(list(xla_options))
   names = list(variants)
   steps, states = {}, {}
   for name in names:
-    step, opt_state, istate = make_step(problem, None if name == "bare" else name)
+    step, opt_state, istate = make_step(problem, None if name == "bare" else name, options)
     steps[name] = step
     states[name] = (copy_tree(problem.params), opt_state, istate)
   x, y = problem.x, problem.y
@@ -215,10 +221,18 @@ def lanczos_reference(problem: problems.Problem, params: Any, iters: int = 60) -
   return float(ev[np.argmax(np.abs(ev))])
 
 
-def peak_rss_mb(problem: str, variant: str, steps: int = 4) -> float:
-  """Peak RSS (MB) of a fresh process running ``steps`` steps of one variant."""
+def peak_rss_mb(
+  problem: str, variant: str, steps: int = 4, xla_options: Sequence[str] = ()
+) -> float:
+  """Peak RSS (MB) of a fresh process running ``steps`` steps of one variant (compiled
+  with the named :data:`jaxscope.xla.STEP_OPTIONS`)."""
   out = subprocess.run(
-    [sys.executable, __file__, "--peak-rss", f"{problem}:{variant}:{steps}"],
+    [
+      sys.executable,
+      __file__,
+      "--peak-rss",
+      f"{problem}:{variant}:{steps}:{','.join(xla_options)}",
+    ],
     capture_output=True,
     text=True,
     check=True,
@@ -228,9 +242,10 @@ def peak_rss_mb(problem: str, variant: str, steps: int = 4) -> float:
 
 
 def _peak_rss_child(spec: str) -> None:
-  pname, variant, steps = spec.split(":")
+  pname, variant, steps, *names = spec.split(":")  # problem:variant:steps[:option,…]
   problem = problems.get(pname)
-  step, opt_state, istate = make_step(problem, None if variant == "bare" else variant)
+  options = xla.compiler_options([n for n in ",".join(names).split(",") if n])
+  step, opt_state, istate = make_step(problem, None if variant == "bare" else variant, options)
   state = (copy_tree(problem.params), opt_state, istate)
   for _ in range(int(steps)):
     out = step(*state, problem.x, problem.y)
@@ -243,21 +258,28 @@ def _peak_rss_child(spec: str) -> None:
   print(json.dumps({"peak_rss_mb": round(hwm_kib / 1024, 1)}))
 
 
-def run(problem_names: Sequence[str], reps: int | None, memory: bool) -> dict[str, Any]:
-  """Runs the benchmark; returns the JSON-ready report."""
+def run(
+  problem_names: Sequence[str],
+  reps: int | None,
+  memory: bool,
+  xla_options: Sequence[str] = (),
+) -> dict[str, Any]:
+  """Runs the benchmark; returns the JSON-ready report (every step compiled with the
+  named :data:`jaxscope.xla.STEP_OPTIONS`; the ``hess_max_ev`` check with XLA's own)."""
   records = []
   for pname in problem_names:
     problem = problems.get(pname)
     n = reps if reps is not None else max(problem.default_reps // 2, 5)
     print(f"{pname}: {n} interleaved repetitions of bare, {', '.join(PRESETS)}")
-    times = time_variants(problem, n)
+    times = time_variants(problem, n, xla_options=xla_options)
     ev = max_ev_error(problem, WARMUP_MAX_EV)
     print(
       f"  hess_max_ev {ev['estimate']:.4g} vs Lanczos {ev['reference']:.4g} "
       f"({100 * ev['rel_error']:.2f} %)"
     )
     bare = float(np.median(times["bare"]))
-    rss = {v: peak_rss_mb(pname, v) for v in ["bare", *PRESETS]} if memory else {}
+    variants = ["bare", *PRESETS]
+    rss = {v: peak_rss_mb(pname, v, xla_options=xla_options) for v in variants} if memory else {}
     for preset in PRESETS:
       med = float(np.median(times[preset]))
       records.append(
@@ -279,6 +301,7 @@ def run(problem_names: Sequence[str], reps: int | None, memory: bool) -> dict[st
   return {
     **environment(),
     "learning_rate": LEARNING_RATE,
+    "xla_options": list(xla_options),
     "targets": {**TARGETS, "peak_rss_mb": PEAK_RSS_TARGET_MB, "hess_max_ev_rel_error": 0.05},
     "records": records,
   }
@@ -315,6 +338,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
   )
   ap.add_argument("--reps", type=int, default=None, help="timed calls per variant.")
   ap.add_argument("--no-memory", action="store_true", help="skip the peak-RSS processes.")
+  ap.add_argument(
+    "--xla-options",
+    default="",
+    help="comma list of jaxscope.xla.STEP_OPTIONS for every step (default: none).",
+  )
   ap.add_argument("--peak-rss", default=None, help=argparse.SUPPRESS)
   args = ap.parse_args(argv)
   if args.peak_rss:
@@ -322,7 +350,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     return None
   if args.reps is not None and args.reps < 1:
     ap.error("--reps must be >= 1.")
-  report = run(args.problems, args.reps, not args.no_memory)
+  names = [n for n in args.xla_options.split(",") if n]
+  try:
+    xla.compiler_options(names)
+  except ValueError as e:
+    ap.error(str(e))
+  report = run(args.problems, args.reps, not args.no_memory, names)
   print(format_table(report))
   write_json(report, args.out)
   print(f"wrote {args.out}")
