@@ -67,6 +67,7 @@ import ctypes.util
 import importlib.metadata
 import os
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 __all__ = [
@@ -191,7 +192,7 @@ def apply_defaults(environ: Any = None) -> dict[str, bool]:
   return defaults()
 
 
-def compiler_options(names: Any) -> dict[str, Any] | None:
+def compiler_options(names: str | Sequence[str] | None) -> dict[str, Any] | None:
   """The ``compiler_options`` of :func:`jax.jit` for the named :data:`STEP_OPTIONS`.
 
   Args:
@@ -212,10 +213,8 @@ def compiler_options(names: Any) -> dict[str, Any] | None:
   """
   if not names:
     return None
-  if isinstance(names, str):
-    names = [names]
   out: dict[str, Any] = {}
-  for name in names:
+  for name in [names] if isinstance(names, str) else names:
     if name not in STEP_OPTIONS:
       raise ValueError(
         f"xla options: unknown name {name!r}; expected some of {sorted(STEP_OPTIONS)}."
