@@ -15,7 +15,10 @@ train step per variant:
 
 The variants are compiled and warmed up, then timed interleaved in one process (the order
 rotated each repetition), each training its own parameters with donated buffers. The
-report holds medians, IQRs and ratios to the bare step.
+report holds medians, IQRs and ratios to the bare step. Each step is compiled with the
+XLA:CPU options ``jaxscope train`` chooses for it by default (``--xla-options auto``,
+:func:`jaxscope.xla.step_options`: ``lean_compile`` on the CNN, ``fewer_copies`` for the
+MLP's ``business`` and ``full``); ``--xla-options none`` gives XLA's own.
 
 Peak memory: each variant runs again in a fresh process (``--peak-rss``) for a few steps,
 and the process's peak resident set size (``VmHWM``) is reported, as in Cockpit's
@@ -59,6 +62,7 @@ from benchmarks.common import (  # noqa: E402
   environment,
   iqr,
   problem_list,
+  step_options,
   write_json,
 )
 from jaxscope import xla  # noqa: E402
@@ -117,6 +121,13 @@ def make_step(
   )
 
 
+def variant_options(problem: problems.Problem, variant: str, names: Sequence[str]) -> list[str]:
+  """The options a variant's step is compiled with: ``names``, where ``["auto"]`` is what
+  ``jaxscope train`` would choose (:func:`benchmarks.common.step_options`; the Hutchinson
+  sums are in ``business`` and ``full``)."""
+  return step_options(problem, names, hessian_sums=variant in ("business", "full"))
+
+
 def time_variants(
   problem: problems.Problem,
   reps: int,
@@ -124,11 +135,11 @@ def time_variants(
   xla_options: Sequence[str] = (),
 ) -> dict[str, np.ndarray]:
   """Interleaved timings per variant (ms): ``bare`` and instrument presets, each step
-  compiled with the named :data:`jaxscope.xla.STEP_OPTIONS`."""
-  options = xla.compiler_options(list(xla_options))
+  compiled with the named :data:`jaxscope.xla.STEP_OPTIONS` (:func:`variant_options`)."""
   names = list(variants)
   steps, states = {}, {}
   for name in names:
+    options = xla.compiler_options(variant_options(problem, name, xla_options))
     step, opt_state, istate = make_step(problem, None if name == "bare" else name, options)
     steps[name] = step
     states[name] = (copy_tree(problem.params), opt_state, istate)
@@ -279,7 +290,8 @@ def run(
     )
     bare = float(np.median(times["bare"]))
     variants = ["bare", *PRESETS]
-    rss = {v: peak_rss_mb(pname, v, xla_options=xla_options) for v in variants} if memory else {}
+    chosen = {v: variant_options(problem, v, xla_options) for v in variants}
+    rss = {v: peak_rss_mb(pname, v, xla_options=chosen[v]) for v in variants} if memory else {}
     for preset in PRESETS:
       med = float(np.median(times[preset]))
       records.append(
@@ -295,6 +307,8 @@ def run(
           "peak_rss_mb": rss.get(preset),
           "bare_peak_rss_mb": rss.get("bare"),
           "reps": n,
+          "xla_options": chosen[preset],
+          "bare_xla_options": chosen["bare"],
           **({"hess_max_ev": ev} if preset == "full" else {}),
         }
       )
@@ -340,8 +354,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
   ap.add_argument("--no-memory", action="store_true", help="skip the peak-RSS processes.")
   ap.add_argument(
     "--xla-options",
-    default="",
-    help="comma list of jaxscope.xla.STEP_OPTIONS for every step (default: none).",
+    default="auto",
+    help="comma list of jaxscope.xla.STEP_OPTIONS for every step; 'auto' (the default): "
+    "per step what jaxscope train chooses (jaxscope.xla.step_options); 'none': XLA's own.",
   )
   ap.add_argument("--peak-rss", default=None, help=argparse.SUPPRESS)
   args = ap.parse_args(argv)
@@ -352,9 +367,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     ap.error("--reps must be >= 1.")
   names = [n for n in args.xla_options.split(",") if n]
   try:
-    xla.compiler_options(names)
+    if names not in (["auto"], ["none"]):
+      xla.compiler_options(names)
   except ValueError as e:
-    ap.error(str(e))
+    ap.error(f"{e}; or auto or none")
   report = run(args.problems, args.reps, not args.no_memory, names)
   print(format_table(report))
   write_json(report, args.out)

@@ -7,6 +7,7 @@ import argparse
 import os
 import subprocess
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +15,17 @@ import jax
 import numpy as np
 
 from benchmarks import problems
-from jaxscope import record
+from jaxscope import record, xla
 
-__all__ = ["copy_tree", "environment", "git_version", "iqr", "problem_list", "write_json"]
+__all__ = [
+  "copy_tree",
+  "environment",
+  "git_version",
+  "iqr",
+  "problem_list",
+  "step_options",
+  "write_json",
+]
 
 _ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,6 +33,35 @@ _ROOT = Path(__file__).resolve().parents[1]
 def copy_tree(tree: Any) -> Any:
   """Fresh device copies of every leaf (a donated step consumes its inputs)."""
   return jax.tree.map(lambda a: a.copy(), tree)
+
+
+_CONVOLUTIONAL: dict[str, bool] = {}
+
+
+def _convolutional(problem: problems.Problem) -> bool:
+  if problem.name not in _CONVOLUTIONAL:
+    _CONVOLUTIONAL[problem.name] = xla.has_convolution(
+      problem.loss, problem.params, problem.x[:1], problem.y[:1]
+    )
+  return _CONVOLUTIONAL[problem.name]
+
+
+def step_options(
+  problem: problems.Problem, names: Sequence[str], *, hessian_sums: bool
+) -> list[str]:
+  """The :data:`jaxscope.xla.STEP_OPTIONS` a benchmark compiles a step of ``problem`` with.
+
+  ``["auto"]``: what ``jaxscope train`` chooses by default
+  (:func:`jaxscope.xla.step_options` for the problem's model and whether the step adds up
+  Hutchinson sums); ``["none"]`` or none: XLA's own; other names as given."""
+  names = list(names)
+  if names == ["auto"]:
+    return xla.step_options(
+      convolutional=_convolutional(problem),
+      hessian_sums=hessian_sums,
+      platform=jax.default_backend(),
+    )
+  return [] if names == ["none"] else names
 
 
 def git_version() -> str | None:

@@ -36,6 +36,11 @@ statistic of the scope on its own, the scope presets, every Cockpit quantity of
   computes ``k`` of them (:mod:`benchmarks.hvp_floor`, row ``xla_floor/hvps``) plus the
   roofline floor of the rest (``xla_floor_extra_ms``; :func:`_hvp_floors`).
 
+Every step, floor programs included, is compiled with the XLA:CPU options ``jaxscope
+train`` chooses for it by default (``--xla-options auto``, :func:`jaxscope.xla.step_options`:
+``lean_compile`` on a convolutional model, else ``fewer_copies`` for a step with the
+Hutchinson sums, else none); ``--xla-options none`` gives XLA's own everywhere.
+
 The floors of the measurements are tabulated in :mod:`benchmarks.floors`, with the model's
 shape and the machine's rates they use. Nothing is timed in the tests; the script writes
 JSON to ``benchmarks/results/costs-cpu.json`` (``--out``).
@@ -60,11 +65,22 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from benchmarks import hvp_floor, problems, scope_floor  # noqa: E402
-from benchmarks.common import copy_tree, environment, iqr, problem_list, write_json  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+  copy_tree,
+  environment,
+  iqr,
+  problem_list,
+  step_options,
+  write_json,
+)
 from benchmarks.floors import floor, floor_ms, machine_rates, shape_facts  # noqa: E402
-from jaxscope import metrics, transforms  # noqa: E402
+from jaxscope import metrics, transforms, xla  # noqa: E402
 from jaxscope.metrics import instruments as make_instruments  # noqa: E402
-from jaxscope.metrics.instruments import INSTRUMENT_PRESETS, QUANTITIES  # noqa: E402
+from jaxscope.metrics.instruments import (  # noqa: E402
+  HUTCHINSON_QUANTITIES,
+  INSTRUMENT_PRESETS,
+  QUANTITIES,
+)
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "costs-cpu.json"
 LEARNING_RATE = 0.01
@@ -72,6 +88,14 @@ WARMUP = 3
 K_PROBES = 8  # The instruments' default ``hutchinson_probes``.
 
 Step = Callable[..., tuple[Any, ...]]
+#: The ``--xla-options`` names every step is compiled with (``["auto"]``: per step what
+#: ``jaxscope train`` chooses, :func:`benchmarks.common.step_options`).
+XLA_OPTIONS: list[str] = ["auto"]
+
+
+def _options(problem: problems.Problem, hessian_sums: bool = False) -> dict[str, Any] | None:
+  """``jax.jit``'s ``compiler_options`` for a step of ``problem`` under :data:`XLA_OPTIONS`."""
+  return xla.compiler_options(step_options(problem, XLA_OPTIONS, hessian_sums=hessian_sums))
 
 
 # --------------------------------------------------------------------------- the variants
@@ -99,7 +123,8 @@ def scope_step(problem: problems.Problem, sc: Any) -> tuple[Step, tuple]:
       out = (loss, transforms.monitored_metrics(opt_state))
     return optax.apply_updates(params, updates), opt_state, out
 
-  return jax.jit(step, donate_argnums=(0, 1)), (copy_tree(problem.params), tx.init(problem.params))
+  jitted = jax.jit(step, donate_argnums=(0, 1), compiler_options=_options(problem))
+  return jitted, (copy_tree(problem.params), tx.init(problem.params))
 
 
 #: The least XLA program for a scope row: ``{row: (topics, sums)}``. The program is the bare
@@ -130,7 +155,8 @@ def xla_floor_step(problem: problems.Problem, row: str) -> tuple[Step, tuple]:
     ]
     return optax.apply_updates(params, updates), opt_state, (loss, jnp.stack(sums))
 
-  return jax.jit(step, donate_argnums=(0, 1)), (copy_tree(problem.params), tx.init(problem.params))
+  jitted = jax.jit(step, donate_argnums=(0, 1), compiler_options=_options(problem))
+  return jitted, (copy_tree(problem.params), tx.init(problem.params))
 
 
 def instrument_step(problem: problems.Problem, quantities: Sequence[str]) -> tuple[Step, tuple]:
@@ -146,7 +172,8 @@ def instrument_step(problem: problems.Problem, quantities: Sequence[str]) -> tup
     return optax.apply_updates(params, updates), opt_state, istate, values
 
   state = (copy_tree(problem.params), tx.init(problem.params), inst.init(problem.params))
-  return jax.jit(step, donate_argnums=(0, 1, 2)), state
+  options = _options(problem, hessian_sums=bool(set(quantities) & HUTCHINSON_QUANTITIES))
+  return jax.jit(step, donate_argnums=(0, 1, 2), compiler_options=options), state
 
 
 def variants(
@@ -169,13 +196,17 @@ def variants(
       out[f"scope/{preset}"] = lambda p=preset: scope_step(problem, metrics.scope(preset=p))
     for row in XLA_FLOORS:
       out[f"xla_floor/{row}"] = lambda r=row: xla_floor_step(problem, r)
-    out["xla_floor/scope/full"] = lambda: scope_floor.full_step(problem, LEARNING_RATE)
+    out["xla_floor/scope/full"] = lambda: scope_floor.full_step(
+      problem, LEARNING_RATE, _options(problem)
+    )
   if which in ("all", "instruments"):
     for q in QUANTITIES:
       out[q] = lambda q=q: instrument_step(problem, (q,))
     for preset, qs in INSTRUMENT_PRESETS.items():
       out[f"instruments/{preset}"] = lambda qs=qs: instrument_step(problem, qs)
-    out["xla_floor/hvps"] = lambda: hvp_floor.hvps_step(problem, K_PROBES, LEARNING_RATE)
+    out["xla_floor/hvps"] = lambda: hvp_floor.hvps_step(
+      problem, K_PROBES, LEARNING_RATE, _options(problem)
+    )
   if rows is not None:
     unknown = sorted(set(rows) - set(out))
     if unknown:
@@ -286,7 +317,12 @@ def run(
   rows_only: Sequence[str] | None = None,
 ) -> dict[str, Any]:
   """Measures every problem of ``names`` (``rows_only``: those rows); returns the report."""
-  report: dict[str, Any] = {"environment": environment(), "block": block, "problems": {}}
+  report: dict[str, Any] = {
+    "environment": environment(),
+    "block": block,
+    "xla_options": list(XLA_OPTIONS),
+    "problems": {},
+  }
   for name in names:
     problem = problems.get(name)
     facts = shape_facts(problem)
@@ -386,7 +422,12 @@ def floors_only(
   alone would make (``floor_step_ratio``), against its base step timed here (medians of
   ``reps``, default 5). For a problem whose measured steps take seconds (the 3c3d's
   Hessian presets), this says in a minute whether a target can be met at all."""
-  report: dict[str, Any] = {"environment": environment(), "floors_only": True, "problems": {}}
+  report: dict[str, Any] = {
+    "environment": environment(),
+    "floors_only": True,
+    "xla_options": list(XLA_OPTIONS),
+    "problems": {},
+  }
   for name in names:
     problem = problems.get(name)
     facts = shape_facts(problem)
@@ -447,7 +488,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     "--floors-only", action="store_true",
     help="compute the floors and time only the base steps (no measurement is timed)",
   )  # fmt: skip
+  ap.add_argument(
+    "--xla-options", default="auto",
+    help="comma list of jaxscope.xla.STEP_OPTIONS for every step; 'auto' (the default): per "
+    "step what jaxscope train chooses (jaxscope.xla.step_options); 'none': XLA's own",
+  )  # fmt: skip
   args = ap.parse_args(argv)
+  names = [n for n in args.xla_options.split(",") if n]
+  if names not in (["auto"], ["none"]):
+    try:
+      xla.compiler_options(names)
+    except ValueError as e:
+      ap.error(f"{e}; or auto or none")
+  XLA_OPTIONS[:] = names
   if args.reps is not None and args.reps < 1:
     ap.error(f"--reps must be >= 1, got {args.reps}")
   if args.block < 1:

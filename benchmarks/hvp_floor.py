@@ -50,8 +50,11 @@ def probe(params: Any, i: int) -> Any:
   return jax.tree.unflatten(treedef, z)
 
 
-def hvps_step(problem: problems.Problem, k: int, learning_rate: float) -> tuple[Any, tuple]:
-  """The jitted SGD step that also computes ``Σₖ zₖᵀ H zₖ`` over ``k`` Rademacher probes."""
+def hvps_step(
+  problem: problems.Problem, k: int, learning_rate: float, compiler_options: Any = None
+) -> tuple[Any, tuple]:
+  """The jitted SGD step that also computes ``Σₖ zₖᵀ H zₖ`` over ``k`` Rademacher probes
+  (``compiler_options``: ``jax.jit``'s)."""
   tx = optax.sgd(learning_rate)
 
   def step(params: Any, opt_state: Any, x: jax.Array, y: jax.Array) -> Any:
@@ -65,4 +68,4 @@ def hvps_step(problem: problems.Problem, k: int, learning_rate: float) -> tuple[
     return optax.apply_updates(params, updates), opt_state, total
 
   state = (copy_tree(problem.params), tx.init(problem.params))
-  return jax.jit(step, donate_argnums=(0, 1)), state
+  return jax.jit(step, donate_argnums=(0, 1), compiler_options=compiler_options), state

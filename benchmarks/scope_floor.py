@@ -54,8 +54,11 @@ def _power_pair(w: jax.Array) -> jax.Array:
   return jnp.linalg.norm(m.T @ (m @ v))
 
 
-def full_step(problem: problems.Problem, learning_rate: float) -> tuple[Any, tuple]:
-  """The jitted SGD step computing only the ``full`` preset's sums, counts and products."""
+def full_step(
+  problem: problems.Problem, learning_rate: float, compiler_options: Any = None
+) -> tuple[Any, tuple]:
+  """The jitted SGD step computing only the ``full`` preset's sums, counts and products
+  (``compiler_options``: ``jax.jit``'s)."""
   tx = optax.sgd(learning_rate)
 
   def step(params: Any, opt_state: Any, x: jax.Array, y: jax.Array) -> Any:
@@ -71,7 +74,8 @@ def full_step(problem: problems.Problem, learning_rate: float) -> tuple[Any, tup
     spectral = jnp.stack([_power_pair(w) for w in trees[0] if w.ndim >= 2])
     return new, opt_state, (loss, jnp.stack(sums), counts, spectral)
 
-  return jax.jit(step, donate_argnums=(0, 1)), (copy_tree(problem.params), tx.init(problem.params))
+  jitted = jax.jit(step, donate_argnums=(0, 1), compiler_options=compiler_options)
+  return jitted, (copy_tree(problem.params), tx.init(problem.params))
 
 
 def _sumsq(x: jax.Array) -> jax.Array:

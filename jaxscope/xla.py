@@ -80,6 +80,8 @@ __all__ = [
   "apply_defaults",
   "compiler_options",
   "defaults",
+  "has_convolution",
+  "step_options",
 ]
 
 #: The XLA:CPU flag jaxscope adds to ``XLA_FLAGS`` (see the module docstring).
@@ -227,3 +229,84 @@ def defaults() -> dict[str, bool]:
   """What jaxscope changed on import: ``scheduler_flag`` (:data:`SCHEDULER_FLAG` added to
   ``XLA_FLAGS``) and ``release_compiler_memory`` (the ``malloc_trim`` listener)."""
   return dict(_applied)
+
+
+def step_options(*, convolutional: bool, hessian_sums: bool, platform: str = "cpu") -> list[str]:
+  """The per-step options jaxscope chooses for a step (``jaxscope train``'s default).
+
+  Each option is chosen where the benchmarks measured it to help and not where they
+  measured it to cost (``benchmarks/compiler_options.py``, README "XLA:CPU options per
+  step"):
+
+  * ``lean_compile`` for a step with a convolution: on the 3c3d CNN every step was faster
+    with it and its compilation took about half the memory (the ``full`` step's peak
+    1320 against 1748 MB);
+  * otherwise ``fewer_copies`` for a step with the instruments' Hutchinson sums
+    (``hess_trace``, ``tic_diag``, ``tic_trace``), whose per-turn branches make XLA:CPU's
+    default copy insertion copy the donated parameters: on the MNIST MLP the ``business``
+    step 106 → 84 ms. Not for a convolutional step (its temporaries grow by 200–256 MB)
+    nor for a step without those sums (the MLP's SGD step is slower with it);
+  * nothing else, and nothing on another platform than the CPU (the options are XLA:CPU's,
+    and measured there only): XLA's own.
+
+  Args:
+    convolutional: whether the step runs a convolution (:func:`has_convolution`).
+    hessian_sums: whether it adds up Hutchinson probes in per-turn branches.
+    platform: the backend the step runs on (``jax.default_backend()``).
+
+  Returns:
+    Names for :func:`compiler_options` (possibly none).
+
+  Example:
+    >>> from jaxscope import xla
+    >>> xla.step_options(convolutional=False, hessian_sums=True)
+    ['fewer_copies']
+  """
+  if platform != "cpu":
+    return []
+  if convolutional:
+    return ["lean_compile"]
+  return ["fewer_copies"] if hessian_sums else []
+
+
+def has_convolution(fn: Any, *args: Any, **kwargs: Any) -> bool:
+  """Whether ``fn(*args, **kwargs)`` runs a convolution (``conv_general_dilated``).
+
+  ``fn`` is traced, not run (:func:`jax.make_jaxpr`; arrays or
+  :class:`jax.ShapeDtypeStruct` as arguments), and its program searched, sub-programs of
+  ``jit``, ``scan``, ``cond``, ``remat`` and custom derivatives included.
+
+  Args:
+    fn: a function of arrays (e.g. a model's ``apply`` or ``init``).
+    *args: its arguments.
+    **kwargs: its keyword arguments.
+
+  Returns:
+    ``True`` when a convolution is in its program.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from jaxscope import xla
+    >>> conv = lambda x: jax.lax.conv(x, jnp.ones((2, 1, 3, 3)), (1, 1), "SAME")
+    >>> xla.has_convolution(conv, jnp.ones((1, 1, 8, 8)))
+    True
+    >>> xla.has_convolution(jnp.tanh, jnp.ones(3))
+    False
+  """
+  import jax
+
+  closed = jax.make_jaxpr(fn)(*args, **kwargs)
+  return _has_primitive(closed.jaxpr, "conv_general_dilated")
+
+
+def _has_primitive(jaxpr: Any, name: str) -> bool:
+  """Whether ``jaxpr`` or a program in its equations' parameters uses primitive ``name``."""
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == name:
+      return True
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        inner = getattr(sub, "jaxpr", sub)  # A ClosedJaxpr's, or a Jaxpr itself.
+        if hasattr(inner, "eqns") and _has_primitive(inner, name):
+          return True
+  return False

@@ -457,3 +457,25 @@ def _resume_without_instrument_state(tmp_path):
   assert h.steps("norm_test").tolist() == [0, 1, 2, 3]
   assert h.steps("alpha").tolist() == [1, 3]  # none at step 2: its start point was not saved
   assert _finite(h, "alpha") and _finite(h, "activations/std/fc1")
+
+
+def test_xla_options_auto_resolves_per_model_and_is_recorded(tmp_path):
+  """The default (``auto``) is :func:`jaxscope.xla.step_options` of the model and the
+  instruments, recorded in ``config.json``; ``none`` is XLA's own; names are kept."""
+  from jaxscope.train.build import setup
+
+  assert setup(dataclasses.replace(FAST, metrics="none")).xla_options() == []
+  assert setup(dataclasses.replace(FAST, metrics="business")).xla_options() == ["fewer_copies"]
+  assert setup(
+    dataclasses.replace(FAST, model="lenet5", dataset="digits", metrics="none")
+  ).xla_options() == ["lean_compile"]
+  business = dataclasses.replace(FAST, metrics="business")
+  assert setup(dataclasses.replace(business, xla_options=["none"])).xla_options() == []
+  assert setup(dataclasses.replace(business, xla_options=["lean_compile"])).xla_options() == [
+    "lean_compile"
+  ]
+  r = _run(tmp_path, "auto", steps=2, metrics="business")
+  record = json.loads((r.run_dir / "config.json").read_text())
+  assert record["xla_options"] == ["auto"] and record["xla_step_options"] == ["fewer_copies"]
+  with pytest.raises(ValueError, match="'auto' and 'none' stand alone"):
+    _run(tmp_path, "x", xla_options=["auto", "lean_compile"])

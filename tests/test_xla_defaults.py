@@ -220,3 +220,42 @@ def test_compiler_options_by_name():
   assert xla.compiler_options("lean_compile") == xla.LEAN_COMPILE
   with pytest.raises(ValueError, match=r"unknown name 'fast'; expected some of \['fewer_copies'"):
     xla.compiler_options(["lean_compile", "fast"])
+
+
+@pytest.mark.parametrize(
+  ("model", "shape", "conv"),
+  [("mnist_mlp", (28, 28, 1), False), ("3c3d", (32, 32, 3), True), ("resnet20", (32, 32, 3), True)],
+)
+def test_has_convolution_finds_the_zoo_convolutions(model, shape, conv):
+  """Through flax's modules (and the ResNet's batch norm), from the traced ``init``."""
+  from jaxscope.models import registry
+
+  m = registry.build(model, input_shape=shape, num_classes=10)
+  x = jax.ShapeDtypeStruct((1, *shape), jnp.float32)
+  assert xla.has_convolution(m.init, jax.random.key(0), x) is conv
+
+
+def test_has_convolution_looks_inside_sub_programs():
+  """A convolution only inside ``scan``, ``cond`` or ``remat`` is found; one that is not
+  there is not invented."""
+  w = jnp.ones((1, 1, 3, 3))
+
+  def conv(x):
+    return jax.lax.conv(x, w, (1, 1), "SAME")
+
+  x = jnp.ones((1, 1, 8, 8))
+  in_scan = lambda x: jax.lax.scan(lambda c, _: (conv(c), None), x, None, length=2)[0]  # noqa: E731
+  in_cond = lambda x: jax.lax.cond(x.sum() > 0, conv, lambda y: y, x)  # noqa: E731
+  assert xla.has_convolution(in_scan, x)
+  assert xla.has_convolution(in_cond, x)
+  assert xla.has_convolution(jax.checkpoint(conv), x)
+  assert not xla.has_convolution(lambda x: jax.lax.scan(lambda c, _: (c * 2, None), x, None, 2), x)
+
+
+def test_step_options_follow_the_measurements():
+  assert xla.step_options(convolutional=True, hessian_sums=True) == ["lean_compile"]
+  assert xla.step_options(convolutional=True, hessian_sums=False) == ["lean_compile"]
+  assert xla.step_options(convolutional=False, hessian_sums=True) == ["fewer_copies"]
+  assert xla.step_options(convolutional=False, hessian_sums=False) == []
+  assert xla.step_options(convolutional=True, hessian_sums=True, platform="gpu") == []
+  assert xla.step_options(convolutional=False, hessian_sums=True, platform="tpu") == []

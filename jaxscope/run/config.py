@@ -455,8 +455,8 @@ class TrainConfig:
     "the model's own",
   )
   xla_options: list[str] | None = _opt(  # noqa: RUF009 (a field with metadata)
-    None,
     group=_DEVICES,
+    factory=lambda: ["auto"],
     parse=comma_list,
     metavar="NAME,…",
     help="XLA:CPU options of the train step's program (jaxscope.xla.STEP_OPTIONS): "
@@ -464,8 +464,9 @@ class TrainConfig:
     "the instruments' branches; the MNIST MLP's business step 106 -> 84 ms, the 3c3d's "
     "temporaries larger) and lean_compile (XLA:CPU's elemental emitters: compiling takes "
     "half the memory; the 3c3d's steps faster, the MLP's instrument steps 1.1-1.25 x "
-    "slower). "
-    "Default: XLA's own (README, XLA:CPU options per step)",
+    "slower); none (XLA's own); auto (jaxscope.xla.step_options: lean_compile for a "
+    "convolutional model, else fewer_copies with the Hessian trace or TIC instruments, else "
+    "none; config.json's xla_step_options says which; README, XLA:CPU options per step)",
   )
 
   @classmethod
@@ -518,10 +519,13 @@ def batch_split(mesh: Mapping[str, int] | None) -> int:
 
 def _check_devices(config: TrainConfig) -> None:
   """The mesh, the batch sizes it splits, the dtypes and the XLA options."""
+  names = list(config.xla_options or ())
+  if ("auto" in names or "none" in names) and len(names) > 1:
+    raise ValueError(f"train: xla_options: 'auto' and 'none' stand alone, got {','.join(names)!r}.")
   try:
-    compiler_options(config.xla_options)
+    compiler_options([n for n in names if n not in ("auto", "none")])
   except ValueError as e:
-    raise ValueError(f"train: {e}") from None
+    raise ValueError(f"train: {e}; or 'auto' or 'none'.") from None
   try:
     mesh = parse_mesh(config.mesh)
   except ValueError as e:
@@ -553,6 +557,8 @@ DERIVED_KEYS: dict[str, str] = {
   "process_count": "JAX processes (hosts) taking part in the run",
   "data_stats": "the training split's input scale, non-finite entries and class balance "
   "(jaxscope.data.data_stats), which the diagnoses read",
+  "xla_step_options": "the XLA:CPU options the train step was compiled with (xla_options "
+  "resolved; 'auto' by jaxscope.xla.step_options)",
   "config_history": "one entry per resume that changed the config: the first step computed "
   "with the new values, the time, and each changed field's old and new value "
   "(jaxscope.run.resume)",

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxscope import xla
-from jaxscope.metrics.instruments import Instruments
+from jaxscope.metrics.instruments import HUTCHINSON_QUANTITIES, Instruments
 from jaxscope.metrics.scope import Scope
 from jaxscope.models import growth
 from jaxscope.run import TrainConfig, check_config
@@ -95,6 +95,24 @@ class Setup(NamedTuple):
       return jax.jit(self.init_state)()
     return jax.jit(self.init_state, out_shardings=self.state_shardings())()
 
+  def xla_options(self) -> list[str]:
+    """The names of the XLA:CPU options the step is compiled with: ``config.xla_options``,
+    where ``None`` or ``["auto"]`` is :func:`jaxscope.xla.step_options` for this model and
+    these instruments, and ``["none"]`` is none (XLA's own)."""
+    names = list(self.config.xla_options or ["auto"])
+    if names == ["none"]:
+      return []
+    if names != ["auto"]:
+      return names
+    ds = self.dataset
+    x = jax.ShapeDtypeStruct((1, *ds.train_x.shape[1:]), jnp.asarray(ds.train_x[:1]).dtype)
+    quantities = set(self.instruments.quantities) if self.instruments is not None else set()
+    return xla.step_options(
+      convolutional=xla.has_convolution(self.model.init, jax.random.key(0), x),
+      hessian_sums=bool(quantities & HUTCHINSON_QUANTITIES),
+      platform=jax.default_backend(),
+    )
+
   def train_step(self) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
     """The jitted step (``measure`` and ``phase`` static, the state donated); on a mesh
     the new state keeps the state's shardings and the values are replicated."""
@@ -118,7 +136,7 @@ class Setup(NamedTuple):
       ),
       static_argnames=("measure", "phase"),
       donate_argnums=0,
-      compiler_options=xla.compiler_options(c.xla_options),
+      compiler_options=xla.compiler_options(self.xla_options()),
       **layout,
     )
 

@@ -202,6 +202,7 @@ def _start(
       device_count=1 if s.mesh is None else int(s.mesh.size),
       process_count=jax.process_count(),
       data_stats=data_stats(s.dataset),
+      xla_step_options=s.xla_options(),
       config_history=[  # ...unless it changes: then the change is recorded.
         *plan.old.get("config_history", []),
         *([history_entry(start, changes)] if changes else []),

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from jaxscope import tree as jtree
 
 __all__ = [
+  "HUTCHINSON_QUANTITIES",
   "INSTRUMENT_PRESETS",
   "QUANTITIES",
   "Config",
@@ -70,6 +71,9 @@ _SECOND_MOMENT = {"tic_diag", "tic_trace", "mean_gsnr", "cabs", "early_stopping"
 _SQ_NORMS = {"norm_test", "ortho_test", "per_example_norms"}
 _HIST = {"grad_hist_1d", "grad_hist_2d"}
 _HUTCHINSON = {"hess_trace", "tic_diag", "tic_trace"}
+#: The quantities estimated from Hutchinson probes, whose sums a step adds up in a branch
+#: per turn on the CPU (:func:`jaxscope.metrics.hutchinson.streamed_estimate`).
+HUTCHINSON_QUANTITIES: frozenset[str] = frozenset(_HUTCHINSON)
 _PROJ_GRAD = {"inner_test", "ortho_test"}
 _SCALARS = (
   "loss",
