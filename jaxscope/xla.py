@@ -22,10 +22,12 @@ XLA:CPU's scheduler and the compiler's freed memory"):
    compilation, ``malloc_trim(0)`` hands the free blocks back (under 1 ms, once per
    compilation). Linux with glibc only; elsewhere nothing is installed.
 
-Two per-program options, not defaults: each helps one workload and costs another, and both
-are XLA:CPU debug options that :func:`jax.jit` takes for one program
+Two per-program options, not process defaults: each helps one workload and costs another,
+and both are XLA:CPU debug options that :func:`jax.jit` takes for one program
 (``compiler_options=``), so a step can have them without changing the process
-(``benchmarks/compiler_options.py``, README "XLA:CPU options per step"):
+(``benchmarks/compiler_options.py``, README "XLA:CPU options per step").
+:func:`step_options` chooses them for a step from what it holds (a convolution, the
+instruments' Hutchinson sums), as ``jaxscope train`` does by default:
 
 * :data:`FEWER_COPIES`, copy insertion with region-based live ranges (XLA's GPU option,
   off on the CPU). Where the instruments' per-turn branches

@@ -114,6 +114,7 @@ def test_help_of_every_option_renders(command, capsys):
     (["train", "--dataset", "mnist", "--steps", "1"], "data"),
     (["train", "--opt-args", "momentum", "--steps", "1"], "key=value"),
     (["train", "--xla-options", "fast", "--steps", "1"], "unknown name 'fast'"),
+    (["train", "--xla-options", "auto,lean_compile", "--steps", "1"], "stand alone"),
     (["plot", "/nonexistent/run"], "not a run directory"),
   ],
 )
