@@ -211,7 +211,9 @@ def test_matches_dense_float64_reference(faithful, wd):
     sig = np.asarray(state.sigma[n])
     # The update is −α (P g + wd θ) with this U and σ …
     kept = sig > 0
-    np.testing.assert_allclose(U[:, kept].T @ U[:, kept], np.eye(kept.sum()), atol=1e-9)
+    # Orthonormal to rounding times the basis' conditioning: 1.4e-9 off on one machine
+    # (AMD EPYC), under 1e-9 on another, so the bound is 1e-8.
+    np.testing.assert_allclose(U[:, kept].T @ U[:, kept], np.eye(kept.sum()), atol=1e-8)
     scl = np.where(kept, np.where(kept, sig, 1.0) ** -0.5 - 1, 0.0)
     Pm = np.eye(U.shape[0]) + U @ np.diag(scl) @ U.T
     np.testing.assert_allclose(
