@@ -113,9 +113,12 @@ class Setup(NamedTuple):
       platform=jax.default_backend(),
     )
 
-  def train_step(self) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
-    """The jitted step (``measure`` and ``phase`` static, the state donated); on a mesh
-    the new state keeps the state's shardings and the values are replicated."""
+  def train_step(
+    self, xla_options: list[str] | None = None
+  ) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
+    """The jitted step (``measure`` and ``phase`` static, the state donated), compiled with
+    ``xla_options`` (default :meth:`xla_options`); on a mesh the new state keeps the
+    state's shardings and the values are replicated."""
     c = self.config
     layout = {}
     if self.mesh is not None:
@@ -136,7 +139,9 @@ class Setup(NamedTuple):
       ),
       static_argnames=("measure", "phase"),
       donate_argnums=0,
-      compiler_options=xla.compiler_options(self.xla_options()),
+      compiler_options=xla.compiler_options(
+        self.xla_options() if xla_options is None else xla_options
+      ),
       **layout,
     )
 

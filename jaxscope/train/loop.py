@@ -190,6 +190,7 @@ def _start(
       stacklevel=3,
     )
   record = None
+  xla_step = s.xla_options()  # Traces the model once: the record and the step share it.
   if not (start and layout.config.exists()) or changes:  # A resumed run keeps its config...
     record = config_record(
       config,
@@ -202,7 +203,7 @@ def _start(
       device_count=1 if s.mesh is None else int(s.mesh.size),
       process_count=jax.process_count(),
       data_stats=data_stats(s.dataset),
-      xla_step_options=s.xla_options(),
+      xla_step_options=xla_step,
       config_history=[  # ...unless it changes: then the change is recorded.
         *plan.old.get("config_history", []),
         *([history_entry(start, changes)] if changes else []),
@@ -210,7 +211,7 @@ def _start(
     )
   recorder = Recorder(layout.root, tensorboard=config.tensorboard, config=record)
   alpha_from = restored.alpha_from if restored else 1
-  loop = _Loop(s, state, recorder, ckpt, layout.root, t_start, alpha_from)
+  loop = _Loop(s, state, recorder, ckpt, layout.root, t_start, alpha_from, xla_step)
   return loop.run(start)
 
 
@@ -226,11 +227,12 @@ class _Loop:
     run_dir: Path,
     t_start: float,
     alpha_from: int,
+    xla_options: list[str],
   ) -> None:
     c = s.config
     self.s, self.state, self.recorder, self.ckpt = s, state, recorder, ckpt
     self.run_dir, self.t_start, self.alpha_from = run_dir, t_start, alpha_from
-    self.step_fn = s.train_step()
+    self.step_fn = s.train_step(xla_options)
     self.gather, self.evaluate = _data_paths(s)
     self.eval_every = c.eval_every or s.steps_per_epoch
     self.ckpt_every = s.steps_per_epoch if c.checkpoint_every is None else c.checkpoint_every
