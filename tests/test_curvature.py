@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from jaxscope.metrics import curvature
+from jaxscope.metrics import lanczos
 from jaxscope.metrics.curvature import (
   MaxEigState,
   alpha,
@@ -501,8 +501,8 @@ def test_two_pass_lanczos_matches_dense_and_measures_its_residual(n, k):
   v0 = rng.normal(size=n)
   v = {"a": jnp.asarray(v0 / np.linalg.norm(v0), jnp.float32)}
   hvp = _matrix_hvp(h)
-  lam, res, x = jax.jit(lambda v: curvature._lanczos_two_pass(hvp, v, k))(v)
-  ref_lam, ref_res, _ = jax.jit(lambda v: curvature._lanczos(hvp, v, k))(v)
+  lam, res, x = jax.jit(lambda v: lanczos.lanczos_two_pass(hvp, v, k))(v)
+  ref_lam, ref_res, _ = jax.jit(lambda v: lanczos.lanczos(hvp, v, k))(v)
   x = np.asarray(x["a"], np.float64)
   np.testing.assert_allclose(np.linalg.norm(x), 1.0, rtol=1e-5)
   rounding = 64 * np.finfo(np.float32).eps * np.abs(evals).max()
@@ -518,12 +518,12 @@ def test_two_pass_lanczos_breakdown_and_nan():
   u = np.linalg.qr(np.random.default_rng(0).normal(size=(12, 2)))[0]
   h = u @ np.diag([5.0, -2.0]) @ u.T
   v = {"a": jnp.full((12,), 12**-0.5, jnp.float32)}
-  lam, res, x = jax.jit(lambda v: curvature._lanczos_two_pass(_matrix_hvp(h), v, 10))(v)
+  lam, res, x = jax.jit(lambda v: lanczos.lanczos_two_pass(_matrix_hvp(h), v, 10))(v)
   np.testing.assert_allclose(float(lam), 5.0, rtol=1e-5)
   assert float(res) < 1e-4
   assert np.all(np.isfinite(np.asarray(x["a"])))
   nan_hvp = lambda v: {"a": v["a"] * jnp.nan}  # noqa: E731
-  lam, res, _ = jax.jit(lambda v: curvature._lanczos_two_pass(nan_hvp, v, 4))(v)
+  lam, res, _ = jax.jit(lambda v: lanczos.lanczos_two_pass(nan_hvp, v, 4))(v)
   assert np.isnan(float(lam)) and np.isnan(float(res))
 
 
@@ -562,7 +562,7 @@ def test_two_pass_lanczos_stops_once_converged():
     return {"a": hj @ v["a"]}
 
   v = {"a": jnp.full((60,), 60**-0.5, jnp.float32)}
-  lam, res, _ = jax.jit(lambda v: curvature._lanczos_two_pass(hvp, v, 20))(v)
+  lam, res, _ = jax.jit(lambda v: lanczos.lanczos_two_pass(hvp, v, 20))(v)
   jax.effects_barrier()
   np.testing.assert_allclose(float(lam), 100.0, rtol=1e-5)
   assert float(res) <= 1e-3 * 100.0
