@@ -305,6 +305,21 @@ def test_early_plateau():
     assert ("early_plateau" in _names(diagnose(_history(base)))) is found, rise
 
 
+def test_an_early_plateau_the_run_left_is_info():
+  """A flat start followed by a fit of the data (2.3 -> 0.05) is reported as info, no alarm;
+  the same start with a loss that stays far from a fit is a warning (issue 21: deep nets
+  with a small initialisation that ended as well as the healthy runs were flagged)."""
+  t = np.arange(N, dtype=np.float64)
+  base = _base(6)
+  base["loss"] = np.where(t < 200, 2.3, 2.3 * np.exp(-(t - 200) / 150) + 0.05)
+  f = _one(diagnose(_history(base)), "early_plateau")
+  assert f.severity == "info" and "The run left it" in f.summary
+  base["loss"] = np.where(t < 200, 2.3, 2.3 - 0.3 * (t - 200) / (N - 200))  # ends at 2.0
+  base["train/accuracy"] = np.full(N, 0.3)  # and learnt little
+  f = _one(diagnose(_history(base)), "early_plateau")
+  assert f.severity == "warning" and "left it" not in f.summary
+
+
 @pytest.mark.parametrize(("accuracy", "found"), [(None, True), (0.5, True), (0.95, False)])
 def test_late_plateau(accuracy, found):
   rng = np.random.default_rng(7)

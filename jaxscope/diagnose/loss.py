@@ -203,9 +203,13 @@ def _rule_early_plateau(h: History, th: Thresholds) -> list[Finding]:
   drop from the initial test loss (``test/loss``
   evaluated at the first step, when recorded) to the line's end: a loss that fell fast in
   its first steps and then wanders in minibatch noise is not a plateau (the line through
-  the window is flat, but the loss is far below where it started). Warning. Confidence:
-  ``plateau_rel_change`` over the larger drop, on the window's points.
-  Source: the lecture's "plateau at the start: bad initialisation".
+  the window is flat, but the loss is far below where it started). Warning, or info when
+  the run left the plateau: its last stretch fits the data
+  (:func:`_last_stretch_fit`, the test of ``late_plateau``) at a loss below the plateau's
+  end. A slow start the run recovered from cost steps, not the result (issue 21: deep
+  nets with a small initialisation that ended at or better than the healthy runs' loss
+  were flagged). Confidence: ``plateau_rel_change`` over the larger drop, on the
+  window's points. Source: the lecture's "plateau at the start: bad initialisation".
   """
   s = _stable_loss(h, th)
   if s is None:
@@ -224,11 +228,18 @@ def _rule_early_plateau(h: History, th: Thresholds) -> list[Finding]:
     f"{_fmt(start)} to {_fmt(end)} ({drop:.1%} drop, less than "
     f"{th.plateau_rel_change:.1%})."
   )
+  fit = _last_stretch_fit(h, th)
+  left = fit is not None and fit.far is None and fit.level < end
+  if left:
+    summary += (
+      f" The run left it: its loss ends at {_fmt(fit.level)}, a fit of the data, so the "
+      "slow start cost steps, not the result."
+    )
   margin = _margin(drop, th.plateau_rel_change, above=False)
   return [
     _finding(
       "early_plateau",
-      "warning",
+      "info" if left else "warning",
       summary,
       metric="loss",
       steps=[steps[0], steps[-1]],
