@@ -98,13 +98,8 @@ def lanczos(hvp: Hvp, v: PyTree, iters: int) -> tuple[jax.Array, jax.Array, PyTr
 
   q, alphas, betas = lax.fori_loop(0, k, body, (q0, alphas0, betas0))
   finite = jnp.all(jnp.isfinite(alphas)) & jnp.all(jnp.isfinite(betas))
-  alphas = jnp.where(finite, alphas, 0.0)
-  off = jnp.where(finite, betas[: k - 1], 0.0)
-  t = jnp.diag(alphas) + jnp.diag(off, 1) + jnp.diag(off, -1)
-  evals, evecs = jnp.linalg.eigh(t)
-  i = jnp.argmax(jnp.abs(evals))
-  lam = jnp.where(finite, evals[i], jnp.nan)
-  y = evecs[:, i]
+  theta, y = _ritz(jnp.where(finite, alphas, 0.0), jnp.where(finite, betas, 0.0), k)
+  lam = jnp.where(finite, theta, jnp.nan)
   res = jnp.where(finite, jnp.abs(betas[k - 1] * y[k - 1]), jnp.nan).astype(_F32)
   x = [jnp.tensordot(y.astype(qi.dtype), qi[:k], axes=1) for qi in q]
   return lam, res, jax.tree.unflatten(treedef, x)
