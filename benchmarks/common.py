@@ -81,13 +81,15 @@ def git_version() -> str | None:
 
 
 def environment() -> dict[str, Any]:
-  """Where a report was measured: device, jax version, CPU count, jaxscope commit."""
+  """Where a report was measured: device, jax version, CPU count, jaxscope commit, and the
+  process defaults jaxscope applied on import (:func:`jaxscope.xla.defaults`)."""
   dev = jax.devices()[0]
   return {
     "device": f"{dev.device_kind}/{dev.platform}",
     "jax": jax.__version__,
     "cpu_count": os.cpu_count(),
     "jaxscope_git": git_version(),
+    "jaxscope_process_defaults": xla.defaults(),
   }
 
 

@@ -1,7 +1,8 @@
-"""The XLA:CPU setting and the memory release jaxscope installs on import.
+"""The XLA:CPU setting and the memory settings jaxscope installs on import.
 
-Two process-wide defaults, measured by ``benchmarks/xla_defaults.py`` (README, "Memory:
-XLA:CPU's scheduler and the compiler's freed memory"):
+Three process-wide defaults, the first two measured by ``benchmarks/xla_defaults.py``
+(README, "Memory: XLA:CPU's scheduler and the compiler's freed memory"), the third by
+``benchmarks/costs.py`` (README, "XLA:CPU options per step"):
 
 1. **XLA:CPU's memory-minimising scheduler.** XLA:CPU orders a program's instructions
    with a breadth-first scheduler "optimized for concurrency" by default. In a step
@@ -21,6 +22,19 @@ XLA:CPU's scheduler and the compiler's freed memory"):
    are then allocated on top, and the process's peak is their sum. After each backend
    compilation, ``malloc_trim(0)`` hands the free blocks back (under 1 ms, once per
    compilation). Linux with glibc only; elsewhere nothing is installed.
+3. **A resident heap for the steps' temporaries.** XLA:CPU allocates a program's
+   temporaries as one block on every call and frees it after. glibc's ``malloc`` serves a
+   block over 32 MiB (its largest mmap threshold) with a fresh ``mmap`` and unmaps it on
+   ``free``, so a step whose temporaries exceed 32 MiB faults every page of them in again
+   on every call: the MNIST MLP's ``full`` instrument step (37.6 MiB) ran at 1.38× of its
+   XLA floor program, and at 1.18× with the heap kept. ``mallopt(M_MMAP_MAX, 0)`` serves
+   every block from the heap and ``mallopt(M_TRIM_THRESHOLD, 2**31 - 1)`` keeps freed
+   memory at its top, so the next call reuses the same pages. The process's peak is
+   unchanged (the 3c3d ``full`` step's 1277 against 1288 MB); memory freed below the top
+   is still returned after each compilation (default 2). Linux with glibc only, and not
+   where the environment already sets glibc's malloc (``MALLOC_MMAP_MAX_``,
+   ``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_TOP_PAD_``,
+   ``glibc.malloc`` in ``GLIBC_TUNABLES``).
 
 Two per-program options, not process defaults: each helps one workload and costs another,
 and both are XLA:CPU debug options that :func:`jax.jit` takes for one program
@@ -45,9 +59,12 @@ instruments' Hutchinson sums), as ``jaxscope train`` does by default:
   step runs 7 % faster; on the MNIST MLP the instruments' steps run 11–24 % slower.
 
 The environment variable ``JAXSCOPE_XLA_DEFAULTS``, read on import, chooses: unset or
-``1``, both (unset: the flag only under a verified jaxlib, below); ``trim``, only the
+``1``, all three (unset: the flag only under a verified jaxlib, below); ``trim``, only the
 release of compiler memory (XLA's own scheduler, which runs independent work side by
-side: up to 10 % faster for the heavy presets, at the memory cost above); ``0``, neither.
+side: up to 10 % faster for the heavy presets, at the memory cost above); ``0``, none; or
+a comma-separated list of the names :func:`defaults` reports (``scheduler_flag``,
+``release_compiler_memory``, ``resident_heap``), e.g.
+``JAXSCOPE_XLA_DEFAULTS=scheduler_flag,release_compiler_memory`` for glibc's own heap.
 :func:`defaults` says what was applied.
 
 XLA aborts the process on a flag it does not know (``Unknown flag in XLA_FLAGS``), and
@@ -59,7 +76,7 @@ adds it under any version.
 Example:
   >>> import jaxscope
   >>> sorted(jaxscope.xla.defaults())
-  ['release_compiler_memory', 'scheduler_flag']
+  ['release_compiler_memory', 'resident_heap', 'scheduler_flag']
 """
 
 from __future__ import annotations
@@ -73,6 +90,7 @@ from collections.abc import Sequence
 from typing import Any
 
 __all__ = [
+  "DEFAULT_NAMES",
   "ENV_OPT_OUT",
   "FEWER_COPIES",
   "LEAN_COMPILE",
@@ -88,10 +106,23 @@ __all__ = [
 
 #: The XLA:CPU flag jaxscope adds to ``XLA_FLAGS`` (see the module docstring).
 SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
-#: The environment variable that chooses the defaults: unset, both (the flag only under a
-#: jaxlib in :data:`VERIFIED_JAXLIB`); ``1``, both under any jaxlib; ``trim``, only the
-#: release of compiler memory; ``0``, neither.
+#: The environment variable that chooses the defaults: unset, all (the flag only under a
+#: jaxlib in :data:`VERIFIED_JAXLIB`); ``1``, all under any jaxlib; ``trim``, only the
+#: release of compiler memory; ``0``, none; or a comma-separated list of
+#: :data:`DEFAULT_NAMES`.
 ENV_OPT_OUT = "JAXSCOPE_XLA_DEFAULTS"
+#: The process defaults by name, as :func:`defaults` reports them.
+DEFAULT_NAMES: tuple[str, ...] = ("scheduler_flag", "release_compiler_memory", "resident_heap")
+#: glibc's ``mallopt`` parameters (``malloc.h``) and the trim threshold of the resident heap.
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+_RESIDENT_TRIM_THRESHOLD = 2**31 - 1
+#: Environment variables through which a user sets glibc's malloc (then left alone).
+_MALLOC_ENV = (
+  "MALLOC_MMAP_MAX_",
+  "MALLOC_MMAP_THRESHOLD_",
+  "MALLOC_TRIM_THRESHOLD_",
+  "MALLOC_TOP_PAD_",
+)
 #: The jaxlib ``(major, minor)`` versions whose XLA knows :data:`SCHEDULER_FLAG` (checked:
 #: an unknown flag aborts the process when the backend starts).
 VERIFIED_JAXLIB: tuple[tuple[int, int], ...] = ((0, 10),)
@@ -110,7 +141,7 @@ STEP_OPTIONS: dict[str, dict[str, Any]] = {
 #: ``tests/test_xla_defaults.py``, which checks that a compilation triggers the trim.
 _COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
-_applied: dict[str, bool] = {"scheduler_flag": False, "release_compiler_memory": False}
+_applied: dict[str, bool] = dict.fromkeys(DEFAULT_NAMES, False)
 
 
 def _backends_running() -> bool:
@@ -142,18 +173,39 @@ def _jaxlib_verified() -> bool:
     return False
 
 
+def _libc() -> Any:
+  """The C library (``None`` off Linux or where it cannot be loaded)."""
+  if not sys.platform.startswith("linux"):
+    return None
+  try:
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+  except OSError:
+    return None
+
+
 def _malloc_trim() -> Any:
   """glibc's ``malloc_trim`` (``None`` off Linux or where the C library has none, e.g. musl).
 
   Capping glibc's arenas as well (``mallopt(M_ARENA_MAX, 2)``) took another ~100 MB off
   the 3c3d full step's peak but made every step on the MNIST MLP 11–14 % slower (its
   threads then wait for each other's ``malloc``), so it is not done."""
-  if not sys.platform.startswith("linux"):
-    return None
-  try:
-    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-  except (OSError, AttributeError):
-    return None
+  return getattr(_libc(), "malloc_trim", None)
+
+
+def _keep_heap_resident(environ: Any, mallopt: Any = None) -> bool:
+  """Default 3 of the module docstring: glibc's ``malloc`` serves every block from its
+  heap and keeps freed memory at the top. Returns whether it was set."""
+  if any(name in environ for name in _MALLOC_ENV):
+    return False
+  if "glibc.malloc." in environ.get("GLIBC_TUNABLES", ""):
+    return False
+  mallopt = getattr(_libc(), "mallopt", None) if mallopt is None else mallopt
+  if mallopt is None:
+    return False
+  # Trim threshold first: with it, a block freed at the top is never handed back.
+  return bool(mallopt(_M_TRIM_THRESHOLD, _RESIDENT_TRIM_THRESHOLD)) and bool(
+    mallopt(_M_MMAP_MAX, 0)
+  )
 
 
 def _install_trim(trim: Any = None) -> Any:
@@ -173,6 +225,24 @@ def _install_trim(trim: Any = None) -> Any:
   return after_compile
 
 
+def _chosen(environ: Any) -> set[str]:
+  """The defaults :data:`ENV_OPT_OUT` asks for (see the module docstring)."""
+  choice = environ.get(ENV_OPT_OUT, "").strip().lower()
+  if choice in ("", "1", "true", "yes", "on"):
+    flag = choice != "" or _jaxlib_verified()
+    return set(DEFAULT_NAMES) - (set() if flag else {"scheduler_flag"})
+  if choice in ("0", "false", "no", "off"):
+    return set()
+  if choice == "trim":
+    return {"release_compiler_memory"}
+  names = {name.strip() for name in choice.split(",") if name.strip()}
+  if not names or not names <= set(DEFAULT_NAMES):
+    raise ValueError(
+      f"{ENV_OPT_OUT} must be 1, trim, 0 or names from {', '.join(DEFAULT_NAMES)}, got {choice!r}."
+    )
+  return names
+
+
 def apply_defaults(environ: Any = None) -> dict[str, bool]:
   """Applies the defaults of the module docstring once; returns :func:`defaults`.
 
@@ -180,19 +250,20 @@ def apply_defaults(environ: Any = None) -> dict[str, bool]:
     environ: the environment to read and change (default ``os.environ``).
 
   Returns:
-    ``{"scheduler_flag": bool, "release_compiler_memory": bool}``: what is in effect.
+    ``{"scheduler_flag": bool, "release_compiler_memory": bool, "resident_heap": bool}``:
+    what is in effect.
+
+  Raises:
+    ValueError: for a value of :data:`ENV_OPT_OUT` that names no choice.
   """
   environ = os.environ if environ is None else environ
-  choice = environ.get(ENV_OPT_OUT, "").strip().lower()
-  if choice not in ("1", "true", "yes", "on", "", "trim", "0", "false", "no", "off"):
-    raise ValueError(f"{ENV_OPT_OUT} must be 1, trim or 0, got {choice!r}.")
-  if choice in ("0", "false", "no", "off"):
-    return defaults()
-  flag = choice not in ("trim", "") or (choice == "" and _jaxlib_verified())
-  if flag and not _applied["scheduler_flag"]:
+  chosen = _chosen(environ)
+  if "scheduler_flag" in chosen and not _applied["scheduler_flag"]:
     _applied["scheduler_flag"] = _add_scheduler_flag(environ)
-  if not _applied["release_compiler_memory"]:
+  if "release_compiler_memory" in chosen and not _applied["release_compiler_memory"]:
     _applied["release_compiler_memory"] = _install_trim() is not None
+  if "resident_heap" in chosen and not _applied["resident_heap"]:
+    _applied["resident_heap"] = _keep_heap_resident(environ)
   return defaults()
 
 
@@ -229,7 +300,8 @@ def compiler_options(names: str | Sequence[str] | None) -> dict[str, Any] | None
 
 def defaults() -> dict[str, bool]:
   """What jaxscope changed on import: ``scheduler_flag`` (:data:`SCHEDULER_FLAG` added to
-  ``XLA_FLAGS``) and ``release_compiler_memory`` (the ``malloc_trim`` listener)."""
+  ``XLA_FLAGS``), ``release_compiler_memory`` (the ``malloc_trim`` listener) and
+  ``resident_heap`` (glibc's ``malloc`` keeps the steps' temporaries)."""
   return dict(_applied)
 
 
