@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from jaxscope.diagnose.finding import Finding, Thresholds, _confidence, _finding, _margin
-from jaxscope.diagnose.loss import _last_stretch_fit
+from jaxscope.diagnose.loss import _fits
 from jaxscope.diagnose.series import _layer_tail_medians, _layers, _series
 from jaxscope.record import History
 
@@ -100,16 +100,6 @@ def _dead_from_start(h: History, bad: list[str], bound: float, values: dict[str,
     "initialise the hidden biases at zero or small positive values (e.g. 0.01) so that "
     "the units start active; a negative bias or a bad scale put them in the dead zone"
   ]
-
-
-def _fits(h: History, th: Thresholds) -> str | None:
-  """How the run fits the data when it is not far from a good fit over the last
-  ``late_fraction`` of its loss (:func:`~jaxscope.diagnose.loss._far_from_good`), else
-  ``None`` (far from it, or no loss to judge)."""
-  fit = _last_stretch_fit(h, th)
-  if fit is None or fit.far is not None:
-    return None
-  return f"median loss {fit.level:.3g} over steps {int(fit.steps[0])}–{int(fit.steps[-1])}"
 
 
 def _rule_dead_units(h: History, th: Thresholds) -> list[Finding]:

@@ -310,6 +310,16 @@ def _last_stretch_fit(h: History, th: Thresholds) -> _Fit | None:
   return _Fit(steps, level, _far_from_good(h, th, steps[0], s[1], level))
 
 
+def _fits(h: History, th: Thresholds) -> str | None:
+  """How the run fits the data when it is not far from a good fit over the last
+  ``late_fraction`` of its loss (:func:`_far_from_good`), else
+  ``None`` (far from it, or no loss to judge)."""
+  fit = _last_stretch_fit(h, th)
+  if fit is None or fit.far is not None:
+    return None
+  return f"median loss {fit.level:.3g} over steps {int(fit.steps[0])}–{int(fit.steps[-1])}"
+
+
 def _rule_late_plateau(h: History, th: Thresholds) -> list[Finding]:
   """Late plateau: the loss stopped improving while still far from a good fit.
 
