@@ -517,6 +517,27 @@ def test_stalled_layers_and_all_stalled():
   assert _one(findings, "update_ratio_low").evidence["layers"] == [f"{x}/kernel" for x in LAYERS]
 
 
+@pytest.mark.parametrize(("final", "severity"), [(0.05, "info"), (0.45, "warning")])
+@pytest.mark.parametrize("name", ["stalled_layers", "vanishing_gradients"])
+def test_frozen_or_vanishing_layers_warn_only_while_the_fit_is_poor(name, final, severity):
+  """A first layer that gets no gradient (frozen on purpose for fine-tuning, or by a
+  ``stop_gradient``): in a run that fits the data it does not hold training back (info,
+  as for dead units); in one that stays above half its initial loss it is a warning
+  (issue 21: harmless frozen layers counted against the family's precision)."""
+  base = _base(17)
+  t = np.arange(N, dtype=np.float64)
+  base["loss"] = (0.5 - final) * np.exp(-t / 100) + final
+  del base["train/accuracy"]
+  base["updates/ratio/Dense_0/kernel"][:] = 0.0
+  base["grads/norm/Dense_0/kernel"][:] = 1e-9
+  findings = diagnose(_history(base))
+  f = _one(findings, name)
+  assert f.evidence["layers"][0] == "Dense_0/kernel"
+  assert f.severity == severity
+  assert ("do not hold training back" in f.summary) == (severity == "info")
+  assert ("The run still fits the data (median loss" in f.summary) == (severity == "info")
+
+
 # --------------------------------------------------------------------------- activations
 
 

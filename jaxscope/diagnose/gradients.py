@@ -8,6 +8,7 @@ matrices when any are recorded (see :data:`~jaxscope.diagnose.series._WEIGHT_NAM
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,7 +23,7 @@ from jaxscope.diagnose.finding import (
   _margin,
   _nice,
 )
-from jaxscope.diagnose.loss import _last_stretch_fit, _rule_early_plateau
+from jaxscope.diagnose.loss import _fits, _last_stretch_fit, _rule_early_plateau
 from jaxscope.diagnose.series import (
   _finite,
   _head,
@@ -139,8 +140,10 @@ def _rule_gradients(h: History, th: Thresholds) -> list[Finding]:
 
   With ``grads/norm/{layer}`` of at least two (weight) layers in depth order: the ratio
   ``‖g_first‖/‖g_last‖`` of the input-side to the output-side layer at their common steps
-  of the last half, its median below ``vanishing_ratio`` → ``"vanishing_gradients"``,
-  above ``exploding_ratio`` → ``"exploding_gradients"``. Independently, for any layer,
+  of the last half, its median below ``vanishing_ratio`` → ``"vanishing_gradients"``
+  (an info when the run still fits the data, :func:`~jaxscope.diagnose.loss._fits`, as
+  for dead or saturated units: the small gradients do not hold training back), above
+  ``exploding_ratio`` → ``"exploding_gradients"``. Independently, for any layer,
   the median norm of the last 10 % of its steps above ``exploding_growth ×`` the median of
   the first 10 % (positive) → ``"exploding_gradients"``, unless the run left a flat start
   (:func:`_left_flat_start`): gradients that grew from the tiny ones of an early plateau
@@ -159,6 +162,8 @@ def _rule_gradients(h: History, th: Thresholds) -> list[Finding]:
   findings: list[Finding] = []
   if len(layers) >= 2:
     depth = _depth_ratio(h, th, layers[0], layers[-1], prefix)
+    if depth is not None and depth.name == "vanishing_gradients":
+      depth = _info_when_fitting(h, th, depth, "they do not hold training back")
     if depth is not None:
       findings.append(depth)
   if not any(f.name == "exploding_gradients" for f in findings):
@@ -274,8 +279,10 @@ def _rule_stalled_layers(h: History, th: Thresholds) -> list[Finding]:
 
   A weight layer whose ``updates/ratio/{layer}`` stays below ``stall_ratio`` (absolute)
   at every step of the last ``stall_fraction`` of its steps (at least ``min_points``),
-  while at least one other layer is above it. Warning (expected for layers frozen on
-  purpose). Source: ikkuna's per-layer update ratio; the capacity thesis's frozen layers.
+  while at least one other layer is above it. Warning; an info when the run still fits
+  the data (:func:`~jaxscope.diagnose.loss._fits`): then the layers do not hold training
+  back, as with layers frozen on purpose for fine-tuning. Source: ikkuna's per-layer
+  update ratio; the capacity thesis's frozen layers.
   """
   layers, maxima, first, points = _stalled(h, th)
   if not layers:
@@ -287,18 +294,28 @@ def _rule_stalled_layers(h: History, th: Thresholds) -> list[Finding]:
     f"{th.stall_fraction:.0%} of the steps while other layers still move (expected only "
     "for layers frozen on purpose)."
   )
-  return [
-    _finding(
-      "stalled_layers",
-      "warning",
-      summary,
-      metric=[f"updates/ratio/{lay}" for lay in layers],
-      layers=layers,
-      steps=[first],
-      values={f"max/{lay}": m for lay, m in maxima.items()},
-      confidence=_confidence(margin, points, th.min_points),
-    )
-  ]
+  found = _finding(
+    "stalled_layers",
+    "warning",
+    summary,
+    metric=[f"updates/ratio/{lay}" for lay in layers],
+    layers=layers,
+    steps=[first],
+    values={f"max/{lay}": m for lay, m in maxima.items()},
+    confidence=_confidence(margin, points, th.min_points),
+  )
+  return [_info_when_fitting(h, th, found, "they do not hold training back")]
+
+
+def _info_when_fitting(h: History, th: Thresholds, found: Finding, why: str) -> Finding:
+  """``found`` as an info, its summary saying how the run fits the data and ``why`` that
+  matters, when the run still fits the data (:func:`~jaxscope.diagnose.loss._fits`);
+  else ``found`` unchanged."""
+  fit = _fits(h, th)
+  if fit is None:
+    return found
+  summary = f"{found.summary} The run still fits the data ({fit}): {why}."
+  return dataclasses.replace(found, severity="info", summary=summary)
 
 
 # --------------------------------------------------------------------------- lost updates
