@@ -506,20 +506,31 @@ def test_eight_cpu_devices_match_one() -> None:
   assert "worst" in out.stdout
 
 
+@pytest.mark.parametrize("capture", [None, False], ids=["dense", "forward_mode"])
 @pytest.mark.parametrize(
   "opt",
   [optax.sgd(0.3), optax.sgd(0.2, momentum=0.9), optax.adam(0.01)],
   ids=["sgd", "momentum", "adam"],
 )
 @pytest.mark.slow
-def test_alpha_and_inner_test_for_any_optimizer(opt: optax.GradientTransformation) -> None:
+def test_alpha_and_inner_test_for_any_optimizer(
+  opt: optax.GradientTransformation, capture: bool | None
+) -> None:
+  # Captured Dense layers project every direction directly. In forward mode (no capture)
   # SGD and momentum updates lie in span{g, d_prev} (their projections are combined from
   # those); Adam's do not (projected directly). All must equal the definition.
   from jaxscope.metrics import curvature
+  from jaxscope.metrics.instruments import update
 
   params = _params()
   batches = [_data(i) for i in range(3)]
-  inst = instruments(["alpha", "inner_test"])
+  inst = instruments(["alpha", "inner_test"], capture_layers=capture)
+  spans: list[bool] = []
+  real = update._project_with_span
+
+  def spy(probe: Any, tangents: list[Any]) -> jax.Array:
+    spans.append(True)
+    return real(probe, tangents)
 
   @jax.jit(compiler_options=FAST_COMPILE)
   def step(p: dict, o: Any, s: InstrumentsState, x: jax.Array, y: jax.Array):
@@ -530,10 +541,13 @@ def test_alpha_and_inner_test_for_any_optimizer(opt: optax.GradientTransformatio
 
   p, o, s = params, opt.init(params), inst.init(params)
   thetas, vals = [p], []
-  for x, y in batches:
-    p, o, s, v = step(p, o, s, x, y)
-    thetas.append(p)
-    vals.append(v)
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(update, "_project_with_span", spy)
+    for x, y in batches:
+      p, o, s, v = step(p, o, s, x, y)
+      thetas.append(p)
+      vals.append(v)
+  assert bool(spans) == (capture is False)  # The span only where it saves a forward pass.
   for t in (1, 2):  # α of the update made at step t − 1, reported at step t
     d = _flat(thetas[t]) - _flat(thetas[t - 1])
     tlen = np.linalg.norm(d)
