@@ -538,6 +538,26 @@ def test_frozen_or_vanishing_layers_warn_only_while_the_fit_is_poor(name, final,
   assert ("The run still fits the data (median loss" in f.summary) == (severity == "info")
 
 
+def test_a_frozen_layer_is_a_warning_again_when_another_alarm_fires():
+  """The info of a frozen layer in a fitting run is a warning again (its own summary and a
+  note naming the other alarm) when the run raises another alarm: the run is flagged
+  anyway, and the frozen layer is among the possible causes."""
+  base = _base(17)
+  t = np.arange(N, dtype=np.float64)
+  base["loss"] = 0.45 * np.exp(-t / 100) + 0.05
+  del base["train/accuracy"]
+  base["updates/ratio/Dense_0/kernel"][:] = 0.0
+  assert _one(diagnose(_history(base)), "stalled_layers").severity == "info"
+  base["updates/ratio/Dense_1/kernel"] = np.full(N, 0.1)  # update_ratio_high: an alarm
+  findings = diagnose(_history(base))
+  assert _one(findings, "update_ratio_high").severity == "warning"
+  f = _one(findings, "stalled_layers")
+  assert f.severity == "warning"
+  assert "The run still fits" not in f.summary
+  assert "but update_ratio_high also fired" in f.summary
+  assert f.summary.startswith("1 layer(s) stopped moving (Dense_0/kernel)")
+
+
 # --------------------------------------------------------------------------- activations
 
 

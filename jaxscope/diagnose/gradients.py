@@ -310,12 +310,43 @@ def _rule_stalled_layers(h: History, th: Thresholds) -> list[Finding]:
 def _info_when_fitting(h: History, th: Thresholds, found: Finding, why: str) -> Finding:
   """``found`` as an info, its summary saying how the run fits the data and ``why`` that
   matters, when the run still fits the data (:func:`~jaxscope.diagnose.loss._fits`);
-  else ``found`` unchanged."""
+  else ``found`` unchanged. The info keeps the warning's summary in
+  ``values["warning_summary"]``: :func:`~jaxscope.diagnose.registry.diagnose` makes it a
+  warning again when another alarm is raised (:data:`INFO_UNLESS_ALARMED`)."""
   fit = _fits(h, th)
   if fit is None:
     return found
+  evidence = dict(found.evidence)
+  evidence["values"] = {**dict(evidence.get("values", {})), "warning_summary": found.summary}
   summary = f"{found.summary} The run still fits the data ({fit}): {why}."
-  return dataclasses.replace(found, severity="info", summary=summary)
+  return dataclasses.replace(found, severity="info", summary=summary, evidence=evidence)
+
+
+#: Findings that are infos only while the run fits the data *and* no other alarm is
+#: raised: with one, the run has a problem and these layers are among its possible causes.
+INFO_UNLESS_ALARMED = frozenset({"stalled_layers", "vanishing_gradients"})
+
+
+def _alarmed_again(findings: list[Finding]) -> list[Finding]:
+  """``findings`` with the infos of :data:`INFO_UNLESS_ALARMED` made warnings again
+  (their warning summary and a note) when another finding is an alarm (critical or
+  warning). The run is then flagged either way; what changes is which causes it names."""
+  others = [
+    f.name
+    for f in findings
+    if f.severity in ("critical", "warning") and f.name not in INFO_UNLESS_ALARMED
+  ]
+  if not others:
+    return findings
+  out = []
+  for f in findings:
+    base = f.evidence.get("values", {}).get("warning_summary")
+    if f.name in INFO_UNLESS_ALARMED and f.severity == "info" and base is not None:
+      named = ", ".join(sorted(set(others)))
+      note = f" The run fits the data, but {named} also fired: these may be among its causes."
+      f = dataclasses.replace(f, severity="warning", summary=base + note)
+    out.append(f)
+  return out
 
 
 # --------------------------------------------------------------------------- lost updates

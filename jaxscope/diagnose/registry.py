@@ -31,6 +31,7 @@ from jaxscope.diagnose.data import _rule_class_imbalance, _rule_nonfinite_data, 
 from jaxscope.diagnose.divergence import _divergence_step, _rule_divergence
 from jaxscope.diagnose.finding import Finding, Thresholds
 from jaxscope.diagnose.gradients import (
+  _alarmed_again,
   _rule_gradients,
   _rule_lost_updates,
   _rule_stalled_layers,
@@ -191,4 +192,4 @@ def diagnose(
       unsupported type.
   """
   th = _thresholds(thresholds, overrides)
-  return sorted(_run_rules(_as_history(history), th), key=_sort_key)
+  return sorted(_alarmed_again(_run_rules(_as_history(history), th)), key=_sort_key)
