@@ -99,11 +99,17 @@ def test_trim_runs_after_each_compilation_only():
   assert len(calls) == after_compile
 
 
-def test_trim_choice_keeps_xla_scheduler(monkeypatch):
+@pytest.fixture
+def fresh_defaults(monkeypatch):
+  """Nothing applied yet, no backend running, and the trim listener and the resident heap
+  stubbed to succeed: :func:`xla.apply_defaults` decides from the environment alone."""
   monkeypatch.setattr(xla, "_applied", dict.fromkeys(xla.DEFAULT_NAMES, False))
   monkeypatch.setattr(xla, "_backends_running", lambda: False)
   monkeypatch.setattr(xla, "_install_trim", lambda: object())
   monkeypatch.setattr(xla, "_keep_heap_resident", lambda environ: True)
+
+
+def test_trim_choice_keeps_xla_scheduler(fresh_defaults):
   env = {xla.ENV_OPT_OUT: "trim"}
   off = {"scheduler_flag": False, "release_compiler_memory": True, "resident_heap": False}
   assert xla.apply_defaults(env) == off
@@ -113,11 +119,7 @@ def test_trim_choice_keeps_xla_scheduler(monkeypatch):
   assert both["XLA_FLAGS"] == xla.SCHEDULER_FLAG
 
 
-def test_names_choose_the_defaults(monkeypatch):
-  monkeypatch.setattr(xla, "_applied", dict.fromkeys(xla.DEFAULT_NAMES, False))
-  monkeypatch.setattr(xla, "_backends_running", lambda: False)
-  monkeypatch.setattr(xla, "_install_trim", lambda: object())
-  monkeypatch.setattr(xla, "_keep_heap_resident", lambda environ: True)
+def test_names_choose_the_defaults(fresh_defaults):
   env = {xla.ENV_OPT_OUT: " scheduler_flag, release_compiler_memory "}
   want = {"scheduler_flag": True, "release_compiler_memory": True, "resident_heap": False}
   assert xla.apply_defaults(env) == want
@@ -140,11 +142,9 @@ def test_unknown_choice_is_an_error():
     ("not-a-version", "", False),
   ],
 )
-def test_the_flag_by_default_only_under_a_verified_jaxlib(monkeypatch, version, choice, flag):
-  monkeypatch.setattr(xla, "_applied", dict.fromkeys(xla.DEFAULT_NAMES, False))
-  monkeypatch.setattr(xla, "_backends_running", lambda: False)
-  monkeypatch.setattr(xla, "_install_trim", lambda: object())
-  monkeypatch.setattr(xla, "_keep_heap_resident", lambda environ: True)
+def test_the_flag_by_default_only_under_a_verified_jaxlib(
+  fresh_defaults, monkeypatch, version, choice, flag
+):
   monkeypatch.setattr(xla.importlib.metadata, "version", lambda name: version)
   env = {xla.ENV_OPT_OUT: choice} if choice else {}
   want = {"scheduler_flag": flag, "release_compiler_memory": True, "resident_heap": True}
