@@ -27,12 +27,14 @@ Three process-wide defaults, the first two measured by ``benchmarks/xla_defaults
    block over 32 MiB (its largest mmap threshold) with a fresh ``mmap`` and unmaps it on
    ``free``, so a step whose temporaries exceed 32 MiB faults every page of them in again
    on every call: the MNIST MLP's ``full`` instrument step (37.6 MiB) ran at 1.38× of its
-   XLA floor program, and at 1.18× with the heap kept. ``mallopt(M_MMAP_MAX, 0)`` serves
-   every block from the heap and ``mallopt(M_TRIM_THRESHOLD, 2**31 - 1)`` keeps freed
-   memory at its top, so the next call reuses the same pages. The process's peak is
-   unchanged (the 3c3d ``full`` step's 1277 against 1288 MB); memory freed below the top
-   is still returned after each compilation (default 2). Linux with glibc only, and not
-   where the environment already sets glibc's malloc (``MALLOC_MMAP_MAX_``,
+   XLA floor program, and at 1.21–1.23× with the heap kept (``tests/test_xla_defaults.py``
+   counts the page faults per call of a program with 49 MB of temporaries).
+   ``mallopt(M_MMAP_MAX, 0)`` serves every block from the heap and
+   ``mallopt(M_TRIM_THRESHOLD, 2**31 - 1)`` keeps freed memory at its top, so the next
+   call reuses the same pages. The process's peak barely moves (the 3c3d ``full`` step's
+   1329 MB against 1277 MB without, separate runs); memory freed below the top is still
+   returned after each compilation (default 2). Linux with glibc only, and not where the
+   environment already sets glibc's malloc (``MALLOC_MMAP_MAX_``,
    ``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_TOP_PAD_``,
    ``glibc.malloc`` in ``GLIBC_TUNABLES``).
 
