@@ -506,31 +506,64 @@ def test_eight_cpu_devices_match_one() -> None:
   assert "worst" in out.stdout
 
 
-@pytest.mark.parametrize("capture", [None, False], ids=["dense", "forward_mode"])
+def _switching(first: optax.GradientTransformation, then: optax.GradientTransformation) -> Any:
+  """``first``'s update at the first step, ``then``'s after (an optimizer that leaves the
+  span of the gradient and the last update mid-run)."""
+
+  def init(params: Any) -> Any:
+    return jnp.zeros((), jnp.int32), first.init(params), then.init(params)
+
+  def update(grads: Any, state: Any, params: Any = None) -> Any:
+    count, s1, s2 = state
+    u1, s1 = first.update(grads, s1, params)
+    u2, s2 = then.update(grads, s2, params)
+    upd = jax.tree.map(lambda a, b: jnp.where(count == 0, a, b), u1, u2)
+    return upd, (count + 1, s1, s2)
+
+  return optax.GradientTransformation(init, update)
+
+
+_OPTIMIZERS = {
+  "sgd": optax.sgd(0.3),
+  "momentum": optax.sgd(0.2, momentum=0.9),
+  "adam": optax.adam(0.01),
+  "sgd_then_adam": _switching(optax.sgd(0.3), optax.adam(0.01)),
+}
+
+
 @pytest.mark.parametrize(
-  "opt",
-  [optax.sgd(0.3), optax.sgd(0.2, momentum=0.9), optax.adam(0.01)],
-  ids=["sgd", "momentum", "adam"],
+  "capture,declared",
+  [(None, False), (False, False), (None, True)],
+  ids=["dense", "forward_mode", "declared"],
 )
+@pytest.mark.parametrize("opt", list(_OPTIMIZERS.values()), ids=list(_OPTIMIZERS))
 @pytest.mark.slow
 def test_alpha_and_inner_test_for_any_optimizer(
-  opt: optax.GradientTransformation, capture: bool | None
+  opt: optax.GradientTransformation, capture: bool | None, declared: bool
 ) -> None:
   # Captured Dense layers project every direction directly. In forward mode (no capture)
   # SGD and momentum updates lie in span{g, d_prev} (their projections are combined from
-  # those); Adam's do not (projected directly). All must equal the definition.
+  # those); Adam's do not (projected directly). All must equal the definition. Declared
+  # in the span (updates_in_span), the first update is projected and checked: SGD's and
+  # momentum's pass, and the later ones are combined; Adam's never pass (all projected).
+  # An optimizer leaving the span mid-run fails the guard once combined: that α is
+  # missing, never wrong, and every later update is projected.
   from jaxscope.metrics import curvature
   from jaxscope.metrics.instruments import update
 
   params = _params()
   batches = [_data(i) for i in range(3)]
-  inst = instruments(["alpha", "inner_test"], capture_layers=capture)
-  spans: list[bool] = []
-  real = update._project_with_span
+  inst = instruments(["alpha", "inner_test"], capture_layers=capture, updates_in_span=declared)
+  routes: list[str] = []
+  checked, guarded = update._project_with_span, update._project_declared_span
 
-  def spy(probe: Any, tangents: list[Any]) -> jax.Array:
-    spans.append(True)
-    return real(probe, tangents)
+  def spy_checked(probe: Any, tangents: list[Any]) -> jax.Array:
+    routes.append("checked")
+    return checked(probe, tangents)
+
+  def spy_guarded(probe: Any, tangents: list[Any], mode: jax.Array) -> Any:
+    routes.append("declared")
+    return guarded(probe, tangents, mode)
 
   @jax.jit(compiler_options=FAST_COMPILE)
   def step(p: dict, o: Any, s: InstrumentsState, x: jax.Array, y: jax.Array):
@@ -540,15 +573,30 @@ def test_alpha_and_inner_test_for_any_optimizer(
     return optax.apply_updates(p, upd), o, s, vals
 
   p, o, s = params, opt.init(params), inst.init(params)
-  thetas, vals = [p], []
+  thetas, vals, modes = [p], [], []
   with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(update, "_project_with_span", spy)
+    mp.setattr(update, "_project_with_span", spy_checked)
+    mp.setattr(update, "_project_declared_span", spy_guarded)
     for x, y in batches:
       p, o, s, v = step(p, o, s, x, y)
       thetas.append(p)
       vals.append(v)
-  assert bool(spans) == (capture is False)  # The span only where it saves a forward pass.
+      modes.append(float(s.alpha_start[6]))
+  expected_route = "declared" if declared else "checked" if capture is False else None
+  assert set(routes) == ({expected_route} if expected_route else set())
+  name = next(k for k, v in _OPTIMIZERS.items() if v is opt)
+  U, V, F = update.SPAN_UNTESTED, update.SPAN_VERIFIED, update.SPAN_FAILED
+  if declared:
+    expected_modes = {"adam": [U, U, U], "sgd_then_adam": [V, F, F]}.get(name, [V, V, V])
+    assert modes == expected_modes
+  else:
+    assert modes == [U, U, U]  # Off the declared route: never changed.
   for t in (1, 2):  # α of the update made at step t − 1, reported at step t
+    if declared and name == "sgd_then_adam" and t == 2:
+      # Combined from the span at step 1, the update failed the guard: no new α (the last
+      # one is kept, as at a step that does not follow a start point), not a wrong one.
+      assert float(vals[t]["alpha"]) == float(vals[t - 1]["alpha"])
+      continue
     d = _flat(thetas[t]) - _flat(thetas[t - 1])
     tlen = np.linalg.norm(d)
     g0 = _per_example(thetas[t - 1], *batches[t - 1]) @ d / tlen
@@ -687,3 +735,8 @@ def test_span_fit_accepts_only_updates_in_the_span_everywhere() -> None:
   off_sample = dict(momentum)
   off_sample["a"] = momentum["a"].at[1, 1].add(1e-2)  # Row 1 is not in the strided sample.
   assert not bool(fit([g, p], off_sample)[1])
+  # The guard of the declared route (everywhere=False) sees the sample only: it refuses
+  # Adam's update and accepts momentum's, and cannot see the off-sample change.
+  guard = jax.jit(functools.partial(span_fit, everywhere=False))
+  assert bool(guard([g, p], momentum)[1]) and not bool(guard([g, p], adam)[1])
+  assert bool(guard([g, p], off_sample)[1])

@@ -29,6 +29,7 @@ from jaxscope.train import (
   make_schedule,
   make_scope,
   train,
+  updates_in_span,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -430,6 +431,23 @@ def test_metric_lists_run_no_instruments():
   va, _ = a.update(a.init(params), params=params, grads=params, updates=params)
   vb, _ = b.update(b.init(params), params=params, grads=params, updates=params)
   assert sorted(va) == sorted(vb)
+
+
+def test_runs_declare_their_updates_in_the_span_for_sgd_and_momentum_only():
+  # α combines the update's projections only where the optimizer makes it c0*g + c1*d_prev.
+  cfg = dataclasses.replace
+  assert updates_in_span(cfg(FAST, optimizer="sgd"))
+  assert updates_in_span(cfg(FAST, optimizer="momentum", schedule="cosine"))
+  assert updates_in_span(cfg(FAST, optimizer="sgd", optimizer_args={"momentum": 0.5}))
+  assert not updates_in_span(cfg(FAST, optimizer="sgd", optimizer_args={"nesterov": True}))
+  assert not updates_in_span(cfg(FAST, optimizer="nesterov"))
+  assert not updates_in_span(cfg(FAST, optimizer="adam"))
+  assert not updates_in_span(cfg(FAST, optimizer="sgd"), capacity=True)  # frozen chunks
+  inst = make_instruments("economy", updates_in_span=True)
+  params = {"Dense_0": {"kernel": jnp.ones((3, 2))}}
+  assert inst.init(params).alpha_start.shape == (7,)
+  with pytest.raises(ValueError, match="updates_in_span must be a bool"):
+    make_instruments("economy", updates_in_span="yes")
 
 
 @pytest.mark.slow

@@ -184,6 +184,7 @@ def preset(
   exclude: str | Sequence[str] | None = None,
   kind: jtree.Kind = "any",
   depth: int | None = None,
+  updates_in_span: bool = False,
 ) -> Preset:
   """The measurements of the run preset ``name``, those of ``jaxscope train --metrics name``.
 
@@ -214,6 +215,9 @@ def preset(
       ``topics``, ``include``, ``exclude``, ``kind`` and ``depth`` select the per-layer
       scope only, as the command line's ``--topics``, ``--layers``, ``--exclude``,
       ``--kind`` and ``--depth``.
+    updates_in_span: the optimizer's updates are ``c₀·g + c₁·d_{t−1}`` (plain SGD or
+      heavy-ball momentum): α combines the update's projections from the others'
+      (``updates_in_span`` of :func:`~jaxscope.metrics.instruments`).
 
   Returns:
     A :class:`Preset` ``(scope, instruments, activations)``.
@@ -234,5 +238,5 @@ def preset(
     depth=depth,
     stacked=stacked,
   )
-  inst = instruments(preset=name, every=every, seed=seed)
+  inst = instruments(preset=name, every=every, seed=seed, updates_in_span=updates_in_span)
   return Preset(sc, inst, activation_scope(every, stacked=stacked))

@@ -51,6 +51,7 @@ from jaxscope.train.optim import (
   build_optimizer,
   make_optimizer,
   make_schedule,
+  updates_in_span,
 )
 from jaxscope.train.step import TrainState, init_instruments, make_train_step
 
@@ -77,4 +78,5 @@ __all__ = [
   "parse_capacity",
   "setup",
   "train",
+  "updates_in_span",
 ]

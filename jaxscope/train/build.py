@@ -25,7 +25,7 @@ from jaxscope.train.measure import (
   make_scope,
   stacked_of,
 )
-from jaxscope.train.optim import HVP_OPTIMIZERS, Optimizer, build_optimizer
+from jaxscope.train.optim import HVP_OPTIMIZERS, Optimizer, build_optimizer, updates_in_span
 from jaxscope.train.step import TrainState, init_instruments, make_train_step
 
 __all__ = ["Setup", "setup"]
@@ -251,7 +251,12 @@ def setup(config: TrainConfig) -> Setup:
     scope=sc,
     capacity=capacity is not None,
   )
-  inst = make_instruments(config.metrics, every=config.every, seed=config.seed)
+  inst = make_instruments(
+    config.metrics,
+    every=config.every,
+    seed=config.seed,
+    updates_in_span=updates_in_span(config, capacity=capacity is not None),
+  )
   act_scope = make_activation_scope(config.every, stacked=stacked) if inst is not None else None
   return Setup(
     config, ds, task, model, opt, sc, inst, act_scope, capacity, steps_per_epoch, total, mesh

@@ -32,17 +32,25 @@ __all__ = [
 
 
 def make_instruments(
-  metrics: str | Sequence[str] | None, *, every: int = 1, seed: int = 0
+  metrics: str | Sequence[str] | None,
+  *,
+  every: int = 1,
+  seed: int = 0,
+  updates_in_span: bool = False,
 ) -> Instruments | None:
   """Cockpit's instruments for a run's ``metrics`` (``None`` unless it names a preset).
 
   ``"economy"``, ``"business"`` and ``"full"`` give the instruments of the run preset,
   ``jaxscope.metrics.preset(metrics, every=every, seed=seed).instruments`` (Cockpit's
   configurations of the same names, see :mod:`jaxscope.metrics.instruments`); metric-name
-  lists and ``"none"`` run no instrument.
+  lists and ``"none"`` run no instrument. ``updates_in_span``: the optimizer is plain SGD
+  or heavy-ball momentum (:func:`jaxscope.train.updates_in_span`), so α combines the
+  update's projections instead of projecting it.
   """
   if isinstance(metrics, str) and metrics in PRESET_SCOPES:
-    return presets.preset(metrics, every=every, seed=seed).instruments
+    return presets.preset(
+      metrics, every=every, seed=seed, updates_in_span=updates_in_span
+    ).instruments
   return None
 
 

@@ -29,6 +29,7 @@ __all__ = [
   "build_optimizer",
   "make_optimizer",
   "make_schedule",
+  "updates_in_span",
 ]
 
 
@@ -79,6 +80,24 @@ def make_optimizer(
   if not isinstance(tx, optax.GradientTransformation):
     raise ValueError(f"optimizer {name!r} did not return an optax GradientTransformation.")
   return tx
+
+
+#: The optimizers whose updates are ``c₀·g + c₁·d_{t−1}`` (see :func:`updates_in_span`).
+SPAN_OPTIMIZERS = ("sgd", "momentum")
+
+
+def updates_in_span(config: TrainConfig, *, capacity: bool = False) -> bool:
+  """Whether a run's updates lie in the span of its gradient and its last update.
+
+  Plain SGD (``−η_t g``) and heavy-ball momentum (``−η_t g + μ·(η_t/η_{t−1})·d_{t−1}``)
+  do, under every schedule, ``schedule="ratio"`` included (it scales the update); not
+  Nesterov momentum (``nesterov=True``), the other optimizers, nor a growing network's
+  frozen chunks (:func:`build_optimizer` with ``capacity``). The instruments' α then
+  combines the update's per-example projections from the others' (``updates_in_span``
+  of :func:`jaxscope.metrics.instruments`).
+  """
+  nesterov = bool(config.optimizer_args.get("nesterov", False))
+  return config.optimizer in SPAN_OPTIMIZERS and not nesterov and not capacity
 
 
 def _factory(name: str) -> Callable[..., optax.GradientTransformation]:

@@ -42,6 +42,7 @@ def instruments(
   seed: int = 0,
   tic_curvature: str | None = None,
   hvp_chunk: int | None = 1,
+  updates_in_span: bool = False,
 ) -> Instruments:
   """Builds Cockpit's instruments (see :mod:`jaxscope.metrics.instruments`).
 
@@ -89,6 +90,17 @@ def instruments(
       temporaries, against 4.1 s and 2.9 GB with ``None``); on the MNIST MLP the two are
       equal (2-core CPU, 2026-12-05). The turns were a ``lax.map`` loop before, which
       XLA:CPU ran 14× slower on the 3c3d.
+    updates_in_span: declares that the optimizer's updates are ``c₀·g + c₁·d_{t−1}``
+      (plain SGD or heavy-ball momentum under any step-size schedule, clipping by the
+      global norm included; not Adam, weight decay or Nesterov momentum). With
+      ``every=1``, ``alpha`` then combines the update's per-example projections from the
+      gradient's and the last update's once one update was seen in their span, instead
+      of projecting each (on the MNIST MLP the ``economy`` step 7.7 → 6.5–6.8 ms). A
+      check on a sample of 4096 coordinates per leaf guards the declaration: a combined
+      update outside the span there drops that step's α and projects every later update
+      directly. Default ``False``: every update is projected, or checked over every
+      coordinate first where that saves a forward pass.
+
   Returns:
     An :class:`Instruments`.
   """
@@ -117,6 +129,7 @@ def instruments(
     curvature_decay=curvature_decay,
     seed=seed,
     hvp_chunk=hvp_chunk,
+    updates_in_span=updates_in_span,
   )
 
   return _bind(cfg)

@@ -133,9 +133,14 @@ class Config:
   curvature_decay: float
   seed: int
   hvp_chunk: int | None = 1
+  updates_in_span: bool = False
 
   def __post_init__(self) -> None:
     """Checks the settings (the quantities are checked where they are gathered)."""
+    if not isinstance(self.updates_in_span, bool):
+      raise ValueError(
+        f"instruments: updates_in_span must be a bool, got {self.updates_in_span!r}."
+      )
     _check_hist_range(self.hist_range, "hist_range", pairs=1)
     _check_hist_range(self.hist2d_range, "hist2d_range", pairs=2)
     if not isinstance(self.every, int) or self.every < 1:

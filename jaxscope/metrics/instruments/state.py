@@ -31,7 +31,9 @@ class InstrumentsState(NamedTuple):
   prev_update: Any
   """The update of the last α start point (for ``alpha``), else ``()``."""
   alpha_start: jax.Array
-  """``float32[6]``: ``t, f, var f, f', var f', valid`` at the last α start point."""
+  """``float32[7]``: ``t, f, var f, f', var f', valid`` at the last α start point, and the
+  span route's mode (:data:`~jaxscope.metrics.instruments.update.SPAN_UNTESTED`,
+  ``SPAN_VERIFIED`` or ``SPAN_FAILED``)."""
   max_ev: Any
   """:class:`~jaxscope.metrics.curvature.MaxEigState` (for ``hess_max_ev``), else ``()``."""
   diag_ema: Any
@@ -103,7 +105,7 @@ def init(cfg: Config, params: Any) -> InstrumentsState:
     values=PackedValues.pack(values),
     init_params=jax.tree.map(jnp.array, params) if "distance" in want else (),
     prev_update=jax.tree.map(jnp.zeros_like, params) if cfg.need_alpha else (),
-    alpha_start=jnp.zeros((6,), F32).at[5].set(-1.0),  # No start point yet.
+    alpha_start=jnp.zeros((7,), F32).at[5].set(-1.0),  # No start point yet; span untested.
     max_ev=curvature.max_eigenvalue_init(params, ev_key) if "hess_max_ev" in want else (),
     diag_ema=jax.tree.map(jnp.zeros_like, params) if cfg.use_ema(params) else (),
     diag_var_ema=jax.tree.map(lambda p: jnp.zeros(p.shape, F32), params)
