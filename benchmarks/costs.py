@@ -64,7 +64,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from benchmarks import hvp_floor, problems, scope_floor  # noqa: E402
+from benchmarks import economy_floor, hvp_floor, problems, scope_floor  # noqa: E402
 from benchmarks.common import (  # noqa: E402
   copy_tree,
   environment,
@@ -160,9 +160,10 @@ def xla_floor_step(problem: problems.Problem, row: str) -> tuple[Step, tuple]:
 
 
 def instrument_step(problem: problems.Problem, quantities: Sequence[str]) -> tuple[Step, tuple]:
-  """The jitted SGD step measuring ``quantities`` with :func:`metrics.instruments`."""
+  """The jitted SGD step measuring ``quantities`` with :func:`metrics.instruments`, told
+  that its updates are SGD's (``updates_in_span``, as ``jaxscope train`` tells them)."""
   tx = optax.sgd(LEARNING_RATE)
-  inst = make_instruments(quantities)
+  inst = make_instruments(quantities, updates_in_span=True)
   losses_fn = _losses_fn(problem)
 
   def step(params: Any, opt_state: Any, istate: Any, x: jax.Array, y: jax.Array) -> Any:
@@ -207,6 +208,10 @@ def variants(
     out["xla_floor/hvps"] = lambda: hvp_floor.hvps_step(
       problem, K_PROBES, LEARNING_RATE, _options(problem)
     )
+    if problem.name == "mnist_mlp":  # Dense layers only: the floor program's model.
+      out["xla_floor/instruments/economy"] = lambda: economy_floor.economy_step(
+        problem, LEARNING_RATE, _options(problem)
+      )
   if rows is not None:
     unknown = sorted(set(rows) - set(out))
     if unknown:

@@ -183,3 +183,59 @@ def test_compiler_options_memory_children_compile_with_their_option():
     assert r["temp_mb"] == pytest.approx(co.temp_mb(problem, None, r["option"]), abs=0.05)
   temps = {r["option"]: r["temp_mb"] for r in rows}
   assert temps["fewer_copies"] < temps["default"]  # The bare step's kernel copies (README).
+
+
+def test_economy_floor_program_computes_what_the_economy_instruments_are_made_of():
+  # On a tiny MLP: per-example gradients by vmap(grad), reduced in float64, against the
+  # floor program's sums, variances and histogram counts (a given last update). The first
+  # layer's projections on the gradient go through Gram matrices, the second's through
+  # the contraction.
+  import flax.linen as nn
+  import jax.numpy as jnp
+  import optax
+
+  from benchmarks import economy_floor
+  from jaxscope.metrics.histograms import histogram_sample
+
+  class Tiny(nn.Module):
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+      h = nn.relu(nn.Dense(16)(x))  # Dense_0 (through Gram matrices), then Dense_1
+      return nn.Dense(3)(h)
+
+  model = Tiny()
+  x = jax.random.normal(jax.random.key(1), (5, 12))
+  y = jnp.array([0, 1, 2, 1, 0])
+  params = model.init(jax.random.key(2), x)["params"]
+  problem = problems.Problem("tiny", model, params, x, y, 1)
+  lr = 0.1
+  step, (p, o, _, init) = economy_floor.economy_step(problem, lr, hist_sample=20)
+  prev = jax.tree.map(lambda a: jnp.cos(jnp.arange(a.size, dtype=a.dtype).reshape(a.shape)), params)
+  d = np.concatenate([np.asarray(a, np.float64).ravel() for a in jax.tree.leaves(prev)])
+  _, _, _, _, (sums, stats, counts) = step(p, o, prev, init, x, y)  # prev is donated
+
+  def example_loss(q: dict, xi: jax.Array, yi: jax.Array) -> jax.Array:
+    logits = model.apply({"params": q}, xi[None])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, yi[None])[0]
+
+  per = jax.vmap(jax.grad(example_loss), (None, 0, 0))(params, x, y)
+  gi = np.concatenate([np.asarray(a, np.float64).reshape(5, -1) for a in jax.tree.leaves(per)], 1)
+  g = gi.mean(0)
+  leaves = [np.asarray(a, np.float64).reshape(5, -1) for a in jax.tree.leaves(per)]
+  grad_sq = [float(np.sum(np.square(a.mean(0)))) for a in leaves]
+  np.testing.assert_allclose(np.asarray(sums[:4]), grad_sq, rtol=1e-5)  # ‖g‖² per leaf
+  np.testing.assert_allclose(np.asarray(sums[4:8]), np.multiply(lr**2, grad_sq), rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(sums[8:]), 0.0, atol=0)  # at init: no distance
+  losses = np.asarray(jax.vmap(example_loss, (None, 0, 0))(params, x, y), np.float64)
+  want = [losses.mean(), losses.var(), (gi @ g).var(), (gi @ d).var(), np.mean(np.sum(gi**2, 1))]
+  np.testing.assert_allclose(np.asarray(stats), want, rtol=1e-4)
+  # Every sampled entry is counted once, in its leaf's row of the table.
+  sample = histogram_sample(params, 20)
+  table = np.asarray(counts).reshape(4, economy_floor.BINS)
+  np.testing.assert_array_equal(table.sum(1), [5 * s for s in sample.leaf_sampled])
+  lo, hi = economy_floor.RANGE
+  for k, (a, idx) in enumerate(zip(leaves, sample.indices, strict=True)):
+    entries = np.asarray(a[:, idx], np.float32).ravel()
+    binned = np.clip(np.floor((entries - lo) * (economy_floor.BINS / (hi - lo))), 0, 99)
+    expected = np.bincount(binned.astype(int), minlength=economy_floor.BINS)
+    assert np.abs(table[k] - expected).sum() <= 2  # an entry within rounding of an edge
