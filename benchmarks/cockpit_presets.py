@@ -10,8 +10,10 @@ train step per variant:
 
 * ``bare``: ``jax.value_and_grad`` of the mean loss, ``optax.sgd(0.01)``;
 * ``economy``, ``business``, ``full``: the same step measuring
-  ``jaxscope.metrics.instruments(preset=...)`` every step (``inst.grad`` → optimizer →
-  ``inst.update``), returning the values so they are live outputs.
+  ``jaxscope.metrics.instruments(preset=..., updates_in_span=True)`` every step
+  (``inst.grad`` → optimizer → ``inst.update``), returning the values so they are live
+  outputs. ``updates_in_span`` tells α that SGD's updates are multiples of the gradient,
+  as ``jaxscope train`` tells it for ``sgd`` and ``momentum``.
 
 The variants are compiled and warmed up, then timed interleaved in one process (the order
 rotated each repetition), each training its own parameters with donated buffers. The
@@ -106,7 +108,7 @@ def make_step(
     jitted = jax.jit(bare, donate_argnums=(0, 1), compiler_options=compiler_options)
     return jitted, tx.init(problem.params), ()
 
-  inst = instruments(preset=preset)
+  inst = instruments(preset=preset, updates_in_span=True)
 
   def step(params: Any, opt_state: Any, istate: Any, x: jax.Array, y: jax.Array) -> Any:
     probe = inst.grad(istate, losses_fn, params, x, y)
