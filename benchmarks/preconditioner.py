@@ -64,10 +64,10 @@ APPLY = transforms.PHASES.index("apply")
 WARMUP = 2
 PHASE_STEPS = {"A": 0, "A'": P - 1, "B": P, "C": P + M - 1, "D": P + M}
 
-PRECONDITIONERS: dict[str, Callable[[], optax.GradientTransformationExtraArgs]] = {
-  "preconditioned": lambda: transforms.preconditioned_sgd(2, M, P),
-  "adaptive": lambda: transforms.adaptive_sgd(2, M, P),
-  "only_adaptive": lambda: transforms.only_adaptive_sgd(2, M, P),
+PRECONDITIONERS: dict[str, Callable[..., optax.GradientTransformationExtraArgs]] = {
+  "preconditioned": lambda **kw: transforms.preconditioned_sgd(2, M, P, **kw),
+  "adaptive": lambda **kw: transforms.adaptive_sgd(2, M, P, **kw),
+  "only_adaptive": lambda **kw: transforms.only_adaptive_sgd(2, M, P, **kw),
 }
 
 
@@ -169,14 +169,65 @@ def time_all(problem: problems.Problem, reps: int) -> dict[str, np.ndarray]:
   return {k: np.asarray(v) for k, v in times.items()}
 
 
+def _epoch_runner(problem: problems.Problem, name: str, epoch: int) -> Callable[[], float]:
+  """A function that trains ``name`` for one more epoch of ``epoch`` steps and returns its
+  wall time in ms: SGD and Adam repeat one step; a preconditioner re-estimates at every
+  epoch start (``reestimate_every=epoch``) and runs the step of each update's phase
+  (:func:`jaxscope.transforms.preconditioner_phase`), as ``jaxscope train`` does."""
+  if name in PRECONDITIONERS:
+    tx: Any = PRECONDITIONERS[name](reestimate_every=epoch)
+    by_phase = [_phase_step(problem, tx, ph) for ph in range(len(transforms.PHASES))]
+  else:
+    tx = optax.sgd(0.01) if name == "sgd" else optax.adam(1e-3)
+    by_phase = [_baseline_step(problem, tx)]
+  state = [copy_tree(problem.params), tx.init(problem.params), 0]
+
+  def run_epoch() -> float:
+    params, opt_state, count = state
+    jax.block_until_ready((params, opt_state))
+    t0 = time.perf_counter()
+    for k in range(count, count + epoch):
+      phase = 0
+      if len(by_phase) > 1:
+        phase = transforms.preconditioner_phase(
+          k, prior_iterations=P, num_observations=M, reestimate_every=epoch
+        )
+      params, opt_state, _ = by_phase[phase](params, opt_state, problem.x, problem.y)
+    jax.block_until_ready((params, opt_state))
+    state[:] = [params, opt_state, count + epoch]
+    return (time.perf_counter() - t0) * 1e3
+
+  return run_epoch
+
+
+def measure_epochs(problem: problems.Problem, epoch: int, reps: int) -> dict[str, np.ndarray]:
+  """Wall times in ms of whole epochs per optimizer: one warm-up epoch each (it compiles
+  every phase's step), then ``reps`` epochs each, interleaved epoch by epoch in a rotated
+  order. Each optimizer trains its own parameters throughout, so the caches hold what a
+  training loop's would."""
+  runners = {n: _epoch_runner(problem, n, epoch) for n in ("sgd", "adam", *PRECONDITIONERS)}
+  for run_epoch in runners.values():
+    run_epoch()
+  names = list(runners)
+  times: dict[str, list[float]] = {n: [] for n in names}
+  for rep in range(reps):
+    shift = rep % len(names)
+    for n in names[shift:] + names[:shift]:
+      times[n].append(runners[n]())
+  return {n: np.asarray(t) for n, t in times.items()}
+
+
 def epoch_cost(med: dict[str, float], name: str, epoch: int) -> float:
   """Milliseconds of one epoch of ``epoch`` steps with one estimation cycle."""
   t = {ph: med[f"{name}/{ph}"] for ph in PHASE_STEPS}
   return (P - 1) * t["A"] + t["A'"] + (M - 1) * t["B"] + t["C"] + (epoch - P - M) * t["D"]
 
 
-def run(problem_names: Sequence[str], reps: int, epoch: int) -> dict[str, Any]:
-  """Runs the benchmark and returns the JSON-ready report."""
+def run(
+  problem_names: Sequence[str], reps: int, epoch: int, measured_epochs: int = 0
+) -> dict[str, Any]:
+  """Runs the benchmark and returns the JSON-ready report (``measured_epochs``: also time
+  that many whole epochs per optimizer, :func:`measure_epochs`)."""
   records = []
   for pname in problem_names:
     problem = problems.get(pname)
@@ -195,6 +246,20 @@ def run(problem_names: Sequence[str], reps: int, epoch: int) -> dict[str, Any]:
     }
     for name in PRECONDITIONERS:
       rec["epoch_ratio_to_sgd"][name] = round(epoch_cost(med, name, epoch) / (epoch * sgd), 3)
+    if measured_epochs:
+      print(f"{pname}: {measured_epochs} measured epochs of {epoch} steps per optimizer")
+      ep = measure_epochs(problem, epoch, measured_epochs)
+      ep_sgd = float(np.median(ep["sgd"]))
+      rec["measured_epochs"] = measured_epochs
+      rec["epoch_ms"] = {k: round(float(np.median(v)), 1) for k, v in ep.items()}
+      rec["epoch_iqr_ms"] = {k: round(iqr(v), 1) for k, v in ep.items()}
+      # Paired: each epoch against the SGD epoch of the same repetition.
+      rec["measured_epoch_ratio_to_sgd"] = {
+        k: round(float(np.median(v / ep["sgd"])), 3) for k, v in ep.items()
+      }
+      rec["measured_epoch_ratio_of_medians"] = {
+        k: round(float(np.median(v)) / ep_sgd, 3) for k, v in ep.items()
+      }
     records.append(rec)
   return {
     **environment(),
@@ -222,6 +287,14 @@ def format_table(report: dict[str, Any]) -> str:
       ok = "" if target is None else ("  yes" if v <= target else "  NO")
       t = "" if target is None else f"(target ≤ {target:.2f}x)"
       lines.append(f"  {k:<22} {v:>6.3f}x {t}{ok}")
+    if "measured_epoch_ratio_to_sgd" in r:
+      lines.append(
+        f"{r['problem']}: {r['measured_epochs']} measured epochs, median ms (paired ratio)"
+      )
+      for k, v in r["measured_epoch_ratio_to_sgd"].items():
+        target = report["targets"].get(k)
+        ok = "" if target is None else ("  yes" if v <= target else "  NO")
+        lines.append(f"  {k:<22} {r['epoch_ms'][k]:>10.1f}  {v:>6.3f}x{ok}")
   return "\n".join(lines)
 
 
@@ -237,12 +310,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   )
   ap.add_argument("--reps", type=int, default=15, help="timed calls per variant and phase.")
   ap.add_argument("--epoch", type=int, default=469, help="steps per epoch (default 469).")
+  ap.add_argument(
+    "--measured-epochs",
+    type=int,
+    default=0,
+    help="also time this many whole epochs per optimizer, interleaved (default 0: none).",
+  )
   args = ap.parse_args(argv)
   if args.reps < 1:
     ap.error("--reps must be >= 1.")
   if args.epoch < P + M:
     ap.error(f"--epoch must be >= {P + M} (one estimation cycle).")
-  report = run(args.problems, args.reps, args.epoch)
+  if args.measured_epochs < 0:
+    ap.error("--measured-epochs must be >= 0.")
+  report = run(args.problems, args.reps, args.epoch, args.measured_epochs)
   print()
   print(format_table(report))
   write_json(report, args.out)
