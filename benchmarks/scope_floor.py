@@ -14,9 +14,10 @@ made of, with no per-layer scalar work beyond them, no state and no check:
   the least a warm-started spectral norm needs (the scope refines from the last step's
   vector, and takes an exact SVD of kernels up to 4096 elements, which this floor does
   not: it is cheaper);
-* per leaf, the realised update ``Σ(θ' − θ)²`` and the count of lost coordinates
-  ``Σ[u ≠ 0 ∧ θ' = θ]`` (``realised_ratio``, ``lost_fraction``), over the parameters the
-  step stores anyway.
+* per leaf, the realised update ``Σ(θ' − θ)²``, the count of lost coordinates
+  ``Σ[u ≠ 0 ∧ θ' = θ]`` and that of moving ones ``Σ[u ≠ 0]`` (``realised_ratio``;
+  ``lost_fraction`` is the ratio of the two counts), over the parameters the step stores
+  anyway.
 
 Everything is returned as three vectors (sums, counts, spectral), so the program's
 outputs are three leaves.
@@ -70,6 +71,7 @@ def full_step(
     for p, u, n in zip(*(jax.tree.leaves(t) for t in (params, updates, new)), strict=True):
       sums.append(_sumsq(n - p))
       sums.append(jnp.sum(((u != 0) & (n == p)).astype(jnp.float32)))
+      sums.append(jnp.sum((u != 0).astype(jnp.float32)))
     counts = jnp.stack([_counts(leaf) for leaves in trees for leaf in leaves])
     spectral = jnp.stack([_power_pair(w) for w in trees[0] if w.ndim >= 2])
     return new, opt_state, (loss, jnp.stack(sums), counts, spectral)

@@ -60,8 +60,12 @@ def test_full_floor_program_computes_what_the_full_scope_is_made_of():
   params64 = [np.asarray(x, np.float64) for x in jax.tree.leaves(problem.params)]
   _, _, (_, sums, counts, spectral) = step(*state, problem.x, problem.y)
   n = len(params64)
-  assert sums.shape == (3 * 2 * n + 2 * n,) and counts.shape == (3 * n, scope_floor.BINS)
+  assert sums.shape == (3 * 2 * n + 3 * n,) and counts.shape == (3 * n, scope_floor.BINS)
   np.testing.assert_allclose(np.asarray(sums[: 2 * n : 2]), [x.sum() for x in params64], rtol=2e-4)
+  # Per leaf, after the moments: Σ(θ' − θ)², lost and moving coordinates (u ≠ 0).
+  grads = jax.grad(problem.loss)(problem.params, problem.x, problem.y)
+  moving = [int(np.count_nonzero(np.asarray(g))) for g in jax.tree.leaves(grads)]
+  np.testing.assert_array_equal(np.asarray(sums[6 * n + 2 :: 3]), moving)
   # Every sampled element is counted once: the scope's histogram of the same leaf (a
   # strided sample of the same size) counts as many.
   sc_step, sc_state = costs.scope_step(problem, costs.metrics.scope(preset="full"))

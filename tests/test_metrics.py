@@ -364,3 +364,13 @@ def test_spectral_norms_only_for_kernels():
   np.testing.assert_allclose(got["norm"], sv[0], rtol=1e-5)
   with pytest.raises(ValueError, match="no kernel leaf"):
     metrics.evaluate(metrics.spectral_norm(), params["ln"])
+
+
+@pytest.mark.parametrize("shape", [(), (7,), (5, 9), (3, 4, 6)])
+def test_count_true_is_exact_in_any_shape(shape):
+  # Rows counted in float32, added as integers: the exact count whatever the shape.
+  from jaxscope.metrics.stats import count_true
+
+  mask = np.random.default_rng(len(shape)).random(shape) < 0.3
+  got = jax.jit(count_true)(jnp.asarray(mask))
+  assert got.dtype == jnp.int32 and int(got) == int(mask.sum())

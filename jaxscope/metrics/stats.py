@@ -314,12 +314,29 @@ def lost_fraction() -> Metric:
     moving = jnp.zeros((), jnp.int32)
     for u, p in zip(leaves, reference, strict=True):
       nonzero = u != 0
-      stuck = nonzero & (_landed(u, p) == 0)
-      lost = lost + jnp.sum(stuck, dtype=jnp.int32)
-      moving = moving + jnp.sum(nonzero, dtype=jnp.int32)
+      # θ_new = θ compared as stored (not θ_new − θ = 0: the difference is realised_ratio's,
+      # and a second reader made XLA:CPU write it out as an array).
+      stuck = nonzero & ((p + u).astype(p.dtype) == p)
+      lost = lost + count_true(stuck)
+      moving = moving + count_true(nonzero)
     return jnp.where(moving > 0, lost.astype(_F32) / jnp.maximum(moving, 1).astype(_F32), 0.0)
 
   return stateless("lost_fraction", fn, needs_params=True)
+
+
+def count_true(mask: jax.Array) -> jax.Array:
+  """The number of ``True`` entries of ``mask``, as ``int32``.
+
+  Each row (the last axis) is counted in float32, then the rows' counts are added as
+  integers: exact while a row holds fewer than ``2²⁴`` entries (a longer last axis is
+  counted in int32 directly). On XLA:CPU a float32 reduction runs through its fast
+  reduction kernels while an int32 one becomes a tiled ``reduce-window``: on the MNIST
+  MLP, ``lost_fraction``'s two counts over a ``[784, 1000]`` update took 0.27 ms that way.
+  """
+  if mask.ndim == 0 or mask.shape[-1] >= 2**24:
+    return jnp.sum(mask, dtype=jnp.int32)
+  rows = jnp.sum(mask.astype(_F32), axis=-1)
+  return jnp.sum(rows.astype(jnp.int32), dtype=jnp.int32)
 
 
 def sample_stride(size: int, last_dim: int, max_elements: int) -> int:
@@ -415,19 +432,12 @@ def histogram(
   def fn(leaves: Leaves) -> dict[str, jax.Array]:
     flat = [_sample(x) for x in leaves]
     if range is None:
-      lo = group_min([jnp.min(x) for x in flat])
-      hi = group_max([jnp.max(x) for x in flat])
-
-      def finite_range(_: None) -> tuple[jax.Array, jax.Array]:
-        big = jnp.finfo(_F32).max
-        f_lo = group_min([jnp.min(jnp.where(jnp.isfinite(x), x, big)) for x in flat])
-        f_hi = group_max([jnp.max(jnp.where(jnp.isfinite(x), x, -big)) for x in flat])
-        return f_lo, f_hi
-
-      # Plain min/max is one cheap pass; only a tensor with NaN/Inf needs the masked one.
-      lo, hi = jax.lax.cond(
-        jnp.isfinite(lo) & jnp.isfinite(hi), lambda _: (lo, hi), finite_range, None
-      )
+      # The finite min and max, each one fused pass over the sample. (A lax.cond that
+      # took the masked pass only for tensors with NaN/Inf cost more than the mask: its
+      # operands, the samples, were copied in and the step waited on its predicate.)
+      big = jnp.finfo(_F32).max
+      lo = group_min([jnp.min(jnp.where(jnp.isfinite(x), x, big)) for x in flat])
+      hi = group_max([jnp.max(jnp.where(jnp.isfinite(x), x, -big)) for x in flat])
       empty = lo > hi
       lo, hi = jnp.where(empty, 0.0, lo), jnp.where(empty, 1.0, hi)
       same = lo == hi
