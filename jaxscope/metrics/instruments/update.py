@@ -331,15 +331,21 @@ def _project_with_span(probe: Probe, tangents: list[Any]) -> jax.Array:
   """
   basis, d = tangents[:-1], tangents[-1]
   coef, in_span = span_fit(basis, d)
+  return _combined_or_direct(probe, basis, d, coef, in_span)
+
+
+def _combined_or_direct(
+  probe: Probe, basis: list[Any], d: Any, coef: jax.Array, combine: jax.Array
+) -> jax.Array:
+  """Projections on ``basis`` and then on ``d``: ``d``'s are ``coef`` times the basis's
+  where ``combine`` holds, else projected (a ``lax.cond``, so only one route runs)."""
   proj_basis = _project(probe, basis)
-
-  def combine(_: Any) -> jax.Array:
-    return coef.astype(F32) @ proj_basis
-
-  def direct(_: Any) -> jax.Array:
-    return _project(probe, [d])[0]
-
-  last = jax.lax.cond(in_span, combine, direct, None)
+  last = jax.lax.cond(
+    combine,
+    lambda _: coef.astype(F32) @ proj_basis,
+    lambda _: _project(probe, [d])[0],
+    None,
+  )
   return jnp.concatenate([proj_basis, last[None]], axis=0)
 
 
@@ -384,13 +390,4 @@ def _project_declared_span(
   """
   basis, d = tangents[:-1], tangents[-1]
   coef, in_span = span_fit(basis, d, everywhere=False)
-  proj_basis = _project(probe, basis)
-
-  def combine(_: Any) -> jax.Array:
-    return coef.astype(F32) @ proj_basis
-
-  def direct(_: Any) -> jax.Array:
-    return _project(probe, [d])[0]
-
-  last = jax.lax.cond(mode == SPAN_VERIFIED, combine, direct, None)
-  return jnp.concatenate([proj_basis, last[None]], axis=0), in_span
+  return _combined_or_direct(probe, basis, d, coef, mode == SPAN_VERIFIED), in_span
