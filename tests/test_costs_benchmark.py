@@ -243,3 +243,36 @@ def test_economy_floor_program_computes_what_the_economy_instruments_are_made_of
     binned = np.clip(np.floor((entries - lo) * (economy_floor.BINS / (hi - lo))), 0, 99)
     expected = np.bincount(binned.astype(int), minlength=economy_floor.BINS)
     assert np.abs(table[k] - expected).sum() <= 2  # an entry within rounding of an edge
+
+
+def test_profile_step_sums_each_operation_per_step_and_names_its_origin():
+  from benchmarks import profile_step
+
+  events = [
+    {"ph": "X", "name": "dot.1", "dur": 30.0, "tid": 1},
+    {"ph": "X", "name": "dot.1", "dur": 50.0, "tid": 2},
+    {"ph": "X", "name": "copy.3", "dur": 4.0, "tid": 1},
+    {"ph": "X", "name": "ThunkExecutor::Execute", "dur": 999.0, "tid": 1},  # runtime
+    {"ph": "X", "name": "end: dot.1", "dur": 1.0, "tid": 1},  # marker
+    {"ph": "i", "name": "dot.1", "tid": 1},  # no duration
+  ]
+  t = profile_step.operation_times(events, steps=2)
+  assert t["ops"] == {"dot.1": (40.0, 1.0), "copy.3": (2.0, 0.5)}
+  assert t["threads"] == {"1": 17.0, "2": 25.0} and t["small"] == (0.5, 2.0)
+  with pytest.raises(ValueError, match="steps"):
+    profile_step.operation_times(events, steps=0)
+  hlo = '  %dot.1 = f32[8,4]{1,0} dot(%a, %b), metadata={op_name="jit(step)/Dense_0/dot_general"}'
+  assert profile_step.hlo_origin(hlo, "dot.1") == "f32[8,4]{1,0}  jit(step)/Dense_0/dot_general"
+  assert profile_step.hlo_origin(hlo, "dot.12") == ""
+
+
+@pytest.mark.slow
+def test_profile_step_traces_the_bare_step_of_the_mlp():
+  from benchmarks import profile_step
+
+  report = profile_step.profile("mnist_mlp", "bare", steps=2, warmup=1)
+  origins = " ".join(op["origin"] for op in report["ops"])
+  assert "Dense_0" in origins and report["ops"][0]["us_per_step"] > 0
+  assert report["thread_busy_us"][0] > 0
+  with pytest.raises(ValueError, match="not rows"):
+    profile_step.profile("mnist_mlp", "no_such_row", steps=1, warmup=0)
