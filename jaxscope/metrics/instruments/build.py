@@ -98,8 +98,9 @@ def instruments(
       of projecting each (the MNIST MLP's ``economy`` step 7.7 → 6.8 ms and 8.0 → 7.3 ms
       in two processes, bare step 2.7–2.9 ms). A check on a sample of 4096 coordinates
       per leaf guards the declaration: a combined update outside the span there drops
-      that step's α and projects every later update directly. Default ``False``: every update is projected, or checked over every
-      coordinate first where that saves a forward pass.
+      that step's α and projects every later update directly. Default ``False``: every
+      update is projected, or checked over every coordinate first where that saves a
+      forward pass.
 
   Returns:
     An :class:`Instruments`.
