@@ -740,3 +740,19 @@ def test_span_fit_accepts_only_updates_in_the_span_everywhere() -> None:
   guard = jax.jit(functools.partial(span_fit, everywhere=False))
   assert bool(guard([g, p], momentum)[1]) and not bool(guard([g, p], adam)[1])
   assert bool(guard([g, p], off_sample)[1])
+
+
+def test_declared_span_is_used_with_every_1_only():
+  # With every=2 the measured steps are not consecutive, so the last update is not a
+  # direction of this one: the declaration changes nothing (mode untested, same values).
+  from jaxscope.metrics.instruments import update
+
+  batches = [_data(i) for i in range(2)]
+  runs = {
+    d: _run(instruments(["alpha", "inner_test"], every=2, updates_in_span=d), 4, _params(), batches)
+    for d in (False, True)
+  }
+  assert float(runs[True][2].alpha_start[6]) == update.SPAN_UNTESTED
+  for a, b in zip(runs[False][0], runs[True][0], strict=True):
+    for k in ("alpha", "inner_test"):
+      np.testing.assert_array_equal(a[k], b[k], err_msg=k)
