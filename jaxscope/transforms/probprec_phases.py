@@ -170,11 +170,11 @@ def prior_step(cfg: Settings, st: Step, s: PreconditionerState) -> Preconditione
     jnp.stack([jnp.vdot(vi, vi), jnp.vdot(vi, hi), jnp.vdot(hi, hi)])
     for vi, hi in zip(v, h, strict=True)
   ]
-  s = s._replace(sum_v=_tree_of(st, sum_v), abc=s.abc + jnp.stack(rows).astype(st.sdt))
+  s = s.replace(sum_v=_tree_of(st, sum_v), abc=s.abc + jnp.stack(rows).astype(st.sdt))
   if not cfg.estimate_hessian:  # Only the posterior's first column reads the sum of h.
     return s
   sum_h = [a + b for a, b in zip(_leaves(s.sum_h), h, strict=True)]
-  return s._replace(sum_h=_tree_of(st, sum_h))
+  return s.replace(sum_h=_tree_of(st, sum_h))
 
 
 def _prior_scales(
@@ -204,7 +204,7 @@ def _prior_scales(
 def prior_end(cfg: Settings, st: Step, s: PreconditionerState) -> PreconditionerState:
   """Phase A': ``α, w, λ`` per group; column 0 from the mean probe ``s₀ = −α ḡ, y₀ = −α h̄``."""
   alpha, w, lam = _prior_scales(cfg, st, s)
-  s = s._replace(alpha=alpha, w=w, lam=lam)
+  s = s.replace(alpha=alpha, w=w, lam=lam)
   if not cfg.estimate_hessian:
     return s
   n = float(cfg.P)
@@ -229,9 +229,7 @@ def prior_end(cfg: Settings, st: Step, s: PreconditionerState) -> Preconditioner
     Y.append(_leaves(s.Y)[i].at[0].set(y0.astype(sv.dtype)))
     X.append(_leaves(s.X)[i].at[0].set(x0.astype(sv.dtype)))
     rho2.append(_leaves(s.rho2)[i].at[0].set((rho**2).astype(st.sdt)))
-  return s._replace(
-    S=_tree_of(st, S), Y=_tree_of(st, Y), X=_tree_of(st, X), rho2=_tree_of(st, rho2)
-  )
+  return s.replace(S=_tree_of(st, S), Y=_tree_of(st, Y), X=_tree_of(st, X), rho2=_tree_of(st, rho2))
 
 
 # --------------------------------------------------------------------------- phase B
@@ -333,7 +331,7 @@ def posterior_step(
     newY.append(Yi)
     newX.append(Xi)
     newR.append(ri)
-  return s._replace(
+  return s.replace(
     S=_tree_of(st, newS), Y=_tree_of(st, newY), X=_tree_of(st, newX), rho2=_tree_of(st, newR)
   )
 
@@ -373,7 +371,7 @@ def build(cfg: Settings, st: Step, s: PreconditionerState) -> PreconditionerStat
   """Phase C: ``U``, ``σ`` of the preconditioner, the learning rate, a fresh momentum."""
   if cfg.estimate_hessian:
     Us, sig = _factorise(cfg, st, s)
-    s = s._replace(U=_tree_of(st, Us), sigma=_tree_of(st, sig))
+    s = s.replace(U=_tree_of(st, Us), sigma=_tree_of(st, sig))
   lr = s.alpha
   if cfg.initial_lr is not None:
     lr = jnp.where(s.cycle == 0, jnp.asarray(cfg.initial_lr, st.sdt), lr)
@@ -382,7 +380,7 @@ def build(cfg: Settings, st: Step, s: PreconditionerState) -> PreconditionerStat
   valid = jnp.isfinite(s.alpha) & (s.alpha > 0)
   last = jnp.where(valid, s.alpha, s.last_alpha)
   trace = jax.tree.map(jnp.zeros_like, s.trace)
-  return s._replace(lr=lr, last_alpha=last, trace=trace)
+  return s.replace(lr=lr, last_alpha=last, trace=trace)
 
 
 def apply(
@@ -400,8 +398,8 @@ def apply(
     tr = [cfg.momentum * b + t for b, t in zip(_flat(s.trace), tr, strict=True)]
   upd = [-s.lr[st.gid[i]].astype(tr[i].dtype) * tr[i] for i in range(len(tr))]
   if cfg.log_grad_norm:
-    s = s._replace(grad_norm=_gnorm(st, gt))
-  return upd, (s if plain else s._replace(trace=_unflat(st, tr)))
+    s = s.replace(grad_norm=_gnorm(st, gt))
+  return upd, (s if plain else s.replace(trace=_unflat(st, tr)))
 
 
 def _preconditioned(st: Step, s: PreconditionerState) -> list[jax.Array]:
@@ -432,9 +430,9 @@ def run_phase(
   P, M = cfg.P, cfg.M
 
   def estimating(s: PreconditionerState, code: int) -> tuple[Any, PreconditionerState]:
-    s = s._replace(phase=jnp.asarray(code, jnp.int32))
+    s = s.replace(phase=jnp.asarray(code, jnp.int32))
     if cfg.log_grad_norm:
-      s = s._replace(grad_norm=_gnorm(st, st.g))
+      s = s.replace(grad_norm=_gnorm(st, st.g))
     return _zero_updates(st), s
 
   def branch_prior(s: PreconditionerState) -> tuple[Any, PreconditionerState]:
@@ -448,11 +446,11 @@ def run_phase(
 
   def branch_build(s: PreconditionerState) -> tuple[Any, PreconditionerState]:
     upd, s = apply(cfg, st, build(cfg, st, s))
-    return upd, s._replace(phase=jnp.asarray(3, jnp.int32))
+    return upd, s.replace(phase=jnp.asarray(3, jnp.int32))
 
   def branch_apply(s: PreconditionerState) -> tuple[Any, PreconditionerState]:
     upd, s = apply(cfg, st, s)
-    return upd, s._replace(phase=jnp.asarray(4, jnp.int32))
+    return upd, s.replace(phase=jnp.asarray(4, jnp.int32))
 
   branches = [branch_prior, branch_prior_end, branch_posterior, branch_build, branch_apply]
   if phase is not None:
