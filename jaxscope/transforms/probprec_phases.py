@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 if TYPE_CHECKING:
-  from jaxscope.transforms.probprec import PreconditionerState
+  from jaxscope.transforms.probprec_state import PreconditionerState
 
 __all__ = [
   "Settings",
