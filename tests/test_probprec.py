@@ -437,6 +437,29 @@ def test_packed_scalars_read_and_replace_by_name():
     s.replace(momentum=1.0)
 
 
+def test_packed_per_leaf_vectors_read_as_trees():
+  """``rho2`` and ``sigma`` are rows of one array each, read as trees with the parameters'
+  structure (``sigma`` cut to each leaf's rank ``k_p``, 0 for a one-element leaf), and
+  ``replace`` pads them back into their rows."""
+  params = {"a": jnp.zeros((4, 3)), "b": jnp.zeros((3,)), "s": jnp.zeros((1,))}
+  s = preconditioned_sgd(est_rank=2, num_observations=3).init(params)
+  assert s.rho2_rows.shape == (3, 3) and s.sigma_rows.shape == (3, 2)
+  assert {k: v.shape for k, v in s.sigma.items()} == {"a": (2,), "b": (2,), "s": (0,)}
+  assert {k: v.shape for k, v in s.rho2.items()} == {"a": (3,), "b": (3,), "s": (3,)}
+  # Per leaf: sum_v, sum_h, S, Y, X, U; packed: counters, abc, the two rows, groups.
+  assert len(jax.tree_util.tree_leaves(s)) == 3 * 6 + 5
+  sigma = {"a": jnp.array([3.0, 2.0]), "b": jnp.array([1.0, 0.5]), "s": jnp.zeros((0,))}
+  rho2 = {"a": jnp.arange(3.0), "b": jnp.ones(3), "s": jnp.full(3, 7.0)}
+  s = s.replace(sigma=sigma, rho2=rho2, phase=3)
+  np.testing.assert_array_equal(np.asarray(s.sigma_rows), [[3, 2], [1, 0.5], [0, 0]])
+  np.testing.assert_array_equal(np.asarray(s.rho2_rows), [[0, 1, 2], [1, 1, 1], [7, 7, 7]])
+  assert s.sigma["a"].tolist() == [3.0, 2.0] and s.sigma["s"].shape == (0,)
+  assert int(s.phase) == 3 and s.rho2["s"].tolist() == [7.0, 7.0, 7.0]
+  assert restart_estimate(s).sigma_rows.sum() == 0
+  only = only_adaptive_sgd().init(params)
+  assert only.rho2_rows == () and only.sigma_rows == () and only.rho2 == () and only.sigma == ()
+
+
 @pytest.mark.slow
 def test_reestimation_resets_counters_and_momentum():
   A = _hessian()

@@ -320,7 +320,8 @@ def _init(cfg: phases.Settings, params: optax.Params) -> PreconditionerState:
   sdt = _scalar_dtype(params)
   # Buffers a variant never reads are () (no leaves): OnlyAdaptiveSGD carried 15 N floats
   # and 89 leaves, and every leaf costs the jitted step ~5 µs of dispatch (a D step on the
-  # MNIST MLP: +0.39 ms over SGD's 6.4 ms; benchmarks/preconditioner.py).
+  # MNIST MLP: +0.39 ms over SGD's 6.4 ms; benchmarks/preconditioner.py). The small ones
+  # are packed (PreconditionerState): each small donated buffer costs a step in a loop.
   est = cfg.estimate_hessian
   hessian = lambda fn: per_leaf(fn) if est else ()  # noqa: E731
   return PreconditionerState(
@@ -331,9 +332,9 @@ def _init(cfg: phases.Settings, params: optax.Params) -> PreconditionerState:
     S=hessian(lambda p, k: jnp.zeros((M, p.size), dt(p))),
     Y=hessian(lambda p, k: jnp.zeros((M, p.size), dt(p))),
     X=hessian(lambda p, k: jnp.zeros((M, p.size), dt(p))),
-    rho2=hessian(lambda p, k: jnp.zeros((M,), sdt)),
+    rho2_rows=jnp.zeros((len(leaves), M), sdt) if est else (),
     U=hessian(lambda p, k: jnp.zeros((k, p.size), dt(p))),
-    sigma=hessian(lambda p, k: jnp.zeros((k,), sdt)),
+    sigma_rows=jnp.zeros((len(leaves), max(phases.ranks(cfg, params))), sdt) if est else (),
     groups=jnp.zeros((len(_GROUPS), G), sdt),
     trace=()
     if phases._is_zero(cfg.momentum)
@@ -457,9 +458,9 @@ def restart_estimate(state: PreconditionerState) -> PreconditionerState:
     S=zero(state.S),
     Y=zero(state.Y),
     X=zero(state.X),
-    rho2=zero(state.rho2),
+    rho2_rows=zero(state.rho2_rows),
     U=zero(state.U),
-    sigma=zero(state.sigma),
+    sigma_rows=zero(state.sigma_rows),
     alpha=zero(state.alpha),
     w=zero(state.w),
     lam=zero(state.lam),

@@ -30,10 +30,11 @@ class PreconditionerState(NamedTuple):
 
   The scalars are packed into two arrays, ``counters`` (``count, step, cycle, phase``) and
   ``groups`` (``alpha, w, lam, lr, last_alpha``), and read as attributes of those names
-  (``state.alpha``); :meth:`replace` sets them. A training loop donates the state to its
-  jitted step, and each small donated buffer costs the step: carrying the nine scalars as
-  leaves of their own made an apply step on the MNIST MLP 3 % slower than SGD's, packed
-  0.1–0.7 % (``benchmarks/preconditioner.py``).
+  (``state.alpha``); the per-leaf vectors ``rho2`` and ``sigma`` into one array of rows
+  each, read as trees with the parameters' structure; :meth:`replace` sets them all. A
+  training loop donates the state to its jitted step, and each small donated buffer costs
+  the step: carrying the nine scalars as leaves of their own made an apply step on the
+  MNIST MLP 3 % slower than SGD's, packed 0.1–0.7 % (``benchmarks/preconditioner.py``).
   """
 
   counters: jax.Array
@@ -48,13 +49,14 @@ class PreconditionerState(NamedTuple):
   S: Any
   Y: Any
   X: Any
-  rho2: Any
-  """Per leaf ``[M]``: squared norms ``ρ_i²`` of the un-normalised directions. ``S``, ``Y``,
-  ``X`` and ``rho2`` are ``()`` without ``estimate_hessian``."""
+  rho2_rows: jax.Array | tuple[()]
+  """``[L, M]``, a row per leaf: the packed ``rho2`` (see that attribute). ``S``, ``Y``,
+  ``X`` and ``rho2_rows`` are ``()`` without ``estimate_hessian``."""
   U: Any
-  sigma: Any
-  """Per leaf ``[k_p]``: the singular values of ``B̂`` kept (0: dropped). ``U`` and
-  ``sigma`` are ``()`` without ``estimate_hessian``."""
+  sigma_rows: jax.Array | tuple[()]
+  """``[L, max k_p]``, a row per leaf: the packed ``sigma`` (see that attribute), zero
+  beyond the leaf's ``k_p``. ``U`` and ``sigma_rows`` are ``()`` without
+  ``estimate_hessian``."""
   groups: jax.Array
   """``[5, G]``: ``alpha``, ``w``, ``lam``, ``lr``, ``last_alpha`` per group (see those
   attributes)."""
@@ -109,8 +111,28 @@ class PreconditionerState(NamedTuple):
     """``[G]`` the latest valid ``α`` (0 before any), the fallback of ``faithful=False``."""
     return self.groups[4]
 
+  @property
+  def rho2(self) -> Any:
+    """Per leaf ``[M]``: squared norms ``ρ_i²`` of the un-normalised directions (a tree with
+    the parameters' structure; ``()`` without ``estimate_hessian``)."""
+    if isinstance(self.rho2_rows, tuple):
+      return ()
+    treedef = jax.tree_util.tree_structure(self.S)
+    return treedef.unflatten(list(self.rho2_rows))
+
+  @property
+  def sigma(self) -> Any:
+    """Per leaf ``[k_p]``: the singular values of ``B̂`` kept (0: dropped), a tree with the
+    parameters' structure; ``()`` without ``estimate_hessian``."""
+    if isinstance(self.sigma_rows, tuple):
+      return ()
+    leaves, treedef = jax.tree_util.tree_flatten(self.U)
+    rows = list(self.sigma_rows)
+    return treedef.unflatten([r[: u.shape[0]] for r, u in zip(rows, leaves, strict=True)])
+
   def replace(self, **fields: Any) -> PreconditionerState:
-    """``_replace`` that also takes the packed scalars by name (``count=``, ``alpha=``, …).
+    """``_replace`` that also takes the packed values by name (``count=``, ``alpha=``,
+    ``rho2=``, ``sigma=``, …).
 
     Example:
       >>> import jax.numpy as jnp
@@ -120,6 +142,9 @@ class PreconditionerState(NamedTuple):
       >>> float(s.alpha[0]), int(s.count), s.counters.shape, s.groups.shape
       (0.5, 7, (4,), (5, 1))
     """
+    for name in ("rho2", "sigma"):
+      if name in fields:
+        fields[f"{name}_rows"] = _rows(fields.pop(name), getattr(self, f"{name}_rows"))
     for packed, names in (("counters", _COUNTERS), ("groups", _GROUPS)):
       given = {k: fields.pop(k) for k in names if k in fields}
       if given:
@@ -128,3 +153,13 @@ class PreconditionerState(NamedTuple):
           [jnp.asarray(given.get(k, old[i])).astype(old.dtype) for i, k in enumerate(names)]
         )
     return self._replace(**fields)
+
+
+def _rows(tree: Any, like: jax.Array | tuple[()]) -> jax.Array | tuple[()]:
+  """The per-leaf vectors of ``tree`` as the rows of an array shaped and typed as ``like``
+  (each zero-padded to its width)."""
+  if isinstance(like, tuple):
+    return ()
+  width = like.shape[1]
+  rows = [jnp.pad(v.astype(like.dtype), (0, width - v.shape[0])) for v in jax.tree.leaves(tree)]
+  return jnp.stack(rows) if rows else like
