@@ -61,6 +61,8 @@ BENCHMARKS=(
   "throughput|throughput.py --problems digits,mnist_mlp --out $OUT/throughput.json|--problems digits --chunks 1 --chunk-steps 2"
   "ratio_lr|ratio_lr.py --problems mnist_mlp,cifar10_3c3d,fmnist_2c2d --out $OUT/ratio-lr.json|--problems mnist_mlp --reps 1"
   "preconditioner|preconditioner.py --problems mnist_mlp,fmnist_2c2d --measured-epochs 3 --out $OUT/preconditioner.json|--problems mnist_mlp --reps 1 --epoch 15"
+  "costs|costs.py --problems mnist_mlp,cifar10_3c3d,fmnist_2c2d --out $OUT/costs.json|--problems mnist_mlp --reps 1 --block 1 --rows instruments/economy,xla_floor/instruments/economy"
+  "peak_memory|peak_memory.py --problems mnist_mlp,cifar10_3c3d,fmnist_2c2d --out $OUT/peak-memory.json|--problems mnist_mlp --batches 8,16"
   "landscape|landscape.py --eval all --wait 0 --out $OUT/landscape.json|--grid 3 --loop-points 2 --reps 1 --epochs 1"
   "transformer|transformer.py --size gpu --no-sharding --out $OUT/transformer.json|--size tiny --reps 1 --variants bare,economy --layouts scan --no-rss --no-sharding"
   "transformer-bf16|transformer.py --size gpu --dtype bfloat16 --param-dtype bfloat16 --layouts scan --no-rss --no-sharding --out $OUT/transformer-bf16.json|--size tiny --reps 1 --variants bare,economy --layouts scan --no-rss --no-sharding"
