@@ -1,8 +1,9 @@
 """The state of :func:`jaxscope.transforms.probabilistic_preconditioner`.
 
-Its nine scalars are packed into two arrays (``counters`` and ``groups``) and read under
-their own names: a training loop donates the state to its jitted step, and each small
-donated buffer costs that step (measured in ``PreconditionerState``'s docstring).
+Its nine scalars are packed into two arrays (``counters`` and ``groups``) and its per-leaf
+vectors ``rho2`` and ``sigma`` into one array of rows each, all read under their own
+names: a training loop donates the state to its jitted step, and each small donated
+buffer costs that step (measured in ``PreconditionerState``'s docstring).
 """
 
 from __future__ import annotations
