@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import difflib
-import numbers
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxscope.models.base import (
@@ -17,50 +14,20 @@ from jaxscope.models.base import (
   check_num_classes,
   linen_model_def,
 )
+from jaxscope.models.build_args import min_side, positive_ints, real
 from jaxscope.models.capacity import CapacityCNN, CapacityMLP, initializer
 from jaxscope.models.conv import AlexNetMini, LeNet5, ThreeC3D, TwoC2D
 from jaxscope.models.densenet import DenseNetBC
 from jaxscope.models.external import build_external, import_object, is_external
 from jaxscope.models.keywords import check_model_options
 from jaxscope.models.mlp import MLP, MnistMLP
-from jaxscope.models.nnx_models import nnx_model_def, nnx_module_def
+from jaxscope.models.nnx_models import nnx_model_def
 from jaxscope.models.resnet import CifarResNet
-from jaxscope.models.transformer import DecoderLM, ViT, param_axes, resolve_dtype
-from jaxscope.models.transformer_nnx import NNXDecoderLM
+from jaxscope.models.transformer_builders import nnx_transformer_lm, transformer_lm, vit
 
 __all__ = ["build", "describe", "names"]
 
 _CONV_RANKS = (2, 3)
-
-
-def _positive_ints(name: str, arg: str, value: Any, *, allow_empty: bool = False) -> tuple:
-  try:
-    out = tuple(value)
-  except TypeError:
-    out = None
-  if (
-    out is None
-    or (not out and not allow_empty)
-    or not all(isinstance(v, int | np.integer) and not isinstance(v, bool) and v > 0 for v in out)
-  ):
-    raise ValueError(
-      f"build({name!r}): {arg} must be a sequence of positive integers, got {value!r}."
-    )
-  return tuple(int(v) for v in out)
-
-
-def _real(value: Any) -> bool:
-  """Whether ``value`` is a real number (not a bool)."""
-  return isinstance(value, numbers.Real) and not isinstance(value, bool | np.bool_)
-
-
-def _min_side(name: str, input_shape: tuple[int, ...], side: int, hint: str = "") -> None:
-  small = [n for n in input_shape[:-1] if n < side]
-  if small:
-    raise ValueError(
-      f"build({name!r}): input_shape {input_shape} is too small; this model needs every "
-      f"spatial side >= {side}.{hint}"
-    )
 
 
 def _mlp(
@@ -70,7 +37,7 @@ def _mlp(
   *,
   hidden_sizes: Sequence[int] = (128, 64),
 ) -> ModelDef:
-  hidden = _positive_ints(name, "hidden_sizes", hidden_sizes, allow_empty=True)
+  hidden = positive_ints(name, "hidden_sizes", hidden_sizes, allow_empty=True)
   module = MLP(hidden_sizes=hidden, num_outputs=num_classes)
   return linen_model_def(
     name, module, input_shape, num_classes, has_batch_stats=False, has_dropout=False
@@ -96,9 +63,7 @@ def _3c3d(
     raise ValueError(f"build({name!r}): padding must be 'VALID' or 'SAME', got {padding!r}.")
   if padding == "VALID":
     # conv5 VALID -> pool 3/2 SAME -> conv3 VALID must leave at least one pixel.
-    _min_side(
-      name, input_shape, 9, " Pass padding='SAME' to use SAME convolutions on small inputs."
-    )
+    min_side(name, input_shape, 9, " Pass padding='SAME' to use SAME convolutions on small inputs.")
   module = ThreeC3D(num_classes, padding=padding)
   return linen_model_def(
     name, module, input_shape, num_classes, has_batch_stats=False, has_dropout=False
@@ -113,7 +78,7 @@ def _lenet5(name: str, input_shape: tuple[int, ...], num_classes: int) -> ModelD
 
 def _alexnet_mini(name: str, input_shape: tuple[int, ...], num_classes: int) -> ModelDef:
   # Two VALID 3x3 convs then a VALID 2x2 pool: floor((n - 4) / 2) >= 1.
-  _min_side(name, input_shape, 6)
+  min_side(name, input_shape, 6)
   return linen_model_def(
     name,
     AlexNetMini(num_classes),
@@ -137,7 +102,7 @@ def _resnet(
       f"build({name!r}): depth must be 6n + 2 with n >= 1 (8, 14, 20, 32, 44, 56, 110, ...), "
       f"got {depth!r}."
     )
-  w = _positive_ints(name, "widths", widths)
+  w = positive_ints(name, "widths", widths)
   if len(w) != 3:
     raise ValueError(f"build({name!r}): widths must have 3 entries, got {widths!r}.")
   module = CifarResNet(depth=depth, num_classes=num_classes, widths=w)
@@ -176,12 +141,12 @@ def _densenet_bc(
       )
     blocks = ((depth - 4) // 6,) * 3
   else:
-    blocks = _positive_ints(name, "block_sizes", block_sizes)
+    blocks = positive_ints(name, "block_sizes", block_sizes)
   if isinstance(growth_rate, bool) or not isinstance(growth_rate, int) or growth_rate < 1:
     raise ValueError(
       f"build({name!r}): growth_rate must be a positive integer, got {growth_rate!r}."
     )
-  if not _real(compression) or not 0.0 < compression <= 1.0:
+  if not real(compression) or not 0.0 < compression <= 1.0:
     raise ValueError(f"build({name!r}): compression must be in (0, 1], got {compression!r}.")
   module = DenseNetBC(
     block_sizes=blocks,
@@ -203,11 +168,11 @@ def _nnx_cnn(
   hidden: int = 64,
   dropout_rate: float = 0.25,
 ) -> ModelDef:
-  f = _positive_ints(name, "features", features)
+  f = positive_ints(name, "features", features)
   if len(f) != 2:
     raise ValueError(f"build({name!r}): features must have 2 entries, got {features!r}.")
-  (h,) = _positive_ints(name, "hidden", (hidden,))
-  if not _real(dropout_rate) or not 0.0 <= dropout_rate < 1.0:
+  (h,) = positive_ints(name, "hidden", (hidden,))
+  if not real(dropout_rate) or not 0.0 <= dropout_rate < 1.0:
     raise ValueError(f"build({name!r}): dropout_rate must be in [0, 1), got {dropout_rate!r}.")
   return nnx_model_def(
     name, input_shape, num_classes, features=f, hidden=h, dropout_rate=dropout_rate
@@ -215,7 +180,7 @@ def _nnx_cnn(
 
 
 def _capacity_chunks(name: str, widths: tuple[int, ...], chunks: Any, initial_chunks: Any) -> None:
-  (c,) = _positive_ints(name, "chunks", (chunks,))
+  (c,) = positive_ints(name, "chunks", (chunks,))
   bad = [w for w in widths if w % c]
   if bad:
     raise ValueError(
@@ -249,7 +214,7 @@ def _capacity_mlp(
   kernel_init: Any = "lecun_normal",
   bias_init: Any = "zeros",
 ) -> ModelDef:
-  w = _positive_ints(name, "widths", widths)
+  w = positive_ints(name, "widths", widths)
   _capacity_chunks(name, w, chunks, initial_chunks)
   if activation not in ("tanh", "relu"):
     raise ValueError(f"build({name!r}): activation must be 'tanh' or 'relu', got {activation!r}.")
@@ -280,8 +245,8 @@ def _capacity_cnn(
   kernel_init: Any = "lecun_normal",
   bias_init: Any = "zeros",
 ) -> ModelDef:
-  f = _positive_ints(name, "features", features)
-  (h,) = _positive_ints(name, "hidden", (hidden,))
+  f = positive_ints(name, "features", features)
+  (h,) = positive_ints(name, "hidden", (hidden,))
   _capacity_chunks(name, (*f, h), chunks, initial_chunks)
   _capacity_inits(name, kernel_init, bias_init)
   module = CapacityCNN(
@@ -295,140 +260,6 @@ def _capacity_cnn(
   )
   return linen_model_def(
     name, module, input_shape, num_classes, has_batch_stats=False, has_dropout=False
-  )
-
-
-def _bool(name: str, arg: str, value: Any) -> bool:
-  if not isinstance(value, bool | np.bool_):
-    raise ValueError(f"build({name!r}): {arg} must be True or False, got {value!r}.")
-  return bool(value)
-
-
-def _transformer_options(
-  name: str, d_model: Any, num_heads: Any, n_layers: Any, mlp_ratio: Any, dtype: Any,
-  param_dtype: Any,
-) -> dict[str, Any]:  # fmt: skip
-  """The shared options of the transformers, checked (``d_model`` divisible by the heads)."""
-  d, h, n, r = _positive_ints(
-    name, "d_model, num_heads, n_layers and mlp_ratio", (d_model, num_heads, n_layers, mlp_ratio)
-  )
-  if d % h:
-    raise ValueError(f"build({name!r}): d_model {d} must be divisible by num_heads {h}.")
-  try:
-    dt, pdt = resolve_dtype(dtype, arg="dtype"), resolve_dtype(param_dtype, arg="param_dtype")
-  except ValueError as e:
-    raise ValueError(f"build({name!r}): {e}") from None
-  return dict(d_model=d, num_heads=h, n_layers=n, mlp_ratio=r, dtype=dt, param_dtype=pdt)
-
-
-def _linen_axes(module: Any, x: jax.ShapeDtypeStruct) -> Any:
-  """The logical axis names of a Linen module's parameters (one abstract ``init``)."""
-  boxed = jax.eval_shape(
-    lambda k, xb: module.init({"params": k}, xb, train=False), jax.random.key(0), x
-  )
-  return param_axes(boxed["params"])
-
-
-def _transformer_lm(
-  name: str,
-  input_shape: tuple[int, ...],
-  num_classes: int,
-  *,
-  d_model: int = 64,
-  num_heads: int = 4,
-  n_layers: int = 2,
-  mlp_ratio: int = 4,
-  scan: bool = False,
-  tie_embeddings: bool = False,
-  dtype: Any = "float32",
-  param_dtype: Any = "float32",
-) -> ModelDef:
-  opts = _transformer_options(name, d_model, num_heads, n_layers, mlp_ratio, dtype, param_dtype)
-  module = DecoderLM(
-    vocab_size=num_classes,
-    max_len=input_shape[0],
-    scan=_bool(name, "scan", scan),
-    tie_embeddings=_bool(name, "tie_embeddings", tie_embeddings),
-    **opts,
-  )
-  axes = _linen_axes(module, jax.ShapeDtypeStruct((1, *input_shape), jnp.int32))
-  return linen_model_def(
-    name,
-    module,
-    input_shape,
-    num_classes,
-    has_batch_stats=False,
-    has_dropout=False,
-    input_dtype=jnp.int32,
-    param_axes=axes,
-  )
-
-
-def _nnx_transformer_lm(
-  name: str,
-  input_shape: tuple[int, ...],
-  num_classes: int,
-  *,
-  d_model: int = 64,
-  num_heads: int = 4,
-  n_layers: int = 2,
-  mlp_ratio: int = 4,
-  tie_embeddings: bool = False,
-  dtype: Any = "float32",
-  param_dtype: Any = "float32",
-) -> ModelDef:
-  opts = _transformer_options(name, d_model, num_heads, n_layers, mlp_ratio, dtype, param_dtype)
-  tie = _bool(name, "tie_embeddings", tie_embeddings)
-  # The parameter tree is the scanned Linen model's, and so are its logical axes.
-  twin = DecoderLM(
-    vocab_size=num_classes, max_len=input_shape[0], scan=True, tie_embeddings=tie, **opts
-  )
-  axes = _linen_axes(twin, jax.ShapeDtypeStruct((1, *input_shape), jnp.int32))
-
-  def make(rngs: Any) -> NNXDecoderLM:
-    return NNXDecoderLM(num_classes, input_shape[0], tie_embeddings=tie, **opts, rngs=rngs)
-
-  return nnx_module_def(
-    name,
-    make,
-    input_shape,
-    num_classes,
-    has_dropout=False,
-    input_dtype=jnp.int32,
-    param_axes=axes,
-  )
-
-
-def _vit(
-  name: str,
-  input_shape: tuple[int, ...],
-  num_classes: int,
-  *,
-  patch: int = 4,
-  d_model: int = 64,
-  num_heads: int = 4,
-  n_layers: int = 2,
-  mlp_ratio: int = 4,
-  pool: str = "cls",
-  scan: bool = False,
-  dtype: Any = "float32",
-  param_dtype: Any = "float32",
-) -> ModelDef:
-  opts = _transformer_options(name, d_model, num_heads, n_layers, mlp_ratio, dtype, param_dtype)
-  (p,) = _positive_ints(name, "patch", (patch,))
-  _min_side(name, input_shape, p, f" (one patch of side patch={p}); pass a smaller patch.")
-  if pool not in ("cls", "mean"):
-    raise ValueError(f"build({name!r}): pool must be 'cls' or 'mean', got {pool!r}.")
-  module = ViT(num_classes=num_classes, patch=p, pool=pool, scan=_bool(name, "scan", scan), **opts)
-  axes = _linen_axes(module, jax.ShapeDtypeStruct((1, *input_shape), jnp.float32))
-  return linen_model_def(
-    name,
-    module,
-    input_shape,
-    num_classes,
-    has_batch_stats=False,
-    has_dropout=False,
-    param_axes=axes,
   )
 
 
@@ -511,20 +342,20 @@ _REGISTRY: dict[str, _Entry] = {
     "positions, n_layers=2 causal pre-LN blocks (d_model=64, num_heads=4, GELU MLP x4), "
     "DenseGeneral attention; scan=True stacks the blocks with nn.scan; tie_embeddings, "
     "dtype/param_dtype (e.g. dtype=bfloat16)",
-    _transformer_lm,
+    transformer_lm,
     (1,),
   ),
   "nnx_transformer_lm": _Entry(
     "Flax NNX twin of transformer_lm, blocks stacked by nnx.vmap and applied by nnx.scan "
     "(the scanned Linen model's parameter tree); tie_embeddings, dtype/param_dtype",
-    _nnx_transformer_lm,
+    nnx_transformer_lm,
     (1,),
   ),
   "vit": _Entry(
     "Vision transformer: patch=4 convolutional patch embedding, class token (pool='cls' or "
     "'mean'), learned positions, n_layers=2 pre-LN blocks (d_model=64, num_heads=4); scan, "
     "dtype/param_dtype (Dosovitskiy et al. 2021)",
-    _vit,
+    vit,
     _CONV_RANKS,
   ),
 }
