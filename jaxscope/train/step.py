@@ -142,6 +142,23 @@ def init_instruments(
   return out
 
 
+def _step_values(
+  g: _Gradients, task: str, schedule: optax.Schedule | None, step: jax.Array, opt_state: Any
+) -> dict[str, jax.Array]:
+  """What every step records: the loss, the accuracy (classification), the scheduled
+  ``lr``, and what the optimizer reports of itself."""
+  values: dict[str, jax.Array] = {"loss": g.loss}
+  if task == "classification":
+    values["train/accuracy"] = g.aux["accuracy"]
+  if schedule is not None:
+    values["lr"] = jnp.asarray(schedule(step), jnp.float32)
+  # A ratio-adaptive rate reports itself: lr, factor, mean and per-layer ratios;
+  # a probabilistic preconditioner its lr, α, w, λ, phase and singular values.
+  values.update(transforms.ratio_lr_values(opt_state))
+  values.update(transforms.preconditioner_log(opt_state))
+  return values
+
+
 def make_train_step(
   model: Any,
   tx: optax.GradientTransformation,
@@ -235,15 +252,7 @@ def make_train_step(
       )
     updates, opt_state = tx.update(g.grads, state.opt_state, state.params, **extra)
     params = optax.apply_updates(state.params, updates)
-    values: dict[str, jax.Array] = {"loss": g.loss}
-    if task == "classification":
-      values["train/accuracy"] = g.aux["accuracy"]
-    if schedule is not None:
-      values["lr"] = jnp.asarray(schedule(state.step), jnp.float32)
-    # A ratio-adaptive rate reports itself: lr, factor, mean and per-layer ratios;
-    # a probabilistic preconditioner its lr, α, w, λ, phase and singular values.
-    values.update(transforms.ratio_lr_values(opt_state))
-    values.update(transforms.preconditioner_log(opt_state))
+    values = _step_values(g, task, schedule, state.step, opt_state)
     inst_state = state.instruments
     if instruments is not None and g.probe is not None:
       lr = values.get("lr", learning_rate)
