@@ -477,6 +477,27 @@ def _resume_without_instrument_state(tmp_path):
   assert _finite(h, "alpha") and _finite(h, "activations/std/fc1")
 
 
+def test_resume_from_checkpoints_of_another_state_structure_says_so(tmp_path):
+  """Checkpoints whose optimizer state has another structure than this version builds
+  (an older jaxscope's, e.g. before PreconditionerState packed its scalars) are refused
+  with that said, and left where they are."""
+  from jaxscope.checkpoint import CheckpointWriter
+
+  save = CheckpointWriter.save
+
+  def older_save(self, step, state, meta):
+    save(self, step, state._replace(opt_state={"older": state.opt_state}), meta)
+
+  kw = dict(batch_size=32, checkpoint_every=0, metrics="none", optimizer="adam")
+  with pytest.MonkeyPatch.context() as m:
+    m.setattr(CheckpointWriter, "save", older_save)
+    _run(tmp_path, "old", steps=2, **kw)
+  saved = sorted(p.name for p in (tmp_path / "old" / "checkpoints").iterdir())
+  with pytest.raises(ValueError, match=r"another structure.*Nothing was moved"):
+    _run(tmp_path, "old", steps=4, resume=True, **kw)
+  assert sorted(p.name for p in (tmp_path / "old" / "checkpoints").iterdir()) == saved
+
+
 def test_xla_options_auto_resolves_per_model_and_is_recorded(tmp_path):
   """The default (``auto``) is :func:`jaxscope.xla.step_options` of the model and the
   instruments, recorded in ``config.json``; ``none`` is XLA's own; names are kept."""

@@ -176,9 +176,17 @@ def restore(
     found = ckpt.restore_latest([abstract, legacy])
   if found is None:
     ckpt.close()
+    why = _first_line(caught)
+    hint = (
+      " Their state has another structure than this jaxscope builds for the recorded "
+      "configuration: a version whose state differs wrote them (CHANGELOG); resume with "
+      "that version. Nothing was moved."
+      if "Structure mismatch" in why
+      else ""
+    )
     raise ValueError(
       f"train(resume=True): none of the checkpoints {sorted(ckpt.saved)} in "
-      f"{layout.checkpoints} could be restored ({_first_line(caught)})."
+      f"{layout.checkpoints} could be restored ({why}).{hint}"
     )
   which, state, _ = found
   state = TrainState(**state) if which == 1 else state
