@@ -167,6 +167,24 @@ def _power(
   return lam, res, v
 
 
+def _check_update_args(
+  method: str, iters: int, product: PyTree | None, tol: float | None, refine_iters: int
+) -> None:
+  """The argument checks of :func:`max_eigenvalue_update` (a ``ValueError`` naming each)."""
+  if method not in ("power", "lanczos"):
+    raise ValueError(f"max_eigenvalue_update: method must be 'power' or 'lanczos', got {method!r}.")
+  if not isinstance(iters, int) or iters < 1:
+    raise ValueError(f"max_eigenvalue_update: iters must be a positive int, got {iters!r}.")
+  if method == "lanczos" and iters < 2:
+    raise ValueError("max_eigenvalue_update: method='lanczos' needs iters >= 2, got 1.")
+  if product is not None and method != "power":
+    raise ValueError("max_eigenvalue_update: product= is only used with method='power'.")
+  if tol is not None and (not isinstance(refine_iters, int) or refine_iters < 2):
+    raise ValueError(
+      f"max_eigenvalue_update: refine_iters must be an int >= 2, got {refine_iters!r}."
+    )
+
+
 def max_eigenvalue_update(
   hvp: Hvp,
   state: MaxEigState,
@@ -247,18 +265,7 @@ def max_eigenvalue_update(
   Returns:
     The new :class:`MaxEigState` (``value`` and ``residual`` are ``float32``).
   """
-  if method not in ("power", "lanczos"):
-    raise ValueError(f"max_eigenvalue_update: method must be 'power' or 'lanczos', got {method!r}.")
-  if not isinstance(iters, int) or iters < 1:
-    raise ValueError(f"max_eigenvalue_update: iters must be a positive int, got {iters!r}.")
-  if method == "lanczos" and iters < 2:
-    raise ValueError("max_eigenvalue_update: method='lanczos' needs iters >= 2, got 1.")
-  if product is not None and method != "power":
-    raise ValueError("max_eigenvalue_update: product= is only used with method='power'.")
-  if tol is not None and (not isinstance(refine_iters, int) or refine_iters < 2):
-    raise ValueError(
-      f"max_eigenvalue_update: refine_iters must be an int >= 2, got {refine_iters!r}."
-    )
+  _check_update_args(method, iters, product, tol, refine_iters)
   v, n0 = _normalise(state.vector)
   v = optax.tree.where(jnp.isfinite(n0) & (n0 > 0), v, state.vector)
   cap = max(_num_params(v), 1)

@@ -52,6 +52,7 @@ Hessian-vector products come from :func:`~jaxscope.metrics.hvp.value_grad_and_hv
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from collections.abc import Callable, Hashable
@@ -253,23 +254,24 @@ def probabilistic_preconditioner(
     log_grad_norm=log_grad_norm,
   )
   _check_settings(cfg)
+  return optax.GradientTransformationExtraArgs(
+    functools.partial(_init, cfg), functools.partial(_update_fn, cfg)
+  )
 
-  def init_fn(params: optax.Params) -> PreconditionerState:
-    return _init(cfg, params)
 
-  def update_fn(
-    updates: optax.Updates,
-    state: PreconditionerState,
-    params: optax.Params | None = None,
-    *,
-    hvp_fn: HvpFn | None = None,
-    phase: int | None = None,
-    **extra_args: Any,
-  ) -> tuple[optax.Updates, PreconditionerState]:
-    del extra_args
-    return _update(cfg, updates, state, params, hvp_fn=hvp_fn, phase=phase)
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+def _update_fn(
+  cfg: phases.Settings,
+  updates: optax.Updates,
+  state: PreconditionerState,
+  params: optax.Params | None = None,
+  *,
+  hvp_fn: HvpFn | None = None,
+  phase: int | None = None,
+  **extra_args: Any,
+) -> tuple[optax.Updates, PreconditionerState]:
+  """The ``update`` of :func:`probabilistic_preconditioner` (other extra args ignored)."""
+  del extra_args
+  return _update(cfg, updates, state, params, hvp_fn=hvp_fn, phase=phase)
 
 
 def _check_settings(cfg: phases.Settings) -> None:
